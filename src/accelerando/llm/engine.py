@@ -1,0 +1,338 @@
+"""A lean decode engine: static KV cache + a tight (optionally compiled) forward for the Llama family.
+
+Small and medium models pay for per-step overhead, not arithmetic: transformers' ``generate``
+builds masks, cache objects and output records every token. ``LeanDecoder`` reuses the HF module's
+weights and sub-modules (embedding, q/k/v/o projections, MLP, RMSNorm, rotary tables) but runs its
+own loop over a preallocated ``StaticKVCache`` with explicit write slots, so one decode step is a
+fixed-shape function that ``torch.compile`` can fuse (and, on CUDA, capture as a CUDA graph).
+
+Supported: HF ``llama``, ``qwen2``, ``mistral`` causal LMs (incl. GQA, attention/MLP biases,
+sliding-window layers, RoPE scaling that does not depend on the sequence length). Anything else
+falls back to the model's own ``generate`` with a one-line notice (``unsupported_reason``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from accelerando.llm.static_cache import StaticKVCache
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")
+LEN_BUCKET = 64   # cache lengths are rounded up to this, so nearby requests share compiled steps
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """None if the engine can run ``model`` exactly; else a one-line reason."""
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {mt!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} is not a *ForCausalLM with .model.layers and .lm_head"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type in _UNSUPPORTED_ROPE:
+        return f"rope_type {rope_type!r} changes with the sequence length"
+    for lt in getattr(cfg, "layer_types", None) or ():
+        if lt not in ("full_attention", "sliding_attention"):
+            return f"layer type {lt!r} is not supported"
+    attn = base.layers[0].self_attn
+    if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
+        return "per-head q/k norms are not supported"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+               rep: int) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v in plain ops, so the compiler can fuse it; GQA by grouping."""
+    B, H, T, D = q.shape
+    qg = q.reshape(B, H // rep, rep * T, D)               # query heads of one kv head, stacked
+    s = (qg @ k.transpose(-1, -2)).view(B, H, T, -1) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (p.view(B, H // rep, rep * T, -1) @ v).view(B, H, T, D)
+
+
+def _layer_windows(model: Any) -> list[int | None]:
+    cfg = model.config
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if window is None:
+        return [None] * n
+    types = getattr(cfg, "layer_types", None)
+    if types is None:   # Mistral: every layer slides when a window is set
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+class LeanDecoder(torch.nn.Module):
+    """The HF model's weights behind a forward that reads/writes a ``StaticKVCache``.
+
+    ``forward(input_ids, token_mask, k, v, valid, lengths, tree_mask)`` writes the T new tokens at
+    slots ``lengths + t`` (in place: k, v, valid) and returns logits (B, T, V); it does not move
+    ``lengths`` (the caller advances or rolls back). Position ids are the count of valid slots
+    before each token (transformers' ``attention_mask.cumsum(-1) - 1``).
+    """
+
+    def __init__(self, model: Any, max_len: int):
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the lean engine cannot run this model: {reason}")
+        base, cfg = model.model, model.config
+        self.embed, self.layers, self.norm, self.lm_head = base.embed_tokens, base.layers, base.norm, model.lm_head
+        attn = base.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.windows = _layer_windows(model)
+        p = next(model.parameters())
+        # RoPE tables for every slot: the rotary module's own (scaled) cos / sin, computed once.
+        with torch.no_grad():
+            pos = torch.arange(max_len, device=p.device)[None, :]
+            cos, sin = base.rotary_emb(torch.zeros(1, dtype=p.dtype, device=p.device), pos)
+        self.register_buffer("cos", cos[0], persistent=False)   # (L, D)
+        self.register_buffer("sin", sin[0], persistent=False)
+        self.max_len = max_len
+
+    def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
+                valid: torch.Tensor, lengths: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        B, T = input_ids.shape
+        L, D = k[0].shape[2], self.head_dim
+        slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
+        valid.scatter_(1, slots, token_mask)
+        pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0)                          # (B, T)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)                  # (B, 1, T, D)
+
+        j = torch.arange(L, device=input_ids.device)
+        allowed = valid[:, None, :] & (j[None, None, :] <= slots[:, :, None])              # (B, T, L)
+        if tree_mask is not None:   # draft block: node sees its ancestors only (B, T, T) or (T, T)
+            block = tree_mask.expand(B, T, T) & token_mask[:, None, :]
+            allowed = allowed.scatter(2, slots[:, None, :].expand(B, T, T), block)
+        diag = j[None, None, :] == slots[:, :, None]
+        masks = {}
+        for w in set(self.windows):
+            m = allowed if w is None else allowed & (j[None, None, :] > slots[:, :, None] - w)
+            # a padding query sees itself, so no row is fully masked (which would give NaN)
+            masks[w] = (m | diag)[:, None]                                                  # (B, 1, T, L)
+
+        rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
+        h = self.embed(input_ids)
+        rep = self.n_heads // self.n_kv_heads
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)                           # (B, H, T, D)
+            kn = attn.k_proj(x).view(B, T, -1, D)                                          # (B, T, Hkv, D)
+            vn = attn.v_proj(x).view(B, T, -1, D)
+            q = q * cos + _rotate_half(q) * sin
+            kn = kn * cos.transpose(1, 2) + _rotate_half(kn) * sin.transpose(1, 2)
+            # index_put on the buffers themselves: inductor mutates them in place, no copy
+            k[i][rows, :, slots] = kn                                                      # (B, T) <- (B, T, Hkv, D)
+            v[i][rows, :, slots] = vn
+            o = _attention(q, k[i], v[i], masks[self.windows[i]], attn.scaling, rep)        # (B, H, T, D)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.norm(h)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+
+@dataclass
+class EngineStats:
+    compile_s: dict[str, float] = field(default_factory=dict)   # first call per compiled shape
+    forward_calls: int = 0
+
+
+class Engine:
+    """One model on one static cache: ``prefill`` then ``step`` (and ``cache.rollback``).
+
+    ``compile=True`` compiles the fixed-shape steps with ``torch.compile`` (one graph per
+    (batch, tokens-per-step, max_len) -- max_len is bucketed to ``LEN_BUCKET``); on CUDA with
+    ``mode="reduce-overhead"`` (CUDA graphs). Prefill (variable prompt length) runs eagerly.
+    """
+
+    def __init__(self, model: Any, *, batch_size: int, max_len: int, compile: bool = True):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError("batch_size and max_len must be positive")
+        self.model = model
+        max_len = -(-max_len // LEN_BUCKET) * LEN_BUCKET
+        self.decoder = LeanDecoder(model, max_len)
+        p = next(model.parameters())
+        cfg = model.config
+        self.cache = StaticKVCache.allocate(
+            n_layers=cfg.num_hidden_layers, batch=batch_size, n_kv_heads=cfg.num_key_value_heads,
+            max_len=max_len, head_dim=self.decoder.head_dim, dtype=p.dtype, device=p.device)
+        self.device = p.device
+        self.compiled = compile
+        self.stats = EngineStats()
+        self._step_fn = self.decoder.forward
+        if compile:
+            if p.device.type == "cuda":   # CUDA graphs: one replay per step instead of many launches
+                self._step_fn = torch.compile(self.decoder.forward, fullgraph=True, dynamic=False,
+                                              mode="reduce-overhead")
+            else:
+                # Guarding every parameter of the module costs ~0.2 ms per call on CPU; the weights
+                # are graph inputs (read at run time), only their identity goes unchecked.
+                self._step_fn = torch.compile(
+                    self.decoder.forward, fullgraph=True, dynamic=False,
+                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._seen: set[tuple] = set()
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def _run(self, fn, input_ids, token_mask, tree_mask, last_only):
+        c = self.cache
+        with torch.no_grad():
+            out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only)
+        self.stats.forward_calls += 1
+        return out
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *, last_only: bool = True) -> torch.Tensor:
+        """Write a (left-padded) prompt from slot 0 of every row; returns logits (B, 1 or P, V)."""
+        self.reset()
+        B, P = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"engine was built for batch {self.batch_size}, got {B}")
+        if P > self.max_len:
+            raise ValueError(f"prompt of {P} tokens does not fit a cache of {self.max_len}")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        out = self._run(self.decoder.forward, input_ids, mask, None, last_only)
+        self.cache.advance(P)
+        return out
+
+    def step(self, input_ids: torch.Tensor, *, token_mask: torch.Tensor | None = None,
+             tree_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Append T tokens per row at ``cache.lengths`` and advance by T; returns logits (B, T, V).
+
+        The caller must keep ``lengths + T <= max_len`` (slots past the end are not checked here,
+        to avoid a host sync per step). Reject tokens afterwards with ``cache.rollback``.
+        """
+        if token_mask is None:
+            token_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        key = (tuple(input_ids.shape), tree_mask is not None, last_only)
+        first = self.compiled and key not in self._seen
+        t0 = time.perf_counter()
+        out = self._run(self._step_fn, input_ids, token_mask, tree_mask, last_only)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self._seen.add(key)
+            self.stats.compile_s[f"B{key[0][0]}xT{key[0][1]}xL{self.max_len}"] = time.perf_counter() - t0
+        if self.compiled and self.device.type == "cuda":
+            out = out.clone()   # CUDA-graph outputs are overwritten by the next replay
+        self.cache.advance(input_ids.shape[1])
+        return out
+
+
+# Engines are reused per (model, batch, max_len, compile) so the compile cost is paid once.
+_ENGINES: "weakref.WeakKeyDictionary[Any, dict[tuple, Engine]]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: Any, *, batch_size: int, max_len: int, compile: bool = True) -> Engine:
+    """A (cached) ``Engine`` for ``model`` with room for ``max_len`` slots per row."""
+    bucket = -(-max_len // LEN_BUCKET) * LEN_BUCKET
+    key = (batch_size, bucket, compile, str(next(model.parameters()).device), next(model.parameters()).dtype)
+    per_model = _ENGINES.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = Engine(model, batch_size=batch_size, max_len=bucket, compile=compile)
+    return per_model[key]
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice_fallback(reason: str) -> None:
+    if reason not in _NOTICED:
+        _NOTICED.add(reason)
+        warnings.warn(f"accelerando engine: falling back to transformers' dynamic cache ({reason})", stacklevel=3)
+
+
+def _as_id_list(eos: int | list[int] | torch.Tensor | None) -> list[int] | None:
+    if eos is None:
+        return None
+    if isinstance(eos, torch.Tensor):
+        return [int(x) for x in eos.flatten().tolist()]
+    return [int(eos)] if isinstance(eos, int) else [int(x) for x in eos]
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None, compile: bool = True, check_every: int = 8,
+             stats: dict | None = None) -> torch.Tensor:
+    """Greedy decoding on the engine: the same tokens as ``model.generate(do_sample=False)``.
+
+    ``input_ids`` (B, P) left-padded with ``attention_mask``; returns (B, P + n) with n <=
+    ``max_new_tokens`` (stops early, like transformers, once every row has emitted an EOS; finished
+    rows are filled with ``pad_token_id``). Unsupported architectures fall back to
+    ``model.generate`` with a one-line notice. ``stats`` (a dict) receives counters.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError("max_new_tokens must be positive")
+    gen_cfg = getattr(model, "generation_config", None)
+    if eos_token_id is None:   # like transformers: the model's generation config decides
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+    eos = _as_id_list(eos_token_id) or None   # [] disables EOS stopping
+    reason = unsupported_reason(model)
+    if reason is not None:
+        _notice_fallback(reason)
+        return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=eos, pad_token_id=pad_token_id)
+    if eos is not None and pad_token_id is None:
+        pad_token_id = eos[0]
+    B, P = input_ids.shape
+    eng = engine_for(model, batch_size=B, max_len=P + max_new_tokens, compile=compile)
+    eos_t = torch.tensor(eos, device=input_ids.device) if eos is not None else None
+
+    tok = eng.prefill(input_ids, attention_mask)[:, -1].argmax(-1)                       # (B,)
+    out = torch.empty(B, max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    all_done_at = torch.full((max_new_tokens,), False, device=input_ids.device)
+    n = 0
+    for n in range(max_new_tokens):
+        if eos_t is not None:
+            tok = torch.where(unfinished, tok, torch.full_like(tok, pad_token_id))
+            unfinished &= ~torch.isin(tok, eos_t)
+            all_done_at[n] = ~unfinished.any()
+        out[:, n] = tok
+        if n + 1 == max_new_tokens:
+            break
+        # one host sync every `check_every` tokens instead of per token; trimmed exactly below
+        if eos_t is not None and (n + 1) % check_every == 0 and bool(all_done_at[n]):
+            break
+        tok = eng.step(tok[:, None], last_only=True)[:, -1].argmax(-1)
+    n_out = n + 1
+    if eos_t is not None and bool(all_done_at[:n_out].any()):
+        n_out = int(all_done_at[:n_out].nonzero()[0]) + 1
+    if stats is not None:
+        stats.update(target_calls=eng.stats.forward_calls, compile_s=dict(eng.stats.compile_s), new_tokens=n_out)
+    return torch.cat([input_ids, out[:, :n_out]], dim=1)

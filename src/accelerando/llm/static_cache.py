@@ -1,0 +1,121 @@
+"""A static KV cache: preallocated buffers, explicit write slots, rollback by moving a pointer.
+
+Layout (one tensor per layer: a compiled step then mutates each buffer in place, no copies)::
+
+    k[i], v[i]  (B, H_kv, L_max, D)          keys already rotated (RoPE) at their own position
+    valid    (B, L_max) bool                 slot holds a real token (False: left padding, holes)
+    lengths  (B,) long                       slots written so far = the next write slot, per row
+
+Every forward writes its T new tokens at slots ``lengths[b] + t`` and may only attend to slots
+``<= `` its own, so whatever lies beyond ``lengths`` (rejected drafts) is never read: rolling back
+is ``lengths[b] = n`` with no copy, row by row. A token's position id is the number of valid slots
+before it -- exactly transformers' ``attention_mask.cumsum(-1) - 1`` -- so left padding and holes
+need no extra bookkeeping.
+
+Notation: the papers' "prefix" is slots ``[0, lengths)``; "draft block" is the T slots written by
+the verification forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StaticKVCache:
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def allocate(cls, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "StaticKVCache":
+        if min(n_layers, batch, n_kv_heads, max_len, head_dim) <= 0:
+            raise ValueError("all cache dimensions must be positive")
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        cache = cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                    valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+                    lengths=torch.zeros(batch, dtype=torch.long, device=device))
+        if torch.device(device).type == "cuda":
+            # CUDA graphs replay fixed addresses: the buffers must never be reallocated.
+            for t in (*cache.k, *cache.v, cache.valid, cache.lengths):
+                torch._dynamo.mark_static_address(t)
+        return cache
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.k)
+
+    def reset(self) -> None:
+        """Forget everything (the buffers keep their addresses)."""
+        self.lengths.zero_()
+        self.valid.zero_()
+
+    def get_seq_length(self) -> int:
+        """Longest row, in slots (host sync)."""
+        return int(self.lengths.max())
+
+    def advance(self, n: int | torch.Tensor) -> None:
+        """Accept ``n`` (int or per-row (B,) tensor) freshly written slots."""
+        self.lengths += n
+
+    def rollback(self, lengths: int | torch.Tensor) -> None:
+        """Keep only the first ``lengths`` slots of each row (int or (B,) tensor); no copy."""
+        if isinstance(lengths, int):
+            self.lengths.fill_(lengths)
+        else:
+            self.lengths.copy_(lengths)
+
+    def crop(self, max_length: int) -> None:
+        """transformers' ``Cache.crop``: keep ``max_length`` slots (negative: drop that many)."""
+        if max_length < 0:
+            self.lengths.sub_(-max_length).clamp_(min=0)
+        else:
+            self.lengths.clamp_(max=max_length)
+
+    def keep_path(self, path: torch.Tensor, n_keep: torch.Tensor | None = None) -> None:
+        """Tree verification: move the accepted nodes' entries into place and advance.
+
+        ``path`` (B, P) holds, per row, indices into the block just written at
+        ``[lengths, lengths + T)`` (node order of the tree); the entries of ``path[b, :n_keep[b]]``
+        are gathered to ``[lengths, lengths + n_keep)`` and ``lengths`` advances by ``n_keep``
+        (default: P for every row). Entries of ``path`` past ``n_keep`` are ignored (pad them
+        with any valid index, e.g. 0).
+        """
+        B, P = path.shape
+        if n_keep is None:
+            n_keep = torch.full((B,), P, dtype=torch.long, device=path.device)
+        src = self.lengths[:, None] + path                              # (B, P) source slots
+        dst = self.lengths[:, None] + torch.arange(P, device=path.device)[None, :]
+        L = self.max_len
+        src, dst = src.clamp(max=L - 1), dst.clamp(max=L - 1)
+        _, H, _, D = self.k[0].shape
+        src_idx = src[:, None, :, None].expand(B, H, P, D)
+        dst_idx = dst[:, None, :, None].expand(B, H, P, D)
+        keep = (torch.arange(P, device=path.device)[None, :] < n_keep[:, None])   # (B, P)
+        m = keep[:, None, :, None]
+        for buf in (*self.k, *self.v):
+            moved = buf.gather(2, src_idx)                               # read all before writing
+            buf.scatter_(2, dst_idx, torch.where(m, moved, buf.gather(2, dst_idx)))
+        moved_valid = self.valid.gather(1, src)
+        self.valid.scatter_(1, dst, torch.where(keep, moved_valid, self.valid.gather(1, dst)))
+        self.lengths += n_keep
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Permute / select rows (beam search style); keeps the buffers' addresses."""
+        for buf in (*self.k, *self.v):
+            buf.copy_(buf.index_select(0, index))
+        self.valid.copy_(self.valid.index_select(0, index))
+        self.lengths.copy_(self.lengths.index_select(0, index))
