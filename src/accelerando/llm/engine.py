@@ -85,7 +85,9 @@ class LeanDecoder(torch.nn.Module):
     ``forward(input_ids, token_mask, k, v, valid, lengths, tree_mask)`` writes the T new tokens at
     slots ``lengths + t`` (in place: k, v, valid) and returns logits (B, T, V); it does not move
     ``lengths`` (the caller advances or rolls back). Position ids are the count of valid slots
-    before each token (transformers' ``attention_mask.cumsum(-1) - 1``).
+    before each token (transformers' ``attention_mask.cumsum(-1) - 1``); with a ``tree_mask``
+    (node x ancestor-or-self, (T, T) or (B, T, T), nodes in topological order) a node's position is
+    the block's first position + its depth, and it attends to the prefix and its ancestors only.
     """
 
     def __init__(self, model: Any, max_len: int):
@@ -117,6 +119,8 @@ class LeanDecoder(torch.nn.Module):
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
         valid.scatter_(1, slots, token_mask)
         pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0)                          # (B, T)
+        if tree_mask is not None:   # a node's position is the block start + its depth in the tree
+            pos = pos[:, :1] + (tree_mask.expand(B, T, T).sum(-1) - 1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)                  # (B, 1, T, D)
 
         j = torch.arange(L, device=input_ids.device)

@@ -1,0 +1,188 @@
+"""The lean engine equals the HF model: logits (float32, ~1e-5) and greedy tokens (exactly)."""
+
+import warnings
+
+import pytest
+import torch
+
+from accelerando.llm import engine
+from accelerando.llm.static_cache import StaticKVCache
+
+transformers = pytest.importorskip("transformers")
+
+V = 96
+
+
+def _tiny(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=V, max_position_embeddings=256,
+                  eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    if kind == "llama":
+        cfg, cls = transformers.LlamaConfig(**common, attention_bias=True), transformers.LlamaForCausalLM
+    elif kind == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif kind == "mistral":   # a window shorter than the sequences, so it matters
+        cfg, cls = transformers.MistralConfig(**common, sliding_window=6), transformers.MistralForCausalLM
+    else:
+        raise ValueError(kind)
+    return cls(cfg).eval()
+
+
+def _prompts(batch: int, length: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):          # left padding of different widths
+        mask[b, : 2 * b] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_prefill_logits_equal_hf_forward(kind):
+    model = _tiny(kind)
+    ids, mask = _prompts(3)
+    eng = engine.Engine(model, batch_size=3, max_len=32, compile=False)
+    ours = eng.prefill(ids, mask, last_only=False)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_generate_equals_hf_generate(kind, batch):
+    model = _tiny(kind)
+    ids, mask = _prompts(batch)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
+    out = engine.generate(model, ids, mask, max_new_tokens=14, compile=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_eos_stops_rows_like_hf():
+    model = _tiny("llama")
+    ids, mask = _prompts(3)
+    free = engine.generate(model, ids, mask, max_new_tokens=12, compile=False, pad_token_id=0)
+    eos = int(free[1, ids.shape[1] + 3])            # a token row 1 emits early: it must stop there
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    out = engine.generate(model, ids, mask, max_new_tokens=12, compile=False, eos_token_id=eos,
+                          pad_token_id=0, check_every=2)
+    assert torch.equal(out, ref)
+
+
+def test_compiled_step_equals_hf_generate():
+    model = _tiny("qwen2")
+    ids, mask = _prompts(2)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stats = {}
+    out = engine.generate(model, ids, mask, max_new_tokens=10, compile=True, pad_token_id=0, stats=stats)
+    assert torch.equal(out, ref)
+    assert stats["compile_s"], "the first compiled call's cost is reported"
+
+
+def _chain_logits(model, ids, mask, cont):
+    """Reference: HF forward over prompt + continuation, logits of the continuation positions."""
+    full = torch.cat([ids, cont], 1)
+    full_mask = torch.cat([mask, torch.ones_like(cont)], 1)
+    with torch.no_grad():
+        return model(full, attention_mask=full_mask).logits[:, ids.shape[1]:]
+
+
+def test_rollback_is_a_pointer_move():
+    model = _tiny("llama")
+    ids, mask = _prompts(2)
+    eng = engine.Engine(model, batch_size=2, max_len=32, compile=False)
+    eng.prefill(ids, mask)
+    P = ids.shape[1]
+    eng.step(torch.randint(1, V, (2, 4)))                      # 4 drafts
+    before = [t.clone() for t in eng.cache.k]
+    ptrs = [t.data_ptr() for t in eng.cache.k]
+    eng.cache.rollback(torch.tensor([P, P + 2]))               # row 1 keeps two of them
+    assert eng.cache.lengths.tolist() == [P, P + 2]
+    assert [t.data_ptr() for t in eng.cache.k] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(before, eng.cache.k))   # nothing was copied
+
+
+def test_rollback_then_rewrite_equals_fresh_chain():
+    model = _tiny("mistral")
+    ids, mask = _prompts(2)
+    drafts = torch.randint(1, V, (2, 5))
+    eng = engine.Engine(model, batch_size=2, max_len=32, compile=False)
+    eng.prefill(ids, mask)
+    P = ids.shape[1]
+    eng.step(drafts)
+    n_keep = torch.tensor([1, 3])
+    eng.cache.rollback(P + n_keep)
+    nxt = torch.randint(1, V, (2, 2))
+    ours = eng.step(nxt)
+    for b in range(2):
+        cont = torch.cat([drafts[b, : n_keep[b]], nxt[b]])[None]
+        ref = _chain_logits(model, ids[b:b + 1], mask[b:b + 1], cont)[:, -2:]
+        torch.testing.assert_close(ours[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def _tree():
+    """Root-relative tree of 5 nodes: 0 -> {1, 2}, 1 -> 3, 2 -> 4 (parents [-1, 0, 0, 1, 2])."""
+    parents = [-1, 0, 0, 1, 2]
+    T = len(parents)
+    anc = torch.zeros(T, T, dtype=torch.bool)
+    for n in range(T):
+        m = n
+        while m >= 0:
+            anc[n, m] = True
+            m = parents[m]
+    return parents, anc
+
+
+def test_tree_mask_and_keep_path_equal_chain():
+    model = _tiny("qwen2")
+    ids, mask = _prompts(2)
+    parents, anc = _tree()
+    nodes = torch.randint(1, V, (2, len(parents)))
+    eng = engine.Engine(model, batch_size=2, max_len=32, compile=False)
+    eng.prefill(ids, mask)
+    P = ids.shape[1]
+    tree_logits = eng.step(nodes, tree_mask=anc)
+    paths = {3: [0, 1, 3], 4: [0, 2, 4]}
+    for leaf, path in paths.items():       # every node's logits == running its path as a chain
+        for b in range(2):
+            ref = _chain_logits(model, ids[b:b + 1], mask[b:b + 1], nodes[b:b + 1, path])
+            torch.testing.assert_close(tree_logits[b, path], ref[0], atol=1e-5, rtol=1e-5)
+    # accept path 0->2->4 in row 0, 0->1 in row 1; then continue and compare with the chain
+    eng.cache.rollback(P)
+    eng.cache.keep_path(torch.tensor([[0, 2, 4], [0, 1, 0]]), n_keep=torch.tensor([3, 2]))
+    assert eng.cache.lengths.tolist() == [P + 3, P + 2]
+    nxt = torch.randint(1, V, (2, 1))
+    ours = eng.step(nxt)
+    for b, path in enumerate([[0, 2, 4], [0, 1]]):
+        cont = torch.cat([nodes[b, path], nxt[b]])[None]
+        ref = _chain_logits(model, ids[b:b + 1], mask[b:b + 1], cont)[:, -1:]
+        torch.testing.assert_close(ours[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_validation_and_crop():
+    with pytest.raises(ValueError):
+        StaticKVCache.allocate(n_layers=0, batch=1, n_kv_heads=1, max_len=4, head_dim=2)
+    c = StaticKVCache.allocate(n_layers=1, batch=2, n_kv_heads=1, max_len=8, head_dim=2)
+    c.advance(6)
+    c.crop(-2)
+    assert c.lengths.tolist() == [4, 4]
+    c.crop(3)
+    assert c.get_seq_length() == 3
+
+
+def test_unsupported_architecture_falls_back_with_notice():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64,
+                                  eos_token_id=None, bos_token_id=None)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    assert engine.unsupported_reason(model) is not None
+    ids, mask = _prompts(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = engine.generate(model, ids, mask, max_new_tokens=5, pad_token_id=0)
+    assert any("falling back" in str(w.message) for w in caught)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
