@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 V = 96
 
 
-def _tiny(kind: str, seed: int = 0):
+def _tiny(kind: str, seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=256,
                   eos_token_id=None, bos_token_id=None, pad_token_id=0)
     if kind == "llama":
@@ -72,14 +72,15 @@ def test_eos_stops_rows_like_hf():
     assert torch.equal(out, ref)
 
 
-def test_compiled_step_equals_hf_generate():
-    model = _tiny("qwen2")
-    ids, mask = _prompts(2)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    stats = {}
-    out = engine.generate(model, ids, mask, max_new_tokens=10, compile=True, pad_token_id=0, stats=stats)
-    assert torch.equal(out, ref)
-    assert stats["compile_s"], "the first compiled call's cost is reported"
+def test_compiled_steps_equal_hf_generate_for_two_same_depth_models():
+    # same layer count, different widths: each engine must get its own compiled graphs
+    for model in (_tiny("qwen2"), _tiny("llama", seed=3, hidden=48)):
+        ids, mask = _prompts(2)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        stats = {}
+        out = engine.generate(model, ids, mask, max_new_tokens=10, compile=True, pad_token_id=0, stats=stats)
+        assert torch.equal(out, ref)
+        assert stats["compile_s"], "the first compiled call's cost is reported"
 
 
 def _chain_logits(model, ids, mask, cont):

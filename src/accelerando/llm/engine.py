@@ -14,6 +14,7 @@ falls back to the model's own ``generate`` with a one-line notice (``unsupported
 from __future__ import annotations
 
 import time
+import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -158,6 +159,18 @@ class LeanDecoder(torch.nn.Module):
         return self.lm_head(h)
 
 
+def _own_code(decoder: LeanDecoder):
+    """``decoder.forward`` with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object; with the module guards skipped (below), two
+    decoders of the same layer count could otherwise share a graph. A private copy of the code
+    gives every engine its own graphs, checked only by the cheap input guards.
+    """
+    fn = LeanDecoder.forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(own, decoder)
+
+
 @dataclass
 class EngineStats:
     compile_s: dict[str, float] = field(default_factory=dict)   # first call per compiled shape
@@ -195,13 +208,20 @@ class Engine:
                 # Guarding every parameter of the module costs ~0.2 ms per call on CPU; the weights
                 # are graph inputs (read at run time), only their identity goes unchecked.
                 self._step_fn = torch.compile(
-                    self.decoder.forward, fullgraph=True, dynamic=False,
+                    _own_code(self.decoder), fullgraph=True, dynamic=False,
                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self._seen: set[tuple] = set()
+        self._ones: dict[torch.Size, torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
         return self.cache.batch_size
+
+    def _all_valid(self, shape: torch.Size) -> torch.Tensor:
+        ones = self._ones.get(shape)
+        if ones is None:
+            ones = self._ones[shape] = torch.ones(shape, dtype=torch.bool, device=self.device)
+        return ones
 
     @property
     def max_len(self) -> int:
@@ -239,7 +259,7 @@ class Engine:
         to avoid a host sync per step). Reject tokens afterwards with ``cache.rollback``.
         """
         if token_mask is None:
-            token_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            token_mask = self._all_valid(input_ids.shape)
         key = (tuple(input_ids.shape), tree_mask is not None, last_only)
         first = self.compiled and key not in self._seen
         t0 = time.perf_counter()
@@ -315,6 +335,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         pad_token_id = eos[0]
     B, P = input_ids.shape
     eng = engine_for(model, batch_size=B, max_len=P + max_new_tokens, compile=compile)
+    calls0 = eng.stats.forward_calls
     eos_t = torch.tensor(eos, device=input_ids.device) if eos is not None else None
 
     tok = eng.prefill(input_ids, attention_mask)[:, -1].argmax(-1)                       # (B,)
@@ -338,5 +359,6 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if eos_t is not None and bool(all_done_at[:n_out].any()):
         n_out = int(all_done_at[:n_out].nonzero()[0]) + 1
     if stats is not None:
-        stats.update(target_calls=eng.stats.forward_calls, compile_s=dict(eng.stats.compile_s), new_tokens=n_out)
+        stats.update(target_calls=eng.stats.forward_calls - calls0, compile_s=dict(eng.stats.compile_s),
+                     new_tokens=n_out)
     return torch.cat([input_ids, out[:, :n_out]], dim=1)
