@@ -1,0 +1,118 @@
+"""Acceptance rules: exactness of greedy trees, statistical losslessness of multi-draft rules.
+
+Toy model: a first-order Markov "LM" on a 4-token vocabulary; target p(x | prev) and draft q(x | prev)
+are fixed random tables that disagree a lot. One verification from root token r emits >= 1 tokens;
+the first two emitted tokens (the second drawn from the target when only one was emitted) must
+follow p(x1 | r) p(x2 | x1). Chi-square on the 16 cells at a fixed significance with fixed seeds.
+A deliberately wrong rule must fail the same test.
+"""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from accelerando.llm.tree import TokenTree
+from accelerando.llm.tree_verify import (accepted_tokens, draft_tree, greedy_tree_accept, gumbel_topk,
+                                         recursive_reject, rejection_tree_accept, stochastic_beam_tree,
+                                         typical_threshold, typical_tree_accept)
+
+V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 6000, 1e-3
+
+
+def _tables():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
+    q = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
+    return p, q
+
+
+P, Q = _tables()
+
+
+def _expand(tree, tokens, frontier):
+    return Q[[tokens[f] for f in frontier]]
+
+
+def _run(draft, verify, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V, V)
+    for _ in range(N_SAMPLES):
+        d = draft(g)
+        p = P[d.tokens]                                          # target dist after each node
+        out = accepted_tokens(verify(d, p, g), d.tokens)
+        if len(out) == 1:
+            out.append(int(torch.multinomial(P[out[0]], 1, generator=g)))
+        counts[out[0], out[1]] += 1
+    expected = (P[ROOT][:, None] * P) * N_SAMPLES
+    return chisquare(counts.flatten().numpy(), expected.flatten().numpy()).pvalue
+
+
+def _rej(replacement):
+    return lambda d, p, g: rejection_tree_accept(d.tree, d.tokens, p, d.q, replacement=replacement, generator=g)
+
+
+def test_specinfer_with_replacement_is_lossless():
+    draft = lambda g: draft_tree(_expand, ROOT, [3, 2], replacement=True, generator=g)
+    assert _run(draft, _rej(True)) > ALPHA_SIG
+
+
+def test_rsd_without_replacement_is_lossless():
+    draft = lambda g: draft_tree(_expand, ROOT, [3, 2], replacement=False, generator=g)
+    assert _run(draft, _rej(False)) > ALPHA_SIG
+
+
+def test_rsd_stochastic_beam_is_lossless():
+    draft = lambda g: stochastic_beam_tree(_expand, ROOT, width=3, depth=2, generator=g)
+    assert _run(draft, _rej(False), seed=1) > ALPHA_SIG
+
+
+def test_chain_is_speculative_sampling():
+    draft = lambda g: draft_tree(_expand, ROOT, [1, 1, 1], replacement=True, generator=g)
+    assert _run(draft, _rej(True), seed=2) > ALPHA_SIG
+
+
+def test_wrong_rule_is_detected():
+    """Without-replacement siblings verified as if drawn with replacement (q not renormalised): biased."""
+    draft = lambda g: draft_tree(_expand, ROOT, [3, 3], replacement=False, generator=g)
+    assert _run(draft, _rej(True), seed=3) < ALPHA_SIG
+
+
+def test_recursive_reject_edge_cases():
+    p = torch.tensor([0.5, 0.5, 0.0])
+    q = torch.tensor([0.0, 0.0, 1.0])
+    i, pf = recursive_reject(p, q, [2, 0], replacement=False)        # q exhausted after one sibling
+    assert i is None and torch.allclose(pf, p)
+    i, pf = recursive_reject(p, p.clone(), [0], replacement=True)     # p == q always accepts
+    assert i == 0
+
+
+def test_greedy_tree_accept_longest_path():
+    t = TokenTree.from_paths([[0], [1], [0, 0], [1, 0], [1, 0, 0]])
+    # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [1,0], 5 [1,0,0]
+    tokens = [9, 5, 6, 7, 8, 3]
+    argmax = [6, 7, 8, 1, 2, 4]          # after root: 6 (node 2), after node 2: 8 (node 4), after 4: 2 != 3
+    v = greedy_tree_accept(t, tokens, argmax)
+    assert v.path == [0, 2, 4] and v.next_token == 2
+    assert accepted_tokens(v, tokens) == [6, 8, 2]
+
+
+def test_typical_acceptance_threshold_and_walk():
+    p = torch.tensor([[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+    thr = typical_threshold(p, epsilon=0.09, alpha=0.3)
+    H = -(p * p.log()).sum(-1)
+    torch.testing.assert_close(thr, torch.minimum(torch.tensor(0.09), 0.3 * torch.exp(-H)))
+    t = TokenTree.chain(2)
+    probs = torch.tensor([[0.01, 0.99, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    v = typical_tree_accept(t, [0, 1, 2], probs, generator=torch.Generator().manual_seed(0))
+    assert v.path == [0, 1] and v.next_token in (0, 1)   # token 2 has p = 0 after node 1: rejected
+
+
+def test_gumbel_topk_distinct_and_first_is_a_sample():
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    firsts = torch.zeros(4)
+    for _ in range(3000):
+        s = gumbel_topk(q, 4, g)
+        assert len(set(s.tolist())) == len(s) == 3
+        firsts[s[0]] += 1
+    assert chisquare(firsts[:3].numpy(), (q[:3] * 3000).numpy()).pvalue > ALPHA_SIG
