@@ -16,7 +16,7 @@ from accelerando.llm.tree_verify import (accepted_tokens, draft_tree, greedy_tre
                                          recursive_reject, rejection_tree_accept, stochastic_beam_tree,
                                          typical_threshold, typical_tree_accept)
 
-V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 6000, 1e-3
+V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 4000, 1e-3
 
 
 def _tables():

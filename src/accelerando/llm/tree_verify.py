@@ -147,7 +147,10 @@ def gumbel_topk(q: torch.Tensor, k: int, generator: torch.Generator | None = Non
 
 
 def sample_siblings(q: torch.Tensor, k: int, *, replacement: bool,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, deterministic: bool = False) -> torch.Tensor:
+    """k sibling tokens from q: i.i.d. (replacement), Gumbel-top-k (without), or q's top-k (greedy)."""
+    if deterministic:
+        return q.topk(min(k, q.shape[-1])).indices
     if replacement:
         return torch.multinomial(q, k, replacement=True, generator=generator)
     return gumbel_topk(q, k, generator)
@@ -165,8 +168,11 @@ Expand = Callable[[TokenTree, list[int], list[int]], torch.Tensor]
 
 
 def draft_tree(expand: Expand, root_token: int, branching: Sequence[int], *, replacement: bool,
-               generator: torch.Generator | None = None) -> DraftedTree:
-    """Grow a tree level by level: every frontier node gets ``branching[d]`` children from q."""
+               generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
+    """Grow a tree level by level: every frontier node gets ``branching[d]`` children from q.
+
+    ``deterministic``: children are q's top tokens (for greedy verification, where q is not used).
+    """
     parents, ranks, tokens = [-1], [0], [int(root_token)]
     frontier, qs = [0], {}
     for b in branching:
@@ -175,14 +181,15 @@ def draft_tree(expand: Expand, root_token: int, branching: Sequence[int], *, rep
         new = []
         for node, qn in zip(frontier, dists):
             qs[node] = qn
-            for r, x in enumerate(sample_siblings(qn, b, replacement=replacement, generator=generator).tolist()):
+            kids = sample_siblings(qn, b, replacement=replacement, generator=generator, deterministic=deterministic)
+            for r, x in enumerate(kids.tolist()):
                 parents.append(node); ranks.append(r); tokens.append(int(x)); new.append(len(tokens) - 1)
         frontier = new
     return _finish(parents, ranks, tokens, qs)
 
 
 def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int, *,
-                         generator: torch.Generator | None = None) -> DraftedTree:
+                         generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
     """RSD-S: stochastic beam search (Kool et al. 2019) over draft sequences; the kept beams form the tree.
 
     Each beam carries phi (log-probability of its sequence) and G (its perturbed score). A child's
@@ -200,6 +207,9 @@ def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int
             qs[node] = qn
             sup = (qn > 0).nonzero().flatten()
             lp = ph + torch.log(qn[sup])
+            if deterministic:
+                cands += [(l, node, x, l) for x, l in zip(sup.tolist(), lp.tolist())]
+                continue
             gum = lp - torch.log(-torch.log(torch.rand(lp.shape, generator=generator).clamp_min(1e-20)))
             z = gum.max()
             # condition the children's maximum to equal the parent's score (numerically stable form)
@@ -217,6 +227,18 @@ def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int
             frontier.append(len(tokens) - 1); phi.append(l); G.append(s)
         # restore breadth-first order with parents before children (already true: parents are older)
     return _finish(parents, ranks, tokens, qs)
+
+
+def sample_tree_tokens(tree: TokenTree, root_token: int, q: torch.Tensor, *, replacement: bool = False,
+                       generator: torch.Generator | None = None) -> list[int]:
+    """Fill a fixed tree shape: each node's children are sampled from q[node] (Medusa, lossless mode)."""
+    tokens = [int(root_token)] + [0] * (len(tree) - 1)
+    for n, kids in enumerate(tree.children):
+        if kids:
+            xs = sample_siblings(q[n], len(kids), replacement=replacement, generator=generator).tolist()
+            for c, x in zip(kids, xs + [xs[-1]] * (len(kids) - len(xs))):   # pad if q has fewer tokens
+                tokens[c] = int(x)
+    return tokens
 
 
 def _finish(parents, ranks, tokens, qs) -> DraftedTree:

@@ -1,0 +1,348 @@
+"""Medusa heads: K extra decoding heads on the target's last hidden state (Cai et al. 2024, Medusa-1).
+
+Head k (k = 1..K) predicts the token k+1 positions ahead of the hidden state's position:
+``logits_k = W_out,k ResBlock_k^n(h)`` with ``ResBlock(h) = h + SiLU(W h)`` (W zero-initialised, so
+a fresh head equals the target's own next-token head). The output projection ``W_out,k`` is
+
+* ``"shared"``  the target's ``lm_head``, frozen and not saved (small files; heads only learn ResBlocks),
+* ``"lowrank"`` the frozen ``lm_head`` plus a trainable rank-r correction ``B A`` (B zero-initialised),
+* ``"own"``     a full copy initialised from ``lm_head`` (the paper's choice; V x H per head on disk).
+
+Every head has its own modules (the reference code's ``[ResBlock] * n`` shares one block). Training
+(``Medusa.train``) freezes the backbone: loss ``sum_k 0.8^k CE(head_k(h_t), x_{t+k+1})``. Saved as
+``medusa.safetensors`` + ``medusa.json`` (config, tree, measured accuracies) in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from accelerando.llm.tree import TokenTree
+
+PROJECTIONS = ("shared", "lowrank", "own")
+WEIGHTS_FILE, CONFIG_FILE = "medusa.safetensors", "medusa.json"
+
+
+@dataclass
+class MedusaConfig:
+    hidden_size: int
+    vocab_size: int
+    n_heads: int = 4
+    n_layers: int = 1                 # ResBlocks per head
+    projection: str = "shared"        # one of PROJECTIONS
+    rank: int = 32                    # for projection="lowrank"
+    base_model: str = ""              # the target these heads were trained for (name or model_type)
+    tree: list[list[int]] = field(default_factory=list)       # sparse tree (Medusa choices), may be empty
+    top_k_accuracy: list[list[float]] = field(default_factory=list)   # [head][rank] = P(rank-i pick is right)
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if min(self.hidden_size, self.vocab_size, self.n_heads, self.n_layers, self.rank) < 1:
+            raise ValueError("hidden_size, vocab_size, n_heads, n_layers and rank must be >= 1")
+        if self.tree:
+            TokenTree.from_paths(self.tree)     # validates
+            if max(len(p) for p in self.tree) > self.n_heads:
+                raise ValueError(f"tree depth exceeds the {self.n_heads} heads")
+
+
+class ResBlock(nn.Module):
+    """h + SiLU(W h + b), W zero-initialised: starts as the identity."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + nn.functional.silu(self.linear(h))
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, cfg: MedusaConfig):
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResBlock(cfg.hidden_size) for _ in range(cfg.n_layers)])   # distinct modules
+        self.out: nn.Module | None = None
+        self.down: nn.Linear | None = None
+        self.up: nn.Linear | None = None
+        if cfg.projection == "own":
+            self.out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        elif cfg.projection == "lowrank":
+            self.down = nn.Linear(cfg.hidden_size, cfg.rank, bias=False)
+            self.up = nn.Linear(cfg.rank, cfg.vocab_size, bias=False)
+            nn.init.zeros_(self.up.weight)
+
+    def forward(self, h: torch.Tensor, lm_head: nn.Module | None) -> torch.Tensor:
+        x = self.blocks(h)
+        if self.out is not None:
+            return self.out(x)
+        if lm_head is None:
+            raise RuntimeError("these heads share the target's lm_head: call medusa.attach(target) first")
+        logits = lm_head(x)
+        if self.up is not None:
+            logits = logits + self.up(self.down(x))
+        return logits
+
+
+class Medusa(nn.Module):
+    """K Medusa heads for one target model; ``Medusa.load(path)`` / ``Medusa.train(...)`` make them."""
+
+    def __init__(self, config: MedusaConfig):
+        super().__init__()
+        self.config = config
+        self.heads = nn.ModuleList([MedusaHead(config) for _ in range(config.n_heads)])
+        self._lm_head: list[nn.Module] = []      # a list so the target's module is not registered (not saved)
+
+    # --- binding to a target -------------------------------------------------------------------
+    @classmethod
+    def for_target(cls, target: Any, **options: Any) -> "Medusa":
+        """Fresh heads for ``target`` (own projections start as copies of its lm_head)."""
+        lm_head = target.get_output_embeddings()
+        V, H = lm_head.weight.shape
+        cfg = MedusaConfig(hidden_size=H, vocab_size=V, base_model=_model_id(target), **options)
+        m = cls(cfg).to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        for head in m.heads:
+            if head.out is not None:
+                head.out.weight.data.copy_(lm_head.weight.data)
+        return m.attach(target)
+
+    def check_compatible(self, target: Any) -> None:
+        """Raise if these heads were trained for a model with another hidden size or vocabulary."""
+        lm_head = target.get_output_embeddings()
+        V, H = lm_head.weight.shape
+        c = self.config
+        if H != c.hidden_size:
+            raise ValueError(f"Medusa heads expect hidden size {c.hidden_size} (trained for {c.base_model!r}); "
+                             f"the target has {H}")
+        if V != c.vocab_size:
+            raise ValueError(f"Medusa heads expect a vocabulary of {c.vocab_size} (trained for {c.base_model!r}); "
+                             f"the target has {V}")
+
+    def attach(self, target: Any) -> "Medusa":
+        self.check_compatible(target)
+        self._lm_head = [target.get_output_embeddings()]
+        return self
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (..., H) last hidden states (what lm_head reads) -> logits (K, ..., V)."""
+        lm = self._lm_head[0] if self._lm_head else None
+        return torch.stack([head(h, lm) for head in self.heads])
+
+    # --- drafting (the tree loop's drafter protocol) ------------------------------------------------
+    needs_hidden = True
+    draft_calls = 0
+
+    @property
+    def tree(self) -> TokenTree:
+        t = getattr(self, "_tree", None)
+        if t is None:
+            t = TokenTree.from_paths(self.config.tree) if self.config.tree else TokenTree.chain(self.config.n_heads)
+        return t
+
+    def use_tree(self, tree: "TokenTree | int | Sequence[Sequence[int]]") -> "Medusa":
+        """Draft with ``tree``: a TokenTree, Medusa paths, or a node budget (best sparse tree)."""
+        if isinstance(tree, int):
+            tree = self.sparse_tree(tree)
+        elif not isinstance(tree, TokenTree):
+            tree = TokenTree.from_paths(tree)
+        if tree.max_depth > self.config.n_heads:
+            raise ValueError(f"tree depth {tree.max_depth} exceeds the {self.config.n_heads} heads")
+        self._tree = tree
+        return self
+
+    def begin(self, target: Any, input_ids: torch.Tensor) -> None:
+        self.attach(target)
+
+    @torch.no_grad()
+    def propose(self, root: int, hidden: torch.Tensor, sampling: Any, generator: torch.Generator | None = None,
+                rule: str = "exact"):
+        """Tokens for every tree node from the heads at ``hidden`` (the state that produced ``root``).
+
+        A node at depth d takes head d's pick: its rank-th top token (greedy / typical), or, for
+        lossless sampling, children sampled without replacement from head d's processed
+        distribution (the same q for every node of a depth: Medusa heads do not see the path).
+        """
+        from accelerando.llm.tree_speculative import TreeProposal
+        from accelerando.llm.tree_verify import sample_tree_tokens
+        tree = self.tree
+        logits = self(hidden.to(next(self.parameters()).dtype))           # (K, V)
+        if sampling.greedy or rule == "typical":
+            R = max(tree.ranks) + 1
+            top = logits.topk(R, dim=-1).indices.tolist()                  # (K, R)
+            tokens = [int(root)] + [top[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, len(tree))]
+            return TreeProposal(tree, tokens)
+        qd = sampling.probs(logits)                                         # (K, V)
+        depth_idx = tree.depth_tensor(qd.device).clamp(max=self.config.n_heads - 1)
+        q = qd[depth_idx]                                                   # (N, V): children of depth-d node <- head d
+        tokens = sample_tree_tokens(tree, root, q, replacement=False, generator=generator)
+        return TreeProposal(tree, tokens, q, replacement=False)
+
+    def accept(self, path: list[int], emitted: list[int]) -> None:
+        pass
+
+    def sparse_tree(self, n_nodes: int) -> TokenTree:
+        """Best tree of ``n_nodes`` drafted nodes from the measured accuracies (else a top-1 chain)."""
+        if self.config.top_k_accuracy:
+            return TokenTree.from_paths(best_sparse_tree(self.config.top_k_accuracy, n_nodes))
+        return TokenTree.chain(min(n_nodes, self.config.n_heads))
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, target: Any = None, device: Any = None) -> "Medusa":
+        from safetensors.torch import load_file
+        path = Path(path)
+        if not (path / CONFIG_FILE).exists():
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {path} (expected Medusa heads saved by Medusa.save)")
+        cfg = MedusaConfig(**json.loads((path / CONFIG_FILE).read_text()))
+        m = cls(cfg)
+        m.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+        if device is not None:
+            m.to(device)
+        if target is not None:
+            m.attach(target)
+        return m.eval()
+
+    # --- training ------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, target: Any, token_ids: torch.Tensor, *, n_heads: int = 4, n_layers: int = 1,
+              projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
+              lr: float = 1e-3, decay: float = 0.8, seq_len: int = 256, heldout_fraction: float = 0.1,
+              top_k: int = 10, tree_nodes: int = 32, seed: int = 0, log_every: int = 0,
+              time_limit_s: float | None = None) -> "Medusa":
+        """Medusa-1: train heads on a frozen ``target`` over a 1D stream of token ids.
+
+        Hidden states are computed once (the backbone is frozen), then heads train on random
+        position batches with loss ``sum_k decay^k CE(head_k(h_t), x_{t+k+1})``. The held-out tail
+        measures per-head top-k accuracies, which choose the sparse tree stored with the heads.
+        """
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        m = cls.for_target(target, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank)
+        H, X = _hidden_states(target, token_ids, seq_len)                 # (S, T, H), (S, T)
+        S = H.shape[0]
+        n_held = max(1, int(round(S * heldout_fraction))) if S > 1 else 0
+        Htr, Xtr = H[: S - n_held], X[: S - n_held]
+        K = n_heads
+        T = Xtr.shape[1] - K - 1                                            # positions with all K labels
+        if T <= 0:
+            raise ValueError(f"sequences of {X.shape[1]} tokens are too short for {K} heads")
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        weights = [decay ** (k + 1) for k in range(K)]
+        t0 = time.perf_counter()
+        for step in range(steps):
+            si = torch.randint(0, Htr.shape[0], (batch_tokens,), generator=g)
+            ti = torch.randint(0, T, (batch_tokens,), generator=g)
+            logits = m(Htr[si, ti])                                          # (K, B, V)
+            loss = sum(w * nn.functional.cross_entropy(logits[k].float(), Xtr[si, ti + k + 2])
+                       for k, w in enumerate(weights))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if log_every and (step % log_every == 0 or step == steps - 1):
+                print(f"medusa step {step} loss {loss.item():.4f}", flush=True)
+            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                break
+        m.eval()
+        Hev, Xev = (H[S - n_held:], X[S - n_held:]) if n_held else (Htr, Xtr)
+        acc = m.top_k_accuracy(Hev, Xev, top_k=top_k)
+        m.config.top_k_accuracy = acc
+        m.config.tree = best_sparse_tree(acc, tree_nodes)
+        m.trained_steps = step + 1
+        return m
+
+    @torch.no_grad()
+    def top_k_accuracy(self, H: torch.Tensor, X: torch.Tensor, *, top_k: int = 10) -> list[list[float]]:
+        """acc[k][i] = P(head k's rank-i prediction is the true token x_{t+k+2}) on hidden states H."""
+        K = self.config.n_heads
+        T = X.shape[1] - K - 1
+        hits = torch.zeros(K, top_k)
+        n = 0
+        for i in range(0, H.shape[0], 4):                                   # chunks bound the (K, N, V) logits
+            h = H[i: i + 4, :T].reshape(-1, H.shape[-1])
+            logits = self(h)                                                # (K, N, V)
+            for k in range(K):
+                top = logits[k].topk(top_k, dim=-1).indices                # (N, top_k)
+                y = X[i: i + 4, k + 2: k + 2 + T].reshape(-1, 1)
+                hits[k] += (top == y).float().sum(0).cpu()
+            n += h.shape[0]
+        return (hits / n).tolist()
+
+
+class _ClassOrInstance:
+    """``Medusa.train(target, ...)`` trains new heads; ``heads.train(mode)`` is nn.Module's train."""
+
+    def __init__(self, on_class, on_instance):
+        self.on_class, self.on_instance = on_class, on_instance
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self.on_class.__get__(objtype, objtype)
+        return self.on_instance.__get__(obj, objtype)
+
+
+Medusa.train = _ClassOrInstance(Medusa.__dict__["fit"], nn.Module.train)
+
+
+def _model_id(target: Any) -> str:
+    cfg = getattr(target, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", ""))
+
+
+@torch.no_grad()
+def _hidden_states(target: Any, token_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a token stream into rows of ``seq_len`` and return (last hidden states, ids), both (S, T[, H])."""
+    ids = torch.as_tensor(token_ids).flatten()
+    S = ids.numel() // seq_len
+    if S < 1:
+        raise ValueError(f"need at least {seq_len} tokens to train Medusa heads, got {ids.numel()}")
+    X = ids[: S * seq_len].view(S, seq_len).to(next(target.parameters()).device)
+    base = target.base_model
+    hs = [base(X[i: i + 8]).last_hidden_state for i in range(0, S, 8)]
+    return torch.cat(hs).detach(), X
+
+
+def expected_accept_length(paths: Iterable[Sequence[int]], acc: Sequence[Sequence[float]]) -> float:
+    """Expected accepted drafts per step if head k's rank-i pick is right with prob acc[k][i] (independent)."""
+    return sum(math.prod(acc[d][r] for d, r in enumerate(p)) for p in paths)
+
+
+def best_sparse_tree(acc: Sequence[Sequence[float]], n_nodes: int) -> list[list[int]]:
+    """Greedy sparse tree: add the frontier path with the highest acceptance probability, n_nodes times.
+
+    A node's value (probability that the whole path is accepted) never exceeds its parent's, so
+    growing by the best frontier node maximises the expected accepted length for the node budget.
+    """
+    if n_nodes < 1:
+        raise ValueError("n_nodes must be >= 1")
+    K, R = len(acc), len(acc[0])
+    chosen: list[list[int]] = []
+    frontier = {(r,): acc[0][r] for r in range(R)}
+    while frontier and len(chosen) < n_nodes:
+        p, v = max(frontier.items(), key=lambda kv: (kv[1], [-x for x in kv[0]]))
+        del frontier[p]
+        chosen.append(list(p))
+        if len(p) < K:
+            for r in range(R):
+                frontier[p + (r,)] = v * acc[len(p)][r]
+    return chosen

@@ -1,0 +1,108 @@
+"""DraftTree: a small draft model proposes a token tree (SpecInfer / Recursive Speculative Decoding).
+
+Shapes (N = number of drafted nodes):
+  "chains"  ``width`` siblings under the root, each continued as a chain to ``depth`` (N = width * depth)
+  "beam"    stochastic beam search over draft sequences, ``width`` beams kept per level (RSD-S,
+            N <= width * depth; needs ``replacement=False``)
+  "full"    every node has ``width`` children down to ``depth`` (N = width + ... + width^depth)
+Siblings are drawn from the draft with replacement (SpecInfer) or without (RSD: Gumbel-top-k);
+the matching recursive rejection rule in ``tree_verify`` keeps the target's distribution exactly.
+
+The draft model keeps its own KV cache: the tree is grown level by level, one draft forward per
+level over the new frontier with the same 4D tree attention as the target; after verification the
+draft cache keeps the accepted path (entries it computed) and catches up on the rest next time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from accelerando.llm.tree import TokenTree, check_tree_support, keep_accepted_path, tree_attention_mask
+from accelerando.llm.tree_verify import draft_tree, stochastic_beam_tree
+
+SHAPES = ("chains", "beam", "full")
+
+
+class DraftTree:
+    needs_hidden = False
+
+    def __init__(self, draft_model: Any, *, width: int = 3, depth: int = 4, replacement: bool = False,
+                 shape: str = "chains"):
+        if width < 1 or depth < 1:
+            raise ValueError("width and depth must be >= 1")
+        if shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        if shape == "beam" and replacement:
+            raise ValueError("stochastic beam search draws without replacement (replacement=False)")
+        check_tree_support(draft_model)
+        self.model, self.width, self.depth, self.replacement, self.shape = draft_model, width, depth, replacement, shape
+        self.draft_calls = 0
+
+    @property
+    def branching(self) -> list[int]:
+        if self.shape == "chains":
+            return [self.width] + [1] * (self.depth - 1)
+        return [self.width] * self.depth
+
+    def begin(self, target: Any, input_ids: torch.Tensor) -> None:
+        from transformers import DynamicCache
+        vt = target.get_output_embeddings().weight.shape[0]
+        vd = self.model.get_output_embeddings().weight.shape[0]
+        if vt != vd:
+            raise ValueError(f"draft vocabulary ({vd}) differs from the target's ({vt}): use a draft with the same tokenizer")
+        self.cache = DynamicCache(config=self.model.config)
+        self.pending = input_ids[0].tolist()      # accepted tokens not yet in the draft cache
+        self.cache_len = 0
+        self.draft_calls = 0
+
+    def _forward(self, ids: list[int], **kw: Any) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        out = self.model(torch.tensor([ids], device=dev), past_key_values=self.cache, use_cache=True, **kw)
+        self.draft_calls += 1
+        return out.logits[0]
+
+    @torch.no_grad()
+    def propose(self, root: int, hidden: Any, sampling: Any, generator: torch.Generator | None = None,
+                rule: str = "exact"):
+        from accelerando.llm.tree_speculative import TreeProposal
+        deterministic = sampling.greedy or rule == "typical"
+        probs = (lambda lg: lg.float().softmax(-1)) if deterministic else sampling.probs
+        dev = next(self.model.parameters()).device
+        state = {"fed": 0}
+
+        def expand(tree: TokenTree, tokens: list[int], frontier: list[int]) -> torch.Tensor:
+            if frontier == [0]:                     # catch up on accepted tokens, then the root: a plain chain
+                logits = self._forward(self.pending + [tokens[0]])[-1:]
+                self.cache_len += len(self.pending)
+                self.pending = []
+                state["fed"] = 1
+                return probs(logits)
+            n0, F = state["fed"], len(frontier)
+            assert frontier == list(range(n0, n0 + F)), "frontier nodes must be the next node indices"
+            anc = tree.ancestor_mask(dev)[frontier][:, : n0 + F]                       # (F, n0 + F)
+            pre = torch.ones(F, self.cache_len, dtype=torch.bool, device=dev)
+            allowed = torch.cat([pre, anc], 1)[None, None]
+            mask = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            pos = self.cache_len + tree.depth_tensor(dev)[frontier][None]
+            logits = self._forward([tokens[f] for f in frontier], attention_mask=mask, position_ids=pos)
+            state["fed"] = n0 + F
+            return probs(logits)
+
+        if self.shape == "beam":
+            d = stochastic_beam_tree(expand, root, self.width, self.depth, generator=generator,
+                                     deterministic=deterministic)
+        else:
+            d = draft_tree(expand, root, self.branching, replacement=self.replacement, generator=generator,
+                           deterministic=deterministic)
+        self._fed = state["fed"]
+        self._tokens = d.tokens
+        return TreeProposal(d.tree, d.tokens, None if deterministic else d.q, replacement=self.replacement)
+
+    def accept(self, path: list[int], emitted: list[int]) -> None:
+        fed = [n for n in path if n < self._fed]                   # a prefix of the path (indices grow with depth)
+        dev = next(self.model.parameters()).device
+        keep_accepted_path(self.cache, self.cache_len, torch.tensor(fed, device=dev))
+        self.cache_len += len(fed)
+        self.pending = [self._tokens[n] for n in path[len(fed):]]

@@ -1,0 +1,88 @@
+"""Medusa heads: structure, training (Medusa-1), save/load, compatibility errors, sparse trees."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from accelerando.llm.drafters import Medusa
+from accelerando.llm.drafters.medusa import best_sparse_tree, expected_accept_length
+from accelerando.llm.tree import TokenTree
+
+
+def _tiny(seed=0, hidden=32, vocab=64):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_heads_are_separate_and_start_as_lm_head():
+    t = _tiny()
+    for proj in ("shared", "lowrank", "own"):
+        m = Medusa.for_target(t, n_heads=3, n_layers=2, projection=proj)
+        blocks = [b for h in m.heads for b in h.blocks]
+        assert len({id(b) for b in blocks}) == 6                       # no [m] * n weight sharing
+        h = torch.randn(5, 32)
+        ref = t.get_output_embeddings()(h)
+        for k in range(3):
+            torch.testing.assert_close(m(h)[k], ref)                   # zero-init W: identity ResBlocks
+    m = Medusa.for_target(t, projection="shared")
+    assert not any(k.startswith("_lm_head") or "lm_head" in k for k in m.state_dict())
+
+
+def _stream(t, n=2400, seed=0):
+    """Text the target itself writes (sampled), so heads have something learnable."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (8, 4), generator=g)
+    torch.manual_seed(seed)
+    out = t.generate(ids, max_new_tokens=n // 8, do_sample=True, temperature=0.7, pad_token_id=0, eos_token_id=None)
+    return out.flatten()
+
+
+def test_training_improves_heads_and_save_load_roundtrip(tmp_path):
+    t = _tiny()
+    ids = _stream(t)
+    untrained = Medusa.for_target(t, n_heads=2)
+    from accelerando.llm.drafters.medusa import _hidden_states
+    H, X = _hidden_states(t, ids, 100)
+    before = untrained.top_k_accuracy(H[-2:], X[-2:], top_k=3)
+    m = Medusa.train(t, ids, n_heads=2, steps=60, batch_tokens=256, lr=3e-3, seq_len=100, top_k=3, tree_nodes=6)
+    after = m.config.top_k_accuracy
+    assert after[0][0] > before[0][0]                       # learnt something about x_{t+2}
+    assert len(m.config.tree) == 6
+    m.save(tmp_path / "heads")
+    m2 = Medusa.load(tmp_path / "heads", target=t)
+    h = torch.randn(4, 32)
+    torch.testing.assert_close(m(h), m2(h))
+    assert m2.config.tree == m.config.tree and m2.tree == TokenTree.from_paths(m.config.tree)
+    m2.train(False)                                         # nn.Module.train still works on instances
+    assert not m2.training
+
+
+def test_mismatched_target_is_refused(tmp_path):
+    m = Medusa.for_target(_tiny(hidden=32), n_heads=2)
+    m.save(tmp_path / "h")
+    with pytest.raises(ValueError, match="hidden size"):
+        Medusa.load(tmp_path / "h", target=_tiny(hidden=48))
+    with pytest.raises(ValueError, match="vocabulary"):
+        Medusa.load(tmp_path / "h", target=_tiny(vocab=80))
+    with pytest.raises(FileNotFoundError):
+        Medusa.load(tmp_path / "nothing")
+
+
+def test_sparse_tree_is_optimal_for_its_budget():
+    acc = [[0.6, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.1, 0.05]]
+    all_paths = [list(p) for d in (1, 2, 3) for p in itertools.product(range(3), repeat=d)]
+    for n in (1, 3, 5):
+        got = best_sparse_tree(acc, n)
+        TokenTree.from_paths(got)                               # a valid (prefix-closed) tree
+        best = 0.0                                              # brute force over prefix-closed sets
+        for subset in itertools.combinations(all_paths, n):
+            s = {tuple(p) for p in subset}
+            if all(p[:-1] in s or len(p) == 1 for p in s):
+                best = max(best, expected_accept_length(subset, acc))
+        assert math.isclose(expected_accept_length(got, acc), best)
