@@ -43,11 +43,12 @@ def test_prefill_logits_equal_hf_forward(kind):
     model = _tiny(kind)
     ids, mask = _prompts(3)
     eng = engine.Engine(model, batch_size=3, max_len=32, compile=False)
-    ours = eng.prefill(ids, mask, last_only=False)
+    hidden, ours = eng.prefill(ids, mask, last_only=False, return_hidden=True)
     with torch.no_grad():
-        ref = model(ids, attention_mask=mask).logits
+        ref = model(ids, attention_mask=mask, output_hidden_states=True)
     real = mask.bool()
-    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[real], ref.logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden[real], ref.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])

@@ -114,7 +114,7 @@ class LeanDecoder(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
                 valid: torch.Tensor, lengths: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, return_hidden: bool = False):
         B, T = input_ids.shape
         L, D = k[0].shape[2], self.head_dim
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
@@ -156,7 +156,8 @@ class LeanDecoder(torch.nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        return (h, logits) if return_hidden else logits
 
 
 def _own_code(decoder: LeanDecoder):
@@ -230,16 +231,17 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
 
-    def _run(self, fn, input_ids, token_mask, tree_mask, last_only):
+    def _run(self, fn, input_ids, token_mask, tree_mask, last_only, return_hidden=False):
         c = self.cache
         with torch.no_grad():
-            out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only)
+            out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only, return_hidden)
         self.stats.forward_calls += 1
         return out
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *, last_only: bool = True) -> torch.Tensor:
-        """Write a (left-padded) prompt from slot 0 of every row; returns logits (B, 1 or P, V)."""
+                *, last_only: bool = True, return_hidden: bool = False):
+        """Write a (left-padded) prompt from slot 0 of every row; returns logits (B, 1 or P, V)
+        (with ``return_hidden``: (final-norm hidden states, logits))."""
         self.reset()
         B, P = input_ids.shape
         if B != self.batch_size:
@@ -247,30 +249,31 @@ class Engine:
         if P > self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit a cache of {self.max_len}")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        out = self._run(self.decoder.forward, input_ids, mask, None, last_only)
+        out = self._run(self.decoder.forward, input_ids, mask, None, last_only, return_hidden)
         self.cache.advance(P)
         return out
 
     def step(self, input_ids: torch.Tensor, *, token_mask: torch.Tensor | None = None,
-             tree_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Append T tokens per row at ``cache.lengths`` and advance by T; returns logits (B, T, V).
+             tree_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False):
+        """Append T tokens per row at ``cache.lengths`` and advance by T; returns logits (B, T, V)
+        (with ``return_hidden``: (final-norm hidden states (B, T, hidden), logits)).
 
         The caller must keep ``lengths + T <= max_len`` (slots past the end are not checked here,
         to avoid a host sync per step). Reject tokens afterwards with ``cache.rollback``.
         """
         if token_mask is None:
             token_mask = self._all_valid(input_ids.shape)
-        key = (tuple(input_ids.shape), tree_mask is not None, last_only)
+        key = (tuple(input_ids.shape), tree_mask is not None, last_only, return_hidden)
         first = self.compiled and key not in self._seen
         t0 = time.perf_counter()
-        out = self._run(self._step_fn, input_ids, token_mask, tree_mask, last_only)
+        out = self._run(self._step_fn, input_ids, token_mask, tree_mask, last_only, return_hidden)
         if first:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self._seen.add(key)
             self.stats.compile_s[f"B{key[0][0]}xT{key[0][1]}xL{self.max_len}"] = time.perf_counter() - t0
-        if self.compiled and self.device.type == "cuda":
-            out = out.clone()   # CUDA-graph outputs are overwritten by the next replay
+        if self.compiled and self.device.type == "cuda":   # CUDA-graph outputs are overwritten by the next replay
+            out = tuple(o.clone() for o in out) if return_hidden else out.clone()
         self.cache.advance(input_ids.shape[1])
         return out
 
