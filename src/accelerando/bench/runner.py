@@ -1,0 +1,437 @@
+"""The runner: time every chosen method on one workload, side by side, and judge its quality.
+
+``run_methods(setups, methods, workload=...)`` is what ``demo``, ``bench`` and ``sweep`` call:
+
+1. the family's baseline (the entry registered with ``is_baseline=True``) runs first, always;
+2. each method is built (untimed) on every setup, then one timed call runs it over all setups
+   (``measure``: warm-up excluded, device synchronised, repeated, median and spread);
+3. quality is computed against the baseline of the same run: LLM greedy -> exact match of the
+   sequences (a lossless method must reach 1.0); LLM sampling -> token agreement and perplexity
+   under the target (equality of *distributions* is a statistical test, not a per-run number);
+   diffusion -> RMSE to the baseline's sample and to an optional high-accuracy reference;
+4. one ``Measurement`` per method goes to the history, all in one transaction.
+
+A setup list (not one setup) lets a workload with more prompts than ``batch_size`` run as several
+batches inside one timed call. Raw counts from the method's ``stats`` are merged over the batches:
+integers are summed, floats averaged, equal-length number lists summed element-wise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from . import metrics as M
+from .harness import Timing, measure
+from .methods import (DiffusionOutput, DiffusionSetup, LLMOutput, LLMSetup, MethodEntry,
+                      all_methods, get_method)
+from .workloads import DiffusionWorkload, LLMWorkload
+
+
+class RunnerError(ValueError):
+    """Bad input to a run: unknown model, wrong kind of model, no methods, ..."""
+
+
+@dataclass
+class RunRow:
+    """What one method did on one workload (also the row written to the history)."""
+
+    method: str
+    family: str
+    knobs: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lossless: bool = False
+    is_baseline: bool = False
+    error: str | None = None
+    measurement_id: int | None = None
+    output: Any = None                    # the last outputs (list, one per setup); not stored
+
+
+# ----------------------------------------------------------------------------- methods
+
+def resolve_methods(family: str, names: Sequence[str] | None = None) -> list[MethodEntry]:
+    """The baseline first, then the named methods (all of the family when ``names`` is None).
+
+    Raises ``KeyError`` naming the valid methods for an unknown name, ``RunnerError`` for a method
+    of the other family.
+    """
+    if names is None:
+        chosen = all_methods(family)
+    else:
+        chosen = []
+        for n in names:
+            e = get_method(n)
+            if e.family != family:
+                valid = ", ".join(x.name for x in all_methods(family)) or "(none registered)"
+                raise RunnerError(f"method {n!r} is a {e.family} method, this workload is {family}; "
+                                  f"valid {family} methods: {valid}")
+            chosen.append(e)
+    baselines = [e for e in all_methods(family) if e.is_baseline]
+    out = baselines[:1] + [e for e in chosen if not (baselines and e is baselines[0])]
+    seen, uniq = set(), []
+    for e in out:
+        if e.name not in seen:
+            seen.add(e.name)
+            uniq.append(e)
+    return uniq
+
+
+def merge_stats(per_setup: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the stats of several batches (see the module docstring)."""
+    items = [s for s in per_setup if s]
+    if not items:
+        return {}
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for s in items for k in s):
+        vals = [s[key] for s in items if key in s]
+        if all(isinstance(v, bool) for v in vals):
+            out[key] = all(vals)
+        elif all(isinstance(v, int) for v in vals):
+            out[key] = sum(vals)
+        elif all(isinstance(v, (int, float)) for v in vals):
+            out[key] = sum(vals) / len(vals)
+        elif all(isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v) for v in vals):
+            n = max(len(v) for v in vals)
+            out[key] = [sum(v[i] for v in vals if i < len(v)) for i in range(n)]
+        else:
+            v = vals[-1]
+            out[key] = v.tolist() if hasattr(v, "tolist") else v
+    return out
+
+
+def _jsonable_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in stats.items():
+        if hasattr(v, "tolist"):
+            v = v.tolist()
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = repr(v)
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run_methods(
+    setups: LLMSetup | DiffusionSetup | Sequence[LLMSetup] | Sequence[DiffusionSetup],
+    methods: Sequence[MethodEntry | str] | None = None,
+    *,
+    workload: dict[str, Any],
+    knobs: dict[str, dict[str, Any]] | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    history: Any = None,
+    run_id: str | None = None,
+    reference: Sequence[Any] | None = None,
+    score_perplexity: bool = True,
+    progress: Callable[[str, str], None] | None = None,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[RunRow]:
+    """Run the baseline and ``methods`` on ``setups``; return one ``RunRow`` each (baseline first).
+
+    ``knobs`` maps a method name to knob overrides (on top of its ``default_knobs``).
+    ``reference``: diffusion only, one high-accuracy x0 per setup (e.g. ``diffusion_reference``).
+    ``progress(method, phase)`` is called with phase "start" / "done" around each method.
+    ``history``: an open ``History``; rows that ran without error are recorded in one transaction.
+    """
+    setups = [setups] if isinstance(setups, (LLMSetup, DiffusionSetup)) else list(setups)
+    if not setups:
+        raise RunnerError("no setups to run")
+    family = "llm" if isinstance(setups[0], LLMSetup) else "diffusion"
+    if methods is None:
+        entries = resolve_methods(family)
+    else:
+        names = [m.name if isinstance(m, MethodEntry) else m for m in methods]
+        entries = resolve_methods(family, names)
+    if not entries:
+        raise RunnerError(f"no {family} methods are registered")
+    knobs = knobs or {}
+    run_id = run_id or uuid.uuid4().hex[:12]
+
+    rows: list[RunRow] = []
+    base_timing: Timing | None = None
+    base_out: list[Any] | None = None
+    for entry in entries:
+        k = {**entry.default_knobs, **knobs.get(entry.name, {})}
+        row = RunRow(entry.name, family, k, lossless=entry.lossless, is_baseline=entry.is_baseline)
+        if progress:
+            progress(entry.name, "start")
+        try:
+            calls = [entry.build(s, **k) for s in setups]
+            timing = measure(lambda: [c() for c in calls], warmup=warmup, repeats=repeats,
+                             sync=sync, clock=clock)
+            outs = timing.result
+            row.output = outs
+            row.metrics = _speed_metrics(family, setups, outs, timing)
+            if entry.is_baseline:
+                base_timing, base_out = timing, outs
+            if base_timing is not None:
+                row.metrics["speedup"] = base_timing.median_s / timing.median_s if timing.median_s > 0 else None
+            row.metrics.update(_quality(family, setups, outs, base_out, reference, entry,
+                                        score_perplexity=score_perplexity))
+            row.metrics["lossless"] = entry.lossless
+            row.metrics["is_baseline"] = entry.is_baseline
+        except Exception as exc:   # one broken method must not hide the others' results
+            row.error = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        if progress:
+            progress(entry.name, "done")
+
+    if history is not None:
+        from .history import Measurement
+        ok = [r for r in rows if r.error is None]
+        ms = [Measurement(workload=dict(workload), method=r.method, knobs=r.knobs, metrics=r.metrics,
+                          seed=int(workload.get("seed", getattr(setups[0], "seed", 0))),
+                          family=family, run_id=run_id) for r in ok]
+        for r, mid in zip(ok, history.record_many(ms)):
+            r.measurement_id = mid
+    return rows
+
+
+def _speed_metrics(family: str, setups: list[Any], outs: list[Any], t: Timing) -> dict[str, Any]:
+    m = t.summary()
+    if family == "llm":
+        for o in outs:
+            if not isinstance(o, LLMOutput):
+                raise TypeError(f"an LLM method must return LLMOutput, got {type(o).__name__}")
+        new = sum(M.new_token_count(o.sequences, prompt_len=s.input_ids.shape[1],
+                                    pad_token_id=_pad_id(s)) for s, o in zip(setups, outs))
+        m.update(new_tokens=new, batch_size=int(sum(s.input_ids.shape[0] for s in setups)),
+                 tokens_per_s=new / t.median_s if t.median_s > 0 else None,
+                 latency_s=t.median_s)
+    else:
+        for o in outs:
+            if not isinstance(o, DiffusionOutput):
+                raise TypeError(f"a diffusion method must return DiffusionOutput, got {type(o).__name__}")
+        n = sum(int(s.x_T.shape[0]) for s in setups)
+        nfe = sum(int(o.nfe) for o in outs)
+        m.update(nfe=nfe, samples=n, samples_per_s=n / t.median_s if t.median_s > 0 else None,
+                 s_per_nfe=t.median_s / nfe if nfe else None)
+    stats = _jsonable_stats(merge_stats(o.stats for o in outs))
+    for key, v in stats.items():
+        m[key if key not in m else f"stats.{key}"] = v
+    return m
+
+
+def _pad_id(s: LLMSetup) -> int | None:
+    tok = s.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    return pad if pad is not None else s.eos_token_id
+
+
+def _quality(family: str, setups: list[Any], outs: list[Any], base: list[Any] | None,
+             reference: Sequence[Any] | None, entry: MethodEntry, *, score_perplexity: bool) -> dict[str, Any]:
+    q: dict[str, Any] = {}
+    if family == "llm":
+        greedy = all(s.temperature == 0 for s in setups)
+        if base is not None:
+            em, agree, n = 0.0, 0.0, 0
+            for s, o, b in zip(setups, outs, base):
+                kw = dict(prompt_len=s.input_ids.shape[1], pad_token_id=_pad_id(s))
+                rows = s.input_ids.shape[0]
+                em += M.exact_match_rate(o.sequences, b.sequences, **kw) * rows
+                agree += M.token_agreement(o.sequences, b.sequences, **kw) * rows
+                n += rows
+            q["token_agreement"] = agree / n
+            if greedy:
+                q["exact_match"] = em / n
+                # greedy decoding is deterministic: a lossless method must reproduce the baseline
+                q["lossless_verified"] = bool(entry.lossless and em == n) if entry.lossless else None
+        if score_perplexity:
+            ppl = [M.perplexity(s.target, o.sequences, prompt_len=s.input_ids.shape[1],
+                                attention_mask=s.attention_mask, pad_token_id=_pad_id(s))
+                   for s, o in zip(setups, outs)]
+            q["perplexity"] = sum(ppl) / len(ppl)
+    else:
+        if base is not None:
+            q["rmse_vs_baseline"] = _mean(M.rmse(o.x0, b.x0) for o, b in zip(outs, base))
+        if reference is not None:
+            q["rmse_vs_reference"] = _mean(M.rmse(o.x0, r) for o, r in zip(outs, reference))
+    return q
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def diffusion_reference(setups: Sequence[DiffusionSetup], *, steps: int,
+                        method: str | None = None) -> list[Any]:
+    """High-accuracy x0 per setup: the baseline (or ``method``) run once at ``steps`` steps."""
+    from dataclasses import replace
+    entry = get_method(method) if method else next((e for e in all_methods("diffusion") if e.is_baseline), None)
+    if entry is None:
+        raise RunnerError("no diffusion baseline registered to compute a reference")
+    return [entry.build(replace(s, steps=steps), **entry.default_knobs)().x0 for s in setups]
+
+
+# ----------------------------------------------------------------------------- models and setups
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """A model directory: an existing path, else a zoo name."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise RunnerError(f"model path {p} is a file; give the model's directory (with config.json)")
+        return p
+    try:
+        from accelerando import zoo
+        names = list(zoo.names())
+    except (ImportError, AttributeError):
+        names = []
+    if name_or_path in names:
+        return Path(zoo.path(name_or_path))
+    known = ", ".join(names) if names else "(zoo not available)"
+    raise RunnerError(f"no model directory {name_or_path!r} and no zoo model of that name (zoo: {known})")
+
+
+def model_kind(model_dir: Path) -> str:
+    """"llm" for a causal LM, "diffusion" for a diffusers UNet, from ``config.json``."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.exists():
+        raise RunnerError(f"{model_dir} has no config.json; not a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunnerError(f"cannot read {cfg_path}: {exc}") from None
+    cls = str(cfg.get("_class_name", ""))
+    if cls:
+        if "UNet" in cls or "Transformer2D" in cls or "DiT" in cls:
+            return "diffusion"
+        raise RunnerError(f"{model_dir} is a diffusers {cls}, not a denoising UNet")
+    archs = cfg.get("architectures") or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "llm"
+    what = ", ".join(archs) or cfg.get("model_type") or "unknown"
+    raise RunnerError(f"{model_dir} is not a causal LM or a diffusers UNet (config says: {what})")
+
+
+def _tokenizer_dir(model_dir: Path) -> Path:
+    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
+        return model_dir
+    raise RunnerError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+
+
+def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+    d = resolve_model_dir(name_or_path)
+    if model_kind(d) != "llm":
+        raise RunnerError(f"{name_or_path} is a diffusion model, not a causal LM")
+    model = AutoModelForCausalLM.from_pretrained(d).to(device).eval()
+    return model, d
+
+
+def build_llm_setups(workload: LLMWorkload, *, device: str | torch.device = "cpu",
+                     max_batches: int | None = None, target=None, tokenizer=None,
+                     drafts: dict[str, Any] | None = None) -> list[LLMSetup]:
+    """Load the workload's models and tokenise its prompts into left-padded batches."""
+    from transformers import AutoTokenizer
+    if target is None:
+        target, d = load_causal_lm(workload.model, device=device)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(_tokenizer_dir(d))
+    if tokenizer is None:
+        raise RunnerError("a tokenizer is needed with a preloaded target")
+    if drafts is None:
+        drafts = {name: load_causal_lm(name, device=device)[0] for name in workload.drafts}
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = workload.resolve_prompts()
+    bs = workload.batch_size
+    if len(prompts) < bs:                       # too few prompts for one batch: repeat them
+        prompts = (prompts * bs)[:bs]
+    batches = [prompts[i:i + bs] for i in range(0, len(prompts) - bs + 1, bs)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    setups = []
+    for batch in batches:
+        enc = tokenizer(batch, return_tensors="pt", padding=True)
+        setups.append(LLMSetup(
+            target=target, tokenizer=tokenizer, input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device), max_new_tokens=workload.max_new_tokens,
+            temperature=workload.temperature, top_k=workload.top_k, top_p=workload.top_p,
+            seed=workload.seed, drafts=dict(drafts), eos_token_id=None))
+    return setups
+
+
+def llm_workload_facts(setups: Sequence[LLMSetup]) -> dict[str, Any]:
+    """Workload facts measured from the loaded setup (for the history and the selector)."""
+    s = setups[0]
+    facts = {"target_params": sum(p.numel() for p in s.target.parameters()),
+             "prompt_len": int(s.input_ids.shape[1]), "n_batches": len(setups),
+             "device": str(s.input_ids.device)}
+    for name, d in s.drafts.items():
+        facts[f"draft_params.{name}"] = sum(p.numel() for p in d.parameters())
+    return facts
+
+
+def _diffusion_api():
+    try:
+        from accelerando.diffusion import make_schedule
+    except ImportError as exc:
+        raise RunnerError(f"the diffusion samplers are not available yet ({exc})") from None
+    return make_schedule
+
+
+def unet_eps_fn(unet: Any) -> Callable[[Any, Any], Any]:
+    """eps(x, t) from a diffusers UNet (through ``accelerando.diffusion.models`` when present)."""
+    try:
+        from accelerando.diffusion import models as dm
+        for name in ("eps_fn_from_unet", "unet_eps_fn", "from_unet", "eps_fn"):
+            fn = getattr(dm, name, None)
+            if callable(fn):
+                return fn(unet)
+    except ImportError:
+        pass
+
+    @torch.no_grad()
+    def eps(x, t):
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return unet(x, t).sample
+    return eps
+
+
+def build_diffusion_setups(workload: DiffusionWorkload, *, device: str | torch.device = "cpu",
+                           unet=None) -> list[DiffusionSetup]:
+    """One setup: the model's eps_fn, the schedule, per-sample-seeded starting noise."""
+    make_schedule = _diffusion_api()
+    if workload.model.startswith("oracle:"):
+        raise RunnerError("oracle workloads are run by the diffusion benchmark, not by this runner yet")
+    n_train = 1000
+    if unet is None:
+        d = resolve_model_dir(workload.model)
+        if model_kind(d) != "diffusion":
+            raise RunnerError(f"{workload.model} is a causal LM, not a diffusion model")
+        import diffusers
+        cls_name = json.loads((d / "config.json").read_text())["_class_name"]
+        cls = getattr(diffusers, cls_name, None)
+        if cls is None:
+            raise RunnerError(f"diffusers has no model class {cls_name}")
+        unet = cls.from_pretrained(d).to(device).eval()
+        for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
+            if sc.exists():
+                cfg = json.loads(sc.read_text())
+                n_train = int(cfg.get("num_train_timesteps", n_train))
+                if cfg.get("prediction_type", "epsilon") != "epsilon":
+                    raise RunnerError(f"{workload.model}: only epsilon-prediction UNets are supported here")
+                break
+    cfg = unet.config
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
+        else (cfg.in_channels, *cfg.sample_size)
+    # one generator per sample (EDM-style): a sample does not depend on the batch it is in
+    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(workload.seed + i))
+                       for i in range(workload.batch)]).to(device)
+    schedule = make_schedule(workload.schedule, num_train_timesteps=n_train)
+    return [DiffusionSetup(eps_fn=unet_eps_fn(unet), schedule=schedule, x_T=x_T, steps=workload.steps,
+                           spacing=workload.spacing, seed=workload.seed)]
