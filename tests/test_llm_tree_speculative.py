@@ -28,32 +28,35 @@ REF = TARGET.generate(IDS, max_new_tokens=24, do_sample=False, pad_token_id=0, e
     lambda: DraftTree(TARGET, width=2, depth=2, shape="full", replacement=True),
     lambda: DraftTree(TARGET, width=1, depth=4),                    # a chain, drafted by the target itself
 ])
-def test_greedy_equals_generate(make):
+@pytest.mark.parametrize("backend", ["hf", "engine-eager"])
+def test_greedy_equals_generate(make, backend):
     st = {}
-    out = tree_speculative_generate(TARGET, IDS, drafter=make(), max_new_tokens=24, stats=st)
+    out = tree_speculative_generate(TARGET, IDS, drafter=make(), max_new_tokens=24, stats=st, backend=backend)
     assert torch.equal(out, REF)
     assert st["target_calls"] == st["steps"] + 1
 
 
 def test_self_draft_accepts_everything():
     st = {}
-    tree_speculative_generate(TARGET, IDS, drafter=DraftTree(TARGET, width=2, depth=3), max_new_tokens=24, stats=st)
+    tree_speculative_generate(TARGET, IDS, drafter=DraftTree(TARGET, width=2, depth=3), max_new_tokens=24, stats=st,
+                              backend="engine-eager")
     assert st["accept_hist"] == {3: st["steps"]} or set(st["accept_hist"]) == {3}
 
 
 def test_eos_stops_and_context_too_small_errors():
     eos = int(REF[0, IDS.shape[1] + 3])
     out = tree_speculative_generate(TARGET, IDS, drafter=DraftTree(DRAFT, width=2, depth=2), max_new_tokens=24,
-                                    eos_token_id=eos)
+                                    eos_token_id=eos, backend="hf")
     assert out[0, -1] == eos and torch.equal(out, REF[:, : out.shape[1]])
     small = _tiny(0)
     small.config.max_position_embeddings = 12
     with pytest.raises(ValueError, match="positions"):
-        tree_speculative_generate(small, IDS, drafter=DraftTree(DRAFT, width=3, depth=3), max_new_tokens=10)
+        tree_speculative_generate(small, IDS, drafter=DraftTree(DRAFT, width=3, depth=3), max_new_tokens=10,
+                                  backend="engine-eager")
 
 
-@pytest.mark.parametrize("kind", ["medusa", "rsd-beam"])
-def test_sampling_is_lossless_end_to_end(kind):
+@pytest.mark.parametrize("kind,backend", [("medusa", "engine-eager"), ("rsd-beam", "hf")])
+def test_sampling_is_lossless_end_to_end(kind, backend):
     """First two sampled tokens follow the target's joint distribution (chi-square, vocab 6, T=1)."""
     V = 6
     t, d = _tiny(2, vocab=V), _tiny(3, vocab=V, layers=1)
@@ -68,9 +71,10 @@ def test_sampling_is_lossless_end_to_end(kind):
                else DraftTree(d, width=2, depth=2, shape="beam"))
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V * V)
-    n = 1500
+    n = 1000
     for _ in range(n):
-        out = tree_speculative_generate(t, ids, drafter=drafter, max_new_tokens=2, temperature=1.0, generator=g)
+        out = tree_speculative_generate(t, ids, drafter=drafter, max_new_tokens=2, temperature=1.0, generator=g,
+                                        backend=backend)
         counts[out[0, 3] * V + out[0, 4]] += 1
     keep = expected * n >= 1                                 # drop cells that are practically impossible
     assert counts[~keep].sum() <= 3

@@ -13,7 +13,8 @@ Drafters (``accelerando.llm.drafters``) implement ``begin / propose / accept``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+import weakref
+from typing import Any, Protocol
 
 import torch
 
@@ -91,10 +92,105 @@ class TreeStats:
         return d
 
 
-def _target_forward(target: Any, ids: torch.Tensor, cache: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last hidden states, logits) -- the hidden states feed Medusa heads."""
-    h = target.base_model(ids, past_key_values=cache, use_cache=True, **kw).last_hidden_state
-    return h, target.get_output_embeddings()(h)
+class _HFTarget:
+    """Target on transformers' DynamicCache + a custom 4D tree mask (any checked architecture)."""
+
+    def __init__(self, target: Any, max_len: int):
+        from transformers import DynamicCache
+        check_tree_support(target)
+        self.target, self.cache = target, DynamicCache(config=target.config)
+        self.max_pos = getattr(target.config, "max_position_embeddings", None)
+        self.L = 0
+
+    def _forward(self, ids: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.target.base_model(ids, past_key_values=self.cache, use_cache=True, **kw).last_hidden_state
+        return h[0], self.target.get_output_embeddings()(h[0])
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, logits = self._forward(input_ids)
+        self.L = input_ids.shape[1]
+        return h[-1], logits[-1]
+
+    def score_tree(self, tree: TokenTree, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (N, H), logits (N, V)) after every node, in one forward over the cache."""
+        check_tree_fits(tree, self.L, self.max_pos)
+        dev = self.target.device
+        mask = tree_attention_mask(tree, torch.ones(1, self.L, device=dev), dtype=self.target.dtype)
+        pos = tree_position_ids(tree, torch.tensor([self.L], device=dev))
+        return self._forward(torch.tensor([tokens], device=dev), attention_mask=mask, position_ids=pos)
+
+    def keep(self, path: list[int]) -> None:
+        keep_accepted_path(self.cache, self.L, torch.tensor(path, device=self.target.device))
+        self.L += len(path)
+
+
+class _LogitsAndHidden(torch.nn.Module):
+    """lm_head that also returns its input: one fixed-shape output [logits | h] a compiled step can return."""
+
+    def __init__(self, lm_head: torch.nn.Module):
+        super().__init__()
+        self.inner = lm_head
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.inner(h), h], dim=-1)
+
+
+_ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+class _EngineTarget:
+    """Target on the lean engine (static cache, compiled steps): the tree is one fixed-shape step.
+
+    Trees are padded to ``pad_to`` nodes (padding nodes are masked out) so one compiled graph
+    serves every tree; the accepted path is gathered into place with ``StaticKVCache.keep_path``.
+    """
+
+    def __init__(self, target: Any, max_len: int, *, compile: bool, pad_to: int):
+        from accelerando.llm.engine import LEN_BUCKET, Engine
+        bucket = -(-max_len // LEN_BUCKET) * LEN_BUCKET
+        key = (bucket, compile, str(target.device), target.dtype)
+        per_model = _ENGINES.setdefault(target, {})
+        if key not in per_model:   # our own engine: its lm_head also returns the hidden state (Medusa)
+            eng = Engine(target, batch_size=1, max_len=bucket, compile=compile)
+            eng.decoder.lm_head = _LogitsAndHidden(eng.decoder.lm_head)
+            per_model[key] = eng
+        self.eng, self.V = per_model[key], target.get_output_embeddings().weight.shape[0]
+        self.pad_to, self.L = pad_to, 0
+        self.max_pos = getattr(target.config, "max_position_embeddings", None)
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.eng.prefill(input_ids)[0, -1]
+        self.L = input_ids.shape[1]
+        return out[self.V:], out[: self.V]
+
+    def score_tree(self, tree: TokenTree, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        n, T = len(tree), max(self.pad_to, len(tree))
+        check_tree_fits(tree, self.L, self.max_pos)
+        if self.L + T > self.eng.max_len:
+            raise ValueError(f"a tree of {n} nodes after {self.L} tokens does not fit the cache ({self.eng.max_len})")
+        dev = self.eng.device
+        anc = torch.eye(T, dtype=torch.bool, device=dev)          # padding nodes see themselves only
+        anc[:n, :n] = tree.ancestor_mask(dev)
+        ids = torch.zeros(1, T, dtype=torch.long, device=dev)
+        ids[0, :n] = torch.tensor(tokens, device=dev)
+        token_mask = (torch.arange(T, device=dev) < n)[None]
+        out = self.eng.step(ids, token_mask=token_mask, tree_mask=anc)[0, :n]
+        return out[:, self.V:], out[:, : self.V]
+
+    def keep(self, path: list[int]) -> None:
+        c = self.eng.cache
+        c.rollback(self.L)
+        c.keep_path(torch.tensor([path], device=self.eng.device))
+        self.L += len(path)
+
+
+def _make_target(target: Any, max_len: int, backend: str, pad_to: int) -> Any:
+    from accelerando.llm.engine import unsupported_reason
+    if backend == "engine" or (backend == "auto" and unsupported_reason(target) is None):
+        return _EngineTarget(target, max_len, compile=True, pad_to=pad_to)
+    if backend == "engine-eager":
+        return _EngineTarget(target, max_len, compile=False, pad_to=pad_to)
+    return _HFTarget(target, max_len)
 
 
 def verify_tree(prop: TreeProposal, logits: torch.Tensor, sampling: Sampling, *, rule: str = "exact",
@@ -116,13 +212,14 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
                               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                               rule: str = "exact", epsilon: float = 0.09, alpha: float = 0.3,
                               generator: torch.Generator | None = None, seed: int | None = None,
-                              eos_token_id: int | list[int] | None = None,
+                              eos_token_id: int | list[int] | None = None, backend: str = "auto",
                               stats: dict | None = None) -> torch.Tensor:
     """Tree speculative decoding (batch 1). ``rule``: "exact" (lossless) or "typical" (Medusa, lossy).
 
     At temperature 0 every rule is greedy tree acceptance, token for token ``model.generate``.
+    ``backend``: "auto" (the lean engine for Llama-family targets, else transformers with a 4D
+    mask), "engine", "engine-eager" or "hf".
     """
-    from transformers import DynamicCache
 
     if rule not in ("exact", "typical"):
         raise ValueError(f"rule must be 'exact' or 'typical', got {rule!r}")
@@ -130,41 +227,34 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
         raise ValueError("max_new_tokens must be positive")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("tree speculation runs one sequence at a time (input_ids of shape (1, P))")
-    check_tree_support(target)
+    if backend not in ("auto", "engine", "engine-eager", "hf"):
+        raise ValueError(f"backend must be auto, engine, engine-eager or hf, got {backend!r}")
     sampling = Sampling(temperature, top_k, top_p)
     if generator is None and seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
-    max_pos = getattr(target.config, "max_position_embeddings", None)
     st = TreeStats()
 
-    cache = DynamicCache(config=target.config)
-    h, logits = _target_forward(target, input_ids, cache)
+    pad_to = getattr(drafter, "max_nodes", 0)
+    tgt = _make_target(target, input_ids.shape[1] + max_new_tokens + (pad_to or 64) + 1, backend, pad_to)
+    hidden, last = tgt.prefill(input_ids)
     st.target_calls += 1
-    last = logits[0, -1]
     root = int(last.argmax()) if sampling.greedy else int(torch.multinomial(sampling.probs(last), 1, generator=generator))
-    hidden = h[0, -1]
     emitted = [root]
-    L = input_ids.shape[1]
     drafter.begin(target, input_ids)
     while len(emitted) < max_new_tokens and root not in eos:
         prop = drafter.propose(root, hidden, sampling, generator, rule)
-        check_tree_fits(prop.tree, L, max_pos)
-        ids = torch.tensor([prop.tokens], device=input_ids.device)
-        mask = tree_attention_mask(prop.tree, torch.ones(1, L, device=input_ids.device), dtype=h.dtype)
-        pos = tree_position_ids(prop.tree, torch.tensor([L], device=input_ids.device))
-        h, logits = _target_forward(target, ids, cache, attention_mask=mask, position_ids=pos)
+        h, logits = tgt.score_tree(prop.tree, prop.tokens)
         st.target_calls += 1
-        verdict = verify_tree(prop, logits[0], sampling, rule=rule, epsilon=epsilon, alpha=alpha, generator=generator)
-        keep_accepted_path(cache, L, torch.tensor(verdict.path, device=input_ids.device))
-        L += len(verdict.path)
+        verdict = verify_tree(prop, logits, sampling, rule=rule, epsilon=epsilon, alpha=alpha, generator=generator)
+        tgt.keep(verdict.path)
         new = accepted_tokens(verdict, prop.tokens)
         drafter.accept(verdict.path, new)
         st.steps += 1
         st.nodes_verified += len(prop.tree)
         st.accepted_tokens += verdict.n_accepted
         st.accept_hist[verdict.n_accepted] = st.accept_hist.get(verdict.n_accepted, 0) + 1
-        hidden = h[0, verdict.path[-1]]
+        hidden = h[verdict.path[-1]]
         root = verdict.next_token
         for t in new:
             emitted.append(t)

@@ -148,6 +148,10 @@ class Medusa(nn.Module):
             t = TokenTree.from_paths(self.config.tree) if self.config.tree else TokenTree.chain(self.config.n_heads)
         return t
 
+    @property
+    def max_nodes(self) -> int:
+        return len(self.tree)
+
     def use_tree(self, tree: "TokenTree | int | Sequence[Sequence[int]]") -> "Medusa":
         """Draft with ``tree``: a TokenTree, Medusa paths, or a node budget (best sparse tree)."""
         if isinstance(tree, int):

@@ -46,6 +46,13 @@ class DraftTree:
             return [self.width] + [1] * (self.depth - 1)
         return [self.width] * self.depth
 
+    @property
+    def max_nodes(self) -> int:
+        """Upper bound on the tree size (root included): the verifier pads every tree to it."""
+        if self.shape == "full":
+            return sum(self.width ** d for d in range(self.depth + 1))
+        return 1 + self.width * self.depth
+
     def begin(self, target: Any, input_ids: torch.Tensor) -> None:
         from transformers import DynamicCache
         vt = target.get_output_embeddings().weight.shape[0]
