@@ -13,6 +13,11 @@ from accelerando.bench.workloads import (DEFAULT_CODE_PROMPTS, DiffusionWorkload
                                          PromptsError, load_prompts)
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    yield from F.one_thread()
+
+
 @pytest.fixture
 def fakes(monkeypatch):
     F.fresh_registry(monkeypatch)

@@ -24,9 +24,17 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+# typer >= 0.23 vendors its own click; these are the exceptions that carry an exit status
+_PASS_THROUGH: tuple[type[BaseException], ...] = (typer.Exit, typer.Abort)
+try:
+    from typer._click import ClickException as _TyperClickException
+    _PASS_THROUGH += (_TyperClickException,)
+except ImportError:   # older typer uses click itself
+    import click
+    _PASS_THROUGH += (click.exceptions.Exit, click.ClickException, click.exceptions.Abort)
 
 # module -> group name (used when the module exposes ``app`` rather than ``register``)
 PLUGINS: dict[str, str] = {
@@ -38,15 +46,15 @@ class _Group(TyperGroup):
     """The root command group: any exception from a command (its own or a plugin's) becomes one
     ``error: ...`` line on stderr and exit status 1. ``ACCELERANDO_DEBUG=1`` shows the traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except _PASS_THROUGH:
             raise
         except Exception as exc:
             if os.environ.get("ACCELERANDO_DEBUG"):
                 raise
-            click.echo(f"error: {_one_line(exc)}", err=True)
+            typer.echo(f"error: {_one_line(exc)}", err=True)
             ctx.exit(1)
 
 
@@ -147,12 +155,15 @@ def _counts_text(family: str, m: dict[str, Any]) -> str:
 def results_table(title: str, family: str, rows: list[Any], label: str = ""):
     from rich.table import Table
     t = Table(title=title, title_justify="left")
-    for col in ("method", "median s", "± iqr", "speed-up", "quality", "counts"):
-        t.add_column(col, justify="left" if col in ("method", "quality", "counts") else "right")
+    t.add_column("method", no_wrap=True)
+    for col in ("median s", "± iqr", "speed-up"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("quality", no_wrap=True)
+    t.add_column("counts")
     for r in rows:
         name = r.method + (" (baseline)" if r.is_baseline else "")
         if r.error:
-            t.add_row(name, "-", "-", "-", f"[red]failed: {r.error[:80]}[/red]", "")
+            t.add_row(name, "-", "-", "-", "[red]failed[/red]", r.error[:120])
             continue
         m = r.metrics
         t.add_row(name, _fmt(m.get("median_s")), _fmt(m.get("iqr_s"), 2),
@@ -240,6 +251,7 @@ def demo(
         fail(f"--family must be llm, diffusion or all, not {family!r}")
     budgets = _parse_ints(steps, "--steps")
     console = _console()
+    _quiet_hf()
     with _open_history(ctx, history) as hist:
         console.print(f"history: {hist.location}")
         ran = 0
@@ -385,26 +397,28 @@ def bench(
         fail(f"no {kind} methods are registered yet; nothing to benchmark")
     knobs = _parse_knobs(knob)
     console = _console()
-    if kind == "llm":
-        prompt_list = load_prompts(prompts) if prompts is not None else None
-        for d in draft or []:
-            if R.model_kind(R.resolve_model_dir(d)) != "llm":
-                fail(f"draft {d} is not a causal LM")
-        wl = LLMWorkload(model=str(model), drafts=tuple(draft or ()),
-                         domain="custom" if prompts else "code",
-                         prompts_file=str(prompts) if prompts else None,
-                         prompts=tuple(prompt_list or ()), batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed)
-        with console.status("loading models"):
-            setups = R.build_llm_setups(wl, device=device, max_batches=max_batches)
-        entries = R.resolve_methods("llm", names)
-        with _open_history(ctx, history) as hist, _Progress(len(entries), console) as prog:
-            rows = R.run_methods(setups, entries, workload={**wl.key(), **R.llm_workload_facts(setups)},
-                                 knobs=knobs, repeats=repeats, warmup=warmup, history=hist, progress=prog)
-        console.print(results_table(f"{model}: {len(setups)} batch(es) of {batch_size}, "
-                                    f"{max_new_tokens} new tokens, temperature {temperature}", "llm", rows))
-    else:
+    _quiet_hf()
+    with _open_history(ctx, history) as hist:      # a bad history fails before any model loads
+        if kind == "llm":
+            prompt_list = load_prompts(prompts) if prompts is not None else None
+            for d in draft or []:
+                if R.model_kind(R.resolve_model_dir(d)) != "llm":
+                    fail(f"draft {d} is not a causal LM")
+            wl = LLMWorkload(model=str(model), drafts=tuple(draft or ()),
+                             domain="custom" if prompts else "code",
+                             prompts_file=str(prompts) if prompts else None,
+                             prompts=tuple(prompt_list or ()), batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seed=seed)
+            with console.status("loading models"):
+                setups = R.build_llm_setups(wl, device=device, max_batches=max_batches)
+            entries = R.resolve_methods("llm", names)
+            with _Progress(len(entries), console) as prog:
+                rows = R.run_methods(setups, entries, workload={**wl.key(), **R.llm_workload_facts(setups)},
+                                     knobs=knobs, repeats=repeats, warmup=warmup, history=hist, progress=prog)
+            console.print(results_table(f"{model}: {len(setups)} batch(es) of {batch_size}, "
+                                        f"{max_new_tokens} new tokens, temperature {temperature}", "llm", rows))
+            return
         if draft:
             fail("--draft applies to causal LMs; this model is a diffusion UNet")
         if prompts is not None:
@@ -415,9 +429,10 @@ def bench(
             base = R.build_diffusion_setups(DiffusionWorkload(str(model), steps=budgets[0], batch=samples,
                                                               seed=seed), device=device)
         entries = R.resolve_methods("diffusion", names)
-        reference = R.diffusion_reference(base, steps=reference_steps) if reference_steps else None
+        with console.status(f"computing the {reference_steps}-step reference samples"):
+            reference = R.diffusion_reference(base, steps=reference_steps) if reference_steps else None
         tables = []
-        with _open_history(ctx, history) as hist, _Progress(len(entries) * len(budgets), console) as prog:
+        with _Progress(len(entries) * len(budgets), console) as prog:
             for n in budgets:
                 wl = DiffusionWorkload(str(model), steps=n, batch=samples, seed=seed)
                 prog.prefix = f"{n} steps: "
@@ -428,6 +443,22 @@ def bench(
                 tables.append(results_table(f"{model}: {samples} samples, {n} steps", "diffusion", rows))
         for t in tables:
             console.print(t)
+
+
+def _quiet_hf() -> None:
+    """No per-file progress bars / advice from transformers and diffusers in our output."""
+    try:
+        from transformers.utils import logging as tlog
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        from diffusers.utils import logging as dlog
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
 
 
 # ----------------------------------------------------------------------------- history
