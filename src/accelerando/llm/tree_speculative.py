@@ -13,7 +13,6 @@ Drafters (``accelerando.llm.drafters``) implement ``begin / propose / accept``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import weakref
 from typing import Any, Protocol
 
 import torch
@@ -124,20 +123,6 @@ class _HFTarget:
         self.L += len(path)
 
 
-class _LogitsAndHidden(torch.nn.Module):
-    """lm_head that also returns its input: one fixed-shape output [logits | h] a compiled step can return."""
-
-    def __init__(self, lm_head: torch.nn.Module):
-        super().__init__()
-        self.inner = lm_head
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.inner(h), h], dim=-1)
-
-
-_ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-
-
 class _EngineTarget:
     """Target on the lean engine (static cache, compiled steps): the tree is one fixed-shape step.
 
@@ -146,22 +131,15 @@ class _EngineTarget:
     """
 
     def __init__(self, target: Any, max_len: int, *, compile: bool, pad_to: int):
-        from accelerando.llm.engine import LEN_BUCKET, Engine
-        bucket = -(-max_len // LEN_BUCKET) * LEN_BUCKET
-        key = (bucket, compile, str(target.device), target.dtype)
-        per_model = _ENGINES.setdefault(target, {})
-        if key not in per_model:   # our own engine: its lm_head also returns the hidden state (Medusa)
-            eng = Engine(target, batch_size=1, max_len=bucket, compile=compile)
-            eng.decoder.lm_head = _LogitsAndHidden(eng.decoder.lm_head)
-            per_model[key] = eng
-        self.eng, self.V = per_model[key], target.get_output_embeddings().weight.shape[0]
+        from accelerando.llm.engine import engine_for
+        self.eng = engine_for(target, batch_size=1, max_len=max_len, compile=compile)
         self.pad_to, self.L = pad_to, 0
         self.max_pos = getattr(target.config, "max_position_embeddings", None)
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.eng.prefill(input_ids)[0, -1]
+        h, logits = self.eng.prefill(input_ids, return_hidden=True)
         self.L = input_ids.shape[1]
-        return out[self.V:], out[: self.V]
+        return h[0, -1], logits[0, -1]
 
     def score_tree(self, tree: TokenTree, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         n, T = len(tree), max(self.pad_to, len(tree))
@@ -174,8 +152,8 @@ class _EngineTarget:
         ids = torch.zeros(1, T, dtype=torch.long, device=dev)
         ids[0, :n] = torch.tensor(tokens, device=dev)
         token_mask = (torch.arange(T, device=dev) < n)[None]
-        out = self.eng.step(ids, token_mask=token_mask, tree_mask=anc)[0, :n]
-        return out[:, self.V:], out[:, : self.V]
+        h, logits = self.eng.step(ids, token_mask=token_mask, tree_mask=anc, return_hidden=True)
+        return h[0, :n], logits[0, :n]
 
     def keep(self, path: list[int]) -> None:
         c = self.eng.cache
