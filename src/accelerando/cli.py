@@ -82,6 +82,17 @@ history_option = Annotated[Optional[str], typer.Option(
          "Default: $ACCELERANDO_HISTORY, else <user cache dir>/accelerando/history.sqlite.")]
 
 
+threads_option = Annotated[Optional[int], typer.Option(
+    min=1, help="torch CPU threads (default: torch's choice). On a busy shared machine 1 can be "
+                "much faster for tiny models.")]
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+        torch.set_num_threads(n)
+
+
 @app.callback()
 def _root(ctx: typer.Context,
           history: history_option = None) -> None:
@@ -239,6 +250,7 @@ def demo(
     reference_steps: Annotated[int, typer.Option(help="Steps of the diffusion reference sample.")] = 200,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per method.")] = 2,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    threads: threads_option = None,
 ) -> None:
     """Run the baseline and every registered method on the bundled zoo models; print speed-up and
     quality per method, and store every row in the history.
@@ -252,6 +264,7 @@ def demo(
     budgets = _parse_ints(steps, "--steps")
     console = _console()
     _quiet_hf()
+    _set_threads(threads)
     with _open_history(ctx, history) as hist:
         console.print(f"history: {hist.location}")
         ran = 0
@@ -378,6 +391,7 @@ def bench(
     seed: int = 0,
     knob: Annotated[Optional[list[str]], typer.Option(help="Knob override METHOD.NAME=VALUE (repeatable; JSON values).")] = None,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    threads: threads_option = None,
     history: history_option = None,
 ) -> None:
     """Benchmark methods on your own model (or a zoo model) side by side with the baseline.
@@ -398,6 +412,7 @@ def bench(
     knobs = _parse_knobs(knob)
     console = _console()
     _quiet_hf()
+    _set_threads(threads)
     with _open_history(ctx, history) as hist:      # a bad history fails before any model loads
         if kind == "llm":
             prompt_list = load_prompts(prompts) if prompts is not None else None
