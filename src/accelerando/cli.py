@@ -40,6 +40,7 @@ except ImportError:   # older typer uses click itself
 PLUGINS: dict[str, str] = {
     "accelerando.select.cli": "select",
     "accelerando.llm.cli": "llm",
+    "accelerando.llm.medusa_cli": "medusa",
 }
 
 class _Group(TyperGroup):
