@@ -157,3 +157,20 @@ def test_load_prompts(tmp_path):
     for name, msg in (("bad.json", "not valid"), ("empty.txt", "no prompts"), ("missing", "does not exist")):
         with pytest.raises(PromptsError, match=msg):
             load_prompts(tmp_path / name)
+
+
+def test_run_workload_loads_once_and_runs(fakes, tmp_path, monkeypatch):
+    lm = F.make_llm_dir(tmp_path / "lm")
+    unet = F.make_unet_dir(tmp_path / "unet")
+    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
+    cache = {}
+    for n in (2, 3):
+        rows = R.run_workload(LLMWorkload(model=str(lm), prompts=("x = 1\n",), max_new_tokens=n),
+                              ["fake-exact"], models=cache, repeats=1, warmup=0, sync=lambda: None,
+                              clock=fakes)
+        assert rows[1].metrics["exact_match"] == 1.0 and rows[1].metrics["new_tokens"] == n
+    assert set(cache) == {str(lm), f"tokenizer:{lm}"}
+    rows = R.run_workload(DiffusionWorkload(str(unet), steps=2, batch=1), models=cache, reference_steps=3,
+                          repeats=1, warmup=0, sync=lambda: None, clock=fakes)
+    assert [r.method for r in rows] == ["fake-ddim", "fake-shifted"]
+    assert rows[0].metrics["rmse_vs_reference"] > 0 and f"unet:{unet}" in cache

@@ -402,36 +402,89 @@ def unet_eps_fn(unet: Any) -> Callable[[Any, Any], Any]:
     return eps
 
 
+def load_unet(name_or_path: str, *, device: str | torch.device = "cpu") -> tuple[Any, int]:
+    """A diffusers denoiser from a directory or zoo name, and its training-timestep count."""
+    d = resolve_model_dir(name_or_path)
+    if model_kind(d) != "diffusion":
+        raise RunnerError(f"{name_or_path} is a causal LM, not a diffusion model")
+    import diffusers
+    cls_name = json.loads((d / "config.json").read_text())["_class_name"]
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None:
+        raise RunnerError(f"diffusers has no model class {cls_name}")
+    n_train = 1000
+    for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
+        if sc.exists():
+            cfg = json.loads(sc.read_text())
+            n_train = int(cfg.get("num_train_timesteps", n_train))
+            if cfg.get("prediction_type", "epsilon") != "epsilon":
+                raise RunnerError(f"{name_or_path}: only epsilon-prediction models are supported here")
+            break
+    return cls.from_pretrained(d).to(device).eval(), n_train
+
+
 def build_diffusion_setups(workload: DiffusionWorkload, *, device: str | torch.device = "cpu",
-                           unet=None) -> list[DiffusionSetup]:
+                           unet=None, num_train_timesteps: int = 1000) -> list[DiffusionSetup]:
     """One setup: the model's eps_fn, the schedule, per-sample-seeded starting noise."""
     make_schedule = _diffusion_api()
     if workload.model.startswith("oracle:"):
         raise RunnerError("oracle workloads are run by the diffusion benchmark, not by this runner yet")
-    n_train = 1000
     if unet is None:
-        d = resolve_model_dir(workload.model)
-        if model_kind(d) != "diffusion":
-            raise RunnerError(f"{workload.model} is a causal LM, not a diffusion model")
-        import diffusers
-        cls_name = json.loads((d / "config.json").read_text())["_class_name"]
-        cls = getattr(diffusers, cls_name, None)
-        if cls is None:
-            raise RunnerError(f"diffusers has no model class {cls_name}")
-        unet = cls.from_pretrained(d).to(device).eval()
-        for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
-            if sc.exists():
-                cfg = json.loads(sc.read_text())
-                n_train = int(cfg.get("num_train_timesteps", n_train))
-                if cfg.get("prediction_type", "epsilon") != "epsilon":
-                    raise RunnerError(f"{workload.model}: only epsilon-prediction UNets are supported here")
-                break
+        unet, num_train_timesteps = load_unet(workload.model, device=device)
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
         else (cfg.in_channels, *cfg.sample_size)
     # one generator per sample (EDM-style): a sample does not depend on the batch it is in
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(workload.seed + i))
                        for i in range(workload.batch)]).to(device)
-    schedule = make_schedule(workload.schedule, num_train_timesteps=n_train)
+    schedule = make_schedule(workload.schedule, num_train_timesteps=num_train_timesteps)
     return [DiffusionSetup(eps_fn=unet_eps_fn(unet), schedule=schedule, x_T=x_T, steps=workload.steps,
                            spacing=workload.spacing, seed=workload.seed)]
+
+
+def run_workload(
+    workload: LLMWorkload | DiffusionWorkload,
+    methods: Sequence[MethodEntry | str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    reference_steps: int | None = None,
+    models: dict[str, Any] | None = None,
+    max_batches: int | None = None,
+    **run_kwargs: Any,
+) -> list[RunRow]:
+    """Build the setups of one workload and ``run_methods`` on them (what a sweep calls per grid point).
+
+    ``models``: a dict reused across calls as a cache of loaded models / tokenizers, keyed by
+    name, so a sweep over many workloads of one model loads it once.
+    ``reference_steps`` (diffusion): also compare to the baseline run at that many steps.
+    Other keywords (``history``, ``repeats``, ``warmup``, ``knobs``, ``progress``, ...) go to ``run_methods``.
+    """
+    cache = models if models is not None else {}
+    if isinstance(workload, LLMWorkload):
+        from transformers import AutoTokenizer
+
+        def load(name: str):
+            if name not in cache:
+                cache[name] = load_causal_lm(name, device=device)
+            return cache[name]
+        target, d = load(workload.model)
+        tok_key = f"tokenizer:{workload.model}"
+        if tok_key not in cache:
+            cache[tok_key] = AutoTokenizer.from_pretrained(_tokenizer_dir(d))
+        setups = build_llm_setups(workload, device=device, max_batches=max_batches, target=target,
+                                  tokenizer=cache[tok_key],
+                                  drafts={n: load(n)[0] for n in workload.drafts})
+        key = {**workload.key(), **llm_workload_facts(setups)}
+        return run_methods(setups, methods, workload=key, **run_kwargs)
+    if isinstance(workload, DiffusionWorkload):
+        unet_key = f"unet:{workload.model}"
+        if unet_key not in cache:
+            cache[unet_key] = load_unet(workload.model, device=device)
+        unet, n_train = cache[unet_key]
+        setups = build_diffusion_setups(workload, device=device, unet=unet, num_train_timesteps=n_train)
+        key = workload.key()
+        if reference_steps:
+            key["reference_steps"] = reference_steps
+            run_kwargs.setdefault("reference", diffusion_reference(setups, steps=reference_steps))
+        return run_methods(setups, methods, workload=key, **run_kwargs)
+    raise TypeError(f"run_workload takes an LLMWorkload or a DiffusionWorkload, got {type(workload).__name__}")
