@@ -69,9 +69,11 @@ def test_help(args):
     assert res.exit_code == 0 and "Usage" in res.output
 
 
-def test_demo_runs_both_families_and_stores_rows(env):
+def test_demo_runs_both_families_and_stores_rows(env, monkeypatch, tmp_path):
+    from accelerando.bench import report
+    monkeypatch.setattr(report, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
     res = invoke("demo", "--history", env, "--max-new-tokens", 4, "--steps", "2,3", "--samples", 2,
-                 "--reference-steps", 4, "--repeats", 1)
+                 "--reference-steps", 4, "--repeats", 1, "--write-benchmarks")
     assert res.exit_code == 0, res.output
     for name in ("fake-generate (baseline)", "fake-exact", "fake-lossy", "fake-ddim", "fake-shifted"):
         assert name in res.output
@@ -81,6 +83,8 @@ def test_demo_runs_both_families_and_stores_rows(env):
     assert sorted({r.method for r in llm}) == ["fake-exact", "fake-generate", "fake-lossy"]
     assert sorted(r.workload["steps"] for r in diff) == [2, 2, 3, 3]
     assert all(r.workload["model"] == "code-target" and r.workload["drafts"] == ["code-draft-small"] for r in llm)
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- BEGIN demo -->" in md and "| fake-exact |" in md and "--steps 2,3" in md
 
 
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):

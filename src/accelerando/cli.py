@@ -252,9 +252,10 @@ def demo(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per method.")] = 2,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: threads_option = None,
+    write_benchmarks: Annotated[bool, typer.Option(
+        "--write-benchmarks", help="Also write the tables into BENCHMARKS.md (section 'demo').")] = False,
 ) -> None:
-    """Run the baseline and every registered method on the bundled zoo models; print speed-up and
-    quality per method, and store every row in the history.
+    """Run the baseline and every registered method on the bundled zoo models; print speed-up and quality per method and store every row in the history.
 
     LLM: code-target with its drafts on two held-out code prompts, greedy, batch 1.
     Diffusion: digits-unet, a few samples, a few NFE budgets, RMSE to a many-step reference.
@@ -266,30 +267,59 @@ def demo(
     console = _console()
     _quiet_hf()
     _set_threads(threads)
+    collected: list[tuple[str, str, list[Any]]] = []
     with _open_history(ctx, history) as hist:
         console.print(f"history: {hist.location}")
-        ran = 0
         if family in ("llm", "all"):
-            ran += _demo_llm(console, hist, all_methods("llm"), max_new_tokens, repeats, device)
+            _demo_llm(console, hist, all_methods("llm"), max_new_tokens, repeats, device, collected)
         if family in ("diffusion", "all"):
-            ran += _demo_diffusion(console, hist, all_methods("diffusion"), budgets, samples,
-                                   reference_steps, repeats, device)
-    if ran == 0:
+            _demo_diffusion(console, hist, all_methods("diffusion"), budgets, samples,
+                            reference_steps, repeats, device, collected)
+    if not collected:
         console.print("nothing was measured (no registered methods or no zoo models yet)")
+    elif write_benchmarks:
+        command = (f"accelerando demo --family {family} --max-new-tokens {max_new_tokens} --steps {steps} "
+                   f"--samples {samples} --reference-steps {reference_steps} --repeats {repeats}"
+                   + (f" --threads {threads}" if threads else "") + " --write-benchmarks")
+        path = _write_demo_section(collected, command)
+        console.print(f"wrote the 'demo' section of {path}")
 
 
-def _demo_llm(console, hist, methods, max_new_tokens, repeats, device) -> int:
+def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: str) -> Path:
+    from accelerando.bench.report import machine_line, markdown_table, write_section
+    parts = ["## accelerando demo", "",
+             f"Command: `{command}`",
+             f"Machine: {machine_line()}", "",
+             "Speed-up = baseline median time / method median time, measured in the same run. "
+             "Quality: LLM exact match of the greedy sequences with the baseline and perplexity under "
+             "the target; diffusion RMSE to the many-step reference and to the baseline's sample.", ""]
+    for title, fam, rows in collected:
+        table = []
+        for r in rows:
+            if r.error:
+                table.append([r.method, "-", "-", "-", f"failed: {r.error[:60]}", "-"])
+                continue
+            m = r.metrics
+            table.append([r.method + (" (baseline)" if r.is_baseline else ""), m.get("median_s"),
+                          m.get("iqr_s"), f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
+                          _quality_text(fam, m), _counts_text(fam, m)])
+        parts += [f"**{title}**", "", markdown_table(
+            ["method", "median s", "iqr s", "speed-up", "quality", "counts"], table), ""]
+    return write_section("demo", "\n".join(parts))
+
+
+def _demo_llm(console, hist, methods, max_new_tokens, repeats, device, collected) -> None:
     from accelerando.bench.runner import build_llm_setups, llm_workload_facts, run_methods
     from accelerando.bench.workloads import LLMWorkload
     if not methods:
         console.print("[yellow]LLM: no methods registered yet — skipped[/yellow]")
-        return 0
+        return
     if not any(m.is_baseline for m in methods):
         console.print("[yellow]LLM: no baseline method registered yet — skipped[/yellow]")
-        return 0
+        return
     if not _zoo_has(DEMO_LLM):
         console.print(f"[yellow]LLM: zoo model {DEMO_LLM} is not available yet — skipped[/yellow]")
-        return 0
+        return
     drafts = tuple(d for d in DEMO_DRAFTS if _zoo_has(d))
     wl = LLMWorkload(model=DEMO_LLM, drafts=drafts, domain="code", prompts=tuple(_demo_prompts()),
                      batch_size=1, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -300,33 +330,33 @@ def _demo_llm(console, hist, methods, max_new_tokens, repeats, device) -> int:
         prog.prefix = "llm: "
         rows = run_methods(setups, methods, workload=key, repeats=repeats, warmup=1, history=hist,
                            progress=prog)
-    console.print(results_table(
-        f"LLM: {DEMO_LLM} (drafts: {', '.join(drafts) or 'none'}), {len(setups)} code prompts, "
-        f"{max_new_tokens} new tokens, greedy, batch 1", "llm", rows))
-    return len(rows)
+    title = (f"LLM: {DEMO_LLM} (drafts: {', '.join(drafts) or 'none'}), {len(setups)} code prompts, "
+             f"{max_new_tokens} new tokens, greedy, batch 1")
+    console.print(results_table(title, "llm", rows))
+    collected.append((title, "llm", rows))
 
 
-def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, repeats, device) -> int:
+def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, repeats, device,
+                    collected) -> None:
     from accelerando.bench.runner import RunnerError, build_diffusion_setups, diffusion_reference, run_methods
     from accelerando.bench.workloads import DiffusionWorkload
     if not methods:
         console.print("[yellow]diffusion: no methods registered yet — skipped[/yellow]")
-        return 0
+        return
     if not _zoo_has(DEMO_UNET):
         console.print(f"[yellow]diffusion: zoo model {DEMO_UNET} is not available yet — skipped[/yellow]")
-        return 0
+        return
     try:
         with console.status("loading the diffusion zoo model"):
             base_setups = build_diffusion_setups(DiffusionWorkload(DEMO_UNET, steps=budgets[0], batch=samples),
                                                  device=device)
     except RunnerError as exc:
         console.print(f"[yellow]diffusion: {exc} — skipped[/yellow]")
-        return 0
+        return
     from dataclasses import replace
     with console.status(f"computing the {reference_steps}-step reference samples"):
         reference = diffusion_reference(base_setups, steps=reference_steps) \
             if any(m.is_baseline for m in methods) else None
-    total = 0
     with _Progress(len(methods) * len(budgets), console) as prog:
         tables = []
         for n in budgets:
@@ -335,12 +365,12 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
             prog.prefix = f"diffusion {n} steps: "
             rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
                                repeats=repeats, warmup=1, history=hist, reference=reference, progress=prog)
-            tables.append(results_table(f"diffusion: {DEMO_UNET}, {samples} samples, {n} steps "
-                                        f"(reference: {reference_steps} steps)", "diffusion", rows))
-            total += len(rows)
+            title = (f"diffusion: {DEMO_UNET}, {samples} samples, {n} steps "
+                     f"(reference: {reference_steps} steps)")
+            tables.append(results_table(title, "diffusion", rows))
+            collected.append((title, "diffusion", rows))
     for t in tables:
         console.print(t)
-    return total
 
 
 def _parse_ints(text: str, opt: str) -> list[int]:
@@ -397,8 +427,7 @@ def bench(
 ) -> None:
     """Benchmark methods on your own model (or a zoo model) side by side with the baseline.
 
-    The model kind is read from config.json: a causal-LM architecture runs LLM decoding methods on
-    the prompts; a diffusers UNet (``_class_name``) runs diffusion samplers at each NFE budget.
+    The model kind is read from config.json: a causal-LM architecture runs LLM decoding methods on the prompts; a diffusers UNet (_class_name) runs diffusion samplers at each NFE budget.
     """
     from accelerando.bench import runner as R
     from accelerando.bench.methods import all_methods
