@@ -1,0 +1,256 @@
+"""Workload features: what the selector knows about a workload *without running the candidates*.
+
+Every feature is cheap to get (read from a config, counted in the prompt, one timed forward pass)
+and is here because it changes which acceleration method wins. ``FEATURES`` documents each one.
+
+A history row's workload dict is the workload's ``key()`` (settings) plus an optional
+``"features"`` dict (facts measured by the sweep or by ``recommend``); ``workload_features``
+merges the two into one flat ``{name: float}`` dict. Missing facts are NaN; the models impute them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# name -> (family or "both", why it matters)
+FEATURES: dict[str, tuple[str, str]] = {
+    # -- the model
+    "log_params": ("both", "log10 of the target's parameter count: bigger models are more memory-bound "
+                           "per step, so spending spare compute on drafts (or fewer NFE) pays more"),
+    "n_layers": ("both", "depth: per-step overhead and the cost of a forward grow with it"),
+    "hidden": ("both", "width: arithmetic per token; with depth it sets compute- vs overhead-bound"),
+    "vocab": ("llm", "vocabulary size: cost of the LM head and of sampling; large vocabularies make "
+                     "draft/target disagreement more likely"),
+    "draft_ratio": ("llm", "draft params / target params (0 = no draft model): speculative decoding "
+                           "only pays if the draft is much cheaper than the target"),
+    "draft_latency_ratio": ("llm", "measured draft forward time / target forward time: the real cost "
+                                   "ratio c in the speed-up formula (1 - a^(k+1)) / ((1 - a)(k c + 1))"),
+    "log_fwd_ms": ("both", "log10 of one measured target forward (ms) at the workload's batch and "
+                           "length: tiny, overhead-bound forwards leave little to gain from batching "
+                           "drafted tokens; diffusion: cost of one NFE"),
+    # -- the data / prompts
+    "prompt_len": ("llm", "prompt length in tokens: longer prompts give prompt lookup more to copy "
+                          "and make the prefill a larger share of the time"),
+    "rep2": ("llm", "fraction of prompt bigrams seen earlier in the prompt: repetitive input is what "
+                    "prompt-lookup decoding copies from"),
+    "rep3": ("llm", "same for trigrams (prompt lookup's default match length)"),
+    "unique_ratio": ("llm", "distinct tokens / tokens in the prompt: low = repetitive, predictable text"),
+    # -- decoding / sampling settings
+    "temperature": ("llm", "0 = greedy; higher temperature lowers draft acceptance (p and q flatten "
+                           "differently), so speculation wins less"),
+    "greedy": ("llm", "1 when temperature is 0: greedy acceptance is all-or-nothing per token"),
+    "top_p": ("llm", "nucleus mass (1 = off): truncation changes the acceptance rate"),
+    "batch": ("both", "batch size: larger batches make each step compute-bound, shrinking the gain "
+                      "of verifying several drafted tokens per step"),
+    "log_new_tokens": ("llm", "log2 of max_new_tokens: short generations cannot amortise drafting "
+                              "overhead (prefill of the draft)"),
+    "steps": ("diffusion", "NFE budget (timesteps on the grid): low budgets favour high-order "
+                           "multistep solvers, large budgets make every solver accurate"),
+    "log_steps": ("diffusion", "log2 of the NFE budget"),
+    "image_size": ("diffusion", "pixels per side: cost per NFE"),
+    "channels": ("diffusion", "image channels"),
+    "spacing_trailing": ("diffusion", "1 for trailing timestep spacing (reaches t = T-1), which "
+                                      "changes the error of few-step samplers"),
+    "spacing_linspace": ("diffusion", "1 for linspace spacing"),
+    # -- the quality budget (set by the request, not by the workload)
+    # -- the hardware
+    "cores": ("both", "CPU cores: on CPU, parallel work per step is bounded by them"),
+    "mem_gb": ("both", "host memory (GB)"),
+    "mem_bw_gbs": ("both", "measured memory bandwidth (GB/s): decoding is bandwidth-bound, so the "
+                           "bytes-per-token of target vs draft decide speculation's gain"),
+    "accelerator": ("both", "1 with a GPU: kernel launch overhead and parallel verification change "
+                            "the balance between draft and target"),
+}
+
+
+def feature_names(family: str) -> list[str]:
+    """The feature names used for a family, in a fixed order."""
+    return [n for n, (fam, _) in FEATURES.items() if fam in ("both", family)]
+
+
+# ----------------------------------------------------------------------------- prompt statistics
+
+def ngram_repetition(tokens: Sequence[Any], n: int = 3) -> float:
+    """Fraction of the n-grams of ``tokens`` (after the first) that already occurred earlier.
+
+    This is what prompt-lookup decoding can exploit: a repeated n-gram means the continuation of
+    its earlier occurrence is a free draft. 0 for sequences shorter than n + 1.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    seen, hits = {grams[0]}, 0
+    for g in grams[1:]:
+        hits += g in seen
+        seen.add(g)
+    return hits / (len(grams) - 1)
+
+
+def prompt_stats(token_lists: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Mean length, bigram/trigram repetition and distinct-token ratio over prompts (token ids)."""
+    lists = [list(t) for t in token_lists if len(t)]
+    if not lists:
+        return {"prompt_len": 0.0, "rep2": 0.0, "rep3": 0.0, "unique_ratio": 1.0}
+    mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
+    return {"prompt_len": mean([len(t) for t in lists]),
+            "rep2": mean([ngram_repetition(t, 2) for t in lists]),
+            "rep3": mean([ngram_repetition(t, 3) for t in lists]),
+            "unique_ratio": mean([len(set(t)) / len(t) for t in lists])}
+
+
+# ----------------------------------------------------------------------------- models
+
+def _cfg_get(cfg: Any, *names: str) -> Any:
+    for n in names:
+        v = cfg.get(n) if isinstance(cfg, Mapping) else getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def model_stats(model: Any) -> dict[str, float]:
+    """Parameter count (log10), depth, width and vocabulary from a transformers / diffusers model."""
+    n = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", {}) or {}
+    layers = _cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _cfg_get(cfg, "hidden_size", "n_embd", "d_model")
+    if hidden is None:     # diffusers UNet: widest block
+        boc = _cfg_get(cfg, "block_out_channels")
+        hidden = max(boc) if boc else None
+        if layers is None and boc:
+            layers = len(boc) * (_cfg_get(cfg, "layers_per_block") or 1)
+    out = {"log_params": math.log10(max(n, 1)), "n_layers": _num(layers), "hidden": _num(hidden)}
+    vocab = _cfg_get(cfg, "vocab_size")
+    if vocab is not None:
+        out["vocab"] = float(vocab)
+    return out
+
+
+def _num(v: Any) -> float:
+    return float(v) if v is not None else math.nan
+
+
+def forward_latency_ms(fn, *, repeats: int = 3) -> float:
+    """Median wall time (ms) of ``fn()`` after one warm-up call, via the shared harness."""
+    from accelerando.bench.harness import default_sync, measure
+    t = measure(fn, warmup=1, repeats=repeats, sync=default_sync())
+    return t.median_s * 1e3
+
+
+# ----------------------------------------------------------------------------- hardware
+
+@functools.lru_cache(maxsize=1)
+def memory_bandwidth_gbs(n_bytes: int = 32 * 2**20) -> float:
+    """Copy bandwidth (GB/s, read + write counted) of a ``n_bytes`` tensor; best of 3 copies."""
+    import torch
+    src = torch.empty(n_bytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best / 1e9
+
+
+def hardware_features(hw: Mapping[str, Any] | None = None, *, measure_bandwidth: bool = True) -> dict[str, float]:
+    """Cores, memory, accelerator flag (from a history row's ``hardware`` dict or this machine)."""
+    if hw is None:
+        from accelerando.bench.history import hardware_info
+        hw = hardware_info()
+    mem = hw.get("memory_bytes")
+    accel = str(hw.get("accelerator", "none") or "none")
+    out = {"cores": float(hw.get("cores") or os.cpu_count() or 1),
+           "mem_gb": float(mem) / 2**30 if mem else math.nan,
+           "accelerator": 0.0 if accel.lower() in ("none", "", "cpu") else 1.0}
+    if "mem_bw_gbs" in hw:
+        out["mem_bw_gbs"] = float(hw["mem_bw_gbs"])
+    elif measure_bandwidth:
+        out["mem_bw_gbs"] = memory_bandwidth_gbs()
+    return out
+
+
+# ----------------------------------------------------------------------------- measured facts
+
+def llm_facts(*, target: Any, input_ids: Any, attention_mask: Any = None,
+              drafts: Mapping[str, Any] | None = None, pad_token_id: int | None = None,
+              repeats: int = 3) -> dict[str, float]:
+    """Facts about an LLM workload that need the loaded models: sizes, one timed forward of the
+    target (and of the first draft) on the real batch, prompt statistics of the real tokens."""
+    import torch
+    facts = model_stats(target)
+    with torch.no_grad():
+        t_ms = forward_latency_ms(lambda: target(input_ids=input_ids, attention_mask=attention_mask),
+                                  repeats=repeats)
+    facts["log_fwd_ms"] = math.log10(max(t_ms, 1e-6))
+    facts["draft_ratio"] = 0.0
+    facts["draft_latency_ratio"] = 0.0
+    if drafts:
+        draft = next(iter(drafts.values()))
+        n_t = sum(p.numel() for p in target.parameters())
+        facts["draft_ratio"] = sum(p.numel() for p in draft.parameters()) / n_t
+        with torch.no_grad():
+            d_ms = forward_latency_ms(lambda: draft(input_ids=input_ids, attention_mask=attention_mask),
+                                      repeats=repeats)
+        facts["draft_latency_ratio"] = d_ms / t_ms
+    rows = []
+    for r in range(input_ids.shape[0]):
+        ids = input_ids[r]
+        if attention_mask is not None:
+            ids = ids[attention_mask[r].bool()]
+        elif pad_token_id is not None:
+            ids = ids[ids != pad_token_id]
+        rows.append(ids.tolist())
+    facts.update(prompt_stats(rows))
+    return facts
+
+
+def diffusion_facts(*, eps_fn: Any, model: Any, x_T: Any, repeats: int = 3) -> dict[str, float]:
+    """Facts about a diffusion workload: model size and one timed eps evaluation (one NFE)."""
+    import torch
+    facts = model_stats(model) if model is not None else {}
+    t = torch.full((x_T.shape[0],), 500, dtype=torch.long)
+    with torch.no_grad():
+        facts["log_fwd_ms"] = math.log10(max(forward_latency_ms(lambda: eps_fn(x_T, t), repeats=repeats), 1e-6))
+    facts["image_size"] = float(x_T.shape[-1])
+    facts["channels"] = float(x_T.shape[1])
+    return facts
+
+
+# ----------------------------------------------------------------------------- the feature vector
+
+def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Flat numeric features of one workload dict (settings + stored ``features``), NaN if unknown.
+
+    ``hardware``: a history row's hardware dict (cores, memory, accelerator); the bandwidth is
+    taken from ``workload["features"]["mem_bw_gbs"]`` when the sweep measured it.
+    """
+    family = str(workload.get("family", "llm"))
+    facts = dict(workload.get("features") or {})
+    f: dict[str, float] = {n: math.nan for n in feature_names(family)}
+    if family == "llm":
+        temp = float(workload.get("temperature") or 0.0)
+        f.update(temperature=temp, greedy=float(temp == 0.0),
+                 top_p=float(workload.get("top_p") or 1.0),
+                 batch=float(workload.get("batch_size") or 1),
+                 log_new_tokens=math.log2(float(workload.get("max_new_tokens") or 1)))
+        if not workload.get("drafts"):
+            f.update(draft_ratio=0.0, draft_latency_ratio=0.0)
+    else:
+        steps = float(workload.get("steps") or 1)
+        spacing = str(workload.get("spacing", "trailing"))
+        f.update(steps=steps, log_steps=math.log2(steps), batch=float(workload.get("batch") or 1),
+                 spacing_trailing=float(spacing == "trailing"), spacing_linspace=float(spacing == "linspace"))
+    if hardware is not None:
+        f.update({k: v for k, v in hardware_features(hardware, measure_bandwidth=False).items() if k in f})
+    for k, v in facts.items():
+        if k in f and v is not None:
+            f[k] = float(v)
+    return f

@@ -1,0 +1,400 @@
+"""Selectors: rank method configurations ("arms") for a workload from its features.
+
+Every selector is fitted on a ``PerfTable`` under one ``Constraint`` and answers ``rank(workload)``
+with one ``Prediction`` per candidate arm: predicted speed-up, an uncertainty (one standard
+deviation, in speed-up units), the predicted probability that the arm satisfies the constraint,
+and the score the ranking uses (an estimate of the *utility*: speed-up if acceptable, else 0).
+``select`` returns the best arm whose ``p_ok`` reaches ``min_p_ok``; the baseline (utility 1 by
+definition) is always a candidate, so a selector can always answer "do nothing".
+
+Implemented (each is a baseline of MetaInf / ASlib practice):
+
+* ``SingleBest``  (SBS): the arm with the best mean utility over the training workloads;
+* ``KNN``:        utility averaged over the k nearest training workloads (standardised features);
+* ``ISAC``:       k-means clusters of workloads, best mean utility in the workload's cluster;
+* ``PerfModel``:  one regressor of log speed-up over (workload features, arm one-hot, numeric
+                  knobs) — gradient-boosted trees (``"gbm"``) or a random forest (``"forest"``) —
+                  and one classifier of "meets the constraint" for lossy budgets;
+* ``Pairwise``:   one logistic regression per pair of arms predicting which has the higher
+                  utility (weighted by the utility difference); arms ranked by mean win probability.
+
+sklearn is imported where used (the core imports only torch and numpy).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .features import feature_names, workload_features
+from .table import LOSSLESS, Constraint, PerfTable
+
+
+@dataclass(frozen=True)
+class Prediction:
+    arm: str
+    speedup: float        # predicted speed-up over the baseline
+    std: float            # uncertainty of ``speedup`` (one standard deviation)
+    p_ok: float           # predicted probability that the constraint holds
+    score: float          # ranking score (estimated utility)
+
+
+class Selector:
+    """Base class: per-family feature matrices, imputation, candidate arms, selection."""
+
+    name = "selector"
+
+    def __init__(self, *, constraint: Constraint = LOSSLESS, min_p_ok: float = 0.8, seed: int = 0):
+        if not 0.0 <= min_p_ok <= 1.0:
+            raise ValueError(f"min_p_ok must be in [0, 1], got {min_p_ok}")
+        self.constraint = constraint
+        self.min_p_ok = min_p_ok
+        self.seed = seed
+        self.table: PerfTable | None = None
+        self._fam: dict[str, dict[str, Any]] = {}
+
+    # -- fitting
+    def fit(self, table: PerfTable) -> "Selector":
+        self.table = table
+        self._fam = {}
+        for family in sorted({table.family_of(w) for w in table.workloads}):
+            wids = table.wids(family)
+            names = feature_names(family)
+            raw = np.array([[workload_features(table.workloads[w], table.hardware.get(w))[n] for n in names]
+                            for w in wids], dtype=float)
+            med = np.array([np.median(c[~np.isnan(c)]) if (~np.isnan(c)).any() else 0.0
+                            for c in raw.reshape(len(wids), len(names)).T])
+            X = np.where(np.isnan(raw), med, raw)
+            mu, sd = X.mean(axis=0), X.std(axis=0)
+            sd = np.where(sd > 1e-12, sd, 1.0)
+            arms = [a for a, arm in table.arms.items() if arm.family == family]
+            cands = [a for a in arms if table.arms[a].is_baseline or not self.constraint.lossless
+                     or table.arms[a].lossless]
+            st = dict(wids=wids, names=names, median=med, mu=mu, sd=sd, X=X, Z=(X - mu) / sd,
+                      arms=arms, candidates=cands, baseline=table.baseline_arm(family))
+            self._fam[family] = st
+            self._fit_family(family, st)
+        return self
+
+    def _fit_family(self, family: str, st: dict[str, Any]) -> None:
+        pass
+
+    def _utility(self, wid: str, arm: str) -> float:
+        return self.table.utility(wid, arm, self.constraint)
+
+    def _ok(self, wid: str, arm: str) -> bool:
+        return self.table.arms[arm].is_baseline or self.table.admits(wid, arm, self.constraint)
+
+    def vector(self, workload: Mapping[str, Any], hardware: Mapping[str, Any] | None = None) -> np.ndarray:
+        family = str(workload.get("family", "llm"))
+        st = self._fam[family]
+        f = workload_features(workload, hardware)
+        x = np.array([f[n] for n in st["names"]], dtype=float)
+        return np.where(np.isnan(x), st["median"], x)
+
+    # -- predicting
+    def families(self) -> list[str]:
+        return list(self._fam)
+
+    def rank(self, workload: Mapping[str, Any], *, hardware: Mapping[str, Any] | None = None,
+             arms: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions for the candidate arms (restricted to ``arms`` if given), best first."""
+        if self.table is None:
+            raise RuntimeError("fit the selector first")
+        family = str(workload.get("family", "llm"))
+        if family not in self._fam:
+            raise ValueError(f"no {family} workloads in the history this selector was fitted on")
+        st = self._fam[family]
+        cands = [a for a in st["candidates"] if arms is None or a in arms]
+        x = self.vector(workload, hardware)
+        others = [a for a in cands if a != st["baseline"]]
+        preds = list(self._predict(family, st, x, others))
+        if st["baseline"] is not None and st["baseline"] in cands:
+            preds.append(self._baseline_prediction(family, st, x, others))
+        return sorted(preds, key=lambda p: (-p.score, -p.p_ok, p.arm))
+
+    def select(self, workload: Mapping[str, Any], **kw: Any) -> Prediction:
+        """The best arm whose predicted probability of meeting the constraint is >= ``min_p_ok``."""
+        ranked = self.rank(workload, **kw)
+        ok = [p for p in ranked if p.p_ok >= self.min_p_ok]
+        if not ok:
+            raise ValueError("no candidate arm (not even the baseline) for this workload")
+        return ok[0]
+
+    def _predict(self, family: str, st: dict[str, Any], x: np.ndarray, arms: list[str]) -> list[Prediction]:
+        raise NotImplementedError
+
+    def _baseline_prediction(self, family: str, st: dict[str, Any], x: np.ndarray,
+                             others: list[str]) -> Prediction:
+        # the baseline's utility is 1 by definition: nothing to predict
+        return Prediction(st["baseline"], 1.0, 0.0, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- statistics helpers
+
+def _wstats(values: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:
+    v, w = np.asarray(values, float), np.asarray(weights, float)
+    w = w / w.sum()
+    m = float((w * v).sum())
+    return m, float(math.sqrt(max(0.0, float((w * (v - m) ** 2).sum()))))
+
+
+class SingleBest(Selector):
+    """SBS: one ranking for every workload, by mean utility over the training workloads."""
+
+    name = "sbs"
+
+    def _fit_family(self, family: str, st: dict[str, Any]) -> None:
+        self._stats: dict[str, Prediction] = getattr(self, "_stats", {})
+        for a in st["arms"]:
+            ws = [w for w in st["wids"] if (w, a) in self.table.speedup]
+            if not ws:
+                continue
+            u = [self._utility(w, a) for w in ws]
+            s = [self.table.speedup[(w, a)] for w in ws]
+            self._stats[a] = Prediction(a, float(np.mean(s)), float(np.std(s)), 1.0, float(np.mean(u)))
+
+    def _predict(self, family, st, x, arms):
+        # p_ok = 1: the SBS is by definition the best *average*, violations included in the mean
+        return [self._stats[a] for a in arms if a in self._stats]
+
+
+class KNN(Selector):
+    """Utility averaged over the k nearest training workloads that measured the arm."""
+
+    name = "knn"
+
+    def __init__(self, *, k: int = 5, **kw: Any):
+        super().__init__(**kw)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+
+    def _predict(self, family, st, x, arms):
+        z = (x - st["mu"]) / st["sd"]
+        d = np.sqrt(((st["Z"] - z) ** 2).sum(axis=1))
+        order = np.argsort(d, kind="stable")
+        out = []
+        for a in arms:
+            nb = [i for i in order if (st["wids"][i], a) in self.table.speedup][:self.k]
+            if not nb:
+                continue
+            w = 1.0 / (d[nb] + 1e-3)
+            wids = [st["wids"][i] for i in nb]
+            u, _ = _wstats([self._utility(x_, a) for x_ in wids], w)
+            s, sd = _wstats([self.table.speedup[(x_, a)] for x_ in wids], w)
+            p, _ = _wstats([float(self._ok(x_, a)) for x_ in wids], w)
+            out.append(Prediction(a, s, sd, p, u))
+        return out
+
+
+class ISAC(Selector):
+    """Instance-specific algorithm configuration: cluster the workloads (k-means on standardised
+    features), then use the best mean utility of the workload's cluster."""
+
+    name = "isac"
+
+    def __init__(self, *, per_cluster: int = 8, **kw: Any):
+        super().__init__(**kw)
+        self.per_cluster = per_cluster
+
+    def _fit_family(self, family, st):
+        from sklearn.cluster import KMeans
+        n = len(st["wids"])
+        k = max(1, min(n, round(n / self.per_cluster)))
+        km = KMeans(n_clusters=k, n_init=5, random_state=self.seed).fit(st["Z"]) if n else None
+        st["km"] = km
+        st["members"] = {c: [st["wids"][i] for i in range(n) if km.labels_[i] == c] for c in range(k)}
+
+    def _predict(self, family, st, x, arms):
+        c = int(st["km"].predict(((x - st["mu"]) / st["sd"])[None])[0])
+        out = []
+        for a in arms:
+            ws = [w for w in st["members"][c] if (w, a) in self.table.speedup] or \
+                 [w for w in st["wids"] if (w, a) in self.table.speedup]
+            if not ws:
+                continue
+            s = [self.table.speedup[(w, a)] for w in ws]
+            out.append(Prediction(a, float(np.mean(s)), float(np.std(s)),
+                                  float(np.mean([self._ok(w, a) for w in ws])),
+                                  float(np.mean([self._utility(w, a) for w in ws]))))
+        return out
+
+
+# ----------------------------------------------------------------------------- learned models
+
+def _arm_columns(table: PerfTable, arms: list[str]) -> tuple[list[str], Callable[[str], np.ndarray]]:
+    """One-hot of the arm plus its numeric knobs (so the model can interpolate between knob values)."""
+    knob_names = sorted({k for a in arms for k, v in table.arms[a].knobs
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    index = {a: i for i, a in enumerate(arms)}
+
+    def enc(a: str) -> np.ndarray:
+        v = np.zeros(len(arms) + len(knob_names))
+        v[index[a]] = 1.0
+        kd = table.arms[a].knob_dict()
+        for j, k in enumerate(knob_names):
+            val = kd.get(k)
+            v[len(arms) + j] = float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else -1.0
+        return v
+    return knob_names, enc
+
+
+class PerfModel(Selector):
+    """A learned performance model: log speed-up ~ f(workload features, arm), plus a classifier
+    of "meets the constraint" when the budget is lossy (lossless arms are known in advance)."""
+
+    def __init__(self, *, kind: str = "gbm", n_estimators: int = 150, **kw: Any):
+        super().__init__(**kw)
+        if kind not in ("gbm", "forest"):
+            raise ValueError(f"kind must be 'gbm' or 'forest', got {kind!r}")
+        self.kind = kind
+        self.name = kind
+        self.n_estimators = n_estimators
+
+    def _regressor(self):
+        if self.kind == "gbm":
+            from sklearn.ensemble import GradientBoostingRegressor
+            return GradientBoostingRegressor(n_estimators=self.n_estimators, max_depth=3, learning_rate=0.05,
+                                             subsample=0.8, random_state=self.seed)
+        from sklearn.ensemble import RandomForestRegressor
+        return RandomForestRegressor(n_estimators=self.n_estimators // 2, min_samples_leaf=2,
+                                     random_state=self.seed, n_jobs=1)
+
+    def _fit_family(self, family, st):
+        arms = [a for a in st["candidates"] if a != st["baseline"]]
+        _, enc = _arm_columns(self.table, arms)
+        st["enc"] = enc
+        st["fit_arms"] = set(arms)
+        Xs, ys, oks, cell_arm = [], [], [], []
+        for i, w in enumerate(st["wids"]):
+            for a in arms:
+                if (w, a) in self.table.speedup:
+                    Xs.append(np.concatenate([st["Z"][i], enc(a)]))
+                    ys.append(math.log(self.table.speedup[(w, a)]))
+                    oks.append(self._ok(w, a))
+                    cell_arm.append(a)
+        st["reg"] = st["clf"] = None
+        if not Xs:
+            return
+        X, y = np.array(Xs), np.array(ys)
+        reg = self._regressor().fit(X, y)
+        st["reg"] = reg
+        # uncertainty: per-arm spread of the training residuals (log scale); an optimistic floor
+        res = y - reg.predict(X)
+        st["res_sd"] = {a: max(0.02, float(np.std([r for r, b in zip(res, cell_arm) if b == a])))
+                        for a in set(cell_arm)}
+        oks = np.array(oks, dtype=int)
+        if not self.constraint.lossless and 0 < oks.sum() < len(oks):
+            from sklearn.ensemble import RandomForestClassifier
+            st["clf"] = RandomForestClassifier(n_estimators=60, min_samples_leaf=2, random_state=self.seed,
+                                               n_jobs=1).fit(X, oks)
+        else:
+            st["ok_const"] = {a: float(np.mean([o for o, b in zip(oks, cell_arm) if b == a]))
+                              for a in set(cell_arm)}
+
+    def _predict(self, family, st, x, arms):
+        arms = [a for a in arms if a in st.get("fit_arms", ())]
+        if not arms or st["reg"] is None:
+            return []
+        z = (x - st["mu"]) / st["sd"]
+        X = np.array([np.concatenate([z, st["enc"](a)]) for a in arms])
+        logs = st["reg"].predict(X)
+        if self.kind == "forest":
+            per_tree = np.stack([t.predict(X) for t in st["reg"].estimators_])
+            sd_log = per_tree.std(axis=0)
+        else:
+            sd_log = np.array([st["res_sd"].get(a, 0.1) for a in arms])
+        if st["clf"] is not None:
+            p_ok = st["clf"].predict_proba(X)[:, list(st["clf"].classes_).index(1)]
+        else:
+            p_ok = np.array([st["ok_const"].get(a, 1.0) for a in arms])
+        out = []
+        for a, l, sl, p in zip(arms, logs, sd_log, p_ok):
+            s = math.exp(l)
+            out.append(Prediction(a, s, s * float(sl), float(p), s * float(p)))
+        return out
+
+
+class Pairwise(Selector):
+    """Pairwise classification (ASlib's PAIRWISE): for every pair of arms a logistic regression on
+    the workload features predicts which has the higher utility, each training workload weighted
+    by the utility difference; arms are ranked by their mean predicted win probability. The
+    speed-up and its uncertainty are the kNN estimates (a ranking model has no speed-up scale)."""
+
+    name = "pairwise"
+
+    def __init__(self, *, k: int = 5, C: float = 1.0, **kw: Any):
+        super().__init__(**kw)
+        self.C = C
+        self._knn = KNN(k=k, **kw)
+
+    def fit(self, table: PerfTable) -> "Pairwise":
+        self._knn.fit(table)
+        return super().fit(table)
+
+    def _fit_family(self, family, st):
+        from sklearn.linear_model import LogisticRegression
+        arms = list(st["candidates"])      # the baseline too: "do nothing" must win its duels
+        models: dict[tuple[str, str], Any] = {}
+        for i, a in enumerate(arms):
+            for b in arms[i + 1:]:
+                rows = [j for j, w in enumerate(st["wids"])
+                        if (w, a) in self.table.speedup and (w, b) in self.table.speedup]
+                if not rows:
+                    continue
+                ua = np.array([self._utility(st["wids"][j], a) for j in rows])
+                ub = np.array([self._utility(st["wids"][j], b) for j in rows])
+                y = (ua > ub).astype(int)
+                wt = np.abs(ua - ub) + 1e-6
+                if y.min() == y.max():
+                    models[(a, b)] = float(y[0])
+                else:
+                    models[(a, b)] = LogisticRegression(C=self.C, max_iter=500).fit(
+                        st["Z"][rows], y, sample_weight=wt)
+        st["pairs"] = models
+
+    def _win_rates(self, st, x, arms):
+        z = ((x - st["mu"]) / st["sd"])[None]
+        wins = {a: [] for a in arms}
+        for (a, b), m in st["pairs"].items():
+            if a not in wins or b not in wins:
+                continue
+            p = m if isinstance(m, float) else float(m.predict_proba(z)[0, list(m.classes_).index(1)])
+            wins[a].append(p)
+            wins[b].append(1.0 - p)
+        return {a: (float(np.mean(v)) if v else 0.5) for a, v in wins.items()}
+
+    def _predict(self, family, st, x, arms):
+        knn = {p.arm: p for p in self._knn._predict(family, self._knn._fam[family], x, arms)}
+        rates = self._win_rates(st, x, [st["baseline"], *arms] if st["baseline"] else arms)
+        # the win rate ranks; the kNN utility (< 1e3) only breaks ties
+        return [Prediction(a, k.speedup, k.std, k.p_ok, rates[a] * 1e3 + k.score) for a, k in knn.items()]
+
+    def _baseline_prediction(self, family, st, x, others):
+        rate = self._win_rates(st, x, [st["baseline"], *others])[st["baseline"]]
+        return Prediction(st["baseline"], 1.0, 0.0, 1.0, rate * 1e3 + 1.0)
+
+
+MODELS: dict[str, Callable[..., Selector]] = {
+    "sbs": SingleBest,
+    "knn": KNN,
+    "isac": ISAC,
+    "gbm": lambda **kw: PerfModel(kind="gbm", **kw),
+    "forest": lambda **kw: PerfModel(kind="forest", **kw),
+    "pairwise": Pairwise,
+}
+
+# chosen by the held-out evaluation (docs/readme/selector.md, BENCHMARKS.md "selector")
+DEFAULT_MODEL = "knn"
+
+
+def make_selector(name: str = DEFAULT_MODEL, **kw: Any) -> Selector:
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown selector {name!r}; valid: {', '.join(MODELS)}") from None
+    return factory(**kw)

@@ -1,0 +1,222 @@
+"""The selector: features, performance table, selectors and the held-out evaluation arithmetic."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from accelerando.select.evaluate import Case, cross_validate, evaluate, summarize
+from accelerando.select.features import (FEATURES, feature_names, ngram_repetition, prompt_stats,
+                                         workload_features)
+from accelerando.select.models import MODELS, KNN, SingleBest, make_selector
+from accelerando.select.table import LOSSLESS, Constraint, build_table, quality_loss, workload_id
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _row(wl, method, speedup, *, lossless=True, loss=None, base=False, run="r", knobs=None):
+    m = {"speedup": speedup, "lossless": lossless, "is_baseline": base}
+    if loss is not None:
+        m["quality_loss"] = loss
+    return {"workload": wl, "method": method, "knobs": knobs or {}, "metrics": m, "run_id": run}
+
+
+def _hand_history():
+    """3 workloads; A is lossless, B lossy (quality_loss given). See the test for the arithmetic."""
+    rows = []
+    spec = {"w1": (2.0, 3.0, 0.1), "w2": (1.5, 1.2, 0.0), "w3": (0.8, 2.5, 0.3)}
+    for i, (name, (a, b, lb)) in enumerate(spec.items()):
+        wl = {"family": "llm", "model": name, "temperature": 0.1 * i, "batch_size": 1 + i}
+        rows += [_row(wl, "base", 1.0, base=True, run=name), _row(wl, "A", a, run=name),
+                 _row(wl, "B", b, lossless=False, loss=lb, run=name)]
+    return rows
+
+
+def _wid(table, model):
+    return next(w for w, d in table.workloads.items() if d["model"] == model)
+
+
+# ----------------------------------------------------------------------------- features
+
+def test_ngram_repetition_by_hand():
+    toks = [1, 2, 1, 2, 1, 2]
+    assert ngram_repetition(toks, 2) == pytest.approx(3 / 4)
+    assert ngram_repetition(toks, 3) == pytest.approx(2 / 3)
+    assert ngram_repetition([1, 2, 3, 4], 2) == 0.0
+    assert ngram_repetition([1, 2], 2) == 0.0
+    st = prompt_stats([[1, 1, 1, 1], [1, 2, 3, 4]])
+    assert st["prompt_len"] == 4 and st["rep2"] == pytest.approx(0.5)
+    assert st["unique_ratio"] == pytest.approx((1 / 4 + 1) / 2)
+
+
+def test_every_feature_is_documented_and_settings_are_read():
+    for fam in ("llm", "diffusion"):
+        assert set(feature_names(fam)) <= set(FEATURES)
+    f = workload_features({"family": "llm", "temperature": 0.7, "batch_size": 4, "max_new_tokens": 16,
+                           "features": {"rep3": 0.25, "unknown": 3.0}})
+    assert f["temperature"] == 0.7 and f["greedy"] == 0.0 and f["batch"] == 4
+    assert f["log_new_tokens"] == 4.0 and f["rep3"] == 0.25 and "unknown" not in f
+    assert f["draft_ratio"] == 0.0                 # no drafts in the workload
+    assert math.isnan(f["log_params"])             # not measured -> NaN, imputed by the models
+    d = workload_features({"family": "diffusion", "steps": 8, "spacing": "linspace", "batch": 2})
+    assert d["log_steps"] == 3.0 and d["spacing_linspace"] == 1.0 and d["spacing_trailing"] == 0.0
+
+
+def test_llm_facts_on_a_random_init_model():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from accelerando.select.features import llm_facts
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+    target = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, **cfg)).eval()
+    draft = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, vocab_size=64, intermediate_size=32)).eval()
+    ids = torch.tensor([[0, 5, 6, 5, 6, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7])
+    f = llm_facts(target=target, input_ids=ids, attention_mask=mask, drafts={"d": draft}, repeats=1)
+    n_t = sum(p.numel() for p in target.parameters())
+    n_d = sum(p.numel() for p in draft.parameters())
+    assert f["log_params"] == pytest.approx(math.log10(n_t))
+    assert f["draft_ratio"] == pytest.approx(n_d / n_t)
+    assert (f["n_layers"], f["hidden"], f["vocab"]) == (2, 32, 64)
+    # the padded position of row 0 is excluded: [5,6,5,6,5,6] -> bigram repetition 3/4
+    assert f["rep2"] == pytest.approx((3 / 4 + 0) / 2)
+    assert f["prompt_len"] == pytest.approx(6.5)
+    assert f["draft_latency_ratio"] > 0
+
+
+# ----------------------------------------------------------------------------- the table
+
+def test_table_utilities_and_oracle_by_hand():
+    t = build_table(_hand_history())
+    assert len(t) == 3 and set(t.arms) == {"base", "A", "B"}
+    w1, w3 = _wid(t, "w1"), _wid(t, "w3")
+    assert t.vbs(w1, LOSSLESS) == ("A", 2.0)
+    assert t.vbs(w1, Constraint(0.15)) == ("B", 3.0)
+    assert t.vbs(w3, LOSSLESS) == ("base", 1.0)          # A is slower than doing nothing
+    assert t.utility(w3, "B", Constraint(0.15)) == 0.0   # loss 0.3 breaks the budget
+    assert t.utility(w3, "B", Constraint(0.3)) == 2.5
+
+
+def test_quality_loss_rules():
+    assert quality_loss("llm", {"token_agreement": 0.75}, None, greedy=True) == pytest.approx(0.25)
+    assert quality_loss("llm", {"lossless": True, "perplexity": 9.0}, {"perplexity": 3.0}, greedy=False) == 0.0
+    assert quality_loss("llm", {"perplexity": 3.3}, {"perplexity": 3.0}, greedy=False) == pytest.approx(0.1)
+    assert quality_loss("diffusion", {"rmse_vs_reference": 0.3}, {"rmse_vs_reference": 0.2},
+                        greedy=True) == pytest.approx(0.5)
+    assert quality_loss("diffusion", {"rmse_vs_reference": 0.1}, {"rmse_vs_reference": 0.2}, greedy=True) == 0.0
+    with pytest.raises(ValueError):
+        Constraint(-1.0)
+
+
+def test_workload_id_ignores_measured_features():
+    a = {"family": "llm", "model": "m", "features": {"rep3": 0.1}}
+    assert workload_id(a) == workload_id({"model": "m", "family": "llm"})
+    assert workload_id(a) != workload_id({"model": "n", "family": "llm"})
+
+
+# ----------------------------------------------------------------------------- evaluation arithmetic
+
+def test_summarize_by_hand():
+    cases = [Case("a", "llm", vbs=2.0, utility={"m": 2.0, "sbs": 1.0}, violated={"m": 0.0}),
+             Case("b", "llm", vbs=3.0, utility={"m": 2.0, "sbs": 2.0}, violated={"m": 1.0})]
+    s = summarize(cases, "m")
+    assert s.n == 2 and s.top1 == 0.5
+    assert s.mean_regret == pytest.approx(0.5) and s.rel_regret == pytest.approx(0.5 / 2.5)
+    assert s.closed_gap == pytest.approx((2.0 - 1.5) / (2.5 - 1.5))
+    assert s.violation_rate == 0.5
+    assert summarize(cases, "sbs").closed_gap == pytest.approx(0.0)
+
+
+def test_leave_one_out_sbs_and_random_by_hand_lossless():
+    t = build_table(_hand_history())
+    cases = cross_validate(t, {}, constraint=LOSSLESS)
+    by = {t.workloads[c.wid]["model"]: c for c in cases}
+    # training means of A's utility: w1 held out -> (1.5 + 0.8) / 2 > 1, etc.; A is always the SBS
+    assert all(c.picks["sbs"] == "A" for c in cases)
+    assert [by[w].vbs for w in ("w1", "w2", "w3")] == [2.0, 1.5, 1.0]
+    assert [by[w].utility["random"] for w in ("w1", "w2", "w3")] == pytest.approx([1.5, 1.25, 0.9])
+    s = summarize(cases, "sbs")
+    assert s.top1 == pytest.approx(2 / 3)
+    assert s.mean_regret == pytest.approx(0.2 / 3)
+    assert s.violation_rate == 0.0
+
+
+def test_leave_one_out_sbs_and_random_by_hand_lossy_budget():
+    t = build_table(_hand_history())
+    c = Constraint(0.15)
+    cases = cross_validate(t, {}, constraint=c)
+    by = {t.workloads[x.wid]["model"]: x for x in cases}
+    # hold out w1: A (1.5+0.8)/2=1.15 beats B (1.2+0)/2=0.6; w2: B (3+0)/2=1.5 beats A 1.4; w3: B 2.1 > A 1.75
+    assert [by[w].picks["sbs"] for w in ("w1", "w2", "w3")] == ["A", "B", "B"]
+    assert [by[w].utility["sbs"] for w in ("w1", "w2", "w3")] == [2.0, 1.2, 0.0]
+    assert [by[w].vbs for w in ("w1", "w2", "w3")] == [3.0, 1.5, 1.0]
+    s = summarize(cases, "sbs")
+    assert s.top1 == 0.0 and s.violation_rate == pytest.approx(1 / 3)
+    assert s.mean_regret == pytest.approx((1.0 + 0.3 + 1.0) / 3)
+    r = summarize(cases, "random")
+    assert r.mean_utility == pytest.approx((2.0 + 3.7 / 3 + 0.6) / 3)
+    assert r.violation_rate == pytest.approx(1 / 9)
+
+
+# ----------------------------------------------------------------------------- learned selectors
+
+def _synthetic_history(n: int = 30, seed: int = 0):
+    """A history where the features decide the winner: repetitive prompts -> lookup wins,
+    otherwise a cheap draft wins; a lossy arm is fast but breaks tight budgets at high temperature."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        rep = rng.random()
+        temp = rng.choice([0.0, 0.5, 1.0])
+        ratio = rng.choice([0.05, 0.3, 0.8])
+        wl = {"family": "llm", "model": f"m{i % 6}", "temperature": temp, "batch_size": 1, "max_new_tokens": 32,
+              "drafts": ["d"], "prompts_digest": f"p{i}", "features": {"rep3": rep, "draft_ratio": ratio, "log_params": 6.0}}
+        noise = lambda: 1.0 + 0.02 * rng.uniform(-1, 1)  # noqa: E731
+        lookup = (2.2 if rep > 0.5 else 0.9) * noise()
+        draft = (1.8 - 1.5 * ratio) * noise()
+        run = f"run{i}"
+        rows += [_row(wl, "base", 1.0, base=True, run=run), _row(wl, "lookup", lookup, run=run),
+                 _row(wl, "draft", draft, run=run, knobs={"k": 4}),
+                 _row(wl, "lossy", 2.5, lossless=False, loss=0.02 + 0.1 * temp, run=run)]
+    return rows
+
+
+@pytest.mark.parametrize("model", ["knn", "gbm", "pairwise"])
+def test_learned_selectors_beat_sbs_when_features_decide(model):
+    t = build_table(_synthetic_history())
+    summ, cases = evaluate(t, [model], constraint=LOSSLESS)
+    by = {s.policy: s for s in summ}
+    assert len(cases) == 30
+    assert by[model].violation_rate == 0.0                 # lossless arms only
+    assert by[model].mean_utility > by["sbs"].mean_utility
+    assert by[model].closed_gap > 0.6
+    assert by[model].mean_utility > by["random"].mean_utility
+
+
+def test_lossy_budget_is_respected_by_knn():
+    t = build_table(_synthetic_history())
+    c = Constraint(0.05)           # the lossy arm is acceptable only at temperature 0
+    summ, _ = evaluate(t, ["knn"], constraint=c)
+    by = {s.policy: s for s in summ}
+    assert by["knn"].violation_rate <= 0.1
+    assert by["knn"].mean_utility >= by["sbs"].mean_utility
+
+
+def test_selector_predictions_are_ranked_and_include_the_baseline():
+    t = build_table(_synthetic_history(12))
+    for name in MODELS:
+        sel = make_selector(name).fit(t)
+        ranked = sel.rank({"family": "llm", "temperature": 0.0, "drafts": ["d"],
+                           "features": {"rep3": 0.9, "draft_ratio": 0.05}})
+        assert [p.score for p in ranked] == sorted((p.score for p in ranked), reverse=True)
+        assert "base" in {p.arm for p in ranked}
+        assert "lossy" not in {p.arm for p in ranked}      # lossless by default
+        assert all(p.std >= 0 and 0 <= p.p_ok <= 1 for p in ranked)
+    assert KNN().fit(t).select({"family": "llm", "drafts": ["d"],
+                                "features": {"rep3": 0.95, "draft_ratio": 0.8}}).arm == "lookup"
+    with pytest.raises(KeyError):
+        make_selector("nope")
+    assert isinstance(make_selector("sbs"), SingleBest)
