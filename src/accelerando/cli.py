@@ -136,21 +136,25 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _quality_text(family: str, m: dict[str, Any]) -> str:
-    if family == "llm":
-        parts = []
-        if "exact_match" in m:
-            parts.append(f"exact {m['exact_match']:.0%}")
-        elif "token_agreement" in m:
-            parts.append(f"agree {m['token_agreement']:.0%}")
-        if m.get("perplexity") is not None:
-            parts.append(f"ppl {m['perplexity']:.3g}")
-        return ", ".join(parts) or "-"
+    """Rows written by other tools may lack a metric or hold a non-number; show what is there."""
     parts = []
-    if m.get("rmse_vs_reference") is not None:
-        parts.append(f"rmse(ref) {m['rmse_vs_reference']:.3g}")
-    if m.get("rmse_vs_baseline") is not None:
-        parts.append(f"rmse(base) {m['rmse_vs_baseline']:.3g}")
+    if family == "llm":
+        if _num(m.get("exact_match")):
+            parts.append(f"exact {m['exact_match']:.0%}")
+        elif _num(m.get("token_agreement")):
+            parts.append(f"agree {m['token_agreement']:.0%}")
+        if _num(m.get("perplexity")):
+            parts.append(f"ppl {m['perplexity']:.3g}")
+    else:
+        if _num(m.get("rmse_vs_reference")):
+            parts.append(f"rmse(ref) {m['rmse_vs_reference']:.3g}")
+        if _num(m.get("rmse_vs_baseline")):
+            parts.append(f"rmse(base) {m['rmse_vs_baseline']:.3g}")
     return ", ".join(parts) or "-"
 
 
