@@ -248,6 +248,14 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
         spacing = str(workload.get("spacing", "trailing"))
         f.update(steps=steps, log_steps=math.log2(steps), batch=float(workload.get("batch") or 1),
                  spacing_trailing=float(spacing == "trailing"), spacing_linspace=float(spacing == "linspace"))
+    # facts the bench runner stores at the top level of the workload (``llm_workload_facts``)
+    if workload.get("target_params"):
+        f["log_params"] = math.log10(float(workload["target_params"]))
+        drafts = [v for k, v in workload.items() if k.startswith("draft_params.") and v]
+        if drafts:
+            f["draft_ratio"] = float(drafts[0]) / float(workload["target_params"])
+    if workload.get("prompt_len") is not None and "prompt_len" in f:
+        f["prompt_len"] = float(workload["prompt_len"])
     if hardware is not None:
         f.update({k: v for k, v in hardware_features(hardware, measure_bandwidth=False).items() if k in f})
     for k, v in facts.items():

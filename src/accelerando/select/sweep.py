@@ -1,0 +1,333 @@
+"""The sweep: a grid of workloads x method configurations run through the harness into the history.
+
+A workload names its models by zoo name, directory, or a random-initialised spec
+(``rand-llama-h64-l2-v256-s0``: hidden 64, 2 layers, vocabulary 256, seed 0;
+``rand-unet-c16x32-i16-s0``: channels 16/32, 16x16 images) so the grid can vary shapes that the
+zoo does not have. Per workload the sweep
+
+1. loads / builds the models and the prompts (cached across workloads);
+2. measures the features (``features.llm_facts`` / ``diffusion_facts``: one timed forward, prompt
+   statistics) and stores them in the workload dict under ``"features"``;
+3. runs every method configuration in *rounds*: round r runs the baseline plus the r-th knob
+   setting of each method, through ``bench.runner.run_methods`` (speed-up against the baseline of
+   the same round), and records the rows in the history.
+
+Resumable: each row carries ``sweep_key`` (the id of the workload's settings); a round whose
+(method, knobs) rows are all in the history already is skipped.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Sequence
+
+from .table import arm_id, workload_id
+
+# method name -> knob settings to sweep (methods not listed run with their default knobs)
+KNOB_GRID: dict[str, list[dict[str, Any]]] = {}
+
+
+# ----------------------------------------------------------------------------- models
+
+_RAND_LLM = re.compile(r"^rand-llama-h(\d+)-l(\d+)-v(\d+)-s(\d+)$")
+_RAND_UNET = re.compile(r"^rand-unet-c(\d+)x(\d+)-i(\d+)-s(\d+)$")
+
+
+def char_tokenizer():
+    """A character-level tokenizer (printable ASCII + newline/tab) built offline, for random models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for c in [chr(i) for i in range(32, 127)] + ["\n", "\t"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def rand_llm(spec: str):
+    """A random-initialised Llama from a ``rand-llama-h{hidden}-l{layers}-v{vocab}-s{seed}`` spec."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    m = _RAND_LLM.match(spec)
+    if not m:
+        raise ValueError(f"not a random LLM spec: {spec!r} (want rand-llama-h64-l2-v256-s0)")
+    h, n_layers, v, seed = map(int, m.groups())
+    heads = max(1, h // 32)
+    cfg = LlamaConfig(vocab_size=max(v, 100), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n_layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    # random init is near-uniform; a larger output scale gives peaked, repetitive, LM-like outputs
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def rand_unet(spec: str):
+    """A random-initialised diffusers UNet2DModel from ``rand-unet-c{c1}x{c2}-i{size}-s{seed}``."""
+    import torch
+    from diffusers import UNet2DModel
+    m = _RAND_UNET.match(spec)
+    if not m:
+        raise ValueError(f"not a random UNet spec: {spec!r} (want rand-unet-c16x32-i16-s0)")
+    c1, c2, size, seed = map(int, m.groups())
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(c1, c2), norm_num_groups=min(8, c1),
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+class ModelCache:
+    """Loads each model once per sweep (zoo name / directory / random spec)."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._m: dict[str, Any] = {}
+
+    def llm(self, name: str):
+        """(model, tokenizer) — random specs get the character tokenizer."""
+        if name not in self._m:
+            if _RAND_LLM.match(name):
+                self._m[name] = (rand_llm(name).to(self.device), char_tokenizer())
+            else:
+                from transformers import AutoTokenizer
+                from accelerando.bench.runner import _tokenizer_dir, load_causal_lm
+                model, d = load_causal_lm(name, device=self.device)
+                self._m[name] = (model, AutoTokenizer.from_pretrained(_tokenizer_dir(d)))
+        return self._m[name]
+
+    def unet(self, name: str):
+        """(unet, num_train_timesteps)."""
+        if name not in self._m:
+            if _RAND_UNET.match(name):
+                self._m[name] = (rand_unet(name).to(self.device), 1000)
+            else:
+                from accelerando.bench.runner import load_unet
+                self._m[name] = load_unet(name, device=self.device)
+        return self._m[name]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def _stdlib_text(kind: str) -> str:
+    """Offline text: Python standard-library source ("code") or docstrings ("prose")."""
+    import argparse, collections, json, textwrap, difflib, heapq, string, fractions  # noqa: E401
+    mods = [textwrap, json, difflib, heapq, string, fractions, argparse, collections]
+    if kind == "code":
+        return "\n".join(inspect.getsource(m) for m in mods[:6])
+    docs = []
+    for m in mods:
+        for _, obj in inspect.getmembers(m):
+            d = inspect.getdoc(obj) if callable(obj) else None
+            if d and len(d) > 80:
+                docs.append(d)
+    return "\n\n".join(docs)
+
+
+_TEXT_CACHE: dict[str, str] = {}
+
+
+def make_prompts(domain: str, *, n: int, length: int, rng: random.Random) -> list[str]:
+    """``n`` prompts of about ``length`` characters: code, prose, repetitive (a short block repeated:
+    what prompt lookup can copy), or random characters (nothing to copy)."""
+    if domain not in ("code", "prose", "repetitive", "random"):
+        raise ValueError(f"unknown prompt domain {domain!r}; use code, prose, repetitive or random")
+    if domain == "random":
+        alphabet = [chr(i) for i in range(32, 127)]
+        return ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(n)]
+    base = "code" if domain in ("code", "repetitive") else "prose"
+    text = _TEXT_CACHE.setdefault(base, _stdlib_text(base))
+    out = []
+    for _ in range(n):
+        if domain == "repetitive":
+            unit = max(8, length // rng.choice([3, 4, 6]))
+            i = rng.randrange(0, len(text) - unit)
+            block = text[i:i + unit]
+            s = (block * (length // unit + 1))[:length]
+        else:
+            i = rng.randrange(0, len(text) - length)
+            s = text[i:i + length]
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def _zoo_names() -> list[str]:
+    try:
+        from accelerando import zoo
+        return [n for n in zoo.names() if _zoo_ready(zoo, n)]
+    except Exception:        # noqa: BLE001 - the zoo is optional for the sweep
+        return []
+
+
+def _zoo_ready(zoo: Any, name: str) -> bool:
+    try:
+        from pathlib import Path
+        return (Path(zoo.path(name)) / "config.json").exists()
+    except Exception:        # noqa: BLE001
+        return False
+
+
+def llm_grid(n: int = 60, *, seed: int = 0, zoo_names: Sequence[str] | None = None) -> list[Any]:
+    """``n`` LLM workloads varying what changes the winner: draft/target size ratio, temperature,
+    prompt repetitiveness, batch, prompt and generation length. Uses the zoo's code models when
+    they are trained, random-initialised Llamas of several shapes otherwise and in addition."""
+    from accelerando.bench.workloads import LLMWorkload
+    rng = random.Random(seed)
+    zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
+    pairs: list[tuple[str, tuple[str, ...]]] = []
+    if "code-target" in zoo_names:
+        for d in ("code-draft-small", "code-draft-tiny"):
+            if d in zoo_names:
+                pairs.append(("code-target", (d,)))
+    for h, layers in ((64, 2), (128, 2), (128, 4), (256, 2)):
+        for dh, dl in ((32, 1), (64, 1)):
+            if dh < h:
+                pairs.append((f"rand-llama-h{h}-l{layers}-v128-s{h + layers}", (f"rand-llama-h{dh}-l{dl}-v128-s1",)))
+    out = []
+    domains = ("code", "prose", "repetitive", "random")
+    for i in range(n):
+        model, drafts = pairs[i % len(pairs)] if i < len(pairs) else rng.choice(pairs)
+        domain = domains[i % 4]
+        length = rng.choice([48, 96, 192])
+        bs = rng.choice([1, 1, 2, 4])
+        prompts = make_prompts(domain, n=bs, length=length, rng=rng)
+        out.append(LLMWorkload(model=model, drafts=drafts, domain=domain, batch_size=bs,
+                               max_new_tokens=rng.choice([16, 32]), temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
+                               seed=i, prompts=tuple(prompts)))
+    return out
+
+
+def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | None = None) -> list[Any]:
+    """``n`` diffusion workloads varying the NFE budget, spacing, batch and the denoiser's shape."""
+    from accelerando.bench.workloads import DiffusionWorkload
+    rng = random.Random(seed + 1)
+    zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
+    models = (["digits-unet"] if "digits-unet" in zoo_names else []) + \
+        ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
+    out = []
+    for i in range(n):
+        out.append(DiffusionWorkload(model=models[i % len(models)], steps=rng.choice([5, 8, 10, 15, 25]),
+                                     spacing=rng.choice(["trailing", "trailing", "linspace", "leading"]),
+                                     batch=rng.choice([1, 2, 4]), seed=i))
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+@dataclass
+class SweepReport:
+    workloads: int = 0
+    rounds_run: int = 0
+    rounds_skipped: int = 0
+    rows: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def sweep_key(workload: Any) -> str:
+    return workload_id(workload.key())
+
+
+def method_rounds(family: str, methods: Sequence[str] | None = None,
+                  knob_grid: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, dict[str, Any]]]:
+    """Rounds of {method: knobs}; round r holds the r-th knob setting of every method that has one."""
+    from accelerando.bench.methods import all_methods
+    grid = KNOB_GRID if knob_grid is None else knob_grid
+    entries = [e for e in all_methods(family) if not e.is_baseline and (methods is None or e.name in methods)]
+    variants = {e.name: [{**e.default_knobs, **k} for k in grid.get(e.name, [{}])] for e in entries}
+    n = max((len(v) for v in variants.values()), default=0)
+    return [{m: v[r] for m, v in variants.items() if r < len(v)} for r in range(n)]
+
+
+def _done_arms(history: Any) -> set[tuple[str, str]]:
+    return {(str(m.workload.get("sweep_key")), arm_id(m.method, m.knobs))
+            for m in history.rows() if m.workload.get("sweep_key")}
+
+
+def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] | None = None,
+              knob_grid: dict[str, list[dict[str, Any]]] | None = None, repeats: int = 2, warmup: int = 1,
+              reference_steps: int = 100, device: str = "cpu", max_seconds: float | None = None,
+              progress: Callable[[int, int, str, float | None], None] | None = None) -> SweepReport:
+    """Run every workload x method configuration into ``history`` (see the module docstring).
+
+    ``progress(i, n, label, eta_s)`` is called before each workload with an ETA (seconds) from the
+    mean time of the workloads run so far. ``max_seconds`` stops before a workload that would start
+    after that budget (the sweep can be resumed later).
+    """
+    from accelerando.bench.runner import (build_diffusion_setups, build_llm_setups, diffusion_reference,
+                                          llm_workload_facts, run_methods)
+    from .features import diffusion_facts, llm_facts, memory_bandwidth_gbs
+
+    workloads = list(workloads)
+    cache = ModelCache(device)
+    done = _done_arms(history)
+    rep = SweepReport()
+    t0 = time.perf_counter()
+    times: list[float] = []
+    bw = memory_bandwidth_gbs()
+    for i, wl in enumerate(workloads):
+        elapsed = time.perf_counter() - t0
+        if max_seconds is not None and elapsed > max_seconds:
+            rep.stopped_early = True
+            break
+        eta = (sum(times) / len(times)) * (len(workloads) - i) if times else None
+        label = f"{wl.family} {wl.model} " + (f"T={wl.temperature} bs={wl.batch_size} {wl.domain}"
+                                              if wl.family == "llm" else f"steps={wl.steps} {wl.spacing} b={wl.batch}")
+        if progress:
+            progress(i, len(workloads), label, eta)
+        key = sweep_key(wl)
+        # only what is missing runs again (a method that failed last time is retried)
+        all_rounds = method_rounds(wl.family, methods, knob_grid)
+        rounds = [todo for r in all_rounds
+                  if (todo := {m: k for m, k in r.items() if (key, arm_id(m, k)) not in done})]
+        rep.rounds_skipped += len(all_rounds) - len(rounds)
+        if not rounds:
+            continue
+        tw = time.perf_counter()
+        try:
+            if wl.family == "llm":
+                target, tok = cache.llm(wl.model)
+                drafts = {d: cache.llm(d)[0] for d in wl.drafts}
+                setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
+                s0 = setups[0]
+                facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask,
+                                  drafts=drafts, repeats=3)
+                wkey = {**wl.key(), **llm_workload_facts(setups)}
+                ref = None
+            else:
+                unet, n_train = cache.unet(wl.model)
+                setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+                facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T, repeats=3)
+                wkey = {**wl.key(), "reference_steps": reference_steps}
+                ref = diffusion_reference(setups, steps=reference_steps)
+        except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the sweep
+            rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
+            continue
+        facts["mem_bw_gbs"] = bw
+        wkey.update(sweep_key=key, features=facts)
+        rep.workloads += 1
+        for r in rounds:
+            rows = run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
+                               history=history, reference=ref)
+            rep.rounds_run += 1
+            rep.rows += sum(x.error is None for x in rows)
+            rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error]
+            for x in rows:
+                if x.error is None:
+                    done.add((key, arm_id(x.method, x.knobs)))
+        times.append(time.perf_counter() - tw)
+    rep.seconds = time.perf_counter() - t0
+    return rep
