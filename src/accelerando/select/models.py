@@ -69,7 +69,10 @@ class Selector:
                             for c in raw.reshape(len(wids), len(names)).T])
             X = np.where(np.isnan(raw), med, raw)
             mu, sd = X.mean(axis=0), X.std(axis=0)
-            sd = np.where(sd > 1e-12, sd, 1.0)
+            # a feature constant over the training workloads carries no information: weight 0
+            # (else a query that differs in it, e.g. other hardware, is far from everything)
+            # ((x - mu) / inf = 0 for any finite x)
+            sd = np.where(sd > 1e-12, sd, np.inf)
             arms = [a for a, arm in table.arms.items() if arm.family == family]
             cands = [a for a in arms if table.arms[a].is_baseline or not self.constraint.lossless
                      or table.arms[a].lossless]

@@ -1,0 +1,230 @@
+"""CLI commands of the selector: ``sweep``, ``recommend``, ``select evaluate`` (mounted by ``register``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+
+from accelerando.cli import CLIError, _console, _history_location, _split, history_option
+
+select_app = typer.Typer(no_args_is_help=True, help="The learned method selector: held-out evaluation.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sweep")(sweep)
+    app.command("recommend")(recommend)
+    app.add_typer(select_app, name="select")
+
+
+def _constraint(max_loss: float | None):
+    from .table import Constraint
+    try:
+        return Constraint(max_loss)
+    except ValueError as exc:
+        raise CLIError(f"--max-loss: {exc}") from None
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def sweep(
+    ctx: typer.Context,
+    llm: Annotated[int, typer.Option(help="Number of LLM workloads in the grid.")] = 60,
+    diffusion: Annotated[int, typer.Option(help="Number of diffusion workloads in the grid.")] = 30,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names (default: all registered).")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per method.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the workload grid.")] = 0,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop starting workloads after this long (resume later).")] = None,
+    reference_steps: Annotated[int, typer.Option(help="Diffusion: steps of the high-accuracy reference.")] = 100,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    threads: Annotated[int, typer.Option(help="torch threads (tiny models run best on 1).")] = 1,
+    bundle: Annotated[bool, typer.Option(help="Also write the swept rows to the selector's bundled data file.")] = False,
+    history: history_option = None,
+) -> None:
+    """Run a grid of workloads x method configurations into the history (resumable: rows already
+    there are skipped), with progress and an ETA."""
+    import torch
+    from accelerando.bench.history import open_history
+    from . import sweep as S
+    from .recommend import save_bundled
+
+    if llm < 0 or diffusion < 0 or repeats < 1:
+        raise CLIError("--llm/--diffusion must be >= 0 and --repeats >= 1")
+    torch.set_num_threads(max(1, threads))
+    wls = S.llm_grid(llm, seed=seed) + S.diffusion_grid(diffusion, seed=seed)
+    console = _console()
+
+    def progress(i: int, n: int, label: str, eta: float | None) -> None:
+        eta_s = f"ETA {eta / 60:.1f} min" if eta is not None else "ETA -"
+        console.print(f"[{i + 1}/{n}] {label}  ({eta_s})")
+
+    with open_history(_history_location(ctx, history)) as h:
+        rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
+                          reference_steps=reference_steps,
+                          max_seconds=max_minutes * 60 if max_minutes else None, progress=progress)
+        console.print(f"sweep: {rep.workloads} workloads measured, {rep.rounds_run} rounds run, "
+                      f"{rep.rounds_skipped} already in the history, {rep.rows} rows, {rep.seconds / 60:.1f} min"
+                      + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
+        for e in rep.errors[:20]:
+            console.print(f"[yellow]error[/yellow] {e}")
+        if len(rep.errors) > 20:
+            console.print(f"... and {len(rep.errors) - 20} more errors")
+        if bundle:
+            keys = {S.sweep_key(w) for w in wls}
+            n = save_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
+            console.print(f"wrote {n} rows to the bundled selector data")
+
+
+# ----------------------------------------------------------------------------- recommend
+
+def recommend(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Model directory, zoo name or random spec (rand-llama-h64-l2-v128-s0).")],
+    draft: Annotated[Optional[list[str]], typer.Option(help="Draft model(s) available for speculative decoding.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompts file (JSON list or one per line).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task description when there is no prompts file (e.g. 'code completion').")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    batch_size: Annotated[int, typer.Option(help="LLM batch size.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    steps: Annotated[int, typer.Option(help="Diffusion: NFE budget (timesteps).")] = 20,
+    spacing: Annotated[str, typer.Option(help="Diffusion: timestep spacing.")] = "trailing",
+    batch: Annotated[int, typer.Option(help="Diffusion: images per batch.")] = 4,
+    max_loss: Annotated[Optional[float], typer.Option(help="Allowed quality loss (default: lossless methods only).")] = None,
+    selector: Annotated[Optional[str], typer.Option(help="Selector model (default: the best on held-out data).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Run the top candidates now and record them in the history.")] = False,
+    top: Annotated[int, typer.Option(help="Candidates to run with --verify.")] = 3,
+    no_bundled: Annotated[bool, typer.Option("--no-bundled", help="Train only on your history, not the bundled one.")] = False,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    history: history_option = None,
+) -> None:
+    """Recommend an acceleration method (and knobs) for a workload, with the predicted speed-up
+    and the two runners-up; --verify measures the top candidates and writes them to the history."""
+    from accelerando.bench.history import open_history
+    from accelerando.bench.workloads import load_prompts
+    from . import recommend as RC
+    from .models import DEFAULT_MODEL, MODELS
+
+    sel = selector or DEFAULT_MODEL
+    if sel not in MODELS:
+        raise CLIError(f"unknown selector {sel!r}; valid: {', '.join(MODELS)}")
+    c = _constraint(max_loss)
+    prompt_list = load_prompts(prompts) if prompts else None
+    console = _console()
+    d = RC.describe(model, drafts=draft or (), prompts=prompt_list, task=task, temperature=temperature,
+                    top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, steps=steps,
+                    spacing=spacing, batch=batch, device=device)
+    with open_history(_history_location(ctx, history)) as h:
+        rows = RC.training_rows(h, bundled=not no_bundled)
+        rec = RC.recommend(d.key, rows, constraint=c, selector=sel)
+        _print_recommendation(console, rec, d.key)
+        if verify:
+            console.print(f"verifying the top {top} candidates on this machine ...")
+            out = RC.verify(d, rec, top=top, history=h)
+            from accelerando.cli import results_table
+            console.print(results_table("measured now (written to the history)", rec.family, out))
+
+
+def _print_recommendation(console, rec, key) -> None:
+    from rich.table import Table
+    f = key.get("features") or {}
+    console.print(f"workload: {rec.family} {key.get('model')}  constraint: {rec.constraint.label()}  "
+                  f"selector: {rec.selector} (trained on {rec.n_workloads} {rec.family} workloads)")
+    if rec.family == "llm":
+        console.print(f"features: params 10^{_fmt(f.get('log_params'))}, draft/target cost "
+                      f"{_fmt(f.get('draft_latency_ratio'))}, prompt trigram repetition {_fmt(f.get('rep3'))}, "
+                      f"temperature {key.get('temperature')}, batch {key.get('batch_size')}")
+    for n in rec.notes:
+        console.print(f"[yellow]note:[/yellow] {n}")
+    choice = rec.choice
+    console.print(f"[bold]recommended: {rec.method(choice.arm)}[/bold] knobs {json.dumps(rec.knobs(choice.arm))}  "
+                  f"predicted speed-up {_fmt(choice.speedup)}x ± {_fmt(choice.std)}  "
+                  f"P(meets constraint) {_fmt(choice.p_ok)}")
+    t = Table(title="ranking (best first)")
+    for col in ("rank", "method", "knobs", "pred. speed-up", "± (1 sd)", "P(ok)"):
+        t.add_column(col)
+    for i, p in enumerate(rec.ranked[:3]):
+        t.add_row(str(i + 1), rec.method(p.arm), json.dumps(rec.knobs(p.arm)), _fmt(p.speedup), _fmt(p.std), _fmt(p.p_ok))
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------- select evaluate
+
+@select_app.command("evaluate")
+def evaluate_cmd(
+    ctx: typer.Context,
+    models: Annotated[str, typer.Option(help="Comma-separated selectors to evaluate.")] = "knn,isac,gbm,forest,pairwise",
+    scheme: Annotated[str, typer.Option(help="workload (leave-one-workload-out), model (leave-one-model-out) or both.")] = "both",
+    max_loss: Annotated[Optional[list[float]], typer.Option(help="Quality budgets to evaluate besides lossless (repeatable).")] = None,
+    family: Annotated[Optional[str], typer.Option(help="llm or diffusion (default: both).")] = None,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the summaries to this JSON file.")] = None,
+    history: history_option = None,
+) -> None:
+    """Held-out evaluation of the selectors on the history (default: the bundled one): top-1
+    accuracy, mean regret against the per-workload oracle (VBS), closed gap vs the single best
+    method (SBS), constraint violations; SBS and random choice as references."""
+    from .evaluate import evaluate
+    from .recommend import load_bundled
+    from .table import Constraint, build_table
+
+    loc = _history_location(ctx, history)
+    if loc:
+        from accelerando.bench.history import open_history
+        with open_history(loc) as h:
+            rows = h.rows()
+        source = loc
+    else:
+        rows = load_bundled()
+        source = "bundled history"
+    table = build_table(rows)
+    if not len(table):
+        raise CLIError(f"{source} holds no measured workloads; run `accelerando sweep` first")
+    names = _split(models) or []
+    schemes = ["workload", "model"] if scheme == "both" else [scheme]
+    if any(s not in ("workload", "model") for s in schemes):
+        raise CLIError("--scheme must be workload, model or both")
+    constraints = [Constraint()] + [_constraint(x) for x in (max_loss or [])]
+    families = [family] if family else sorted({table.family_of(w) for w in table.workloads})
+    console = _console()
+    results = run_evaluation(table, names, schemes, constraints, families, console=console, source=source)
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def run_evaluation(table, names, schemes, constraints, families, *, console=None, source="") -> list[dict[str, Any]]:
+    """Evaluate and print one table per (family, scheme, constraint); return all summaries as dicts."""
+    from rich.table import Table
+    from .evaluate import evaluate
+    out = []
+    for fam in families:
+        for sc in schemes:
+            for c in constraints:
+                t0 = time.perf_counter()
+                summ, cases = evaluate(table, names, constraint=c, scheme=sc, family=fam)
+                if not cases:
+                    continue
+                title = (f"{fam}, leave-one-{sc}-out, {c.label()}: {summ[0].n} held-out workloads "
+                         f"({source}; {time.perf_counter() - t0:.0f} s)")
+                if console is not None:
+                    t = Table(title=title)
+                    for col in ("policy", "top-1", "mean speed-up", "VBS", "mean regret", "regret/VBS",
+                                "closed gap", "violations"):
+                        t.add_column(col)
+                    for s in summ:
+                        t.add_row(s.policy, _fmt(s.top1), _fmt(s.mean_utility, ".3f"), _fmt(s.mean_vbs, ".3f"),
+                                  _fmt(s.mean_regret, ".3f"), _fmt(s.rel_regret, ".1%"), _fmt(s.closed_gap),
+                                  _fmt(s.violation_rate, ".1%"))
+                    console.print(t)
+                for s in summ:
+                    out.append({"family": fam, "scheme": sc, "constraint": c.label(), **s.as_dict()})
+    return out

@@ -1,0 +1,274 @@
+"""``recommend``: which method, with which knobs, for a new workload — from its features alone.
+
+Training data = the history bundled with accelerando (``select/data/history.jsonl.gz``, the sweep
+of this project) plus the user's own history (every ``bench`` / ``sweep`` / ``recommend --verify``
+row), so the selector ships trained and learns online. With fewer than ``MIN_WORKLOADS`` workloads
+of the family it does not pretend: it falls back to a safe default and says so.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .models import DEFAULT_MODEL, Prediction, make_selector
+from .table import LOSSLESS, Arm, Constraint, PerfTable, build_table
+
+MIN_WORKLOADS = 5
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED = DATA_DIR / "history.jsonl.gz"
+
+# metrics kept in the bundled file (the rest — per-repeat samples, memory — stays in the sweep's DB)
+KEEP_METRICS = ("speedup", "lossless", "is_baseline", "token_agreement", "exact_match", "lossless_verified",
+                "perplexity", "rmse_vs_reference", "rmse_vs_baseline", "quality_loss", "tokens_per_s",
+                "samples_per_s", "median_s", "iqr_s", "nfe", "new_tokens", "target_calls", "accepted_tokens",
+                "drafted_tokens")
+
+
+# ----------------------------------------------------------------------------- training data
+
+def slim_row(m: Any) -> dict[str, Any]:
+    """A history ``Measurement`` as a small dict (what the bundled file stores per row)."""
+    return {"workload": m.workload, "method": m.method, "knobs": m.knobs, "run_id": m.run_id,
+            "family": m.family, "hardware": m.hardware, "timestamp": m.timestamp,
+            "metrics": {k: m.metrics[k] for k in KEEP_METRICS if k in m.metrics}}
+
+
+def save_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        for m in rows:
+            fh.write(json.dumps(slim_row(m) if not isinstance(m, dict) else m, sort_keys=True) + "\n")
+            n += 1
+    return n
+
+
+def load_bundled(path: Path = BUNDLED) -> list[dict[str, Any]]:
+    """Rows of the bundled history (empty list if the file is absent)."""
+    if not Path(path).exists():
+        return []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def training_rows(history: Any = None, *, bundled: bool = True) -> list[Any]:
+    """Bundled rows + the rows of an open ``History`` (if given)."""
+    rows: list[Any] = load_bundled() if bundled else []
+    if history is not None:
+        rows += list(history.rows())
+    return rows
+
+
+# ----------------------------------------------------------------------------- describing a workload
+
+TASK_DOMAINS = {"code": ("code", "python", "program", "function", "complet"),
+                "repetitive": ("repet", "edit", "rewrite", "refactor", "copy", "summar", "extract"),
+                "prose": ("prose", "text", "chat", "story", "doc", "write", "essay", "question")}
+
+
+def domain_of_task(task: str) -> str:
+    """Map a free-text task description to a prompt domain (code / repetitive / prose)."""
+    t = task.lower()
+    for dom, words in TASK_DOMAINS.items():
+        if any(w in t for w in words):
+            return dom
+    return "prose"
+
+
+@dataclass
+class Described:
+    """A workload ready for selection (its dict with measured features) and for ``--verify``."""
+
+    workload: Any                 # LLMWorkload | DiffusionWorkload
+    key: dict[str, Any]           # workload dict incl. ``features`` (what a history row stores)
+    setups: list[Any]
+    reference: Any = None
+
+
+def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] | None = None,
+             prompts_file: str | None = None, task: str | None = None, temperature: float = 0.0,
+             top_p: float | None = None, batch_size: int = 1, max_new_tokens: int = 32, steps: int = 20,
+             spacing: str = "trailing", batch: int = 4, seed: int = 0, device: str = "cpu",
+             reference_steps: int = 100, cache: Any = None) -> Described:
+    """Load the model (zoo name, directory or random spec), build the workload and measure its
+    features: one timed forward and prompt statistics — the candidates are *not* run."""
+    from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups,
+                                          llm_workload_facts, model_kind, resolve_model_dir)
+    from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
+    from .features import diffusion_facts, llm_facts, memory_bandwidth_gbs
+    from .sweep import _RAND_LLM, _RAND_UNET, ModelCache, make_prompts
+
+    cache = cache or ModelCache(device)
+    if _RAND_LLM.match(model):
+        kind = "llm"
+    elif _RAND_UNET.match(model):
+        kind = "diffusion"
+    else:
+        kind = model_kind(resolve_model_dir(model))
+    if kind == "llm":
+        domain = "code"
+        if prompts is None and prompts_file is None:
+            domain = domain_of_task(task) if task else "code"
+            prompts = make_prompts(domain, n=max(1, batch_size), length=96, rng=random.Random(seed))
+        elif task:
+            domain = domain_of_task(task)
+        wl = LLMWorkload(model=model, drafts=tuple(drafts), domain=domain, prompts_file=prompts_file,
+                         prompts=tuple(prompts or ()), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, seed=seed)
+        target, tok = cache.llm(model)
+        dm = {d: cache.llm(d)[0] for d in drafts}
+        setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=dm, max_batches=1)
+        s0 = setups[0]
+        facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask, drafts=dm)
+        key = {**wl.key(), **llm_workload_facts(setups)}
+        ref = None
+    else:
+        if drafts:
+            raise RunnerError("draft models are for LLMs; this is a diffusion model")
+        from accelerando.bench.runner import diffusion_reference
+        wl = DiffusionWorkload(model=model, steps=steps, spacing=spacing, batch=batch, seed=seed)
+        unet, n_train = cache.unet(model)
+        setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+        facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T)
+        key = {**wl.key(), "reference_steps": reference_steps}
+        ref = (lambda: diffusion_reference(setups, steps=reference_steps))
+    facts["mem_bw_gbs"] = memory_bandwidth_gbs()
+    key["features"] = facts
+    return Described(wl, key, setups, ref)
+
+
+# ----------------------------------------------------------------------------- recommending
+
+@dataclass
+class Recommendation:
+    family: str
+    constraint: Constraint
+    ranked: list[Prediction]
+    arms: dict[str, Arm]
+    selector: str
+    n_workloads: int                       # workloads of this family in the training data
+    fallback: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def choice(self) -> Prediction:
+        return self.ranked[0]
+
+    @property
+    def runners_up(self) -> list[Prediction]:
+        return self.ranked[1:3]
+
+    def knobs(self, arm: str) -> dict[str, Any]:
+        a = self.arms.get(arm)
+        return a.knob_dict() if a else {}
+
+    def method(self, arm: str) -> str:
+        a = self.arms.get(arm)
+        return a.method if a else arm
+
+
+def _registered() -> dict[str, Any]:
+    from accelerando.bench.methods import all_methods
+    return {e.name: e for e in all_methods()}
+
+
+def safe_default(family: str, key: Mapping[str, Any], constraint: Constraint) -> tuple[list[Prediction], dict[str, Arm], str]:
+    """The fallback without enough history: the baseline, or one conservative rule that holds
+    broadly (prompt lookup on repetitive prompts; a draft model 10x smaller than the target).
+    Speed-ups are unknown (NaN)."""
+    reg = _registered()
+    base = next((e for e in reg.values() if e.family == family and e.is_baseline), None)
+    arms: dict[str, Arm] = {}
+    preds: list[Prediction] = []
+    nan = math.nan
+
+    def add(entry: Any, why: str) -> None:
+        arm = Arm(entry.name, tuple(sorted(entry.default_knobs.items())), family, entry.lossless, entry.is_baseline)
+        arms[arm.id] = arm
+        preds.append(Prediction(arm.id, nan, nan, 1.0 if entry.lossless else nan, nan))
+        notes.append(why)
+
+    notes: list[str] = []
+    f = key.get("features") or {}
+    if family == "llm":
+        lookup = reg.get("spec-prompt-lookup")
+        draft = reg.get("spec-draft")
+        if lookup and float(f.get("rep3", 0.0)) >= 0.3:
+            add(lookup, "prompt has many repeated trigrams (rep3 >= 0.3): prompt lookup can copy them")
+        if draft and key.get("drafts") and float(f.get("draft_latency_ratio", 1.0)) <= 0.3:
+            add(draft, "the draft's forward costs <= 30% of the target's")
+    if base is not None:
+        add(base, "the baseline: never slower, never different")
+    return preds, arms, "; ".join(notes)
+
+
+def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any]) -> bool:
+    """An arm measured only on workloads with draft models is not offered without one (and v.v.)."""
+    if table.arms[arm].is_baseline or table.arms[arm].family != "llm":
+        return True
+    has = bool(key.get("drafts"))
+    return any(bool(table.workloads[w].get("drafts")) == has for w in table.wids("llm") if (w, arm) in table.speedup)
+
+
+def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constraint = LOSSLESS,
+              selector: str = DEFAULT_MODEL, hardware: Mapping[str, Any] | None = None,
+              min_workloads: int = MIN_WORKLOADS, registered_only: bool = True) -> Recommendation:
+    """Rank method configurations for the workload ``key`` (a dict with ``features``, as from
+    ``describe``) by a selector trained on ``rows``; fall back to ``safe_default`` without data."""
+    family = str(key.get("family", "llm"))
+    table = build_table(rows)
+    fam_table = table.subset(table.wids(family))
+    n = len(fam_table)
+    if hardware is None:
+        from accelerando.bench.history import hardware_info
+        hardware = hardware_info()
+    if n < min_workloads or fam_table.baseline_arm(family) is None:
+        preds, arms, why = safe_default(family, key, constraint)
+        note = (f"the history has {n} {family} workload(s) (< {min_workloads}): not enough to learn from; "
+                f"safe default ({why or 'baseline'}). Run `accelerando sweep` or `recommend --verify` to build it up.")
+        return Recommendation(family, constraint, preds, arms, "safe-default", n, fallback=True, notes=[note])
+    reg = _registered() if registered_only else None
+    allowed = [a for a in fam_table.arms if fam_table.arms[a].family == family and _applicable(fam_table, a, key)
+               and (reg is None or not reg or fam_table.arms[a].method in reg)]
+    sel = make_selector(selector, constraint=constraint).fit(fam_table)
+    ranked = sel.rank(key, hardware=hardware, arms=allowed)
+    ok = [p for p in ranked if p.p_ok >= sel.min_p_ok]
+    rest = [p for p in ranked if p.p_ok < sel.min_p_ok]
+    notes = []
+    if rest:
+        notes.append(f"{len(rest)} candidate(s) ranked last: predicted to break the constraint "
+                     f"({constraint.label()}) with probability > {1 - sel.min_p_ok:.0%}")
+    return Recommendation(family, constraint, ok + rest, dict(fam_table.arms), selector, n, notes=notes)
+
+
+def verify(described: Described, rec: Recommendation, *, top: int = 3, history: Any = None,
+           repeats: int = 2, warmup: int = 1) -> list[Any]:
+    """Run the top candidates (and the baseline) on the spot; rows go to ``history`` so the
+    selector learns from them next time. Returns the runner's rows."""
+    from accelerando.bench.runner import run_methods
+    arms = [p.arm for p in rec.ranked[:top]]
+    reg = _registered()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for a in arms:
+        m = rec.method(a)
+        if m in reg and not reg[m].is_baseline:
+            by_method.setdefault(m, []).append(rec.knobs(a))
+    rounds = []
+    while any(by_method.values()):
+        rounds.append({m: ks.pop(0) for m, ks in by_method.items() if ks})
+    if not rounds:
+        rounds = [{}]
+    ref = described.reference() if callable(described.reference) else described.reference
+    from .sweep import sweep_key
+    key = {**described.key, "sweep_key": sweep_key(described.workload)}
+    out = []
+    for r in rounds:
+        out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
+                           history=history, reference=ref)
+    return out

@@ -1,0 +1,122 @@
+"""recommend (library + CLI), select evaluate, sweep — on fake methods and tiny random models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import bench_fakes as F
+from accelerando import cli
+from accelerando.bench import runner as R
+from accelerando.bench.history import Measurement, open_history
+from accelerando.select import recommend as RC
+from accelerando.select.table import Constraint
+from test_select import _synthetic_history
+
+runner = CliRunner()
+LM = "rand-llama-h32-l1-v100-s0"
+DRAFT = "rand-llama-h32-l1-v100-s1"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    yield from F.one_thread()
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    F.fresh_registry(monkeypatch)
+    F.register_fake_llm()
+    F.register_fake_diffusion()
+    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
+    monkeypatch.setattr(RC, "BUNDLED", tmp_path / "none.jsonl.gz")     # no bundled data in these tests
+    monkeypatch.setattr(RC, "load_bundled", lambda path=None: [])
+    monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
+    monkeypatch.delenv("ACCELERANDO_DEBUG", raising=False)
+    return tmp_path / "h.sqlite"
+
+
+def invoke(*args):
+    return runner.invoke(cli.get_app(), [str(a) for a in args])
+
+
+def _store(path, rows):
+    with open_history(path) as h:
+        h.record_many([Measurement(workload=r["workload"], method=r["method"], knobs=r["knobs"],
+                                   metrics=r["metrics"], run_id=r["run_id"]) for r in rows])
+
+
+def test_recommend_falls_back_without_history(env):
+    rec = RC.recommend({"family": "llm", "features": {"rep3": 0.0}}, [])
+    assert rec.fallback and rec.choice.arm == "fake-generate"
+    assert "not enough to learn from" in rec.notes[0]
+
+
+def test_recommend_ranks_by_features_from_a_history(env):
+    rows = _synthetic_history(30)
+    key = {"family": "llm", "drafts": ["d"], "temperature": 0.0,
+           "features": {"rep3": 0.95, "draft_ratio": 0.8, "log_params": 6.0}}
+    rec = RC.recommend(key, rows, registered_only=False)
+    assert not rec.fallback and rec.choice.arm == "lookup" and rec.choice.speedup > 1.5
+    assert len(rec.runners_up) == 2 and "lossy" not in [p.arm for p in rec.ranked]
+    key["features"].update(rep3=0.05, draft_ratio=0.05)
+    assert RC.recommend(key, rows, registered_only=False).choice.arm == "draft[k=4]"
+    lossy = RC.recommend(key, rows, constraint=Constraint(0.05), registered_only=False)
+    assert lossy.choice.arm == "lossy"                 # greedy: loss 0.02 fits the budget
+
+
+def test_bundled_round_trip(tmp_path):
+    rows = _synthetic_history(3)
+    assert RC.save_bundled(rows, tmp_path / "b.jsonl.gz") == len(rows)
+    assert RC.load_bundled(tmp_path / "b.jsonl.gz") == json.loads(json.dumps(rows))
+    assert RC.load_bundled(tmp_path / "absent.gz") == []
+
+
+def test_cli_recommend_fallback_then_verify_learns(env):
+    res = invoke("--history", env, "recommend", LM, "--task", "refactor this code", "--max-new-tokens", 4)
+    assert res.exit_code == 0, res.output
+    assert "not enough to learn from" in " ".join(res.output.split()) and "recommended: fake-generate" in res.output
+    res = invoke("--history", env, "recommend", LM, "--draft", DRAFT, "--max-new-tokens", 4, "--verify")
+    assert res.exit_code == 0, res.output
+    with open_history(env) as h:
+        rows = h.rows()
+    assert rows and all(r.workload["features"]["draft_ratio"] == 1.0 for r in rows)
+    assert {r.method for r in rows} == {"fake-generate"}     # the fallback's only candidate
+
+
+def test_cli_select_evaluate_on_a_history(env, tmp_path):
+    _store(env, _synthetic_history(12))
+    out = tmp_path / "eval.json"
+    res = invoke("--history", env, "select", "evaluate", "--models", "knn", "--scheme", "workload",
+                 "--max-loss", 0.05, "--json", out)
+    assert res.exit_code == 0, res.output
+    assert "leave-one-workload-out" in res.output and "closed gap" in res.output
+    data = json.loads(out.read_text())
+    assert {d["policy"] for d in data} == {"knn", "sbs", "random"}
+    assert {d["constraint"] for d in data} == {"lossless", "loss<=0.05"}
+    assert all(d["n"] == 12 for d in data)
+
+
+def test_cli_bad_inputs(env):
+    res = invoke("--history", env, "select", "evaluate")
+    assert res.exit_code == 1 and "no measured workloads" in res.stderr
+    res = invoke("--history", env, "recommend", LM, "--max-loss", -1)
+    assert res.exit_code == 1 and "max_loss" in res.stderr
+    res = invoke("--history", env, "recommend", LM, "--selector", "oracle")
+    assert res.exit_code == 1 and "unknown selector" in res.stderr
+
+
+def test_cli_sweep_small_grid(env, monkeypatch):
+    from accelerando.select import sweep as S
+    from accelerando.bench.workloads import LLMWorkload
+    wl = [LLMWorkload(model=LM, drafts=(DRAFT,), prompts=("a b a b a b",), max_new_tokens=3)]
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0: wl[:n])
+    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0: [])
+    res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--repeats", 1,
+                 "--methods", "fake-exact,fake-lossy")
+    assert res.exit_code == 0, res.output
+    assert "[1/1]" in res.output and "1 workloads measured" in res.output
+    res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact,fake-lossy")
+    assert "0 workloads measured" in res.output and "1 already in the history" in res.output
