@@ -71,6 +71,11 @@ def test_sweep_records_rows_with_features_and_resumes(fakes, tmp_path):
         t = build_table(h.rows())
     assert len(t) == 3
     assert {"fake-exact[k=2]", "fake-exact[k=4]", "fake-lossy", "fake-generate"} <= set(t.arms)
+    # diffusion arms: every sampler (the baseline too) at each fraction of the NFE budget
+    assert {"fake-ddim", "fake-ddim[steps_frac=0.5]", "fake-shifted[shift=0.25,steps_frac=0.25]"} <= set(t.arms)
+    dw = t.wids("diffusion")[0]
+    assert t.speedup[(dw, "fake-ddim[steps_frac=0.25]")] > 1.5        # 1 step instead of 3
+    assert t.loss[(dw, "fake-shifted[shift=0.25,steps_frac=1.0]")] > 0  # shifted samples are worse
     llm_w = [w for w in t.wids("llm")]
     feats = t.workloads[llm_w[0]]["features"]
     assert feats["rep2"] > 0.5 and 0 < feats["draft_ratio"] <= 1 and feats["mem_bw_gbs"] > 0

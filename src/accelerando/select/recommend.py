@@ -255,10 +255,14 @@ def verify(described: Described, rec: Recommendation, *, top: int = 3, history: 
     arms = [p.arm for p in rec.ranked[:top]]
     reg = _registered()
     by_method: dict[str, list[dict[str, Any]]] = {}
+    fractions = {1.0}
     for a in arms:
         m = rec.method(a)
-        if m in reg and not reg[m].is_baseline:
-            by_method.setdefault(m, []).append(rec.knobs(a))
+        k = rec.knobs(a)
+        if "steps_frac" in k:                      # diffusion arm: sampler on a fraction of the budget
+            fractions.add(float(k.pop("steps_frac")))
+        if m in reg and not reg[m].is_baseline and k not in by_method.get(m, []):
+            by_method.setdefault(m, []).append(k)
     rounds = []
     while any(by_method.values()):
         rounds.append({m: ks.pop(0) for m, ks in by_method.items() if ks})
@@ -268,6 +272,13 @@ def verify(described: Described, rec: Recommendation, *, top: int = 3, history: 
     from .sweep import sweep_key
     key = {**described.key, "sweep_key": sweep_key(described.workload)}
     out = []
+    if rec.family == "diffusion":
+        from .sweep import diffusion_fraction_rounds
+        for rows in diffusion_fraction_rounds(described.setups, rounds, workload=key, reference=ref,
+                                              history=history, repeats=repeats, warmup=warmup,
+                                              fractions=sorted(fractions, reverse=True)):
+            out += rows
+        return out
     for r in rounds:
         out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
                            history=history, reference=ref)

@@ -31,6 +31,12 @@ from .table import arm_id, workload_id
 # method name -> knob settings to sweep (methods not listed run with their default knobs)
 KNOB_GRID: dict[str, list[dict[str, Any]]] = {}
 
+# Diffusion: each sampler also runs on a fraction of the workload's NFE budget. The question a
+# diffusion user asks is "how few model calls reach the baseline's quality at my budget?", so an
+# arm is (sampler, steps_frac); its speed-up is against the baseline at the full budget and its
+# quality loss is the relative increase of the error to the high-accuracy reference.
+STEP_FRACTIONS: tuple[float, ...] = (1.0, 0.5, 0.25)
+
 
 # ----------------------------------------------------------------------------- models
 
@@ -252,6 +258,62 @@ def method_rounds(family: str, methods: Sequence[str] | None = None,
     return [{m: v[r] for m, v in variants.items() if r < len(v)} for r in range(n)]
 
 
+def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, dict[str, Any]]], *,
+                              workload: dict[str, Any], reference: Any, history: Any, repeats: int, warmup: int,
+                              done: set[tuple[str, str]] | None = None,
+                              fractions: Sequence[float] = STEP_FRACTIONS) -> Iterable[list[Any]]:
+    """Run each round at every step fraction; yield the rows of each round (all fractions).
+
+    The full-budget baseline is measured first in every round (``run_methods`` does that); its
+    median time and reference error are the denominators of all speed-ups and quality losses of
+    the round, so each row compares with a baseline measured seconds before, in the same process.
+    Rows are re-labelled (knob ``steps_frac``; only the full-budget baseline is the baseline) and
+    recorded here.
+    """
+    from accelerando.bench.history import Measurement
+    from accelerando.bench.runner import run_methods
+    key = workload.get("sweep_key")
+    run_id = f"sweep-{key}-{int(time.time() * 1e3) % 10**9}"
+    for r_i, r in enumerate(rounds):
+        base = None
+        out: list[Any] = []
+        for f in fractions:
+            todo = {m: k for m, k in r.items() if done is None or (key, arm_id(m, {**k, "steps_frac": f})) not in done}
+            if f != 1.0 and not todo and r_i > 0:
+                continue          # nothing missing at this fraction (the baseline arms are in round 0)
+            steps = max(1, round(setups[0].steps * f))
+            sub = [replace(s, steps=steps) for s in setups]
+            rows = run_methods(sub, list(todo), workload=workload, knobs=todo, repeats=repeats, warmup=warmup,
+                               history=None, reference=reference)
+            if f == 1.0:
+                base = next((x for x in rows if x.is_baseline and x.error is None), None)
+                if base is None:
+                    out += rows
+                    break
+            keep = []
+            for x in rows:
+                if x.error is not None or (x.is_baseline and r_i > 0):
+                    continue
+                m = dict(x.metrics)
+                m["speedup"] = base.metrics["median_s"] / m["median_s"] if m.get("median_s") else None
+                rb, rx = base.metrics.get("rmse_vs_reference"), m.get("rmse_vs_reference")
+                if rb and rx is not None:
+                    m["quality_loss"] = max(0.0, rx / rb - 1.0)
+                m["is_baseline"] = bool(x.is_baseline and f == 1.0)
+                m["steps"] = steps
+                x.knobs = {**x.knobs, "steps_frac": f} if not m["is_baseline"] else x.knobs
+                x.metrics = m
+                keep.append(x)
+            if history is not None and keep:
+                ids = history.record_many([Measurement(workload=dict(workload), method=x.method, knobs=x.knobs,
+                                                       metrics=x.metrics, seed=int(workload.get("seed", 0)),
+                                                       family="diffusion", run_id=run_id) for x in keep])
+                for x, i in zip(keep, ids):
+                    x.measurement_id = i
+            out += keep + [x for x in rows if x.error is not None]
+        yield out
+
+
 def _done_arms(history: Any) -> set[tuple[str, str]]:
     return {(str(m.workload.get("sweep_key")), arm_id(m.method, m.knobs))
             for m in history.rows() if m.workload.get("sweep_key")}
@@ -291,8 +353,11 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
         key = sweep_key(wl)
         # only what is missing runs again (a method that failed last time is retried)
         all_rounds = method_rounds(wl.family, methods, knob_grid)
+        fracs = STEP_FRACTIONS if wl.family == "diffusion" else (None,)
         rounds = [todo for r in all_rounds
-                  if (todo := {m: k for m, k in r.items() if (key, arm_id(m, k)) not in done})]
+                  if (todo := {m: k for m, k in r.items()
+                               if any((key, arm_id(m, k if f is None else {**k, "steps_frac": f})) not in done
+                                      for f in fracs)})]
         rep.rounds_skipped += len(all_rounds) - len(rounds)
         if not rounds:
             continue
@@ -319,9 +384,13 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
         facts["mem_bw_gbs"] = bw
         wkey.update(sweep_key=key, features=facts)
         rep.workloads += 1
-        for r in rounds:
-            rows = run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
-                               history=history, reference=ref)
+        if wl.family == "diffusion":
+            rounds_rows = diffusion_fraction_rounds(setups, rounds, workload=wkey, reference=ref, history=history,
+                                                    repeats=repeats, warmup=warmup, done=done)
+        else:
+            rounds_rows = (run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
+                                       history=history, reference=ref) for r in rounds)
+        for rows in rounds_rows:
             rep.rounds_run += 1
             rep.rows += sum(x.error is None for x in rows)
             rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error]
