@@ -1,0 +1,170 @@
+"""``sample``: drive one of the samplers with an ``eps_fn``; the table of methods and their costs."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .samplers._common import Grid, make_grid
+from .samplers.ddim import ddim
+from .samplers.dpm_solver import dpmpp_2m, dpmpp_3m
+from .samplers.momentum import ghvb, hb_dpmpp_2m, hb_plms
+from .samplers.pndm import f_pndm, fon, plms, pndm_diffusers, prk, s_pndm
+from .schedules import make_schedule
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable[..., Any]
+    nfe: Callable[[int], int]          # eps_fn calls for `steps` grid timesteps
+    nfe_formula: str
+    order: str                         # order on a smooth, uniform grid
+    min_steps: int = 1
+    knobs: dict[str, Any] = field(default_factory=dict)
+    stochastic: bool = False
+    description: str = ""
+
+
+def _rk_warmup(n: int) -> int:
+    return 4 * min(3, n) + max(0, n - 3)
+
+
+_SPECS = [
+    SamplerSpec("ddim", ddim, lambda n: n, "N", "1", description="DDIM, eta = 0 (deterministic)"),
+    SamplerSpec("ddim-eta", ddim, lambda n: n, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True,
+                description="DDIM with eta > 0 (default 1.0 = DDPM posterior noise)"),
+    SamplerSpec("prk", prk, lambda n: 4 * n, "4N", "4", description="pseudo Runge-Kutta (RK4 in s) every step"),
+    SamplerSpec("plms2", plms, lambda n: n, "N", "2", knobs={"order": 2}, description="pseudo linear multistep, order 2"),
+    SamplerSpec("plms3", plms, lambda n: n, "N", "3", knobs={"order": 3}, description="pseudo linear multistep, order 3"),
+    SamplerSpec("plms4", plms, lambda n: n, "N", "4", knobs={"order": 4}, description="pseudo linear multistep, order 4"),
+    SamplerSpec("s-pndm", s_pndm, lambda n: n + 1, "N + 1", "2", min_steps=2,
+                description="pseudo improved-Euler warm-up, then PLMS-2"),
+    SamplerSpec("f-pndm", f_pndm, _rk_warmup, "N + 9 (N >= 3)", "4",
+                description="pseudo RK4 warm-up for 3 steps, then PLMS-4"),
+    SamplerSpec("fon", fon, lambda n: 4 * n, "4N", "4", description="classical RK4 in t on the PF-ODE"),
+    SamplerSpec("pndm-diffusers", pndm_diffusers, lambda n: n + 1, "N + 1", "<= 4 (fixed weights)", min_steps=2,
+                knobs={"skip_prk_steps": True}, description="diffusers' PNDMScheduler, skip_prk_steps=True"),
+    SamplerSpec("pndm-diffusers-prk", pndm_diffusers, _rk_warmup, "N + 9 (N >= 3)", "<= 4 (fixed weights)",
+                knobs={"skip_prk_steps": False}, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
+    SamplerSpec("dpmpp-2m", dpmpp_2m, lambda n: n, "N", "2", description="DPM-Solver++(2M), data prediction"),
+    SamplerSpec("dpmpp-3m", dpmpp_3m, lambda n: n, "N", "3", description="DPM-Solver++(3M), data prediction"),
+    SamplerSpec("hb-plms", hb_plms, lambda n: n, "N", "1 (beta < 1)", knobs={"order": 4, "beta": 0.8},
+                description="heavy-ball momentum on PLMS"),
+    SamplerSpec("hb-dpmpp-2m", hb_dpmpp_2m, lambda n: n, "N", "1 (beta < 1)", knobs={"beta": 0.8},
+                description="heavy-ball momentum on DPM-Solver++(2M)"),
+    SamplerSpec("ghvb", ghvb, lambda n: n, "N", "order - 1 + beta", knobs={"order": 2, "beta": 0.8},
+                description="generalised heavy ball, fractional order"),
+]
+SPECS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
+METHODS: tuple[str, ...] = tuple(SPECS)
+
+
+class NonFiniteError(FloatingPointError):
+    """eps_fn returned NaN or inf."""
+
+
+def get_spec(method: str) -> SamplerSpec:
+    try:
+        return SPECS[method]
+    except KeyError:
+        raise ValueError(f"unknown sampling method {method!r}; valid methods: {', '.join(METHODS)}") from None
+
+
+def nfe_for(method: str, steps: int) -> int:
+    """Number of eps_fn calls ``method`` makes with ``steps`` grid timesteps."""
+    return get_spec(method).nfe(steps)
+
+
+def steps_for_nfe(method: str, nfe: int) -> int | None:
+    """The most grid steps whose cost fits in ``nfe`` calls (None if even the minimum does not)."""
+    spec = get_spec(method)
+    best = None
+    for n in range(spec.min_steps, nfe + 1):
+        if spec.nfe(n) <= nfe:
+            best = n
+    return best
+
+
+def make_sampler(method: str, x: torch.Tensor, grid: Grid, *, generator: torch.Generator | None = None,
+                 **knobs: Any):
+    """The method's generator over ``grid`` (knobs override the method's defaults)."""
+    spec = get_spec(method)
+    if grid.steps < spec.min_steps:
+        raise ValueError(f"{method} needs at least {spec.min_steps} steps, got {grid.steps}")
+    opts = {**spec.knobs, **knobs}
+    if spec.stochastic:
+        opts["generator"] = generator
+    return spec.fn(x, grid, **opts)
+
+
+@dataclass
+class SampleInfo:
+    nfe: int
+    times: list[float]                 # the model time of every eps_fn call, in order
+    grid: Grid
+
+
+def _time_tensor(t: float, x: torch.Tensor, continuous: bool) -> torch.Tensor:
+    if not continuous:
+        t = max(t, 0.0)               # the end point t = -1 has no model time; t = 0 is the nearest
+    if float(t).is_integer():
+        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    # float64 keeps a float-time oracle exact; models.py casts for a UNet
+    return torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+
+
+def drive(sampler, eps_fn: Callable, *, continuous: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """Run a sampler generator to the end, answering each request with ``eps_fn``."""
+    times: list[float] = []
+    try:
+        x, t = next(sampler)
+        while True:
+            e = eps_fn(x, _time_tensor(t, x, continuous))
+            times.append(t)
+            if not torch.isfinite(e).all():   # one host sync per call: a silent NaN image is worse
+                raise NonFiniteError(f"eps_fn returned non-finite values at model call {len(times)} "
+                                     f"(t={t:g}); stopping instead of producing a NaN sample")
+            x, t = sampler.send(e.to(x.dtype))
+    except StopIteration as stop:
+        return stop.value, times
+
+
+def sample_with_info(eps_fn: Callable, x_T: torch.Tensor, *, schedule: Any = None, method: str = "f-pndm",
+                     steps: int = 50, spacing: str = "trailing", generator: torch.Generator | None = None,
+                     float_t: bool = False, grid: Grid | None = None, **knobs: Any) -> tuple[torch.Tensor, SampleInfo]:
+    """Like ``sample``, also returning the number of model calls and their times."""
+    spec = get_spec(method)
+    if grid is None:
+        schedule = schedule if schedule is not None else _default_schedule()
+        if steps < spec.min_steps:
+            raise ValueError(f"{method} needs at least {spec.min_steps} steps, got {steps}")
+        grid = make_grid(schedule, steps, spacing, float_t=float_t)
+    if not torch.isfinite(x_T).all():
+        raise ValueError("x_T contains non-finite values")
+    x0, times = drive(make_sampler(method, x_T, grid, generator=generator, **knobs), eps_fn,
+                      continuous=bool(getattr(grid.schedule, "continuous", False)))
+    return x0, SampleInfo(nfe=len(times), times=times, grid=grid)
+
+
+def sample(eps_fn: Callable, x_T: torch.Tensor, *, schedule: Any = None, method: str = "f-pndm",
+           steps: int = 50, spacing: str = "trailing", generator: torch.Generator | None = None,
+           float_t: bool = False, return_info: bool = False, grid: Grid | None = None, **knobs: Any):
+    """Integrate the probability-flow ODE (or DDIM's SDE for ``ddim-eta``) from ``x_T`` to data.
+
+    ``steps`` grid timesteps by ``spacing``, then the end point (``schedule.final_alpha_bar``);
+    ``float_t=True`` lets Runge-Kutta midpoints fall between integer timesteps. ``grid`` overrides
+    schedule/steps/spacing. ``return_info=True`` returns ``(x0, SampleInfo)`` (``info.nfe``).
+    """
+    x0, info = sample_with_info(eps_fn, x_T, schedule=schedule, method=method, steps=steps, spacing=spacing,
+                                generator=generator, float_t=float_t, grid=grid, **knobs)
+    return (x0, info) if return_info else x0
+
+
+@functools.lru_cache(maxsize=1)
+def _default_schedule():
+    return make_schedule("linear", 1000)

@@ -1,0 +1,141 @@
+"""Shared pieces of every sampler: the time grid, the DDIM transfer (PNDM's phi), Adams weights.
+
+A sampler is a generator ``sampler(x, grid, **options)``: it yields ``(x, t)`` model requests, is
+sent ``eps(x, t)`` back, and returns the final sample.  ``accelerando.diffusion.api.sample`` drives
+it with an ``eps_fn``; the diffusers adapter drives the same generator from ``step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Generator
+
+import numpy as np
+import torch
+
+Request = tuple[torch.Tensor, float]
+Sampler = Generator[Request, torch.Tensor, torch.Tensor]
+
+
+def s_of(a: float) -> float:
+    """DDIM's noise level s = sqrt((1 - a) / a); the ODE is d xbar / d s = eps."""
+    return math.sqrt(max(1.0 - a, 0.0) / a)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """N + 1 points from noise to data: model times ``t`` (decreasing) and their alpha_bar ``ab``.
+
+    The sampler steps from point i to point i + 1; the last point is the end of the interval and is
+    reached by every method (it is evaluated only by methods whose last stage needs it).
+    ``float_t``: the model accepts non-integer times, so Runge-Kutta midpoints are placed exactly;
+    otherwise they are rounded to integers (diffusers' ``t - d // 2``).
+    """
+
+    t: tuple[float, ...]
+    ab: tuple[float, ...]
+    schedule: Any
+    float_t: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.t) != len(self.ab) or len(self.t) < 2:
+            raise ValueError("a grid needs matching t and ab of at least 2 points")
+        if any(b <= a for a, b in zip(self.ab, self.ab[1:])):
+            raise ValueError("alpha_bar must increase strictly along the grid (noise -> data)")
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+    def s(self, i: int) -> float:
+        return s_of(self.ab[i])
+
+    def midpoint(self, i: int) -> tuple[float, float]:
+        """(t, alpha_bar) half-way through step i: exact in s when float_t, else an integer time."""
+        if self.float_t:
+            s_mid = 0.5 * (self.s(i) + self.s(i + 1))
+            a_mid = 1.0 / (1.0 + s_mid * s_mid)
+            return self.schedule.time_of(a_mid), a_mid
+        t0, t1 = int(round(self.t[i])), int(round(self.t[i + 1]))
+        tm = t0 - (t0 - t1) // 2
+        return float(tm), self.schedule.alpha_bar(tm)
+
+    def t_mid(self, i: int) -> tuple[float, float]:
+        """(t, alpha_bar) half-way in *t* (classical RK in t); rounded unless float_t."""
+        tm = 0.5 * (self.t[i] + self.t[i + 1])
+        if not self.float_t:
+            t0, t1 = int(round(self.t[i])), int(round(self.t[i + 1]))
+            tm = t0 - (t0 - t1) // 2
+        return float(tm), self.schedule.alpha_bar(tm)
+
+
+def make_grid(schedule: Any, steps: int, spacing: str = "trailing", *, float_t: bool = False,
+              steps_offset: int = 0) -> Grid:
+    """The spacing's N timesteps followed by the end point t = -1 (alpha_bar = final_alpha_bar)."""
+    ts = [float(v) for v in schedule.timesteps(steps, spacing, steps_offset=steps_offset)] + [-1.0]
+    return Grid(tuple(ts), tuple(schedule.alpha_bar(t) for t in ts), schedule, float_t)
+
+
+def grid_between(schedule: Any, ab_start: float, ab_end: float, steps: int, *,
+                 uniform_in: str = "t", float_t: bool = True) -> Grid:
+    """A float-time grid from alpha_bar ``ab_start`` to ``ab_end``, uniform in t, s or lambda."""
+    if not 0 < ab_start < ab_end <= 1:
+        raise ValueError("need 0 < ab_start < ab_end <= 1")
+    if uniform_in == "t":
+        ts = np.linspace(schedule.time_of(ab_start), schedule.time_of(ab_end), steps + 1)
+        abs_ = [schedule.alpha_bar(float(t)) for t in ts]
+    elif uniform_in == "s":
+        ss = np.linspace(s_of(ab_start), s_of(ab_end), steps + 1)
+        abs_ = [1.0 / (1.0 + s * s) for s in ss]
+    elif uniform_in == "lambda":
+        if ab_end >= 1:
+            raise ValueError("a lambda-uniform grid cannot reach alpha_bar = 1")
+        lam = np.linspace(0.5 * math.log(ab_start / (1 - ab_start)), 0.5 * math.log(ab_end / (1 - ab_end)), steps + 1)
+        abs_ = [1.0 / (1.0 + math.exp(-2 * v)) for v in lam]
+    else:
+        raise ValueError(f"uniform_in must be t, s or lambda, got {uniform_in!r}")
+    abs_[0], abs_[-1] = ab_start, ab_end
+    ts = [schedule.time_of(a) for a in abs_]
+    return Grid(tuple(float(t) for t in ts), tuple(float(a) for a in abs_), schedule, float_t)
+
+
+def x0_hat(x: torch.Tensor, e: torch.Tensor, a: float) -> torch.Tensor:
+    """Data prediction from a noise prediction at alpha_bar a."""
+    return (x - math.sqrt(1.0 - a) * e) / math.sqrt(a)
+
+
+def transfer(x: torch.Tensor, e: torch.Tensor, a: float, a_next: float) -> torch.Tensor:
+    """DDIM step (eta = 0), PNDM's phi: exact for a constant eps, xbar' = xbar + (s' - s) eps."""
+    return math.sqrt(a_next) * x0_hat(x, e, a) + math.sqrt(1.0 - a_next) * e
+
+
+def combine(weights: list[float], es: list[torch.Tensor]) -> torch.Tensor:
+    out = weights[0] * es[0]
+    for w, e in zip(weights[1:], es[1:]):
+        out = out + w * e
+    return out
+
+
+# Adams-Bashforth weights on a uniform grid, most recent value first (PNDM's PLMS).
+AB_FIXED = {
+    1: [1.0],
+    2: [3 / 2, -1 / 2],
+    3: [23 / 12, -16 / 12, 5 / 12],
+    4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+}
+
+
+def adams_weights(nodes: list[float], s0: float, s1: float) -> list[float]:
+    """Variable-step Adams-Bashforth: weights w with sum_j w_j e_j = mean of the interpolant of e
+    (through ``nodes``, most recent first, nodes[0] == s0) over [s0, s1].  Uniform nodes give AB_FIXED."""
+    h = s1 - s0
+    u = np.array([(n - s0) / h for n in nodes], dtype=np.float64)      # 0, -1, -2, ... when uniform
+    k = len(nodes)
+    V = np.vander(u, k, increasing=True).T                              # V[p, j] = u_j ** p
+    m = 1.0 / np.arange(1, k + 1, dtype=np.float64)                     # int_0^1 u^p du
+    return [float(w) for w in np.linalg.solve(V, m)]
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

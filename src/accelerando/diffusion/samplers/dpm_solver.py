@@ -1,0 +1,65 @@
+"""DPM-Solver++ (Lu et al. 2022), multistep 2M and 3M in data prediction, in lambda = log(alpha/sigma).
+
+Handles non-uniform grids natively (the ratios r = h_prev / h). A step that ends at alpha_bar = 1
+(lambda = inf) is first order: it returns the data prediction, as diffusers' ``final_sigmas_type="zero"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import Grid, Sampler, x0_hat
+from ..schedules import log_snr_lambda
+
+
+def _coeffs(a_s: float, a_t: float) -> tuple[float, float, float, float]:
+    """(sigma_t / sigma_s, alpha_t, h, expm1(-h)) for a step from alpha_bar a_s to a_t."""
+    lam_s, lam_t = log_snr_lambda(a_s), log_snr_lambda(a_t)
+    h = lam_t - lam_s
+    ratio = math.sqrt((1 - a_t) / (1 - a_s))
+    return ratio, math.sqrt(a_t), h, (-1.0 if math.isinf(h) else math.expm1(-h))
+
+
+def dpmpp_direction(D: list[torch.Tensor], lams: list[float], lam_t: float, order: int) -> torch.Tensor:
+    """The combined data prediction of a 2M step (``D0 + D1 / 2``); D, lams most recent first."""
+    if order == 1 or math.isinf(lam_t):
+        return D[0]
+    h, h0 = lam_t - lams[0], lams[0] - lams[1]
+    return D[0] + 0.5 * (D[0] - D[1]) * (h / h0)
+
+
+def dpmpp_2m(x: torch.Tensor, grid: Grid) -> Sampler:
+    """DPM-Solver++(2M): x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) (D0 + D1 / 2)."""
+    D: list[torch.Tensor] = []
+    lams: list[float] = []
+    for i in range(grid.steps):
+        a, a_next = grid.ab[i], grid.ab[i + 1]
+        e = yield x, grid.t[i]
+        D, lams = [x0_hat(x, e, a)] + D[:1], [log_snr_lambda(a)] + lams[:1]
+        ratio, alpha_t, _, em = _coeffs(a, a_next)
+        x = ratio * x - alpha_t * em * dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
+    return x
+
+
+def dpmpp_3m(x: torch.Tensor, grid: Grid) -> Sampler:
+    """DPM-Solver++(3M): orders ramp 1 -> 2 -> 3; the step into alpha_bar = 1 is first order."""
+    D: list[torch.Tensor] = []
+    lams: list[float] = []
+    for i in range(grid.steps):
+        a, a_next = grid.ab[i], grid.ab[i + 1]
+        e = yield x, grid.t[i]
+        D, lams = [x0_hat(x, e, a)] + D[:2], [log_snr_lambda(a)] + lams[:2]
+        ratio, alpha_t, h, em = _coeffs(a, a_next)
+        if len(D) < 3 or math.isinf(h):
+            x = ratio * x - alpha_t * em * dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
+            continue
+        r0 = (lams[0] - lams[1]) / h
+        r1 = (lams[1] - lams[2]) / h
+        D1_0, D1_1 = (D[0] - D[1]) / r0, (D[1] - D[2]) / r1
+        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+        D2 = (D1_0 - D1_1) / (r0 + r1)
+        x = (ratio * x - alpha_t * em * D[0] + alpha_t * (em / h + 1.0) * D1
+             - alpha_t * ((em + h) / h ** 2 - 0.5) * D2)
+    return x
