@@ -23,10 +23,11 @@ REF = TARGET.generate(IDS, max_new_tokens=24, do_sample=False, pad_token_id=0, e
 
 @pytest.mark.parametrize("make", [
     lambda: Medusa.for_target(TARGET, n_heads=3).use_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0]]),
-    lambda: DraftTree(DRAFT, width=2, depth=3),
-    lambda: DraftTree(DRAFT, width=2, depth=3, shape="beam"),
-    lambda: DraftTree(TARGET, width=2, depth=2, shape="full", replacement=True),
-    lambda: DraftTree(TARGET, width=1, depth=4),                    # a chain, drafted by the target itself
+    lambda: DraftTree(DRAFT, width=2, depth=3, compile=False),
+    lambda: DraftTree(DRAFT, width=2, depth=3, shape="beam", backend="hf"),
+    lambda: DraftTree(DRAFT, width=2, depth=3, shape="beam", compile=False),
+    lambda: DraftTree(TARGET, width=2, depth=2, shape="full", replacement=True, compile=False),
+    lambda: DraftTree(TARGET, width=1, depth=4, backend="hf"),      # a chain, drafted by the target itself
 ])
 @pytest.mark.parametrize("backend", ["hf", "engine-eager"])
 def test_greedy_equals_generate(make, backend):
@@ -38,20 +39,20 @@ def test_greedy_equals_generate(make, backend):
 
 def test_self_draft_accepts_everything():
     st = {}
-    tree_speculative_generate(TARGET, IDS, drafter=DraftTree(TARGET, width=2, depth=3), max_new_tokens=24, stats=st,
+    tree_speculative_generate(TARGET, IDS, drafter=DraftTree(TARGET, width=2, depth=3, compile=False), max_new_tokens=24, stats=st,
                               backend="engine-eager")
     assert st["accept_hist"] == {3: st["steps"]} or set(st["accept_hist"]) == {3}
 
 
 def test_eos_stops_and_context_too_small_errors():
     eos = int(REF[0, IDS.shape[1] + 3])
-    out = tree_speculative_generate(TARGET, IDS, drafter=DraftTree(DRAFT, width=2, depth=2), max_new_tokens=24,
+    out = tree_speculative_generate(TARGET, IDS, drafter=DraftTree(DRAFT, width=2, depth=2, compile=False), max_new_tokens=24,
                                     eos_token_id=eos, backend="hf")
     assert out[0, -1] == eos and torch.equal(out, REF[:, : out.shape[1]])
     small = _tiny(0)
     small.config.max_position_embeddings = 12
     with pytest.raises(ValueError, match="positions"):
-        tree_speculative_generate(small, IDS, drafter=DraftTree(DRAFT, width=3, depth=3), max_new_tokens=10,
+        tree_speculative_generate(small, IDS, drafter=DraftTree(DRAFT, width=3, depth=3, compile=False), max_new_tokens=10,
                                   backend="engine-eager")
 
 
@@ -68,7 +69,7 @@ def test_sampling_is_lossless_end_to_end(kind, backend):
         p2 = torch.stack([t(torch.cat([ids, torch.tensor([[x]])], 1)).logits[0, -1].softmax(-1) for x in range(V)])
     expected = (p1[:, None] * p2).flatten()
     drafter = (Medusa.for_target(t, n_heads=2, projection="own").use_tree([[0], [1], [0, 0]]) if kind == "medusa"
-               else DraftTree(d, width=2, depth=2, shape="beam"))
+               else DraftTree(d, width=2, depth=2, shape="beam", compile=False))
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(V * V)
     n = 1000

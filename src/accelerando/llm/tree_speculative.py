@@ -5,7 +5,7 @@ position = prefix + depth); the cache then keeps only the accepted path (gathere
 rest cropped). A chain draft is the one-path tree, so the same loop and verifier serve both.
 
 Drafters (``accelerando.llm.drafters``) implement ``begin / propose / accept``:
-  begin(target, input_ids)            once, after the target's prefill
+  begin(target, input_ids, max_new)   once, after the target's prefill
   propose(root, hidden, sampling)     -> TreeProposal (tree shape, tokens with the root first, q)
   accept(path, emitted)               bookkeeping after verification (e.g. the draft's own cache)
 """
@@ -68,7 +68,7 @@ class TreeProposal:
 class TreeDrafter(Protocol):
     needs_hidden: bool
 
-    def begin(self, target: Any, input_ids: torch.Tensor) -> None: ...
+    def begin(self, target: Any, input_ids: torch.Tensor, max_new_tokens: int) -> None: ...
 
     def propose(self, root: int, hidden: torch.Tensor | None, sampling: Sampling,
                 generator: torch.Generator | None, rule: str) -> TreeProposal: ...
@@ -179,9 +179,10 @@ def verify_tree(prop: TreeProposal, logits: torch.Tensor, sampling: Sampling, *,
     p = sampling.probs(logits)
     if rule == "typical":
         return typical_tree_accept(prop.tree, prop.tokens, p, epsilon=epsilon, alpha=alpha, generator=generator)
-    if prop.q is None:
+    if prop.q is None and len(prop.tree) > 1:
         raise ValueError("lossless sampling needs the draft distributions q of the proposal")
-    return rejection_tree_accept(prop.tree, prop.tokens, p, prop.q.to(p.dtype), replacement=prop.replacement,
+    q = p if prop.q is None else prop.q.to(p.dtype)      # a root-only tree never reads q
+    return rejection_tree_accept(prop.tree, prop.tokens, p, q, replacement=prop.replacement,
                                  generator=generator)
 
 
@@ -219,7 +220,7 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
     st.target_calls += 1
     root = int(last.argmax()) if sampling.greedy else int(torch.multinomial(sampling.probs(last), 1, generator=generator))
     emitted = [root]
-    drafter.begin(target, input_ids)
+    drafter.begin(target, input_ids, max_new_tokens)
     while len(emitted) < max_new_tokens and root not in eos:
         prop = drafter.propose(root, hidden, sampling, generator, rule)
         h, logits = tgt.score_tree(prop.tree, prop.tokens)

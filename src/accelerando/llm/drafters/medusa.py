@@ -163,7 +163,7 @@ class Medusa(nn.Module):
         self._tree = tree
         return self
 
-    def begin(self, target: Any, input_ids: torch.Tensor) -> None:
+    def begin(self, target: Any, input_ids: torch.Tensor, max_new_tokens: int = 0) -> None:
         self.attach(target)
 
     @torch.no_grad()
