@@ -13,6 +13,8 @@ arm for each held-out workload among the arms measured there. With ``u(w, a)`` t
 * closed gap ``(mean u_sel - mean u_SBS) / (mean u_VBS - mean u_SBS)`` (1 = oracle, 0 = SBS);
   this is ASlib's ``(m_SBS - m_sel) / (m_SBS - m_VBS)`` for a cost ``m = -u``;
 * violation rate: fraction of selections whose measured quality breaks the constraint.
+
+Workloads where only the baseline could be measured (no choice to make) are left out.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def cross_validate(table: PerfTable, policies: dict[str, Callable[[], Selector]]
             fitted[name] = sel.fit(sub)
         for w in gw:
             arms = candidates_on(table, w, constraint)
+            if len(arms) < 2:
+                continue                           # only the baseline was measured: nothing to choose
             _, vbs = table.vbs(w, constraint)
             case = Case(w, family, vbs)
             for name, sel in fitted.items():

@@ -1,0 +1,107 @@
+"""Held-out evaluation of the method selector on the swept history -> BENCHMARKS.md ("selector").
+
+    python benchmarks/selector.py                       # the bundled history (select/data)
+    python benchmarks/selector.py --history h.sqlite    # any history store
+
+Leave-one-workload-out and leave-one-model-out; every learned selector against the single best
+method (SBS), random choice and the per-workload oracle (VBS). LLMs are evaluated lossless-only
+and with a quality budget; diffusion samplers are all lossy, so only budgets apply there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+
+from accelerando.bench.report import machine_line, markdown_table, write_section
+from accelerando.select.cli import run_evaluation
+from accelerando.select.models import DEFAULT_MODEL
+from accelerando.select.recommend import load_bundled
+from accelerando.select.table import Constraint, build_table
+
+MODELS = ["knn", "isac", "gbm", "forest", "pairwise"]
+BUDGETS = {"llm": [None, 0.05], "diffusion": [0.0, 0.25, 1.0]}
+
+
+def winners(table, family, c):
+    """How often each arm is the per-workload oracle: a selection problem only if this spreads."""
+    cnt = collections.Counter(table.vbs(w, c)[0] for w in table.wids(family))
+    return ", ".join(f"{a} {n}" for a, n in cnt.most_common(6))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--history", help="history store (default: the bundled data)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--json", help="also write all summaries here")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = ap.parse_args(argv)
+    if args.history:
+        from accelerando.bench.history import open_history
+        with open_history(args.history) as h:
+            rows = h.rows()
+    else:
+        rows = load_bundled()
+    table = build_table(rows)
+    if not len(table):
+        print("no measured workloads in the history", file=sys.stderr)
+        return 1
+    names = [m for m in args.models.split(",") if m]
+    t0 = time.perf_counter()
+    results = []
+    lines = []
+    for fam in ("llm", "diffusion"):
+        wids = table.wids(fam)
+        if not wids:
+            continue
+        cons = [Constraint(b) for b in BUDGETS[fam]]
+        res = run_evaluation(table, names, ["workload", "model"], cons, [fam], console=None)
+        results += res
+        models_n = len({table.workloads[w].get("model") for w in wids})
+        arms_n = len({a for w in wids for a in table.arms_on(w)})
+        lines.append(f"\n### {fam}: {len(wids)} workloads, {models_n} models, {arms_n} method configurations\n")
+        for c in cons:
+            lines.append(f"Per-workload oracle winners ({c.label()}): {winners(table, fam, c)}\n")
+        for scheme in ("workload", "model"):
+            for c in cons:
+                part = [r for r in res if r["scheme"] == scheme and r["constraint"] == c.label()]
+                if not part:
+                    continue
+                lines.append(f"\nLeave-one-{scheme}-out, {c.label()} ({part[0]['n']} held-out workloads):\n")
+                lines.append(markdown_table(
+                    ["policy", "top-1", "mean speed-up", "VBS speed-up", "mean regret", "regret / VBS",
+                     "closed gap", "violations"],
+                    [[r["policy"] + (" (default)" if r["policy"] == DEFAULT_MODEL else ""), f"{r['top1']:.2f}",
+                      f"{r['mean_utility']:.3f}", f"{r['mean_vbs']:.3f}", f"{r['mean_regret']:.3f}",
+                      f"{r['rel_regret']:.1%}", "-" if r["closed_gap"] != r["closed_gap"] else f"{r['closed_gap']:.2f}",
+                      f"{r['violation_rate']:.1%}"] for r in part]))
+    cmd = "python benchmarks/selector.py" + (f" --history {args.history}" if args.history else "")
+    md = "\n".join([
+        "## Method selector: held-out evaluation",
+        "",
+        f"Command: `{cmd}` ({time.perf_counter() - t0:.0f} s). Machine of the evaluation: {machine_line()}.",
+        "Data: the sweep history (`accelerando sweep`, bundled as `src/accelerando/select/data/history.jsonl.gz`);"
+        " its speed-ups were measured on the machine recorded in each row.",
+        "",
+        "Utility = speed-up over the baseline of the same run when the quality constraint holds, else 0;"
+        " the baseline (1.0) is always allowed. VBS = per-workload oracle, SBS = single best method on the"
+        " training folds, random = expected utility of a uniformly random allowed method."
+        " Closed gap = (sel - SBS) / (VBS - SBS); regret / VBS = mean regret / mean VBS speed-up."
+        " Diffusion arms are (sampler, fraction of the NFE budget); loss = relative increase of the error"
+        " to a 100-step reference over the full-budget baseline's.",
+        *lines,
+    ])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(md)
+    if not args.no_write:
+        write_section("selector", md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
