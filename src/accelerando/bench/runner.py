@@ -382,16 +382,16 @@ def _diffusion_api():
     return make_schedule
 
 
-def unet_eps_fn(unet: Any) -> Callable[[Any, Any], Any]:
+def unet_eps_fn(unet: Any, *, prediction_type: str = "epsilon", schedule: Any = None) -> Callable[[Any, Any], Any]:
     """eps(x, t) from a diffusers UNet (through ``accelerando.diffusion.models`` when present)."""
     try:
-        from accelerando.diffusion import models as dm
-        for name in ("eps_fn_from_unet", "unet_eps_fn", "from_unet", "eps_fn"):
-            fn = getattr(dm, name, None)
-            if callable(fn):
-                return fn(unet)
+        from accelerando.diffusion.models import eps_fn_from_unet
     except ImportError:
-        pass
+        eps_fn_from_unet = None
+    if eps_fn_from_unet is not None:
+        return eps_fn_from_unet(unet, prediction_type=prediction_type, schedule=schedule)
+    if prediction_type != "epsilon":
+        raise RunnerError(f"{prediction_type}-prediction models need accelerando.diffusion.models")
 
     @torch.no_grad()
     def eps(x, t):
@@ -402,8 +402,9 @@ def unet_eps_fn(unet: Any) -> Callable[[Any, Any], Any]:
     return eps
 
 
-def load_unet(name_or_path: str, *, device: str | torch.device = "cpu") -> tuple[Any, int]:
-    """A diffusers denoiser from a directory or zoo name, and its training-timestep count."""
+def load_unet(name_or_path: str, *, device: str | torch.device = "cpu") -> tuple[Any, int, str]:
+    """A diffusers denoiser from a directory or zoo name, its training-timestep count and its
+    prediction type (from a scheduler config beside it; epsilon when there is none)."""
     d = resolve_model_dir(name_or_path)
     if model_kind(d) != "diffusion":
         raise RunnerError(f"{name_or_path} is a causal LM, not a diffusion model")
@@ -412,25 +413,25 @@ def load_unet(name_or_path: str, *, device: str | torch.device = "cpu") -> tuple
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise RunnerError(f"diffusers has no model class {cls_name}")
-    n_train = 1000
+    n_train, prediction = 1000, "epsilon"
     for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
         if sc.exists():
             cfg = json.loads(sc.read_text())
             n_train = int(cfg.get("num_train_timesteps", n_train))
-            if cfg.get("prediction_type", "epsilon") != "epsilon":
-                raise RunnerError(f"{name_or_path}: only epsilon-prediction models are supported here")
+            prediction = str(cfg.get("prediction_type", prediction))
             break
-    return cls.from_pretrained(d).to(device).eval(), n_train
+    return cls.from_pretrained(d).to(device).eval(), n_train, prediction
 
 
 def build_diffusion_setups(workload: DiffusionWorkload, *, device: str | torch.device = "cpu",
-                           unet=None, num_train_timesteps: int = 1000) -> list[DiffusionSetup]:
+                           unet=None, num_train_timesteps: int = 1000,
+                           prediction_type: str = "epsilon") -> list[DiffusionSetup]:
     """One setup: the model's eps_fn, the schedule, per-sample-seeded starting noise."""
     make_schedule = _diffusion_api()
     if workload.model.startswith("oracle:"):
         raise RunnerError("oracle workloads are run by the diffusion benchmark, not by this runner yet")
     if unet is None:
-        unet, num_train_timesteps = load_unet(workload.model, device=device)
+        unet, num_train_timesteps, prediction_type = load_unet(workload.model, device=device)
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
         else (cfg.in_channels, *cfg.sample_size)
@@ -438,7 +439,8 @@ def build_diffusion_setups(workload: DiffusionWorkload, *, device: str | torch.d
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(workload.seed + i))
                        for i in range(workload.batch)]).to(device)
     schedule = make_schedule(workload.schedule, num_train_timesteps=num_train_timesteps)
-    return [DiffusionSetup(eps_fn=unet_eps_fn(unet), schedule=schedule, x_T=x_T, steps=workload.steps,
+    eps_fn = unet_eps_fn(unet, prediction_type=prediction_type, schedule=schedule)
+    return [DiffusionSetup(eps_fn=eps_fn, schedule=schedule, x_T=x_T, steps=workload.steps,
                            spacing=workload.spacing, seed=workload.seed)]
 
 
@@ -480,8 +482,9 @@ def run_workload(
         unet_key = f"unet:{workload.model}"
         if unet_key not in cache:
             cache[unet_key] = load_unet(workload.model, device=device)
-        unet, n_train = cache[unet_key]
-        setups = build_diffusion_setups(workload, device=device, unet=unet, num_train_timesteps=n_train)
+        unet, n_train, prediction = cache[unet_key]
+        setups = build_diffusion_setups(workload, device=device, unet=unet, num_train_timesteps=n_train,
+                                        prediction_type=prediction)
         key = workload.key()
         if reference_steps:
             key["reference_steps"] = reference_steps
