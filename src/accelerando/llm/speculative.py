@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from accelerando.llm.cache import HFCache, max_positions
+from accelerando.llm.cache import HFCache, check_supports_cache, max_positions
 from accelerando.llm.drafters.base import Proposal, StepResult
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.drafters.prompt_lookup import PromptLookup
@@ -180,6 +180,7 @@ def _validate(target: Any, drafter: Any, input_ids: torch.Tensor, max_new_tokens
                          f"{input_ids.dtype}")
     if input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty; give at least one token (e.g. BOS)")
+    check_supports_cache(target, "target")
     need = input_ids.shape[1] + max_new_tokens
     models = [("target", target)] + ([("draft model", drafter.model)] if isinstance(drafter, DraftModel) else [])
     for role, m in models:

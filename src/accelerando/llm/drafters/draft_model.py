@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from accelerando.llm.cache import HFCache
+from accelerando.llm.cache import HFCache, check_supports_cache
 from accelerando.llm.drafters.base import Proposal, StepResult
 from accelerando.llm.sampling import SamplingConfig, bad_rows, checked_probs
 
@@ -65,6 +65,7 @@ class DraftModel:
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_compatible(self, target: Any, tokenizer: Any = None) -> None:
+        check_supports_cache(self.model, "draft model")
         check_same_vocabulary(target, self.model, tokenizer, self.tokenizer)
         self.v_target = vocab_size(target)
 
