@@ -1,0 +1,89 @@
+"""sampling.py (same processing as transformers' warpers, clear errors), prompt lookup, draft length."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from accelerando.llm.drafters.prompt_lookup import lookup
+from llm_models import one_thread
+from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, check_finite, checked_probs, process_logits
+from accelerando.llm.speculative import AdaptiveK, HeuristicK, best_k, expected_tokens
+
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),
+                                                     (0.5, 20, 0.9), (1.0, 1, None)])
+def test_processing_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    procs = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k is not None:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        procs.append(TopPLogitsWarper(top_p))
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    ref = procs(torch.zeros(6, 1, dtype=torch.long), logits.clone())
+    ours = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert torch.equal(torch.isinf(ref), torch.isinf(ours))
+    assert torch.allclose(ref.softmax(-1), ours.softmax(-1), atol=1e-6)
+
+
+def test_config_validation():
+    for bad in (dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=0), dict(top_p=0.0),
+                dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+    assert SamplingConfig().greedy and not SamplingConfig(temperature=0.5).greedy
+
+
+def test_non_finite_logits_are_flagged_not_sampled():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 0.0], [float("-inf")] * 3, [0.0, float("inf"), 0.0]])
+    p, bad = checked_probs(logits, SamplingConfig(temperature=1.0))
+    assert bad.tolist() == [False, True, True, True]
+    assert torch.isfinite(p).all()                      # sampling on device cannot crash before the check
+    with pytest.raises(NonFiniteLogitsError, match="3 row"):
+        check_finite(logits)
+    check_finite(logits[:1])
+
+
+def test_prompt_lookup_copies_the_most_recent_continuation():
+    h = np.array([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2, 3])
+    assert lookup(h, (3, 2, 1), 4).tolist() == [7, 8, 1, 2]         # most recent earlier "1 2 3"
+    assert lookup(h, (3,), 1).tolist() == [7]
+    assert lookup(np.array([5, 6, 7]), (2, 1), 4).tolist() == []     # no earlier occurrence
+    assert lookup(np.array([4, 6, 4]), (3, 1), 4).tolist() == [6, 4]  # falls back to the 1-gram
+
+
+def test_best_k_maximises_tokens_per_cost():
+    assert expected_tokens(0.0, 5) == 1.0 and expected_tokens(1.0, 5) == 6.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+    for alpha in (0.3, 0.6, 0.9):
+        for c in (0.0, 0.05, 0.3, 1.0):
+            k = best_k(alpha, c, 16)
+            brute = max(range(1, 17), key=lambda j: expected_tokens(alpha, j) / (1 + j * c))
+            assert abs(expected_tokens(alpha, k) / (1 + k * c) - expected_tokens(alpha, brute) / (1 + brute * c)) < 1e-12
+    assert best_k(0.9, 0.0, 16) == 16 and best_k(0.3, 1.0, 16) == 1
+    assert best_k(0.9, 0.05, 16) > best_k(0.6, 0.05, 16) > best_k(0.3, 0.05, 16)
+
+
+def test_adaptive_k_tracks_acceptance_and_cost():
+    rng = np.random.default_rng(0)
+    for true_alpha in (0.3, 0.9):
+        ctl = AdaptiveK(16, cost_ratio=None)
+        for _ in range(200):
+            k = ctl.choose()
+            n = 0
+            while n < k and rng.random() < true_alpha:
+                n += 1
+            ctl.update(k, [n], t_draft=0.1 * k, t_target=1.0)   # c = 0.1
+        assert abs(ctl.alpha - true_alpha) < 0.15 and abs(ctl.c - 0.1) < 1e-6
+        assert ctl.choose() == best_k(ctl.alpha, ctl.c, 16)
+    h = HeuristicK(5, 32)
+    h.update(5, [5], 0, 0)
+    assert h.choose() == 7
+    h.update(7, [2], 0, 0)
+    assert h.choose() == 6
