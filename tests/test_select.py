@@ -184,9 +184,9 @@ def _synthetic_history(n: int = 30, seed: int = 0):
     return rows
 
 
-@pytest.mark.parametrize("model", ["knn", "gbm", "pairwise"])
+@pytest.mark.parametrize("model", ["knn", "knn-w", "gbm", "pairwise"])
 def test_learned_selectors_beat_sbs_when_features_decide(model):
-    t = build_table(_synthetic_history())
+    t = build_table(_synthetic_history(30))
     summ, cases = evaluate(t, [model], constraint=LOSSLESS)
     by = {s.policy: s for s in summ}
     assert len(cases) == 30

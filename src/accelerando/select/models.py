@@ -166,19 +166,48 @@ class SingleBest(Selector):
 
 
 class KNN(Selector):
-    """Utility averaged over the k nearest training workloads that measured the arm."""
+    """Utility averaged over the k nearest training workloads that measured the arm.
+
+    ``weighted=True`` scales each standardised feature by its importance in a small random
+    forest that predicts the arms' utilities from the features (a cheap metric learning: features
+    that do not change the winner stop diluting the distance)."""
 
     name = "knn"
 
-    def __init__(self, *, k: int = 5, **kw: Any):
+    def __init__(self, *, k: int = 5, weighted: bool = False, **kw: Any):
         super().__init__(**kw)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
+        self.weighted = weighted
+        if weighted:
+            self.name = "knn-w"
+
+    def _fit_family(self, family, st):
+        st["fw"] = np.ones(st["Z"].shape[1])
+        if not self.weighted or len(st["wids"]) < 4:
+            return
+        from sklearn.ensemble import RandomForestRegressor
+        arms = [a for a in st["candidates"] if a != st["baseline"]]
+        Y = np.full((len(st["wids"]), len(arms)), np.nan)
+        for i, w in enumerate(st["wids"]):
+            for j, a in enumerate(arms):
+                if (w, a) in self.table.speedup:
+                    Y[i, j] = self._utility(w, a)
+        keep = ~np.all(np.isnan(Y), axis=0)
+        if not keep.any():
+            return
+        Y = Y[:, keep]
+        Y = np.where(np.isnan(Y), np.nanmean(Y, axis=0), Y)
+        rf = RandomForestRegressor(n_estimators=60, max_depth=4, random_state=self.seed, n_jobs=1).fit(st["Z"], Y)
+        imp = rf.feature_importances_
+        if imp.max() > 0:
+            st["fw"] = imp / imp.max()
 
     def _predict(self, family, st, x, arms):
         z = (x - st["mu"]) / st["sd"]
-        d = np.sqrt(((st["Z"] - z) ** 2).sum(axis=1))
+        fw = st.get("fw", 1.0)
+        d = np.sqrt((((st["Z"] - z) * fw) ** 2).sum(axis=1))
         order = np.argsort(d, kind="stable")
         out = []
         for a in arms:
@@ -385,6 +414,7 @@ class Pairwise(Selector):
 MODELS: dict[str, Callable[..., Selector]] = {
     "sbs": SingleBest,
     "knn": KNN,
+    "knn-w": lambda **kw: KNN(weighted=True, **kw),
     "isac": ISAC,
     "gbm": lambda **kw: PerfModel(kind="gbm", **kw),
     "forest": lambda **kw: PerfModel(kind="forest", **kw),
