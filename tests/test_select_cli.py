@@ -120,3 +120,14 @@ def test_cli_sweep_small_grid(env, monkeypatch):
     assert "[1/1]" in res.output and "1 workloads measured" in res.output
     res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact,fake-lossy")
     assert "0 workloads measured" in res.output and "1 already in the history" in res.output
+
+
+def test_cli_recommend_diffusion_verify(env):
+    res = invoke("--history", env, "recommend", "rand-unet-c8x16-i8-s0", "--steps", 4, "--batch", 1,
+                 "--max-loss", 0.5, "--verify")
+    assert res.exit_code == 0, res.output
+    assert "recommended: fake-ddim" in res.output and "loss<=0.5" in res.output
+    with open_history(env) as h:
+        rows = h.rows()
+    assert rows and rows[0].family == "diffusion" and rows[0].metrics["is_baseline"]
+    assert rows[0].workload["features"]["image_size"] == 8
