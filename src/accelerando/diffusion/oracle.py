@@ -37,18 +37,23 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def eps_at(self, x: torch.Tensor, a: float | torch.Tensor) -> torch.Tensor:
-        """Exact eps for x of shape (B, d) at alpha_bar a (a float or a (B,) tensor)."""
-        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1, 1)          # (B|1, 1, 1)
-        xd = x.to(torch.float64)[:, None, :]                                     # (B, 1, d)
-        mu, var = self.means.to(torch.float64)[None], self.variances.to(torch.float64)[None]
+    def eps_at(self, x: torch.Tensor, a: float | torch.Tensor | list) -> torch.Tensor:
+        """Exact eps for x of shape (B, d) at alpha_bar a (a float or one value per row)."""
+        a_np = np.asarray(torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1, 1))
+        e = self._eps_np(x.detach().cpu().to(torch.float64).numpy(), a_np)
+        return torch.from_numpy(e).to(device=x.device, dtype=x.dtype)
+
+    def _eps_np(self, x: np.ndarray, a: np.ndarray | float) -> np.ndarray:
+        # numpy, not torch: tiny reductions in torch wake its thread pool, slow on a busy host
+        logw = np.log(self.weights.to(torch.float64).numpy())[None]             # (1, K)
+        mu, var = self.means.to(torch.float64).numpy()[None], self.variances.to(torch.float64).numpy()[None]
         C = a * var + (1 - a)                                                    # (B, K, d)
-        diff = a.sqrt() * mu - xd                                                # (B, K, d)
-        logp = (torch.log(self.weights.to(torch.float64))[None]
-                - 0.5 * (diff ** 2 / C + torch.log(C)).sum(-1))                  # (B, K)
-        w = torch.softmax(logp, dim=1)[..., None]                                # posterior weights
-        score = (w * diff / C).sum(1)                                            # (B, d)
-        return (-(1 - a[:, 0]).sqrt() * score).to(x.dtype)
+        diff = np.sqrt(a) * mu - x[:, None, :]                                   # (B, K, d)
+        logp = logw - 0.5 * (diff ** 2 / C + np.log(C)).sum(-1)                  # (B, K)
+        w = np.exp(logp - logp.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)                                             # posterior weights
+        score = (w[..., None] * diff / C).sum(1)                                 # (B, d)
+        return -np.sqrt(1 - np.reshape(a, (-1, 1))) * score
 
     def eps_fn(self, x: torch.Tensor, t: Any) -> torch.Tensor:
         """eps(x, t) with (float or integer) model times, the sampler convention; x is (B, ...)."""
@@ -72,18 +77,9 @@ class GaussianMixture:
         x = x_start.reshape(shape[0], -1).to(torch.float64)
         xbar0 = (x / math.sqrt(ab_start)).numpy().ravel()
 
-        logw = np.log(self.weights.to(torch.float64).numpy())[None]
-        mu, var = self.means.to(torch.float64).numpy()[None], self.variances.to(torch.float64).numpy()[None]
-
-        def rhs(s: float, y: np.ndarray) -> np.ndarray:   # numpy twin of eps_at: no torch overhead per call
+        def rhs(s: float, y: np.ndarray) -> np.ndarray:
             a = 1.0 / (1.0 + s * s)
-            xt = y.reshape(x.shape)[:, None, :] * math.sqrt(a)
-            C = a * var + (1 - a)
-            diff = math.sqrt(a) * mu - xt
-            logp = logw - 0.5 * (diff ** 2 / C + np.log(C)).sum(-1)
-            w = np.exp(logp - logp.max(1, keepdims=True))
-            w /= w.sum(1, keepdims=True)
-            return (-math.sqrt(1 - a) * (w[..., None] * diff / C).sum(1)).ravel()
+            return self._eps_np(y.reshape(x.shape) * math.sqrt(a), a).ravel()
 
         sol = solve_ivp(rhs, (s_of(ab_start), s_of(ab_end)), xbar0, method="DOP853", rtol=rtol, atol=atol)
         if not sol.success:
