@@ -282,14 +282,91 @@ class Engine:
 _ENGINES: "weakref.WeakKeyDictionary[Any, dict[tuple, Engine]]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(model: Any, *, batch_size: int, max_len: int, compile: bool = True) -> Engine:
-    """A (cached) ``Engine`` for ``model`` with room for ``max_len`` slots per row."""
+def engine_for(model: Any, *, batch_size: int, max_len: int, compile: bool = True, tag: str = "") -> Engine:
+    """A (cached) ``Engine`` for ``model`` with room for ``max_len`` slots per row.
+
+    ``tag`` separates engines that must not share a cache (e.g. one model used as target and draft).
+    """
     bucket = -(-max_len // LEN_BUCKET) * LEN_BUCKET
-    key = (batch_size, bucket, compile, str(next(model.parameters()).device), next(model.parameters()).dtype)
+    key = (batch_size, bucket, compile, str(next(model.parameters()).device), next(model.parameters()).dtype, tag)
     per_model = _ENGINES.setdefault(model, {})
     if key not in per_model:
         per_model[key] = Engine(model, batch_size=batch_size, max_len=bucket, compile=compile)
     return per_model[key]
+
+
+STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)   # compiled step widths; wider calls are padded up
+
+
+class EngineSpecCache:
+    """The speculative loop's cache interface (``accelerando.llm.cache.SpecCache``) on the engine.
+
+    Same contract as ``HFCache``: ``forward(ids, valid)`` appends T columns (the first call is the
+    prefill) and returns logits (B, T, V); ``mark()`` / ``rollback(start, keep, max_keep)`` keep
+    ``keep[b]`` of the columns appended since the mark. Here rollback moves each row's write
+    pointer (no copy, no hole left behind), so rows that accepted different numbers of drafts
+    simply have different lengths. Compiled steps are padded up to the next of ``STEP_BUCKETS``
+    (padding tokens are masked and the pointer advances over the real ones only), so a variable
+    draft length reuses a few graphs. ``max_len``: prompt + new tokens + the widest step.
+    """
+
+    def __init__(self, model: Any, *, batch_size: int, max_len: int, compile: bool = True,
+                 role: str = "model", max_step: int = 16):
+        self.role = role
+        slack = _bucket(max_step) if compile else max_step
+        self.engine = engine_for(model, batch_size=batch_size, max_len=max_len + slack, compile=compile, tag=role)
+        self.engine.reset()
+        self.calls = 0
+        self._started = False
+        self._bound = 0                      # host upper bound of every row's pointer (no device sync)
+        self._mark_bound = -1
+        self._mark_lengths: torch.Tensor | None = None
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) valid tokens per row."""
+        c = self.engine.cache
+        live = torch.arange(c.max_len, device=c.valid.device)[None, :] < c.lengths[:, None]
+        return (c.valid & live).sum(1)
+
+    def mark(self) -> int:
+        self._mark_lengths = self.engine.cache.lengths.clone()
+        self._mark_bound = self._bound
+        return self._bound
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        eng = self.engine
+        self.calls += 1
+        B, T = ids.shape
+        mask = None if valid is None else valid.bool()
+        if not self._started:
+            self._started, self._bound = True, T
+            return eng.prefill(ids, mask, last_only=False)
+        width = _bucket(T) if eng.compiled else T
+        if self._bound + width > eng.max_len:
+            raise ValueError(f"the {self.role}'s engine cache is full ({eng.max_len} slots); "
+                             "give a larger max_len")
+        self._bound += T
+        if width == T:
+            return eng.step(ids, token_mask=mask)
+        pad = width - T                      # pad to a compiled width; the padding is masked, then forgotten
+        if mask is None:
+            mask = eng._all_valid(ids.shape)
+        logits = eng.step(torch.cat([ids, ids.new_zeros(B, pad)], 1),
+                          token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1))
+        eng.cache.lengths -= pad
+        return logits[:, :T]
+
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None:
+        """Row b keeps the first ``keep[b]`` columns appended since ``mark()`` returned ``start``."""
+        if self._mark_lengths is None or start != self._mark_bound:
+            raise RuntimeError("rollback(start, ...) must follow the mark() that returned start")
+        self.engine.cache.rollback(self._mark_lengths + keep.to(self._mark_lengths.device))
+        self._bound = start + max_keep
+
+
+def _bucket(t: int) -> int:
+    return next((b for b in STEP_BUCKETS if b >= t), t)
 
 
 _NOTICED: set[str] = set()
