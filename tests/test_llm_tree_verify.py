@@ -13,10 +13,10 @@ from scipy.stats import chisquare
 
 from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_verify import (accepted_tokens, draft_tree, greedy_tree_accept, gumbel_topk,
-                                         recursive_reject, rejection_tree_accept, stochastic_beam_tree,
+                                         rejection_accept_tree, rejection_tree_accept, stochastic_beam_tree,
                                          typical_threshold, typical_tree_accept)
 
-V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 4000, 1e-3
+V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 2500, 1e-3
 
 
 def _tables():
@@ -77,13 +77,31 @@ def test_wrong_rule_is_detected():
     assert _run(draft, _rej(True), seed=3) < ALPHA_SIG
 
 
-def test_recursive_reject_edge_cases():
-    p = torch.tensor([0.5, 0.5, 0.0])
-    q = torch.tensor([0.0, 0.0, 1.0])
-    i, pf = recursive_reject(p, q, [2, 0], replacement=False)        # q exhausted after one sibling
-    assert i is None and torch.allclose(pf, p)
-    i, pf = recursive_reject(p, p.clone(), [0], replacement=True)     # p == q always accepts
-    assert i == 0
+def test_rejection_edge_cases():
+    t = TokenTree.from_paths([[0], [1]])
+    p = torch.tensor([[0.5, 0.5, 0.0]] * 3)
+    q = torch.tensor([[0.0, 0.0, 1.0]] * 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):   # child 1 (token 2) is always rejected; q is then exhausted: child 2 is never tried
+        v = rejection_tree_accept(t, [0, 2, 0], p, q, replacement=False, generator=g)
+        assert v.path == [0] and v.next_token in (0, 1)
+    v = rejection_tree_accept(t, [0, 1, 0], p, p.clone(), replacement=True, generator=g)   # p == q accepts
+    assert v.path == [0, 1]
+
+
+def test_batched_rows_are_independent_trees():
+    """Row b of a batch gives the same law as the one-tree view: check the batch's path frequencies."""
+    t = TokenTree.from_paths([[0], [1], [0, 0]])
+    g = torch.Generator().manual_seed(0)
+    B = 4000
+    tokens = torch.tensor([[0, 1, 2, 3]]).expand(B, 4)
+    p = torch.softmax(torch.randn(4, V, generator=g, dtype=torch.float64), -1)[None].expand(B, 4, V)
+    q = torch.softmax(torch.randn(4, V, generator=g, dtype=torch.float64), -1)[None].expand(B, 4, V)
+    last, nxt = rejection_accept_tree(t, tokens, p, q, replacement=False, generator=g)
+    # P(accept child 1) = min(1, p0(1)/q0(1)) exactly
+    a1 = min(1.0, float(p[0, 0, 1] / q[0, 0, 1]))
+    n1 = int(((last == 1) | (last == 3)).sum())
+    assert abs(n1 / B - a1) < 4 * (a1 * (1 - a1) / B) ** 0.5 + 1e-9
 
 
 def test_greedy_tree_accept_longest_path():

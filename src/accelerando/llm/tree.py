@@ -137,6 +137,21 @@ class TokenTree:
     def depth_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.tensor(self.depths, dtype=torch.long, device=device)
 
+    def tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Cached index tensors for batched rules: parent (N,) (root -> 0), depth (N,), anc (N, N),
+        kids (N, R) children by rank, -1 padded."""
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        cache = self.__dict__.setdefault("_tensors", {})
+        if key not in cache:
+            R = max(1, max(len(c) for c in self.children))
+            kids = torch.full((len(self), R), -1, dtype=torch.long)
+            for i, c in enumerate(self.children):
+                kids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            cache[key] = {"parent": torch.tensor((0,) + self.parents[1:], dtype=torch.long, device=device),
+                          "depth": self.depth_tensor(device), "anc": self.ancestor_mask(device),
+                          "kids": kids.to(device)}
+        return cache[key]
+
 
 # ---------------------------------------------------------------------------------------------
 # Tree attention for Hugging Face models (custom 4D masks)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from accelerando.llm.sampling import SamplingConfig
 from accelerando.llm.tree import (TokenTree, check_tree_fits, check_tree_support, keep_accepted_path,
                                   tree_attention_mask, tree_position_ids)
 from accelerando.llm.tree_verify import (TreeVerdict, accepted_tokens, greedy_tree_accept, rejection_tree_accept,
@@ -25,36 +26,7 @@ from accelerando.llm.tree_verify import (TreeVerdict, accepted_tokens, greedy_tr
 RULES = ("auto", "exact", "typical")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Processed distribution (temperature, top-k, top-p), the same for target and draft."""
-        x = logits.float() / self.temperature
-        if self.top_k is not None and self.top_k < x.shape[-1]:
-            kth = x.topk(self.top_k, dim=-1).values[..., -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1:
-            s, idx = x.sort(dim=-1, descending=True)
-            cum = s.softmax(-1).cumsum(-1)
-            drop = cum - s.softmax(-1) >= self.top_p          # keep the smallest set reaching top_p
-            x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-        return x.softmax(-1)
+Sampling = SamplingConfig   # the chain loop's processing (temperature -> top-k -> top-p), shared by target and draft
 
 
 @dataclass
@@ -175,7 +147,7 @@ def verify_tree(prop: TreeProposal, logits: torch.Tensor, sampling: Sampling, *,
                 epsilon: float = 0.09, alpha: float = 0.3, generator: torch.Generator | None = None) -> TreeVerdict:
     """One verifier for chains and trees: logits (N, V) are the target's after each node."""
     if sampling.greedy:
-        return greedy_tree_accept(prop.tree, prop.tokens, logits.argmax(-1).tolist())   # one host sync
+        return greedy_tree_accept(prop.tree, prop.tokens, logits.argmax(-1))
     p = sampling.probs(logits)
     if rule == "typical":
         return typical_tree_accept(prop.tree, prop.tokens, p, epsilon=epsilon, alpha=alpha, generator=generator)

@@ -42,80 +42,96 @@ def accepted_tokens(verdict: TreeVerdict, tokens: Sequence[int]) -> list[int]:
     return [int(tokens[i]) for i in verdict.path[1:]] + [verdict.next_token]
 
 
-def _sample(p: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(p, 1, generator=generator))
-
-
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)); falls back to p when the difference vanishes numerically.
+    """norm(max(0, p - q)) over the last dim; rows whose difference vanishes fall back to p.
 
     In exact arithmetic a rejection implies p != q, so the fallback only guards float round-off
     (an all-zero residual would give NaN and out-of-vocabulary ids -- a bug seen in peers).
     """
     r = (p - q).clamp_min(0)
-    s = r.sum()
-    return r / s if s > 1e-12 else p
+    s = r.sum(-1, keepdim=True)
+    return torch.where(s > 1e-9, r / s.clamp_min(1e-30), p)
 
 
-def recursive_reject(p: torch.Tensor, q: torch.Tensor, candidates: Sequence[int], *, replacement: bool,
-                     generator: torch.Generator | None = None) -> tuple[int | None, torch.Tensor]:
-    """Try sibling drafts in order; return (index of the accepted one or None, final target dist).
+def _sample(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).reshape(p.shape[:-1])
 
-    Accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); on rejection
-    p_{i+1} = norm(max(0, p_i - q_i)) and, without replacement (RSD),
-    q_{i+1}(x) = q_i(x) 1[x != x_i] / (1 - q_i(x_i)); with replacement (SpecInfer) q stays.
-    If every sibling is rejected the caller samples from the returned p.
+
+# ---------------------------------------------------------------------------------------------
+# Batched rules: (B, N) trees, no host sync. Every internal node runs its sibling recursion at
+# once (one iteration per sibling rank), then the accepted path is the chain of accepted children.
+# A chain (one child per node) needs one iteration: this *is* batched speculative sampling.
+# ---------------------------------------------------------------------------------------------
+
+def _deepest_alive(tree: TokenTree, ok: torch.Tensor) -> torch.Tensor:
+    """(B,) deepest node whose ancestors-or-self (root excluded) are all ok; ties: lowest index."""
+    t = tree.tensors(ok.device)
+    ok = ok.clone()
+    ok[:, 0] = True
+    alive = ~(t["anc"][None] & ~ok[:, None, :]).any(-1)                             # (B, N)
+    N = ok.shape[1]
+    score = t["depth"][None] * N + (N - 1 - torch.arange(N, device=ok.device))[None]
+    return torch.where(alive, score, torch.full_like(score, -1)).argmax(-1)
+
+
+def greedy_accept_tree(tree: TokenTree, tokens: torch.Tensor, target_argmax: torch.Tensor,
+                       valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature 0 (exact): a node is accepted iff its token is the target's argmax after its parent.
+
+    tokens, target_argmax (B, N); valid (B, N) marks real nodes. Returns (last node (B,), next (B,)).
     """
-    for i, x in enumerate(candidates):
-        qx = float(q[x])
-        if qx <= 0.0:   # cannot have been drawn from q_i: the sibling list is exhausted
-            break
-        u = float(torch.rand((), generator=generator))
-        if u * qx < float(p[x]):          # u < p/q without dividing
-            return i, p
-        p = residual(p, q)
+    par = tree.tensors(tokens.device)["parent"]
+    ok = tokens == target_argmax[:, par]
+    if valid is not None:
+        ok &= valid
+    last = _deepest_alive(tree, ok)
+    return last, target_argmax.gather(1, last[:, None]).squeeze(1)
+
+
+def rejection_accept_tree(tree: TokenTree, tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor, *,
+                          replacement: bool, generator: torch.Generator | None = None,
+                          valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lossless multi-draft verification: SpecInfer (``replacement=True``) or RSD (``False``).
+
+    At every node the children x_1, x_2, ... are tried in rank order: accept x_i with probability
+    min(1, p_i(x_i) / q_i(x_i)); on rejection p_{i+1} = norm(max(0, p_i - q_i)) and, without
+    replacement, q_{i+1}(x) = q_i(x) 1[x != x_i] / (1 - q_i(x_i)). The path follows accepted
+    children; the next token is drawn from the last node's final p (its residual after rejected
+    children, or p itself at a leaf). A child with q_i(x_i) = 0 (or marked not valid) ends its
+    node's list: it cannot have been drawn from q_i.
+    p, q (B, N, V): target distribution after each node, draft distribution of its children.
+    """
+    t = tree.tensors(tokens.device)
+    B, N, V = p.shape
+    kids = t["kids"]                                                                # (N, R), -1 = none
+    u = torch.rand(B, N, generator=generator, device=p.device, dtype=p.dtype)     # one uniform per child
+    p_cur, q_cur = p, q.to(p.dtype)
+    acc_child = torch.full((B, N), -1, dtype=torch.long, device=p.device)
+    open_ = torch.ones(B, N, dtype=torch.bool, device=p.device)                   # still trying children
+    for r in range(kids.shape[1]):
+        c = kids[:, r]
+        cc = c.clamp(min=0)
+        x = tokens[:, cc]                                                           # (B, N) r-th child's token
+        px = p_cur.gather(-1, x[..., None]).squeeze(-1)
+        qx = q_cur.gather(-1, x[..., None]).squeeze(-1)
+        tried = open_ & (c >= 0)[None] & (qx > 0)
+        if valid is not None:
+            tried &= valid[:, cc]
+        open_ &= tried                                                              # a missing child ends the list
+        acc = tried & (u[:, cc] * qx < px)                                          # u < p/q without dividing
+        acc_child = torch.where(acc, c[None].expand(B, N), acc_child)
+        rej = tried & ~acc
+        open_ &= rej
+        p_cur = torch.where(rej[..., None], residual(p_cur, q_cur), p_cur)
         if not replacement:
-            q = q.clone()
-            q[x] = 0.0
-            s = q.sum()
-            if s <= 1e-12:
-                break
-            q = q / s
-    return None, p
-
-
-def rejection_tree_accept(tree: TokenTree, tokens: Sequence[int], p: torch.Tensor, q: torch.Tensor, *,
-                          replacement: bool, generator: torch.Generator | None = None) -> TreeVerdict:
-    """Lossless multi-draft verification (SpecInfer with replacement, RSD without)."""
-    node, path = 0, [0]
-    while True:
-        kids = tree.children[node]
-        if not kids:
-            return TreeVerdict(path, _sample(p[node], generator))
-        i, p_final = recursive_reject(p[node], q[node], [int(tokens[c]) for c in kids],
-                                      replacement=replacement, generator=generator)
-        if i is None:
-            return TreeVerdict(path, _sample(p_final, generator))
-        node = kids[i]
-        path.append(node)
-
-
-def _deepest(tree: TokenTree, ok: Sequence[bool]) -> list[int]:
-    """Longest root path whose every non-root node is ok (ties: lowest node index = best ranks)."""
-    alive = [True] + [False] * (len(tree) - 1)
-    best = 0
-    for i in range(1, len(tree)):   # topological order: parents come first
-        alive[i] = alive[tree.parents[i]] and bool(ok[i])
-        if alive[i] and tree.depths[i] > tree.depths[best]:
-            best = i
-    return tree.path_to(best)
-
-
-def greedy_tree_accept(tree: TokenTree, tokens: Sequence[int], target_argmax: Sequence[int]) -> TreeVerdict:
-    """Temperature 0: a node is accepted iff its token is the argmax after its parent (exact)."""
-    ok = [i > 0 and int(tokens[i]) == int(target_argmax[tree.parents[i]]) for i in range(len(tree))]
-    path = _deepest(tree, ok)
-    return TreeVerdict(path, int(target_argmax[path[-1]]))
+            q_new = q_cur.scatter(-1, x[..., None], 0.0)
+            mass = q_new.sum(-1, keepdim=True)
+            open_ &= mass.squeeze(-1) > 1e-9
+            q_cur = torch.where(rej[..., None], q_new / mass.clamp_min(1e-30), q_cur)
+    ok = acc_child[:, t["parent"]] == torch.arange(N, device=p.device)[None]
+    last = _deepest_alive(tree, ok)
+    final = p_cur.gather(1, last[:, None, None].expand(B, 1, V)).squeeze(1)
+    return last, _sample(final, generator)
 
 
 def typical_threshold(p: torch.Tensor, *, epsilon: float, alpha: float) -> torch.Tensor:
@@ -124,15 +140,52 @@ def typical_threshold(p: torch.Tensor, *, epsilon: float, alpha: float) -> torch
     return torch.minimum(torch.full_like(entropy, epsilon), alpha * torch.exp(-entropy))
 
 
+def typical_accept_tree(tree: TokenTree, tokens: torch.Tensor, p: torch.Tensor, *, epsilon: float = 0.09,
+                        alpha: float = 0.3, generator: torch.Generator | None = None,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Medusa typical acceptance (lossy): longest path of tokens with p(x) > min(eps, alpha e^{-H(p)})."""
+    par = tree.tensors(tokens.device)["parent"]
+    thr = typical_threshold(p, epsilon=epsilon, alpha=alpha)                        # (B, N)
+    ok = p[:, par].gather(-1, tokens[..., None]).squeeze(-1) > thr[:, par]
+    if valid is not None:
+        ok &= valid
+    last = _deepest_alive(tree, ok)
+    B, N, V = p.shape
+    return last, _sample(p.gather(1, last[:, None, None].expand(B, 1, V)).squeeze(1), generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-tree (batch 1) views returning the accepted path, used by the tree loop
+# ---------------------------------------------------------------------------------------------
+
+def _verdict(tree: TokenTree, last: torch.Tensor, nxt: torch.Tensor) -> TreeVerdict:
+    last_i, nxt_i = torch.stack([last[0], nxt[0]]).tolist()          # the one host sync per verification
+    return TreeVerdict(tree.path_to(last_i), nxt_i)
+
+
+def _row(tokens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(tokens, device=device).reshape(1, -1)
+
+
+def greedy_tree_accept(tree: TokenTree, tokens: Sequence[int], target_argmax: Sequence[int] | torch.Tensor
+                       ) -> TreeVerdict:
+    """Temperature 0: a node is accepted iff its token is the argmax after its parent (exact)."""
+    am = _row(target_argmax, torch.device("cpu") if not torch.is_tensor(target_argmax) else target_argmax.device)
+    return _verdict(tree, *greedy_accept_tree(tree, _row(tokens, am.device), am))
+
+
+def rejection_tree_accept(tree: TokenTree, tokens: Sequence[int], p: torch.Tensor, q: torch.Tensor, *,
+                          replacement: bool, generator: torch.Generator | None = None) -> TreeVerdict:
+    """Lossless multi-draft verification of one tree (SpecInfer with replacement, RSD without)."""
+    return _verdict(tree, *rejection_accept_tree(tree, _row(tokens, p.device), p[None], q[None],
+                                                 replacement=replacement, generator=generator))
+
+
 def typical_tree_accept(tree: TokenTree, tokens: Sequence[int], p: torch.Tensor, *, epsilon: float = 0.09,
                         alpha: float = 0.3, generator: torch.Generator | None = None) -> TreeVerdict:
-    """Medusa typical acceptance (lossy): longest path whose tokens are all 'typical' under the target."""
-    thr = typical_threshold(p, epsilon=epsilon, alpha=alpha)                      # (N,)
-    par = torch.tensor(tree.parents[1:], dtype=torch.long, device=p.device)
-    tok = torch.as_tensor(list(tokens[1:]) if not torch.is_tensor(tokens) else tokens[1:], device=p.device)
-    ok = [False] + (p[par, tok] > thr[par]).tolist()
-    path = _deepest(tree, ok)
-    return TreeVerdict(path, _sample(p[path[-1]], generator))
+    """Medusa typical acceptance (lossy) on one tree."""
+    return _verdict(tree, *typical_accept_tree(tree, _row(tokens, p.device), p[None], epsilon=epsilon,
+                                               alpha=alpha, generator=generator))
 
 
 # ---------------------------------------------------------------------------------------------
