@@ -73,7 +73,11 @@ class Grid:
 def make_grid(schedule: Any, steps: int, spacing: str = "trailing", *, float_t: bool = False,
               steps_offset: int = 0) -> Grid:
     """The spacing's N timesteps followed by the end point t = -1 (alpha_bar = final_alpha_bar)."""
-    ts = [float(v) for v in schedule.timesteps(steps, spacing, steps_offset=steps_offset)] + [-1.0]
+    ts = [float(v) for v in schedule.timesteps(steps, spacing, steps_offset=steps_offset)]
+    if schedule.alpha_bar(ts[-1]) < schedule.final_alpha_bar:
+        ts.append(-1.0)
+    # else: the last timestep already is the end (linspace ends at t = 0 = final_alpha_bar when
+    # set_alpha_to_one=False), so the grid has N - 1 steps
     return Grid(tuple(ts), tuple(schedule.alpha_bar(t) for t in ts), schedule, float_t)
 
 

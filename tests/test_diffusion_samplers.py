@@ -1,0 +1,152 @@
+"""The sample() API: call counts, spacings that reach the end, the oracle, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from accelerando.diffusion import (METHODS, ContinuousSchedule, NonFiniteError, make_schedule, nfe_for, sample,
+                                   steps_for_nfe, timesteps)
+from accelerando.diffusion.models import to_eps
+from accelerando.diffusion.oracle import random_mixture
+
+SCHED = make_schedule("linear", 1000)
+
+
+def counting(fn):
+    calls = []
+
+    def eps(x, t):
+        calls.append(t)
+        return fn(x, t)
+    return eps, calls
+
+
+def smooth_eps(x, t):
+    return 0.3 * torch.tanh(x)
+
+
+def test_methods_listed():
+    for m in ("ddim", "ddim-eta", "prk", "plms2", "plms3", "plms4", "s-pndm", "f-pndm", "fon", "dpmpp-2m",
+              "dpmpp-3m", "hb-plms", "hb-dpmpp-2m", "ghvb", "pndm-diffusers", "pndm-diffusers-prk"):
+        assert m in METHODS
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("steps", [4, 7])
+def test_nfe_is_reported_and_documented(method, steps):
+    eps, calls = counting(smooth_eps)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    _, info = sample(eps, x, schedule=SCHED, method=method, steps=steps, return_info=True,
+                     generator=torch.Generator().manual_seed(0))
+    assert info.nfe == len(calls) == nfe_for(method, steps)
+
+
+def test_nfe_formulas():
+    assert nfe_for("f-pndm", 50) == 59 and nfe_for("s-pndm", 50) == 51 and nfe_for("prk", 10) == 40
+    assert steps_for_nfe("f-pndm", 20) == 11 and steps_for_nfe("ddim", 20) == 20 and steps_for_nfe("prk", 3) is None
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("final_one", [True, False])
+def test_every_spacing_integrates_the_whole_interval(spacing, method, final_one):
+    """eps = 0 makes the exact solution x_T * sqrt(final / a(first timestep)); every method must land there."""
+    sched = make_schedule("linear", 1000, set_alpha_to_one=final_one)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    knobs = {"eta": 0.0} if method == "ddim-eta" else {}
+    out, info = sample(zero, x, schedule=sched, method=method, steps=13, spacing=spacing, return_info=True, **knobs)
+    first = timesteps(1000, 13, spacing)[0]
+    assert info.times[0] == first and info.grid.ab[-1] == sched.final_alpha_bar
+    exact = x * math.sqrt(sched.final_alpha_bar / float(sched.alphas_cumprod[first]))
+    tol = 0.05 if method == "fon" else 1e-12   # FON (classical RK4 in t) is not exact for eps = 0
+    torch.testing.assert_close(out, exact, rtol=tol, atol=0)
+
+
+def test_float_t_places_midpoints_between_integers():
+    _, info = sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="prk", steps=7, return_info=True)
+    assert all(float(t).is_integer() for t in info.times)
+    _, info = sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="prk", steps=7, return_info=True,
+                     float_t=True)
+    assert any(not float(t).is_integer() for t in info.times)
+
+
+def test_ddim_eta_reproducible_and_eta_zero_is_ddim():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    a = sample(smooth_eps, x, schedule=SCHED, method="ddim-eta", steps=10, generator=torch.Generator().manual_seed(1))
+    b = sample(smooth_eps, x, schedule=SCHED, method="ddim-eta", steps=10, generator=torch.Generator().manual_seed(1))
+    c = sample(smooth_eps, x, schedule=SCHED, method="ddim-eta", steps=10, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    torch.testing.assert_close(sample(smooth_eps, x, schedule=SCHED, method="ddim-eta", steps=10, eta=0.0),
+                               sample(smooth_eps, x, schedule=SCHED, method="ddim", steps=10), rtol=0, atol=0)
+
+
+def test_ddim_eta_matches_the_data_distribution_on_the_oracle():
+    """Stochastic DDIM (eta = 1, many steps) samples the mixture: mean and variance match."""
+    gm = random_mixture(2, 2, schedule=SCHED, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, dtype=torch.float64, generator=g)
+    out = sample(gm.eps_fn, x, schedule=SCHED, method="ddim-eta", steps=100, generator=g)
+    data = gm.sample_data(20000, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out.mean(0), data.mean(0), rtol=0, atol=0.06)
+    torch.testing.assert_close(out.var(0), data.var(0), rtol=0.1, atol=0.02)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_schedules_match_diffusers(name):
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule=name).alphas_cumprod.to(torch.float64)
+    ours = make_schedule(name, 1000, betas_dtype=torch.float32).alphas_cumprod
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+
+
+def test_schedule_float_time_and_inverse():
+    for s in (SCHED, ContinuousSchedule()):
+        for t in (0.0, 12.5, 499.25, 998.0):
+            assert abs(s.time_of(s.alpha_bar(t)) - t) < 1e-7
+    assert SCHED.alpha_bar(-1) == 1.0 and SCHED.alpha_bar(10) == float(SCHED.alphas_cumprod[10])
+
+
+def test_prediction_type_conversion():
+    x, e, a = torch.randn(3), torch.randn(3), 0.3
+    x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+    torch.testing.assert_close(to_eps(math.sqrt(a) * e - math.sqrt(1 - a) * x0, x, a, "v_prediction"), e)
+    torch.testing.assert_close(to_eps(x0, x, a, "sample"), e)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid methods: ddim"):
+        sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="euler-magic")
+
+
+def test_too_few_steps():
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="s-pndm", steps=1)
+
+
+def test_too_many_steps():
+    with pytest.raises(ValueError, match="number of training timesteps"):
+        sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="ddim", steps=1001)
+
+
+def test_non_finite_eps_names_the_call():
+    def bad(x, t):
+        return torch.full_like(x, float("nan")) if int(t[0]) < 500 else torch.zeros_like(x)
+    with pytest.raises(NonFiniteError, match=r"model call \d+ \(t=4\d\d"):
+        sample(bad, torch.randn(1, 2), schedule=SCHED, method="f-pndm", steps=10)
+
+
+def test_non_finite_start():
+    with pytest.raises(ValueError, match="non-finite"):
+        sample(smooth_eps, torch.tensor([[float("inf"), 0.0]]), schedule=SCHED, method="ddim", steps=5)
+
+
+def test_bad_schedule_names():
+    with pytest.raises(ValueError, match="valid: linear"):
+        make_schedule("cosine-ish")
+    with pytest.raises(ValueError, match="spacing"):
+        timesteps(1000, 10, "uniform")
