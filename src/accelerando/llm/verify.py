@@ -17,15 +17,35 @@ Shapes (B rows, k drafts, V vocabulary):
                          past it are never accepted and count as "not proposed" (q = 0)
 Returns (n_accepted (B,) long, next_tokens (B,) long), both on device.
 
-A chain is the one-path case of a tree (``accelerando.llm.tree_verify`` walks trees with the same
-rule, one row at a time); this module is the batched fast path the chain loop uses.
+A chain is the one-path case of a tree: both rules here are thin views of the batched tree rules
+in ``accelerando.llm.tree_verify`` on ``TokenTree.chain(k)`` (one verifier for chains and trees).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from accelerando.llm.sampling import sample
+from accelerando.llm.tree import TokenTree
+from accelerando.llm.tree_verify import greedy_accept_tree, rejection_accept_tree, residual  # noqa: F401 (re-export)
+
+# One verifier serves chains and trees: a chain of k drafts is the tree (root, x_1, ..., x_k) in
+# which node i's only child is x_{i+1}; its accepted node index is the number of accepted drafts.
+
+
+def _chain_nodes(drafts: torch.Tensor, n_valid: torch.Tensor | None) -> tuple[TokenTree, torch.Tensor, torch.Tensor | None]:
+    B, k = drafts.shape
+    tokens = torch.cat([drafts.new_zeros(B, 1), drafts], 1)                       # (B, k+1), root unused
+    valid = None
+    if n_valid is not None:                                                         # node i is draft i
+        valid = torch.arange(k + 1, device=drafts.device)[None, :] <= n_valid[:, None]
+    return _chain(k), tokens, valid
+
+
+@lru_cache(maxsize=64)
+def _chain(k: int) -> TokenTree:
+    return TokenTree.chain(k)      # cached: its index tensors are built once per k
 
 
 def greedy_accept(drafts: torch.Tensor, target_argmax: torch.Tensor,
@@ -35,25 +55,8 @@ def greedy_accept(drafts: torch.Tensor, target_argmax: torch.Tensor,
     ``target_argmax`` (B, k+1); the next token is the argmax after the last accepted draft, so
     the result is token for token what greedy decoding with the target alone would emit.
     """
-    B, k = drafts.shape
-    ok = drafts == target_argmax[:, :k]
-    if n_valid is not None:
-        ok &= torch.arange(k, device=drafts.device)[None, :] < n_valid[:, None]
-    n = ok.long().cumprod(-1).sum(-1)                                  # (B,) leading run of accepts
-    return n, target_argmax.gather(1, n[:, None]).squeeze(1)
-
-
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)) over the last dim; rows whose residual vanishes fall back to p.
-
-    In exact arithmetic a rejection implies the residual has mass; in floats it can round to zero
-    (p == q up to round-off). Normalising zeros would give NaN and out-of-vocabulary tokens (a
-    bug seen in peers), so such rows use p itself -- the limit of the formula as q -> p.
-    """
-    r = (p - q).clamp_min(0.0)
-    s = r.sum(-1, keepdim=True)
-    ok = s > 1e-9
-    return torch.where(ok, r / s.clamp_min(1e-30), p)
+    tree, tokens, valid = _chain_nodes(drafts, n_valid)
+    return greedy_accept_tree(tree, tokens, target_argmax, valid)
 
 
 def one_hot_q(drafts: torch.Tensor, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -64,24 +67,15 @@ def one_hot_q(drafts: torch.Tensor, vocab: int, dtype: torch.dtype = torch.float
 def speculative_accept(drafts: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None,
                        generator: torch.Generator | None = None,
                        n_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speculative sampling on a batch of chains (see the module docstring). Lossless."""
+    """Speculative sampling on a batch of chains (see the module docstring). Lossless.
+
+    The tree rule with one child per node: node i's children are drawn from q_{i+1} (the draft's
+    distribution for x_{i+1}); the last node has none (q = 0), so its next token is the bonus from p_k.
+    """
     B, k = drafts.shape
     V = p.shape[-1]
     if q is None:
         q = one_hot_q(drafts, V, p.dtype)
-    q = q.to(p.dtype)
-    dev = p.device
-    p_x = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)          # (B, k) p_i(x_i)
-    q_x = q.gather(-1, drafts[..., None]).squeeze(-1)                 # (B, k) q_i(x_i)
-    u = torch.rand(B, k, device=dev, generator=generator, dtype=p.dtype)
-    # u < p/q  <=>  u q < p (q > 0 for a token drawn from q); no division, so q = 0 never accepts
-    ok = u * q_x < p_x
-    if n_valid is not None:
-        ok &= torch.arange(k, device=dev)[None, :] < n_valid[:, None]
-    n = ok.long().cumprod(-1).sum(-1)                                  # (B,) first rejection index
-    p_n = p.gather(1, n[:, None, None].expand(B, 1, V)).squeeze(1)     # (B, V)
-    q_pad = torch.cat([q, q.new_zeros(B, 1, V)], 1)                   # q_k = 0: the bonus is drawn from p_k
-    q_n = q_pad.gather(1, n[:, None, None].expand(B, 1, V)).squeeze(1)
-    if n_valid is not None:                                            # stopped at an unproposed slot: from p
-        q_n = torch.where((n >= n_valid)[:, None], torch.zeros_like(q_n), q_n)
-    return n, sample(residual(p_n, q_n), generator)
+    q_nodes = torch.cat([q.to(p.dtype), p.new_zeros(B, 1, V)], 1)                  # (B, k+1, V)
+    tree, tokens, valid = _chain_nodes(drafts, n_valid)
+    return rejection_accept_tree(tree, tokens, p, q_nodes, replacement=True, generator=generator, valid=valid)
