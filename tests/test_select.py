@@ -220,3 +220,37 @@ def test_selector_predictions_are_ranked_and_include_the_baseline():
     with pytest.raises(KeyError):
         make_selector("nope")
     assert isinstance(make_selector("sbs"), SingleBest)
+
+
+def test_arm_ids_survive_a_json_round_trip():
+    import json
+    from accelerando.select.table import arm_id
+    knobs = {"ngram_sizes": (3, 2, 1), "k": 8, "draft": None}
+    assert arm_id("m", knobs) == arm_id("m", json.loads(json.dumps(knobs))) == "m[draft=None,k=8,ngram_sizes=(3,2,1)]"
+    assert arm_id("m", {}) == "m"
+
+
+def test_acceptance_rate_is_the_overlap_of_the_distributions():
+    torch = pytest.importorskip("torch")
+    from accelerando.select.features import acceptance_rate
+    a = torch.log(torch.tensor([[[0.5, 0.5, 0.0 + 1e-30]], [[0.1, 0.2, 0.7]]]))
+    b = torch.log(torch.tensor([[[0.5, 0.0 + 1e-30, 0.5]], [[0.1, 0.7, 0.2]]]))
+    # sum min(p, q): 0.5 and 0.1 + 0.2 + 0.2 = 0.5; greedy: the argmaxes agree in neither row
+    assert acceptance_rate(a, b, temperature=1.0) == pytest.approx(0.5)
+    assert acceptance_rate(a, a, temperature=1.0) == pytest.approx(1.0)
+    assert acceptance_rate(a[1:], b[1:], temperature=0.0) == 0.0
+    assert acceptance_rate(a, b, temperature=1.0, mask=torch.tensor([[1], [0]])) == pytest.approx(0.5)
+
+
+def test_early_exit_drafts_agree_more_with_smaller_later_layers():
+    torch = pytest.importorskip("torch")
+    from accelerando.select.features import acceptance_rate
+    from accelerando.select.sweep import rand_llm
+    ids = torch.randint(2, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    alpha = {}
+    for d in (5, 100):
+        t, q = rand_llm(f"rand-llama-h64-l3-v100-s0-d{d}"), rand_llm(f"rand-llama-h64-l3-v100-s0-d{d}@l1")
+        assert q.config.num_hidden_layers == 1 and torch.equal(q.lm_head.weight, t.lm_head.weight)
+        with torch.no_grad():
+            alpha[d] = acceptance_rate(t(ids).logits, q(ids).logits, temperature=1.0)
+    assert alpha[5] > alpha[100] + 0.2

@@ -30,6 +30,10 @@ FEATURES: dict[str, tuple[str, str]] = {
                            "only pays if the draft is much cheaper than the target"),
     "draft_latency_ratio": ("llm", "measured draft forward time / target forward time: the real cost "
                                    "ratio c in the speed-up formula (1 - a^(k+1)) / ((1 - a)(k c + 1))"),
+    "draft_alpha": ("llm", "expected acceptance of one drafted token, sum_x min(p(x), q(x)) of the target's "
+                           "and draft's next-token distributions (temperature applied; greedy: top-1 "
+                           "agreement), averaged over the prompt's positions with teacher forcing, so no "
+                           "candidate runs: with the cost ratio it gives speculation's expected speed-up"),
     "log_fwd_ms": ("both", "log10 of one measured target forward (ms) at the workload's batch and "
                            "length: tiny, overhead-bound forwards leave little to gain from batching "
                            "drafted tokens; diffusion: cost of one NFE"),
@@ -179,27 +183,53 @@ def hardware_features(hw: Mapping[str, Any] | None = None, *, measure_bandwidth:
 
 # ----------------------------------------------------------------------------- measured facts
 
+def acceptance_rate(target_logits: Any, draft_logits: Any, *, temperature: float = 0.0,
+                    mask: Any = None) -> float:
+    """Mean over positions of sum_x min(p(x), q(x)) (speculative sampling's acceptance probability
+    of one drafted token); temperature 0 uses the argmax one-hots, i.e. top-1 agreement."""
+    import torch
+    V = min(target_logits.shape[-1], draft_logits.shape[-1])
+    a, b = target_logits[..., :V].float(), draft_logits[..., :V].float()
+    if temperature > 0:
+        per = torch.minimum((a / temperature).softmax(-1), (b / temperature).softmax(-1)).sum(-1)
+    else:
+        per = (a.argmax(-1) == b.argmax(-1)).float()
+    if mask is not None:
+        m = mask.bool()
+        return float(per[m].mean()) if m.any() else 0.0
+    return float(per.mean())
+
+
 def llm_facts(*, target: Any, input_ids: Any, attention_mask: Any = None,
               drafts: Mapping[str, Any] | None = None, pad_token_id: int | None = None,
-              repeats: int = 3) -> dict[str, float]:
+              temperature: float = 0.0, repeats: int = 3) -> dict[str, float]:
     """Facts about an LLM workload that need the loaded models: sizes, one timed forward of the
-    target (and of the first draft) on the real batch, prompt statistics of the real tokens."""
+    target (and of the first draft) on the real batch, the draft's acceptance rate on the prompt
+    (teacher-forced), prompt statistics of the real tokens."""
     import torch
     facts = model_stats(target)
     with torch.no_grad():
-        t_ms = forward_latency_ms(lambda: target(input_ids=input_ids, attention_mask=attention_mask),
-                                  repeats=repeats)
+        t_out = [None]
+
+        def fwd_t():
+            t_out[0] = target(input_ids=input_ids, attention_mask=attention_mask).logits
+        t_ms = forward_latency_ms(fwd_t, repeats=repeats)
     facts["log_fwd_ms"] = math.log10(max(t_ms, 1e-6))
     facts["draft_ratio"] = 0.0
     facts["draft_latency_ratio"] = 0.0
+    facts["draft_alpha"] = 0.0
     if drafts:
         draft = next(iter(drafts.values()))
         n_t = sum(p.numel() for p in target.parameters())
         facts["draft_ratio"] = sum(p.numel() for p in draft.parameters()) / n_t
         with torch.no_grad():
-            d_ms = forward_latency_ms(lambda: draft(input_ids=input_ids, attention_mask=attention_mask),
-                                      repeats=repeats)
+            d_out = [None]
+
+            def fwd_d():
+                d_out[0] = draft(input_ids=input_ids, attention_mask=attention_mask).logits
+            d_ms = forward_latency_ms(fwd_d, repeats=repeats)
         facts["draft_latency_ratio"] = d_ms / t_ms
+        facts["draft_alpha"] = acceptance_rate(t_out[0], d_out[0], temperature=temperature, mask=attention_mask)
     rows = []
     for r in range(input_ids.shape[0]):
         ids = input_ids[r]
@@ -242,7 +272,7 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
                  batch=float(workload.get("batch_size") or 1),
                  log_new_tokens=math.log2(float(workload.get("max_new_tokens") or 1)))
         if not workload.get("drafts"):
-            f.update(draft_ratio=0.0, draft_latency_ratio=0.0)
+            f.update(draft_ratio=0.0, draft_latency_ratio=0.0, draft_alpha=0.0)
     else:
         steps = float(workload.get("steps") or 1)
         spacing = str(workload.get("spacing", "trailing"))

@@ -125,7 +125,8 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         dm = {d: cache.llm(d)[0] for d in drafts}
         setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=dm, max_batches=1)
         s0 = setups[0]
-        facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask, drafts=dm)
+        facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask, drafts=dm,
+                          temperature=temperature)
         key = {**wl.key(), **llm_workload_facts(setups)}
         ref = None
     else:

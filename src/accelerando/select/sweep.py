@@ -29,7 +29,10 @@ from typing import Any, Callable, Iterable, Sequence
 from .table import arm_id, workload_id
 
 # method name -> knob settings to sweep (methods not listed run with their default knobs)
-KNOB_GRID: dict[str, list[dict[str, Any]]] = {}
+KNOB_GRID: dict[str, list[dict[str, Any]]] = {
+    "spec-draft": [{"k": 2}, {"k": 4}, {"k": "adaptive"}],
+    "spec-prompt-lookup": [{"k": 4}, {"k": 8}],
+}
 
 # Diffusion: each sampler also runs on a fraction of the workload's NFE budget. The question a
 # diffusion user asks is "how few model calls reach the baseline's quality at my budget?", so an
@@ -40,7 +43,7 @@ STEP_FRACTIONS: tuple[float, ...] = (1.0, 0.5, 0.25)
 
 # ----------------------------------------------------------------------------- models
 
-_RAND_LLM = re.compile(r"^rand-llama-h(\d+)-l(\d+)-v(\d+)-s(\d+)$")
+_RAND_LLM = re.compile(r"^rand-llama-h(\d+)-l(\d+)-v(\d+)-s(\d+)(?:-d(\d+))?(?:@l(\d+))?$")
 _RAND_UNET = re.compile(r"^rand-unet-c(\d+)x(\d+)-i(\d+)-s(\d+)$")
 
 
@@ -59,13 +62,28 @@ def char_tokenizer():
 
 
 def rand_llm(spec: str):
-    """A random-initialised Llama from a ``rand-llama-h{hidden}-l{layers}-v{vocab}-s{seed}`` spec."""
+    """A random-initialised Llama from a ``rand-llama-h{hidden}-l{layers}-v{vocab}-s{seed}`` spec.
+
+    ``-d{pct}`` scales the residual branches (attention and MLP output projections) of every
+    layer after the first by pct/100, so the first layer decides most of the output;
+    ``...@l{n}`` is that model truncated to its first n layers (same embeddings, norm and head):
+    an early-exit draft whose agreement with the target grows as pct shrinks."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     m = _RAND_LLM.match(spec)
     if not m:
         raise ValueError(f"not a random LLM spec: {spec!r} (want rand-llama-h64-l2-v256-s0)")
-    h, n_layers, v, seed = map(int, m.groups())
+    if m.group(6) is not None:
+        keep = int(m.group(6))
+        full = rand_llm(spec.split("@")[0])
+        if not 1 <= keep <= full.config.num_hidden_layers:
+            raise ValueError(f"{spec}: cannot keep {keep} of {full.config.num_hidden_layers} layers")
+        full.model.layers = full.model.layers[:keep]
+        full.config.num_hidden_layers = keep
+        if getattr(full.config, "layer_types", None):
+            full.config.layer_types = full.config.layer_types[:keep]
+        return full
+    h, n_layers, v, seed = map(int, m.groups()[:4])
     heads = max(1, h // 32)
     cfg = LlamaConfig(vocab_size=max(v, 100), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n_layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
@@ -75,6 +93,10 @@ def rand_llm(spec: str):
     # random init is near-uniform; a larger output scale gives peaked, repetitive, LM-like outputs
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
+        if m.group(5) is not None:
+            for layer in model.model.layers[1:]:
+                layer.self_attn.o_proj.weight.mul_(int(m.group(5)) / 100)
+                layer.mlp.down_proj.weight.mul_(int(m.group(5)) / 100)
     return model
 
 
@@ -197,10 +219,15 @@ def llm_grid(n: int = 60, *, seed: int = 0, zoo_names: Sequence[str] | None = No
         for d in ("code-draft-small", "code-draft-tiny"):
             if d in zoo_names:
                 pairs.append(("code-target", (d,)))
-    for h, layers in ((64, 2), (128, 2), (128, 4), (256, 2)):
-        for dh, dl in ((32, 1), (64, 1)):
-            if dh < h:
-                pairs.append((f"rand-llama-h{h}-l{layers}-v128-s{h + layers}", (f"rand-llama-h{dh}-l{dl}-v128-s1",)))
+    # independent small drafts (they rarely agree with the target) and early-exit drafts (the
+    # target's first layers: they agree often; cost ratio ~ kept / total layers)
+    # target's first layers, with the later layers' weight d% of normal: they agree the more the
+    # smaller d; cost ratio ~ kept / total layers)
+    for h, layers, d, draft in ((64, 2, 100, "rand-llama-h32-l1-v128-s1"), (128, 2, 100, "rand-llama-h64-l1-v128-s1"),
+                                (128, 4, 10, "@l1"), (128, 6, 5, "@l1"), (128, 6, 30, "@l2"), (256, 4, 15, "@l1"),
+                                (256, 6, 40, "@l1"), (192, 8, 5, "@l2")):
+        target = f"rand-llama-h{h}-l{layers}-v128-s{h + layers}" + (f"-d{d}" if d != 100 else "")
+        pairs.append((target, (target + draft if draft.startswith("@") else draft,)))
     out = []
     domains = ("code", "prose", "repetitive", "random")
     for i in range(n):
@@ -369,7 +396,7 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
                 setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
                 s0 = setups[0]
                 facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask,
-                                  drafts=drafts, repeats=3)
+                                  drafts=drafts, temperature=wl.temperature, repeats=3)
                 wkey = {**wl.key(), **llm_workload_facts(setups)}
                 ref = None
             else:

@@ -77,10 +77,18 @@ class Arm:
         return dict(self.knobs)
 
 
+def _knob_text(v: Any) -> str:
+    # tuples come back from the history as lists: one spelling for both, so ids survive a round trip
+    if isinstance(v, (list, tuple)):
+        return "(" + ",".join(_knob_text(x) for x in v) + ")"
+    return str(v)
+
+
 def arm_id(method: str, knobs: Mapping[str, Any] | None) -> str:
+    """``method[k1=v1,k2=v2]`` (sorted knobs; a method without knobs is just its name)."""
     if not knobs:
         return method
-    return method + "[" + ",".join(f"{k}={knobs[k]}" for k in sorted(knobs)) + "]"
+    return method + "[" + ",".join(f"{k}={_knob_text(knobs[k])}" for k in sorted(knobs)) + "]"
 
 
 def workload_id(workload: Mapping[str, Any]) -> str:
