@@ -244,11 +244,18 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
     """Generate with ``target`` using ``draft`` proposals; lossless (see the module docstring).
 
     ``draft``: ``DraftModel(model, k=4 | "adaptive" | "heuristic")``, ``PromptLookup(...)`` or a
-    bare causal LM (= ``DraftModel(model)``). ``eos_token_id`` / ``pad_token_id`` default to the
+    bare causal LM (= ``DraftModel(model)``); tree drafters (``Medusa`` heads, ``DraftTree``) run
+    the tree loop of ``tree_speculative.py``. ``eos_token_id`` / ``pad_token_id`` default to the
     target's generation config, as in ``generate``. ``seed`` / ``generator``: randomness for
     sampling (a generator on the target's device). ``tokenizer``: the target's, to compare with a
     ``DraftModel(..., tokenizer=...)``. ``cost_ratio``: fix c for ``k="adaptive"``.
     """
+    if getattr(draft, "is_tree_drafter", False):   # Medusa heads / DraftTree: the tree loop (tree_speculative.py)
+        from accelerando.llm.tree_speculative import speculative_tree_generate
+        return speculative_tree_generate(target, input_ids, drafter=draft, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p,
+                                         attention_mask=attention_mask, eos_token_id=eos_token_id,
+                                         pad_token_id=pad_token_id, seed=seed, generator=generator)
     t0 = time.perf_counter()
     sampling = SamplingConfig(temperature, top_k, top_p)
     drafter = as_drafter(draft)

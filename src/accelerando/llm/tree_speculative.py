@@ -223,3 +223,64 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
     if stats is not None:
         stats.update(st.as_dict(), new_tokens=len(emitted))
     return torch.cat([input_ids, torch.tensor([emitted], dtype=input_ids.dtype, device=input_ids.device)], 1)
+
+
+def _row_eos(target: Any, eos_token_id: Any) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def speculative_tree_generate(target: Any, input_ids: torch.Tensor, *, drafter: Any, max_new_tokens: int = 128,
+                              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                              attention_mask: torch.Tensor | None = None, eos_token_id: Any = None,
+                              pad_token_id: int | None = None, seed: int | None = None,
+                              generator: torch.Generator | None = None, backend: str = "auto") -> Any:
+    """``speculative_generate`` for tree drafters (Medusa heads, DraftTree): same output type.
+
+    The drafter's ``acceptance`` ("exact" = lossless, "typical" = Medusa's lossy rule with its
+    ``epsilon`` / ``alpha``) picks the rule. Rows of a batch run one after another (left padding
+    removed per row); the output is right-padded with ``pad_token_id`` like ``generate``.
+    """
+    import time
+
+    from accelerando.llm.speculative import SpeculativeOutput
+    t0 = time.perf_counter()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = _row_eos(target, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(target, "generation_config", None), "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if generator is None and temperature > 0:
+        generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else
+                                                              int(torch.empty((), dtype=torch.int64).random_()))
+    rule = getattr(drafter, "acceptance", "exact")
+    opts = dict(epsilon=getattr(drafter, "epsilon", 0.09), alpha=getattr(drafter, "alpha", 0.3))
+    rows, agg = [], {}
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b: b + 1, attention_mask[b].bool()]
+        st: dict = {}
+        out = tree_speculative_generate(target, ids, drafter=drafter, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, top_p=top_p, rule=rule,
+                                        generator=generator, eos_token_id=eos or None, backend=backend,
+                                        stats=st, **opts)
+        rows.append(out[0, ids.shape[1]:])
+        for key, v in st.items():
+            if isinstance(v, (int, float)) and key != "tokens_per_step":
+                agg[key] = agg.get(key, 0) + v
+            elif isinstance(v, dict):
+                h = agg.setdefault(key, {})
+                for kk, vv in v.items():
+                    h[kk] = h.get(kk, 0) + vv
+    width = max(len(r) for r in rows)
+    gen = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    for b, r in enumerate(rows):
+        gen[b, : len(r)] = r
+    agg["acceptance"] = rule
+    agg["lossless"] = rule == "exact"
+    agg["tokens_per_target_call"] = agg.get("new_tokens", 0) / max(1, agg.get("target_calls", 1))
+    agg["wall_time_s"] = time.perf_counter() - t0
+    return SpeculativeOutput(torch.cat([input_ids, gen], 1), agg)

@@ -139,7 +139,19 @@ class Medusa(nn.Module):
 
     # --- drafting (the tree loop's drafter protocol) ------------------------------------------------
     needs_hidden = True
+    is_tree_drafter = True
     draft_calls = 0
+    acceptance, epsilon, alpha = "exact", 0.09, 0.3
+
+    def use_acceptance(self, rule: str = "exact", *, epsilon: float = 0.09, alpha: float = 0.3) -> "Medusa":
+        """"exact": lossless (greedy at T=0, recursive rejection over sampled heads at T>0);
+        "typical": Medusa's typical acceptance, p(x) > min(epsilon, alpha exp(-H(p))) -- lossy at T>0."""
+        if rule not in ("exact", "typical"):
+            raise ValueError(f"acceptance must be 'exact' or 'typical', got {rule!r}")
+        if not (0 < epsilon <= 1 and alpha >= 0):
+            raise ValueError("need 0 < epsilon <= 1 and alpha >= 0")
+        self.acceptance, self.epsilon, self.alpha = rule, epsilon, alpha
+        return self
 
     @property
     def tree(self) -> TokenTree:

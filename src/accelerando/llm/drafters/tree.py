@@ -42,6 +42,8 @@ def _draft_engine(model: Any, max_len: int, compile: bool):
 
 class DraftTree:
     needs_hidden = False
+    is_tree_drafter = True
+    acceptance = "exact"        # multi-draft trees are verified losslessly
 
     def __init__(self, draft_model: Any, *, width: int = 3, depth: int = 4, replacement: bool = False,
                  shape: str = "chains", backend: str = "auto", compile: bool = True):
