@@ -1,0 +1,88 @@
+"""Registers every sampler (ours and diffusers' step() loops) in ``accelerando.bench.methods``.
+
+``setup.steps`` is the **model-call budget**: each method runs the most grid steps whose NFE fits
+(F-PNDM with 20 calls runs 11 steps), so all methods compare at equal cost. The baseline is DDIM
+at the same NFE (``ddim``, ``is_baseline=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..bench.methods import DiffusionOutput, DiffusionSetup, MethodEntry, register
+from .api import SPECS, sample_with_info, steps_for_nfe
+
+DIFFUSERS_METHODS = {
+    # name: (scheduler class, extra config, NFE for N steps)
+    "diffusers-ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}, lambda n: n),
+    "diffusers-pndm": ("PNDMScheduler", {"skip_prk_steps": True, "set_alpha_to_one": True}, lambda n: n + 1),
+    "diffusers-dpmpp2m": ("DPMSolverMultistepScheduler",
+                          {"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero"}, lambda n: n),
+    "diffusers-unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "final_sigmas_type": "zero"}, lambda n: n),
+}
+
+
+def _steps(name: str, nfe: int, cost: Callable[[int], int], min_steps: int = 1) -> int:
+    best = max((n for n in range(min_steps, nfe + 1) if cost(n) <= nfe), default=None)
+    if best is None:
+        raise ValueError(f"{name} cannot run within {nfe} model calls")
+    return best
+
+
+def _ours(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
+    def build(setup: DiffusionSetup, *, match_nfe: bool = True, float_t: bool = False, **knobs: Any):
+        steps = steps_for_nfe(name, setup.steps) if match_nfe else setup.steps
+        if steps is None:
+            raise ValueError(f"{name} cannot run within {setup.steps} model calls")
+
+        def run() -> DiffusionOutput:
+            g = torch.Generator(device=setup.x_T.device).manual_seed(setup.seed)
+            x0, info = sample_with_info(setup.eps_fn, setup.x_T, schedule=setup.schedule, method=name, steps=steps,
+                                        spacing=setup.spacing, generator=g, float_t=float_t, **knobs)
+            return DiffusionOutput(x0=x0, nfe=info.nfe, stats={"steps": steps, "t_start": info.times[0]})
+        return run
+    return build
+
+
+def diffusers_scheduler_for(name: str, schedule: Any, spacing: str):
+    """diffusers' own scheduler ``name`` on our schedule's table (as ``trained_betas``)."""
+    import diffusers
+    cls_name, extra, _ = DIFFUSERS_METHODS[name]
+    ac = schedule.alphas_cumprod
+    betas = torch.cat([1 - ac[:1], 1 - ac[1:] / ac[:-1]]).tolist()
+    return getattr(diffusers, cls_name)(num_train_timesteps=len(ac), trained_betas=betas,
+                                        timestep_spacing=spacing, **extra)
+
+
+def run_diffusers_loop(sched: Any, eps_fn: Callable, x_T: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
+    """The standard pipeline loop over ``sched.timesteps``; returns (x0, model calls)."""
+    sched.set_timesteps(steps)
+    x = x_T * sched.init_noise_sigma
+    for t in sched.timesteps:
+        e = eps_fn(sched.scale_model_input(x, t), t.reshape(1).expand(x.shape[0]))
+        x = sched.step(e, t, x).prev_sample
+    return x, len(sched.timesteps)
+
+
+def _theirs(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
+    def build(setup: DiffusionSetup, *, match_nfe: bool = True):
+        cost = DIFFUSERS_METHODS[name][2]
+        steps = _steps(name, setup.steps, cost, 2 if name == "diffusers-pndm" else 1) if match_nfe else setup.steps
+        sched = diffusers_scheduler_for(name, setup.schedule, setup.spacing)
+
+        def run() -> DiffusionOutput:
+            x0, nfe = run_diffusers_loop(sched, setup.eps_fn, setup.x_T, steps)
+            return DiffusionOutput(x0=x0, nfe=nfe, stats={"steps": steps, "t_start": float(sched.timesteps[0])})
+        return run
+    return build
+
+
+for _spec in SPECS.values():
+    register(MethodEntry(name=_spec.name, family="diffusion", build=_ours(_spec.name), lossless=False,
+                         description=f"{_spec.description}; NFE {_spec.nfe_formula}, order {_spec.order}",
+                         is_baseline=_spec.name == "ddim"))
+for _name in DIFFUSERS_METHODS:
+    register(MethodEntry(name=_name, family="diffusion", build=_theirs(_name), lossless=False,
+                         description=f"diffusers' {DIFFUSERS_METHODS[_name][0]} through its step() loop"))
