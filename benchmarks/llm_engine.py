@@ -54,22 +54,20 @@ def _truncated_draft(target, n_layers: int):
 
 
 def load_workload(prompt_len: int, seed: int = 0) -> Workload:
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from accelerando import zoo
-        target = AutoModelForCausalLM.from_pretrained(zoo.path("code-target")).eval()
-        drafts = {n: AutoModelForCausalLM.from_pretrained(zoo.path(n)).eval()
-                  for n in ("code-draft-small", "code-draft-tiny")}
-        tok = AutoTokenizer.from_pretrained(zoo.path("code-target"))
-        texts = _code_prompts()
+    from accelerando import zoo
+    names = ("code-target", "code-draft-small", "code-draft-tiny")
+    if all(zoo.is_trained(n) for n in names):
+        from accelerando.zoo import data
+        target = zoo.load("code-target")
+        drafts = {n: zoo.load(n) for n in names[1:]}
+        tok = zoo.load_tokenizer("code-target")
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+        texts = data.heldout_prompts("code", n=4, chars=400)
         enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=prompt_len)
-        return Workload(target, drafts, enc.input_ids, enc.attention_mask, "zoo: code-target, code-draft-small, code-draft-tiny")
-    except Exception as exc:   # zoo not trained yet: random-init stand-ins of the zoo's shape
-        reason = f"{type(exc).__name__}"
+        return Workload(target, drafts, enc.input_ids, enc.attention_mask,
+                        "zoo: code-target, code-draft-small, code-draft-tiny; held-out stdlib code prompts")
     target = _random_llama(seed, **TARGET_SHAPE)
     drafts = {"first-1-layer": _truncated_draft(target, 1), "first-2-layers": _truncated_draft(target, 2)}
     g = torch.Generator().manual_seed(seed)
@@ -79,17 +77,9 @@ def load_workload(prompt_len: int, seed: int = 0) -> Workload:
     for b in range(1, 4):
         mask[b, : 3 * b] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    src = (f"random-init Llama {TARGET_SHAPE} (zoo unavailable: {reason}); drafts are the target's "
-           f"first 1 / 2 layers with its embedding and head")
+    src = (f"random-init Llama {TARGET_SHAPE} (zoo weights not trained yet); stand-in drafts are the "
+           f"target's first 1 / 2 layers with its embedding and head; random-token prompts")
     return Workload(target, drafts, ids, mask, src)
-
-
-def _code_prompts() -> list[str]:
-    import inspect
-    import json
-    import textwrap
-    srcs = [inspect.getsource(f) for f in (json.dumps, textwrap.dedent, textwrap.wrap, inspect.getsource)]
-    return [s[:400] for s in srcs]
 
 
 @dataclass
@@ -156,9 +146,50 @@ def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], 
     return table
 
 
-def speculative_methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable]:
-    """Engine + each speculative method of ``accelerando.llm`` (filled in once the loop exists)."""
-    return {}
+def _engines_of(model) -> list:
+    return list(eng_mod._ENGINES.get(model, {}).values())
+
+
+def _forward_s(models) -> float:
+    return sum(e.stats.forward_s for m in models for e in _engines_of(m))
+
+
+def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) -> dict[str, Callable]:
+    """Engine + each speculative method of ``accelerando.llm`` (greedy, so all must equal the baseline).
+
+    k = 3 drafts make the verification step 4 tokens wide: a compiled width with no padding.
+    """
+    import inspect
+
+    from accelerando.llm import DraftModel, PromptLookup, speculative_generate
+    if "engine" not in inspect.signature(speculative_generate).parameters:
+        return {}
+    ids, mask, target = w.prompts[:batch], w.mask[:batch], w.target
+
+    def spec(make_drafter, draft_models, engine="static"):
+        def run():
+            before_t, before_d = _forward_s([target]), _forward_s(draft_models)
+            t0 = time.perf_counter()
+            out = speculative_generate(target, ids, attention_mask=mask, draft=make_drafter(),
+                                       max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0, engine=engine)
+            total = time.perf_counter() - t0
+            st = out.stats
+            steps = max(st["steps"], 1)
+            t_verify = (_forward_s([target]) - before_t) / (steps + 1)
+            t_draft = (_forward_s(draft_models) - before_d) / (steps + 1)
+            split = {"draft": t_draft, "verify": t_verify, "rest": total / (steps + 1) - t_draft - t_verify}
+            return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "static",
+                                   "split": split}
+        return run
+
+    table: dict[str, Callable] = {}
+    for name, d in w.drafts.items():
+        table[f"engine + draft model {name} (k={k})"] = spec(lambda d=d: DraftModel(d, k=k), [d])
+    table[f"engine + prompt lookup (k<={k})"] = spec(lambda: PromptLookup(k=k), [])
+    first = next(iter(w.drafts))
+    table[f"transformers cache + draft model {first} (k={k})"] = spec(
+        lambda: DraftModel(w.drafts[first], k=k), [], engine="hf")
+    return table
 
 
 def main() -> None:

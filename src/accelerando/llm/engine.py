@@ -176,6 +176,7 @@ def _own_code(decoder: LeanDecoder):
 class EngineStats:
     compile_s: dict[str, float] = field(default_factory=dict)   # first call per compiled shape
     forward_calls: int = 0
+    forward_s: float = 0.0        # host wall time inside forwards (on CUDA: launch time, not synced)
 
 
 class Engine:
@@ -233,8 +234,10 @@ class Engine:
 
     def _run(self, fn, input_ids, token_mask, tree_mask, last_only, return_hidden=False):
         c = self.cache
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only, return_hidden)
+        self.stats.forward_s += time.perf_counter() - t0
         self.stats.forward_calls += 1
         return out
 
@@ -344,8 +347,7 @@ class EngineSpecCache:
             return eng.prefill(ids, mask, last_only=False)
         width = _bucket(T) if eng.compiled else T
         if self._bound + width > eng.max_len:
-            raise ValueError(f"the {self.role}'s engine cache is full ({eng.max_len} slots); "
-                             "give a larger max_len")
+            self._make_room(width)
         self._bound += T
         if width == T:
             return eng.step(ids, token_mask=mask)
@@ -357,12 +359,50 @@ class EngineSpecCache:
         eng.cache.lengths -= pad
         return logits[:, :T]
 
+    def _make_room(self, width: int) -> None:
+        """The host bound (a sum of per-step maxima over rows) ran past the buffer: read the real
+        pointers (a rare host sync). A row still past the end has already emitted its token budget
+        (the loop keeps verifying finished rows until every row is done; their tokens are
+        discarded), so its pointer is pulled back to keep the writes in bounds."""
+        c, L = self.engine.cache, self.engine.max_len
+        self._bound = int(c.lengths.max())
+        if self._bound + width > L:
+            c.lengths.clamp_(max=L - width)
+            self._bound = L - width
+
     def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None:
         """Row b keeps the first ``keep[b]`` columns appended since ``mark()`` returned ``start``."""
         if self._mark_lengths is None or start != self._mark_bound:
             raise RuntimeError("rollback(start, ...) must follow the mark() that returned start")
-        self.engine.cache.rollback(self._mark_lengths + keep.to(self._mark_lengths.device))
-        self._bound = start + max_keep
+        lengths = self._mark_lengths + keep.to(self._mark_lengths.device)
+        self.engine.cache.rollback(lengths.clamp_(max=self.engine.max_len))
+        self._bound = min(start + max_keep, self.engine.max_len)
+
+
+ENGINE_CHOICES = ("hf", "static", "static-eager")
+
+
+def spec_cache_factory(engine: str | None, *, batch_size: int, max_len: int, max_step: int = 16):
+    """``make(model, role) -> SpecCache`` for the speculative loop.
+
+    ``engine``: ``"hf"`` / None (transformers' DynamicCache, ``HFCache``), ``"static"`` (the lean
+    engine, compiled steps) or ``"static-eager"``. A model the engine cannot run gets ``HFCache``
+    with a one-line notice, so a drafter of another architecture still works.
+    """
+    from accelerando.llm.cache import HFCache
+    if engine in (None, "hf"):
+        return HFCache
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {engine!r}")
+
+    def make(model: Any, role: str = "model"):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            _notice_fallback(f"{role}: {reason}")
+            return HFCache(model, role=role)
+        return EngineSpecCache(model, batch_size=batch_size, max_len=max_len, compile=engine == "static",
+                               role=role, max_step=max_step)
+    return make
 
 
 def _bucket(t: int) -> int:

@@ -27,6 +27,7 @@ from accelerando.llm.cache import HFCache, check_supports_cache, max_positions
 from accelerando.llm.drafters.base import Proposal, StepResult
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.drafters.prompt_lookup import PromptLookup
+from accelerando.llm.engine import spec_cache_factory
 from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, checked_probs, non_finite_message
 from accelerando.llm.verify import greedy_accept, speculative_accept
 
@@ -240,7 +241,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
                          attention_mask: torch.Tensor | None = None, eos_token_id: int | list[int] | None = None,
                          pad_token_id: int | None = None, seed: int | None = None,
                          generator: torch.Generator | None = None, tokenizer: Any = None,
-                         cost_ratio: float | None = None) -> SpeculativeOutput:
+                         cost_ratio: float | None = None, engine: str = "hf") -> SpeculativeOutput:
     """Generate with ``target`` using ``draft`` proposals; lossless (see the module docstring).
 
     ``draft``: ``DraftModel(model, k=4 | "adaptive" | "heuristic")``, ``PromptLookup(...)`` or a
@@ -249,6 +250,9 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
     target's generation config, as in ``generate``. ``seed`` / ``generator``: randomness for
     sampling (a generator on the target's device). ``tokenizer``: the target's, to compare with a
     ``DraftModel(..., tokenizer=...)``. ``cost_ratio``: fix c for ``k="adaptive"``.
+    ``engine``: where the target's and a draft model's KV caches live -- ``"hf"`` (transformers'
+    DynamicCache, any causal LM), ``"static"`` (the lean engine: static cache, compiled steps;
+    Llama-family models, others fall back to "hf" with a notice) or ``"static-eager"``.
     """
     if getattr(draft, "is_tree_drafter", False):   # Medusa heads / DraftTree: the tree loop (tree_speculative.py)
         from accelerando.llm.tree_speculative import speculative_tree_generate
@@ -282,7 +286,11 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
     st = _Stats()
 
     # -- prefill ----------------------------------------------------------------------------------
-    tgt = HFCache(target, role="target")
+    make_cache = spec_cache_factory(engine, batch_size=B, max_len=input_ids.shape[1] + max_new_tokens + k_cap + 2,
+                                    max_step=k_cap + 2)
+    tgt = make_cache(target, role="target")
+    if hasattr(drafter, "make_cache"):       # drafters with a model cache build it the same way
+        drafter.make_cache = make_cache
     last, bad = prefill(tgt, input_ids, attention_mask, sampling, generator)
     st.target_calls += 1
     packed = torch.cat([last[:, None], bad[:, None].long()], 1).tolist()   # sync: first tokens for control flow

@@ -62,6 +62,7 @@ class DraftModel:
             raise ValueError("k_max must be >= 1")
         self.model, self.k, self.k_max, self.tokenizer = model, k, k_max, tokenizer
         self.state: HFCache | None = None
+        self.make_cache: Any = None          # set by the loop: HFCache or the engine's cache
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_compatible(self, target: Any, tokenizer: Any = None) -> None:
@@ -71,7 +72,7 @@ class DraftModel:
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: torch.Tensor,
               first_host: list[int]) -> None:
-        self.state = HFCache(self.model, role="draft model")
+        self.state = (self.make_cache or HFCache)(self.model, role="draft model")
         if not hasattr(self, "v_target"):
             self.v_target = vocab_size(self.model)
         self.state.forward(input_ids, attention_mask.bool())

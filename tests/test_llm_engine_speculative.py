@@ -1,0 +1,143 @@
+"""The speculative loop on the lean engine: greedy == target.generate token for token (every chain
+drafter, batch 1 and 3 with left padding, with EOS), the sampled distribution is the target's
+(chi-square), unsupported models fall back, and the cache's pointer bookkeeping is exact."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from accelerando.llm import DraftModel, PromptLookup, SamplingConfig, speculative_generate
+from accelerando.llm.engine import EngineSpecCache
+from llm_models import noisy_copy, one_thread, tiny_lm
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+def _prompts(batch: int, vocab: int = 96, length: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    ids[:, length // 2:] = ids[:, : length - length // 2]            # repetition for prompt lookup
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : 2 * b + 1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _drafters(draft):
+    return {"draft-k3": DraftModel(draft, k=3), "bare-model": draft, "adaptive": DraftModel(draft, k="adaptive"),
+            "heuristic": DraftModel(draft, k="heuristic"), "prompt-lookup": PromptLookup(ngram_sizes=(2, 1), k=4)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_on_engine_equals_generate(arch, batch):
+    target = tiny_lm(arch, seed=0, init_std=0.3)
+    draft = noisy_copy(target, 0.1)
+    ids, mask = _prompts(batch)
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
+    for name, d in _drafters(draft).items():
+        out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=24,
+                                   engine="static-eager")
+        assert torch.equal(out.sequences, ref), (arch, batch, name)
+        if name == "draft-k3":
+            assert out.stats["accepted_tokens"] > 0
+
+
+def test_greedy_on_engine_with_eos_equals_generate():
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    draft = noisy_copy(target, 0.1)
+    ids, mask = _prompts(3, seed=1)
+    free = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    eos = int(free[0, ids.shape[1] + 6])
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20, eos_token_id=eos,
+                          pad_token_id=0)
+    for d in (DraftModel(draft, k=3), PromptLookup(ngram_sizes=(2, 1), k=4)):
+        out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=20, eos_token_id=eos,
+                                   pad_token_id=0, engine="static-eager")
+        assert torch.equal(out.sequences, ref)
+
+
+@pytest.mark.slow
+def test_compiled_engine_equals_generate():
+    # three compiled graphs: target verify width 4 (k = 3), draft widths 1 and 2
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    draft = noisy_copy(target, 0.1)
+    ids, mask = _prompts(2)
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=20,
+                               engine="static")
+    assert torch.equal(out.sequences, ref)
+
+
+def test_unsupported_models_fall_back_to_hf_cache():
+    target = tiny_lm("gpt2", seed=0, init_std=0.3)                 # not Llama-family: HFCache, with a notice
+    draft = noisy_copy(target, 0.1)
+    ids, mask = _prompts(2)
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3),
+                                   max_new_tokens=12, engine="static-eager")
+    assert torch.equal(out.sequences, ref)
+    assert any("falling back" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        speculative_generate(target, ids, draft=PromptLookup(), max_new_tokens=4, engine="fast")
+
+
+def test_sampled_tokens_on_engine_have_target_distribution():
+    """First three tokens (prefill + one speculative step with k = 2) over 2000 rows of one batch."""
+    V, N = 8, 2000
+    target = tiny_lm("llama", vocab=V, seed=3, init_std=0.5)
+    draft = noisy_copy(target, 0.6, seed=4)
+    sampling = SamplingConfig(temperature=1.0, top_k=5)
+    prompt = torch.tensor([[3, 7, 1, 2, 5]])
+    with torch.no_grad():
+        p1 = sampling.probs(target(prompt).logits[0, -1])
+        e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = sampling.probs(target(e2).logits[:, -1])
+        e3 = torch.cat([prompt.repeat(V * V, 1), torch.cartesian_prod(torch.arange(V), torch.arange(V))], 1)
+        p3 = sampling.probs(target(e3).logits[:, -1]).reshape(V, V, V)
+    exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten().double()
+    out = speculative_generate(target, prompt.repeat(N, 1), draft=DraftModel(draft, k=2), max_new_tokens=3,
+                               temperature=1.0, top_k=5, seed=2, engine="static-eager")
+    g = out.sequences[:, -3:]
+    obs = torch.bincount(g[:, 0] * V * V + g[:, 1] * V + g[:, 2], minlength=V ** 3).double()
+    assert obs[exact == 0].sum() == 0
+    keep = exact * N >= 5
+    o = torch.cat([obs[keep], obs[~keep & (exact > 0)].sum()[None]])
+    e = torch.cat([exact[keep], exact[~keep & (exact > 0)].sum()[None]]) * N
+    assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3
+    assert 0 < out.stats["acceptance_rate"] < 1
+
+
+def _logits_of(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_spec_cache_rollback_per_row_and_room_making():
+    """Row 0 keeps every appended column, row 1 none: each row continues exactly; when the host
+    bound passes the buffer, the finished (over-budget) row is pulled back and row 1 stays exact."""
+    model = tiny_lm("llama", seed=0)
+    ids = torch.randint(3, 96, (2, 8))
+    c = EngineSpecCache(model, batch_size=2, max_len=24, compile=False, max_step=4)
+    c.forward(ids)
+    L = c.engine.max_len
+    row0 = [ids[0]]
+    for step in range((L - 8) // 4 + 3):          # runs past the buffer for row 0
+        start = c.mark()
+        new = torch.randint(3, 96, (2, 4))
+        logits = c.forward(new)
+        c.rollback(start, torch.tensor([4, 0]), 4)
+        row1 = torch.cat([ids[1], new[1]])[None]
+        torch.testing.assert_close(logits[1], _logits_of(model, row1)[0, -4:], atol=1e-5, rtol=1e-5)
+        if 8 + 4 * (step + 1) <= L:               # row 0 still within the buffer: exact too
+            row0.append(new[0])
+            ref0 = _logits_of(model, torch.cat(row0)[None])[0, -4:]
+            torch.testing.assert_close(logits[0], ref0, atol=1e-5, rtol=1e-5)
+    assert c.engine.cache.lengths.tolist()[1] == 8
+    assert int(c.engine.cache.lengths[0]) <= L
