@@ -81,3 +81,19 @@ def test_sampling_is_lossless_end_to_end(kind, backend):
     assert counts[~keep].sum() <= 3
     obs, exp = counts[keep], expected[keep] / expected[keep].sum() * counts[keep].sum()
     assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_public_api_dispatches_tree_drafters_batch_with_left_padding():
+    from accelerando.llm import speculative_generate
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = TARGET.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+    heads = Medusa.for_target(TARGET, n_heads=2)
+    for draft in (heads, DraftTree(DRAFT, width=2, depth=2, compile=False)):
+        out = speculative_generate(TARGET, ids, attention_mask=mask, draft=draft, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(out.sequences, ref) and out.stats["lossless"]
+    out = speculative_generate(TARGET, ids[:1], draft=heads.use_acceptance("typical"), max_new_tokens=6,
+                               temperature=0.7, seed=0, eos_token_id=[])
+    assert out.sequences.shape == (1, 14) and not out.stats["lossless"]
