@@ -174,3 +174,4 @@ def test_run_workload_loads_once_and_runs(fakes, tmp_path, monkeypatch):
                           repeats=1, warmup=0, sync=lambda: None, clock=fakes)
     assert [r.method for r in rows] == ["fake-ddim", "fake-shifted"]
     assert rows[0].metrics["rmse_vs_reference"] > 0 and f"unet:{unet}" in cache
+    assert rows[0].metrics["speedup_vs_reference"] > 0

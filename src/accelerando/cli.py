@@ -159,13 +159,17 @@ def _quality_text(family: str, m: dict[str, Any]) -> str:
 
 
 def _counts_text(family: str, m: dict[str, Any]) -> str:
+    """Raw counts; for diffusion also the speed-up against the many-step reference."""
     if family == "llm":
         bits = [f"{m.get('new_tokens', '-')} tok"]
         for key in ("target_calls", "accepted_tokens", "drafted_tokens"):
             if key in m:
                 bits.append(f"{key.split('_')[0]} {_fmt(m[key])}")
         return ", ".join(bits)
-    return f"nfe {m.get('nfe', '-')}"
+    text = f"nfe {m.get('nfe', '-')}"
+    if _num(m.get("speedup_vs_reference")):
+        text += f", {m['speedup_vs_reference']:.1f}x faster than the reference"
+    return text
 
 
 def results_table(title: str, family: str, rows: list[Any], label: str = ""):
@@ -342,7 +346,7 @@ def _demo_llm(console, hist, methods, max_new_tokens, repeats, device, collected
 
 def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, repeats, device,
                     collected) -> None:
-    from accelerando.bench.runner import RunnerError, build_diffusion_setups, diffusion_reference, run_methods
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, run_methods, timed_diffusion_reference
     from accelerando.bench.workloads import DiffusionWorkload
     if not methods:
         console.print("[yellow]diffusion: no methods registered yet — skipped[/yellow]")
@@ -358,9 +362,10 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
         console.print(f"[yellow]diffusion: {exc} — skipped[/yellow]")
         return
     from dataclasses import replace
-    with console.status(f"computing the {reference_steps}-step reference samples"):
-        reference = diffusion_reference(base_setups, steps=reference_steps) \
-            if any(m.is_baseline for m in methods) else None
+    reference, reference_s = None, None
+    if any(m.is_baseline for m in methods):
+        with console.status(f"computing the {reference_steps}-step reference samples"):
+            reference, reference_s = timed_diffusion_reference(base_setups, steps=reference_steps)
     with _Progress(len(methods) * len(budgets), console) as prog:
         tables = []
         for n in budgets:
@@ -368,7 +373,8 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
             setups = [replace(s, steps=n) for s in base_setups]
             prog.prefix = f"diffusion {n} steps: "
             rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
-                               repeats=repeats, warmup=1, history=hist, reference=reference, progress=prog)
+                               repeats=repeats, warmup=1, history=hist, reference=reference,
+                               reference_s=reference_s, progress=prog)
             title = (f"diffusion: {DEMO_UNET}, {samples} samples, {n} steps "
                      f"(reference: {reference_steps} steps)")
             tables.append(results_table(title, "diffusion", rows))
@@ -478,8 +484,10 @@ def bench(
             base = R.build_diffusion_setups(DiffusionWorkload(str(model), steps=budgets[0], batch=samples,
                                                               seed=seed), device=device)
         entries = R.resolve_methods("diffusion", names)
-        with console.status(f"computing the {reference_steps}-step reference samples"):
-            reference = R.diffusion_reference(base, steps=reference_steps) if reference_steps else None
+        reference, reference_s = None, None
+        if reference_steps:
+            with console.status(f"computing the {reference_steps}-step reference samples"):
+                reference, reference_s = R.timed_diffusion_reference(base, steps=reference_steps)
         tables = []
         with _Progress(len(entries) * len(budgets), console) as prog:
             for n in budgets:
@@ -488,7 +496,7 @@ def bench(
                 rows = R.run_methods([replace(s, steps=n) for s in base], entries,
                                      workload={**wl.key(), "reference_steps": reference_steps},
                                      knobs=knobs, repeats=repeats, warmup=warmup, history=hist,
-                                     reference=reference, progress=prog)
+                                     reference=reference, reference_s=reference_s, progress=prog)
                 tables.append(results_table(f"{model}: {samples} samples, {n} steps", "diffusion", rows))
         for t in tables:
             console.print(t)

@@ -131,6 +131,7 @@ def run_methods(
     history: Any = None,
     run_id: str | None = None,
     reference: Sequence[Any] | None = None,
+    reference_s: float | None = None,
     score_perplexity: bool = True,
     progress: Callable[[str, str], None] | None = None,
     sync: Callable[[], None] | None = None,
@@ -139,7 +140,8 @@ def run_methods(
     """Run the baseline and ``methods`` on ``setups``; return one ``RunRow`` each (baseline first).
 
     ``knobs`` maps a method name to knob overrides (on top of its ``default_knobs``).
-    ``reference``: diffusion only, one high-accuracy x0 per setup (e.g. ``diffusion_reference``).
+    ``reference``: diffusion only, one high-accuracy x0 per setup (e.g. ``diffusion_reference``);
+    ``reference_s``: the time that reference took (each row then gets ``speedup_vs_reference``).
     ``progress(method, phase)`` is called with phase "start" / "done" around each method.
     ``history``: an open ``History``; rows that ran without error are recorded in one transaction.
     """
@@ -176,6 +178,8 @@ def run_methods(
                 base_timing, base_out = timing, outs
             if base_timing is not None:
                 row.metrics["speedup"] = base_timing.median_s / timing.median_s if timing.median_s > 0 else None
+            if reference_s and timing.median_s > 0:
+                row.metrics["speedup_vs_reference"] = reference_s / timing.median_s
             row.metrics.update(_quality(family, setups, outs, base_out, reference, entry,
                                         score_perplexity=score_perplexity))
             row.metrics["lossless"] = entry.lossless
@@ -267,11 +271,20 @@ def _mean(xs: Iterable[float]) -> float:
 def diffusion_reference(setups: Sequence[DiffusionSetup], *, steps: int,
                         method: str | None = None) -> list[Any]:
     """High-accuracy x0 per setup: the baseline (or ``method``) run once at ``steps`` steps."""
+    return timed_diffusion_reference(setups, steps=steps, method=method)[0]
+
+
+def timed_diffusion_reference(setups: Sequence[DiffusionSetup], *, steps: int, method: str | None = None,
+                              sync: Callable[[], None] | None = None) -> tuple[list[Any], float]:
+    """``diffusion_reference`` and the seconds it took (one timed call over all setups, no warm-up:
+    the reference is the expensive way to get the same samples, so its cost is part of the story)."""
     from dataclasses import replace
     entry = get_method(method) if method else next((e for e in all_methods("diffusion") if e.is_baseline), None)
     if entry is None:
         raise RunnerError("no diffusion baseline registered to compute a reference")
-    return [entry.build(replace(s, steps=steps), **entry.default_knobs)().x0 for s in setups]
+    calls = [entry.build(replace(s, steps=steps), **entry.default_knobs) for s in setups]
+    t = measure(lambda: [c().x0 for c in calls], warmup=0, repeats=1, sync=sync)
+    return t.result, t.median_s
 
 
 # ----------------------------------------------------------------------------- models and setups
@@ -488,6 +501,8 @@ def run_workload(
         key = workload.key()
         if reference_steps:
             key["reference_steps"] = reference_steps
-            run_kwargs.setdefault("reference", diffusion_reference(setups, steps=reference_steps))
+            ref, ref_s = timed_diffusion_reference(setups, steps=reference_steps)
+            run_kwargs.setdefault("reference", ref)
+            run_kwargs.setdefault("reference_s", ref_s)
         return run_methods(setups, methods, workload=key, **run_kwargs)
     raise TypeError(f"run_workload takes an LLMWorkload or a DiffusionWorkload, got {type(workload).__name__}")
