@@ -12,7 +12,7 @@ tokens never need re-alignment or re-prefill. (The engine's ``StaticKVCache`` us
 Interface the speculative loop uses (``SpecCache``):
   forward(ids (B,T), valid (B,T) | None) -> logits (B,T,V)   append T columns
   mark() -> int                                              column count now (host int, no sync)
-  rollback(start, keep (B,), max_keep: int)                  after ``start`` keep keep[b] columns
+  rollback(start, keep (B,), keep_host: list[int])          after ``start`` keep keep[b] columns
   lengths                                                    (B,) valid tokens per row (device)
 """
 
@@ -31,7 +31,7 @@ class SpecCache(Protocol):
 
     def mark(self) -> int: ...
 
-    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None: ...
+    def rollback(self, start: int, keep: torch.Tensor, keep_host: list[int]) -> None: ...
 
 
 def check_supports_cache(model: Any, role: str = "model") -> None:
@@ -69,17 +69,24 @@ class HFCache:
         self.max_pos = max_positions(model)
         self.valid: torch.Tensor | None = None        # (B, L) bool
         self.lengths: torch.Tensor | None = None      # (B,) long, valid columns per row
+        self.dense = True     # host flag: no padding and no holes yet, so no attention mask is needed
         self.calls = 0
 
     def mark(self) -> int:
         return 0 if self.valid is None else self.valid.shape[1]
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V)."""
+        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V).
+
+        ``valid=None`` means every entry is real; pass a mask only when some are not (the cache
+        then stops taking the mask-free fast path for good).
+        """
         B, T = ids.shape
         dev = ids.device
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+        else:
+            self.dense = False
         if self.valid is None:
             self.valid = valid.new_zeros(B, 0)
             self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
@@ -89,8 +96,9 @@ class HFCache:
             pos = pos.clamp_max(self.max_pos - 1)
         self.valid = torch.cat([self.valid, valid], 1)
         before = self.cache.get_seq_length()
-        out = self.model(input_ids=ids, attention_mask=self.valid.long(), position_ids=pos,
-                         past_key_values=self.cache, use_cache=True)
+        mask = None if self.dense else self.valid.long()      # dense: plain causal attention, no mask to build
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                         use_cache=True)
         self.calls += 1
         if self.cache.get_seq_length() != before + T:
             raise TypeError(f"the {self.role} ({type(self.model).__name__}) did not extend its KV cache; "
@@ -98,12 +106,16 @@ class HFCache:
         self.lengths = self.lengths + valid.sum(1)
         return out.logits
 
-    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None:
+    def rollback(self, start: int, keep: torch.Tensor, keep_host: list[int]) -> None:
         """Of the columns appended since ``mark() == start``, row b keeps the first ``keep[b]``.
 
-        ``max_keep`` is ``max(keep)`` as a host int (the caller already has it from its one sync
-        per step): columns past it hold no row's token and are cropped from the cache.
+        ``keep_host`` is ``keep`` on the host (the caller has it from its one sync per step):
+        columns past its max hold no row's token and are cropped from the cache; unequal entries
+        leave holes.
         """
+        max_keep = max(keep_host)
+        if min(keep_host) != max_keep:
+            self.dense = False
         L = self.valid.shape[1]
         cols = torch.arange(L - start, device=self.valid.device)[None, :]
         tail = self.valid[:, start:] & (cols < keep[:, None])

@@ -202,7 +202,8 @@ def _sync_if_cuda(t: torch.Tensor) -> None:
 def prefill(tgt: HFCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Target reads the prompt; returns (first token (B,), bad (B,))."""
-    last = tgt.forward(input_ids, attention_mask.bool())[:, -1]
+    padded = not bool(attention_mask.all())     # one sync, once: a dense prompt needs no attention mask
+    last = tgt.forward(input_ids, attention_mask.bool() if padded else None)[:, -1]
     p, bad = checked_probs(last, sampling)
     tok = last.argmax(-1) if sampling.greedy else torch.multinomial(p, 1, generator=generator).squeeze(1)
     return tok, bad
@@ -323,7 +324,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
         n_host = [h[0] for h in host]
         new = [h[4: 4 + h[0]] + [h[1]] for h in host]
         # -- rollback -----------------------------------------------------------------------------
-        tgt.rollback(start, n + 1, max(n_host) + 1)
+        tgt.rollback(start, n + 1, [h + 1 for h in n_host])
         step = StepResult(k=k, n_accepted=n, next_tokens=nxt, n_host=n_host, new_tokens=new)
         drafter.accept(step)
         ctrl.update(k, [h for h, d in zip(n_host, done) if not d] or n_host, tv - td, te - tv)

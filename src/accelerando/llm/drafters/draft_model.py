@@ -75,9 +75,11 @@ class DraftModel:
         self.state = (self.make_cache or HFCache)(self.model, role="draft model")
         if not hasattr(self, "v_target"):
             self.v_target = vocab_size(self.model)
-        self.state.forward(input_ids, attention_mask.bool())
+        padded = not bool(attention_mask.all())     # one sync, once
+        self.state.forward(input_ids, attention_mask.bool() if padded else None)
         self.pending = first[:, None]                                  # (B, W) fed at the next propose
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
+        self.pending_dense = True                                      # host: every pending entry is real
 
     @property
     def calls(self) -> int:
@@ -99,7 +101,7 @@ class DraftModel:
         self._start, self._width, self._k = st.mark(), self.pending.shape[1], k
         if k == 0:
             return Proposal(tokens=self.pending.new_zeros(B, 0))
-        logits = st.forward(self.pending, self.pending_valid)
+        logits = st.forward(self.pending, None if self.pending_dense else self.pending_valid)
         last = self.pending_valid.long().sum(1) - 1                    # last real pending entry per row
         logits = logits.gather(1, last[:, None, None].expand(B, 1, logits.shape[-1])).squeeze(1)
         toks, qs, bad = [], [], torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -127,13 +129,16 @@ class DraftModel:
             self.pending = torch.cat([self.pending, self.pending.new_zeros(len(nxt), 1)], 1).scatter(1, c, nxt[:, None])
             self.pending_valid = torch.cat([self.pending_valid, self.pending_valid.new_zeros(len(nxt), 1)], 1).scatter(
                 1, c, torch.ones_like(c, dtype=torch.bool))
+            self.pending_dense = False
             return
         keep = W + n.clamp(max=k - 1)                                  # pending + accepted drafts the draft has fed
-        self.state.rollback(self._start, keep, W + min(max(step.n_host), k - 1))
+        self.state.rollback(self._start, keep, [W + min(n_b, k - 1) for n_b in step.n_host])
         all_in = n == k                                                # x_k accepted but never fed
         if max(step.n_host) == k:
             self.pending = torch.stack([torch.where(all_in, self._last_tokens[:, -1], nxt), nxt], 1)
             self.pending_valid = torch.stack([torch.ones_like(all_in), all_in], 1)
+            self.pending_dense = min(step.n_host) == k
         else:
             self.pending = nxt[:, None]
             self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
+            self.pending_dense = True
