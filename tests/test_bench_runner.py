@@ -171,7 +171,7 @@ def test_run_workload_loads_once_and_runs(fakes, tmp_path, monkeypatch):
         assert rows[1].metrics["exact_match"] == 1.0 and rows[1].metrics["new_tokens"] == n
     assert set(cache) == {str(lm), f"tokenizer:{lm}"}
     rows = R.run_workload(DiffusionWorkload(str(unet), steps=2, batch=1), models=cache, reference_steps=3,
-                          repeats=1, warmup=0, sync=lambda: None, clock=fakes)
+                          repeats=1, warmup=0)
     assert [r.method for r in rows] == ["fake-ddim", "fake-shifted"]
     assert rows[0].metrics["rmse_vs_reference"] > 0 and f"unet:{unet}" in cache
     assert rows[0].metrics["speedup_vs_reference"] > 0
