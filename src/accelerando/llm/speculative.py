@@ -28,7 +28,7 @@ from accelerando.llm.drafters.base import Proposal, StepResult
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.drafters.prompt_lookup import PromptLookup
 from accelerando.llm.engine import spec_cache_factory
-from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, checked_probs, non_finite_message
+from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, bad_rows, checked_probs, non_finite_message
 from accelerando.llm.verify import greedy_accept, speculative_accept
 
 
@@ -213,14 +213,15 @@ def verify(tgt: HFCache, last: torch.Tensor, prop: Proposal, sampling: SamplingC
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One target forward over [last, x_1..x_k] (k+1 positions); returns (n_accepted, next, bad)."""
     logits = tgt.forward(torch.cat([last[:, None], prop.tokens], 1))            # (B, k+1, V)
-    p, bad = checked_probs(logits, sampling)
-    bad = bad.any(-1)
+    if sampling.greedy:
+        bad = bad_rows(logits).any(-1)
+        n, nxt = greedy_accept(prop.tokens, logits.argmax(-1), prop.n_valid)
+    else:
+        p, bad = checked_probs(logits, sampling)
+        bad = bad.any(-1)
+        n, nxt = speculative_accept(prop.tokens, p, prop.q, generator, prop.n_valid)
     if prop.bad is not None:
         bad = bad | prop.bad
-    if sampling.greedy:
-        n, nxt = greedy_accept(prop.tokens, p.argmax(-1), prop.n_valid)
-    else:
-        n, nxt = speculative_accept(prop.tokens, p, prop.q, generator, prop.n_valid)
     return n, nxt, bad
 
 
