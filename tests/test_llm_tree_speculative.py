@@ -17,6 +17,13 @@ def _tiny(seed, vocab=64, layers=2):
 
 
 TARGET, DRAFT = _tiny(0), _tiny(1, layers=1)
+
+
+@pytest.fixture(autouse=True)
+def _eager_engine(monkeypatch):
+    """No torch.compile in tests (seconds per graph on 2 cores): the same engine code, eager."""
+    from accelerando.llm import tree_speculative
+    monkeypatch.setattr(tree_speculative, "DEFAULT_BACKEND", "engine-eager")
 IDS = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
 REF = TARGET.generate(IDS, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -97,3 +104,15 @@ def test_public_api_dispatches_tree_drafters_batch_with_left_padding():
     out = speculative_generate(TARGET, ids[:1], draft=heads.use_acceptance("typical"), max_new_tokens=6,
                                temperature=0.7, seed=0, eos_token_id=[])
     assert out.sequences.shape == (1, 14) and not out.stats["lossless"]
+
+
+def test_registry_entries(tmp_path):
+    from accelerando.bench.methods import LLMSetup, get_method
+    assert get_method("medusa").lossless and not get_method("medusa-typical").lossless
+    assert all(get_method(n).lossless for n in ("specinfer", "rsd-c", "rsd-s"))
+    Medusa.for_target(TARGET, n_heads=2).save(tmp_path / "heads")
+    s = LLMSetup(target=TARGET, tokenizer=None, input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=24,
+                 drafts={"d": DRAFT})
+    for name, knobs in (("medusa", {"heads": str(tmp_path / "heads"), "nodes": 3}), ("rsd-s", {"width": 2, "depth": 2})):
+        out = get_method(name).build(s, **knobs)()
+        assert torch.equal(out.sequences, REF) and out.stats["target_calls"] >= 1

@@ -21,6 +21,7 @@ Family = Literal["llm", "diffusion"]
 # Modules that register methods when imported; listed here so the registry can be filled lazily.
 FAMILY_MODULES = (
     "accelerando.llm.bench_methods",
+    "accelerando.llm.tree_bench_methods",
     "accelerando.diffusion.bench_methods",
 )
 

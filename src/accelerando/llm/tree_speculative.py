@@ -23,7 +23,8 @@ from accelerando.llm.tree import (TokenTree, check_tree_fits, check_tree_support
 from accelerando.llm.tree_verify import (TreeVerdict, accepted_tokens, greedy_tree_accept, rejection_tree_accept,
                                          typical_tree_accept)
 
-RULES = ("auto", "exact", "typical")
+BACKENDS = ("auto", "engine", "engine-eager", "hf")
+DEFAULT_BACKEND = "auto"   # "auto": the compiled lean engine for Llama-family targets, else transformers
 
 
 Sampling = SamplingConfig   # the chain loop's processing (temperature -> top-k -> top-p), shared by target and draft
@@ -163,7 +164,7 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
                               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                               rule: str = "exact", epsilon: float = 0.09, alpha: float = 0.3,
                               generator: torch.Generator | None = None, seed: int | None = None,
-                              eos_token_id: int | list[int] | None = None, backend: str = "auto",
+                              eos_token_id: int | list[int] | None = None, backend: str | None = None,
                               stats: dict | None = None) -> torch.Tensor:
     """Tree speculative decoding (batch 1). ``rule``: "exact" (lossless) or "typical" (Medusa, lossy).
 
@@ -178,7 +179,8 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
         raise ValueError("max_new_tokens must be positive")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError("tree speculation runs one sequence at a time (input_ids of shape (1, P))")
-    if backend not in ("auto", "engine", "engine-eager", "hf"):
+    backend = backend or DEFAULT_BACKEND
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be auto, engine, engine-eager or hf, got {backend!r}")
     sampling = Sampling(temperature, top_k, top_p)
     if generator is None and seed is not None:
@@ -237,7 +239,7 @@ def speculative_tree_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
                               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                               attention_mask: torch.Tensor | None = None, eos_token_id: Any = None,
                               pad_token_id: int | None = None, seed: int | None = None,
-                              generator: torch.Generator | None = None, backend: str = "auto") -> Any:
+                              generator: torch.Generator | None = None, backend: str | None = None) -> Any:
     """``speculative_generate`` for tree drafters (Medusa heads, DraftTree): same output type.
 
     The drafter's ``acceptance`` ("exact" = lossless, "typical" = Medusa's lossy rule with its

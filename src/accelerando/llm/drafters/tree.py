@@ -46,7 +46,7 @@ class DraftTree:
     acceptance = "exact"        # multi-draft trees are verified losslessly
 
     def __init__(self, draft_model: Any, *, width: int = 3, depth: int = 4, replacement: bool = False,
-                 shape: str = "chains", backend: str = "auto", compile: bool = True):
+                 shape: str = "chains", backend: str = "auto", compile: bool | None = None):
         if width < 1 or depth < 1:
             raise ValueError("width and depth must be >= 1")
         if shape not in SHAPES:
@@ -56,6 +56,9 @@ class DraftTree:
         if backend not in ("auto", "engine", "hf"):
             raise ValueError(f"backend must be auto, engine or hf, got {backend!r}")
         check_tree_support(draft_model)
+        if compile is None:   # follow the tree loop's default (tests set it to "engine-eager")
+            from accelerando.llm import tree_speculative
+            compile = tree_speculative.DEFAULT_BACKEND != "engine-eager"
         self.backend, self.compile = backend, compile
         self.model, self.width, self.depth, self.replacement, self.shape = draft_model, width, depth, replacement, shape
         self.draft_calls = 0
