@@ -211,7 +211,7 @@ def test_zoo_commands(monkeypatch, tmp_path):
     def train(name, *, seed=0, steps=None, out_dir=None, progress=None):
         progress(1, 2)
         calls.append((name, seed, steps, out_dir))
-        return {"loss": 1.0}
+        return {"role": "unet", "metrics": {"heldout_loss": 0.125}}
     fake_train.train = train
     monkeypatch.setitem(sys.modules, "accelerando.zoo.train", fake_train)
 
@@ -222,6 +222,7 @@ def test_zoo_commands(monkeypatch, tmp_path):
     res = invoke("zoo", "train", "digits-unet", "--seed", 3, "--steps", 5, "--out-dir", tmp_path / "o")
     assert res.exit_code == 0, res.output
     assert calls == [("digits-unet", 3, 5, tmp_path / "o")]
+    assert "heldout_loss 0.125" in res.output
     assert_one_line_error(invoke("zoo", "info", "nope"), "unknown zoo model 'nope'", "code-target")
     assert_one_line_error(invoke("zoo", "train", "nope"), "unknown zoo model")
 

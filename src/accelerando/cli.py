@@ -660,10 +660,14 @@ def zoo_train(
     def progress(*args: Any, **kwargs: Any) -> None:
         text = " ".join(str(a) for a in args) + " ".join(f"{k}={v}" for k, v in kwargs.items())
         status.update(f"training {name}: {text}")
+        console.log(text)
 
     with console.status(f"training {name}") as status:
         result = train(name, seed=seed, steps=steps, out_dir=out_dir, progress=progress)
-    console.print(f"trained {name}" + (f": {result}" if result is not None else ""))
+    where = out_dir if out_dir is not None else zoo.path(name)
+    console.print(f"trained {name} into {where}")
+    if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+        console.print("held-out metrics: " + ", ".join(f"{k} {_fmt(v, 4)}" for k, v in result["metrics"].items()))
 
 
 # ----------------------------------------------------------------------------- plugins + main
