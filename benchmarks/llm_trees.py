@@ -92,16 +92,9 @@ def load_models(quick: bool):
 
 
 def prompt_texts() -> dict[str, list[str]]:
-    """Code: the opening of stdlib modules; prose: pydoc topic texts (both ship with Python)."""
-    import inspect
-    import pydoc_data.topics as topics
-
-    import fractions
-    import textwrap
-    code = [inspect.getsource(fractions.Fraction.limit_denominator)[:400],
-            inspect.getsource(textwrap.TextWrapper._split)[:400]]
-    prose = [topics.topics["assert"][:400], topics.topics["if"][:300]]
-    return {"code": code, "prose": prose}
+    """Held-out code and prose prompts from the zoo corpus (documents the target never trained on)."""
+    from accelerando.zoo import data
+    return {"code": data.heldout_prompts("code", n=2, chars=300), "prose": data.heldout_prompts("prose", n=2, chars=300)}
 
 
 def methods(target, draft, heads, temperature: float) -> list[Method]:

@@ -37,14 +37,9 @@ def load_texts(data: list[str] | None) -> tuple[list[str], str]:
                 raise typer.BadParameter(f"{f} is not a file")
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
         return texts, f"{len(texts)} local file(s)"
-    from accelerando.zoo import data as zoo_data   # the zoo's offline corpus helpers
-    for name in ("code_corpus", "corpus", "load_corpus", "texts"):
-        fn = getattr(zoo_data, name, None)
-        if callable(fn):
-            out = fn()
-            texts = [out] if isinstance(out, str) else list(out)
-            return texts, f"zoo corpus (accelerando.zoo.data.{name})"
-    raise RuntimeError("accelerando.zoo.data has no corpus function; pass --data FILES")
+    from accelerando.zoo import data as zoo_data   # the zoo's offline corpus helpers (train split only)
+    texts = list(zoo_data.code_corpus("train")) + list(zoo_data.prose_corpus("train"))
+    return texts, "zoo corpus, train split (stdlib code + pydoc prose; accelerando.zoo.data)"
 
 
 def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n_layers: int = 1,
