@@ -98,12 +98,12 @@ def test_kv_caches_roll_back_exactly():
 
 def test_sampled_tokens_have_target_distribution():
     """End to end: joint distribution of the first three generated tokens (the first from the
-    prefill, the next two from one speculative step) over 2000 seeds-in-a-batch, chains k = 1..3."""
+    prefill, the next two from one speculative step) over 2000 seeds-in-a-batch, chains k = 1..3 and prompt lookup."""
     V, N = 8, 2000
     target = tiny_lm("llama", vocab=V, seed=3, init_std=0.5)
     draft = noisy_copy(target, 0.6, seed=4)
     sampling = SamplingConfig(temperature=1.0, top_k=5)
-    prompt = torch.tensor([[3, 7, 1, 2, 5]])
+    prompt = torch.arange(V).repeat(2)[None]                     # every token has a continuation to look up
     with torch.no_grad():
         p1 = sampling.probs(target(prompt).logits[0, -1])                               # (V,)
         e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
@@ -111,8 +111,10 @@ def test_sampled_tokens_have_target_distribution():
         e3 = torch.cat([prompt.repeat(V * V, 1), torch.cartesian_prod(torch.arange(V), torch.arange(V))], 1)
         p3 = sampling.probs(target(e3).logits[:, -1]).reshape(V, V, V)
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten().double()
-    for k in (1, 2, 3):
-        out = speculative_generate(target, prompt.repeat(N, 1), draft=DraftModel(draft, k=k), max_new_tokens=3,
+    drafters = {1: DraftModel(draft, k=1), 2: DraftModel(draft, k=2), 3: DraftModel(draft, k=3),
+                4: PromptLookup(ngram_sizes=(1,), k=2)}          # deterministic drafts (q = one-hot)
+    for k, d in drafters.items():
+        out = speculative_generate(target, prompt.repeat(N, 1), draft=d, max_new_tokens=3,
                                    temperature=1.0, top_k=5, seed=k)
         g = out.sequences[:, -3:]
         obs = torch.bincount(g[:, 0] * V * V + g[:, 1] * V + g[:, 2], minlength=V ** 3).double()
@@ -183,3 +185,19 @@ def test_non_finite_logits_raise():
     for temp in (0.0, 1.0):
         with pytest.raises(NonFiniteLogitsError, match="non-finite"):
             speculative_generate(target, ids, draft=DraftModel(draft, k=2), max_new_tokens=6, temperature=temp, seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_greedy_equals_generate_on_cuda():
+    target = tiny_lm("llama", seed=0, init_std=0.3).cuda()
+    draft = noisy_copy(target.cpu(), 0.1).cuda()
+    target = target.cuda()
+    ids, mask = _prompts(3)
+    ids, mask = ids.cuda(), mask.cuda()
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16)
+    for d in (DraftModel(draft, k=3), DraftModel(draft, k="adaptive"), PromptLookup()):
+        out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=16)
+        assert torch.equal(out.sequences, ref)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=16,
+                               temperature=0.8, seed=0)
+    assert out.sequences.is_cuda
