@@ -177,7 +177,8 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
             steps = max(st["steps"], 1)
             t_verify = (_forward_s([target]) - before_t) / (steps + 1)
             t_draft = (_forward_s(draft_models) - before_d) / (steps + 1)
-            split = {"draft": t_draft, "verify": t_verify, "rest": total / (steps + 1) - t_draft - t_verify}
+            split = ({"draft": t_draft, "verify": t_verify, "rest": total / (steps + 1) - t_draft - t_verify}
+                     if engine != "hf" else {})
             return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "static",
                                    "split": split}
         return run
@@ -187,9 +188,26 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
         table[f"engine + draft model {name} (k={k})"] = spec(lambda d=d: DraftModel(d, k=k), [d])
     table[f"engine + prompt lookup (k<={k})"] = spec(lambda: PromptLookup(k=k), [])
     first = next(iter(w.drafts))
+    if batch == 1:   # the tree loop runs one sequence at a time
+        table[f"engine + draft tree {first} (2 chains x 3)"] = _tree_method(w, first, new_tokens)
     table[f"transformers cache + draft model {first} (k={k})"] = spec(
         lambda: DraftModel(w.drafts[first], k=k), [], engine="hf")
     return table
+
+
+def _tree_method(w: Workload, draft_name: str, new_tokens: int) -> Callable:
+    from accelerando.llm.drafters import DraftTree
+    from accelerando.llm.tree_speculative import tree_speculative_generate
+    ids = w.prompts[:1][:, w.mask[0].bool()]          # row 0 has no padding
+
+    def run():
+        st: dict = {}
+        out = tree_speculative_generate(w.target, ids, drafter=DraftTree(w.drafts[draft_name], width=2, depth=3,
+                                                                         backend="engine", compile=True),
+                                        max_new_tokens=new_tokens, backend="engine", stats=st)
+        out = torch.cat([w.prompts[:1], out[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
+        return out, {"target_calls": st["target_calls"], "compiled": True}
+    return run
 
 
 def main() -> None:
