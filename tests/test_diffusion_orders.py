@@ -112,3 +112,24 @@ def test_variable_weights_equal_fixed_on_s_uniform_grid(problem):
                                           ("hb-plms", {}), ("hb-dpmpp-2m", {})])
 def test_momentum_methods_converge(problem, method, knobs):
     assert measured_order(problem, method, [20, 40, 80], **knobs) > 0.8
+
+
+def test_whole_interval_on_integer_grid_keeps_high_order():
+    """The real setting: a discrete 1000-step schedule, trailing grid, down to alpha_bar = 1.
+    Ours keep a high order (PRK with exact midpoints and a 3-stage last step that never asks the model
+    at the end, F-PNDM with variable weights); diffusers' PNDM with PRK warm-up falls to ~1."""
+    from accelerando.diffusion import make_schedule
+    sched = make_schedule("linear", 1000)
+    gm = random_mixture(3, 3, schedule=sched, seed=0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = gm.reference(x, sched.alpha_bar(999), 1.0)
+    ns = [20, 40, 100]
+
+    def order(method, **kw):
+        errs = [rmse(sample(gm.eps_fn, x, schedule=sched, method=method, steps=n, spacing="trailing", **kw), ref)
+                for n in ns]
+        return slope(errs, ns)
+
+    assert order("prk", float_t=True) > 3.0
+    assert order("f-pndm") > 3.3
+    assert order("pndm-diffusers-prk") < 1.8

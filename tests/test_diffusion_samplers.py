@@ -33,18 +33,23 @@ def test_methods_listed():
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("steps", [4, 7])
-def test_nfe_is_reported_and_documented(method, steps):
+@pytest.mark.parametrize("steps", [2, 7])
+@pytest.mark.parametrize("final_one", [True, False])
+def test_nfe_is_reported_and_documented(method, steps, final_one):
+    sched = make_schedule("linear", 1000, set_alpha_to_one=final_one)
     eps, calls = counting(smooth_eps)
     x = torch.randn(2, 3, dtype=torch.float64)
-    _, info = sample(eps, x, schedule=SCHED, method=method, steps=steps, return_info=True,
+    _, info = sample(eps, x, schedule=sched, method=method, steps=steps, return_info=True,
                      generator=torch.Generator().manual_seed(0))
-    assert info.nfe == len(calls) == nfe_for(method, steps)
+    assert info.nfe == len(calls) == nfe_for(method, steps, sched)
+    assert all(t >= 0 for t in info.times)      # the model is never asked at the end point t = -1
 
 
 def test_nfe_formulas():
-    assert nfe_for("f-pndm", 50) == 59 and nfe_for("s-pndm", 50) == 51 and nfe_for("prk", 10) == 40
-    assert steps_for_nfe("f-pndm", 20) == 11 and steps_for_nfe("ddim", 20) == 20 and steps_for_nfe("prk", 3) is None
+    assert nfe_for("f-pndm", 50) == 59 and nfe_for("s-pndm", 50) == 51
+    # PRK's last step into alpha_bar = 1 has no model time at its end: 3 stages instead of 4
+    assert nfe_for("prk", 10) == 39 and nfe_for("prk", 10, make_schedule(set_alpha_to_one=False)) == 40
+    assert steps_for_nfe("f-pndm", 20) == 11 and steps_for_nfe("ddim", 20) == 20 and steps_for_nfe("prk", 2) is None
 
 
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])

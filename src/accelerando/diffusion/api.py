@@ -13,7 +13,7 @@ from .samplers._common import Grid, make_grid
 from .samplers.ddim import ddim
 from .samplers.dpm_solver import dpmpp_2m, dpmpp_3m
 from .samplers.momentum import ghvb, hb_dpmpp_2m, hb_plms
-from .samplers.pndm import f_pndm, fon, plms, pndm_diffusers, prk, s_pndm
+from .samplers.pndm import f_pndm, fon, plms, pndm_diffusers, prk, s_pndm, s_pndm4
 from .schedules import make_schedule
 
 
@@ -21,7 +21,8 @@ from .schedules import make_schedule
 class SamplerSpec:
     name: str
     fn: Callable[..., Any]
-    nfe: Callable[[int], int]          # eps_fn calls for `steps` grid timesteps
+    nfe: Callable[[int, int], int]     # eps_fn calls for (steps, r); r = 1 when the last step ends where
+                                       # the model has no timestep (alpha_bar = 1 on a discrete schedule)
     nfe_formula: str
     order: str                         # order on a smooth, uniform grid
     min_steps: int = 1
@@ -30,34 +31,48 @@ class SamplerSpec:
     description: str = ""
 
 
-def _rk_warmup(n: int) -> int:
-    return 4 * min(3, n) + max(0, n - 3)
+def _rk_warmup(n: int, r: int = 0) -> int:
+    return 4 * min(3, n) + max(0, n - 3) - (r if n <= 3 else 0)
+
+
+def _one(n: int, r: int = 0) -> int:
+    return n
+
+
+def _rk(n: int, r: int = 0) -> int:
+    return 4 * n - r
+
+
+def _plus_one(n: int, r: int = 0) -> int:
+    return n + 1
 
 
 _SPECS = [
-    SamplerSpec("ddim", ddim, lambda n: n, "N", "1", description="DDIM, eta = 0 (deterministic)"),
-    SamplerSpec("ddim-eta", ddim, lambda n: n, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True,
+    SamplerSpec("ddim", ddim, _one, "N", "1", description="DDIM, eta = 0 (deterministic)"),
+    SamplerSpec("ddim-eta", ddim, _one, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True,
                 description="DDIM with eta > 0 (default 1.0 = DDPM posterior noise)"),
-    SamplerSpec("prk", prk, lambda n: 4 * n, "4N", "4", description="pseudo Runge-Kutta (RK4 in s) every step"),
-    SamplerSpec("plms2", plms, lambda n: n, "N", "2", knobs={"order": 2}, description="pseudo linear multistep, order 2"),
-    SamplerSpec("plms3", plms, lambda n: n, "N", "3", knobs={"order": 3}, description="pseudo linear multistep, order 3"),
-    SamplerSpec("plms4", plms, lambda n: n, "N", "4", knobs={"order": 4}, description="pseudo linear multistep, order 4"),
-    SamplerSpec("s-pndm", s_pndm, lambda n: n + 1, "N + 1", "2", min_steps=2,
+    SamplerSpec("prk", prk, _rk, "4N - 1 (4N)", "4", description="pseudo Runge-Kutta (RK4 in s) every step"),
+    SamplerSpec("plms2", plms, _one, "N", "2", knobs={"order": 2}, description="pseudo linear multistep, order 2"),
+    SamplerSpec("plms3", plms, _one, "N", "3", knobs={"order": 3}, description="pseudo linear multistep, order 3"),
+    SamplerSpec("plms4", plms, _one, "N", "4", knobs={"order": 4}, description="pseudo linear multistep, order 4"),
+    SamplerSpec("s-pndm", s_pndm, _plus_one, "N + 1", "2", min_steps=2,
                 description="pseudo improved-Euler warm-up, then PLMS-2"),
+    SamplerSpec("s-pndm4", s_pndm4, _plus_one, "N + 1", "2 (improved-Euler start)", min_steps=2,
+                description="pseudo improved-Euler warm-up, then PLMS 2 -> 3 -> 4 (variable-step weights)"),
     SamplerSpec("f-pndm", f_pndm, _rk_warmup, "N + 9 (N >= 3)", "4",
                 description="pseudo RK4 warm-up for 3 steps, then PLMS-4"),
-    SamplerSpec("fon", fon, lambda n: 4 * n, "4N", "4", description="classical RK4 in t on the PF-ODE"),
-    SamplerSpec("pndm-diffusers", pndm_diffusers, lambda n: n + 1, "N + 1", "<= 4 (fixed weights)", min_steps=2,
+    SamplerSpec("fon", fon, _rk, "4N - 1 (4N)", "4", description="classical RK4 in t on the PF-ODE"),
+    SamplerSpec("pndm-diffusers", pndm_diffusers, _plus_one, "N + 1", "<= 4 (fixed weights)", min_steps=2,
                 knobs={"skip_prk_steps": True}, description="diffusers' PNDMScheduler, skip_prk_steps=True"),
     SamplerSpec("pndm-diffusers-prk", pndm_diffusers, _rk_warmup, "N + 9 (N >= 3)", "<= 4 (fixed weights)",
                 knobs={"skip_prk_steps": False}, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
-    SamplerSpec("dpmpp-2m", dpmpp_2m, lambda n: n, "N", "2", description="DPM-Solver++(2M), data prediction"),
-    SamplerSpec("dpmpp-3m", dpmpp_3m, lambda n: n, "N", "3", description="DPM-Solver++(3M), data prediction"),
-    SamplerSpec("hb-plms", hb_plms, lambda n: n, "N", "1 (beta < 1)", knobs={"order": 4, "beta": 0.8},
+    SamplerSpec("dpmpp-2m", dpmpp_2m, _one, "N", "2", description="DPM-Solver++(2M), data prediction"),
+    SamplerSpec("dpmpp-3m", dpmpp_3m, _one, "N", "3", description="DPM-Solver++(3M), data prediction"),
+    SamplerSpec("hb-plms", hb_plms, _one, "N", "1 (beta < 1)", knobs={"order": 4, "beta": 0.8},
                 description="heavy-ball momentum on PLMS"),
-    SamplerSpec("hb-dpmpp-2m", hb_dpmpp_2m, lambda n: n, "N", "1 (beta < 1)", knobs={"beta": 0.8},
+    SamplerSpec("hb-dpmpp-2m", hb_dpmpp_2m, _one, "N", "1 (beta < 1)", knobs={"beta": 0.8},
                 description="heavy-ball momentum on DPM-Solver++(2M)"),
-    SamplerSpec("ghvb", ghvb, lambda n: n, "N", "order - 1 + beta", knobs={"order": 2, "beta": 0.8},
+    SamplerSpec("ghvb", ghvb, _one, "N", "order - 1 + beta", knobs={"order": 2, "beta": 0.8},
                 description="generalised heavy ball, fractional order"),
 ]
 SPECS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
@@ -75,17 +90,26 @@ def get_spec(method: str) -> SamplerSpec:
         raise ValueError(f"unknown sampling method {method!r}; valid methods: {', '.join(METHODS)}") from None
 
 
-def nfe_for(method: str, steps: int) -> int:
-    """Number of eps_fn calls ``method`` makes with ``steps`` grid timesteps."""
-    return get_spec(method).nfe(steps)
+def _end_saving(schedule: Any) -> int:
+    """1 when a grid's last step ends where a discrete model has no timestep (final alpha_bar > alpha_bar(0)):
+    Runge-Kutta methods then take that step with 3 stages instead of 4."""
+    schedule = schedule if schedule is not None else _default_schedule()
+    return int(not getattr(schedule, "continuous", False) and schedule.final_alpha_bar > schedule.alpha_bar(0))
 
 
-def steps_for_nfe(method: str, nfe: int) -> int | None:
+def nfe_for(method: str, steps: int, schedule: Any = None) -> int:
+    """Number of eps_fn calls ``method`` makes with ``steps`` grid timesteps on ``schedule``
+    (default: a discrete schedule ending at alpha_bar = 1)."""
+    return get_spec(method).nfe(steps, _end_saving(schedule))
+
+
+def steps_for_nfe(method: str, nfe: int, schedule: Any = None) -> int | None:
     """The most grid steps whose cost fits in ``nfe`` calls (None if even the minimum does not)."""
     spec = get_spec(method)
+    r = _end_saving(schedule)
     best = None
     for n in range(spec.min_steps, nfe + 1):
-        if spec.nfe(n) <= nfe:
+        if spec.nfe(n, r) <= nfe:
             best = n
     return best
 
@@ -109,9 +133,12 @@ class SampleInfo:
     grid: Grid
 
 
-def _time_tensor(t: float, x: torch.Tensor, continuous: bool) -> torch.Tensor:
-    if not continuous:
-        t = max(t, 0.0)               # the end point t = -1 has no model time; t = 0 is the nearest
+def _model_time(t: float, continuous: bool) -> float:
+    # the end point t = -1 of a discrete schedule is only evaluated when alpha_bar(-1) = alpha_bar(0)
+    return t if continuous else max(t, 0.0)
+
+
+def _time_tensor(t: float, x: torch.Tensor) -> torch.Tensor:
     if float(t).is_integer():
         return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
     # float64 keeps a float-time oracle exact; models.py casts for a UNet
@@ -124,7 +151,8 @@ def drive(sampler, eps_fn: Callable, *, continuous: bool = False) -> tuple[torch
     try:
         x, t = next(sampler)
         while True:
-            e = eps_fn(x, _time_tensor(t, x, continuous))
+            t = _model_time(t, continuous)
+            e = eps_fn(x, _time_tensor(t, x))
             times.append(t)
             if not torch.isfinite(e).all():   # one host sync per call: a silent NaN image is worse
                 raise NonFiniteError(f"eps_fn returned non-finite values at model call {len(times)} "

@@ -33,7 +33,7 @@ def _steps(name: str, nfe: int, cost: Callable[[int], int], min_steps: int = 1) 
 
 def _ours(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
     def build(setup: DiffusionSetup, *, match_nfe: bool = True, float_t: bool = False, **knobs: Any):
-        steps = steps_for_nfe(name, setup.steps) if match_nfe else setup.steps
+        steps = steps_for_nfe(name, setup.steps, setup.schedule) if match_nfe else setup.steps
         if steps is None:
             raise ValueError(f"{name} cannot run within {setup.steps} model calls")
 

@@ -11,11 +11,69 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AB_FIXED, Grid, Sampler, adams_weights, combine, transfer
+from ._common import AB_FIXED, Grid, Sampler, adams_weights, combine, s_of, transfer
+
+
+def _end_has_no_model_time(grid: Grid, i: int) -> bool:
+    """Step i ends at t = -1 with alpha_bar above alpha_bar(0): a discrete-time model cannot be asked there."""
+    sched = grid.schedule
+    return (grid.t[i + 1] < 0 and not getattr(sched, "continuous", False)
+            and grid.ab[i + 1] > sched.alpha_bar(0))
+
+
+def _rk3_end_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = None):
+    """Pseudo 3-stage, 3rd-order RK step whose stages avoid the step's end: used for a last step into
+    alpha_bar = 1, where a discrete model has no timestep. Three calls.
+
+    Nodes (fractions of the step in s) are Ralston's 1/2 and 3/4, moved inside [t_i, 0] when the model
+    has no time there, and taken at rounded times unless float_t; the weights are the order-3 weights
+    for the nodes actually used. If no two distinct valid times exist (t_i <= 1), the step is a
+    2nd-order one with both extra calls at t = 0 (a tiny step; the calls keep the NFE formula).
+    """
+    a, a_next = grid.ab[i], grid.ab[i + 1]
+    s0, s1 = grid.s(i), grid.s(i + 1)
+    sched = grid.schedule
+
+    def frac(a_c: float) -> float:
+        return (s_of(a_c) - s0) / (s1 - s0)
+
+    c_max = frac(sched.alpha_bar(0)) if grid.t[i] > 0 else 0.0
+    nodes: list[tuple[float, float, float]] = []
+    if grid.float_t and c_max > 0:
+        c3 = min(0.75, c_max)
+        for c in (c3 * 2 / 3, c3):
+            s_c = s0 + c * (s1 - s0)
+            a_c = 1.0 / (1.0 + s_c * s_c)
+            nodes.append((max(sched.time_of(a_c), 0.0), a_c, c))
+    elif not grid.float_t:
+        t3 = max(round(grid.t[i] + 0.75 * (grid.t[i + 1] - grid.t[i])), 0)
+        t2 = max(round(grid.t[i] + 0.5 * (grid.t[i + 1] - grid.t[i])), t3 + 1)
+        if t2 < grid.t[i]:
+            nodes = [(float(t), sched.alpha_bar(t), frac(sched.alpha_bar(t))) for t in (t2, t3)]
+    if e1 is None:
+        e1 = yield x, grid.t[i]
+    if not nodes:   # degenerate: t_i <= 1
+        c0 = c_max
+        a0 = sched.alpha_bar(0)
+        e2 = yield transfer(x, e1, a, a0), 0.0
+        e3 = yield transfer(x, e2, a, a0), 0.0
+        e = e1 if c0 <= 0 else (1 - 1 / (2 * c0)) * e1 + (e2 + e3) / (4 * c0)
+        return transfer(x, e, a, a_next), e1
+    (t2, a2, c2), (t3, a3, c3) = nodes
+    # order conditions: b2 c2 + b3 c3 = 1/2, b2 c2^2 + b3 c3^2 = 1/3, b3 a32 c2 = 1/6
+    b3 = (1 / 3 - c2 / 2) / (c3 * (c3 - c2))
+    b2 = (0.5 - b3 * c3) / c2
+    a32 = 1 / (6 * b3 * c2)
+    a31 = c3 - a32
+    e2 = yield transfer(x, e1, a, a2), t2
+    e3 = yield transfer(x, (a31 * e1 + a32 * e2) / c3, a, a3), t3
+    return transfer(x, (1 - b2 - b3) * e1 + b2 * e2 + b3 * e3, a, a_next), e1
 
 
 def _prk_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = None):
     """Pseudo RK4 step i (PNDM eq. 13): four calls; returns (x_next, eps at the step's start)."""
+    if _end_has_no_model_time(grid, i):
+        return (yield from _rk3_end_step(x, grid, i, e1))
     a, a_next = grid.ab[i], grid.ab[i + 1]
     t_mid, a_mid = grid.midpoint(i)
     if e1 is None:
@@ -75,6 +133,13 @@ def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False) -> 
     return (yield from plms(x, grid, order=4, start=n_prk, history=es, fixed_coefficients=fixed_coefficients))
 
 
+def s_pndm4(x: torch.Tensor, grid: Grid) -> Sampler:
+    """Pseudo improved-Euler warm-up, then PLMS ramping 2 -> 3 -> 4 with variable-step weights:
+    diffusers' ``skip_prk_steps`` scheme made exact on non-uniform grids. N + 1 calls."""
+    x, e0 = yield from _improved_euler_step(x, grid, 0)
+    return (yield from plms(x, grid, order=4, start=1, history=[e0]))
+
+
 def pndm_diffusers(x: torch.Tensor, grid: Grid, *, skip_prk_steps: bool = True) -> Sampler:
     """diffusers' PNDMScheduler, exactly: fixed AB weights; ``skip_prk_steps`` = improved-Euler warm-up
     then AB2 -> AB3 -> AB4 (N + 1 calls), else three PRK steps (integer midpoints) then AB4 (N + 9)."""
@@ -88,7 +153,7 @@ def fon(x: torch.Tensor, grid: Grid) -> Sampler:
     """FON: classical RK4 in t on the x-space probability-flow ODE (PNDM eq. 5), 4 calls per step.
 
     The ODE is singular at alpha_bar = 1 (ds/dt ~ 1/sqrt(t + 1)), so a step ending there is taken as a
-    pseudo RK4 step (exact transfer) instead; interior steps are classical RK4.
+    pseudo Runge-Kutta step (exact transfer; 3 stages when the end has no model time) instead.
     """
     sched = grid.schedule
 
