@@ -50,6 +50,18 @@ def test_greedy_equals_generate(models, batch):
     assert 0 < out.stats["accepted_tokens"] or name == "prompt-lookup"
 
 
+def test_plain_decoding_steps_keep_caches_in_step(models):
+    """k = 0 steps (adaptive k when drafting does not pay) and probes mixed in: still == generate."""
+    from accelerando.llm.speculative import AdaptiveK
+    arch, target, draft = models
+    ids, mask = _prompts(2)
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k="adaptive"),
+                               max_new_tokens=16, cost_ratio=3.0)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats["mean_k"] < 1 and out.stats["drafted_tokens"] > 0
+
+
 def test_greedy_with_eos_equals_generate(models):
     arch, target, draft = models
     ids, mask = _prompts(3, seed=1)

@@ -43,7 +43,7 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def best_k(alpha: float, cost_ratio: float, k_max: int, k_min: int = 1) -> int:
+def best_k(alpha: float, cost_ratio: float, k_max: int, k_min: int = 0) -> int:
     """argmax_k expected_tokens(alpha, k) / (1 + k c): tokens per unit of time when a draft
     token costs c target forwards (c = draft time per token / target verification time)."""
     return max(range(k_min, k_max + 1), key=lambda k: (expected_tokens(alpha, k) / (1.0 + k * cost_ratio), -k))
@@ -76,21 +76,24 @@ class HeuristicK:
 
 
 class AdaptiveK:
-    """Cost-aware draft length: k = argmax (1 - a^(k+1)) / (1 - a) / (1 + k c).
+    """Cost-aware draft length: k = argmax (1 - a^(k+1)) / (1 - a) / (1 + k c), k in [0, k_max].
 
     alpha: running (exponentially weighted) estimate of per-token acceptance from the truncated
     geometric counts -- a step that accepted n of k drafts is n successes and (n < k) failures.
     c: running estimate of (draft time per drafted token) / (target verification time), measured
     with the wall clock. ``cost_ratio`` fixes c instead (e.g. 0 for prompt lookup).
+    k = 0 (plain decoding) wins when drafting does not pay; every ``probe_every``-th such step
+    drafts one token anyway so alpha and c keep being measured.
     """
 
-    def __init__(self, k_max: int = 12, *, k_min: int = 1, alpha0: float = 0.6, decay: float = 0.8,
-                 cost_ratio: float | None = None, c0: float = 0.2):
-        if not 1 <= k_min <= k_max:
-            raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+    def __init__(self, k_max: int = 12, *, k_min: int = 0, alpha0: float = 0.6, decay: float = 0.9,
+                 cost_ratio: float | None = None, c0: float = 0.2, probe_every: int = 8):
+        if not 0 <= k_min <= k_max or k_max < 1:
+            raise ValueError(f"need 0 <= k_min <= k_max and k_max >= 1, got {k_min}, {k_max}")
         self.k_max, self.k_min, self.decay, self.fixed_c = k_max, k_min, decay, cost_ratio
         self.succ, self.fail = 4.0 * alpha0, 4.0 * (1 - alpha0)     # a weak prior worth 4 drafts
         self.c = c0 if cost_ratio is None else cost_ratio
+        self.probe_every, self._idle = probe_every, 0
         self.history: list[int] = []
 
     @property
@@ -99,6 +102,10 @@ class AdaptiveK:
 
     def choose(self) -> int:
         k = best_k(min(self.alpha, 0.999), self.c, self.k_max, self.k_min)
+        if k == 0:
+            self._idle += 1
+            if self._idle >= self.probe_every:
+                k, self._idle = 1, 0
         self.history.append(k)
         return k
 

@@ -129,8 +129,7 @@ class DraftModel:
             self.pending = torch.cat([self.pending, self.pending.new_zeros(len(nxt), 1)], 1).scatter(1, c, nxt[:, None])
             self.pending_valid = torch.cat([self.pending_valid, self.pending_valid.new_zeros(len(nxt), 1)], 1).scatter(
                 1, c, torch.ones_like(c, dtype=torch.bool))
-            self.pending_dense = False
-            return
+            return                   # a dense pending block stays dense: every row gained one real token
         keep = W + n.clamp(max=k - 1)                                  # pending + accepted drafts the draft has fed
         self.state.rollback(self._start, keep, [W + min(n_b, k - 1) for n_b in step.n_host])
         all_in = n == k                                                # x_k accepted but never fed
