@@ -188,3 +188,36 @@ def test_unsupported_architecture_falls_back_with_notice():
     assert any("falling back" in str(w.message) for w in caught)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_sampled_generate_has_target_distribution():
+    """Joint distribution of the first two sampled tokens over 3000 rows of one batch == the
+    target's processed distribution (temperature, top-k), chi-square."""
+    from scipy.stats import chisquare
+
+    from accelerando.llm.sampling import SamplingConfig
+    Vs, N = 8, 3000
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=Vs, max_position_embeddings=64,
+                                   eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    sampling = SamplingConfig(temperature=0.9, top_k=6)
+    prompt = torch.tensor([[3, 7, 1, 2]])
+    with torch.no_grad():
+        p1 = sampling.probs(model(prompt).logits[0, -1])
+        p2 = sampling.probs(model(torch.cat([prompt.repeat(Vs, 1), torch.arange(Vs)[:, None]], 1)).logits[:, -1])
+    exact = (p1[:, None] * p2).flatten().double()
+    g = torch.Generator().manual_seed(0)
+    out = engine.generate(model, prompt.repeat(N, 1), max_new_tokens=2, compile=False, temperature=0.9, top_k=6,
+                          generator=g, eos_token_id=[])[:, -2:]
+    obs = torch.bincount(out[:, 0] * Vs + out[:, 1], minlength=Vs * Vs).double()
+    assert obs[exact == 0].sum() == 0
+    keep = exact * N >= 5
+    o = torch.cat([obs[keep], obs[~keep & (exact > 0)].sum()[None]])
+    e = torch.cat([exact[keep], exact[~keep & (exact > 0)].sum()[None]]) * N
+    assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3

@@ -430,16 +430,21 @@ def _as_id_list(eos: int | list[int] | torch.Tensor | None) -> list[int] | None:
 def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int, eos_token_id: int | list[int] | None = None,
              pad_token_id: int | None = None, compile: bool = True, check_every: int = 8,
-             stats: dict | None = None) -> torch.Tensor:
-    """Greedy decoding on the engine: the same tokens as ``model.generate(do_sample=False)``.
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Plain decoding on the engine. Greedy (``temperature=0``, the default): the same tokens as
+    ``model.generate(do_sample=False)``; otherwise samples from the processed distribution
+    (temperature, top-k, top-p as in transformers, ``accelerando.llm.sampling``) with ``generator``.
 
     ``input_ids`` (B, P) left-padded with ``attention_mask``; returns (B, P + n) with n <=
     ``max_new_tokens`` (stops early, like transformers, once every row has emitted an EOS; finished
     rows are filled with ``pad_token_id``). Unsupported architectures fall back to
     ``model.generate`` with a one-line notice. ``stats`` (a dict) receives counters.
     """
+    from accelerando.llm.sampling import SamplingConfig, pick
     if max_new_tokens <= 0:
         raise ValueError("max_new_tokens must be positive")
+    sampling = SamplingConfig(temperature, top_k, top_p)
     gen_cfg = getattr(model, "generation_config", None)
     if eos_token_id is None:   # like transformers: the model's generation config decides
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
@@ -449,8 +454,9 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     reason = unsupported_reason(model)
     if reason is not None:
         _notice_fallback(reason)
+        kw = {} if sampling.greedy else dict(temperature=temperature, top_k=top_k, top_p=top_p)
         return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, eos_token_id=eos, pad_token_id=pad_token_id)
+                              do_sample=not sampling.greedy, eos_token_id=eos, pad_token_id=pad_token_id, **kw)
     if eos is not None and pad_token_id is None:
         pad_token_id = eos[0]
     B, P = input_ids.shape
@@ -458,7 +464,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     calls0 = eng.stats.forward_calls
     eos_t = torch.tensor(eos, device=input_ids.device) if eos is not None else None
 
-    tok = eng.prefill(input_ids, attention_mask)[:, -1].argmax(-1)                       # (B,)
+    tok = pick(eng.prefill(input_ids, attention_mask)[:, -1], sampling, generator)         # (B,)
     out = torch.empty(B, max_new_tokens, dtype=input_ids.dtype, device=input_ids.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     all_done_at = torch.full((max_new_tokens,), False, device=input_ids.device)
@@ -474,7 +480,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         # one host sync every `check_every` tokens instead of per token; trimmed exactly below
         if eos_t is not None and (n + 1) % check_every == 0 and bool(all_done_at[n]):
             break
-        tok = eng.step(tok[:, None], last_only=True)[:, -1].argmax(-1)
+        tok = pick(eng.step(tok[:, None], last_only=True)[:, -1], sampling, generator)
     n_out = n + 1
     if eos_t is not None and bool(all_done_at[:n_out].any()):
         n_out = int(all_done_at[:n_out].nonzero()[0]) + 1
