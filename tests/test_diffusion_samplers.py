@@ -155,3 +155,21 @@ def test_bad_schedule_names():
         make_schedule("cosine-ish")
     with pytest.raises(ValueError, match="spacing"):
         timesteps(1000, 10, "uniform")
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_entries_fit_the_budget_and_diffusers_loops_run():
+    from accelerando.bench.methods import DiffusionSetup, all_methods, get_method
+    names = {e.name for e in all_methods("diffusion")}
+    assert set(METHODS) <= names
+    assert {"diffusers-ddim", "diffusers-pndm", "diffusers-dpmpp2m", "diffusers-unipc"} <= names
+    assert [e.name for e in all_methods("diffusion") if e.is_baseline] == ["ddim"]
+    gm = random_mixture(2, 2, schedule=SCHED, seed=0)
+    setup = DiffusionSetup(eps_fn=gm.eps_fn, schedule=SCHED, x_T=torch.randn(3, 2, dtype=torch.float64), steps=10)
+    outs = {}
+    for name in ("ddim", "f-pndm", "diffusers-ddim", "diffusers-pndm", "diffusers-dpmpp2m", "diffusers-unipc"):
+        o = get_method(name).build(setup)()
+        assert o.nfe <= 10 and torch.isfinite(o.x0).all()
+        outs[name] = o.x0
+    torch.testing.assert_close(outs["ddim"], outs["diffusers-ddim"], rtol=1e-5, atol=1e-5)
