@@ -102,7 +102,7 @@ def test_kv_caches_roll_back_exactly():
     st.forward(ids, mask.bool())
     start = st.mark()
     st.forward(torch.randint(3, 96, (2, 5)))
-    st.rollback(start, torch.tensor([2, 4]), [2, 4])
+    st.rollback(start, torch.tensor([2, 4]), 4)
     assert st.cache.get_seq_length() == start + 4 == st.valid.shape[1]
     assert st.lengths.tolist() == [int(mask[0].sum()) + 2, int(mask[1].sum()) + 4]
     assert st.valid[0, -2:].tolist() == [False, False] and st.valid[1, -4:].all()

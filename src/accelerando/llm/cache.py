@@ -12,7 +12,7 @@ tokens never need re-alignment or re-prefill. (The engine's ``StaticKVCache`` us
 Interface the speculative loop uses (``SpecCache``):
   forward(ids (B,T), valid (B,T) | None) -> logits (B,T,V)   append T columns
   mark() -> int                                              column count now (host int, no sync)
-  rollback(start, keep (B,), keep_host: list[int])          after ``start`` keep keep[b] columns
+  rollback(start, keep (B,), max_keep: int)                  after ``start`` keep keep[b] columns
   lengths                                                    (B,) valid tokens per row (device)
 """
 
@@ -31,7 +31,7 @@ class SpecCache(Protocol):
 
     def mark(self) -> int: ...
 
-    def rollback(self, start: int, keep: torch.Tensor, keep_host: list[int]) -> None: ...
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None: ...
 
 
 def check_supports_cache(model: Any, role: str = "model") -> None:
@@ -106,15 +106,19 @@ class HFCache:
         self.lengths = self.lengths + valid.sum(1)
         return out.logits
 
-    def rollback(self, start: int, keep: torch.Tensor, keep_host: list[int]) -> None:
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int | list[int]) -> None:
         """Of the columns appended since ``mark() == start``, row b keeps the first ``keep[b]``.
 
-        ``keep_host`` is ``keep`` on the host (the caller has it from its one sync per step):
-        columns past its max hold no row's token and are cropped from the cache; unequal entries
-        leave holes.
+        ``max_keep`` is ``max(keep)`` as a host int (the caller has it from its one sync per
+        step): columns past it hold no row's token and are cropped from the cache. A host list
+        (``keep`` itself) also tells whether rows differ; with an int, rows of a batch > 1 are
+        assumed to leave holes.
         """
-        max_keep = max(keep_host)
-        if min(keep_host) != max_keep:
+        if isinstance(max_keep, (list, tuple)):
+            uniform, max_keep = min(max_keep) == max(max_keep), max(max_keep)
+        else:
+            uniform = keep.shape[0] == 1
+        if not uniform:
             self.dense = False
         L = self.valid.shape[1]
         cols = torch.arange(L - start, device=self.valid.device)[None, :]

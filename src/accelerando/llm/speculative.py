@@ -332,7 +332,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
         n_host = [h[0] for h in host]
         new = [h[4: 4 + h[0]] + [h[1]] for h in host]
         # -- rollback -----------------------------------------------------------------------------
-        tgt.rollback(start, n + 1, [h + 1 for h in n_host])
+        tgt.rollback(start, n + 1, max(n_host) + 1)
         step = StepResult(k=k, n_accepted=n, next_tokens=nxt, n_host=n_host, new_tokens=new)
         drafter.accept(step)
         ctrl.update(k, [h for h, d in zip(n_host, done) if not d] or n_host, tv - td, te - tv)

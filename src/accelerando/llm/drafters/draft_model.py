@@ -131,7 +131,7 @@ class DraftModel:
                 1, c, torch.ones_like(c, dtype=torch.bool))
             return                   # a dense pending block stays dense: every row gained one real token
         keep = W + n.clamp(max=k - 1)                                  # pending + accepted drafts the draft has fed
-        self.state.rollback(self._start, keep, [W + min(n_b, k - 1) for n_b in step.n_host])
+        self.state.rollback(self._start, keep, W + min(max(step.n_host), k - 1))
         all_in = n == k                                                # x_k accepted but never fed
         if max(step.n_host) == k:
             self.pending = torch.stack([torch.where(all_in, self._last_tokens[:, -1], nxt), nxt], 1)
