@@ -52,6 +52,16 @@ class Models:
     drafts: dict[str, Any]
     tokenizer: Any
     source: str
+    prompts: dict[str, list[str]] | None = None     # None: the inline prompts above
+
+
+def heldout_prompts() -> dict[str, list[str]] | None:
+    """4 code and 4 prose prompts from the zoo corpus's held-out split (never trained on)."""
+    try:
+        from accelerando.zoo import data
+        return {k: data.heldout_prompts(k, n=4, chars=300) for k in ("code", "prose")}
+    except Exception:
+        return None
 
 
 class _CharTokenizer:
@@ -84,7 +94,8 @@ def load_models() -> Models:
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return Models(target, drafts, tok, "zoo: code-target, drafts code-draft-small / code-draft-tiny")
+        return Models(target, drafts, tok, "zoo: code-target, drafts code-draft-small / code-draft-tiny",
+                      heldout_prompts())
     except Exception as exc:    # the zoo is not trained yet
         reason = type(exc).__name__
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -174,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     table, history_rows = [], []
     summary = []
     for domain, temp, batch in grid(args.quick):
-        texts = (CODE_PROMPTS if domain == "code" else PROSE_PROMPTS)[: (2 if batch == 1 else 4)]
+        pool = m.prompts[domain] if m.prompts else (CODE_PROMPTS if domain == "code" else PROSE_PROMPTS)
+        texts = pool[: (2 if batch == 1 else 4)]
         ss = setups(m, texts, batch, temp, new_tokens)
         base = None
         results = []
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     md = "\n".join([
         "## Speculative decoding (issue 3)", "",
         f"Command: `{cmd}` ({wall:.0f} s). Machine: {machine_line()}.", "",
-        f"Models: {m.source}. {new_tokens} new tokens per prompt; batch 1 runs 2 prompts one after the other, "
+        f"Models: {m.source}. Prompts: {'the zoo corpus held-out split (300 characters each)' if m.prompts else 'inline (benchmarks/llm_speculative.py)'}. "
+        f"{new_tokens} new tokens per prompt; batch 1 runs 2 prompts one after the other, "
         f"batch 4 runs 4 prompts in one batch; median of {repeats} timed repeats after a warm-up. "
         "Ratios are to plain `generate` in the same run. tpc = new tokens per target forward (per row); "
         "acceptance = accepted / drafted tokens. transformers' assisted generation and prompt lookup run batch 1 only.",
