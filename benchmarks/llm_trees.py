@@ -84,7 +84,8 @@ def load_models(quick: bool):
     t = AutoModelForCausalLM.from_pretrained(zoo.path(TARGET_NAME)).eval()
     draft_name = "code-draft-small" if "code-draft-small" in zoo.names() else "code-draft-tiny"
     d = AutoModelForCausalLM.from_pretrained(zoo.path(draft_name)).eval()
-    heads = Medusa.load(zoo.path(MEDUSA_NAME), target=t)
+    from accelerando.llm.drafters.medusa import zoo_heads_path
+    heads = Medusa.load(zoo_heads_path(MEDUSA_NAME), target=t)
     tok = AutoTokenizer.from_pretrained(zoo.path(TARGET_NAME))
     prompts = prompt_texts()
     enc = {k: [tok(p, return_tensors="pt").input_ids[:, -96:] for p in v] for k, v in prompts.items()}

@@ -69,7 +69,7 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
     n_params = sum(p.numel() for p in heads.parameters())
     acc = heads.config.top_k_accuracy
     card = {
-        "name": out.name, "role": "medusa", "family": "llm", "for_model": target,
+        "name": out.name, "role": "medusa", "family": "medusa-heads (llama target)", "for_model": target,
         "architecture": f"{n_heads} Medusa heads x {n_layers} ResBlock, projection={projection}"
                         + (" (target lm_head, frozen, not stored)" if projection == "shared" else ""),
         "parameters": n_params, "data": data_desc or "local texts", "train_tokens": int(ids.numel()),

@@ -320,6 +320,15 @@ class _ClassOrInstance:
 Medusa.train = _ClassOrInstance(Medusa.__dict__["fit"], nn.Module.train)
 
 
+ZOO_HEADS = "code-target-medusa"
+
+
+def zoo_heads_path(name: str = ZOO_HEADS) -> Path:
+    """Folder of Medusa heads shipped in the zoo (beside the zoo's models)."""
+    from accelerando import zoo
+    return Path(zoo.MODELS_DIR) / name
+
+
 def _model_id(target: Any) -> str:
     cfg = getattr(target, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", ""))
