@@ -56,6 +56,7 @@ def test_prompt_lookup_copies_the_most_recent_continuation():
     assert lookup(h, (3,), 1).tolist() == [7]
     assert lookup(np.array([5, 6, 7]), (2, 1), 4).tolist() == []     # no earlier occurrence
     assert lookup(np.array([4, 6, 4]), (3, 1), 4).tolist() == [6, 4]  # falls back to the 1-gram
+    assert lookup(np.array([9] + [7] * 8), (2,), 4).tolist() == [7, 7, 7, 7]   # a run: full-length copy
 
 
 def test_best_k_maximises_tokens_per_cost():

@@ -16,8 +16,10 @@ from accelerando.llm.sampling import SamplingConfig
 
 
 def lookup(history: np.ndarray, ngram_sizes: Sequence[int], k: int) -> np.ndarray:
-    """Continuation (<= k tokens) of the most recent earlier occurrence of the context's last
-    n-gram, trying n in ``ngram_sizes`` order (largest first is usual); empty if none."""
+    """Continuation (<= k tokens) of an earlier occurrence of the context's last n-gram, trying n
+    in ``ngram_sizes`` order (largest first is usual); empty if none. Among the occurrences, the
+    most recent one whose continuation is longest (up to k): in a run "a a a a" the latest match
+    overlaps the tail and could only offer one token."""
     L = len(history)
     for n in ngram_sizes:
         if L <= n:
@@ -25,8 +27,9 @@ def lookup(history: np.ndarray, ngram_sizes: Sequence[int], k: int) -> np.ndarra
         tail = history[L - n:]
         win = np.lib.stride_tricks.sliding_window_view(history[: L - 1], n)   # starts 0 .. L-1-n
         hits = np.flatnonzero((win == tail).all(1))
-        if len(hits):
-            s = int(hits[-1]) + n
+        if len(hits):   # the most recent match among those with the longest continuation (runs!)
+            lens = np.minimum(k, L - hits - n)
+            s = int(hits[lens == lens.max()][-1]) + n
             return history[s: s + k]
     return history[:0]
 
