@@ -254,3 +254,12 @@ def test_early_exit_drafts_agree_more_with_smaller_later_layers():
         with torch.no_grad():
             alpha[d] = acceptance_rate(t(ids).logits, q(ids).logits, temperature=1.0)
     assert alpha[5] > alpha[100] + 0.2
+
+
+def test_spec_gain_formula():
+    from accelerando.select.features import spec_gain
+    # a = 0.5, c = 0.1: k = 1 -> 1.5 / 1.1; k = 2 -> 1.75 / 1.2 (the max); k = 3 -> 1.875 / 1.3
+    assert spec_gain(0.5, 0.1) == pytest.approx(1.75 / 1.2)
+    assert spec_gain(0.0, 0.1) == 1.0 and math.isnan(spec_gain(math.nan, 0.1))
+    f = workload_features({"family": "llm", "drafts": ["d"], "features": {"draft_alpha": 0.5, "draft_latency_ratio": 0.1}})
+    assert f["spec_gain"] == pytest.approx(1.75 / 1.2)

@@ -34,6 +34,9 @@ FEATURES: dict[str, tuple[str, str]] = {
                            "and draft's next-token distributions (temperature applied; greedy: top-1 "
                            "agreement), averaged over the prompt's positions with teacher forcing, so no "
                            "candidate runs: with the cost ratio it gives speculation's expected speed-up"),
+    "spec_gain": ("llm", "speculative decoding's expected speed-up from theory, max over k = 1..8 of "
+                         "(1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = draft_alpha and c = "
+                         "draft_latency_ratio: the two measurements combined the way the method uses them"),
     "log_fwd_ms": ("both", "log10 of one measured target forward (ms) at the workload's batch and "
                            "length: tiny, overhead-bound forwards leave little to gain from batching "
                            "drafted tokens; diffusion: cost of one NFE"),
@@ -291,4 +294,17 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
     for k, v in facts.items():
         if k in f and v is not None:
             f[k] = float(v)
+    if family == "llm":
+        f["spec_gain"] = spec_gain(f["draft_alpha"], f["draft_latency_ratio"])
     return f
+
+
+def spec_gain(alpha: float, c: float, k_max: int = 8) -> float:
+    """max_k (1 - a^(k+1)) / ((1 - a)(k c + 1)): expected tokens per target call over the cost of
+    one step with k drafts (Leviathan et al.); NaN if a or c is unknown, 1 without a draft."""
+    if alpha is None or c is None or math.isnan(alpha) or math.isnan(c):
+        return math.nan
+    if alpha <= 0 or c <= 0:
+        return 1.0
+    a = min(alpha, 1 - 1e-9)
+    return max((1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)) for k in range(1, k_max + 1))
