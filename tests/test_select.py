@@ -123,11 +123,13 @@ def test_summarize_by_hand():
     cases = [Case("a", "llm", vbs=2.0, utility={"m": 2.0, "sbs": 1.0}, violated={"m": 0.0}),
              Case("b", "llm", vbs=3.0, utility={"m": 2.0, "sbs": 2.0}, violated={"m": 1.0})]
     s = summarize(cases, "m")
-    assert s.n == 2 and s.top1 == 0.5
+    assert s.n == 2 and s.top1 == 0.5 and s.within5 == 0.5      # 2.0 < 0.95 * 3.0
     assert s.mean_regret == pytest.approx(0.5) and s.rel_regret == pytest.approx(0.5 / 2.5)
     assert s.closed_gap == pytest.approx((2.0 - 1.5) / (2.5 - 1.5))
     assert s.violation_rate == 0.5
     assert summarize(cases, "sbs").closed_gap == pytest.approx(0.0)
+    near = [Case("c", "llm", vbs=2.0, utility={"m": 1.95, "sbs": 1.0})]
+    assert summarize(near, "m").top1 == 0.0 and summarize(near, "m").within5 == 1.0
 
 
 def test_leave_one_out_sbs_and_random_by_hand_lossless():
