@@ -155,3 +155,22 @@ def test_adapter_v_prediction_matches_eps():
         xa = a_sched.step(v, t, xa).prev_sample
         xe = e_sched.step(eps, t, xe).prev_sample
     torch.testing.assert_close(xa, xe, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [5, 25])
+def test_unipc_equals_diffusers(steps):
+    """Our UniPC-2 (bh2) equals UniPCMultistepScheduler; their sigmas recomputed in float64."""
+    from diffusers import UniPCMultistepScheduler
+    ref = UniPCMultistepScheduler(num_train_timesteps=T, solver_order=2, solver_type="bh2",
+                                  timestep_spacing="trailing", final_sigmas_type="zero")
+    ac = ref.alphas_cumprod.to(torch.float64)
+    ref.set_timesteps(steps)
+    ts = ref.timesteps
+    ref.sigmas = torch.cat([((1 - ac[ts]) / ac[ts]).sqrt(), torch.zeros(1, dtype=torch.float64)])
+    theirs = x_T()
+    for t in ts:
+        theirs = ref.step(toy_eps(theirs, t), t, theirs).prev_sample
+    ours, info = sample(toy_eps, x_T(), schedule=Schedule(ac, final_alpha_bar=1.0), method="unipc", steps=steps,
+                        return_info=True)
+    assert [int(t) for t in info.times] == ts.tolist()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-11)

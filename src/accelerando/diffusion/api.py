@@ -13,6 +13,7 @@ from .samplers._common import Grid, make_grid
 from .samplers.ddim import ddim
 from .samplers.dpm_solver import dpmpp_2m, dpmpp_3m
 from .samplers.momentum import ghvb, hb_dpmpp_2m, hb_plms
+from .samplers.unipc import unipc
 from .samplers.pndm import f_pndm, fon, plms, pndm_diffusers, prk, s_pndm, s_pndm4
 from .schedules import make_schedule
 
@@ -68,6 +69,8 @@ _SPECS = [
                 knobs={"skip_prk_steps": False}, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
     SamplerSpec("dpmpp-2m", dpmpp_2m, _one, "N", "2", description="DPM-Solver++(2M), data prediction"),
     SamplerSpec("dpmpp-3m", dpmpp_3m, _one, "N", "3", description="DPM-Solver++(3M), data prediction"),
+    SamplerSpec("unipc", unipc, _one, "N", "2-3", knobs={"order": 2},
+                description="UniPC (bh2) predictor-corrector, data prediction"),
     SamplerSpec("hb-plms", hb_plms, _one, "N", "1 (beta < 1)", knobs={"order": 4, "beta": 0.8},
                 description="heavy-ball momentum on PLMS"),
     SamplerSpec("hb-dpmpp-2m", hb_dpmpp_2m, _one, "N", "1 (beta < 1)", knobs={"beta": 0.8},
