@@ -131,7 +131,9 @@ def run_one(name: str, knobs: dict[str, Any], ss: list[LLMSetup], repeats: int) 
     fns = [get_method(name).build(s, **knobs) for s in ss]
     t = measure(lambda: [f() for f in fns], warmup=1, repeats=repeats)
     outs = t.result
-    new = sum(int(o.stats.get("new_tokens", 0)) for o in outs)
+    # tokens counted the way generate's output counts them (positions x rows, padding after EOS included),
+    # so every method's tokens/s has the same numerator when its output equals generate's
+    new = sum((o.sequences.shape[1] - s.input_ids.shape[1]) * o.sequences.shape[0] for o, s in zip(outs, ss))
     calls = sum(int(o.stats.get("target_calls", 0)) for o in outs)
     drafted = sum(int(o.stats.get("drafted_tokens", 0)) for o in outs)
     acc = sum(int(o.stats.get("accepted_tokens", 0)) for o in outs)

@@ -145,6 +145,7 @@ class _Stats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     new_tokens: int = 0
+    row_calls: int = 0            # (row, target call) pairs for rows still generating
     accept_hist: dict[int, int] = field(default_factory=dict)
     k_used: list[int] = field(default_factory=list)
 
@@ -154,7 +155,7 @@ class _Stats:
                     acceptance_rate=self.accepted_tokens / max(1, self.drafted_tokens),
                     acceptance_histogram=dict(sorted(self.accept_hist.items())),
                     new_tokens=self.new_tokens,
-                    tokens_per_target_call=self.new_tokens / max(1, batch * self.target_calls),
+                    tokens_per_target_call=self.new_tokens / max(1, self.row_calls),
                     mean_k=sum(self.k_used) / max(1, len(self.k_used)), wall_time_s=wall)
 
 
@@ -307,6 +308,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
         raise NonFiniteLogitsError(non_finite_message("target", sum(r[1] for r in packed)))
     rows = [[r[0]] for r in packed]
     done = [r[0] in eos or max_new_tokens <= 1 for r in rows]
+    st.row_calls += B
     drafter.begin(input_ids, attention_mask, last, [r[0] for r in packed])
 
     while not all(done):
@@ -343,6 +345,7 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
         for b in range(B):
             if done[b]:
                 continue
+            st.row_calls += 1
             st.drafted_tokens += host[b][3]
             st.accepted_tokens += n_host[b]
             st.accept_hist[n_host[b]] = st.accept_hist.get(n_host[b], 0) + 1
