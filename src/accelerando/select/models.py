@@ -355,13 +355,16 @@ class Pairwise(Selector):
     """Pairwise classification (ASlib's PAIRWISE): for every pair of arms a logistic regression on
     the workload features predicts which has the higher utility, each training workload weighted
     by the utility difference; arms are ranked by their mean predicted win probability. The
-    speed-up and its uncertainty are the kNN estimates (a ranking model has no speed-up scale)."""
+    speed-up and its uncertainty are the kNN estimates (a ranking model has no speed-up scale).
+    With many arms only the ``max_arms`` best on average (and the baseline) duel; the others get
+    a win rate of 0 and follow in kNN order."""
 
     name = "pairwise"
 
-    def __init__(self, *, k: int = 5, C: float = 1.0, **kw: Any):
+    def __init__(self, *, k: int = 5, C: float = 1.0, max_arms: int = 10, **kw: Any):
         super().__init__(**kw)
         self.C = C
+        self.max_arms = max_arms
         self._knn = KNN(k=k, **kw)
 
     def fit(self, table: PerfTable) -> "Pairwise":
@@ -371,6 +374,11 @@ class Pairwise(Selector):
     def _fit_family(self, family, st):
         from sklearn.linear_model import LogisticRegression
         arms = list(st["candidates"])      # the baseline too: "do nothing" must win its duels
+        if len(arms) > self.max_arms:      # pairs grow quadratically: duel among the best on average
+            mean_u = {a: np.mean([self._utility(w, a) for w in st["wids"] if (w, a) in self.table.speedup] or [0.0])
+                      for a in arms}
+            top = sorted(arms, key=lambda a: -mean_u[a])[:self.max_arms]
+            arms = [a for a in arms if a in top or a == st["baseline"]]
         models: dict[tuple[str, str], Any] = {}
         for i, a in enumerate(arms):
             for b in arms[i + 1:]:
@@ -398,7 +406,7 @@ class Pairwise(Selector):
             p = m if isinstance(m, float) else float(m.predict_proba(z)[0, list(m.classes_).index(1)])
             wins[a].append(p)
             wins[b].append(1.0 - p)
-        return {a: (float(np.mean(v)) if v else 0.5) for a, v in wins.items()}
+        return {a: (float(np.mean(v)) if v else 0.0) for a, v in wins.items()}
 
     def _predict(self, family, st, x, arms):
         knn = {p.arm: p for p in self._knn._predict(family, self._knn._fam[family], x, arms)}
