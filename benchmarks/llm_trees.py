@@ -190,8 +190,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-history", action="store_true")
     ARGS = ap.parse_args()
-    ARGS.chain_k = [2, 4] if ARGS.quick else [2, 4, 6]
-    ARGS.medusa_nodes = [3, 8] if ARGS.quick else [4, 8, 16, 32, 64]
+    ARGS.chain_k = [2, 4] if ARGS.quick else [4, 6, 8, 12]
+    ARGS.medusa_nodes = [3, 7] if ARGS.quick else [3, 7, 15, 31, 63]   # + root: 4..64 nodes (compiled sizes)
     ARGS.tree_shapes = [(2, 2)] if ARGS.quick else [(2, 2), (2, 3), (3, 2), (2, 4), (4, 2), (3, 4)]
     if ARGS.quick:
         ARGS.new_tokens, ARGS.repeats = 16, 1

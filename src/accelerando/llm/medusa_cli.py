@@ -38,8 +38,10 @@ def load_texts(data: list[str] | None) -> tuple[list[str], str]:
             texts.append(p.read_text(encoding="utf-8", errors="replace"))
         return texts, f"{len(texts)} local file(s)"
     from accelerando.zoo import data as zoo_data   # the zoo's offline corpus helpers (train split only)
+    import random
     texts = list(zoo_data.code_corpus("train")) + list(zoo_data.prose_corpus("train"))
-    return texts, "zoo corpus, train split (stdlib code + pydoc prose; accelerando.zoo.data)"
+    random.Random(0).shuffle(texts)   # documents in a fixed random order: a token cap keeps both kinds
+    return texts, "zoo corpus, train split (stdlib code + pydoc prose, documents shuffled; accelerando.zoo.data)"
 
 
 def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n_layers: int = 1,

@@ -115,7 +115,7 @@ class _EngineTarget:
         return h[0, -1], logits[0, -1]
 
     def score_tree(self, tree: TokenTree, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        n, T = len(tree), max(self.pad_to, len(tree))
+        n, T = len(tree), pad_size(max(self.pad_to, len(tree)))
         check_tree_fits(tree, self.L, self.max_pos)
         if self.L + T > self.eng.max_len:
             raise ValueError(f"a tree of {n} nodes after {self.L} tokens does not fit the cache ({self.eng.max_len})")
@@ -133,6 +133,11 @@ class _EngineTarget:
         c.rollback(self.L)
         c.keep_path(torch.tensor([path], device=self.eng.device))
         self.L += len(path)
+
+
+def pad_size(n: int) -> int:
+    """Trees are padded to a power of two (>= 4): few distinct compiled step shapes."""
+    return max(4, 1 << (n - 1).bit_length())
 
 
 def _make_target(target: Any, max_len: int, backend: str, pad_to: int) -> Any:
@@ -189,7 +194,7 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
     st = TreeStats()
 
     pad_to = getattr(drafter, "max_nodes", 0)
-    tgt = _make_target(target, input_ids.shape[1] + max_new_tokens + (pad_to or 64) + 1, backend, pad_to)
+    tgt = _make_target(target, input_ids.shape[1] + max_new_tokens + pad_size(pad_to or 64) + 1, backend, pad_to)
     hidden, last = tgt.prefill(input_ids)
     st.target_calls += 1
     root = int(last.argmax()) if sampling.greedy else int(torch.multinomial(sampling.probs(last), 1, generator=generator))

@@ -86,7 +86,8 @@ class DraftTree:
         self.use_engine = self.backend == "engine" or (self.backend == "auto" and unsupported_reason(self.model) is None)
         if self.use_engine:
             # block = pending chain + the tree so far, padded to a fixed size: one compiled step shape
-            self.block = self.max_nodes + self.depth + 1
+            from accelerando.llm.tree_speculative import pad_size
+            self.block = pad_size(self.max_nodes + self.depth + 1)
             self.eng = _draft_engine(self.model, input_ids.shape[1] + max_new_tokens + 2 * self.block, self.compile)
             self.eng.prefill(input_ids)
             self.cache_len, self.pending = input_ids.shape[1], []
