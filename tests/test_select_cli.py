@@ -131,3 +131,25 @@ def test_cli_recommend_diffusion_verify(env):
         rows = h.rows()
     assert rows and rows[0].family == "diffusion" and rows[0].metrics["is_baseline"]
     assert rows[0].workload["features"]["image_size"] == 8
+
+
+def test_methods_that_need_a_draft_are_not_offered_without_one(env):
+    from accelerando.bench import methods as registry
+    from accelerando.bench.methods import MethodEntry
+    registry.register(MethodEntry("draft-user", "llm", lambda s, draft=None: None, lossless=True))
+    registry.register(MethodEntry("knob-draft", "llm", lambda s, **kw: None, lossless=True, default_knobs={"draft": None}))
+    assert RC.needs_draft("draft-user") and RC.needs_draft("knob-draft")
+    assert not RC.needs_draft("fake-exact") and not RC.needs_draft("not-registered")
+    rows = []
+    for i, (name, s) in enumerate([("draft-user", 3.0), ("fake-exact", 1.5)] * 6):
+        wl = {"family": "llm", "model": f"m{i}", "drafts": ["d"], "prompts_digest": str(i)}
+        rows += [_r(wl, "fake-generate", 1.0, True, f"r{i}"), _r(wl, name, s, False, f"r{i}")]
+    with_draft = RC.recommend({"family": "llm", "drafts": ["d"], "features": {}}, rows)
+    without = RC.recommend({"family": "llm", "drafts": [], "features": {}}, rows)
+    assert with_draft.choice.arm == "draft-user"
+    assert without.choice.arm == "fake-exact" and "draft-user" not in [p.arm for p in without.ranked]
+
+
+def _r(wl, method, s, base, run):
+    return {"workload": wl, "method": method, "knobs": {}, "run_id": run,
+            "metrics": {"speedup": s, "lossless": True, "is_baseline": base}}

@@ -209,12 +209,27 @@ def safe_default(family: str, key: Mapping[str, Any], constraint: Constraint) ->
     return preds, arms, "; ".join(notes)
 
 
-def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any]) -> bool:
-    """An arm measured only on workloads with draft models is not offered without one (and v.v.)."""
-    if table.arms[arm].is_baseline or table.arms[arm].family != "llm":
+def needs_draft(method: str, reg: Mapping[str, Any] | None = None) -> bool:
+    """Does a registered method take a draft model (a ``draft`` knob or builder parameter)?"""
+    import inspect
+    reg = _registered() if reg is None else reg
+    e = reg.get(method)
+    if e is None:
+        return False
+    if "draft" in e.default_knobs:
         return True
-    has = bool(key.get("drafts"))
-    return any(bool(table.workloads[w].get("drafts")) == has for w in table.wids("llm") if (w, arm) in table.speedup)
+    try:
+        return "draft" in inspect.signature(e.build).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any], reg: Mapping[str, Any]) -> bool:
+    """Methods that need a draft model are not offered to a workload without one."""
+    a = table.arms[arm]
+    if a.is_baseline or a.family != "llm" or key.get("drafts"):
+        return True
+    return not needs_draft(a.method, reg)
 
 
 def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constraint = LOSSLESS,
@@ -234,9 +249,9 @@ def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constr
         note = (f"the history has {n} {family} workload(s) (< {min_workloads}): not enough to learn from; "
                 f"safe default ({why or 'baseline'}). Run `accelerando sweep` or `recommend --verify` to build it up.")
         return Recommendation(family, constraint, preds, arms, "safe-default", n, fallback=True, notes=[note])
-    reg = _registered() if registered_only else None
-    allowed = [a for a in fam_table.arms if fam_table.arms[a].family == family and _applicable(fam_table, a, key)
-               and (reg is None or not reg or fam_table.arms[a].method in reg)]
+    reg = _registered()
+    allowed = [a for a in fam_table.arms if fam_table.arms[a].family == family and _applicable(fam_table, a, key, reg)
+               and (not registered_only or not reg or fam_table.arms[a].method in reg)]
     sel = make_selector(selector, constraint=constraint).fit(fam_table)
     ranked = sel.rank(key, hardware=hardware, arms=allowed)
     ok = [p for p in ranked if p.p_ok >= sel.min_p_ok]
