@@ -246,3 +246,30 @@ def test_draft_without_target_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo_train, "_default_dir", lambda name: tmp_path / "missing" / name)
     with pytest.raises(FileNotFoundError, match="code-target"):
         zoo_train.train("code-draft-small", out_dir=tmp_path / "x" / "code-draft-small", steps=1)
+
+
+def test_lm_restart_cycles_resume_equals_fresh_run(tmp_path, monkeypatch):
+    """A recipe with a warm-restart cycle gives the same weights whether run in one go or resumed
+    from its saved first cycle (fresh optimizer and own RNG per cycle)."""
+    tiny = zoo_train.LMSpec("target", 32, 1, 2, 64, steps=2, lr=1e-3, batch_size=2, seq_len=32,
+                            vocab_size=300, restarts=(3,))
+    monkeypatch.setitem(zoo_train.SPECS, "code-target", tiny)
+    kw = dict(seed=1, max_train_bytes=8_000, eval_windows=1)
+    full = zoo_train.train("code-target", out_dir=tmp_path / "full", **kw)
+    zoo_train.train("code-target", out_dir=tmp_path / "c1", steps=2, **kw)          # cycle 1 only
+    zoo_train.train("code-target", out_dir=tmp_path / "resumed", resume_from=tmp_path / "c1", **kw)
+    assert full["steps"] == 5
+    assert _same(_weights(tmp_path / "full"), _weights(tmp_path / "resumed"))
+    assert not _same(_weights(tmp_path / "full"), _weights(tmp_path / "c1"))
+
+
+def test_project_embedding_keeps_geometry():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(100, 4, generator=g)
+    emb = low @ torch.randn(4, 16, generator=g)              # rank 4 in 16 dims
+    p = zoo_train.project_embedding(emb, 8)
+    assert p.shape == (100, 8)
+    # inner products are preserved up to the common RMS rescaling
+    gram, gram_p = emb @ emb.T, p @ p.T
+    scale = (gram_p.diagonal() / gram.diagonal()).mean()
+    assert torch.allclose(gram_p, gram * scale, rtol=1e-3, atol=1e-3 * float(gram.abs().max()))

@@ -127,5 +127,34 @@ def reference_digits(split: str = "heldout") -> Any:
     return x_tr if split == "train" else x_ho
 
 
-__all__ = ["names", "path", "card", "load", "load_tokenizer", "load_scheduler", "load_classifier",
+def _metrics_text(c: dict[str, Any]) -> str:
+    m = c.get("metrics", {})
+    if c["role"] in ("target", "draft"):
+        parts = [f"code {m['heldout_code_bits_per_byte']:.3f} / prose {m['heldout_prose_bits_per_byte']:.3f} bits/byte"]
+        if "heldout_code_agreement_with_target" in m:
+            parts.append(f"greedy agreement with target {m['heldout_code_agreement_with_target']:.1%}")
+        return "; ".join(parts)
+    if c["role"] == "unet":
+        return f"eps-MSE {m['heldout_eps_mse']:.4f} ({m['heldout_images']} images)"
+    return f"accuracy {m['heldout_accuracy']:.1%} ({m['heldout_images']} images)"
+
+
+def markdown_table() -> str:
+    """The zoo as a markdown table (name, role, parameters, steps, training time, held-out metrics)."""
+    rows = ["| name | role | parameters | data | steps | train time | held-out metrics |",
+            "|---|---|---:|---|---:|---:|---|"]
+    for n in names():
+        try:
+            c = card(n)
+        except FileNotFoundError:
+            rows.append(f"| {n} | {_ROLES[n]} | - | - | - | - | not trained |")
+            continue
+        data = "stdlib code + pydoc prose" if c["role"] in ("target", "draft") else "sklearn digits 16x16"
+        rows.append(f"| {n} | {c['role']} | {c['parameters']:,} | {data} | {c['steps']} | "
+                    f"{c['train_seconds'] / 60:.1f} min | {_metrics_text(c)} |")
+    size = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file()) if MODELS_DIR.exists() else 0
+    return "\n".join(rows) + f"\n\nAll files together: {size / 2 ** 20:.1f} MiB (fp32 safetensors).\n"
+
+
+__all__ = ["names", "markdown_table", "path", "card", "load", "load_tokenizer", "load_scheduler", "load_classifier",
            "fid_features", "frechet_distance", "reference_digits", "is_trained", "MODELS_DIR"]

@@ -40,6 +40,15 @@ class LMSpec:
     vocab_size: int = 2048
     max_position_embeddings: int = 1024
     weight_decay: float = 0.1
+    # Further cosine cycles after the first `steps` (warm restarts, SGDR): each starts from the
+    # previous cycle's weights with a fresh AdamW state and its own batch generator (seed + 1000*c).
+    restarts: tuple[int, ...] = ()
+    # drafts: start the (tied) embedding from the target's, projected on its top principal axes
+    embed_from_teacher: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + sum(self.restarts)
 
     def __post_init__(self) -> None:
         if self.role not in ("target", "draft"):
@@ -50,6 +59,8 @@ class LMSpec:
             raise ValueError("kl_weight must be in [0, 1]")
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("steps, lr, batch_size must be positive and seq_len >= 2")
+        if any(n < 1 for n in self.restarts):
+            raise ValueError("restart cycles need >= 1 step each")
 
 
 @dataclass(frozen=True)
@@ -69,9 +80,11 @@ class ClassifierSpec:
 
 
 SPECS: dict[str, Any] = {
-    "code-target": LMSpec("target", 192, 4, 4, 512, steps=160, lr=3e-3, batch_size=8),
-    "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=100, lr=4e-3, batch_size=8, kl_weight=0.8),
-    "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=100, lr=5e-3, batch_size=8, kl_weight=0.8),
+    "code-target": LMSpec("target", 192, 4, 4, 512, steps=160, lr=3e-3, batch_size=8, restarts=(200,)),
+    "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=150, lr=4e-3, batch_size=8, kl_weight=0.8,
+                               embed_from_teacher=True),
+    "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=150, lr=5e-3, batch_size=8, kl_weight=0.8,
+                              embed_from_teacher=True),
     "digits-unet": UNetSpec(steps=600),
     "digits-classifier": ClassifierSpec(steps=300),
 }
@@ -193,6 +206,20 @@ def lm_eval(model: Any, inputs: torch.Tensor, targets: torch.Tensor, n_bytes: in
     return out
 
 
+def project_embedding(emb: torch.Tensor, dim: int) -> torch.Tensor:
+    """(V, D) embedding -> (V, dim): coordinates on the top-`dim` principal axes (uncentred SVD),
+    rescaled to the original per-coordinate RMS. Keeps token similarities, so a narrower draft's
+    tied output layer starts out ranking tokens like the target's."""
+    if dim >= emb.shape[1]:
+        out = torch.zeros(emb.shape[0], dim)
+        out[:, : emb.shape[1]] = emb
+        return out
+    _, _, vh = torch.linalg.svd(emb.double(), full_matrices=False)
+    proj = emb.double() @ vh[:dim].T                                     # (V, dim)
+    proj = proj * (emb.double().pow(2).mean().sqrt() / proj.pow(2).mean().sqrt())
+    return proj.float()
+
+
 def _lm_config(spec: LMSpec, tokenizer: Any) -> Any:
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
@@ -203,9 +230,45 @@ def _lm_config(spec: LMSpec, tokenizer: Any) -> Any:
                        pad_token_id=tokenizer.pad_token_id, rope_theta=10000.0)
 
 
+def _lm_cycle(name: str, model: Any, teacher: Any, stream: torch.Tensor, spec: LMSpec, *, n_steps: int,
+              seed: int, log: list[str], progress: Any, label: str) -> None:
+    """One cosine cycle of `n_steps` AdamW steps on random windows of `stream` (CE, or KL+CE
+    against `teacher`)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
+                            weight_decay=spec.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    warmup = max(1, min(30, n_steps // 10))
+    t0 = time.time()
+    model.train()
+    for step in range(n_steps):
+        starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
+        batch = torch.stack([stream[s: s + spec.seq_len + 1] for s in starts.tolist()])
+        x, y = batch[:, :-1], batch[:, 1:]
+        for g in opt.param_groups:
+            g["lr"] = _cosine_lr(step, n_steps, spec.lr, warmup)
+        logits = model(input_ids=x).logits
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = ce
+        if teacher is not None and spec.kl_weight > 0:
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(input_ids=x).logits.float(), -1)
+            kl = F.kl_div(F.log_softmax(logits, -1), t_logp, log_target=True, reduction="batchmean")
+            kl = kl / spec.seq_len             # batchmean divides by batch only: per-token KL
+            loss = spec.kl_weight * kl + (1 - spec.kl_weight) * ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 10 == 0 or step == n_steps - 1:
+            msg = f"{label}step {step + 1}/{n_steps} loss {loss.item():.4f} ce {ce.item():.4f} ({time.time() - t0:.0f}s)"
+            log.append(msg)
+            _log(progress, f"[{name}] {msg}")
+    model.eval()
+
+
 def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
               max_train_bytes: int | None, target_dir: Path | None,
-              eval_windows: int = EVAL_MAX_WINDOWS) -> dict[str, Any]:
+              eval_windows: int = EVAL_MAX_WINDOWS, resume_from: Path | None = None) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     t0 = time.time()
@@ -237,39 +300,29 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_lm_config(spec, tokenizer)).float()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
-                            weight_decay=spec.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    warmup = max(1, min(30, spec.steps // 10))
+    if teacher is not None and spec.embed_from_teacher:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(
+                project_embedding(teacher.get_input_embeddings().weight.float(), spec.hidden_size))
     log: list[str] = []
+    cycles = (spec.steps,) + tuple(spec.restarts)
+    first, prev_seconds = 0, 0.0
+    if resume_from is not None:
+        # Continue a saved run of the same recipe after its first cycle: exactly what a fresh run
+        # computes, since each cycle only depends on the previous weights (fresh optimizer, own RNG).
+        prev = json.loads((resume_from / "card.json").read_text())
+        if prev["seed"] != seed or prev["recipe"]["steps"] != spec.steps:
+            raise ValueError(f"{resume_from} is not cycle 1 of this recipe/seed")
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(resume_from / "model.safetensors")), strict=False)
+        model.tie_weights()
+        first, prev_seconds = 1, float(prev["train_seconds"])
+        log.extend(prev["log"])
     t_train = time.time()
-    model.train()
-    for step in range(spec.steps):
-        starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        batch = torch.stack([stream[s: s + spec.seq_len + 1] for s in starts.tolist()])
-        x, y = batch[:, :-1], batch[:, 1:]
-        for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, spec.steps, spec.lr, warmup)
-        logits = model(input_ids=x).logits
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss = ce
-        if teacher is not None and spec.kl_weight > 0:
-            with torch.no_grad():
-                t_logp = F.log_softmax(teacher(input_ids=x).logits.float(), -1)
-            kl = F.kl_div(F.log_softmax(logits, -1), t_logp, log_target=True, reduction="batchmean")
-            kl = kl / spec.seq_len             # batchmean divides by batch only: per-token KL
-            loss = spec.kl_weight * kl + (1 - spec.kl_weight) * ce
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 10 == 0 or step == spec.steps - 1:
-            el = time.time() - t_train
-            msg = f"step {step + 1}/{spec.steps} loss {loss.item():.4f} ce {ce.item():.4f} ({el:.0f}s)"
-            log.append(msg)
-            _log(progress, f"[{name}] {msg}")
-    train_seconds = time.time() - t_train
-    model.eval()
+    for c in range(first, len(cycles)):
+        _lm_cycle(name, model, teacher, stream, spec, n_steps=cycles[c], seed=seed + 1000 * c, log=log,
+                  progress=progress, label=f"cycle {c + 1}/{len(cycles)} " if len(cycles) > 1 else "")
+    train_seconds = time.time() - t_train + prev_seconds
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
@@ -293,7 +346,7 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
     _log(progress, f"[{name}] eval {metrics} ({time.time() - t_eval:.0f}s)")
     card = {
         "name": name, "role": spec.role, "family": "llama", "architecture": "LlamaForCausalLM",
-        "parameters": n_params, "seed": seed, "steps": spec.steps,
+        "parameters": n_params, "seed": seed, "steps": spec.total_steps,
         "data": "Python stdlib source (code) + pydoc_data topics (prose), held-out by name hash "
                 f"({zoo_data.HELDOUT_PERCENT}%)",
         "corpus": zoo_data.corpus_stats() if max_train_bytes is None else {"max_train_bytes": max_train_bytes},
@@ -477,13 +530,14 @@ def _train_classifier(name: str, spec: ClassifierSpec, *, seed: int, out: Path, 
 
 def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | Path | None = None,
           progress: Callable[..., Any] | None = None, max_train_bytes: int | None = None,
-          eval_windows: int = EVAL_MAX_WINDOWS) -> dict[str, Any]:
+          eval_windows: int = EVAL_MAX_WINDOWS, resume_from: str | Path | None = None) -> dict[str, Any]:
     """Train zoo model `name` deterministically from its offline data; returns its card.
 
     steps: override the recipe's step count. out_dir: the model's directory (default: the package's
     zoo folder). Drafts need `code-target` in `out_dir`'s parent folder or in the package's zoo.
     max_train_bytes, eval_windows: LMs only, train on a prefix of the corpus and measure on fewer
-    held-out windows per kind (quick smoke runs; the card records both).
+    held-out windows per kind (quick smoke runs; the card records both). resume_from: an LM
+    directory holding this recipe's first cycle; training continues with the remaining cycles.
     """
     if name not in SPECS:
         raise KeyError(f"unknown zoo model {name!r}; valid: {', '.join(SPECS)}")
@@ -491,7 +545,7 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
     if steps is not None:
         if steps < 1:
             raise ValueError("steps must be >= 1")
-        spec = type(spec)(**{**asdict(spec), "steps": steps})
+        spec = type(spec)(**{**asdict(spec), "steps": steps, **({"restarts": ()} if isinstance(spec, LMSpec) else {})})
     out = Path(out_dir) if out_dir is not None else _default_dir(name)
     if isinstance(spec, LMSpec):
         target_dir = None
@@ -500,7 +554,8 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
             target_dir = sibling if (sibling / "config.json").exists() else _default_dir(TARGET)
         return _train_lm(name, spec, seed=seed, out=out, progress=progress,
                          max_train_bytes=max_train_bytes, target_dir=target_dir,
-                         eval_windows=eval_windows)
+                         eval_windows=eval_windows,
+                         resume_from=Path(resume_from) if resume_from is not None else None)
     if isinstance(spec, UNetSpec):
         return _train_unet(name, spec, seed=seed, out=out, progress=progress)
     return _train_classifier(name, spec, seed=seed, out=out, progress=progress)
