@@ -73,7 +73,7 @@ def test_plms_order_with_exact_start(problem, order):
         hist = [gm.eps_fn(xs[j], torch.tensor([g.t[j]], dtype=torch.float64)) for j in range(order - 1)][::-1]
         x0, _ = drive(plms(xs[-1], g, order=order, start=order - 1, history=hist), gm.eps_fn, continuous=True)
         errs.append(rmse(x0, ref))
-    assert abs(slope(errs, ns) - order) < 0.3, errs
+    assert abs(slope(errs, ns) - order) < 0.5, errs
 
 
 def test_diffusers_fixed_weights_lose_order_ours_keep_it(problem):
@@ -103,7 +103,7 @@ def test_adams_weights_reduce_to_ab_on_uniform_nodes():
 def test_variable_weights_equal_fixed_on_s_uniform_grid(problem):
     gm, x, _ = problem
     g = grid_between(CS, A0, A1, 15, uniform_in="s")
-    a, _ = drive(plms(x, g, order=4), gm.eps_fn, continuous=True)
+    a, _ = drive(plms(x, g, order=4, interp="s"), gm.eps_fn, continuous=True)
     b, _ = drive(plms(x, g, order=4, fixed_coefficients=True), gm.eps_fn, continuous=True)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
 
@@ -117,7 +117,7 @@ def test_momentum_methods_converge(problem, method, knobs):
 def test_whole_interval_on_integer_grid_keeps_high_order():
     """The real setting: a discrete 1000-step schedule, trailing grid, down to alpha_bar = 1.
     Ours keep a high order (PRK with exact midpoints and a 3-stage last step that never asks the model
-    at the end, F-PNDM with variable weights); diffusers' PNDM with PRK warm-up falls to ~1."""
+    at the end, F-PNDM with variable weights in s); diffusers' PNDM with PRK warm-up falls to ~1."""
     from accelerando.diffusion import make_schedule
     sched = make_schedule("linear", 1000)
     gm = random_mixture(3, 3, schedule=sched, seed=0)
@@ -131,5 +131,5 @@ def test_whole_interval_on_integer_grid_keeps_high_order():
         return slope(errs, ns)
 
     assert order("prk", float_t=True) > 3.0
-    assert order("f-pndm") > 3.3
+    assert order("f-pndm", interp="s") > 3.3
     assert order("pndm-diffusers-prk") < 1.8

@@ -141,5 +141,27 @@ def adams_weights(nodes: list[float], s0: float, s1: float) -> list[float]:
     return [float(w) for w in np.linalg.solve(V, m)]
 
 
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(8)
+
+
+def adams_weights_in_t(grid: "Grid", i: int, k: int) -> list[float]:
+    """Variable-step Adams weights for step i with k history values, interpolating eps as a
+    polynomial in the model time t (through t_i, t_{i-1}, ...) and integrating it over s:
+    w_j = mean over s in [s_i, s_{i+1}] of L_j(t(s)). Spacings are uniform in t, so the
+    interpolation is well conditioned even where s-steps vary by orders of magnitude."""
+    if k == 1:
+        return [1.0]
+    nodes = np.array([grid.t[i - j] for j in range(k)], dtype=np.float64)
+    s0, s1 = grid.s(i), grid.s(i + 1)
+    s_q = 0.5 * (s0 + s1) + 0.5 * (s1 - s0) * _GL_X
+    t_q = np.array([grid.schedule.time_of(1.0 / (1.0 + v * v)) for v in s_q])
+    w = []
+    for j in range(k):
+        others = np.delete(nodes, j)
+        L = np.prod((t_q[:, None] - others[None]) / (nodes[j] - others[None]), axis=1)
+        w.append(float(0.5 * (_GL_W * L).sum()))
+    return w
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

@@ -3,15 +3,19 @@
 Notation: the transfer ``phi`` (``transfer``) replaces the Euler step; in DDIM coordinates
 ``xbar' = xbar + (s' - s) e``, so a pseudo method is the classical one applied in ``s``.
 Differences to diffusers' ``PNDMScheduler`` (reproduced by ``pndm_diffusers``): PLMS weights are
-variable-step Adams weights in ``s`` (diffusers' fixed weights assume a uniform grid in ``s``, which
-no spacing gives), and PRK midpoints are exact s-midpoints when the model accepts float times.
+variable-step Adams weights -- eps interpolated in t (default; the spacings are uniform in t) or in s
+(``interp="s"``), integrated over s -- where diffusers' fixed weights assume a grid uniform in s,
+which no spacing gives; PRK midpoints are exact s-midpoints when the model accepts float times.
+On a *discrete* schedule, eps is only piecewise smooth in the float-time extension of t, so
+``interp="t"`` is more accurate at coarse grids but asymptotically ~2nd order there; ``interp="s"``
+keeps the full order (tested).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import AB_FIXED, Grid, Sampler, adams_weights, combine, s_of, transfer
+from ._common import AB_FIXED, Grid, Sampler, adams_weights, adams_weights_in_t, combine, s_of, transfer
 
 
 def _end_has_no_model_time(grid: Grid, i: int) -> bool:
@@ -93,10 +97,12 @@ def _improved_euler_step(x: torch.Tensor, grid: Grid, i: int):
 
 
 def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: bool = False,
-         start: int = 0, history: list[torch.Tensor] | None = None) -> Sampler:
+         start: int = 0, history: list[torch.Tensor] | None = None, interp: str = "t") -> Sampler:
     """Pseudo linear multistep: the transfer with an Adams-Bashforth eps, order ramping 1 -> order.
 
     ``history``: eps at the grid points before ``start`` (most recent first), from a warm-up.
+    ``interp``: the variable eps is interpolated in for the variable-step weights, ``"t"`` (default:
+    spacings are uniform in t) or ``"s"`` (the transfer's variable; AB exactly on s-uniform grids).
     """
     if order not in AB_FIXED:
         raise ValueError(f"PLMS order must be 1-4, got {order}")
@@ -105,7 +111,12 @@ def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: boo
         e = yield x, grid.t[i]
         es = [e] + es[: order - 1]
         k = len(es)
-        w = AB_FIXED[k] if fixed_coefficients else adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1))
+        if fixed_coefficients:
+            w = AB_FIXED[k]
+        elif interp == "t":
+            w = adams_weights_in_t(grid, i, k)
+        else:
+            w = adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1))
         x = transfer(x, combine(w, es), grid.ab[i], grid.ab[i + 1])
     return x
 
@@ -117,27 +128,28 @@ def prk(x: torch.Tensor, grid: Grid) -> Sampler:
     return x
 
 
-def s_pndm(x: torch.Tensor, grid: Grid) -> Sampler:
+def s_pndm(x: torch.Tensor, grid: Grid, *, interp: str = "t") -> Sampler:
     """S-PNDM: one pseudo improved-Euler step, then 2nd-order PLMS. N + 1 calls."""
     x, e0 = yield from _improved_euler_step(x, grid, 0)
-    return (yield from plms(x, grid, order=2, start=1, history=[e0]))
+    return (yield from plms(x, grid, order=2, start=1, history=[e0], interp=interp))
 
 
-def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False) -> Sampler:
+def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, interp: str = "t") -> Sampler:
     """F-PNDM: pseudo RK4 for the first three steps, then 4th-order PLMS. N + 9 calls (N >= 3)."""
     es: list[torch.Tensor] = []
     n_prk = min(3, grid.steps)
     for i in range(n_prk):
         x, e1 = yield from _prk_step(x, grid, i)
         es.insert(0, e1)
-    return (yield from plms(x, grid, order=4, start=n_prk, history=es, fixed_coefficients=fixed_coefficients))
+    return (yield from plms(x, grid, order=4, start=n_prk, history=es, fixed_coefficients=fixed_coefficients,
+                            interp=interp))
 
 
-def s_pndm4(x: torch.Tensor, grid: Grid) -> Sampler:
+def s_pndm4(x: torch.Tensor, grid: Grid, *, interp: str = "t") -> Sampler:
     """Pseudo improved-Euler warm-up, then PLMS ramping 2 -> 3 -> 4 with variable-step weights:
     diffusers' ``skip_prk_steps`` scheme made exact on non-uniform grids. N + 1 calls."""
     x, e0 = yield from _improved_euler_step(x, grid, 0)
-    return (yield from plms(x, grid, order=4, start=1, history=[e0]))
+    return (yield from plms(x, grid, order=4, start=1, history=[e0], interp=interp))
 
 
 def pndm_diffusers(x: torch.Tensor, grid: Grid, *, skip_prk_steps: bool = True) -> Sampler:
