@@ -13,6 +13,7 @@ BENCHMARKS.md and one history row per (method, batch).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -55,11 +56,11 @@ def _truncated_draft(target, n_layers: int):
 
 def load_workload(prompt_len: int, seed: int = 0) -> Workload:
     from accelerando import zoo
-    names = ("code-target", "code-draft-small", "code-draft-tiny")
-    if all(zoo.is_trained(n) for n in names):
+    trained_drafts = [n for n in ("code-draft-small", "code-draft-tiny") if zoo.is_trained(n)]
+    if zoo.is_trained("code-target") and trained_drafts:
         from accelerando.zoo import data
         target = zoo.load("code-target")
-        drafts = {n: zoo.load(n) for n in names[1:]}
+        drafts = {n: zoo.load(n) for n in trained_drafts}
         tok = zoo.load_tokenizer("code-target")
         tok.padding_side = "left"
         if tok.pad_token is None:
@@ -67,7 +68,7 @@ def load_workload(prompt_len: int, seed: int = 0) -> Workload:
         texts = data.heldout_prompts("code", n=4, chars=400)
         enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=prompt_len)
         return Workload(target, drafts, enc.input_ids, enc.attention_mask,
-                        "zoo: code-target, code-draft-small, code-draft-tiny; held-out stdlib code prompts")
+                        f"zoo: code-target, {', '.join(trained_drafts)}; held-out stdlib code prompts")
     target = _random_llama(seed, **TARGET_SHAPE)
     drafts = {"first-1-layer": _truncated_draft(target, 1), "first-2-layers": _truncated_draft(target, 2)}
     g = torch.Generator().manual_seed(seed)
@@ -117,7 +118,8 @@ def run_method(name: str, fn: Callable[[], tuple[torch.Tensor, dict]], ref: torc
 def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], tuple[torch.Tensor, dict]]]:
     from transformers.generation.configuration_utils import CompileConfig
     ids, mask, target = w.prompts[:batch], w.mask[:batch], w.target
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    # every method stops at the model's own EOS (if it has one), as generate does
+    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     cc = CompileConfig(fullgraph=True, mode="reduce-overhead" if ids.device.type == "cuda" else "default")
     cc._compile_all_devices = True   # transformers only auto-compiles on accelerators otherwise
 
@@ -133,8 +135,8 @@ def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], 
     def ours(compile: bool):
         def run():
             st: dict = {}
-            out = eng_mod.generate(target, ids, mask, max_new_tokens=new_tokens, eos_token_id=[],
-                                   pad_token_id=0, compile=compile, stats=st)
+            out = eng_mod.generate(target, ids, mask, max_new_tokens=new_tokens, pad_token_id=0,
+                                   compile=compile, stats=st)
             return out, {"target_calls": st["target_calls"], "compiled": compile}
         return run
 
@@ -171,7 +173,7 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
             before_t, before_d = _forward_s([target]), _forward_s(draft_models)
             t0 = time.perf_counter()
             out = speculative_generate(target, ids, attention_mask=mask, draft=make_drafter(),
-                                       max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0, engine=engine)
+                                       max_new_tokens=new_tokens, pad_token_id=0, engine=engine)
             total = time.perf_counter() - t0
             st = out.stats
             steps = max(st["steps"], 1)
@@ -204,7 +206,8 @@ def _tree_method(w: Workload, draft_name: str, new_tokens: int) -> Callable:
         st: dict = {}
         out = tree_speculative_generate(w.target, ids, drafter=DraftTree(w.drafts[draft_name], width=2, depth=3,
                                                                          backend="engine", compile=True),
-                                        max_new_tokens=new_tokens, backend="engine", stats=st)
+                                        max_new_tokens=new_tokens, backend="engine", stats=st,
+                                        eos_token_id=w.target.generation_config.eos_token_id)
         out = torch.cat([w.prompts[:1], out[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
         return out, {"target_calls": st["target_calls"], "compiled": True}
     return run
@@ -256,10 +259,15 @@ def _table(rows: list[Row]) -> str:
 
 def _write(args, w: Workload, rows: list[Row], table: str) -> None:
     cmd = "python benchmarks/llm_engine.py" + ("" if args.new_tokens == 96 else f" --new-tokens {args.new_tokens}")
+    cmd += "" if args.threads == 2 else f" --threads {args.threads}"
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     md = (f"### Lean decode engine (static KV cache + compiled forward) vs transformers\n\n"
           f"`{cmd}` -- {machine_line()}. Greedy, {args.new_tokens} new tokens, prompt {w.prompts.shape[1]} "
           f"tokens (rows 2-4 left-padded), median of {args.repeats}. Models: {w.source}. No GPU in this "
-          f"session: the CUDA-graph path (`mode=\"reduce-overhead\"`) is untested here.\n\n{table}\n")
+          f"session: the CUDA-graph path (`mode=\"reduce-overhead\"`) is untested here. Machine load average at the end "
+          f"of the run: {load} (shared with other jobs). \"compile s\" = first call minus a steady call (all "
+          f"graphs a method needs; later methods reuse earlier graphs). Per-step split: time inside the draft's and "
+          f"the target's engine forwards per step, the rest is the loop's bookkeeping.\n\n{table}\n")
     write_section("llm_engine", md)
     try:
         from accelerando.bench.history import Measurement, open_history
