@@ -259,7 +259,9 @@ def demo(
     reference_steps: Annotated[int, typer.Option(help="Steps of the diffusion reference sample.")] = 200,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per method.")] = 2,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
-    threads: threads_option = None,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="torch CPU threads. Default 1: the zoo models are so small that per-op overhead, "
+                    "not arithmetic, dominates, and extra OpenMP threads only contend.")] = 1,
     write_benchmarks: Annotated[bool, typer.Option(
         "--write-benchmarks", help="Also write the tables into BENCHMARKS.md (section 'demo').")] = False,
 ) -> None:
