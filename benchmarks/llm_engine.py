@@ -260,10 +260,12 @@ def _table(rows: list[Row]) -> str:
 def _write(args, w: Workload, rows: list[Row], table: str) -> None:
     cmd = "python benchmarks/llm_engine.py" + ("" if args.new_tokens == 96 else f" --new-tokens {args.new_tokens}")
     cmd += "" if args.threads == 2 else f" --threads {args.threads}"
+    n_pad = int((w.mask[: max(args.batches)] == 0).any(1).sum())
+    pad_note = f"{n_pad} of the rows left-padded" if n_pad else "no padding"
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     md = (f"### Lean decode engine (static KV cache + compiled forward) vs transformers\n\n"
           f"`{cmd}` -- {machine_line()}. Greedy, {args.new_tokens} new tokens, prompt {w.prompts.shape[1]} "
-          f"tokens (rows 2-4 left-padded), median of {args.repeats}. Models: {w.source}. No GPU in this "
+          f"tokens ({pad_note}), median of {args.repeats}. Models: {w.source}. No GPU in this "
           f"session: the CUDA-graph path (`mode=\"reduce-overhead\"`) is untested here. Machine load average at the end "
           f"of the run: {load} (shared with other jobs). \"compile s\" = first call minus a steady call (all "
           f"graphs a method needs; later methods reuse earlier graphs). Per-step split: time inside the draft's and "
