@@ -141,3 +141,18 @@ def test_spec_cache_rollback_per_row_and_room_making():
             torch.testing.assert_close(logits[0], ref0, atol=1e-5, rtol=1e-5)
     assert c.engine.cache.lengths.tolist()[1] == 8
     assert int(c.engine.cache.lengths[0]) <= L
+
+
+def test_bench_methods_take_the_engine_knob():
+    from accelerando.bench.methods import LLMSetup, get_method
+
+    class _Tok:
+        pad_token_id = 0
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    s = LLMSetup(target=target, tokenizer=_Tok(), input_ids=ids, attention_mask=torch.ones_like(ids),
+                 max_new_tokens=10, drafts={"noisy": noisy_copy(target, 0.1)})
+    base = get_method("generate").build(s)()
+    for name in ("spec-draft", "spec-prompt-lookup"):
+        out = get_method(name).build(s, k=3, engine="static-eager")()
+        assert torch.equal(out.sequences, base.sequences), name

@@ -87,29 +87,32 @@ def build_hf_prompt_lookup(s: LLMSetup, k: int = 10, ngram: int = 2) -> Callable
     return _hf_run(s, dict(prompt_lookup_num_tokens=int(k), max_matching_ngram_size=int(ngram)))
 
 
-def _ours(s: LLMSetup, drafter_fn: Callable[[], Any]) -> Callable[[], LLMOutput]:
+def _ours(s: LLMSetup, drafter_fn: Callable[[], Any], engine: str = "hf") -> Callable[[], LLMOutput]:
     from accelerando.llm.speculative import speculative_generate
     pad = s.tokenizer.pad_token_id if s.tokenizer is not None else None
 
     def run() -> LLMOutput:
         out = speculative_generate(s.target, s.input_ids, draft=drafter_fn(), attention_mask=s.attention_mask,
                                    max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                                   top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=pad, seed=s.seed)
+                                   top_p=s.top_p, eos_token_id=s.eos_token_id, pad_token_id=pad, seed=s.seed,
+                                   engine=engine)
         return LLMOutput(out.sequences, out.stats)
     return run
 
 
-def build_spec_draft(s: LLMSetup, draft: str | None = None, k: int | str = 4, k_max: int = 12) -> Callable[[], LLMOutput]:
+def build_spec_draft(s: LLMSetup, draft: str | None = None, k: int | str = 4, k_max: int = 12,
+                     engine: str = "hf") -> Callable[[], LLMOutput]:
+    """``engine``: "hf" (transformers' cache), "static" / "static-eager" (the lean engine)."""
     from accelerando.llm.drafters.draft_model import DraftModel
     model = _draft(s, draft)
-    return _ours(s, lambda: DraftModel(model, k=k, k_max=k_max))
+    return _ours(s, lambda: DraftModel(model, k=k, k_max=k_max), engine)
 
 
 def build_spec_prompt_lookup(s: LLMSetup, ngram_sizes: tuple[int, ...] | list[int] = (3, 2, 1),
-                             k: int | str = 8) -> Callable[[], LLMOutput]:
+                             k: int | str = 8, engine: str = "hf") -> Callable[[], LLMOutput]:
     from accelerando.llm.drafters.prompt_lookup import PromptLookup
     sizes = tuple(ngram_sizes)
-    return _ours(s, lambda: PromptLookup(ngram_sizes=sizes, k=k))
+    return _ours(s, lambda: PromptLookup(ngram_sizes=sizes, k=k), engine)
 
 
 register(MethodEntry("generate", "llm", build_generate, lossless=True, is_baseline=True,
