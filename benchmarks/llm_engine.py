@@ -221,6 +221,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny run, writes nothing")
+    ap.add_argument("--dry", action="store_true", help="full run, print the table, write nothing")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, [1]
@@ -238,7 +239,7 @@ def main() -> None:
             print(f"B={batch} {name:45s} {row.new_tokens / row.median_s:8.1f} tok/s  equal={row.equal}", flush=True)
     table = _table(rows)
     print(table)
-    if not args.quick:
+    if not (args.quick or args.dry):
         _write(args, w, rows, table)
 
 
