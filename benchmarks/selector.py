@@ -23,7 +23,8 @@ from accelerando.select.recommend import load_bundled
 from accelerando.select.table import Constraint, build_table
 
 MODELS = ["knn", "isac", "gbm", "forest", "pairwise"]
-BUDGETS = {"llm": [None, 0.05], "diffusion": [0.0, 0.25, 1.0]}
+# every swept LLM method is lossless, so a lossy LLM budget would repeat the lossless table
+BUDGETS = {"llm": [None], "diffusion": [0.0, 0.25]}
 
 
 def winners(table, family, c):
@@ -38,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--json", help="also write all summaries here")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--reuse", action="append", default=[],
+                    help="JSON written by `accelerando select evaluate --json` (or --json here): reuse its "
+                         "results for the families it covers instead of recomputing them")
     args = ap.parse_args(argv)
     if args.history:
         from accelerando.bench.history import open_history
@@ -58,7 +62,13 @@ def main(argv=None) -> int:
         if not wids:
             continue
         cons = [Constraint(b) for b in BUDGETS[fam]]
-        res = run_evaluation(table, names, ["workload", "model"], cons, [fam], console=None)
+        reused = [r for path in args.reuse for r in json.load(open(path)) if r["family"] == fam]
+        if reused:
+            labels = {r["constraint"] for r in reused}
+            cons = [c for c in cons if c.label() in labels]
+            res = reused
+        else:
+            res = run_evaluation(table, names, ["workload", "model"], cons, [fam], console=None)
         results += res
         models_n = len({table.workloads[w].get("model") for w in wids})
         arms_n = len({a for w in wids for a in table.arms_on(w)})
@@ -78,7 +88,8 @@ def main(argv=None) -> int:
                       f"{r['within5']:.2f}", f"{r['mean_utility']:.3f}", f"{r['mean_vbs']:.3f}", f"{r['mean_regret']:.3f}",
                       f"{r['rel_regret']:.1%}", "-" if r["closed_gap"] != r["closed_gap"] else f"{r['closed_gap']:.2f}",
                       f"{r['violation_rate']:.1%}"] for r in part]))
-    cmd = "python benchmarks/selector.py" + (f" --history {args.history}" if args.history else "")
+    cmd = "python benchmarks/selector.py" + (f" --history {args.history}" if args.history else "") + \
+        "".join(f" --reuse {p}" for p in args.reuse)
     md = "\n".join([
         "## Method selector: held-out evaluation",
         "",

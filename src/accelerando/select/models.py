@@ -430,7 +430,7 @@ MODELS: dict[str, Callable[..., Selector]] = {
 }
 
 # chosen by the held-out evaluation (docs/readme/selector.md, BENCHMARKS.md "selector")
-DEFAULT_MODEL = "knn"
+DEFAULT_MODEL = "forest"
 
 
 def make_selector(name: str = DEFAULT_MODEL, **kw: Any) -> Selector:
