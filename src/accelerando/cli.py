@@ -114,7 +114,7 @@ def _open_history(ctx: typer.Context, history: str | None):
 
 def _console():
     from rich.console import Console
-    return Console(width=max(100, int(os.environ.get("COLUMNS", 0) or 0)))
+    return Console(width=max(120, int(os.environ.get("COLUMNS", 0) or 0)))
 
 
 def _split(csv: str | None) -> list[str] | None:
@@ -159,35 +159,38 @@ def _quality_text(family: str, m: dict[str, Any]) -> str:
 
 
 def _counts_text(family: str, m: dict[str, Any]) -> str:
-    """Raw counts; for diffusion also the speed-up against the many-step reference."""
     if family == "llm":
         bits = [f"{m.get('new_tokens', '-')} tok"]
         for key in ("target_calls", "accepted_tokens", "drafted_tokens"):
             if key in m:
                 bits.append(f"{key.split('_')[0]} {_fmt(m[key])}")
         return ", ".join(bits)
-    text = f"nfe {m.get('nfe', '-')}"
-    if _num(m.get("speedup_vs_reference")):
-        text += f", {m['speedup_vs_reference']:.1f}x faster than the reference"
-    return text
+    return f"nfe {m.get('nfe', '-')}"
+
+
+def _vs_ref(m: dict[str, Any]) -> str:
+    v = m.get("speedup_vs_reference")
+    return f"{v:.1f}x" if _num(v) else "-"
 
 
 def results_table(title: str, family: str, rows: list[Any], label: str = ""):
     from rich.table import Table
+    with_ref = any(_num(r.metrics.get("speedup_vs_reference")) for r in rows)
     t = Table(title=title, title_justify="left")
     t.add_column("method", no_wrap=True)
-    for col in ("median s", "± iqr", "speed-up"):
+    for col in ("median s", "± iqr", "speed-up") + (("vs ref",) if with_ref else ()):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("quality", no_wrap=True)
     t.add_column("counts")
     for r in rows:
         name = r.method + (" (baseline)" if r.is_baseline else "")
         if r.error:
-            t.add_row(name, "-", "-", "-", "[red]failed[/red]", r.error[:120])
+            t.add_row(name, "-", "-", "-", *(("-",) if with_ref else ()), "[red]failed[/red]", r.error[:120])
             continue
         m = r.metrics
         t.add_row(name, _fmt(m.get("median_s")), _fmt(m.get("iqr_s"), 2),
                   f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
+                  *((_vs_ref(m),) if with_ref else ()),
                   _quality_text(family, m), _counts_text(family, m))
     return t
 
@@ -302,19 +305,23 @@ def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: st
              f"Machine: {machine_line()}", "",
              "Speed-up = baseline median time / method median time, measured in the same run. "
              "Quality: LLM exact match of the greedy sequences with the baseline and perplexity under "
-             "the target; diffusion RMSE to the many-step reference and to the baseline's sample.", ""]
+             "the target; diffusion RMSE to the many-step reference and to the baseline's sample; "
+             "'vs reference' = time of the many-step reference / method time. Timings on a shared, "
+             "busy machine: identical work can differ by 10-20 % between rows.", ""]
     for title, fam, rows in collected:
+        with_ref = any(_num(r.metrics.get("speedup_vs_reference")) for r in rows)
         table = []
         for r in rows:
             if r.error:
-                table.append([r.method, "-", "-", "-", f"failed: {r.error[:60]}", "-"])
+                table.append([r.method, "-", "-", "-"] + (["-"] if with_ref else []) + [f"failed: {r.error[:60]}", "-"])
                 continue
             m = r.metrics
             table.append([r.method + (" (baseline)" if r.is_baseline else ""), m.get("median_s"),
-                          m.get("iqr_s"), f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
-                          _quality_text(fam, m), _counts_text(fam, m)])
-        parts += [f"**{title}**", "", markdown_table(
-            ["method", "median s", "iqr s", "speed-up", "quality", "counts"], table), ""]
+                          m.get("iqr_s"), f"{m['speedup']:.2f}x" if m.get("speedup") else "-"]
+                         + ([_vs_ref(m)] if with_ref else [])
+                         + [_quality_text(fam, m), _counts_text(fam, m)])
+        headers = ["method", "median s", "iqr s", "speed-up"] + (["vs reference"] if with_ref else []) + ["quality", "counts"]
+        parts += [f"**{title}**", "", markdown_table(headers, table), ""]
     return write_section("demo", "\n".join(parts))
 
 
