@@ -112,10 +112,10 @@ def recommend(
     from accelerando.bench.history import open_history
     from accelerando.bench.workloads import load_prompts
     from . import recommend as RC
-    from .models import DEFAULT_MODEL, MODELS
+    from .models import MODELS
 
-    sel = selector or DEFAULT_MODEL
-    if sel not in MODELS:
+    sel = selector
+    if sel is not None and sel not in MODELS:
         raise CLIError(f"unknown selector {sel!r}; valid: {', '.join(MODELS)}")
     c = _constraint(max_loss)
     prompt_list = load_prompts(prompts) if prompts else None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .models import DEFAULT_MODEL, Prediction, make_selector
+from .models import Prediction, default_model, make_selector
 from .table import LOSSLESS, Arm, Constraint, PerfTable, build_table
 
 MIN_WORKLOADS = 5
@@ -233,11 +233,12 @@ def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any], reg: Mapping
 
 
 def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constraint = LOSSLESS,
-              selector: str = DEFAULT_MODEL, hardware: Mapping[str, Any] | None = None,
+              selector: str | None = None, hardware: Mapping[str, Any] | None = None,
               min_workloads: int = MIN_WORKLOADS, registered_only: bool = True) -> Recommendation:
     """Rank method configurations for the workload ``key`` (a dict with ``features``, as from
     ``describe``) by a selector trained on ``rows``; fall back to ``safe_default`` without data."""
     family = str(key.get("family", "llm"))
+    selector = selector or default_model(family)
     table = build_table(rows)
     fam_table = table.subset(table.wids(family))
     n = len(fam_table)
