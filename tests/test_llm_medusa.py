@@ -63,6 +63,32 @@ def test_training_improves_heads_and_save_load_roundtrip(tmp_path):
     assert not m2.training
 
 
+def test_distilled_heads_learn_the_targets_own_predictions():
+    """Distilled heads (``distill=True``) minimise the cross-entropy to the *target's* next-token
+    distribution at position t+k+1, corpus-trained heads the one to the corpus token: on held-out
+    rows the distilled head is the closer one to the target (soft cross-entropy), and its reported
+    accuracy is its agreement with the target's argmax."""
+    t = _tiny(seed=1)
+    ids = _stream(t, n=3200, seed=2)
+    kw = dict(n_heads=1, steps=80, batch_tokens=256, lr=3e-3, seq_len=100, top_k=1, tree_nodes=1)
+    plain = Medusa.train(t, ids, **kw)
+    distilled = Medusa.train(t, ids, distill=True, **kw)
+    assert distilled.config.distilled and not plain.config.distilled
+    from accelerando.llm.drafters.medusa import _hidden_states
+    H, X = _hidden_states(t, ids, 100)
+    H, X = H[-3:], X[-3:]                                                   # the held-out rows
+    lm_head = t.get_output_embeddings()
+    with torch.no_grad():
+        p_target = torch.softmax(lm_head(H[:, 1:]), -1)                       # target's dist. of x_{t+2}
+
+        def soft_ce(m):
+            return -(p_target * torch.log_softmax(m(H[:, :-1])[0], -1)).sum(-1).mean().item()
+        assert soft_ce(distilled) < soft_ce(plain)
+        greedy = torch.cat([X[:, :1], lm_head(H).argmax(-1)[:, :-1]], 1)     # the target's own picks
+    agree = distilled.top_k_accuracy(H, greedy, top_k=1)[0][0]
+    assert distilled.config.top_k_accuracy[0][0] == pytest.approx(agree, abs=1e-6)
+
+
 def test_mismatched_target_is_refused(tmp_path):
     m = Medusa.for_target(_tiny(hidden=32), n_heads=2)
     m.save(tmp_path / "h")

@@ -47,7 +47,7 @@ def load_texts(data: list[str] | None) -> tuple[list[str], str]:
 def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n_layers: int = 1,
                 projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
                 lr: float = 1e-3, max_tokens: int = 400_000, tree_nodes: int = 32, seed: int = 0,
-                data_desc: str = "", log_every: int = 0) -> dict[str, Any]:
+                data_desc: str = "", log_every: int = 0, distill: bool = False) -> dict[str, Any]:
     """Train, measure held-out accuracies, pick the sparse tree, save heads + card.json; returns the card."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,7 +64,7 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
     t0 = time.perf_counter()
     heads = Medusa.train(model, ids, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank,
                          steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                         log_every=log_every)
+                         log_every=log_every, distill=distill)
     heads.config.base_model = target
     elapsed = time.perf_counter() - t0
     heads.save(out)
@@ -79,6 +79,8 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
         "heldout_top1_accuracy": [round(a[0], 4) for a in acc],
         "heldout_top5_accuracy": [round(sum(a[:5]), 4) for a in acc],
         "heldout_topk_accuracy_by_rank": [[round(x, 4) for x in a] for a in acc],
+        "labels": "target's own predictions (self-distillation); accuracies = agreement with its argmax"
+                  if distill else "corpus tokens; accuracies = P(head's pick is the corpus token)",
         "tree": heads.config.tree, "torch": torch.__version__,
     }
     (out / "card.json").write_text(json.dumps(card, indent=1))
@@ -98,11 +100,13 @@ def train_cmd(
     batch_tokens: Annotated[int, typer.Option(help="positions per step")] = 2048,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
     tree_nodes: Annotated[int, typer.Option(help="node budget of the stored sparse tree")] = 32,
+    distill: Annotated[bool, typer.Option(help="learn the target's own next-token distributions (self-distillation) "
+                                               "instead of the corpus tokens; what greedy verification accepts")] = False,
     seed: int = 0,
 ) -> None:
     """Train Medusa-1 heads (backbone frozen) and save them beside a card with held-out accuracies."""
     texts, desc = load_texts(data)
     card = train_heads(target, texts, out, n_heads=heads, n_layers=layers, projection=projection, rank=rank,
                        steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                       data_desc=desc, log_every=50)
+                       data_desc=desc, log_every=50, distill=distill)
     typer.echo(f"saved {card['parameters']} parameters to {out}; held-out top-1 per head: {card['heldout_top1_accuracy']}")

@@ -42,6 +42,7 @@ class MedusaConfig:
     base_model: str = ""              # the target these heads were trained for (name or model_type)
     tree: list[list[int]] = field(default_factory=list)       # sparse tree (Medusa choices), may be empty
     top_k_accuracy: list[list[float]] = field(default_factory=list)   # [head][rank] = P(rank-i pick is right)
+    distilled: bool = False           # trained on the target's own predictions (self-distillation)
 
     def __post_init__(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -242,12 +243,17 @@ class Medusa(nn.Module):
               projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
               lr: float = 1e-3, decay: float = 0.8, seq_len: int = 256, heldout_fraction: float = 0.1,
               top_k: int = 10, tree_nodes: int = 32, seed: int = 0, log_every: int = 0,
-              time_limit_s: float | None = None) -> "Medusa":
+              time_limit_s: float | None = None, distill: bool = False) -> "Medusa":
         """Medusa-1: train heads on a frozen ``target`` over a 1D stream of token ids.
 
         Hidden states are computed once (the backbone is frozen), then heads train on random
         position batches with loss ``sum_k decay^k CE(head_k(h_t), x_{t+k+1})``. The held-out tail
         measures per-head top-k accuracies, which choose the sparse tree stored with the heads.
+
+        ``distill=True`` (self-distillation, as the Medusa paper recommends when the training text
+        is not the target's own output): head k learns the *target's* next-token distribution at
+        position t+k+1 (soft labels from the frozen ``lm_head``) instead of the corpus token, and
+        accuracies count agreement with the target's argmax -- what greedy verification accepts.
         """
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -260,6 +266,16 @@ class Medusa(nn.Module):
         T = Xtr.shape[1] - K - 1                                            # positions with all K labels
         if T <= 0:
             raise ValueError(f"sequences of {X.shape[1]} tokens are too short for {K} heads")
+        lm_head = target.get_output_embeddings()
+
+        def label_of(Hs: torch.Tensor, Xs: torch.Tensor, si: torch.Tensor, ti: torch.Tensor, k: int) -> torch.Tensor:
+            """Head k's label at (row si, position ti): the corpus token x_{t+k+2}, or (distill) the
+            target's distribution over it, read off its frozen lm_head at position t+k+1."""
+            if not distill:
+                return Xs[si, ti + k + 2]
+            with torch.no_grad():
+                return torch.softmax(lm_head(Hs[si, ti + k + 1]).float(), -1)
+
         params = [p for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -269,7 +285,7 @@ class Medusa(nn.Module):
             si = torch.randint(0, Htr.shape[0], (batch_tokens,), generator=g)
             ti = torch.randint(0, T, (batch_tokens,), generator=g)
             logits = m(Htr[si, ti])                                          # (K, B, V)
-            loss = sum(w * nn.functional.cross_entropy(logits[k].float(), Xtr[si, ti + k + 2])
+            loss = sum(w * nn.functional.cross_entropy(logits[k].float(), label_of(Htr, Xtr, si, ti, k))
                        for k, w in enumerate(weights))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,7 +297,11 @@ class Medusa(nn.Module):
                 break
         m.eval()
         Hev, Xev = (H[S - n_held:], X[S - n_held:]) if n_held else (Htr, Xtr)
+        if distill:      # accuracy against the target's own greedy choice at each position
+            with torch.no_grad():
+                Xev = torch.cat([Xev[:, :1], torch.cat([lm_head(h).argmax(-1)[None] for h in Hev])[:, :-1]], 1)
         acc = m.top_k_accuracy(Hev, Xev, top_k=top_k)
+        m.config.distilled = distill
         m.config.top_k_accuracy = acc
         m.config.tree = best_sparse_tree(acc, tree_nodes)
         m.trained_steps = step + 1
