@@ -11,8 +11,7 @@ import pytest
 
 from accelerando.bench import history as H
 from accelerando.bench.history import HistoryError, Measurement, open_history
-
-FIXED = dict(hardware={"cpu": "test", "cores": 1}, versions={"torch": "x"}, git_revision="abc")
+from history_checks import FIXED, assert_concurrent_writers_lose_nothing
 
 
 def m(method="base", family="llm", model="tiny", value=1.0, **kw):
@@ -82,27 +81,9 @@ def test_interrupted_write_leaves_no_partial_rows(tmp_path):
         assert h.count() == 1
 
 
-def _writer(path, tag, n):
-    with open_history(path) as h:
-        for i in range(n):
-            h.record(Measurement({"family": "llm"}, f"{tag}", {"i": i}, {"v": i}, **FIXED))
-
-
 def test_two_processes_write_concurrently(tmp_path):
-    path = str(tmp_path / "shared.sqlite")      # fresh file: both also race to create the schema
-    n = 25
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_writer, args=(path, tag, n)) for tag in ("p1", "p2")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    with open_history(path) as h:
-        rows = h.rows()
-    assert len(rows) == 2 * n
-    for tag in ("p1", "p2"):
-        assert sorted(r.knobs["i"] for r in rows if r.method == tag) == list(range(n))
+    # fresh file: both also race to create the schema
+    assert_concurrent_writers_lose_nothing(str(tmp_path / "shared.sqlite"), mp.get_context("fork"))
 
 
 def test_corrupt_file_is_refused_and_untouched(tmp_path):

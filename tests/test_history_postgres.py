@@ -13,10 +13,10 @@ import uuid
 import pytest
 
 from accelerando.bench.history import HistoryError, Measurement, open_history
+from history_checks import FIXED, assert_concurrent_writers_lose_nothing
 
 URL = os.environ.get("ACCELERANDO_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="set ACCELERANDO_TEST_POSTGRES_URL to test on a PostgreSQL server")
-FIXED = dict(hardware={"cpu": "test", "cores": 1}, versions={"torch": "x"}, git_revision="abc")
 
 
 @pytest.fixture
@@ -56,26 +56,8 @@ def test_round_trip_filters_and_transactions(pg_url):
         assert h.count() == 2
 
 
-def _writer(url, tag, n):
-    with open_history(url) as h:
-        for i in range(n):
-            h.record(Measurement({"family": "llm"}, tag, {"i": i}, {"v": i}, **FIXED))
-
-
 def test_two_processes_write_concurrently(pg_url):
-    n = 20
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(pg_url, tag, n)) for tag in ("p1", "p2")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    with open_history(pg_url) as h:
-        rows = h.rows()
-    assert len(rows) == 2 * n
-    for tag in ("p1", "p2"):
-        assert sorted(r.knobs["i"] for r in rows if r.method == tag) == list(range(n))
+    assert_concurrent_writers_lose_nothing(pg_url, mp.get_context("spawn"), n=20)
 
 
 def test_foreign_database_is_refused_and_untouched(pg_url):
