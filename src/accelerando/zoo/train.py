@@ -80,10 +80,10 @@ class ClassifierSpec:
 
 
 SPECS: dict[str, Any] = {
-    "code-target": LMSpec("target", 192, 4, 4, 512, steps=160, lr=3e-3, batch_size=8, restarts=(200,)),
-    "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=150, lr=4e-3, batch_size=8, kl_weight=0.8,
+    "code-target": LMSpec("target", 192, 4, 4, 512, steps=3000, lr=3e-3, batch_size=8),
+    "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=1500, lr=4e-3, batch_size=8, kl_weight=0.8,
                                embed_from_teacher=True),
-    "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=150, lr=5e-3, batch_size=8, kl_weight=0.8,
+    "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=1500, lr=5e-3, batch_size=8, kl_weight=0.8,
                               embed_from_teacher=True),
     "digits-unet": UNetSpec(steps=600),
     "digits-classifier": ClassifierSpec(steps=300),
@@ -108,6 +108,17 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def _default_dir(name: str) -> Path:
     return Path(__file__).resolve().parent / "models" / name
+
+
+def _card(name: str, role: str, family: str, architecture: str, *, n_params: int, seed: int, steps: int,
+          data: str, recipe: dict[str, Any], metrics: dict[str, Any], eval_slice: dict[str, Any],
+          train_seconds: float, summary: str, log: list[str], **extra: Any) -> dict[str, Any]:
+    """A model card: the fields every zoo model records, then its own (`extra`)."""
+    return {"name": name, "role": role, "family": family, "architecture": architecture,
+            "parameters": n_params, "seed": seed, "steps": steps, "data": data, **extra,
+            "recipe": recipe, "metrics": metrics, "eval_slice": eval_slice,
+            "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
+            "summary": summary, "log": log}
 
 
 def _write_card(out: Path, card: dict[str, Any]) -> None:
@@ -344,23 +355,21 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
     if "agreement" in sl:
         slice_["agreement"] = sl["agreement"]
     _log(progress, f"[{name}] eval {metrics} ({time.time() - t_eval:.0f}s)")
-    card = {
-        "name": name, "role": spec.role, "family": "llama", "architecture": "LlamaForCausalLM",
-        "parameters": n_params, "seed": seed, "steps": spec.total_steps,
-        "data": "Python stdlib source (code) + pydoc_data topics (prose), held-out by name hash "
-                f"({zoo_data.HELDOUT_PERCENT}%)",
-        "corpus": zoo_data.corpus_stats() if max_train_bytes is None else {"max_train_bytes": max_train_bytes},
-        "train_tokens_stream": len(stream),
-        "recipe": {**asdict(spec), "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1",
-                   "tokens_per_step": spec.batch_size * spec.seq_len,
-                   "loss": "CE" if teacher is None else f"{spec.kl_weight}*KL(target||draft)+{1 - spec.kl_weight:.2f}*CE"},
-        "metrics": metrics, "eval_slice": slice_, "eval_max_windows": eval_windows,
-        "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
-        "tokenizer": {"type": "byte-level BPE", "vocab_size": len(tokenizer), "special": [EOS]},
-        "summary": (f"{'Target' if teacher is None else 'Draft (distilled from code-target)'} "
-                    f"causal LM, {n_params:,} parameters, trained on Python code and docs."),
-        "log": log,
-    }
+    card = _card(
+        name, spec.role, "llama", "LlamaForCausalLM", n_params=n_params, seed=seed, steps=spec.total_steps,
+        data="Python stdlib source (code) + pydoc_data topics (prose), held-out by name hash "
+             f"({zoo_data.HELDOUT_PERCENT}%)",
+        corpus=zoo_data.corpus_stats() if max_train_bytes is None else {"max_train_bytes": max_train_bytes},
+        train_tokens_stream=len(stream),
+        tokenizer={"type": "byte-level BPE", "vocab_size": len(tokenizer), "special": [EOS]},
+        eval_max_windows=eval_windows,
+        recipe={**asdict(spec), "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1",
+                "tokens_per_step": spec.batch_size * spec.seq_len,
+                "loss": "CE" if teacher is None else f"{spec.kl_weight}*KL(target||draft)+{1 - spec.kl_weight:.2f}*CE"},
+        metrics=metrics, eval_slice=slice_, train_seconds=train_seconds,
+        summary=(f"{'Target' if teacher is None else 'Draft (distilled from code-target)'} "
+                 f"causal LM, {n_params:,} parameters, trained on Python code and docs."),
+        log=log)
     if teacher is not None:
         card["distilled_from"] = TARGET
     _write_card(out, card)
@@ -452,22 +461,18 @@ def _train_unet(name: str, spec: UNetSpec, *, seed: int, out: Path, progress: An
     mse = unet_eval(unet, x_ho)
     slice_mse = unet_eval(unet, x_ho[:32])
     _log(progress, f"[{name}] held-out eps MSE {mse:.5f}")
-    card = {
-        "name": name, "role": "unet", "family": "ddpm", "architecture": "UNet2DModel",
-        "parameters": n_params, "seed": seed, "steps": spec.steps,
-        "data": "scikit-learn load_digits (8x8 -> 16x16 bilinear, [-1,1], +-1px shifts), ~15% held out by index hash",
-        "prediction_type": "epsilon", "sample_size": 16, "in_channels": 1,
-        "scheduler": {"num_train_timesteps": spec.num_train_timesteps, "beta_schedule": "linear",
-                      "beta_start": 1e-4, "beta_end": 0.02},
-        "recipe": {**asdict(spec), "optimizer": "AdamW", "ema_decay": ema_decay,
-                   "schedule": "warmup+cosine to 0.1"},
-        "metrics": {"heldout_eps_mse": round(mse, 6), "heldout_images": len(x_ho)},
-        "eval_slice": {"images": 32, "seed": 1234, "eps_mse": slice_mse},
-        "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
-        "summary": "Epsilon-prediction UNet for 1x16x16 digits with a 1000-step linear-beta DDPM schedule "
-                   "(weights are the EMA).",
-        "log": log,
-    }
+    card = _card(
+        name, "unet", "ddpm", "UNet2DModel", n_params=n_params, seed=seed, steps=spec.steps,
+        data="scikit-learn load_digits (8x8 -> 16x16 bilinear, [-1,1], +-1px shifts), ~15% held out by index hash",
+        prediction_type="epsilon", sample_size=16, in_channels=1,
+        scheduler={"num_train_timesteps": spec.num_train_timesteps, "beta_schedule": "linear",
+                   "beta_start": 1e-4, "beta_end": 0.02},
+        recipe={**asdict(spec), "optimizer": "AdamW", "ema_decay": ema_decay, "schedule": "warmup+cosine to 0.1"},
+        metrics={"heldout_eps_mse": round(mse, 6), "heldout_images": len(x_ho)},
+        eval_slice={"images": 32, "seed": 1234, "eps_mse": slice_mse}, train_seconds=train_seconds,
+        summary="Epsilon-prediction UNet for 1x16x16 digits with a 1000-step linear-beta DDPM schedule "
+                "(weights are the EMA).",
+        log=log)
     _write_card(out, card)
     return card
 
@@ -508,20 +513,18 @@ def _train_classifier(name: str, spec: ClassifierSpec, *, seed: int, out: Path, 
         slice_acc = float((model(x_ho[:64]).argmax(-1) == y_ho[:64]).float().mean())
         slice_logit_sum = float(model(x_ho[:64]).log_softmax(-1).gather(1, y_ho[:64, None]).sum())
     _log(progress, f"[{name}] held-out accuracy {acc:.4f}")
-    card = {
-        "name": name, "role": "classifier", "family": "cnn", "architecture": "DigitsClassifier",
-        "parameters": n_params, "seed": seed, "steps": spec.steps,
-        "data": "scikit-learn load_digits (8x8 -> 16x16 bilinear, [-1,1], +-1px shifts, pixel noise 0.1), "
-                "~15% held out by index hash",
-        "feature_dim": model.config.feature_dim,
-        "recipe": {**asdict(spec), "optimizer": "AdamW", "schedule": "warmup+cosine to 0.1"},
-        "metrics": {"heldout_accuracy": round(acc, 5), "heldout_images": len(x_ho)},
-        "eval_slice": {"images": 64, "accuracy": slice_acc, "log_likelihood_sum": slice_logit_sum},
-        "train_seconds": round(train_seconds, 1), "torch_threads": torch.get_num_threads(),
-        "summary": "Small CNN digit classifier; `features(x)` (penultimate layer) is the embedding for "
-                   "FID-style scores of 1x16x16 samples. Load with `accelerando.zoo.load_classifier(path)`.",
-        "log": log,
-    }
+    card = _card(
+        name, "classifier", "cnn", "DigitsClassifier", n_params=n_params, seed=seed, steps=spec.steps,
+        data="scikit-learn load_digits (8x8 -> 16x16 bilinear, [-1,1], +-1px shifts, pixel noise 0.1), "
+             "~15% held out by index hash",
+        feature_dim=model.config.feature_dim,
+        recipe={**asdict(spec), "optimizer": "AdamW", "schedule": "warmup+cosine to 0.1"},
+        metrics={"heldout_accuracy": round(acc, 5), "heldout_images": len(x_ho)},
+        eval_slice={"images": 64, "accuracy": slice_acc, "log_likelihood_sum": slice_logit_sum},
+        train_seconds=train_seconds,
+        summary="Small CNN digit classifier; `features(x)` (penultimate layer) is the embedding for "
+                "FID-style scores of 1x16x16 samples. Load with `accelerando.zoo.load_classifier(path)`.",
+        log=log)
     _write_card(out, card)
     return card
 
