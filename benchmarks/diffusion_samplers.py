@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from accelerando.bench.methods import DiffusionSetup, get_method
+from accelerando.bench.methods import DiffusionSetup, NotApplicable, get_method
 from accelerando.bench.report import markdown_table, machine_line, write_section
 from accelerando.diffusion import make_schedule
 from accelerando.diffusion.oracle import random_mixture
@@ -41,6 +41,8 @@ OURS = [(m, m, {}) for m in ("ddim", "plms4", "s-pndm", "s-pndm4", "f-pndm", "pr
     ("fon (float t)", "fon", {"float_t": True}),
 ]
 THEIRS = [(m, m, {}) for m in ("diffusers-ddim", "diffusers-pndm", "diffusers-dpmpp2m", "diffusers-unipc")]
+NA = None          # a cell whose budget is below the method's minimum (warm-up + one step)
+NA_TEXT = "n/a (budget < minimum)"
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "benchmarks" / "diffusion_samplers.png"
 
@@ -50,14 +52,15 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_grid(setup_for, methods, budgets, error_of):
-    """{label: {budget: (error, nfe)}}; a method that cannot fit a budget is left out of it."""
-    out: dict[str, dict[int, tuple[float, int]]] = {}
+    """{label: {budget: (error, nfe) or NA}}: NA where the budget is below the method's minimum."""
+    out: dict[str, dict[int, tuple[float, int] | None]] = {}
     for label, name, knobs in methods:
         entry = get_method(name)
         for b in budgets:
             try:
                 run = entry.build(setup_for(b), **knobs)
-            except ValueError:
+            except NotApplicable:
+                out.setdefault(label, {})[b] = NA
                 continue
             o = run()
             assert o.nfe <= b, (label, b, o.nfe)
@@ -92,8 +95,20 @@ def oracle_part(configs, budgets, batch):
     return results
 
 
+def cells(by_b):
+    """The measured (budget, (error, nfe)) of one method, without its n/a cells."""
+    return {b: v for b, v in by_b.items() if v is not NA}
+
+
+def cell(res, label, b):
+    if b not in res.get(label, {}):
+        return "-"
+    v = res[label][b]
+    return NA_TEXT if v is NA else v[0]
+
+
 def best(res, labels, b):
-    vals = [(res[l][b][0], l) for l in labels if l in res and b in res[l]]
+    vals = [(res[l][b][0], l) for l in labels if res.get(l, {}).get(b) is not None]
     return min(vals) if vals else (math.nan, "-")
 
 
@@ -101,7 +116,7 @@ def table(res, budgets):
     # "best ours" leaves out pndm-diffusers: it is our copy of diffusers' algorithm, kept for equivalence
     ours = [l for l, _, _ in OURS if l != "pndm-diffusers"]
     theirs = [l for l, _, _ in THEIRS]
-    rows = [[l] + [res[l][b][0] if b in res.get(l, {}) else "-" for b in budgets]
+    rows = [[l] + [cell(res, l, b) for b in budgets]
             for l in [l for l, _, _ in OURS] + theirs if l in res]
     bo = [best(res, ours, b) for b in budgets]
     bt = [best(res, theirs, b) for b in budgets]
@@ -162,13 +177,15 @@ def zoo_part(budgets, batch, ref_steps=1000):
     def setup_for(b):
         return DiffusionSetup(eps_fn=eps, schedule=sched, x_T=x_T, steps=b, spacing="trailing")
 
-    res: dict[str, dict[int, tuple[float, int]]] = {}
+    res: dict[str, dict[int, tuple[float, int] | None]] = {}
     for label, name, knobs in methods:
         for b in budgets:
             try:
-                o = get_method(name).build(setup_for(b), **knobs)()
-            except ValueError:
+                run = get_method(name).build(setup_for(b), **knobs)
+            except NotApplicable:
+                res.setdefault(label, {})[b] = NA
                 continue
+            o = run()
             res.setdefault(label, {})[b] = (rmse(o.x0, ref), o.nfe)
             fds[(label, b)] = frechet_distance(zoo.fid_features(o.x0.clamp(-1, 1), classifier=clf), real)
     # the PNDM paper's headline: F-PNDM with 50 steps vs DDIM with 1000
@@ -187,6 +204,9 @@ def plot(oracle_results, zoo_res, budgets):
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
     for ax, (name, res) in zip(np.atleast_1d(axes), panels):
         for label, by_b in res.items():
+            by_b = cells(by_b)
+            if not by_b:
+                continue
             bs = sorted(by_b)
             style = "--" if label.startswith("diffusers") else "-"
             ax.loglog([by_b[b][1] for b in bs], [by_b[b][0] for b in bs], style, marker="o", ms=3, label=label)
@@ -204,14 +224,14 @@ def record_history(oracle_results, zoo_res):
     rows = []
     for name, cfg, res in oracle_results:
         for label, by_b in res.items():
-            for b, (err, nfe) in by_b.items():
+            for b, (err, nfe) in cells(by_b).items():
                 rows.append(Measurement(
                     workload={"family": "diffusion", "model": f"oracle:gmm-d{cfg['dim']}-k{cfg['components']}-s{cfg['seed']}",
                               "schedule": cfg["schedule"], "spacing": cfg["spacing"], "steps": b},
                     method=label, knobs={"nfe_budget": b}, metrics={"rmse_exact": err, "nfe": nfe}))
     if zoo_res:
         for label, by_b in zoo_res["res"].items():
-            for b, (err, nfe) in by_b.items():
+            for b, (err, nfe) in cells(by_b).items():
                 rows.append(Measurement(
                     workload={"family": "diffusion", "model": "digits-unet", "schedule": "linear",
                               "spacing": "trailing", "steps": b, "batch": zoo_res["batch"]},
@@ -242,8 +262,10 @@ def main() -> None:
           f"Command: `{cmd}` ({time.perf_counter() - t_all:.0f} s)  \nMachine: {machine_line()}\n",
           "Every method gets the same model-call budget (NFE); a method with warm-up costs (F-PNDM: N + 9, "
           "S-PNDM / diffusers' PNDM: N + 1, PRK / FON: 4N) runs the most grid steps that fit, and methods that "
-          "cannot fit a budget (or whose grid would start below t = 500: `leading` / `linspace` with one step) "
-          "are left blank. Ours are run with diffusers' conventions (integer timesteps, "
+          "cannot take their warm-up plus one step of their main scheme within a budget are marked "
+          f"*{NA_TEXT}* (F-PNDM needs 13 calls, PRK / FON 11, S-PNDM 3: below that a single Runge-Kutta step "
+          "spans the interval and diverges); a grid that would start below t = 500 (`leading` / `linspace` "
+          "with one step) is left blank. Ours are run with diffusers' conventions (integer timesteps, "
           "same spacing) unless marked *float t* (Runge-Kutta midpoints at exact non-integer times). "
           f"![error vs model calls](benchmarks/{PLOT.name})\n",
           f"### (a) Exact-score oracle: RMSE to the exact ODE solution from the same x_T (batch {args.batch})\n"]
@@ -260,7 +282,8 @@ def main() -> None:
     md.append("")
     if zoo_res:
         res, fds = zoo_res["res"], zoo_res["fds"]
-        rows = [[l] + [f"{res[l][b][0]:.3g} / {fds[(l, b)]:.3g}" if b in res[l] else "-" for b in BUDGETS] for l in res]
+        rows = [[l] + [("-" if b not in res[l] else NA_TEXT if res[l][b] is NA
+                        else f"{res[l][b][0]:.3g} / {fds[(l, b)]:.3g}") for b in BUDGETS] for l in res]
         md += [f"### (b) zoo `digits-unet` (batch {zoo_res['batch']}): RMSE to 1000-step DDIM / Frechet distance "
                f"(classifier features, vs held-out digits)\n",
                markdown_table(["method \\ NFE"] + [str(b) for b in BUDGETS], rows), "",

@@ -185,7 +185,8 @@ def results_table(title: str, family: str, rows: list[Any], label: str = ""):
     for r in rows:
         name = r.method + (" (baseline)" if r.is_baseline else "")
         if r.error:
-            t.add_row(name, "-", "-", "-", *(("-",) if with_ref else ()), "[red]failed[/red]", r.error[:120])
+            status = "[yellow]n/a[/yellow]" if getattr(r, "not_applicable", False) else "[red]failed[/red]"
+            t.add_row(name, "-", "-", "-", *(("-",) if with_ref else ()), status, r.error[:120])
             continue
         m = r.metrics
         t.add_row(name, _fmt(m.get("median_s")), _fmt(m.get("iqr_s"), 2),
@@ -313,7 +314,8 @@ def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: st
         table = []
         for r in rows:
             if r.error:
-                table.append([r.method, "-", "-", "-"] + (["-"] if with_ref else []) + [f"failed: {r.error[:60]}", "-"])
+                what = r.error[:60] if getattr(r, "not_applicable", False) else f"failed: {r.error[:60]}"
+                table.append([r.method, "-", "-", "-"] + (["-"] if with_ref else []) + [what, "-"])
                 continue
             m = r.metrics
             table.append([r.method + (" (baseline)" if r.is_baseline else ""), m.get("median_s"),

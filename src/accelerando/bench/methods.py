@@ -18,6 +18,11 @@ from typing import Any, Callable, Literal
 
 Family = Literal["llm", "diffusion"]
 
+
+class NotApplicable(ValueError):
+    """Raised by ``entry.build`` when the method does not apply to the setup (e.g. a diffusion
+    budget below the method's minimum): runners mark the cell n/a instead of failed."""
+
 # Modules that register methods when imported; listed here so the registry can be filled lazily.
 FAMILY_MODULES = (
     "accelerando.llm.bench_methods",

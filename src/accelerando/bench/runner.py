@@ -29,7 +29,7 @@ import torch
 
 from . import metrics as M
 from .harness import Timing, measure
-from .methods import (DiffusionOutput, DiffusionSetup, LLMOutput, LLMSetup, MethodEntry,
+from .methods import (DiffusionOutput, DiffusionSetup, LLMOutput, LLMSetup, MethodEntry, NotApplicable,
                       all_methods, get_method)
 from .workloads import DiffusionWorkload, LLMWorkload
 
@@ -49,6 +49,7 @@ class RunRow:
     lossless: bool = False
     is_baseline: bool = False
     error: str | None = None
+    not_applicable: bool = False          # error is "n/a: ..." (e.g. budget below the method's minimum)
     measurement_id: int | None = None
     output: Any = None                    # the last outputs (list, one per setup); not stored
 
@@ -184,6 +185,8 @@ def run_methods(
                                         score_perplexity=score_perplexity))
             row.metrics["lossless"] = entry.lossless
             row.metrics["is_baseline"] = entry.is_baseline
+        except NotApplicable as exc:
+            row.error, row.not_applicable = f"n/a: {exc}", True
         except Exception as exc:   # one broken method must not hide the others' results
             row.error = f"{type(exc).__name__}: {exc}"
         rows.append(row)

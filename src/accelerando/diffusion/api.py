@@ -26,7 +26,8 @@ class SamplerSpec:
                                        # the model has no timestep (alpha_bar = 1 on a discrete schedule)
     nfe_formula: str
     order: str                         # order on a smooth, uniform grid
-    min_steps: int = 1
+    min_steps: int = 1                 # fewest grid steps: warm-up + one step of the main scheme
+    min_reason: str = ""
     knobs: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = False
     description: str = ""
@@ -48,24 +49,36 @@ def _plus_one(n: int, r: int = 0) -> int:
     return n + 1
 
 
+# Why a method has a minimum. Measured on the oracle (linear, trailing): one Runge-Kutta step over
+# the whole interval gives RMSE ~1e3, two ~3-4 (DDIM at the same calls: 0.6, 0.25); from three on
+# the error is of DDIM's size and then falls at 4th order.
+_RK_MIN = "a Runge-Kutta step across a third or more of the interval is unstable in s"
+_IE_MIN = "the improved-Euler warm-up step, then at least one PLMS step"
+_F_MIN = "3 pseudo-RK warm-up steps, then at least one PLMS step"
+
 _SPECS = [
     SamplerSpec("ddim", ddim, _one, "N", "1", description="DDIM, eta = 0 (deterministic)"),
     SamplerSpec("ddim-eta", ddim, _one, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True,
                 description="DDIM with eta > 0 (default 1.0 = DDPM posterior noise)"),
-    SamplerSpec("prk", prk, _rk, "4N - 1 (4N)", "4", description="pseudo Runge-Kutta (RK4 in s) every step"),
+    SamplerSpec("prk", prk, _rk, "4N - 1 (4N)", "4", min_steps=3, min_reason=_RK_MIN,
+                description="pseudo Runge-Kutta (RK4 in s) every step"),
     SamplerSpec("plms2", plms, _one, "N", "2", knobs={"order": 2}, description="pseudo linear multistep, order 2"),
     SamplerSpec("plms3", plms, _one, "N", "3", knobs={"order": 3}, description="pseudo linear multistep, order 3"),
     SamplerSpec("plms4", plms, _one, "N", "4", knobs={"order": 4}, description="pseudo linear multistep, order 4"),
-    SamplerSpec("s-pndm", s_pndm, _plus_one, "N + 1", "2", min_steps=2,
+    SamplerSpec("s-pndm", s_pndm, _plus_one, "N + 1", "2", min_steps=2, min_reason=_IE_MIN,
                 description="pseudo improved-Euler warm-up, then PLMS-2"),
     SamplerSpec("s-pndm4", s_pndm4, _plus_one, "N + 1", "2 (improved-Euler start)", min_steps=2,
+                min_reason=_IE_MIN,
                 description="pseudo improved-Euler warm-up, then PLMS 2 -> 3 -> 4 (variable-step weights)"),
-    SamplerSpec("f-pndm", f_pndm, _rk_warmup, "N + 9 (N >= 3)", "4",
+    SamplerSpec("f-pndm", f_pndm, _rk_warmup, "N + 9 (N >= 3)", "4", min_steps=4, min_reason=_F_MIN,
                 description="pseudo RK4 warm-up for 3 steps, then PLMS-4"),
-    SamplerSpec("fon", fon, _rk, "4N - 1 (4N)", "4", description="classical RK4 in t on the PF-ODE"),
+    SamplerSpec("fon", fon, _rk, "4N - 1 (4N)", "4", min_steps=3, min_reason=_RK_MIN,
+                description="classical RK4 in t on the PF-ODE"),
     SamplerSpec("pndm-diffusers", pndm_diffusers, _plus_one, "N + 1", "<= 4 (fixed weights)", min_steps=2,
+                min_reason=_IE_MIN,
                 knobs={"skip_prk_steps": True}, description="diffusers' PNDMScheduler, skip_prk_steps=True"),
     SamplerSpec("pndm-diffusers-prk", pndm_diffusers, _rk_warmup, "N + 9 (N >= 3)", "<= 4 (fixed weights)",
+                min_steps=4, min_reason=_F_MIN,
                 knobs={"skip_prk_steps": False}, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
     SamplerSpec("dpmpp-2m", dpmpp_2m, _one, "N", "2", description="DPM-Solver++(2M), data prediction"),
     SamplerSpec("dpmpp-3m", dpmpp_3m, _one, "N", "3", description="DPM-Solver++(3M), data prediction"),
@@ -84,6 +97,10 @@ METHODS: tuple[str, ...] = tuple(SPECS)
 
 class NonFiniteError(FloatingPointError):
     """eps_fn returned NaN or inf."""
+
+
+class BelowMinimumError(ValueError):
+    """Fewer steps (or model calls) than the method's warm-up plus one step of its main scheme."""
 
 
 def get_spec(method: str) -> SamplerSpec:
@@ -106,8 +123,36 @@ def nfe_for(method: str, steps: int, schedule: Any = None) -> int:
     return get_spec(method).nfe(steps, _end_saving(schedule))
 
 
+def min_nfe(method: str, schedule: Any = None) -> int:
+    """Model calls of the method's minimum number of steps (``SPECS[method].min_steps``)."""
+    spec = get_spec(method)
+    return spec.nfe(spec.min_steps, _end_saving(schedule))
+
+
+def _minimum(spec: SamplerSpec, schedule: Any) -> str:
+    why = f": {spec.min_reason}" if spec.min_reason else ""
+    return f"at least {spec.min_steps} steps = {min_nfe(spec.name, schedule)} model calls{why}"
+
+
+def check_steps(method: str, steps: int, schedule: Any = None) -> None:
+    """Raise ``BelowMinimumError`` when ``steps`` is below the method's minimum."""
+    spec = get_spec(method)
+    if steps < spec.min_steps:
+        raise BelowMinimumError(f"{method} needs {_minimum(spec, schedule)}; got steps={steps}")
+
+
+def check_budget(method: str, nfe: int, schedule: Any = None) -> int:
+    """The steps ``method`` runs within ``nfe`` model calls; ``BelowMinimumError`` if its minimum does not fit."""
+    steps = steps_for_nfe(method, nfe, schedule)
+    if steps is None:
+        raise BelowMinimumError(f"{method} needs {_minimum(get_spec(method), schedule)}; "
+                                f"the budget is {nfe} model calls")
+    return steps
+
+
 def steps_for_nfe(method: str, nfe: int, schedule: Any = None) -> int | None:
-    """The most grid steps whose cost fits in ``nfe`` calls (None if even the minimum does not)."""
+    """The most grid steps whose cost fits in ``nfe`` calls; None when the method's minimum
+    (``min_nfe``) does not fit -- never a single divergent step over the whole interval."""
     spec = get_spec(method)
     r = _end_saving(schedule)
     best = None
@@ -121,8 +166,7 @@ def make_sampler(method: str, x: torch.Tensor, grid: Grid, *, generator: torch.G
                  **knobs: Any):
     """The method's generator over ``grid`` (knobs override the method's defaults)."""
     spec = get_spec(method)
-    if grid.steps < spec.min_steps:
-        raise ValueError(f"{method} needs at least {spec.min_steps} steps, got {grid.steps}")
+    check_steps(method, grid.steps, grid.schedule)
     opts = {**spec.knobs, **knobs}
     if spec.stochastic:
         opts["generator"] = generator
@@ -172,8 +216,7 @@ def sample_with_info(eps_fn: Callable, x_T: torch.Tensor, *, schedule: Any = Non
     spec = get_spec(method)
     if grid is None:
         schedule = schedule if schedule is not None else _default_schedule()
-        if steps < spec.min_steps:
-            raise ValueError(f"{method} needs at least {spec.min_steps} steps, got {steps}")
+        check_steps(method, steps, schedule)
         grid = make_grid(schedule, steps, spacing, float_t=float_t)
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T contains non-finite values")

@@ -1,7 +1,8 @@
 """Registers every sampler (ours and diffusers' step() loops) in ``accelerando.bench.methods``.
 
 ``setup.steps`` is the **model-call budget**: each method runs the most grid steps whose NFE fits
-(F-PNDM with 20 calls runs 11 steps), so all methods compare at equal cost. The baseline is DDIM
+(F-PNDM with 20 calls runs 11 steps), so all methods compare at equal cost. A budget below a
+method's minimum (``min_nfe``: F-PNDM 13, PRK / FON 11) raises ``NotApplicable`` at build time. The baseline is DDIM
 at the same NFE (``ddim``, ``is_baseline=True``).
 """
 
@@ -11,8 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..bench.methods import DiffusionOutput, DiffusionSetup, MethodEntry, register
-from .api import SPECS, sample_with_info, steps_for_nfe
+from ..bench.methods import DiffusionOutput, DiffusionSetup, MethodEntry, NotApplicable, register
+from .api import SPECS, BelowMinimumError, check_budget, sample_with_info
 
 DIFFUSERS_METHODS = {
     # name: (scheduler class, extra config, NFE for N steps)
@@ -27,15 +28,16 @@ DIFFUSERS_METHODS = {
 def _steps(name: str, nfe: int, cost: Callable[[int], int], min_steps: int = 1) -> int:
     best = max((n for n in range(min_steps, nfe + 1) if cost(n) <= nfe), default=None)
     if best is None:
-        raise ValueError(f"{name} cannot run within {nfe} model calls")
+        raise NotApplicable(f"{name} cannot run within {nfe} model calls (needs {cost(min_steps)})")
     return best
 
 
 def _ours(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
     def build(setup: DiffusionSetup, *, match_nfe: bool = True, float_t: bool = False, **knobs: Any):
-        steps = steps_for_nfe(name, setup.steps, setup.schedule) if match_nfe else setup.steps
-        if steps is None:
-            raise ValueError(f"{name} cannot run within {setup.steps} model calls")
+        try:
+            steps = check_budget(name, setup.steps, setup.schedule) if match_nfe else setup.steps
+        except BelowMinimumError as exc:
+            raise NotApplicable(str(exc)) from None
 
         def run() -> DiffusionOutput:
             g = torch.Generator(device=setup.x_T.device).manual_seed(setup.seed)

@@ -16,7 +16,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .api import drive, get_spec, make_sampler
+from .api import check_steps, drive, get_spec, make_sampler
 from .models import to_eps
 from .samplers._common import make_grid
 from .schedules import Schedule, make_schedule
@@ -53,9 +53,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._sampler = None
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        spec = get_spec(self.config.method)
-        if num_inference_steps < spec.min_steps:
-            raise ValueError(f"{spec.name} needs at least {spec.min_steps} steps, got {num_inference_steps}")
+        check_steps(self.config.method, num_inference_steps, self.schedule)
         self.num_inference_steps = num_inference_steps
         self._grid = make_grid(self.schedule, num_inference_steps, self.config.timestep_spacing,
                                float_t=self.config.float_t, steps_offset=self.config.steps_offset)
