@@ -10,10 +10,16 @@ tokens never need re-alignment or re-prefill. (The engine's ``StaticKVCache`` us
 "valid slot + count of valid slots = position" rule, so it can implement this interface.)
 
 Interface the speculative loop uses (``SpecCache``):
-  forward(ids (B,T), valid (B,T) | None) -> logits (B,T,V)   append T columns
+  forward(ids (B,T), valid (B,T) | None, tree=None, hidden=False)
+                                  -> logits (B,T,V)          append T columns (with ``hidden``:
+                                                             (final hidden states, logits))
   mark() -> int                                              column count now (host int, no sync)
-  rollback(start, keep (B,), max_keep: int)                  after ``start`` keep keep[b] columns
+  rollback(start, keep (B,), max_keep: int, path=None)       after ``start`` keep keep[b] columns
   lengths                                                    (B,) valid tokens per row (device)
+Trees (``accelerando.llm.tree``): ``forward(..., tree=TokenTree)`` feeds the T = N nodes of a token
+tree at once (node i sees the prefix and its ancestors; position = valid prefix + depth), and
+``rollback(..., path=(B, P))`` keeps the accepted path's columns, gathered into place. A chain is
+the tree whose path is a prefix of the block: ``tree=None`` / ``path=None``, no gather.
 """
 
 from __future__ import annotations
@@ -23,15 +29,18 @@ from typing import Any, Protocol
 
 import torch
 
+from accelerando.llm.tree import check_tree_support, keep_accepted_path, tree_attention_mask, tree_position_ids
+
 
 class SpecCache(Protocol):
     lengths: torch.Tensor
 
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor: ...
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
+                hidden: bool = False) -> Any: ...
 
     def mark(self) -> int: ...
 
-    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None: ...
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int, path: torch.Tensor | None = None) -> None: ...
 
 
 def check_supports_cache(model: Any, role: str = "model") -> None:
@@ -71,15 +80,19 @@ class HFCache:
         self.lengths: torch.Tensor | None = None      # (B,) long, valid columns per row
         self.dense = True     # host flag: no padding and no holes yet, so no attention mask is needed
         self.calls = 0
+        self._tree_checked = False
 
     def mark(self) -> int:
         return 0 if self.valid is None else self.valid.shape[1]
 
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V).
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
+                hidden: bool = False) -> Any:
+        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V), or
+        (last hidden states, logits) with ``hidden``.
 
         ``valid=None`` means every entry is real; pass a mask only when some are not (the cache
-        then stops taking the mask-free fast path for good).
+        then stops taking the mask-free fast path for good). ``tree``: the T entries are the nodes
+        of a ``TokenTree`` (all real), scored with a 4D tree mask.
         """
         B, T = ids.shape
         dev = ids.device
@@ -90,29 +103,42 @@ class HFCache:
         if self.valid is None:
             self.valid = valid.new_zeros(B, 0)
             self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
-        pos = self.lengths[:, None] + valid.long().cumsum(-1) - 1        # (B, T) valid tokens before
+        prefix, self.valid = self.valid, torch.cat([self.valid, valid], 1)
+        if tree is None:
+            pos = self.lengths[:, None] + valid.long().cumsum(-1) - 1     # (B, T) valid tokens before
+            mask = None if self.dense else self.valid.long()            # dense: plain causal attention
+        else:
+            if not self._tree_checked:
+                check_tree_support(self.model)
+                self._tree_checked = True
+            pos = tree_position_ids(tree, self.lengths)                     # (B, N) prefix + depth
+            mask = tree_attention_mask(tree, prefix, dtype=self.model.dtype)
         pos = pos.clamp_min(0)
         if self.max_pos is not None:      # only holes / tokens past the budget can exceed it
             pos = pos.clamp_max(self.max_pos - 1)
-        self.valid = torch.cat([self.valid, valid], 1)
         before = self.cache.get_seq_length()
-        mask = None if self.dense else self.valid.long()      # dense: plain causal attention, no mask to build
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True)
+        kw = dict(attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        if hidden:      # Medusa heads read the final hidden state: run the backbone, then the lm_head
+            h = self.model.base_model(ids, **kw).last_hidden_state
+            out = (h, self.model.get_output_embeddings()(h))
+        else:
+            out = self.model(input_ids=ids, **kw).logits
         self.calls += 1
         if self.cache.get_seq_length() != before + T:
             raise TypeError(f"the {self.role} ({type(self.model).__name__}) did not extend its KV cache; "
                             "speculative decoding needs a model that keeps past_key_values")
         self.lengths = self.lengths + valid.sum(1)
-        return out.logits
+        return out
 
-    def rollback(self, start: int, keep: torch.Tensor, max_keep: int | list[int]) -> None:
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int | list[int],
+                 path: torch.Tensor | None = None) -> None:
         """Of the columns appended since ``mark() == start``, row b keeps the first ``keep[b]``.
 
         ``max_keep`` is ``max(keep)`` as a host int (the caller has it from its one sync per
         step): columns past it hold no row's token and are cropped from the cache. A host list
         (``keep`` itself) also tells whether rows differ; with an int, rows of a batch > 1 are
-        assumed to leave holes.
+        assumed to leave holes. ``path`` (B, >= max_keep): a verified tree's accepted nodes per row
+        (indices into the appended block, root first); their columns are gathered into place first.
         """
         if isinstance(max_keep, (list, tuple)):
             uniform, max_keep = min(max_keep) == max(max_keep), max(max_keep)
@@ -120,6 +146,10 @@ class HFCache:
             uniform = keep.shape[0] == 1
         if not uniform:
             self.dense = False
+        if path is not None:        # tree: the path's columns move to the front of the block
+            path = path[:, :max_keep]
+            keep_accepted_path(self.cache, start, path)
+            self.valid = torch.cat([self.valid[:, :start], self.valid[:, start:].gather(1, path)], 1)
         L = self.valid.shape[1]
         cols = torch.arange(L - start, device=self.valid.device)[None, :]
         tail = self.valid[:, start:] & (cols < keep[:, None])

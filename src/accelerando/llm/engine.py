@@ -337,27 +337,39 @@ class EngineSpecCache:
         self._mark_bound = self._bound
         return self._bound
 
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
+                hidden: bool = False) -> Any:
+        """Append ``ids`` (B, T); with ``tree`` (a ``TokenTree`` of T nodes) the block is one tree
+        step (node i sees the prefix and its ancestors). ``hidden``: return (hidden, logits)."""
         eng = self.engine
         self.calls += 1
         B, T = ids.shape
         mask = None if valid is None else valid.bool()
         if not self._started:
             self._started, self._bound = True, T
-            return eng.prefill(ids, mask, last_only=False)
+            return eng.prefill(ids, mask, last_only=False, return_hidden=hidden)
         width = _bucket(T) if eng.compiled else T
         if self._bound + width > eng.max_len:
             self._make_room(width)
         self._bound += T
+        tree_mask = None if tree is None else self._tree_mask(tree, width)
         if width == T:
-            return eng.step(ids, token_mask=mask)
+            return eng.step(ids, token_mask=mask, tree_mask=tree_mask, return_hidden=hidden)
         pad = width - T                      # pad to a compiled width; the padding is masked, then forgotten
         if mask is None:
             mask = eng._all_valid(ids.shape)
-        logits = eng.step(torch.cat([ids, ids.new_zeros(B, pad)], 1),
-                          token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1))
+        out = eng.step(torch.cat([ids, ids.new_zeros(B, pad)], 1),
+                       token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1), tree_mask=tree_mask,
+                       return_hidden=hidden)
         eng.cache.lengths -= pad
-        return logits[:, :T]
+        return tuple(o[:, :T] for o in out) if hidden else out[:, :T]
+
+    def _tree_mask(self, tree: Any, width: int) -> torch.Tensor:
+        """(width, width) node x ancestor-or-self; padding nodes see themselves only."""
+        n = len(tree)
+        anc = torch.eye(width, dtype=torch.bool, device=self.engine.device)
+        anc[:n, :n] = tree.tensors(self.engine.device)["anc"]
+        return anc
 
     def _make_room(self, width: int) -> None:
         """The host bound (a sum of per-step maxima over rows) ran past the buffer: read the real
@@ -370,24 +382,31 @@ class EngineSpecCache:
             c.lengths.clamp_(max=L - width)
             self._bound = L - width
 
-    def rollback(self, start: int, keep: torch.Tensor, max_keep: int) -> None:
-        """Row b keeps the first ``keep[b]`` columns appended since ``mark()`` returned ``start``."""
+    def rollback(self, start: int, keep: torch.Tensor, max_keep: int, path: torch.Tensor | None = None) -> None:
+        """Row b keeps the first ``keep[b]`` columns appended since ``mark()`` returned ``start``;
+        with ``path`` (B, >= max_keep), the columns of its first ``keep[b]`` nodes, gathered into place."""
         if self._mark_lengths is None or start != self._mark_bound:
             raise RuntimeError("rollback(start, ...) must follow the mark() that returned start")
-        lengths = self._mark_lengths + keep.to(self._mark_lengths.device)
-        self.engine.cache.rollback(lengths.clamp_(max=self.engine.max_len))
+        c = self.engine.cache
+        if path is not None:      # tree: move the accepted path's entries to the front of the block
+            c.rollback(self._mark_lengths)
+            c.keep_path(path[:, :max_keep], keep.to(c.lengths.device))
+        else:
+            lengths = self._mark_lengths + keep.to(self._mark_lengths.device)
+            c.rollback(lengths.clamp_(max=self.engine.max_len))
         self._bound = min(start + max_keep, self.engine.max_len)
 
 
-ENGINE_CHOICES = ("hf", "static", "static-eager")
+ENGINE_CHOICES = ("hf", "static", "static-eager", "auto")
 
 
 def spec_cache_factory(engine: str | None, *, batch_size: int, max_len: int, max_step: int = 16):
     """``make(model, role) -> SpecCache`` for the speculative loop.
 
     ``engine``: ``"hf"`` / None (transformers' DynamicCache, ``HFCache``), ``"static"`` (the lean
-    engine, compiled steps) or ``"static-eager"``. A model the engine cannot run gets ``HFCache``
-    with a one-line notice, so a drafter of another architecture still works.
+    engine, compiled steps), ``"static-eager"``, or ``"auto"`` (compiled engine where supported,
+    else ``HFCache`` silently). A model the engine cannot run gets ``HFCache`` with a one-line
+    notice, so a drafter of another architecture still works.
     """
     from accelerando.llm.cache import HFCache
     if engine in (None, "hf"):
@@ -398,9 +417,10 @@ def spec_cache_factory(engine: str | None, *, batch_size: int, max_len: int, max
     def make(model: Any, role: str = "model"):
         reason = unsupported_reason(model)
         if reason is not None:
-            _notice_fallback(f"{role}: {reason}")
+            if engine != "auto":
+                _notice_fallback(f"{role}: {reason}")
             return HFCache(model, role=role)
-        return EngineSpecCache(model, batch_size=batch_size, max_len=max_len, compile=engine == "static",
+        return EngineSpecCache(model, batch_size=batch_size, max_len=max_len, compile=engine != "static-eager",
                                role=role, max_step=max_step)
     return make
 

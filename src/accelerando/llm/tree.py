@@ -163,7 +163,7 @@ def tree_position_ids(tree: TokenTree, prefix_positions: torch.Tensor) -> torch.
     ``prefix_positions`` (B,) is the position id the root takes (the number of real prefix tokens,
     which differs from the cache length under left padding).
     """
-    return prefix_positions[:, None] + tree.depth_tensor(prefix_positions.device)[None, :]
+    return prefix_positions[:, None] + tree.tensors(prefix_positions.device)["depth"][None, :]
 
 
 def tree_attention_mask(tree: TokenTree, prefix_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32
@@ -174,7 +174,7 @@ def tree_attention_mask(tree: TokenTree, prefix_mask: torch.Tensor, *, dtype: to
     rest the dtype's most negative finite value (what transformers' eager and SDPA paths expect).
     """
     B, L = prefix_mask.shape
-    anc = tree.ancestor_mask(prefix_mask.device)                                     # (N, N)
+    anc = tree.tensors(prefix_mask.device)["anc"]                                    # (N, N)
     n = anc.shape[0]
     allowed = torch.cat([prefix_mask.bool()[:, None, :].expand(B, n, L), anc[None].expand(B, n, n)], dim=-1)
     mask = torch.zeros(B, 1, n, L + n, dtype=dtype, device=prefix_mask.device)
@@ -209,11 +209,12 @@ def check_tree_fits(tree: TokenTree, cache_len: int, max_positions: int | None) 
 
 
 def keep_accepted_path(past_key_values: Any, start: int, path: torch.Tensor) -> None:
-    """Keep only the accepted nodes of a verified tree in a Hugging Face cache (batch 1 path).
+    """Keep only the accepted nodes of a verified tree in a Hugging Face cache.
 
-    The tree block was appended at ``[start, start + N)``; ``path`` (P,) holds the accepted node
-    indices in order (root first). Their entries are gathered into ``[start, start + P)`` and the
-    rest is cropped -- one gather + slice per layer, whatever the tree size.
+    The tree block was appended at ``[start, start + N)``; ``path`` (P,) -- or (B, P), one path
+    per row, padded to a common P -- holds the accepted node indices in order (root first). Their
+    entries are gathered into ``[start, start + P)`` and the rest is cropped: one gather + slice
+    per layer, whatever the tree size.
     """
     idx = start + path.to(torch.long)
     layers = getattr(past_key_values, "layers", None)
@@ -228,7 +229,13 @@ def keep_accepted_path(past_key_values: Any, start: int, path: torch.Tensor) -> 
         if sliding and layer.keys.shape[-2] != layer.cumulative_length:
             raise ValueError("a sliding-window cache that has already wrapped cannot keep a tree path")
         k_idx = idx.to(layer.keys.device)
-        layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys.index_select(-2, k_idx)], dim=-2)
-        layer.values = torch.cat([layer.values[..., :start, :], layer.values.index_select(-2, k_idx)], dim=-2)
+        if k_idx.dim() == 1:
+            take = lambda t: t.index_select(-2, k_idx)                               # noqa: E731
+        else:                                                                         # (B, P): a path per row
+            B, H, _, D = layer.keys.shape
+            g = k_idx[:, None, :, None].expand(B, H, k_idx.shape[1], D)
+            take = lambda t: t.gather(-2, g)                                          # noqa: E731
+        layer.keys = torch.cat([layer.keys[..., :start, :], take(layer.keys)], dim=-2)
+        layer.values = torch.cat([layer.values[..., :start, :], take(layer.values)], dim=-2)
         if sliding:
             layer.cumulative_length = layer.keys.shape[-2]

@@ -33,12 +33,12 @@ def _draft(s: LLMSetup, name: str | None) -> Any:
 
 
 def _run(s: LLMSetup, drafter: Any) -> Callable[[], LLMOutput]:
-    from accelerando.llm.tree_speculative import speculative_tree_generate
+    from accelerando.llm.speculative import speculative_generate
 
     def run() -> LLMOutput:
-        out = speculative_tree_generate(s.target, s.input_ids, drafter=drafter, max_new_tokens=s.max_new_tokens,
-                                        temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                        attention_mask=s.attention_mask, eos_token_id=s.eos_token_id, seed=s.seed)
+        out = speculative_generate(s.target, s.input_ids, draft=drafter, max_new_tokens=s.max_new_tokens,
+                                   temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                   attention_mask=s.attention_mask, eos_token_id=s.eos_token_id, seed=s.seed)
         return LLMOutput(out.sequences, out.stats)
     return run
 
