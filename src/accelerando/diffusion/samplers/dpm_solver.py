@@ -30,36 +30,42 @@ def dpmpp_direction(D: list[torch.Tensor], lams: list[float], lam_t: float, orde
     return D[0] + 0.5 * (D[0] - D[1]) * (h / h0)
 
 
-def dpmpp_2m(x: torch.Tensor, grid: Grid) -> Sampler:
-    """DPM-Solver++(2M): x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) (D0 + D1 / 2)."""
+def _multistep(x: torch.Tensor, grid: Grid, keep: int, update) -> Sampler:
+    """The loop both solvers share: one call per grid point, the last ``keep`` data predictions D and
+    their lambdas (most recent first), then ``update(x, D, lams, a, a_next)`` takes the step."""
     D: list[torch.Tensor] = []
     lams: list[float] = []
     for i in range(grid.steps):
         a, a_next = grid.ab[i], grid.ab[i + 1]
         e = yield x, grid.t[i]
-        D, lams = [x0_hat(x, e, a)] + D[:1], [log_snr_lambda(a)] + lams[:1]
-        ratio, alpha_t, _, em = _coeffs(a, a_next)
-        x = ratio * x - alpha_t * em * dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
+        D, lams = [x0_hat(x, e, a)] + D[: keep - 1], [log_snr_lambda(a)] + lams[: keep - 1]
+        x = update(x, D, lams, a, a_next)
     return x
+
+
+def _step_2m(x: torch.Tensor, D: list[torch.Tensor], lams: list[float], a: float, a_next: float) -> torch.Tensor:
+    ratio, alpha_t, _, em = _coeffs(a, a_next)
+    return ratio * x - alpha_t * em * dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
+
+
+def _step_3m(x: torch.Tensor, D: list[torch.Tensor], lams: list[float], a: float, a_next: float) -> torch.Tensor:
+    ratio, alpha_t, h, em = _coeffs(a, a_next)
+    if len(D) < 3 or math.isinf(h):
+        return _step_2m(x, D[:2], lams[:2], a, a_next)
+    r0 = (lams[0] - lams[1]) / h
+    r1 = (lams[1] - lams[2]) / h
+    D1_0, D1_1 = (D[0] - D[1]) / r0, (D[1] - D[2]) / r1
+    D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r0 + r1)
+    return (ratio * x - alpha_t * em * D[0] + alpha_t * (em / h + 1.0) * D1
+            - alpha_t * ((em + h) / h ** 2 - 0.5) * D2)
+
+
+def dpmpp_2m(x: torch.Tensor, grid: Grid) -> Sampler:
+    """DPM-Solver++(2M): x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) (D0 + D1 / 2)."""
+    return (yield from _multistep(x, grid, 2, _step_2m))
 
 
 def dpmpp_3m(x: torch.Tensor, grid: Grid) -> Sampler:
     """DPM-Solver++(3M): orders ramp 1 -> 2 -> 3; the step into alpha_bar = 1 is first order."""
-    D: list[torch.Tensor] = []
-    lams: list[float] = []
-    for i in range(grid.steps):
-        a, a_next = grid.ab[i], grid.ab[i + 1]
-        e = yield x, grid.t[i]
-        D, lams = [x0_hat(x, e, a)] + D[:2], [log_snr_lambda(a)] + lams[:2]
-        ratio, alpha_t, h, em = _coeffs(a, a_next)
-        if len(D) < 3 or math.isinf(h):
-            x = ratio * x - alpha_t * em * dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
-            continue
-        r0 = (lams[0] - lams[1]) / h
-        r1 = (lams[1] - lams[2]) / h
-        D1_0, D1_1 = (D[0] - D[1]) / r0, (D[1] - D[2]) / r1
-        D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
-        D2 = (D1_0 - D1_1) / (r0 + r1)
-        x = (ratio * x - alpha_t * em * D[0] + alpha_t * (em / h + 1.0) * D1
-             - alpha_t * ((em + h) / h ** 2 - 0.5) * D2)
-    return x
+    return (yield from _multistep(x, grid, 3, _step_3m))
