@@ -128,11 +128,30 @@ def test_every_spacing_integrates_the_whole_interval(spacing, method, final_one)
     zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
     knobs = {"eta": 0.0} if method == "ddim-eta" else {}
     out, info = sample(zero, x, schedule=sched, method=method, steps=13, spacing=spacing, return_info=True, **knobs)
-    first = timesteps(1000, 13, spacing)[0]
+    first = timesteps(1000, 14 if SPECS[method].drop_zero and spacing != "trailing" else 13, spacing)[0]
     assert info.times[0] == first and info.grid.ab[-1] == sched.final_alpha_bar
     exact = x * math.sqrt(sched.final_alpha_bar / float(sched.alphas_cumprod[first]))
     tol = 0.05 if method == "fon" else 1e-12   # FON (classical RK4 in t) is not exact for eps = 0
     torch.testing.assert_close(out, exact, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_multistep_grids_spend_no_call_at_t0_like_diffusers_dpm_solver(spacing, steps):
+    """drop_zero: N calls = the first N of the spacing's N + 1 timesteps (diffusers' DPMSolverMultistep and
+    UniPC convention), so no call is spent on the step t = 0 -> alpha_bar = 1; DDIM keeps DDIMScheduler's grid."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    dpm = DPMSolverMultistepScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+    dpm.set_timesteps(steps)
+    _, info = sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="dpmpp-2m", steps=steps,
+                     spacing=spacing, return_info=True)
+    assert info.times == [float(t) for t in dpm.timesteps] and info.grid.ab[-1] == 1.0
+    assert 0.0 not in info.times
+    ddim = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+    ddim.set_timesteps(steps)
+    _, info = sample(smooth_eps, torch.randn(1, 2), schedule=SCHED, method="ddim", steps=steps, spacing=spacing,
+                     return_info=True)
+    assert info.times == [float(t) for t in ddim.timesteps]
 
 
 def test_float_t_places_midpoints_between_integers():
@@ -239,3 +258,18 @@ def test_registry_entries_fit_the_budget_and_diffusers_loops_run():
         assert o.nfe <= 10 and torch.isfinite(o.x0).all()
         outs[name] = o.x0
     torch.testing.assert_close(outs["ddim"], outs["diffusers-ddim"], rtol=1e-5, atol=1e-5)
+
+
+def test_s_pndm_warm_up_interpolated_in_t_does_not_blow_up_on_cosine():
+    """squaredcos_cap_v2 starts at s ~ 1e2-1e3: the trapezoid in s (PNDM's, diffusers') puts half the weight
+    of that whole span on the eps at its far end; interpolating in t does not (RMSE 180 -> 0.36 at 5 calls)."""
+    sched = make_schedule("squaredcos_cap_v2", 1000)
+    gm = random_mixture(4, 4, schedule=sched, seed=2)
+    x = torch.randn(32, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = gm.reference(x, sched.alpha_bar(999), 1.0)
+
+    def err(method, **knobs):
+        return float((sample(gm.eps_fn, x, schedule=sched, method=method, steps=4, **knobs) - ref).pow(2).mean().sqrt())
+    ddim = err("ddim")
+    assert err("s-pndm") < 2 * ddim and err("s-pndm4") < 3 * ddim
+    assert err("s-pndm", interp="s") > 10 * ddim     # the classical warm-up, as in diffusers' PNDM

@@ -31,6 +31,9 @@ class SamplerSpec:
     knobs: dict[str, Any] = field(default_factory=dict)
     stochastic: bool = False
     description: str = ""
+    # linspace / leading: no call at t = 0 (make_grid's drop_zero). False where the method reproduces
+    # diffusers' DDIM / PNDM, whose grids keep t = 0.
+    drop_zero: bool = True
 
 
 def _rk_warmup(n: int, r: int = 0) -> int:
@@ -57,8 +60,8 @@ _IE_MIN = "the improved-Euler warm-up step, then at least one PLMS step"
 _F_MIN = "3 pseudo-RK warm-up steps, then at least one PLMS step"
 
 _SPECS = [
-    SamplerSpec("ddim", ddim, _one, "N", "1", description="DDIM, eta = 0 (deterministic)"),
-    SamplerSpec("ddim-eta", ddim, _one, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True,
+    SamplerSpec("ddim", ddim, _one, "N", "1", drop_zero=False, description="DDIM, eta = 0 (deterministic)"),
+    SamplerSpec("ddim-eta", ddim, _one, "N", "1 (weak, SDE)", knobs={"eta": 1.0}, stochastic=True, drop_zero=False,
                 description="DDIM with eta > 0 (default 1.0 = DDPM posterior noise)"),
     SamplerSpec("prk", prk, _rk, "4N - 1 (4N)", "4", min_steps=3, min_reason=_RK_MIN,
                 description="pseudo Runge-Kutta (RK4 in s) every step"),
@@ -76,10 +79,10 @@ _SPECS = [
                 description="classical RK4 in t on the PF-ODE"),
     SamplerSpec("pndm-diffusers", pndm_diffusers, _plus_one, "N + 1", "<= 4 (fixed weights)", min_steps=2,
                 min_reason=_IE_MIN,
-                knobs={"skip_prk_steps": True}, description="diffusers' PNDMScheduler, skip_prk_steps=True"),
+                knobs={"skip_prk_steps": True}, drop_zero=False, description="diffusers' PNDMScheduler, skip_prk_steps=True"),
     SamplerSpec("pndm-diffusers-prk", pndm_diffusers, _rk_warmup, "N + 9 (N >= 3)", "<= 4 (fixed weights)",
                 min_steps=4, min_reason=_F_MIN,
-                knobs={"skip_prk_steps": False}, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
+                knobs={"skip_prk_steps": False}, drop_zero=False, description="diffusers' PNDMScheduler, skip_prk_steps=False"),
     SamplerSpec("dpmpp-2m", dpmpp_2m, _one, "N", "2", description="DPM-Solver++(2M), data prediction"),
     SamplerSpec("dpmpp-3m", dpmpp_3m, _one, "N", "3", description="DPM-Solver++(3M), data prediction"),
     SamplerSpec("unipc", unipc, _one, "N", "2-3", knobs={"order": 2},
@@ -217,7 +220,7 @@ def sample_with_info(eps_fn: Callable, x_T: torch.Tensor, *, schedule: Any = Non
     if grid is None:
         schedule = schedule if schedule is not None else _default_schedule()
         check_steps(method, steps, schedule)
-        grid = make_grid(schedule, steps, spacing, float_t=float_t)
+        grid = make_grid(schedule, steps, spacing, float_t=float_t, drop_zero=spec.drop_zero)
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T contains non-finite values")
     x0, times = drive(make_sampler(method, x_T, grid, generator=generator, **knobs), eps_fn,

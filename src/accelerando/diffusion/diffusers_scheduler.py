@@ -56,7 +56,8 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         check_steps(self.config.method, num_inference_steps, self.schedule)
         self.num_inference_steps = num_inference_steps
         self._grid = make_grid(self.schedule, num_inference_steps, self.config.timestep_spacing,
-                               float_t=self.config.float_t, steps_offset=self.config.steps_offset)
+                               float_t=self.config.float_t, steps_offset=self.config.steps_offset,
+                               drop_zero=get_spec(self.config.method).drop_zero)
         # the call times do not depend on the model's answers: record them with a dry run
         _, times = drive(self._new_sampler(torch.zeros(1, dtype=torch.float64)), lambda x, t: torch.zeros_like(x))
         times = [max(t, 0.0) for t in times]

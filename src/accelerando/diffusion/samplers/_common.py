@@ -71,9 +71,16 @@ class Grid:
 
 
 def make_grid(schedule: Any, steps: int, spacing: str = "trailing", *, float_t: bool = False,
-              steps_offset: int = 0) -> Grid:
-    """The spacing's N timesteps followed by the end point t = -1 (alpha_bar = final_alpha_bar)."""
-    ts = [float(v) for v in schedule.timesteps(steps, spacing, steps_offset=steps_offset)]
+              steps_offset: int = 0, drop_zero: bool = False) -> Grid:
+    """The spacing's N timesteps followed by the end point t = -1 (alpha_bar = final_alpha_bar).
+
+    ``drop_zero``: with ``linspace`` / ``leading`` (whose last timestep is the first training step),
+    use the first N of the spacing's N + 1 timesteps, as diffusers' DPMSolverMultistep and UniPC
+    schedulers do: otherwise the N-th call is spent at t = 0 on a step to the end of length
+    s(0) ~ 0.01, which at 5 calls wastes a fifth of the budget. ``trailing`` is unchanged.
+    """
+    n = steps + 1 if drop_zero and spacing != "trailing" and steps < schedule.num_train_timesteps else steps
+    ts = [float(v) for v in schedule.timesteps(n, spacing, steps_offset=steps_offset)][:steps]
     if schedule.alpha_bar(ts[-1]) < schedule.final_alpha_bar:
         ts.append(-1.0)
     # else: the last timestep already is the end (linspace ends at t = 0 = final_alpha_bar when
@@ -151,7 +158,14 @@ def adams_weights_in_t(grid: "Grid", i: int, k: int) -> list[float]:
     interpolation is well conditioned even where s-steps vary by orders of magnitude."""
     if k == 1:
         return [1.0]
-    nodes = np.array([grid.t[i - j] for j in range(k)], dtype=np.float64)
+    return interp_weights_in_t(grid, i, [grid.t[i - j] for j in range(k)])
+
+
+def interp_weights_in_t(grid: "Grid", i: int, times: list[float]) -> list[float]:
+    """Weights w_j = mean over s in [s_i, s_{i+1}] of the Lagrange basis L_j(t(s)) through ``times``:
+    the eps of step i integrated in s, interpolated in t (see ``adams_weights_in_t``)."""
+    k = len(times)
+    nodes = np.array(times, dtype=np.float64)
     s0, s1 = grid.s(i), grid.s(i + 1)
     s_q = 0.5 * (s0 + s1) + 0.5 * (s1 - s0) * _GL_X
     t_q = np.array([grid.schedule.time_of(1.0 / (1.0 + v * v)) for v in s_q])
