@@ -146,6 +146,7 @@ class HFCache:
             uniform = keep.shape[0] == 1
         if not uniform:
             self.dense = False
+        appended = self.valid[:, start:].sum(1)
         if path is not None:        # tree: the path's columns move to the front of the block
             path = path[:, :max_keep]
             keep_accepted_path(self.cache, start, path)
@@ -153,7 +154,7 @@ class HFCache:
         L = self.valid.shape[1]
         cols = torch.arange(L - start, device=self.valid.device)[None, :]
         tail = self.valid[:, start:] & (cols < keep[:, None])
-        self.lengths = self.lengths - self.valid[:, start:].sum(1) + tail.sum(1)
+        self.lengths = self.lengths - appended + tail.sum(1)
         drop = L - (start + max_keep)
         self.valid = torch.cat([self.valid[:, :start], tail], 1)[:, : start + max_keep]
         if drop > 0:
