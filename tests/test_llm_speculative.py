@@ -50,6 +50,22 @@ def test_greedy_equals_generate(models, batch):
     assert 0 < out.stats["accepted_tokens"] or name == "prompt-lookup"
 
 
+def test_each_row_of_a_padded_batch_accepts_as_at_batch_1(models):
+    """A draft that sees the wrong context in some rows (per-row holes, masks, positions) keeps the
+    greedy output right but loses acceptance there -- invisible to the equality tests. A self-draft
+    must be accepted everywhere; a noisy draft must need, in every row of a left-padded batch, as
+    many target calls as that prompt alone (the batch then runs as long as its slowest row)."""
+    arch, target, draft = models
+    ids, mask = _prompts(4, seed=2)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(target, k=3), max_new_tokens=16)
+    assert out.stats["accepted_tokens"] == out.stats["drafted_tokens"] > 0, arch
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=16)
+    alone = [speculative_generate(target, ids[b: b + 1, mask[b].bool()], draft=DraftModel(draft, k=3),
+                                  max_new_tokens=16).stats for b in range(4)]
+    assert out.stats["target_calls_per_row"] == [s["target_calls"] for s in alone], arch
+    assert out.stats["target_calls"] == max(s["target_calls"] for s in alone)
+
+
 def test_plain_decoding_steps_keep_caches_in_step(models):
     """k = 0 steps (adaptive k when drafting does not pay) and probes mixed in: still == generate."""
     from accelerando.llm.speculative import AdaptiveK

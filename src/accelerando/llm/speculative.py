@@ -157,6 +157,8 @@ class _Stats:
     row_calls: int = 0            # (row, target call) pairs for rows still generating
     accept_hist: dict[int, int] = field(default_factory=dict)
     k_used: list[int] = field(default_factory=list)
+    accepted_per_row: list[int] = field(default_factory=list)      # per row of the batch, in order
+    calls_per_row: list[int] = field(default_factory=list)         # target calls while the row generated
 
     def as_dict(self, wall: float) -> dict[str, Any]:
         return dict(target_calls=self.target_calls, draft_calls=self.draft_calls, steps=self.steps,
@@ -165,7 +167,8 @@ class _Stats:
                     acceptance_histogram=dict(sorted(self.accept_hist.items())),
                     new_tokens=self.new_tokens, nodes_verified=self.nodes_verified,
                     tokens_per_target_call=self.new_tokens / max(1, self.row_calls),
-                    mean_k=sum(self.k_used) / max(1, len(self.k_used)), wall_time_s=wall)
+                    mean_k=sum(self.k_used) / max(1, len(self.k_used)), wall_time_s=wall,
+                    accepted_per_row=list(self.accepted_per_row), target_calls_per_row=list(self.calls_per_row))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +367,7 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     rows = [[t] for t in last_host]
     done = [t in eos or max_new_tokens <= 1 for t in last_host]
     st.row_calls += B
+    acc_row, calls_row = [0] * B, [1] * B     # a batch runs until its slowest row is done: per-row counts show it
     drafting.begin(target, input_ids, attention_mask, last, last_host, max_new_tokens, make_cache)
 
     while not all(done):
@@ -402,6 +406,8 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             if done[b]:
                 continue
             st.row_calls += 1
+            calls_row[b] += 1
+            acc_row[b] += n_host[b]
             st.drafted_tokens += host[b][3]
             st.accepted_tokens += n_host[b]
             st.accept_hist[n_host[b]] = st.accept_hist.get(n_host[b], 0) + 1
@@ -409,6 +415,8 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             if len(rows[b]) >= max_new_tokens or any(t in eos for t in new[b]):
                 done[b] = True
     st.draft_calls += drafting.calls
+    st.accepted_per_row += acc_row
+    st.calls_per_row += calls_row
     return rows
 
 
