@@ -123,3 +123,47 @@ def test_registry_entries(tmp_path):
     for name, knobs in (("medusa", {"heads": str(tmp_path / "heads"), "nodes": 3}), ("rsd-s", {"width": 2, "depth": 2})):
         out = get_method(name).build(s, **knobs)()
         assert torch.equal(out.sequences, REF) and out.stats["target_calls"] >= 1
+
+
+class _RootOnly:
+    """A bare tree-protocol drafter (no ``is_tree_drafter`` flag, like the tree benchmark's plain
+    baseline): every step verifies the root only, i.e. plain decoding through the same loop."""
+    needs_hidden, draft_calls, max_nodes = False, 0, 1
+
+    def begin(self, target, input_ids, max_new_tokens=0):
+        pass
+
+    def propose(self, root, hidden, sampling, generator=None, rule="exact"):
+        from accelerando.llm.tree import TokenTree
+        from accelerando.llm.tree_speculative import TreeProposal
+        return TreeProposal(TokenTree.chain(0), [int(root)], None)
+
+    def accept(self, path, emitted):
+        pass
+
+
+def test_root_only_drafter_is_plain_decoding():
+    st = {}
+    out = tree_speculative_generate(TARGET, IDS, drafter=_RootOnly(), max_new_tokens=24, stats=st, backend="hf")
+    assert torch.equal(out, REF) and st["target_calls"] == 24
+    out = tree_speculative_generate(TARGET, IDS, drafter=_RootOnly(), max_new_tokens=5, temperature=0.7, seed=0)
+    assert out.shape == (1, IDS.shape[1] + 5)
+
+
+def test_tree_steps_padded_to_a_compiled_width(monkeypatch):
+    """The compiled engine pads a tree step to a bucket width (padding nodes masked); run that
+    padding eagerly: still == generate, and a self-draft is still fully accepted."""
+    from accelerando.llm import engine as E
+    init = E.EngineSpecCache.__init__
+
+    def padded_init(self, *a, **kw):
+        init(self, *a, **kw)
+        self.engine.compiled = True        # pad like the compiled engine; the step itself stays eager
+    monkeypatch.setattr(E.EngineSpecCache, "__init__", padded_init)
+    st = {}
+    out = tree_speculative_generate(TARGET, IDS, drafter=DraftTree(TARGET, width=2, depth=3, compile=False),
+                                    max_new_tokens=24, backend="engine-eager", stats=st)
+    assert torch.equal(out, REF) and st["accept_hist"] == {3: st["steps"]}
+    heads = Medusa.for_target(TARGET, n_heads=3).use_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0]])
+    assert torch.equal(tree_speculative_generate(TARGET, IDS, drafter=heads, max_new_tokens=24,
+                                                 backend="engine-eager"), REF)

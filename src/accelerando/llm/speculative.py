@@ -462,10 +462,12 @@ def speculative_generate(target: Any, input_ids: torch.Tensor, *, draft: Any, ma
 def _generate(target: Any, input_ids: torch.Tensor, drafter: Any, *, max_new_tokens: int, sampling: SamplingConfig,
               attention_mask: torch.Tensor | None, eos_token_id: Any, pad_token_id: int | None, seed: int | None,
               generator: torch.Generator | None, tokenizer: Any = None, cost_ratio: float | None = None,
-              engine: str | None = None, rule: tuple[str, float, float] | None = None) -> SpeculativeOutput:
-    """``speculative_generate`` after argument parsing; ``rule`` overrides a tree drafter's acceptance."""
+              engine: str | None = None, rule: tuple[str, float, float] | None = None,
+              tree: bool | None = None) -> SpeculativeOutput:
+    """``speculative_generate`` after argument parsing; ``rule`` overrides a tree drafter's acceptance;
+    ``tree``: the drafter speaks the tree protocol (default: its ``is_tree_drafter`` flag)."""
     t0 = time.perf_counter()
-    tree = getattr(drafter, "is_tree_drafter", False)
+    tree = getattr(drafter, "is_tree_drafter", False) if tree is None else tree
     _validate(target, drafter, input_ids, max_new_tokens)
     if not tree:
         drafter.check_compatible(target, tokenizer)

@@ -124,7 +124,8 @@ def tree_speculative_generate(target: Any, input_ids: torch.Tensor, *, drafter: 
     out = _generate(target, input_ids, drafter, max_new_tokens=max_new_tokens,
                     sampling=SamplingConfig(temperature, top_k, top_p), attention_mask=None,
                     eos_token_id=[] if eos_token_id is None else eos_token_id, pad_token_id=0, seed=seed,
-                    generator=generator, engine=_ENGINE_OF[backend], rule=(rule, epsilon, alpha))
+                    generator=generator, engine=_ENGINE_OF[backend], rule=(rule, epsilon, alpha),
+                    tree=True)
     if stats is not None:
         st = out.stats
         stats.update(st, accept_hist=st["acceptance_histogram"],
