@@ -125,28 +125,23 @@ def test_registry_entries(tmp_path):
         assert torch.equal(out.sequences, REF) and out.stats["target_calls"] >= 1
 
 
-class _RootOnly:
+def _root_only():
     """A bare tree-protocol drafter (no ``is_tree_drafter`` flag, like the tree benchmark's plain
     baseline): every step verifies the root only, i.e. plain decoding through the same loop."""
-    needs_hidden, draft_calls, max_nodes = False, 0, 1
+    from types import SimpleNamespace
 
-    def begin(self, target, input_ids, max_new_tokens=0):
-        pass
-
-    def propose(self, root, hidden, sampling, generator=None, rule="exact"):
-        from accelerando.llm.tree import TokenTree
-        from accelerando.llm.tree_speculative import TreeProposal
-        return TreeProposal(TokenTree.chain(0), [int(root)], None)
-
-    def accept(self, path, emitted):
-        pass
+    from accelerando.llm.tree import TokenTree
+    from accelerando.llm.tree_speculative import TreeProposal
+    return SimpleNamespace(needs_hidden=False, draft_calls=0, max_nodes=1, begin=lambda *a: None,
+                           accept=lambda *a: None,
+                           propose=lambda root, *a: TreeProposal(TokenTree.chain(0), [int(root)], None))
 
 
 def test_root_only_drafter_is_plain_decoding():
     st = {}
-    out = tree_speculative_generate(TARGET, IDS, drafter=_RootOnly(), max_new_tokens=24, stats=st, backend="hf")
+    out = tree_speculative_generate(TARGET, IDS, drafter=_root_only(), max_new_tokens=24, stats=st, backend="hf")
     assert torch.equal(out, REF) and st["target_calls"] == 24
-    out = tree_speculative_generate(TARGET, IDS, drafter=_RootOnly(), max_new_tokens=5, temperature=0.7, seed=0)
+    out = tree_speculative_generate(TARGET, IDS, drafter=_root_only(), max_new_tokens=5, temperature=0.7, seed=0)
     assert out.shape == (1, IDS.shape[1] + 5)
 
 
