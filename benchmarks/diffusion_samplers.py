@@ -48,7 +48,37 @@ ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "benchmarks" / "diffusion_samplers.png"
 
 
-NOTES: list[str] = []
+NOTES: list[str] = [
+    "### Reading the results against the targets\n",
+    "- **What changed since the last run.** (1) Budgets below a method's minimum are refused "
+    "(`n/a`) instead of printing one divergent Runge-Kutta step (F-PNDM / PRK / FON had RMSE ~1e3 at 5 "
+    "calls on the oracle; F-PNDM / PRK up to 680 at 10). (2) On `linspace` / `leading` our methods other than the DDIM / PNDM replicas no "
+    "longer spend a call at t = 0 (first N of N + 1 timesteps, as diffusers' DPM-Solver / UniPC do): "
+    "that call bought a step of length s(0) ~ 0.01, a fifth of the budget at 5 calls; it was why ours "
+    "lost at 5 calls on `linspace` (0.236 vs 0.224) and `leading` (0.128 vs 0.103). (3) S-PNDM's "
+    "improved-Euler warm-up interpolates eps in t instead of the trapezoid in s, which blew up on "
+    "`squaredcos_cap_v2` (s-pndm 113 -> 0.358 at 5 calls, 1.59 -> 0.061 at 20) and helps everywhere.",
+    "- **`squaredcos_cap_v2` at 10 calls** is the one remaining miss: best ours is our `unipc`, the same "
+    "algorithm as `diffusers-unipc` (0.03327 vs 0.03325, float32 rounding in diffusers' sigmas); the next "
+    "of ours, `plms4`, has 0.0346 (+4 %). Not a defect in our samplers; at 5, 20, 50 and 100 calls ours "
+    "win (ratio 0.35-0.9). F-PNDM / PRK diverge on this schedule at every budget: alpha_bar(999) = 2.4e-9, "
+    "so s = sqrt((1 - ab)/ab) falls from 2e4 to ~6 in the first step (linear: from 157) and the RK4 weights in s put 5/6 of that "
+    "span on stage values far from t = 999 (the same defect as S-PNDM's trapezoid, not fixed for RK4 "
+    "yet; diffusers' PNDM shares it: 281 at 5 calls). `fon` and the multistep methods are unaffected.",
+    "- **Zoo UNet**: ours tie diffusers at 5 and 10 calls (best on both sides is UniPC, the same algorithm: "
+    "0.138 and 0.0452 RMSE to 1000-step DDIM, vs DDIM's 0.438 and 0.201) and beat them at 20, 50 and 100 "
+    "(`s-pndm` 0.0229 vs 0.0254, 0.0102 vs 0.0119, `ghvb` 0.00529 vs 0.0062). diffusers' PNDM is worst at "
+    "5-10 calls (2.3, 0.44: its trapezoid warm-up); our `plms4` / `s-pndm4` are also poor there (0.5-1.1: "
+    "the AB3/AB4 ramp on 5-10 coarse steps). F-PNDM has an error floor ~0.01 from 50 calls on "
+    "(reference error, DDIM-1000, is ~0.002) and is not the best choice on this model. The FD column "
+    "saturates at ~270 from 20 calls: with 64 samples it measures the UNet's own gap to held-out digits "
+    "plus small-sample bias, not the sampler; RMSE is the discriminating number.",
+    "- **Overhead**: ours <= diffusers' loop for every pair (ratios in table (c)); the target is met. "
+    "F-PNDM has no diffusers counterpart; its per-call cost is higher because each pseudo-RK stage does a "
+    "transfer.",
+    "- **Batch sizes reduced** for a 2-core machine shared with other jobs: oracle batch 128, zoo batch "
+    "64 (default 256; a full run at 256 would take ~1.5 h on one thread).\n",
+]
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -282,6 +312,17 @@ def main() -> None:
     render(saved)
 
 
+def headline_verdict(zoo_res) -> str:
+    if zoo_res["fp50_fd"] <= zoo_res["ref_fd"]:
+        return "met"
+    fds = [v for (_, b), v in zoo_res["fds"].items() if b >= 50]
+    lo, hi = min(fds), max(fds)
+    if lo <= zoo_res["fp50_fd"] <= hi:
+        return (f"NOT met strictly (+{zoo_res['fp50_fd'] - zoo_res['ref_fd']:.2g}), a tie within the spread of FD "
+                f"over all methods at >= 50 calls ({lo:.4g}-{hi:.4g}), which measures batch noise, not the sampler")
+    return "NOT met"
+
+
 def render(saved) -> None:
     oracle_results, zoo_res, overhead = saved["oracle_results"], saved["zoo_res"], saved["overhead"]
     plot(oracle_results, zoo_res, BUDGETS)
@@ -303,12 +344,16 @@ def render(saved) -> None:
     for name, cfg, res in oracle_results:
         tbl, bo, bt = table(res, BUDGETS)
         md += [f"**{name}**\n", tbl, ""]
-        wins.append((name, [(b, o[0], t[0]) for b, o, t in zip(BUDGETS, bo, bt)]))
+        wins.append((name, list(zip(BUDGETS, bo, bt))))
     md.append("Targets: best ours below best diffusers at 10 and 20 calls, and never worse at any budget:\n")
     for name, w in wins:
-        ok10_20 = all(o < t for b, o, t in w if b in (10, 20))
-        never = all(o <= t for b, o, t in w)
-        md.append(f"- {name}: 10 & 20 calls {'met' if ok10_20 else 'NOT met'}; never worse {'met' if never else 'NOT met'}")
+        miss_10_20 = [x for x in w if x[0] in (10, 20) and not x[1][0] < x[2][0]]
+        miss_any = [x for x in w if not x[1][0] <= x[2][0]]
+
+        def why(misses):
+            return "; ".join(f"{b} calls: {o[1]} {o[0]:.3g} vs {t[1]} {t[0]:.3g}" for b, o, t in misses)
+        md.append(f"- {name}: 10 & 20 calls {'met' if not miss_10_20 else 'NOT met (' + why(miss_10_20) + ')'}; "
+                  f"never worse {'met' if not miss_any else 'NOT met (' + why(miss_any) + ')'}")
     md.append("")
     if zoo_res:
         res, fds = zoo_res["res"], zoo_res["fds"]
@@ -317,9 +362,9 @@ def render(saved) -> None:
         md += [f"### (b) zoo `digits-unet` (batch {zoo_res['batch']}): RMSE to 1000-step DDIM / Frechet distance "
                f"(classifier features, vs held-out digits)\n",
                markdown_table(["method \\ NFE"] + [str(b) for b in BUDGETS], rows), "",
-               f"PNDM headline: F-PNDM with 50 steps ({zoo_res['fp50_nfe']} calls) has FD {zoo_res['fp50_fd']:.3g} "
-               f"vs DDIM with 1000 steps FD {zoo_res['ref_fd']:.3g} (RMSE between them {zoo_res['fp50_rmse']:.3g}): "
-               f"target 'at least as good' {'met' if zoo_res['fp50_fd'] <= zoo_res['ref_fd'] else 'NOT met'}.\n"]
+               f"PNDM headline: F-PNDM with 50 steps ({zoo_res['fp50_nfe']} calls) has FD {zoo_res['fp50_fd']:.4g} "
+               f"vs DDIM with 1000 steps FD {zoo_res['ref_fd']:.4g} (RMSE between them {zoo_res['fp50_rmse']:.3g}): "
+               f"target 'at least as good' {headline_verdict(zoo_res)}.\n"]
     else:
         md.append("### (b) zoo `digits-unet`: not run (the zoo UNet / classifier are not trained yet)\n")
     md += ["### (c) Sampler overhead per model call (eps_fn returns zeros, 100 steps, batch 4x1x16x16)\n", overhead, ""]
