@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     batch_rows: list[list[Any]] = []
     for domain, temp, batch in grid(args.quick):
         pool = m.prompts[domain] if m.prompts else (CODE_PROMPTS if domain == "code" else PROSE_PROMPTS)
-        texts = pool[: (2 if batch == 1 else 4)]
+        texts = pool[:4]                 # the same 4 prompts at batch 1 (one after another) and batch 4
         ss = setups(m, texts, batch, temp, new_tokens)
         base = None
         results = []
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "## Speculative decoding (issue 3)", "",
         f"Command: `{cmd}` ({wall:.0f} s). Machine: {machine_line()}.", "",
         f"Models: {m.source}. Prompts: {'the zoo corpus held-out split (300 characters each)' if m.prompts else 'inline (benchmarks/llm_speculative.py)'}. "
-        f"{new_tokens} new tokens per prompt; batch 1 runs 2 prompts one after the other, "
+        f"{new_tokens} new tokens per prompt; batch 1 runs the same 4 prompts one after the other, "
         f"batch 4 runs 4 prompts in one batch; median of {repeats} timed repeats after a warm-up. "
         "Ratios are to plain `generate` in the same run. tpc = new tokens per target forward (per row); "
         "acceptance = accepted / drafted tokens. transformers' assisted generation and prompt lookup run batch 1 only.",
