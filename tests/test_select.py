@@ -85,6 +85,57 @@ def test_llm_facts_on_a_random_init_model():
     assert f["rep2"] == pytest.approx((3 / 4 + 0) / 2)
     assert f["prompt_len"] == pytest.approx(6.5)
     assert f["draft_latency_ratio"] > 0
+    for k in ("rep1", "rep4", "lookup_alpha", "lookup_alpha_min", "draft_alpha_min", "target_top1", "target_markov"):
+        assert 0.0 <= f[k] <= 1.0, k
+    assert f["draft_alpha_min"] <= f["draft_alpha"] + 1e-9 and f["lookup_alpha_min"] <= f["lookup_alpha"] + 1e-9
+
+
+def test_prompt_stats_repetition_at_several_n():
+    st = prompt_stats([[1, 2, 3, 1, 2, 3, 1]])
+    assert st["rep1"] == pytest.approx(4 / 6)            # tokens 4..7 were seen before
+    assert st["rep4"] == pytest.approx(1 / 3)            # of the 4-grams after the first, only the last repeats
+    assert prompt_stats([])["rep4"] == 0.0
+
+
+def test_lookup_acceptance_and_target_markov_by_hand():
+    torch = pytest.importorskip("torch")
+    from accelerando.select.features import lookup_acceptance, target_markov
+    toks = [0, 1, 2, 0, 1, 2]
+    # a target that predicts "the token after t is t + 1 mod 3": the lookup's copies are right
+    cyc = torch.full((6, 4), -9.0)
+    for i, t in enumerate(toks):
+        cyc[i, (t + 1) % 3] = 9.0
+    # positions 1..4: lookup finds no match at 1, 2 and proposes the right token at 3, 4
+    assert lookup_acceptance(toks, cyc) == pytest.approx(2 / 4)
+    assert lookup_acceptance(toks, cyc, temperature=1.0) == pytest.approx(2 / 4, abs=1e-6)
+    # the prediction is a function of the current token: full agreement on same-token pairs
+    assert target_markov(toks, cyc) == 1.0
+    # a target whose prediction ignores the current token (depends on the position) disagrees
+    pos = torch.full((6, 4), -9.0)
+    for i in range(6):
+        pos[i, i % 4] = 9.0
+    assert target_markov(toks, pos) == 0.0
+    assert math.isnan(target_markov([0, 1, 2], cyc[:3]))   # no token occurs twice
+
+
+def test_target_markov_feature_separates_winners():
+    """Prompt lookup wins exactly when the target's outputs cycle (target_markov high), whatever
+    the prompt's own repetition: a selector that sees target_markov learns it, the SBS cannot."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(24):
+        markov = rng.random()
+        wl = {"family": "llm", "model": f"m{i % 6}", "temperature": 0.0, "batch_size": 1, "max_new_tokens": 32,
+              "prompts_digest": f"p{i}", "features": {"target_markov": markov, "rep3": rng.random()}}
+        run = f"run{i}"
+        rows += [_row(wl, "base", 1.0, base=True, run=run),
+                 _row(wl, "lookup", (2.0 if markov > 0.5 else 0.7) * (1 + 0.02 * rng.random()), run=run)]
+    t = build_table(rows)
+    for model in ("gbm", "forest-arm", "ens"):
+        summ, _ = evaluate(t, [model])
+        by = {s.policy: s for s in summ}
+        assert by[model].closed_gap > 0.7, model
+        assert by[model].top1 > by["sbs"].top1
 
 
 # ----------------------------------------------------------------------------- the table
@@ -186,7 +237,7 @@ def _synthetic_history(n: int = 30, seed: int = 0):
     return rows
 
 
-@pytest.mark.parametrize("model", ["knn", "knn-w", "gbm", "pairwise"])
+@pytest.mark.parametrize("model", ["knn", "knn-w", "gbm", "pairwise", "gbm-arm", "forest-arm", "ens"])
 def test_learned_selectors_beat_sbs_when_features_decide(model):
     t = build_table(_synthetic_history(30))
     summ, cases = evaluate(t, [model], constraint=LOSSLESS)

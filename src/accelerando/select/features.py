@@ -30,6 +30,8 @@ FEATURES: dict[str, tuple[str, str]] = {
                            "only pays if the draft is much cheaper than the target"),
     "draft_latency_ratio": ("llm", "measured draft forward time / target forward time: the real cost "
                                    "ratio c in the speed-up formula (1 - a^(k+1)) / ((1 - a)(k c + 1))"),
+    "draft_alpha_min": ("llm", "draft_alpha of the batch row where it is lowest: with batch > 1 every row "
+                               "waits for the row that accepts least, so the worst row sets the pace"),
     "draft_alpha": ("llm", "expected acceptance of one drafted token, sum_x min(p(x), q(x)) of the target's "
                            "and draft's next-token distributions (temperature applied; greedy: top-1 "
                            "agreement), averaged over the prompt's positions with teacher forcing, so no "
@@ -37,15 +39,34 @@ FEATURES: dict[str, tuple[str, str]] = {
     "spec_gain": ("llm", "speculative decoding's expected speed-up from theory, max over k = 1..8 of "
                          "(1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = draft_alpha and c = "
                          "draft_latency_ratio: the two measurements combined the way the method uses them"),
+    "lookup_alpha": ("llm", "prompt lookup's expected acceptance, measured like draft_alpha on the prompt "
+                            "(teacher forcing): at each position the (3,2,1)-gram lookup proposes the token "
+                            "that followed the last earlier match; acceptance = the target's probability of "
+                            "it at the workload's temperature (greedy: top-1 agreement), 0 without a match"),
+    "lookup_alpha_min": ("llm", "lookup_alpha of the batch row where it is lowest (see draft_alpha_min)"),
+    "lookup_gain": ("llm", "prompt lookup's expected speed-up from theory: spec_gain with a = lookup_alpha "
+                           "and a near-free draft (c = 0.05)"),
+    "target_top1": ("llm", "mean probability of the target's most likely next token on the prompt (at the "
+                           "workload's temperature; greedy: at 1): a peaked target continues "
+                           "predictably (and loops), which is what copying drafters and small drafts hit"),
+    "target_markov": ("llm", "how far the target's next token is a function of the current token alone: "
+                             "over pairs of prompt positions holding the same token, the probability that "
+                             "the target's next tokens agree (greedy: same argmax; sampling: sum_x p_i(x) "
+                             "p_j(x) at the temperature). Near 1, generation is a map on a finite set that "
+                             "soon cycles, and the generated text repeats itself: what prompt lookup copies "
+                             "even from a prompt with no repeats"),
     "log_fwd_ms": ("both", "log10 of one measured target forward (ms) at the workload's batch and "
                            "length: tiny, overhead-bound forwards leave little to gain from batching "
                            "drafted tokens; diffusion: cost of one NFE"),
     # -- the data / prompts
     "prompt_len": ("llm", "prompt length in tokens: longer prompts give prompt lookup more to copy "
                           "and make the prefill a larger share of the time"),
+    "rep1": ("llm", "fraction of prompt tokens seen earlier in the prompt (prompt lookup's last-resort "
+                    "1-gram match)"),
     "rep2": ("llm", "fraction of prompt bigrams seen earlier in the prompt: repetitive input is what "
                     "prompt-lookup decoding copies from"),
     "rep3": ("llm", "same for trigrams (prompt lookup's default match length)"),
+    "rep4": ("llm", "same for 4-grams: long repeats let lookup drafts of 4-8 tokens be accepted whole"),
     "unique_ratio": ("llm", "distinct tokens / tokens in the prompt: low = repetitive, predictable text"),
     # -- decoding / sampling settings
     "temperature": ("llm", "0 = greedy; higher temperature lowers draft acceptance (p and q flatten "
@@ -100,16 +121,49 @@ def ngram_repetition(tokens: Sequence[Any], n: int = 3) -> float:
     return hits / (len(grams) - 1)
 
 
+REP_NS = (1, 2, 3, 4)
+
+
 def prompt_stats(token_lists: Sequence[Sequence[Any]]) -> dict[str, float]:
-    """Mean length, bigram/trigram repetition and distinct-token ratio over prompts (token ids)."""
+    """Mean length, n-gram repetition (n = 1..4) and distinct-token ratio over prompts (token ids)."""
     lists = [list(t) for t in token_lists if len(t)]
     if not lists:
-        return {"prompt_len": 0.0, "rep2": 0.0, "rep3": 0.0, "unique_ratio": 1.0}
+        return {"prompt_len": 0.0, **{f"rep{n}": 0.0 for n in REP_NS}, "unique_ratio": 1.0}
     mean = lambda xs: float(sum(xs) / len(xs))  # noqa: E731
     return {"prompt_len": mean([len(t) for t in lists]),
-            "rep2": mean([ngram_repetition(t, 2) for t in lists]),
-            "rep3": mean([ngram_repetition(t, 3) for t in lists]),
+            **{f"rep{n}": mean([ngram_repetition(t, n) for t in lists]) for n in REP_NS},
             "unique_ratio": mean([len(set(t)) / len(t) for t in lists])}
+
+
+def lookup_acceptance(tokens: Sequence[int], logits: Any, *, temperature: float = 0.0,
+                      ngram_sizes: Sequence[int] = (3, 2, 1)) -> float:
+    """Prompt lookup's acceptance of one drafted token, measured on the prompt with teacher forcing.
+
+    ``logits[i]``: the target's next-token logits after ``tokens[:i + 1]``. At each position the
+    lookup (the drafter's own rule) proposes the token that followed the last earlier match of the
+    trailing n-gram; it is accepted with the target's probability of it (temperature > 0; the
+    speculative-sampling acceptance of a one-hot draft) or when it is the target's argmax (greedy).
+    Positions without a match count 0. Mean over the positions 1 .. len - 2 (0 if none).
+    """
+    import numpy as np
+    from accelerando.llm.drafters.prompt_lookup import lookup
+    toks = np.asarray(list(tokens), dtype=np.int64)
+    L = len(toks)
+    if L < 3:
+        return 0.0
+    lg = logits.float()
+    probs = (lg / temperature).softmax(-1) if temperature > 0 else None
+    top = lg.argmax(-1)
+    acc = []
+    for i in range(1, L - 1):
+        prop = lookup(toks[: i + 1], ngram_sizes, 1)
+        if not len(prop) or int(prop[0]) >= lg.shape[-1]:
+            acc.append(0.0)
+        elif probs is not None:
+            acc.append(float(probs[i, int(prop[0])]))
+        else:
+            acc.append(float(int(top[i]) == int(prop[0])))
+    return float(sum(acc) / len(acc))
 
 
 # ----------------------------------------------------------------------------- models
@@ -233,16 +287,56 @@ def llm_facts(*, target: Any, input_ids: Any, attention_mask: Any = None,
             d_ms = forward_latency_ms(fwd_d, repeats=repeats)
         facts["draft_latency_ratio"] = d_ms / t_ms
         facts["draft_alpha"] = acceptance_rate(t_out[0], d_out[0], temperature=temperature, mask=attention_mask)
-    rows = []
+    rows, lookups, alphas = [], [], []
     for r in range(input_ids.shape[0]):
-        ids = input_ids[r]
+        keep = torch.ones_like(input_ids[r], dtype=torch.bool)
         if attention_mask is not None:
-            ids = ids[attention_mask[r].bool()]
+            keep = attention_mask[r].bool()
         elif pad_token_id is not None:
-            ids = ids[ids != pad_token_id]
-        rows.append(ids.tolist())
+            keep = input_ids[r] != pad_token_id
+        rows.append(input_ids[r][keep].tolist())
+        lookups.append(lookup_acceptance(rows[-1], t_out[0][r][keep], temperature=temperature))
+        if drafts:
+            alphas.append(acceptance_rate(t_out[0][r][keep], d_out[0][r][keep], temperature=temperature))
     facts.update(prompt_stats(rows))
+    facts["lookup_alpha"] = float(sum(lookups) / len(lookups))
+    facts["lookup_alpha_min"] = float(min(lookups))
+    facts["draft_alpha_min"] = float(min(alphas)) if alphas else 0.0
+    facts["target_top1"] = target_top1(t_out[0], temperature=temperature, mask=attention_mask)
+    keeps = [attention_mask[r].bool() if attention_mask is not None else torch.ones_like(input_ids[r], dtype=torch.bool)
+             for r in range(input_ids.shape[0])]
+    tm = [target_markov(rows[r], t_out[0][r][keeps[r]], temperature=temperature) for r in range(len(rows))]
+    tm = [v for v in tm if not math.isnan(v)]      # rows where no token repeats say nothing
+    facts["target_markov"] = float(sum(tm) / len(tm)) if tm else math.nan
     return facts
+
+
+def target_markov(tokens: Sequence[int], logits: Any, *, temperature: float = 0.0) -> float:
+    """Mean agreement of the target's next-token predictions at positions holding the same token
+    (``logits[i]`` follows ``tokens[i]``): argmax equality when greedy, else the collision
+    probability sum_x p_i(x) p_j(x). NaN when no token occurs twice."""
+    import torch
+    toks = torch.as_tensor(list(tokens))
+    lg = logits.float()
+    same = (toks[:, None] == toks[None, :]).triu(1)
+    if not bool(same.any()):
+        return math.nan
+    if temperature > 0:
+        p = (lg / temperature).softmax(-1)
+        agree = p @ p.T
+    else:
+        top = lg.argmax(-1)
+        agree = (top[:, None] == top[None, :]).float()
+    return float(agree[same].mean())
+
+
+def target_top1(logits: Any, *, temperature: float = 0.0, mask: Any = None) -> float:
+    """Mean over positions of the target's largest next-token probability (temperature 0 -> 1)."""
+    p = (logits.float() / (temperature if temperature > 0 else 1.0)).softmax(-1).amax(-1)
+    if mask is not None:
+        m = mask.bool()
+        return float(p[m].mean()) if m.any() else 0.0
+    return float(p.mean())
 
 
 def diffusion_facts(*, eps_fn: Any, model: Any, x_T: Any, repeats: int = 3) -> dict[str, float]:
@@ -275,7 +369,7 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
                  batch=float(workload.get("batch_size") or 1),
                  log_new_tokens=math.log2(float(workload.get("max_new_tokens") or 1)))
         if not workload.get("drafts"):
-            f.update(draft_ratio=0.0, draft_latency_ratio=0.0, draft_alpha=0.0)
+            f.update(draft_ratio=0.0, draft_latency_ratio=0.0, draft_alpha=0.0, draft_alpha_min=0.0)
     else:
         steps = float(workload.get("steps") or 1)
         spacing = str(workload.get("spacing", "trailing"))
@@ -296,7 +390,11 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
             f[k] = float(v)
     if family == "llm":
         f["spec_gain"] = spec_gain(f["draft_alpha"], f["draft_latency_ratio"])
+        f["lookup_gain"] = spec_gain(f["lookup_alpha"], LOOKUP_COST)
     return f
+
+
+LOOKUP_COST = 0.05     # prompt lookup's "draft" is a search in the context: nearly free
 
 
 def spec_gain(alpha: float, c: float, k_max: int = 8) -> float:

@@ -279,12 +279,13 @@ class PerfModel(Selector):
     """A learned performance model: log speed-up ~ f(workload features, arm), plus a classifier
     of "meets the constraint" when the budget is lossy (lossless arms are known in advance)."""
 
-    def __init__(self, *, kind: str = "gbm", n_estimators: int = 150, **kw: Any):
+    def __init__(self, *, kind: str = "gbm", n_estimators: int = 150, per_arm: bool = False, **kw: Any):
         super().__init__(**kw)
         if kind not in ("gbm", "forest"):
             raise ValueError(f"kind must be 'gbm' or 'forest', got {kind!r}")
         self.kind = kind
-        self.name = kind
+        self.per_arm = per_arm
+        self.name = kind + ("-arm" if per_arm else "")
         self.n_estimators = n_estimators
 
     def _regressor(self):
@@ -313,7 +314,17 @@ class PerfModel(Selector):
         if not Xs:
             return
         X, y = np.array(Xs), np.array(ys)
-        reg = self._regressor().fit(X, y)
+        if self.per_arm:
+            # one regressor per arm over the workload features alone: each arm's response to the
+            # features is learned from its own cells instead of through splits on an arm one-hot
+            nz = st["Z"].shape[1]
+            st["arm_reg"] = {}
+            for a in set(cell_arm):
+                m = np.array([b == a for b in cell_arm])
+                st["arm_reg"][a] = self._regressor().fit(X[m][:, :nz], y[m]) if m.sum() >= 2 else float(y[m].mean())
+            reg = _PerArm(st["arm_reg"], st["enc"], arms, nz)
+        else:
+            reg = self._regressor().fit(X, y)
         st["reg"] = reg
         # uncertainty: per-arm spread of the training residuals (log scale); an optimistic floor
         res = y - reg.predict(X)
@@ -335,7 +346,7 @@ class PerfModel(Selector):
         z = (x - st["mu"]) / st["sd"]
         X = np.array([np.concatenate([z, st["enc"](a)]) for a in arms])
         logs = st["reg"].predict(X)
-        if self.kind == "forest":
+        if self.kind == "forest" and not self.per_arm:
             per_tree = np.stack([t.predict(X) for t in st["reg"].estimators_])
             sd_log = per_tree.std(axis=0)
         else:
@@ -348,6 +359,60 @@ class PerfModel(Selector):
         for a, l, sl, p in zip(arms, logs, sd_log, p_ok):
             s = math.exp(l)
             out.append(Prediction(a, s, s * float(sl), float(p), s * float(p)))
+        return out
+
+
+class _PerArm:
+    """Per-arm regressors behind the joint model's ``predict(X)`` interface (X = [z, arm code])."""
+
+    def __init__(self, regs: dict[str, Any], enc: Callable[[str], np.ndarray], arms: list[str], nz: int):
+        self.regs, self.nz = regs, nz
+        self.code = {tuple(enc(a)): a for a in arms}
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(X))
+        for i, row in enumerate(X):
+            r = self.regs.get(self.code.get(tuple(row[self.nz:])))
+            if r is None:
+                out[i] = 0.0                 # an arm never measured in training: no better than the baseline
+            elif isinstance(r, float):
+                out[i] = r
+            else:
+                out[i] = float(r.predict(row[None, :self.nz])[0])
+        return out
+
+
+class Ensemble(Selector):
+    """The mean of member selectors' log utility estimates (their ``score``), per arm; speed-up,
+    uncertainty and p_ok are the members' means too. Members with different errors (a joint
+    forest, per-arm boosted trees, a pairwise ranker) cancel part of each other's mistakes."""
+
+    def __init__(self, *, members: Sequence[str] = ("gbm", "gbm-arm", "forest"), **kw: Any):
+        super().__init__(**kw)
+        self.member_names = tuple(members)
+        self.name = "ens(" + "+".join(self.member_names) + ")"
+        self._kw = kw
+
+    def fit(self, table: PerfTable) -> "Ensemble":
+        self.members = []
+        for m in self.member_names:
+            sel = make_selector(m, **self._kw)
+            sel.constraint = self.constraint
+            self.members.append(sel.fit(table))
+        return super().fit(table)
+
+    def _predict(self, family, st, x, arms):
+        per: dict[str, list[Prediction]] = {a: [] for a in arms}
+        for sel in self.members:
+            for p in sel._predict(family, sel._fam[family], x, arms):
+                per[p.arm].append(p)
+        out = []
+        for a, ps in per.items():
+            if not ps:
+                continue
+            score = math.exp(float(np.mean([math.log(max(p.score, 1e-6)) for p in ps])))
+            out.append(Prediction(a, float(np.mean([p.speedup for p in ps])), float(np.mean([p.std for p in ps])),
+                                  float(np.mean([p.p_ok for p in ps])), score))
         return out
 
 
@@ -427,13 +492,16 @@ MODELS: dict[str, Callable[..., Selector]] = {
     "gbm": lambda **kw: PerfModel(kind="gbm", **kw),
     "forest": lambda **kw: PerfModel(kind="forest", **kw),
     "pairwise": Pairwise,
+    "gbm-arm": lambda **kw: PerfModel(kind="gbm", per_arm=True, **kw),
+    "forest-arm": lambda **kw: PerfModel(kind="forest", per_arm=True, **kw),
+    "ens": Ensemble,
 }
 
 # chosen by the held-out evaluation (BENCHMARKS.md "selector"): forest has the best closed gap on
 # the LLM history (leave-one-workload-out and leave-one-model-out); on the diffusion history no
 # learned model beats the SBS on regret, and pairwise matches it with far fewer violations
 DEFAULT_MODEL = "forest"
-DEFAULT_BY_FAMILY = {"llm": "forest", "diffusion": "pairwise"}
+DEFAULT_BY_FAMILY = {"llm": "ens", "diffusion": "pairwise"}
 
 
 def default_model(family: str) -> str:

@@ -427,3 +427,39 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
         times.append(time.perf_counter() - tw)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, names: Sequence[str],
+                      device: str = "cpu") -> tuple[int, int]:
+    """Add facts ``names`` (computed by ``features.llm_facts``) to the stored LLM workloads of
+    bundled-style ``rows`` (dicts, changed in place) whose ``sweep_key`` matches one of
+    ``workloads`` (the grid that produced them, e.g. ``llm_grid(60, zoo_names=[])``). The facts a
+    row already has (timings!) are kept: only the missing names are added, from the same models and
+    prompts, so an old history gains a new feature without re-running any method.
+    Returns (workloads refreshed, rows changed)."""
+    import torch
+    from accelerando.bench.runner import build_llm_setups
+    from .features import llm_facts
+    by_key = {sweep_key(w): w for w in workloads if w.family == "llm"}
+    todo: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        k = (r.get("workload") or {}).get("sweep_key")
+        if k in by_key:
+            todo.setdefault(k, []).append(r)
+    cache = ModelCache(device)
+    changed = 0
+    for k, rs in todo.items():
+        wl = by_key[k]
+        target, tok = cache.llm(wl.model)
+        drafts = {d: cache.llm(d)[0] for d in wl.drafts}
+        s0 = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)[0]
+        with torch.no_grad():
+            facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask,
+                              drafts=drafts, temperature=wl.temperature, repeats=1)
+        for r in rs:
+            feats = r["workload"].setdefault("features", {})
+            new = {n: facts[n] for n in names if n in facts and n not in feats}
+            if new:
+                feats.update(new)
+                changed += 1
+    return len(todo), changed
