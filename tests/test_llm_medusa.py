@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from accelerando.llm.drafters import Medusa
-from accelerando.llm.drafters.medusa import best_sparse_tree, expected_accept_length
+from accelerando.llm.drafters.medusa import best_sparse_tree, expected_accept_length, target_picks
 from accelerando.llm.tree import TokenTree
 
 
@@ -85,6 +85,7 @@ def test_distilled_heads_learn_the_targets_own_predictions():
             return -(p_target * torch.log_softmax(m(H[:, :-1])[0], -1)).sum(-1).mean().item()
         assert soft_ce(distilled) < soft_ce(plain)
         greedy = torch.cat([X[:, :1], lm_head(H).argmax(-1)[:, :-1]], 1)     # the target's own picks
+    assert torch.equal(greedy, target_picks(lm_head, H, X))
     agree = distilled.top_k_accuracy(H, greedy, top_k=1)[0][0]
     assert distilled.config.top_k_accuracy[0][0] == pytest.approx(agree, abs=1e-6)
 

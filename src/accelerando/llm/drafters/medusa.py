@@ -298,8 +298,7 @@ class Medusa(nn.Module):
         m.eval()
         Hev, Xev = (H[S - n_held:], X[S - n_held:]) if n_held else (Htr, Xtr)
         if distill:      # accuracy against the target's own greedy choice at each position
-            with torch.no_grad():
-                Xev = torch.cat([Xev[:, :1], torch.cat([lm_head(h).argmax(-1)[None] for h in Hev])[:, :-1]], 1)
+            Xev = target_picks(lm_head, Hev, Xev)
         acc = m.top_k_accuracy(Hev, Xev, top_k=top_k)
         m.config.distilled = distill
         m.config.top_k_accuracy = acc
@@ -355,6 +354,13 @@ def _model_id(target: Any) -> str:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def target_picks(lm_head: Any, H: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """(S, T) ids whose position j holds the target's greedy pick for it (argmax of ``lm_head`` at
+    j - 1); position 0 keeps X's token. The labels greedy verification accepts."""
+    return torch.cat([X[:, :1], lm_head(H).argmax(-1)[:, :-1]], 1)
+
+
 def _hidden_states(target: Any, token_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split a token stream into rows of ``seq_len`` and return (last hidden states, ids), both (S, T[, H])."""
     ids = torch.as_tensor(token_ids).flatten()
