@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from accelerando.llm.drafters.prompt_lookup import lookup
+from accelerando.llm.drafters.prompt_lookup import NgramIndex, lookup
 from llm_models import one_thread
-from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, check_finite, checked_probs, process_logits
+from accelerando.llm.sampling import (NonFiniteLogitsError, SamplingConfig, bad_rows, check_finite, checked_argmax,
+                                      checked_probs, process_logits)
 from accelerando.llm.speculative import AdaptiveK, HeuristicK, best_k, expected_tokens
 
 
@@ -50,6 +51,16 @@ def test_non_finite_logits_are_flagged_not_sampled():
     check_finite(logits[:1])
 
 
+def test_checked_argmax_equals_argmax_and_bad_rows():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [nan, 0.0, 5.0, 0.0], [-inf] * 4, [0.0, inf, 0.0, inf],
+                           [-inf, 3.0, -inf, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    logits = torch.cat([logits, torch.randn(50, 4)]).view(2, 28, 4)
+    arg, bad = checked_argmax(logits)
+    assert torch.equal(bad, bad_rows(logits))
+    assert torch.equal(arg[~bad], logits.argmax(-1)[~bad])      # ties: the first index, like argmax
+
+
 def test_prompt_lookup_copies_the_most_recent_continuation():
     h = np.array([1, 2, 3, 4, 5, 9, 1, 2, 3, 7, 8, 1, 2, 3])
     assert lookup(h, (3, 2, 1), 4).tolist() == [7, 8, 1, 2]         # most recent earlier "1 2 3"
@@ -57,6 +68,23 @@ def test_prompt_lookup_copies_the_most_recent_continuation():
     assert lookup(np.array([5, 6, 7]), (2, 1), 4).tolist() == []     # no earlier occurrence
     assert lookup(np.array([4, 6, 4]), (3, 1), 4).tolist() == [6, 4]  # falls back to the 1-gram
     assert lookup(np.array([9] + [7] * 8), (2,), 4).tolist() == [7, 7, 7, 7]   # a run: full-length copy
+
+
+def test_incremental_ngram_index_answers_like_lookup():
+    """The drafter's incremental index against the rescanning reference, on growing random
+    histories over small vocabularies (many repeats and runs), several k and n-gram orders."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        vocab = int(rng.integers(2, 6))
+        sizes = [(3, 2, 1), (2,), (1,), (4, 1)][trial % 4]
+        toks = rng.integers(0, vocab, int(rng.integers(1, 6))).tolist()
+        ix = NgramIndex(toks, sizes)
+        for _ in range(25):
+            for k in (1, 3, 8):
+                assert ix.lookup(k) == lookup(np.array(toks), sizes, k).tolist(), (toks, sizes, k)
+            new = rng.integers(0, vocab, int(rng.integers(1, 4))).tolist()
+            toks += new
+            ix.extend(new)
 
 
 def test_best_k_maximises_tokens_per_cost():

@@ -76,6 +76,14 @@ def bad_rows(logits: torch.Tensor) -> torch.Tensor:
     return (logits.isnan() | (logits == float("inf"))).any(-1) | (logits == float("-inf")).all(-1)
 
 
+def checked_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, bad) in one reduction: ``bad`` equals ``bad_rows`` because max propagates NaN, is
+    +inf if any entry is, and is -inf only when every entry is; ties go to the first index, as
+    ``argmax`` (and ``generate``)."""
+    top, arg = logits.max(-1)
+    return arg, ~top.isfinite()
+
+
 def check_finite(logits: torch.Tensor, who: str = "model") -> None:
     """Raise ``NonFiniteLogitsError`` if any row is bad (one host sync: use outside hot loops)."""
     bad = bad_rows(logits)

@@ -34,7 +34,7 @@ from accelerando.llm.drafters.base import StepResult
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.drafters.prompt_lookup import PromptLookup
 from accelerando.llm.engine import spec_cache_factory
-from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, bad_rows, checked_probs, non_finite_message
+from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, checked_argmax, checked_probs, non_finite_message
 from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_verify import greedy_accept_tree, rejection_accept_tree, typical_accept_tree
 
@@ -325,8 +325,9 @@ def verify(logits: torch.Tensor, c: Candidates, sampling: SamplingConfig, genera
     temperature 0, recursive rejection sampling otherwise -- lossless) or "typical" (Medusa, lossy).
     """
     if sampling.greedy:
-        bad = bad_rows(logits).any(-1)
-        node, nxt = greedy_accept_tree(c.tree, c.tokens, logits.argmax(-1), c.valid)
+        arg, bad = checked_argmax(logits)
+        bad = bad.any(-1)
+        node, nxt = greedy_accept_tree(c.tree, c.tokens, arg, c.valid)
     else:
         p, bad = checked_probs(logits, sampling)
         bad = bad.any(-1)

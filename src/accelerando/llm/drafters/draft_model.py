@@ -14,7 +14,7 @@ import torch
 
 from accelerando.llm.cache import HFCache, check_supports_cache
 from accelerando.llm.drafters.base import Proposal, StepResult
-from accelerando.llm.sampling import SamplingConfig, bad_rows, checked_probs
+from accelerando.llm.sampling import SamplingConfig, checked_argmax, checked_probs
 
 
 def vocab_size(model: Any) -> int:
@@ -108,8 +108,8 @@ class DraftModel:
         for i in range(k):   # k forwards, no host sync: each draft stays on device
             logits = self._fit(logits.float())
             if sampling.greedy:
-                bad |= bad_rows(logits)
-                tok = logits.argmax(-1)
+                tok, b = checked_argmax(logits)
+                bad |= b
             else:
                 q, b = checked_probs(logits, sampling)
                 bad |= b
