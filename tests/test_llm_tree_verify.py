@@ -134,3 +134,20 @@ def test_gumbel_topk_distinct_and_first_is_a_sample():
         assert len(set(s.tolist())) == len(s) == 3
         firsts[s[0]] += 1
     assert chisquare(firsts[:3].numpy(), (q[:3] * 3000).numpy()).pvalue > ALPHA_SIG
+
+
+def test_deepest_alive_on_chains_equals_the_tree_walk():
+    """The chain shortcut (accepted prefix length) against a direct walk, for chains built both ways."""
+    from accelerando.llm.tree_verify import _deepest_alive
+    g = torch.Generator().manual_seed(0)
+    for k in range(0, 7):
+        for chain in (TokenTree.chain(k), TokenTree.from_paths([[0] * d for d in range(1, k + 1)])):
+            assert chain.is_chain() and len(chain) == k + 1
+            ok = torch.rand(64, k + 1, generator=g) < 0.7
+            want = []
+            for row in ok.tolist():
+                node = 0
+                while node + 1 <= k and row[node + 1]:
+                    node += 1
+                want.append(node)
+            assert _deepest_alive(chain, ok).tolist() == want
