@@ -27,7 +27,9 @@ def test_methods_match_the_baseline():
     s = _setup(1)
     base = get_method("generate").build(s)()
     for name, knobs in [("hf-assisted", {}), ("hf-assisted", {"k": 3}), ("hf-prompt-lookup", {"k": 4}),
-                        ("spec-draft", {"k": 3}), ("spec-draft", {"k": "adaptive"}), ("spec-prompt-lookup", {})]:
+                        ("spec-draft", {"k": 3}), ("spec-draft", {"k": "adaptive"}), ("spec-prompt-lookup", {}),
+                        ("engine-generate", {"compile": False}), ("spec-draft", {"k": 3, "engine": "static-eager"}),
+                        ("spec-prompt-lookup", {"k": 3, "engine": "static-eager"})]:
         out = get_method(name).build(s, **knobs)()
         assert torch.equal(out.sequences, base.sequences), (name, knobs)
         assert out.stats["target_calls"] >= 1
@@ -39,3 +41,5 @@ def test_hf_assisted_is_batch_1_only_ours_is_not():
         get_method("hf-assisted").build(s)
     base = get_method("generate").build(s)()
     assert torch.equal(get_method("spec-draft").build(s, k=2)().sequences, base.sequences)
+    for name, knobs in [("engine-generate", {"compile": False}), ("spec-prompt-lookup", {"engine": "static-eager"})]:
+        assert torch.equal(get_method(name).build(s, **knobs)().sequences, base.sequences), (name, knobs)

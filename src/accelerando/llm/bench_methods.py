@@ -1,5 +1,5 @@
 """LLM decoding methods in the bench registry: plain generate, transformers' assisted generation and
-prompt lookup, and ours (``spec-draft``, ``spec-prompt-lookup``).
+prompt lookup, and ours (``engine-generate``, ``spec-draft``, ``spec-prompt-lookup``).
 
 Every builder returns a zero-argument callable producing an ``LLMOutput``; the target's forward
 calls are counted with a hook for every method, so tokens per target call compare across them.
@@ -71,6 +71,27 @@ def build_generate(s: LLMSetup) -> Callable[[], LLMOutput]:
     return _hf_run(s, {})
 
 
+def build_engine_generate(s: LLMSetup, compile: bool = True) -> Callable[[], LLMOutput]:
+    """Plain decoding on our lean engine (static cache, compiled step): no drafts, the fast
+    baseline speculation on the engine must beat. Greedy output equals ``generate``'s."""
+    from accelerando.llm import engine as eng
+    pad = s.tokenizer.pad_token_id if s.tokenizer is not None else None
+
+    def run() -> LLMOutput:
+        st: dict[str, Any] = {}
+        g = None
+        if s.temperature > 0:
+            g = torch.Generator(device=s.input_ids.device).manual_seed(s.seed)
+        out = eng.generate(s.target, s.input_ids, s.attention_mask, max_new_tokens=s.max_new_tokens,
+                           eos_token_id=s.eos_token_id, pad_token_id=pad, compile=compile,
+                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=g, stats=st)
+        new = int((out.shape[1] - s.input_ids.shape[1]) * out.shape[0])
+        calls = int(st.get("target_calls", 0))
+        return LLMOutput(out, dict(target_calls=calls, new_tokens=new,
+                                   tokens_per_target_call=new / max(1, calls * out.shape[0])))
+    return run
+
+
 def build_hf_assisted(s: LLMSetup, draft: str | None = None, k: int | None = None) -> Callable[[], LLMOutput]:
     """transformers' assisted generation; ``k=None`` = its defaults (20 tokens, confidence
     threshold 0.4), an int = that many tokens with the constant schedule. Batch 1 only."""
@@ -117,6 +138,8 @@ def build_spec_prompt_lookup(s: LLMSetup, ngram_sizes: tuple[int, ...] | list[in
 
 register(MethodEntry("generate", "llm", build_generate, lossless=True, is_baseline=True,
                      description="plain transformers target.generate (the baseline)"))
+register(MethodEntry("engine-generate", "llm", build_engine_generate, lossless=True,
+                     description="plain decoding on accelerando's lean engine (static KV cache, compiled step)"))
 register(MethodEntry("hf-assisted", "llm", build_hf_assisted, lossless=True,
                      description="transformers assisted generation with a draft model (batch 1 only)",
                      default_knobs={"draft": None, "k": None}))
