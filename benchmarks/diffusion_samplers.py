@@ -36,7 +36,7 @@ ORACLE_CONFIGS = [
 ]
 # (label, registry name, knobs); ddim-eta is stochastic, so its distance to the ODE solution is not an error
 OURS = [(m, m, {}) for m in ("ddim", "plms4", "s-pndm", "s-pndm4", "f-pndm", "prk", "fon", "dpmpp-2m", "dpmpp-3m", "unipc",
-                             "hb-plms", "hb-dpmpp-2m", "ghvb", "pndm-diffusers")] + [
+                             "unipc3", "hb-plms", "hb-dpmpp-2m", "ghvb", "pndm-diffusers")] + [
     ("f-pndm (float t)", "f-pndm", {"float_t": True}),
     ("prk (float t)", "prk", {"float_t": True}),
     ("fon (float t)", "fon", {"float_t": True}),
@@ -206,7 +206,7 @@ def zoo_part(budgets, batch, ref_steps=1000):
         return error_of
 
     methods = [m for m in OURS if m[0] in ("ddim", "s-pndm", "s-pndm4", "f-pndm", "plms4", "dpmpp-2m", "dpmpp-3m", "unipc",
-                                           "hb-dpmpp-2m", "ghvb", "f-pndm (float t)")] + THEIRS
+                                           "unipc3", "hb-dpmpp-2m", "ghvb", "f-pndm (float t)")] + THEIRS
 
     def setup_for(b):
         return DiffusionSetup(eps_fn=eps, schedule=sched, x_T=x_T, steps=b, spacing="trailing")

@@ -130,8 +130,12 @@ def test_adapter_as_pipe_scheduler_of_ddim_pipeline(unet, tmp_path):
 def test_adapter_prk_midpoints_are_extra_timesteps():
     s = as_diffusers_scheduler("f-pndm", None, timestep_spacing="trailing")
     s.set_timesteps(10)
-    assert s.timesteps.tolist()[:5] == [999, 949, 949, 899, 899]
+    # F-PNDM's warm-up stages sit at the integer time nearest the s-midpoint (962 on the linear schedule)
+    assert s.timesteps.tolist()[:5] == [999, 962, 962, 899, 899]
     assert len(s.timesteps) == 19
+    s = as_diffusers_scheduler("pndm-diffusers-prk", None, timestep_spacing="trailing")
+    s.set_timesteps(10)
+    assert s.timesteps.tolist()[:5] == [999, 949, 949, 899, 899]     # diffusers' t - d // 2
 
 
 def test_adapter_rejects_unknown_method():

@@ -46,6 +46,8 @@ def measured_order(problem, method, ns, uniform_in="t", **knobs):
     ("f-pndm", 4, [40, 80, 160]),
     ("prk", 4, [10, 20, 40]),
     ("fon", 4, [10, 20, 40]),
+    ("unipc", 2, [20, 40, 80]),       # UniC would make it 3; the last step is first order (as diffusers')
+    ("unipc3", 4, [20, 40, 80]),      # UniPC-3 + UniC = 4, last step a 3rd-order Adams step (local error h^4)
 ])
 def test_convergence_order(problem, method, order, ns):
     assert abs(measured_order(problem, method, ns) - order) < 0.25
@@ -132,4 +134,5 @@ def test_whole_interval_on_integer_grid_keeps_high_order():
 
     assert order("prk", float_t=True) > 3.0
     assert order("f-pndm", interp="s") > 3.3
+    assert order("f-pndm", interp="s", warmup="s") > 3.3
     assert order("pndm-diffusers-prk") < 1.8

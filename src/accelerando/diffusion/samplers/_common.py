@@ -177,5 +177,24 @@ def interp_weights_in_t(grid: "Grid", i: int, times: list[float]) -> list[float]
     return w
 
 
+def interp_weights_in_alpha(nodes: list[float], a0: float, a1: float) -> list[float]:
+    """Weights w_j = mean over s in [s(a0), s(a1)] of the Lagrange basis L_j(alpha) through the nodes
+    alpha_j = sqrt(nodes[j]) (alpha_bar values): eps interpolated in alpha = sqrt(alpha_bar), integrated in s.
+
+    Near pure noise alpha ~ 1/s and eps is nearly constant along the ODE (eps = z + O(alpha^2)), so a
+    polynomial in alpha fits it where one in s or t does not: a step from t = 999 on squaredcos_cap_v2
+    spans s from 2e4 to ~6, and weights in s put most of that span on stages far from its start."""
+    v = np.sqrt(np.array(nodes, dtype=np.float64))
+    s0, s1 = s_of(a0), s_of(a1)
+    s_q = 0.5 * (s0 + s1) + 0.5 * (s1 - s0) * _GL_X
+    v_q = 1.0 / np.sqrt(1.0 + s_q * s_q)
+    w = []
+    for j in range(len(v)):
+        others = np.delete(v, j)
+        L = np.prod((v_q[:, None] - others[None]) / (v[j] - others[None]), axis=1)
+        w.append(float(0.5 * (_GL_W * L).sum()))
+    return w
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

@@ -1,5 +1,13 @@
 """UniPC (Zhao et al. 2023), data prediction, B(h) = expm1(-h) ("bh2"): multistep predictor UniP
-plus the corrector UniC, which reuses the model call made at the predicted point (no extra calls)."""
+plus the corrector UniC, which reuses the model call made at the predicted point (no extra calls).
+
+``last_step="adams"`` (method ``unipc3``) replaces the last step, which UniPC takes at first order
+(diffusers' ``lower_order_final``; into alpha_bar = 1 it returns the data prediction, since lambda = inf
+leaves no room for the lambda-polynomials), by a pseudo Adams step in DDIM's s: eps through the last
+``order`` model calls as a polynomial in s, integrated exactly over [s_{N-1}, s_N] (s_N = 0 at
+alpha_bar = 1), then the transfer. The last step from t ~ 100 to data spans most of the remaining
+curvature; at first order it dominated UniPC's error (oracle, 10 calls: 0.033 -> 0.011 on squaredcos_cap_v2).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from ._common import Grid, Sampler, x0_hat
+from ._common import Grid, Sampler, adams_weights, combine, transfer, x0_hat
 from ..schedules import log_snr_lambda
 
 
@@ -43,12 +51,17 @@ def _uni_update(x: torch.Tensor, ms: list[torch.Tensor], lams: list[float], a_s0
     return ratio * x - math.sqrt(a_t) * h_phi_1 * ms[0] - math.sqrt(a_t) * B_h * res
 
 
-def unipc(x: torch.Tensor, grid: Grid, *, order: int = 2) -> Sampler:
-    """UniPC-``order`` (bh2); orders ramp up, and the last step (often into alpha_bar = 1) is first order."""
+def unipc(x: torch.Tensor, grid: Grid, *, order: int = 2, last_step: str = "unipc") -> Sampler:
+    """UniPC-``order`` (bh2); orders ramp up, and the last step (often into alpha_bar = 1) is first order
+    (``last_step="unipc"``, diffusers' scheme) or a pseudo Adams step in s of order ``order``
+    (``"adams"``, see the module docstring; no extra model call)."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1-3, got {order}")
+    if last_step not in ("unipc", "adams"):
+        raise ValueError(f"last_step must be 'unipc' or 'adams', got {last_step!r}")
     ms: list[torch.Tensor] = []
     lams: list[float] = []
+    es: list[torch.Tensor] = []          # model eps at the last ``order`` calls (for last_step="adams")
     x_prev, k_prev = None, 0
     for i in range(grid.steps):
         a = grid.ab[i]
@@ -57,6 +70,11 @@ def unipc(x: torch.Tensor, grid: Grid, *, order: int = 2) -> Sampler:
         if i > 0:
             x = _uni_update(x_prev, ms, lams, grid.ab[i - 1], a, k_prev, m_t=m)
         ms, lams = [m] + ms[: order - 1], [log_snr_lambda(a)] + lams[: order - 1]
+        if last_step == "adams":
+            es = [e] + es[: order - 1]
+            if i == grid.steps - 1:      # x is the UniC-corrected point; eps from the call at the predicted one
+                w = adams_weights([grid.s(i - j) for j in range(len(es))], grid.s(i), grid.s(i + 1))
+                return transfer(x, combine(w, es), a, grid.ab[i + 1])
         k = min(order, grid.steps - i, len(ms))
         x_prev, k_prev = x, k
         x = _uni_update(x, ms, lams, a, grid.ab[i + 1], k)
