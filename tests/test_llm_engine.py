@@ -221,3 +221,19 @@ def test_sampled_generate_has_target_distribution():
     o = torch.cat([obs[keep], obs[~keep & (exact > 0)].sum()[None]])
     e = torch.cat([exact[keep], exact[~keep & (exact > 0)].sum()[None]]) * N
     assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3
+
+
+def test_keep_path_unmasked_move_equals_masked():
+    """keep_path without n_keep (every row keeps its whole path) == with n_keep = P for every row."""
+    a = StaticKVCache.allocate(n_layers=2, batch=2, n_kv_heads=2, max_len=16, head_dim=3)
+    for buf in (*a.k, *a.v):
+        buf.copy_(torch.randn_like(buf))
+    a.valid.copy_(torch.rand(2, 16) > 0.3)
+    a.advance(5)
+    b = StaticKVCache(k=[t.clone() for t in a.k], v=[t.clone() for t in a.v], valid=a.valid.clone(),
+                      lengths=a.lengths.clone())
+    path = torch.tensor([[0, 2, 5], [0, 1, 4]])
+    a.keep_path(path)
+    b.keep_path(path, n_keep=torch.tensor([3, 3]))
+    for x, y in zip((*a.k, *a.v, a.valid, a.lengths), (*b.k, *b.v, b.valid, b.lengths)):
+        assert torch.equal(x, y)

@@ -113,3 +113,38 @@ def test_sparse_tree_is_optimal_for_its_budget():
             if all(p[:-1] in s or len(p) == 1 for p in s):
                 best = max(best, expected_accept_length(subset, acc))
         assert math.isclose(expected_accept_length(got, acc), best)
+
+
+def test_batched_draft_logits_equal_the_per_head_forward():
+    """draft_logits (heads stacked: one bmm per ResBlock layer, one projection matmul) == forward,
+    for every projection; the stacked weights follow in-place updates of the parameters."""
+    t = _tiny()
+    for proj in ("shared", "lowrank", "own"):
+        torch.manual_seed(1)
+        m = Medusa.for_target(t, n_heads=3, n_layers=2, projection=proj, rank=4)
+        with torch.no_grad():
+            for p in m.parameters():                 # leave the zero init: heads must differ
+                p.add_(0.1 * torch.randn_like(p))
+            h = torch.randn(32)
+            torch.testing.assert_close(m.draft_logits(h), m(h))
+            m.heads[1].blocks[0].linear.weight.mul_(2.0)     # in place: the stack must be rebuilt
+            torch.testing.assert_close(m.draft_logits(h), m(h))
+
+
+def test_medusa_picks_match_the_tree_and_greedy_proposal():
+    """The per-tree index (head = depth - 1, rank) gives the tokens of the direct definition."""
+    from accelerando.llm.drafters.medusa import medusa_picks
+    from accelerando.llm.sampling import SamplingConfig
+    t = _tiny()
+    m = Medusa.for_target(t, n_heads=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tree = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    head, rank, R = medusa_picks(tree)
+    assert head.tolist() == [d - 1 for d in tree.depths[1:]] and rank.tolist() == list(tree.ranks[1:]) and R == 3
+    assert medusa_picks(tree)[0] is head                      # cached on the tree
+    h = torch.randn(32)
+    prop = m.use_tree(tree).propose(7, h, SamplingConfig(0.0), None, "exact")
+    top = m(h).topk(3, dim=-1).indices.tolist()
+    assert prop.tokens.tolist() == [7] + [top[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, len(tree))]

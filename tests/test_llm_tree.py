@@ -100,3 +100,15 @@ def test_errors():
     with pytest.raises(ValueError, match="positions"):
         check_tree_fits(TokenTree.full(2, 3), cache_len=60, max_positions=64)
     check_tree_fits(TokenTree.chain(3), cache_len=60, max_positions=64)
+
+
+def test_padded_mask_equals_a_freshly_built_one():
+    """The cached (width, width) step mask == the ancestor mask padded with self-only nodes."""
+    tree = TokenTree.from_paths([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+    for width in (len(tree), 8, 16):
+        fresh = torch.eye(width, dtype=torch.bool)
+        fresh[: len(tree), : len(tree)] = tree.ancestor_mask()
+        assert torch.equal(tree.padded_mask(width), fresh)
+        assert tree.padded_mask(width) is tree.padded_mask(width)     # built once
+    with pytest.raises(ValueError):
+        tree.padded_mask(len(tree) - 1)

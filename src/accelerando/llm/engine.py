@@ -366,10 +366,7 @@ class EngineSpecCache:
 
     def _tree_mask(self, tree: Any, width: int) -> torch.Tensor:
         """(width, width) node x ancestor-or-self; padding nodes see themselves only."""
-        n = len(tree)
-        anc = torch.eye(width, dtype=torch.bool, device=self.engine.device)
-        anc[:n, :n] = tree.tensors(self.engine.device)["anc"]
-        return anc
+        return tree.padded_mask(width, self.engine.device)      # built once per tree and width
 
     def _make_room(self, width: int) -> None:
         """The host bound (a sum of per-step maxima over rows) ran past the buffer: read the real
@@ -390,7 +387,8 @@ class EngineSpecCache:
         c = self.engine.cache
         if path is not None:      # tree: move the accepted path's entries to the front of the block
             c.rollback(self._mark_lengths)
-            c.keep_path(path[:, :max_keep], keep.to(c.lengths.device))
+            # one row keeps its whole path (max_keep = keep): the unmasked move
+            c.keep_path(path[:, :max_keep], None if path.shape[0] == 1 else keep.to(c.lengths.device))
         else:
             lengths = self._mark_lengths + keep.to(self._mark_lengths.device)
             c.rollback(lengths.clamp_(max=self.engine.max_len))

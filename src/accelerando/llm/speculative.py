@@ -391,9 +391,12 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         new = [[r[4 + i] for i in p[1:]] + [r[1]] for r, p in zip(host, paths)]
         n_host = [len(p) - 1 for p in paths]
         # -- keep the accepted path (target, then drafter) ----------------------------------------------
-        n = node if c.chain else c.tree.tensors(node.device)["depth"][node]
+        # a path of nodes 0, 1, ..., n (always so for a chain; for a tree, e.g. nothing accepted) is
+        # already in place: its node index is its depth and the caches just keep n + 1 columns
+        in_place = c.chain or all(p[-1] == len(p) - 1 for p in paths)
+        n = node if in_place else c.tree.tensors(node.device)["depth"][node]
         width = max(n_host) + 1
-        path = None if c.chain else torch.tensor([p + [0] * (width - len(p)) for p in paths], device=node.device)
+        path = None if in_place else torch.tensor([p + [0] * (width - len(p)) for p in paths], device=node.device)
         tgt.rollback(start, n + 1, width, path=path)
         drafting.accept(n, nxt, n_host, paths, new, [not d for d in done])
         if needs_hidden:

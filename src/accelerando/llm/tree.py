@@ -152,6 +152,21 @@ class TokenTree:
                           "kids": kids.to(device)}
         return cache[key]
 
+    def padded_mask(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(width, width) bool: ``ancestor_mask`` padded for a compiled step of ``width`` columns
+        (padding nodes see themselves only). Built once per (width, device): the tree's shape is
+        fixed, so a verification step reuses it."""
+        key = (width, str(torch.device(device) if device is not None else torch.device("cpu")))
+        cache = self.__dict__.setdefault("_padded", {})
+        if key not in cache:
+            n = len(self)
+            if width < n:
+                raise ValueError(f"width {width} is smaller than the tree ({n} nodes)")
+            m = torch.eye(width, dtype=torch.bool)
+            m[:n, :n] = self.ancestor_mask()
+            cache[key] = m.to(device) if device is not None else m
+        return cache[key]
+
 
 # ---------------------------------------------------------------------------------------------
 # Tree attention for Hugging Face models (custom 4D masks)

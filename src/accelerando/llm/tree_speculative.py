@@ -34,7 +34,7 @@ Sampling = SamplingConfig   # the loop's processing (temperature -> top-k -> top
 @dataclass
 class TreeProposal:
     tree: TokenTree
-    tokens: list[int]                   # (N,), tokens[0] is the root
+    tokens: list[int] | torch.Tensor    # (N,), tokens[0] is the root
     q: torch.Tensor | None = None       # (N, V) draft distributions of each node's children (sampling)
     replacement: bool = False           # siblings drawn with replacement (SpecInfer) or without (RSD)
 
@@ -86,7 +86,10 @@ class TreeDrafting:
         from accelerando.llm.speculative import Candidates
         prop = self.drafter.propose(root_host[0], None if hidden is None else hidden[0], self.sampling,
                                     self.generator, self.rule)
-        tokens = torch.tensor([prop.tokens], dtype=torch.long, device=root.device)     # (1, N)
+        if torch.is_tensor(prop.tokens):
+            tokens = prop.tokens.to(device=root.device, dtype=torch.long).reshape(1, -1)  # (1, N)
+        else:
+            tokens = torch.tensor([prop.tokens], dtype=torch.long, device=root.device)
         q = None if prop.q is None else prop.q.to(root.device)[None]
         return Candidates(prop.tree, tokens, q, replacement=prop.replacement, chain=prop.tree.is_chain())
 
