@@ -151,3 +151,19 @@ def test_deepest_alive_on_chains_equals_the_tree_walk():
                     node += 1
                 want.append(node)
             assert _deepest_alive(chain, ok).tolist() == want
+
+
+def test_deepest_alive_on_trees_equals_the_tree_walk():
+    """The matmul form (failed ancestors counted) against a direct walk on random trees and oks:
+    the deepest node whose non-root ancestors-or-self are all ok, ties to the lowest index."""
+    from accelerando.llm.tree_verify import _deepest_alive
+    g = torch.Generator().manual_seed(0)
+    trees = [TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 0]]),
+             TokenTree.full(3, 2), TokenTree.chains(2, 3)]
+    for tree in trees:
+        ok = torch.rand(64, len(tree), generator=g) < 0.6
+        want = []
+        for row in ok.tolist():
+            alive = [i for i in range(len(tree)) if all(row[j] for j in tree.path_to(i)[1:])]
+            want.append(max(alive, key=lambda i: (tree.depths[i], -i)))
+        assert _deepest_alive(tree, ok).tolist() == want

@@ -139,7 +139,9 @@ class TokenTree:
 
     def tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Cached index tensors for batched rules: parent (N,) (root -> 0), depth (N,), anc (N, N),
-        kids (N, R) children by rank, -1 padded."""
+        kids (N, R) children by rank, -1 padded; for the accepted-path search, fail_of (N, N) float
+        (``fail_of[j, i]``: j is a non-root ancestor-or-self of i, i.e. anc transposed without the
+        root) and score (N,) (depth * N + N - 1 - i: deepest first, then lowest index)."""
         key = str(torch.device(device) if device is not None else torch.device("cpu"))
         cache = self.__dict__.setdefault("_tensors", {})
         if key not in cache:
@@ -147,9 +149,13 @@ class TokenTree:
             kids = torch.full((len(self), R), -1, dtype=torch.long)
             for i, c in enumerate(self.children):
                 kids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            anc, n = self.ancestor_mask(), len(self)
+            fail_of = anc.t().float()
+            fail_of[0] = 0.0
+            score = torch.tensor([d * n + n - 1 - i for i, d in enumerate(self.depths)], dtype=torch.long)
             cache[key] = {"parent": torch.tensor((0,) + self.parents[1:], dtype=torch.long, device=device),
-                          "depth": self.depth_tensor(device), "anc": self.ancestor_mask(device),
-                          "kids": kids.to(device)}
+                          "depth": self.depth_tensor(device), "anc": anc.to(device),
+                          "kids": kids.to(device), "fail_of": fail_of.to(device), "score": score.to(device)}
         return cache[key]
 
     def padded_mask(self, width: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -68,12 +68,10 @@ def _deepest_alive(tree: TokenTree, ok: torch.Tensor) -> torch.Tensor:
     if tree.is_chain():   # one path in depth order: the accepted prefix (same answer, a fraction of the work)
         return ok[:, 1:].long().cumprod(1).sum(1)
     t = tree.tensors(ok.device)
-    ok = ok.clone()
-    ok[:, 0] = True
-    alive = ~(t["anc"][None] & ~ok[:, None, :]).any(-1)                             # (B, N)
-    N = ok.shape[1]
-    score = t["depth"][None] * N + (N - 1 - torch.arange(N, device=ok.device))[None]
-    return torch.where(alive, score, torch.full_like(score, -1)).argmax(-1)
+    # failed[b, i] = how many non-root ancestors-or-self of node i are not ok: one small matmul
+    # (exact: counts <= N in float) instead of a (B, N, N) mask; score = depth, then lowest index
+    failed = (~ok).to(t["fail_of"].dtype) @ t["fail_of"]                             # (B, N)
+    return torch.where(failed == 0, t["score"], -1).argmax(-1)
 
 
 def greedy_accept_tree(tree: TokenTree, tokens: torch.Tensor, target_argmax: torch.Tensor,
