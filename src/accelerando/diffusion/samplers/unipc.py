@@ -6,7 +6,7 @@ plus the corrector UniC, which reuses the model call made at the predicted point
 leaves no room for the lambda-polynomials), by a pseudo Adams step in DDIM's s: eps through the last
 ``order`` model calls as a polynomial in s, integrated exactly over [s_{N-1}, s_N] (s_N = 0 at
 alpha_bar = 1), then the transfer. The last step from t ~ 100 to data spans most of the remaining
-curvature; at first order it dominated UniPC's error (oracle, 10 calls: 0.033 -> 0.011 on squaredcos_cap_v2).
+curvature; at first order it dominated UniPC's error (oracle, 10 calls: 0.033 -> 0.012 on squaredcos_cap_v2).
 """
 
 from __future__ import annotations
