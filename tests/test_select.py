@@ -316,3 +316,87 @@ def test_spec_gain_formula():
     assert spec_gain(0.0, 0.1) == 1.0 and math.isnan(spec_gain(math.nan, 0.1))
     f = workload_features({"family": "llm", "drafts": ["d"], "features": {"draft_alpha": 0.5, "draft_latency_ratio": 0.1}})
     assert f["spec_gain"] == pytest.approx(1.75 / 1.2)
+
+
+# ----------------------------------------------------------------------------- quality-margin selector
+
+def _diffusion_history(n: int = 16, *, coin: bool = False, seed: int = 0):
+    """Diffusion workloads with a fast arm (half the NFE, speed-up 2) and a full-budget arm (1.1x,
+    error 0.95x the baseline's). The fast arm's error is 0.9x the baseline's at trailing spacing and
+    1.5x at leading (``coin=False``: the features decide), or 0.98x / 1.02x by a coin flip that no
+    feature shows (``coin=True``: nothing to learn, a borderline arm)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        spacing = ("trailing", "leading")[i % 2]
+        wl = {"family": "diffusion", "model": f"u{i % 4}", "steps": (8, 16)[(i // 2) % 2], "spacing": spacing,
+              "batch": 2, "seed": i}
+        fast = (0.98 if rng.random() < 0.5 else 1.02) if coin else (0.9 if spacing == "trailing" else 1.5)
+        run = f"d{i}"
+
+        def row(method, speedup, ratio, frac=None, base=False):
+            knobs = {} if frac is None else {"steps_frac": frac}
+            m = {"speedup": speedup, "lossless": False, "is_baseline": base, "rmse_vs_reference": 0.2 * ratio}
+            return {"workload": wl, "method": method, "knobs": knobs, "metrics": m, "run_id": run, "family": "diffusion"}
+        rows += [row("ddim", 1.0, 1.0, base=True), row("fast", (1.5 if coin else 2.0) * (1 + 0.02 * rng.random()), fast, 0.5),
+                 row("full", 1.1, 0.95, 1.0)]
+    return rows
+
+
+def test_table_keeps_the_unclipped_error_ratio():
+    t = build_table(_diffusion_history(4))
+    w = next(iter(t.workloads))
+    assert t.err_ratio[(w, "full[steps_frac=1.0]")] == pytest.approx(0.95)
+    assert t.loss[(w, "full[steps_frac=1.0]")] == 0.0           # the loss is clipped, the ratio is not
+    assert t.err_ratio[(w, "ddim")] == 1.0
+    assert t.subset([w]).err_ratio.keys() == {k for k in t.err_ratio if k[0] == w}
+
+
+def test_quality_margin_picks_the_fast_arm_only_where_it_keeps_the_budget():
+    t = build_table(_diffusion_history(16))
+    c = Constraint(0.0)
+    summ, cases = evaluate(t, ["qmargin"], constraint=c)
+    by = {s.policy: s for s in summ}
+    assert by["qmargin"].violation_rate == 0.0
+    assert by["sbs"].mean_utility == pytest.approx(1.1)      # the SBS plays safe: the full arm everywhere
+    assert by["qmargin"].closed_gap > 0.9
+    for case in cases:
+        fast = case.picks["qmargin"] == "fast[steps_frac=0.5]"
+        assert fast == (t.workloads[case.wid]["spacing"] == "trailing")
+
+
+def test_quality_margin_never_admits_an_arm_predicted_outside_the_budget():
+    from accelerando.select.models import QualityMargin
+    t = build_table(_diffusion_history(16))
+    sel = QualityMargin(constraint=Constraint(0.0)).fit(t)
+    st = sel._fam["diffusion"]
+    assert st["delta"] in QualityMargin.MARGINS
+    for w, wl in t.workloads.items():
+        x = sel.vector(wl)
+        q = sel.predict_quality("diffusion", x, ["fast[steps_frac=0.5]", "full[steps_frac=1.0]"])
+        pick = sel.select(wl)
+        if pick.arm != "ddim":
+            assert q[pick.arm] + st["delta"] <= sel.threshold()
+        for p in sel.rank(wl):
+            assert 0.0 <= p.p_ok <= 1.0
+            if p.arm != "ddim" and q[p.arm] + st["delta"] > sel.threshold():
+                assert p.score == 0.0                          # rejected: below the baseline's 1
+    # a huge fixed margin admits nothing: the baseline; none admits every arm predicted in budget
+    wl = next(iter(t.workloads.values()))
+    assert QualityMargin(constraint=Constraint(0.0), margin=10.0).fit(t).select(wl).arm == "ddim"
+    with pytest.raises(ValueError):
+        QualityMargin(margin=-0.1)
+
+
+def test_quality_margin_learns_a_safety_margin_for_a_borderline_arm():
+    """The fast arm's error straddles the threshold by a coin flip no feature shows: with no
+    margin it would be admitted about half the time (and violate half of those); the inner CV
+    learns a margin that rejects it, so held out the selector never violates."""
+    from accelerando.select.models import QualityMargin
+    t = build_table(_diffusion_history(20, coin=True))
+    c = Constraint(0.0)
+    assert QualityMargin(constraint=c).fit(t)._fam["diffusion"]["delta"] > 0.0
+    summ, cases = evaluate(t, ["qmargin"], constraint=c)
+    by = {s.policy: s for s in summ}
+    assert by["qmargin"].violation_rate == 0.0
+    assert by["qmargin"].mean_utility >= by["sbs"].mean_utility - 1e-9

@@ -14,6 +14,11 @@ Quality loss of one row (first rule that applies):
 4. diffusion: the relative increase of the error to the high-accuracy reference over the
    baseline's, ``max(0, rmse_ref / rmse_ref(baseline) - 1)``; without a reference, the RMSE to the
    baseline's sample.
+
+The loss is clipped at 0, so it cannot say by how much a method *beats* the baseline; the table
+also keeps the unclipped error ratio ``rmse_ref / rmse_ref(baseline)`` where it was measured
+(``err_ratio``), a continuous target for models of quality (a method 30% better than the
+baseline is further from breaking ``loss <= 0`` than one 1% better).
 """
 
 from __future__ import annotations
@@ -111,6 +116,12 @@ def _f(v: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def error_ratio(metrics: Mapping[str, Any], base: Mapping[str, Any] | None) -> float | None:
+    """``rmse_vs_reference / rmse_vs_reference(baseline)`` of one row, unclipped; None if unmeasured."""
+    r, rb = _f(metrics.get("rmse_vs_reference")), _f((base or {}).get("rmse_vs_reference"))
+    return r / rb if r is not None and rb else None
+
+
 def quality_loss(family: str, metrics: Mapping[str, Any], base: Mapping[str, Any] | None,
                  *, greedy: bool) -> float | None:
     """The quality loss of one row against the baseline row of its run (module docstring)."""
@@ -145,6 +156,7 @@ class PerfTable:
     arms: dict[str, Arm] = field(default_factory=dict)
     speedup: dict[tuple[str, str], float] = field(default_factory=dict)
     loss: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    err_ratio: dict[tuple[str, str], float] = field(default_factory=dict)   # unclipped, where measured
 
     # -- queries
     def family_of(self, wid: str) -> str:
@@ -179,7 +191,8 @@ class PerfTable:
         return PerfTable({w: d for w, d in self.workloads.items() if w in keep},
                          {w: d for w, d in self.hardware.items() if w in keep}, dict(self.arms),
                          {k: v for k, v in self.speedup.items() if k[0] in keep},
-                         {k: v for k, v in self.loss.items() if k[0] in keep})
+                         {k: v for k, v in self.loss.items() if k[0] in keep},
+                         {k: v for k, v in self.err_ratio.items() if k[0] in keep})
 
     def __len__(self) -> int:
         return len(self.workloads)
@@ -198,6 +211,7 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
     t = PerfTable()
     sp: dict[tuple[str, str], list[float]] = defaultdict(list)
     ls: dict[tuple[str, str], list[float | None]] = defaultdict(list)
+    er: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs.values():
         base = next((_get(r, "metrics") for r in run if (_get(r, "metrics") or {}).get("is_baseline")), None)
         for r in run:
@@ -221,8 +235,11 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
             greedy = float(wl.get("temperature") or 0.0) == 0.0
             sp[(wid, arm.id)].append(1.0 if arm.is_baseline else s)
             ls[(wid, arm.id)].append(quality_loss(family, m, base, greedy=greedy))
+            if family != "llm" and (ratio := error_ratio(m, base)) is not None:
+                er[(wid, arm.id)].append(1.0 if arm.is_baseline else ratio)
     for k, v in sp.items():
         t.speedup[k] = statistics.median(v)
         known = [x for x in ls[k] if x is not None]
         t.loss[k] = max(known) if known else None
+    t.err_ratio = {k: max(v) for k, v in er.items()}      # the worst repeat, like the loss
     return t
