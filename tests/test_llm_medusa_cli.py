@@ -33,3 +33,22 @@ def test_medusa_train_cli_on_local_files(tmp_path):
     assert card["role"] == "medusa" and len(card["heldout_top1_accuracy"]) == 2 and len(card["tree"]) == 4
     heads = Medusa.load(tmp_path / "heads")
     assert heads.config.n_heads == 2 and heads.config.hidden_size == 32
+
+
+def test_self_generated_rows_hold_the_targets_own_continuations(tmp_path):
+    """--self-generated data: rows whose tail is the target's greedy continuation of their head
+    (checked against transformers' generate), mixed with as many corpus rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from accelerando.llm.medusa_cli import self_generated_rows
+    _save_tiny_model(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    rows, n_gen = self_generated_rows(model, tok, n_per_kind=2, prompt_len=4, new_tokens=6, sampled_every=0,
+                                      batch=8, compile=False)
+    assert rows.shape[1] == 10 and n_gen >= 4 and rows.shape[0] <= 2 * n_gen
+    greedy = 0
+    for r in rows:
+        ref = model.generate(r[None, :4], max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        greedy += int(torch.equal(ref[0], r))
+    assert greedy >= n_gen

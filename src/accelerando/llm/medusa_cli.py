@@ -2,6 +2,7 @@
 
     accelerando medusa train --target code-target --out heads/            # zoo model + zoo corpus
     accelerando medusa train --target ./my-model --data a.txt b.py --out heads/ --steps 400
+    accelerando medusa train --distill --self-generated 200 --steps 500 --out heads/   # the zoo heads' recipe
 
 Mounted by ``accelerando.cli`` through its ``PLUGINS`` table (``"accelerando.llm.medusa_cli": "medusa"``).
 """
@@ -44,10 +45,60 @@ def load_texts(data: list[str] | None) -> tuple[list[str], str]:
     return texts, "zoo corpus, train split (stdlib code + pydoc prose, documents shuffled; accelerando.zoo.data)"
 
 
+def self_generated_rows(model: Any, tok: Any, *, n_per_kind: int = 200, prompt_len: int = 64, new_tokens: int = 192,
+                        sampled_every: int = 3, seed: int = 0, batch: int = 32, compile: bool = True
+                        ) -> tuple[Any, int]:
+    """Medusa's self-distillation data: the target's own continuations of zoo-corpus windows.
+
+    For each kind (code, prose; train split, documents in a seeded random order) up to 3 random
+    ``prompt_len``-token windows per document until ``n_per_kind`` prompts, each continued for
+    ``new_tokens`` by the target on the lean engine -- greedily, except every ``sampled_every``-th
+    batch (from the second) sampled at temperature 0.7 -- plus one real-text row of the same length
+    per window, so heads see both the target's own text (what they draft for at inference) and
+    corpus text. Returns (rows (R, prompt_len + new_tokens) shuffled, number of generated rows).
+    """
+    import random
+
+    import torch
+
+    from accelerando.llm import engine
+    from accelerando.zoo import data as zoo_data
+    rng = random.Random(seed)
+    prompts, corpus_rows = [], []
+    for kind in ("code", "prose"):
+        docs = zoo_data.texts(kind, "train")
+        rng.shuffle(docs)
+        got = 0
+        for d in docs:
+            ids = tok(d, return_tensors="pt").input_ids[0]
+            if ids.numel() < prompt_len + 8:
+                continue
+            for _ in range(3):
+                s = rng.randrange(0, ids.numel() - prompt_len)
+                prompts.append(ids[s: s + prompt_len])
+                got += 1
+                if ids.numel() > prompt_len + new_tokens:
+                    s2 = rng.randrange(0, ids.numel() - prompt_len - new_tokens)
+                    corpus_rows.append(ids[s2: s2 + prompt_len + new_tokens])
+            if got >= n_per_kind:
+                break
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            temp = 0.7 if sampled_every and (i // batch) % sampled_every == 1 else 0.0
+            rows.append(engine.generate(model, torch.stack(prompts[i: i + batch]), max_new_tokens=new_tokens,
+                                        eos_token_id=[], temperature=temp, generator=g, compile=compile))
+    gen = torch.cat(rows)
+    mix = torch.cat([gen, torch.stack(corpus_rows[: len(gen)])])
+    return mix[torch.randperm(mix.shape[0], generator=torch.Generator().manual_seed(seed + 1))], len(gen)
+
+
 def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n_layers: int = 1,
                 projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
                 lr: float = 1e-3, max_tokens: int = 400_000, tree_nodes: int = 32, seed: int = 0,
-                data_desc: str = "", log_every: int = 0, distill: bool = False) -> dict[str, Any]:
+                data_desc: str = "", log_every: int = 0, distill: bool = False,
+                self_generated: int = 0) -> dict[str, Any]:
     """Train, measure held-out accuracies, pick the sparse tree, save heads + card.json; returns the card."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,11 +111,19 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     sep = tok.eos_token or "\n"
-    ids = tok(sep.join(texts), return_tensors="pt").input_ids[0][:max_tokens]
     t0 = time.perf_counter()
+    seq_len = 256
+    if self_generated:     # rows of the target's own continuations + corpus rows (zoo corpus), see above
+        rows, n_gen = self_generated_rows(model, tok, n_per_kind=self_generated, seed=seed)
+        ids, seq_len = rows.flatten(), rows.shape[1]
+        data_desc = (f"{n_gen} continuations by the target itself (64-token windows of the zoo corpus train split, "
+                     f"+192 tokens on the lean engine: greedy, every 3rd batch sampled at T=0.7) + {rows.shape[0] - n_gen} "
+                     "corpus rows of 256 tokens (accelerando.llm.medusa_cli.self_generated_rows)")
+    else:
+        ids = tok(sep.join(texts), return_tensors="pt").input_ids[0][:max_tokens]
     heads = Medusa.train(model, ids, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank,
                          steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                         log_every=log_every, distill=distill)
+                         log_every=log_every, distill=distill, seq_len=seq_len)
     heads.config.base_model = target
     elapsed = time.perf_counter() - t0
     heads.save(out)
@@ -102,11 +161,16 @@ def train_cmd(
     tree_nodes: Annotated[int, typer.Option(help="node budget of the stored sparse tree")] = 32,
     distill: Annotated[bool, typer.Option(help="learn the target's own next-token distributions (self-distillation) "
                                                "instead of the corpus tokens; what greedy verification accepts")] = False,
+    self_generated: Annotated[int, typer.Option(help="train on N x 2 of the target's own continuations of zoo-corpus "
+                                                     "windows (code and prose) + as many corpus rows (Medusa's "
+                                                     "self-distillation data); 0: the corpus text only")] = 0,
     seed: int = 0,
 ) -> None:
     """Train Medusa-1 heads (backbone frozen) and save them beside a card with held-out accuracies."""
+    if self_generated and data:
+        raise typer.BadParameter("--self-generated draws its prompts from the zoo corpus; drop --data")
     texts, desc = load_texts(data)
     card = train_heads(target, texts, out, n_heads=heads, n_layers=layers, projection=projection, rank=rank,
                        steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                       data_desc=desc, log_every=50, distill=distill)
+                       data_desc=desc, log_every=50, distill=distill, self_generated=self_generated)
     typer.echo(f"saved {card['parameters']} parameters to {out}; held-out top-1 per head: {card['heldout_top1_accuracy']}")
