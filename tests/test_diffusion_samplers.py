@@ -232,6 +232,47 @@ def test_non_finite_eps_names_the_call():
         sample(bad, torch.randn(1, 2), schedule=SCHED, method="f-pndm", steps=10)
 
 
+def test_non_finite_check_is_exact():
+    """drive() tests the eps sum first: one inf among finite values raises; finite values whose sum
+    overflows do not (the exact test clears them)."""
+    from accelerando.diffusion.api import drive
+
+    def one_request(x):
+        yield x, 10.0
+        return x
+
+    huge = lambda x, t: torch.full_like(x, 3e38)  # noqa: E731  float32 sum overflows to inf
+    x = torch.zeros(2, 4)
+    assert torch.equal(drive(one_request(x), huge)[0], x)
+    one_inf = lambda x, t: torch.zeros_like(x).index_fill_(1, torch.tensor([2]), float("inf"))  # noqa: E731
+    with pytest.raises(NonFiniteError):
+        drive(one_request(x), one_inf)
+    pos_neg_inf = lambda x, t: torch.tensor([[float("inf"), -float("inf"), 0.0, 0.0]] * 2)  # noqa: E731
+    with pytest.raises(NonFiniteError):
+        drive(one_request(x), pos_neg_inf)
+
+
+@pytest.mark.parametrize("schedule,float_t", [(SCHED, False), (make_schedule("squaredcos_cap_v2", 1000), True),
+                                              (ContinuousSchedule(), True)])
+def test_grid_adams_weights_equal_per_step(schedule, float_t):
+    """PLMS's weights precomputed for the whole grid == adams_weights_in_t step by step."""
+    from accelerando.diffusion.samplers._common import adams_weights_in_t, adams_weights_in_t_steps, make_grid
+    grid = make_grid(schedule, 12, "trailing", float_t=float_t)
+    steps = range(1, grid.steps)
+    ks = [min(2 + n, 4) for n in range(len(steps))]
+    got = adams_weights_in_t_steps(grid, steps, ks)
+    for i, k, w in zip(steps, ks, got):
+        assert w == pytest.approx(adams_weights_in_t(grid, i, k), rel=1e-12, abs=1e-12)
+
+
+def test_schedule_times_of_equals_time_of():
+    import numpy as np
+    for name in ("linear", "squaredcos_cap_v2"):
+        sched = make_schedule(name, 1000)
+        ab = np.array([sched.alpha_bar(t) for t in (999, 998.5, 500, 3.25, 0, -1)])
+        assert sched.times_of(ab).tolist() == pytest.approx([sched.time_of(a) for a in ab], rel=1e-13, abs=1e-12)
+
+
 def test_non_finite_start():
     with pytest.raises(ValueError, match="non-finite"):
         sample(smooth_eps, torch.tensor([[float("inf"), 0.0]]), schedule=SCHED, method="ddim", steps=5)

@@ -30,6 +30,9 @@ class Schedule:
     final_alpha_bar: float = 1.0
     name: str = "custom"
     _log_knots: np.ndarray = field(init=False, repr=False, compare=False)
+    _neg_log_knots: np.ndarray = field(init=False, repr=False, compare=False)   # increasing, for np.interp
+    _knot_times: np.ndarray = field(init=False, repr=False, compare=False)      # 0 .. T (t + 1 at each knot)
+    _table: tuple[float, ...] = field(init=False, repr=False, compare=False)       # alphas_cumprod as floats
 
     def __post_init__(self) -> None:
         ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64).cpu()
@@ -42,6 +45,9 @@ class Schedule:
         object.__setattr__(self, "alphas_cumprod", ac)
         knots = np.concatenate([[math.log(self.final_alpha_bar)], np.log(ac.numpy())])
         object.__setattr__(self, "_log_knots", knots)
+        object.__setattr__(self, "_neg_log_knots", -knots)
+        object.__setattr__(self, "_knot_times", np.arange(len(knots), dtype=np.float64))
+        object.__setattr__(self, "_table", tuple(ac.tolist()))   # a tuple lookup, not a tensor index per call
 
     @property
     def num_train_timesteps(self) -> int:
@@ -55,7 +61,7 @@ class Schedule:
         if not (-1.0 <= t <= T - 1):
             raise ValueError(f"time {t} outside [-1, {T - 1}]")
         if float(t).is_integer():
-            return float(self.alphas_cumprod[int(t)]) if t >= 0 else self.final_alpha_bar
+            return self._table[int(t)] if t >= 0 else self.final_alpha_bar
         return math.exp(float(np.interp(t + 1.0, np.arange(T + 1), self._log_knots)))
 
     def dlog_alpha_bar(self, t: float) -> float:
@@ -71,9 +77,12 @@ class Schedule:
 
     def time_of(self, alpha_bar: float) -> float:
         """Inverse of ``alpha_bar(t)`` (log-linear between integers)."""
-        T = self.num_train_timesteps
         # _log_knots decreases; np.interp wants increasing x
-        return float(np.interp(-math.log(alpha_bar), -self._log_knots, np.arange(T + 1))) - 1.0
+        return float(np.interp(-math.log(alpha_bar), self._neg_log_knots, self._knot_times)) - 1.0
+
+    def times_of(self, alpha_bar: np.ndarray) -> np.ndarray:
+        """``time_of`` over an array of alpha_bar values."""
+        return np.interp(-np.log(alpha_bar), self._neg_log_knots, self._knot_times) - 1.0
 
     def timesteps(self, steps: int, spacing: str = "trailing", *, steps_offset: int = 0) -> list[int]:
         return timesteps(self.num_train_timesteps, steps, spacing, steps_offset=steps_offset)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (AB_FIXED, Grid, Sampler, adams_weights, adams_weights_in_t, combine, interp_weights_in_alpha,
-                      interp_weights_in_t, s_of, transfer)
+from ._common import (AB_FIXED, Grid, Sampler, adams_weights, adams_weights_in_t_steps, interp_weights_in_alpha,
+                      interp_weights_in_t, s_of, transfer, transfer_combined)
 
 
 def _end_has_no_model_time(grid: Grid, i: int) -> bool:
@@ -72,7 +72,7 @@ def _rk3_end_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None =
     a31 = c3 - a32
     e2 = yield transfer(x, e1, a, a2), t2
     e3 = yield transfer(x, (a31 * e1 + a32 * e2) / c3, a, a3), t3
-    return transfer(x, (1 - b2 - b3) * e1 + b2 * e2 + b3 * e3, a, a_next), e1
+    return transfer_combined(x, [1 - b2 - b3, b2, b3], [e1, e2, e3], a, a_next), e1
 
 
 def _prk_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = None, stages: str = "s"):
@@ -102,15 +102,15 @@ def _prk_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = Non
     if stages == "alpha" and a < a_mid < a_next:
         e2 = yield transfer(x, e1, a, a_mid), t_mid
         w = interp_weights_in_alpha([a, a_mid], a, a_mid)
-        e3 = yield transfer(x, w[0] * e1 + w[1] * e2, a, a_mid), t_mid
+        e3 = yield transfer_combined(x, w, [e1, e2], a, a_mid), t_mid
         w = interp_weights_in_alpha([a, a_mid], a, a_next)
-        e4 = yield transfer(x, w[0] * e1 + w[1] * e3, a, a_next), grid.t[i + 1]
+        e4 = yield transfer_combined(x, w, [e1, e3], a, a_next), grid.t[i + 1]
         w = interp_weights_in_alpha([a, a_mid, a_next], a, a_next)
-        return transfer(x, w[0] * e1 + w[1] * e3 + w[2] * e4, a, a_next), e1
+        return transfer_combined(x, w, [e1, e3, e4], a, a_next), e1
     e2 = yield transfer(x, e1, a, a_mid), t_mid
     e3 = yield transfer(x, e2, a, a_mid), t_mid
     e4 = yield transfer(x, e3, a, a_next), grid.t[i + 1]
-    return transfer(x, (e1 + 2 * e2 + 2 * e3 + e4) / 6, a, a_next), e1
+    return transfer_combined(x, [1 / 6, 1 / 3, 1 / 3, 1 / 6], [e1, e2, e3, e4], a, a_next), e1
 
 
 def _improved_euler_step(x: torch.Tensor, grid: Grid, i: int, interp: str = "s"):
@@ -126,7 +126,7 @@ def _improved_euler_step(x: torch.Tensor, grid: Grid, i: int, interp: str = "s")
     e2 = yield transfer(x, e1, a, a_next), grid.t[i + 1]
     t_next = max(grid.t[i + 1], 0.0)      # where the model was asked
     w = [0.5, 0.5] if interp == "s" or t_next >= grid.t[i] else interp_weights_in_t(grid, i, [grid.t[i], t_next])
-    return transfer(x, w[0] * e1 + w[1] * e2, a, a_next), e1
+    return transfer_combined(x, w, [e1, e2], a, a_next), e1
 
 
 def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: bool = False,
@@ -140,17 +140,19 @@ def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: boo
     if order not in AB_FIXED:
         raise ValueError(f"PLMS order must be 1-4, got {order}")
     es = list(history or [])[:order]
-    for i in range(start, grid.steps):
+    steps = range(start, grid.steps)
+    ks = [min(len(es) + 1 + n, order) for n in range(len(steps))]      # history length at each step
+    # the weights of every step, before the first model call (they depend on the grid only)
+    if fixed_coefficients:
+        ws = [AB_FIXED[k] for k in ks]
+    elif interp == "t":
+        ws = adams_weights_in_t_steps(grid, steps, ks)
+    else:
+        ws = [adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1)) for i, k in zip(steps, ks)]
+    for i, w in zip(steps, ws):
         e = yield x, grid.t[i]
         es = [e] + es[: order - 1]
-        k = len(es)
-        if fixed_coefficients:
-            w = AB_FIXED[k]
-        elif interp == "t":
-            w = adams_weights_in_t(grid, i, k)
-        else:
-            w = adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1))
-        x = transfer(x, combine(w, es), grid.ab[i], grid.ab[i + 1])
+        x = transfer_combined(x, w, es, grid.ab[i], grid.ab[i + 1])
     return x
 
 
