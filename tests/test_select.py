@@ -320,11 +320,12 @@ def test_spec_gain_formula():
 
 # ----------------------------------------------------------------------------- quality-margin selector
 
-def _diffusion_history(n: int = 16, *, coin: bool = False, seed: int = 0):
+def _diffusion_history(n: int = 16, *, coin: bool = False, seed: int = 0, fast_from: int = 0):
     """Diffusion workloads with a fast arm (half the NFE, speed-up 2) and a full-budget arm (1.1x,
     error 0.95x the baseline's). The fast arm's error is 0.9x the baseline's at trailing spacing and
     1.5x at leading (``coin=False``: the features decide), or 0.98x / 1.02x by a coin flip that no
-    feature shows (``coin=True``: nothing to learn, a borderline arm)."""
+    feature shows (``coin=True``: nothing to learn, a borderline arm). The fast arm is missing (it
+    "could not run") on budgets below ``fast_from``."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -338,8 +339,10 @@ def _diffusion_history(n: int = 16, *, coin: bool = False, seed: int = 0):
             knobs = {} if frac is None else {"steps_frac": frac}
             m = {"speedup": speedup, "lossless": False, "is_baseline": base, "rmse_vs_reference": 0.2 * ratio}
             return {"workload": wl, "method": method, "knobs": knobs, "metrics": m, "run_id": run, "family": "diffusion"}
-        rows += [row("ddim", 1.0, 1.0, base=True), row("fast", (1.5 if coin else 2.0) * (1 + 0.02 * rng.random()), fast, 0.5),
-                 row("full", 1.1, 0.95, 1.0)]
+        rows += [row("ddim", 1.0, 1.0, base=True), row("full", 1.1, 0.95, 1.0)]
+        speed = (1.5 if coin else 2.0) * (1 + 0.02 * rng.random())
+        if wl["steps"] >= fast_from:
+            rows.append(row("fast", speed, fast, 0.5))
     return rows
 
 
@@ -406,3 +409,17 @@ def test_quality_margin_learns_a_safety_margin_for_a_borderline_arm():
     by = {s.policy: s for s in summ}
     assert by["qmargin"].violation_rate == 0.0
     assert by["qmargin"].mean_utility >= by["sbs"].mean_utility - 1e-9
+
+
+def test_recommend_offers_no_diffusion_arm_where_the_history_shows_it_cannot_run():
+    from accelerando.select.recommend import _applicable, recommend
+    rows = _diffusion_history(16, fast_from=16)   # the half-budget arm ran with 8 steps, never with 4
+    t = build_table(rows)
+    fast = "fast[steps_frac=0.5]"
+    app = {s: _applicable(t, fast, {"family": "diffusion", "steps": s}, {}) for s in (6, 8, 12, 16)}
+    assert app == {6: False, 8: False, 12: True, 16: True}      # 12 -> 6 steps: not refused, not measured
+    # an arm never skipped is offered even below every budget in the history
+    assert _applicable(t, "full[steps_frac=1.0]", {"family": "diffusion", "steps": 6}, {})
+    key = {"family": "diffusion", "model": "u0", "steps": 8, "spacing": "trailing", "batch": 2}
+    rec = recommend(key, rows, constraint=Constraint(0.25), hardware={})
+    assert rec.selector == "qmargin" and fast not in {p.arm for p in rec.ranked}

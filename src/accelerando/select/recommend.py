@@ -224,10 +224,32 @@ def needs_draft(method: str, reg: Mapping[str, Any] | None = None) -> bool:
         return False
 
 
+def _refused_below(table: PerfTable, arm: str, steps: float) -> bool:
+    """Did the history skip this diffusion arm on a budget giving at least ``steps`` steps (budget x
+    ``steps_frac``), below the fewest it ever ran with? Then it cannot run there: the sweep records
+    only what ran, and a multistep sampler has a minimum (f-pndm needs 4 steps)."""
+    frac = float(table.arms[arm].knob_dict().get("steps_frac", 1.0))
+    ran, skipped = [], []
+    for w in table.wids(table.arms[arm].family):
+        n = float(table.workloads[w].get("steps") or 0) * frac
+        (ran if (w, arm) in table.speedup else skipped).append(n)
+    fewest = min(ran, default=math.inf)
+    return any(steps - 1e-9 <= n < fewest for n in skipped)
+
+
 def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any], reg: Mapping[str, Any]) -> bool:
-    """Methods that need a draft model are not offered to a workload without one."""
+    """Methods that need a draft model are not offered to a workload without one; a diffusion arm
+    is not offered where the history shows it cannot run (``_refused_below``): a model of its
+    quality or speed there would be extrapolating to a run that cannot happen."""
     a = table.arms[arm]
-    if a.is_baseline or a.family != "llm" or key.get("drafts"):
+    if a.is_baseline:
+        return True
+    if a.family != "llm":
+        frac = a.knob_dict().get("steps_frac", 1.0)
+        if key.get("steps") is None or not isinstance(frac, (int, float)):
+            return True
+        return not _refused_below(table, arm, float(key["steps"]) * float(frac))
+    if key.get("drafts"):
         return True
     return not needs_draft(a.method, reg)
 
