@@ -35,6 +35,13 @@ def _hf_kwargs(s: LLMSetup) -> dict[str, Any]:
     return kw
 
 
+def _plain_output(out: torch.Tensor, input_ids: torch.Tensor, calls: int) -> LLMOutput:
+    """A non-speculative decode's output with its counts (one target call per step for every row)."""
+    new = int((out.shape[1] - input_ids.shape[1]) * out.shape[0])
+    return LLMOutput(out, dict(target_calls=calls, new_tokens=new,
+                               tokens_per_target_call=new / max(1, calls * out.shape[0])))
+
+
 def _hf_run(s: LLMSetup, extra: dict[str, Any]) -> Callable[[], LLMOutput]:
     kw = {**_hf_kwargs(s), **extra}
 
@@ -46,9 +53,7 @@ def _hf_run(s: LLMSetup, extra: dict[str, Any]) -> Callable[[], LLMOutput]:
                 out = s.target.generate(s.input_ids, **kw)
         finally:
             remove()
-        new = int((out.shape[1] - s.input_ids.shape[1]) * out.shape[0])
-        return LLMOutput(out, dict(target_calls=box[0], new_tokens=new,
-                                   tokens_per_target_call=new / max(1, box[0] * out.shape[0])))
+        return _plain_output(out, s.input_ids, box[0])
     return run
 
 
@@ -85,10 +90,7 @@ def build_engine_generate(s: LLMSetup, compile: bool = True) -> Callable[[], LLM
         out = eng.generate(s.target, s.input_ids, s.attention_mask, max_new_tokens=s.max_new_tokens,
                            eos_token_id=s.eos_token_id, pad_token_id=pad, compile=compile,
                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=g, stats=st)
-        new = int((out.shape[1] - s.input_ids.shape[1]) * out.shape[0])
-        calls = int(st.get("target_calls", 0))
-        return LLMOutput(out, dict(target_calls=calls, new_tokens=new,
-                                   tokens_per_target_call=new / max(1, calls * out.shape[0])))
+        return _plain_output(out, s.input_ids, int(st.get("target_calls", 0)))
     return run
 
 

@@ -169,7 +169,7 @@ class TokenTree:
             if width < n:
                 raise ValueError(f"width {width} is smaller than the tree ({n} nodes)")
             m = torch.eye(width, dtype=torch.bool)
-            m[:n, :n] = self.ancestor_mask()
+            m[:n, :n] = self.tensors()["anc"]          # the cached mask, not a second build
             cache[key] = m.to(device) if device is not None else m
         return cache[key]
 
