@@ -80,3 +80,95 @@ def test_sweep_records_rows_with_features_and_resumes(fakes, tmp_path):
     feats = t.workloads[llm_w[0]]["features"]
     assert feats["rep2"] > 0.5 and 0 < feats["draft_ratio"] <= 1 and feats["mem_bw_gbs"] > 0
     assert "log_fwd_ms" in t.workloads[t.wids("diffusion")[0]]["features"]
+
+
+# ----------------------------------------------------------------------------- re-timing
+
+def test_interleaved_rounds_rotate_and_share_the_load():
+    from accelerando.bench.harness import measure_interleaved
+    clock, order = F.FakeClock(), []
+
+    def method(name, cost):
+        def call():
+            order.append(name)
+            clock.advance(cost * (1 + clock.now / 2))     # the machine gets slower as time goes on
+            return name
+        return call
+    t = measure_interleaved({"a": method("a", 0.4), "b": method("b", 0.1)}, rounds=4, warmup_rounds=1,
+                            clock=clock, sync=lambda: None)
+    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]     # warm-up, then rotated rounds
+    assert t["a"].repeats == t["b"].repeats == 4 and t["a"].result == "a"
+    # the load doubled over the run: times drift, per-round ratios stay near the true 4
+    assert t["a"].samples[-1] > 1.8 * t["a"].samples[0]
+    ratios = S.per_round_speedups(t["a"].samples, t["b"].samples)
+    assert all(3.0 < r < 5.0 for r in ratios)
+    with pytest.raises(ValueError):
+        measure_interleaved({"a": method("a", 1)}, rounds=0)
+
+
+def _timed_fakes(clock, refuse_below=0):
+    """Fake samplers that take ``unit`` fake seconds per model call, scaled by a load that rises
+    with the fake time; "fake-picky" refuses budgets below ``refuse_below`` (as F-PNDM does)."""
+    from accelerando.bench.methods import MethodEntry, NotApplicable
+    from accelerando.bench import methods as registry
+
+    def timed(shift=0.0, picky=False):
+        def build(s, **kw):
+            if picky and s.steps < refuse_below:
+                raise NotApplicable(f"needs {refuse_below} steps")
+
+            def call():
+                out = F._fake_sampler(s, shift=kw.get("shift", shift))
+                clock.advance(0.01 * out.nfe * (1 + clock.now / 10))
+                return out
+            return call
+        return build
+    registry.register(MethodEntry("fake-ddim", "diffusion", timed(), lossless=False, is_baseline=True))
+    registry.register(MethodEntry("fake-shifted", "diffusion", timed(), lossless=False, default_knobs={"shift": 0.25}))
+    registry.register(MethodEntry("fake-picky", "diffusion", timed(picky=True), lossless=False))
+
+
+def _old_rows(wl):
+    """Sweep-style rows of one workload with wrong (noisy) speed-ups and a now-refused arm."""
+    key = S.sweep_key(wl)
+    wd = {**wl.key(), "reference_steps": 8, "sweep_key": key, "features": {"log_fwd_ms": 0.1}}
+    def row(method, knobs, speedup, base=False):
+        return {"workload": wd, "method": method, "knobs": knobs, "run_id": "old", "family": "diffusion",
+                "metrics": {"speedup": speedup, "is_baseline": base, "lossless": False, "rmse_vs_reference": 1.0,
+                            "median_s": 1.0, "iqr_s": 0.5}}
+    return [row("fake-ddim", {}, 1.0, True), row("fake-ddim", {"steps_frac": 0.5}, 17.0),
+            row("fake-shifted", {"shift": 0.25, "steps_frac": 1.0}, 0.3), row("fake-picky", {"steps_frac": 0.5}, 9.0)]
+
+
+def test_retime_replaces_noisy_speedups_keeps_old_rows_and_resumes(monkeypatch, tmp_path):
+    F.fresh_registry(monkeypatch)
+    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
+    clock = F.FakeClock()
+    _timed_fakes(clock, refuse_below=4)                   # picky at half of 6 steps = 3: refused now
+    wl = DiffusionWorkload(model="rand-unet-c8x16-i8-s0", steps=6, batch=1)
+    old = _old_rows(wl)
+    before = build_table(old)
+    w = before.wids()[0]
+    assert before.speedup[(w, "fake-ddim[steps_frac=0.5]")] == 17.0 and not before.refined
+    seen = []
+    with open_history(tmp_path / "h.sqlite") as h:
+        rep = S.retime_diffusion(old, [wl], history=h, rounds=3, clock=clock, sync=lambda: None,
+                                 progress=lambda i, n, label, eta: seen.append((i, n)))
+        assert (rep.workloads, rep.rows, rep.skipped, rep.errors) == (1, 3, 0, []) and seen == [(0, 1)]
+        assert len(rep.dropped) == 1 and "fake-picky" in rep.dropped[0]
+        new = h.rows()
+        assert {m.metrics["timing"] for m in new} == {"interleaved"} and all(m.metrics["rounds"] == 3 for m in new)
+        # resumable: the workload is done; asking for more rounds re-times it again
+        again = S.retime_diffusion(old + new, [wl], history=h, rounds=3, clock=clock, sync=lambda: None)
+        assert (again.workloads, again.skipped) == (0, 1)
+        assert S.retime_diffusion(old + new, [], history=h, rounds=3).missing == 1
+        t = build_table(old + h.rows())
+    assert t.refined == {w}
+    # 3 of 6 model calls: speed-up 2 (per round; the rising load cancels), not the stored 17
+    half = [m for m in new if m.knobs == {"steps_frac": 0.5}][0]
+    assert all(1.8 < r < 2.2 for r in half.metrics["speedup_rounds"])
+    assert t.speedup[(w, "fake-ddim[steps_frac=0.5]")] == pytest.approx(sorted(half.metrics["speedup_rounds"])[1])
+    assert "fake-picky[steps_frac=0.5]" not in t.arms_on(w)           # the current code refuses it
+    # quality recomputed from the same seeds: the shifted sampler is worse than the baseline
+    assert t.loss[(w, "fake-shifted[shift=0.25,steps_frac=1.0]")] > 0 and t.loss[(w, "fake-ddim")] == 0
+    assert t.speedup[(w, "fake-shifted[shift=0.25,steps_frac=1.0]")] == pytest.approx(1.0, rel=0.15)

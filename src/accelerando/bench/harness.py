@@ -130,3 +130,50 @@ def measure(
         peak_memory_kind=kind,
         warmup=warmup,
     )
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 5,
+    warmup_rounds: int = 1,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing]:
+    """Time several callables in interleaved rounds: each round calls every one once.
+
+    On a shared machine the load drifts over seconds; timing method A's repeats and then method
+    B's lets the drift land on one of them only. Here every round holds one call of each, the
+    order rotated by one place per round (so none is always first after a pause), and the i-th
+    sample of every ``Timing`` comes from round i: ratios are best taken per round (the same load
+    hit both calls of a round). ``warmup_rounds`` untimed rounds run first; peak memory is not
+    recorded (``measure`` does that per method).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if warmup_rounds < 0:
+        raise ValueError(f"warmup_rounds must be >= 0, got {warmup_rounds}")
+    sync = sync if sync is not None else default_sync()
+    names = list(fns)
+    for _ in range(warmup_rounds):
+        for n in names:
+            fns[n]()
+    sync()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    results: dict[str, Any] = {}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for n in names[k:] + names[:k]:
+            sync()
+            start = clock()
+            results[n] = fns[n]()
+            sync()
+            samples[n].append(clock() - start)
+    out = {}
+    for n in names:
+        ordered = sorted(samples[n])
+        out[n] = Timing(median_s=statistics.median(ordered), min_s=ordered[0], max_s=ordered[-1],
+                        iqr_s=percentile(ordered, 75) - percentile(ordered, 25), samples=tuple(samples[n]),
+                        peak_memory_bytes=None, result=results[n], peak_memory_kind="none",
+                        warmup=warmup_rounds)
+    return out

@@ -48,17 +48,21 @@ def sweep(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads (tiny models run best on 1).")] = 1,
     bundle: Annotated[bool, typer.Option(help="Also write the swept rows to the selector's bundled data file.")] = False,
+    retime: Annotated[bool, typer.Option("--retime", help="Re-time the diffusion arms already in the history "
+                                         "(bundled + yours) in interleaved rounds, into new rows; quality is "
+                                         "recomputed. LLM workloads are not re-timed yet.")] = False,
+    rounds: Annotated[int, typer.Option(help="--retime: interleaved timed rounds (after one warm-up round).")] = 5,
     history: history_option = None,
 ) -> None:
     """Run a grid of workloads x method configurations into the history (resumable: rows already
-    there are skipped), with progress and an ETA."""
+    there are skipped), with progress and an ETA. ``--retime`` re-measures what is there instead."""
     import torch
     from accelerando.bench.history import open_history
     from . import sweep as S
     from .recommend import save_bundled
 
-    if llm < 0 or diffusion < 0 or repeats < 1:
-        raise CLIError("--llm/--diffusion must be >= 0 and --repeats >= 1")
+    if llm < 0 or diffusion < 0 or repeats < 1 or rounds < 1:
+        raise CLIError("--llm/--diffusion must be >= 0, --repeats and --rounds >= 1")
     torch.set_num_threads(max(1, threads))
     wls = S.llm_grid(llm, seed=seed) + S.diffusion_grid(diffusion, seed=seed)
     console = _console()
@@ -67,6 +71,9 @@ def sweep(
         eta_s = f"ETA {eta / 60:.1f} min" if eta is not None else "ETA -"
         console.print(f"[{i + 1}/{n}] {label}  ({eta_s})")
 
+    if retime:
+        _retime(ctx, history, S, diffusion, seed, rounds, max_minutes, device, bundle, progress, console)
+        return
     with open_history(_history_location(ctx, history)) as h:
         rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
                           reference_steps=reference_steps,
@@ -82,6 +89,28 @@ def sweep(
             keys = {S.sweep_key(w) for w in wls}
             n = save_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
             console.print(f"wrote {n} rows to the bundled selector data")
+
+
+def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console) -> None:
+    from accelerando.bench.history import open_history
+    from .recommend import load_bundled, merge_bundled
+    grid = S.diffusion_grid(n_diffusion, seed=seed)
+    keys = {S.sweep_key(w) for w in grid}
+    grid += [w for w in S.diffusion_grid(n_diffusion, seed=seed, zoo_names=[]) if S.sweep_key(w) not in keys]
+    with open_history(_history_location(ctx, history)) as h:
+        rows = load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]
+        rep = S.retime_diffusion(rows, grid, history=h, rounds=rounds, device=device, progress=progress,
+                                 max_seconds=max_minutes * 60 if max_minutes else None)
+        console.print(f"retime: {rep.workloads} workloads re-timed ({rep.rows} rows, {rounds} interleaved rounds), "
+                      f"{rep.skipped} already re-timed, {rep.missing} not in the grid, {rep.seconds / 60:.1f} min, "
+                      f"load average {min(rep.load, default=0):.1f}-{max(rep.load, default=0):.1f}; quality moved "
+                      f"by at most {rep.max_quality_drift:.2%} from the stored rows"
+                      + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
+        for e in rep.errors + rep.dropped:
+            console.print(f"[yellow]not re-timed[/yellow] {e}")
+        if bundle:
+            n = merge_bundled(m for m in h.rows() if (m.metrics or {}).get("timing") == S.INTERLEAVED)
+            console.print(f"added {n} re-timed rows to the bundled selector data")
 
 
 # ----------------------------------------------------------------------------- recommend

@@ -27,7 +27,7 @@ BUNDLED = DATA_DIR / "history.jsonl.gz"
 KEEP_METRICS = ("speedup", "lossless", "is_baseline", "token_agreement", "exact_match", "lossless_verified",
                 "perplexity", "rmse_vs_reference", "rmse_vs_baseline", "quality_loss", "tokens_per_s",
                 "samples_per_s", "median_s", "iqr_s", "nfe", "new_tokens", "target_calls", "accepted_tokens",
-                "drafted_tokens")
+                "drafted_tokens", "timing", "rounds", "speedup_rounds", "speedup_iqr", "load_1min")
 
 
 # ----------------------------------------------------------------------------- training data
@@ -47,6 +47,23 @@ def save_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
             fh.write(json.dumps(slim_row(m) if not isinstance(m, dict) else m, sort_keys=True) + "\n")
             n += 1
     return n
+
+
+def merge_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
+    """Append ``rows`` to the bundled file, except those already there (same run, method and
+    knobs); the rows it holds stay. Returns how many were added."""
+    have = load_bundled(path)
+    seen = {(r.get("run_id"), r.get("method"), json.dumps(r.get("knobs"), sort_keys=True)) for r in have}
+    new = []
+    for m in rows:
+        d = slim_row(m) if not isinstance(m, dict) else m
+        k = (d.get("run_id"), d.get("method"), json.dumps(d.get("knobs"), sort_keys=True))
+        if k not in seen:
+            seen.add(k)
+            new.append(d)
+    if new:
+        save_bundled(have + new, path)
+    return len(new)
 
 
 def load_bundled(path: Path = BUNDLED) -> list[dict[str, Any]]:

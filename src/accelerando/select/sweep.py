@@ -22,11 +22,12 @@ import inspect
 import math
 import random
 import re
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
-from .table import arm_id, workload_id
+from .table import INTERLEAVED, arm_id, workload_id
 
 # method name -> knob settings to sweep (methods not listed run with their default knobs)
 KNOB_GRID: dict[str, list[dict[str, Any]]] = {
@@ -463,3 +464,158 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
                 feats.update(new)
                 changed += 1
     return len(todo), changed
+
+
+# ----------------------------------------------------------------------------- re-timing
+
+
+
+@dataclass
+class RetimeReport:
+    workloads: int = 0               # re-timed now
+    skipped: int = 0                 # already re-timed in the history (resumed)
+    missing: int = 0                 # history workloads not in the given grid (cannot be rebuilt)
+    rows: int = 0
+    errors: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # arms that no longer run (e.g. n/a at the budget)
+    max_quality_drift: float = 0.0   # max |rmse_ref(now) / rmse_ref(stored) - 1| over the arms
+    seconds: float = 0.0
+    load: list[float] = field(default_factory=list)   # 1-minute load average before each workload
+    stopped_early: bool = False
+
+
+def _row(r: Any, name: str) -> Any:
+    return r.get(name) if isinstance(r, dict) else getattr(r, name)
+
+
+def per_round_speedups(base: Sequence[float], arm: Sequence[float]) -> list[float]:
+    """Speed-up of each interleaved round: the baseline's time over the arm's in the same round."""
+    return [b / a for b, a in zip(base, arm) if a > 0]
+
+
+def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, rounds: int = 5,
+                     warmup_rounds: int = 1, device: str = "cpu", max_seconds: float | None = None,
+                     progress: Callable[[int, int, str, float | None], None] | None = None,
+                     sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                     unet_for: Callable[[str], tuple[Any, int]] | None = None) -> RetimeReport:
+    """Re-time the diffusion arms already in the history, interleaved, into new rows.
+
+    For every swept diffusion workload of ``rows`` (history rows with a ``sweep_key``) that one of
+    ``workloads`` (the grid that produced it) can rebuild: every arm measured there runs again on
+    the same model, budget, spacing and seeds, in ``rounds`` interleaved rounds after
+    ``warmup_rounds`` untimed ones (``harness.measure_interleaved``: one call of every arm per
+    round, so a load change hits all arms of the round alike). An arm's speed-up is the median of
+    its per-round speed-ups (baseline time / arm time in the same round). Quality is recomputed
+    from the same seeds (it is deterministic: the report's ``max_quality_drift`` says how far it
+    moved from the stored rows). New rows carry ``metrics["timing"] = "interleaved"`` and go to
+    ``history``; no row is changed or dropped. Resumable: a workload whose baseline already has an
+    interleaved row of at least ``rounds`` rounds is skipped (a workload's rows are written in one
+    transaction after all its rounds, so a stopped run loses at most the workload in progress). ``unet_for(model)`` (tests)
+    replaces the model cache.
+    """
+    import os
+    from accelerando.bench.harness import measure_interleaved, percentile
+    from accelerando.bench.history import Measurement
+    from accelerando.bench.methods import get_method
+    from accelerando.bench.runner import _quality, build_diffusion_setups, diffusion_reference
+
+    by_key = {sweep_key(w): w for w in workloads if w.family == "diffusion"}
+    stored: dict[str, dict[str, Any]] = {}       # key -> {"workload", "arms": {id: (method, knobs)}, ...}
+    for r in rows:
+        wl = _row(r, "workload") or {}
+        key = wl.get("sweep_key")
+        if not key or (_row(r, "family") or wl.get("family")) != "diffusion":
+            continue
+        m = _row(r, "metrics") or {}
+        s = stored.setdefault(key, {"workload": None, "arms": {}, "rmse": {}, "done": 0})
+        if wl.get("features") and s["workload"] is None:
+            s["workload"] = dict(wl)
+        a = arm_id(_row(r, "method"), _row(r, "knobs"))
+        if m.get("timing") == INTERLEAVED:
+            if m.get("is_baseline"):
+                s["done"] = max(s["done"], int(m.get("rounds") or 0))
+        else:
+            s["arms"][a] = (_row(r, "method"), dict(_row(r, "knobs") or {}))
+            if m.get("rmse_vs_reference") is not None:
+                s["rmse"][a] = float(m["rmse_vs_reference"])
+    rep = RetimeReport()
+    todo = []
+    for key, s in stored.items():
+        if key not in by_key or s["workload"] is None:
+            rep.missing += 1
+        elif s["done"] >= rounds:
+            rep.skipped += 1
+        else:
+            todo.append(key)
+    cache = ModelCache(device)
+    unet_for = unet_for or cache.unet
+    t_start = time.perf_counter()
+    times: list[float] = []
+    for i, key in enumerate(todo):
+        if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+            rep.stopped_early = True
+            break
+        wl, s = by_key[key], stored[key]
+        label = f"diffusion {wl.model} steps={wl.steps} {wl.spacing} b={wl.batch}"
+        if progress:
+            progress(i, len(todo), label, (sum(times) / len(times)) * (len(todo) - i) if times else None)
+        tw = time.perf_counter()
+        rep.load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+        try:
+            unet, n_train = unet_for(wl.model)[:2]
+            setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+            ref = diffusion_reference(setups, steps=int(s["workload"].get("reference_steps", 100)))
+            fns, entries, steps_of = {}, {}, {}
+            base = next(a for a, (mt, kn) in s["arms"].items()
+                        if get_method(mt).is_baseline and "steps_frac" not in kn)
+            for a, (method, knobs) in s["arms"].items():
+                entry = get_method(method)
+                k = {**entry.default_knobs, **{n: v for n, v in knobs.items() if n != "steps_frac"}}
+                steps = max(1, round(setups[0].steps * float(knobs.get("steps_frac", 1.0))))
+                # build and the first warm-up call, one arm at a time: an arm the current code
+                # refuses (a budget below its minimum) or that fails is left out and reported
+                try:
+                    calls = [entry.build(replace(x, steps=steps), **k) for x in setups]
+                    [c() for c in calls]
+                except Exception as exc:    # noqa: BLE001
+                    if a == base:
+                        raise
+                    rep.dropped.append(f"{label}: {a}: {type(exc).__name__}: {exc}")
+                    continue
+                fns[a] = (lambda calls=calls: [c() for c in calls])
+                entries[a], steps_of[a] = entry, steps
+            timings = measure_interleaved(fns, rounds=rounds, warmup_rounds=max(0, warmup_rounds - 1),
+                                          sync=sync, clock=clock)
+        except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the rest
+            rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
+            continue
+        base_out = timings[base].result
+        base_q = _quality("diffusion", setups, base_out, base_out, ref, entries[base], score_perplexity=False)
+        run_id = f"retime-{key}-{int(time.time() * 1e3) % 10**9}"
+        new = []
+        for a, t in timings.items():
+            q = _quality("diffusion", setups, t.result, base_out, ref, entries[a], score_perplexity=False)
+            ratios = per_round_speedups(timings[base].samples, t.samples)
+            srt = sorted(ratios)
+            is_base = a == base
+            m = {**t.summary(), **q, "timing": INTERLEAVED, "rounds": rounds, "warmup_rounds": warmup_rounds,
+                 "speedup": 1.0 if is_base else statistics.median(ratios),
+                 "speedup_rounds": ratios, "speedup_iqr": percentile(srt, 75) - percentile(srt, 25),
+                 "nfe": sum(int(o.nfe) for o in t.result), "steps": steps_of[a],
+                 "lossless": entries[a].lossless, "is_baseline": is_base, "load_1min": rep.load[-1]}
+            m.pop("peak_memory_bytes", None), m.pop("peak_memory_kind", None)
+            rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")
+            if rb and rx is not None:
+                m["quality_loss"] = 0.0 if is_base else max(0.0, rx / rb - 1.0)
+            old = s["rmse"].get(a)
+            if old and rx is not None:
+                rep.max_quality_drift = max(rep.max_quality_drift, abs(rx / old - 1.0))
+            method, knobs = s["arms"][a]
+            new.append(Measurement(workload=dict(s["workload"]), method=method, knobs=knobs, metrics=m,
+                                   seed=int(s["workload"].get("seed", 0)), family="diffusion", run_id=run_id))
+        history.record_many(new)
+        rep.rows += len(new)
+        rep.workloads += 1
+        times.append(time.perf_counter() - tw)
+    rep.seconds = time.perf_counter() - t_start
+    return rep

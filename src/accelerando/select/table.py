@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 LOSS_TOL = 1e-9
+INTERLEAVED = "interleaved"      # metrics["timing"] of a re-timed row (``select.sweep.retime_diffusion``)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class PerfTable:
     speedup: dict[tuple[str, str], float] = field(default_factory=dict)
     loss: dict[tuple[str, str], float | None] = field(default_factory=dict)
     err_ratio: dict[tuple[str, str], float] = field(default_factory=dict)   # unclipped, where measured
+    refined: set[str] = field(default_factory=set)      # workloads whose cells come from a re-timing
 
     # -- queries
     def family_of(self, wid: str) -> str:
@@ -192,7 +194,7 @@ class PerfTable:
                          {w: d for w, d in self.hardware.items() if w in keep}, dict(self.arms),
                          {k: v for k, v in self.speedup.items() if k[0] in keep},
                          {k: v for k, v in self.loss.items() if k[0] in keep},
-                         {k: v for k, v in self.err_ratio.items() if k[0] in keep})
+                         {k: v for k, v in self.err_ratio.items() if k[0] in keep}, self.refined & keep)
 
     def __len__(self) -> int:
         return len(self.workloads)
@@ -203,10 +205,20 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
 
     Rows are grouped into runs by ``run_id`` (the baseline of the same run gives the reference
     for perplexity / reference-error ratios). Rows without a speed-up or with an error are skipped.
+
+    Which measurement counts: a workload that has re-timed rows (``metrics["timing"] ==
+    "interleaved"``, from ``accelerando sweep --retime``) takes all its cells from them alone --
+    speed-up = median of the per-round speed-ups pooled over its re-timings, quality = the worst
+    re-timed row, arms = those the re-timing ran (an arm the current code refuses is gone) -- and
+    its older rows stay in the history but are not read here. Other workloads: speed-up = median
+    over their rows, quality = the worst row.
     """
     rows = list(rows)
+    refined = {workload_id(_family_workload(r)) for r in rows if (_get(r, "metrics") or {}).get("timing") == INTERLEAVED}
     runs: dict[Any, list[Any]] = defaultdict(list)
     for i, r in enumerate(rows):
+        if workload_id(_family_workload(r)) in refined and (_get(r, "metrics") or {}).get("timing") != INTERLEAVED:
+            continue                   # superseded by the workload's interleaved re-timing
         runs[_get(r, "run_id") or ("row", i)].append(r)
     t = PerfTable()
     sp: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -233,7 +245,13 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
                       lossless=bool(m.get("lossless")), is_baseline=bool(m.get("is_baseline")))
             t.arms.setdefault(arm.id, arm)
             greedy = float(wl.get("temperature") or 0.0) == 0.0
-            sp[(wid, arm.id)].append(1.0 if arm.is_baseline else s)
+            per_round = m.get("speedup_rounds") if m.get("timing") == INTERLEAVED else None
+            if arm.is_baseline:
+                sp[(wid, arm.id)].append(1.0)
+            elif per_round:
+                sp[(wid, arm.id)].extend(float(x) for x in per_round)
+            else:
+                sp[(wid, arm.id)].append(s)
             ls[(wid, arm.id)].append(quality_loss(family, m, base, greedy=greedy))
             if family != "llm" and (ratio := error_ratio(m, base)) is not None:
                 er[(wid, arm.id)].append(1.0 if arm.is_baseline else ratio)
@@ -242,4 +260,11 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
         known = [x for x in ls[k] if x is not None]
         t.loss[k] = max(known) if known else None
     t.err_ratio = {k: max(v) for k, v in er.items()}      # the worst repeat, like the loss
+    t.refined = refined & set(t.workloads)
     return t
+
+
+def _family_workload(r: Any) -> dict[str, Any]:
+    wl = dict(_get(r, "workload") or {})
+    wl.setdefault("family", str(wl.get("family") or _get(r, "family") or "llm"))
+    return wl
