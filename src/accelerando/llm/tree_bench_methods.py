@@ -1,5 +1,6 @@
 """Tree speculation in the bench registry: Medusa heads (exact / typical) and multi-draft trees
-(SpecInfer with replacement, RSD without replacement: constant branching and stochastic beam search).
+(SpecInfer with replacement, RSD without replacement: constant branching, stochastic beam search,
+and two budgeted shapes -- a static sparse tree and best-first growth by draft path probability).
 
 Builders return zero-argument callables producing an ``LLMOutput`` (sequences + the tree loop's
 counters: target_calls, steps, nodes_verified, accepted_tokens, tokens_per_target_call).
@@ -61,6 +62,22 @@ def _tree_builder(replacement: bool, shape: str):
     return build
 
 
+def build_rsd_sparse(s: LLMSetup, draft: str | None = None, nodes: int | None = 4, widths: Any = None,
+                     replacement: bool = False) -> Callable[[], LLMOutput]:
+    from accelerando.llm.drafters import DraftTree
+    if isinstance(widths, str):          # "2,1,1" from a CLI knob as well as a JSON list
+        widths = [int(w) for w in widths.split(",") if w.strip()]
+    return _run(s, DraftTree(_draft(s, draft), shape="sparse", nodes=None if widths is not None else int(nodes),
+                             widths=widths, replacement=bool(replacement)))
+
+
+def build_rsd_dyn(s: LLMSetup, draft: str | None = None, nodes: int = 4, width: int = 2, depth: int | None = None,
+                  replacement: bool = False) -> Callable[[], LLMOutput]:
+    from accelerando.llm.drafters import DraftTree
+    return _run(s, DraftTree(_draft(s, draft), shape="dynamic", nodes=int(nodes), width=int(width),
+                             depth=None if depth is None else int(depth), replacement=bool(replacement)))
+
+
 register(MethodEntry("medusa", "llm", build_medusa, lossless=True,
                      description="Medusa heads + sparse tree; exact (greedy at T=0, recursive rejection at T>0)",
                      default_knobs={"nodes": 16}))
@@ -76,3 +93,9 @@ register(MethodEntry("rsd-c", "llm", _tree_builder(False, "chains"), lossless=Tr
 register(MethodEntry("rsd-s", "llm", _tree_builder(False, "beam"), lossless=True,
                      description="Recursive Speculative Decoding with stochastic beam search drafts",
                      default_knobs={"width": 2, "depth": 3}))
+register(MethodEntry("rsd-sparse", "llm", build_rsd_sparse, lossless=True,
+                     description="static sparse draft tree: a main chain plus siblings at the shallow levels (RSD rule)",
+                     default_knobs={"nodes": 4}))
+register(MethodEntry("rsd-dyn", "llm", build_rsd_dyn, lossless=True,
+                     description="draft tree grown best-first by draft path probability under a node budget (RSD rule)",
+                     default_knobs={"nodes": 4, "width": 2}))

@@ -5,11 +5,35 @@ Shapes (N = number of drafted nodes):
   "beam"    stochastic beam search over draft sequences, ``width`` beams kept per level (RSD-S,
             N <= width * depth; needs ``replacement=False``)
   "full"    every node has ``width`` children down to ``depth`` (N = width + ... + width^depth)
+  "sparse"  a static sparse tree: a main chain (rank-0 children) whose node at level l has
+            ``widths[l-1]`` children, the extra ones leaves (N = sum(widths)); ``nodes=N`` alone
+            picks ``sparse_widths(N)`` (depth N - N//4, one extra sibling at each of the first N//4 levels)
+  "dynamic" best-first growth under a budget of ``nodes`` drafted nodes (the EAGLE-2 / Sequoia idea:
+            spend nodes where the draft is unsure): the next node added is the pending child slot
+            with the highest draft path probability, at most ``width`` children per node and ``depth`` levels
 Siblings are drawn from the draft with replacement (SpecInfer) or without (RSD: Gumbel-top-k);
 the matching recursive rejection rule in ``tree_verify`` keeps the target's distribution exactly.
 
+Why a dynamic shape stays lossless (at T > 0 too). The recursive rejection rule is exact for any
+tree drawn by a process that, each time it adds a child to a node n, (a) decides to add it *before*
+drawing it, from what has been drawn so far (the draft's q's, tokens drawn anywhere in the tree,
+independent coins) but never from the target or the verifier's uniforms, and (b) draws it from q_n
+with n's earlier children removed (without replacement) or from q_n itself (with replacement).
+Sketch: fix a node n reached by the accepted path, with target distribution p after it. Condition on
+all draft randomness outside n's children and on the verifier's randomness outside n: what remains
+is a sequential process on n's own children in which "is there a child i+1?" is a function of
+x_1..x_i only (a stopping rule), and x_{i+1} ~ q_{i+1} given x_1..x_i. Backward induction on i:
+if the process from state (p_{i+1}, q_{i+1}) emits p_{i+1} for every x_1..x_i, the process from
+(p_i, q_i) emits min(p_i, q_i) + (1 - sum min(p_i, q_i)) norm(max(0, p_i - q_i)) = p_i; with no
+further child it samples p_i directly. So each node emits exactly p, and by induction along the
+path the sequence has the target's law. ``best_first_tree`` satisfies (a) and (b): a slot's score
+is fixed before its child is drawn (parent path probability x the i-th largest q_n value), and a
+drawn child only scores its *own* future children and competes for later slots. What it must not
+do -- and does not -- is EAGLE-2's rerank-and-prune of already drawn nodes, whose kept count
+depends on the dropped siblings' values (``tests/test_llm_tree_verify.py`` shows such a peeking rule failing).
+
 The draft model keeps its own KV cache and grows the tree level by level, one draft forward per
-level. On the lean engine (Llama-family drafts) each level re-feeds the whole tree so far as one
+level (per best-first round for "dynamic"). On the lean engine (Llama-family drafts) each level re-feeds the whole tree so far as one
 fixed-size tree block (a tiny draft pays per call, not per token, so this costs about one decode
 step and needs one compiled shape); with transformers (other drafts) only the new frontier is fed
 with a 4D tree mask. After verification the draft cache keeps the accepted path's entries and
@@ -18,15 +42,125 @@ catches up on the rest next time.
 
 from __future__ import annotations
 
+import heapq
+import math
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from accelerando.llm.tree import TokenTree, check_tree_support, keep_accepted_path, tree_attention_mask
-from accelerando.llm.tree_verify import draft_tree, stochastic_beam_tree
+from accelerando.llm.tree_verify import DraftedTree, Expand, draft_tree, sample_siblings, stochastic_beam_tree
 
-SHAPES = ("chains", "beam", "full")
+SHAPES = ("chains", "beam", "full", "sparse", "dynamic")
+
+
+def sparse_widths(nodes: int) -> list[int]:
+    """Default static sparse shape for a budget of ``nodes`` drafted nodes: one extra sibling per
+    4 nodes, at the shallowest levels of the main chain (4 -> [2, 1, 1], 8 -> [2, 2, 1, 1, 1, 1])."""
+    if nodes < 1:
+        raise ValueError(f"nodes must be >= 1, got {nodes}")
+    extra = nodes // 4
+    return [2] * extra + [1] * (nodes - 2 * extra)
+
+
+def sparse_shape(widths: Sequence[int]) -> TokenTree:
+    """Main chain of depth ``len(widths)``; its node at level l has ``widths[l-1]`` children (rank 0
+    continues the chain, ranks >= 1 are leaves)."""
+    if not widths or any(int(w) < 1 for w in widths):
+        raise ValueError(f"widths must be a non-empty list of integers >= 1, got {list(widths)}")
+    paths = [[0] * level + [r] for level, w in enumerate(widths) for r in range(int(w))]
+    return TokenTree.from_paths(paths)
+
+
+def draft_shape(expand: Expand, root_token: int, shape: TokenTree, *, replacement: bool,
+                generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
+    """Fill a fixed tree shape (breadth-first node order) with draft tokens, one draft forward per level.
+
+    Every node of a level is fed (the hf path feeds consecutive nodes); only those with children in
+    ``shape`` draw them: ``len(children)`` tokens from q (``sample_siblings``), in rank order.
+    """
+    tokens = [int(root_token)] + [0] * (len(shape) - 1)
+    qs: dict[int, torch.Tensor] = {}
+    by_depth: dict[int, list[int]] = {}
+    for i, d in enumerate(shape.depths):
+        by_depth.setdefault(d, []).append(i)
+    for d in range(shape.max_depth):
+        level = by_depth[d]
+        n = level[-1] + 1                                     # nodes [0, n) are drafted so far
+        sub = TokenTree(shape.parents[:n], shape.ranks[:n])
+        dists = expand(sub, tokens[:n], level)
+        for node, qn in zip(level, dists):
+            kids = shape.children[node]
+            if not kids:
+                continue
+            qs[node] = qn
+            xs = sample_siblings(qn, len(kids), replacement=replacement, generator=generator,
+                                 deterministic=deterministic).tolist()
+            for c, x in zip(kids, xs + [xs[-1]] * (len(kids) - len(xs))):   # q with fewer tokens: repeat
+                tokens[c] = int(x)
+    return _drafted(shape, tokens, qs)
+
+
+def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, depth: int, replacement: bool,
+                    generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
+    """Grow a tree of at most ``nodes`` drafted nodes best-first by the draft's path probability.
+
+    A *slot* is "the i-th child of node n" (i < width, n above ``depth``), scored before it is
+    drawn: log P(n) + log q_n^(i), with P(n) the product of the draft's q along n's path and
+    q_n^(i) the i-th largest value of q_n. Slots are filled highest score first; each is drawn
+    then (the i-th of n's siblings, with or without replacement), so the tree is the top-``nodes``
+    by score (at temperature 0, where children are q's top tokens, that is EAGLE-2's tree: the
+    nodes of highest cumulative draft probability). Scores need q_n, i.e. a draft forward over n:
+    a slot is filled only while its score is >= every not-yet-forwarded node's path score (their
+    children can only score lower), else the pending nodes are forwarded first (one draft call per
+    round; about one round per level). Lossless by the argument in the module docstring.
+    """
+    parents, ranks, tokens, logp, depths = [-1], [0], [int(root_token)], [0.0], [0]
+    qs: dict[int, torch.Tensor] = {}
+    drawn: dict[int, list[int]] = {}      # node -> its children's tokens, drawn up front, revealed in rank order
+    heap: list[tuple[float, int, int]] = []   # (-score, node, rank)
+    fed = 0
+    while len(tokens) - 1 < nodes:
+        frontier = list(range(fed, len(tokens)))
+        if frontier:
+            dists = expand(TokenTree(tuple(parents), tuple(ranks)), tokens, frontier)
+            fed = len(tokens)
+            for n, qn in zip(frontier, dists):
+                if depths[n] >= depth:
+                    continue
+                qs[n] = qn
+                # the draw happens now but is looked at only when slot r is filled: no decision
+                # reads a child's token before that child is in the tree (i.i.d. / Gumbel order)
+                drawn[n] = sample_siblings(qn, width, replacement=replacement, generator=generator,
+                                           deterministic=deterministic).tolist()
+                top = qn.topk(min(width, qn.shape[-1])).values.tolist()
+                for r in range(len(drawn[n])):
+                    if top[r] > 0:
+                        heapq.heappush(heap, (-(logp[n] + math.log(top[r])), n, r))
+        bound = max((logp[m] for m in range(fed, len(tokens)) if depths[m] < depth), default=-math.inf)
+        added = 0
+        while heap and len(tokens) - 1 < nodes and -heap[0][0] >= bound:
+            _, n, r = heapq.heappop(heap)
+            x = drawn[n][r]
+            parents.append(n); ranks.append(r); tokens.append(x); depths.append(depths[n] + 1)
+            logp.append(logp[n] + math.log(max(float(qs[n][x]), 1e-30)))
+            if depths[-1] < depth:
+                bound = max(bound, logp[-1])
+            added += 1
+        if not heap and fed == len(tokens):
+            break                                   # nothing left to draw (width / depth / support exhausted)
+        if added == 0 and fed == len(tokens):
+            break
+    return _drafted(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
+
+
+def _drafted(tree: TokenTree, tokens: list[int], qs: dict[int, torch.Tensor]) -> DraftedTree:
+    first = next(iter(qs.values()))
+    q = torch.zeros(len(tokens), first.shape[-1], dtype=first.dtype, device=first.device)
+    for node, qn in qs.items():
+        q[node] = qn
+    return DraftedTree(tree, tokens, q)
 _ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -45,12 +179,30 @@ class DraftTree:
     is_tree_drafter = True
     acceptance = "exact"        # multi-draft trees are verified losslessly
 
-    def __init__(self, draft_model: Any, *, width: int = 3, depth: int = 4, replacement: bool = False,
-                 shape: str = "chains", backend: str = "auto", compile: bool | None = None):
-        if width < 1 or depth < 1:
-            raise ValueError("width and depth must be >= 1")
+    def __init__(self, draft_model: Any, *, width: int = 3, depth: int | None = None, replacement: bool = False,
+                 shape: str = "chains", nodes: int | None = None, widths: Sequence[int] | None = None,
+                 backend: str = "auto", compile: bool | None = None):
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+        if shape == "sparse":
+            if widths is None and nodes is None:
+                raise ValueError('shape="sparse" needs widths=[...] (children per main-chain level) or nodes=N')
+            self.widths = [int(w) for w in widths] if widths is not None else sparse_widths(int(nodes))
+            self.tree_shape = sparse_shape(self.widths)
+            if nodes is not None and int(nodes) != len(self.tree_shape) - 1:
+                raise ValueError(f"widths {self.widths} give {len(self.tree_shape) - 1} nodes, not nodes={nodes}")
+            nodes, depth = len(self.tree_shape) - 1, len(self.widths)
+        elif shape == "dynamic":
+            if nodes is None or int(nodes) < 1:
+                raise ValueError('shape="dynamic" needs a node budget nodes=N >= 1')
+            nodes = int(nodes)
+            depth = nodes if depth is None else depth
+        else:
+            if nodes is not None or widths is not None:
+                raise ValueError(f"nodes= and widths= apply to the sparse and dynamic shapes, not {shape!r}")
+            depth = 4 if depth is None else depth
+        if width < 1 or depth < 1:
+            raise ValueError("width and depth must be >= 1")
         if shape == "beam" and replacement:
             raise ValueError("stochastic beam search draws without replacement (replacement=False)")
         if backend not in ("auto", "engine", "hf"):
@@ -61,6 +213,7 @@ class DraftTree:
             compile = tree_speculative.DEFAULT_BACKEND != "engine-eager"
         self.backend, self.compile = backend, compile
         self.model, self.width, self.depth, self.replacement, self.shape = draft_model, width, depth, replacement, shape
+        self.nodes = nodes
         self.draft_calls = 0
 
     @property
@@ -72,6 +225,8 @@ class DraftTree:
     @property
     def max_nodes(self) -> int:
         """Upper bound on the tree size (root included): the verifier pads every tree to it."""
+        if self.shape in ("sparse", "dynamic"):
+            return 1 + self.nodes
         if self.shape == "full":
             return sum(self.width ** d for d in range(self.depth + 1))
         return 1 + self.width * self.depth
@@ -85,9 +240,11 @@ class DraftTree:
         self.draft_calls = 0
         self.use_engine = self.backend == "engine" or (self.backend == "auto" and unsupported_reason(self.model) is None)
         if self.use_engine:
-            # block = pending chain + the tree so far, padded to a fixed size: one compiled step shape
+            # block = pending + the tree so far, padded to a fixed size: one compiled step shape. Every
+            # shape feeds all its nodes but the last-drawn ones, and an accepted path has at most one of
+            # those (its parent was fed), so at most one accepted token is pending
             from accelerando.llm.tree_speculative import pad_size
-            self.block = pad_size(self.max_nodes + self.depth + 1)
+            self.block = pad_size(self.max_nodes + 1)
             self.eng = _draft_engine(self.model, input_ids.shape[1] + max_new_tokens + 2 * self.block, self.compile)
             self.eng.prefill(input_ids)
             self.cache_len, self.pending = input_ids.shape[1], []
@@ -131,6 +288,8 @@ class DraftTree:
 
         def expand(tree: TokenTree, tokens: list[int], frontier: list[int]) -> torch.Tensor:
             n = len(tree)
+            if m + n > T:
+                raise RuntimeError(f"draft block of {T} slots cannot hold {m} pending tokens + {n} tree nodes")
             anc = torch.eye(T, dtype=torch.bool, device=dev)        # padding slots see themselves only
             anc[:m, :m] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
             anc[m:m + n, :m] = True
@@ -156,6 +315,12 @@ class DraftTree:
         if self.shape == "beam":
             d = stochastic_beam_tree(expand, root, self.width, self.depth, generator=generator,
                                      deterministic=deterministic)
+        elif self.shape == "sparse":
+            d = draft_shape(expand, root, self.tree_shape, replacement=self.replacement, generator=generator,
+                            deterministic=deterministic)
+        elif self.shape == "dynamic":
+            d = best_first_tree(expand, root, self.nodes, width=self.width, depth=self.depth,
+                                replacement=self.replacement, generator=generator, deterministic=deterministic)
         else:
             d = draft_tree(expand, root, self.branching, replacement=self.replacement, generator=generator,
                            deterministic=deterministic)
