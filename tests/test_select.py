@@ -423,3 +423,33 @@ def test_recommend_offers_no_diffusion_arm_where_the_history_shows_it_cannot_run
     key = {"family": "diffusion", "model": "u0", "steps": 8, "spacing": "trailing", "batch": 2}
     rec = recommend(key, rows, constraint=Constraint(0.25), hardware={})
     assert rec.selector == "qmargin" and fast not in {p.arm for p in rec.ranked}
+
+
+def test_structural_speed_model_is_the_step_ratio_times_a_learned_per_sampler_factor():
+    """Speed-ups that are exactly (budget / arm steps) x a per-sampler factor: qmargin-nfe learns the
+    factor and predicts any budget's step ratio exactly; the median model predicts one number."""
+    rows = []
+    factor = {"fast": 0.9, "slow": 1.2}
+    for i, steps in enumerate((5, 8, 9, 10, 15, 16)):
+        wl = {"family": "diffusion", "model": "u", "steps": steps, "spacing": "trailing", "batch": 1, "seed": i}
+        rows.append({"workload": wl, "method": "ddim", "knobs": {}, "run_id": f"r{i}", "family": "diffusion",
+                     "metrics": {"speedup": 1.0, "is_baseline": True, "lossless": False, "rmse_vs_reference": 1.0}})
+        for m, f in factor.items():
+            for frac in (0.5, 0.25):
+                s = steps / max(1, round(steps * frac)) * f
+                rows.append({"workload": wl, "method": m, "knobs": {"steps_frac": frac}, "run_id": f"r{i}",
+                             "family": "diffusion", "metrics": {"speedup": s, "is_baseline": False, "lossless": False,
+                                                                "rmse_vs_reference": 0.5}})
+    t = build_table(rows)
+    nfe = make_selector("qmargin-nfe", constraint=Constraint(0.0)).fit(t)
+    med = make_selector("qmargin", constraint=Constraint(0.0)).fit(t)
+    new = {"family": "diffusion", "model": "u", "steps": 25, "spacing": "trailing", "batch": 1, "seed": 99}
+    got = {p.arm: p.speedup for p in nfe.rank(new)}
+    assert got["fast[steps_frac=0.25]"] == pytest.approx(25 / 6 * 0.9)        # round(6.25) = 6 steps
+    assert got["slow[steps_frac=0.5]"] == pytest.approx(25 / 12 * 1.2)
+    assert got["ddim"] == 1.0
+    ratios = sorted(s / max(1, round(s * 0.25)) for s in (5, 8, 9, 10, 15, 16))
+    want_med = math.sqrt(ratios[2] * ratios[3]) * 0.9                     # the median of the logs
+    assert {p.arm: p.speedup for p in med.rank(new)}["fast[steps_frac=0.25]"] == pytest.approx(want_med)
+    with pytest.raises(ValueError):
+        make_selector("qmargin", speed="flops")

@@ -501,8 +501,13 @@ class QualityMargin(Selector):
       else ``log(1 + loss)``), regressed by extra-trees over (workload features, arm one-hot, the
       arm's numeric knobs, and log2 of the NFE it runs = budget x ``steps_frac``, the quantity
       solver error follows); the budget ``loss <= L`` is ``q <= log(1 + L)``;
-    * speed: the median log speed-up of the arm over the training workloads (timing noise of 10-20%
-      makes anything finer noise-fitting);
+    * speed (``speed="median"``): the median log speed-up of the arm over the training workloads
+      (timing noise of 10-20% makes anything finer noise-fitting); ``speed="nfe"`` (``qmargin-nfe``)
+      is structural: a sampler on the same denoiser costs about (model calls) x (cost of a call), so
+      ``log s(w, a) = log(n / max(1, round(n f_a))) + b_a`` for budget ``n`` and the arm's fraction
+      ``f_a``, where ``b_a`` (the median over the training workloads of the rest) carries what the
+      step ratio does not: the sampler's per-call overhead and any extra or fewer model calls
+      (warm-up stages, no call at t = 0);
     * margin: admit an arm when ``q_hat + delta * sigma_a <= log(1 + L)``, with ``sigma_a`` the
       spread of the arm's out-of-fold residuals (``folds``-fold cross-validation over the training
       workloads): a sampler whose quality the model predicts badly needs a wider margin than one it
@@ -519,10 +524,13 @@ class QualityMargin(Selector):
     MARGINS = tuple(0.25 * i for i in range(13))       # in residual standard deviations: 0 .. 3
 
     def __init__(self, *, n_estimators: int = 100, folds: int = 5, margin: float | None = None,
-                 margins: Sequence[float] = MARGINS, min_p_ok: float = 0.0, **kw: Any):
+                 margins: Sequence[float] = MARGINS, min_p_ok: float = 0.0, speed: str = "median", **kw: Any):
         super().__init__(min_p_ok=min_p_ok, **kw)
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
+        if speed not in ("median", "nfe"):
+            raise ValueError(f"speed must be 'median' or 'nfe', got {speed!r}")
+        self.speed = speed
         if margin is not None and margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.n_estimators, self.folds, self.margin, self.margins = n_estimators, folds, margin, tuple(margins)
@@ -559,8 +567,12 @@ class QualityMargin(Selector):
                 return -1.0
             return math.log2(max(1.0, steps * float(frac)))
         st["nfe"] = nfe
-        logs = {a: [math.log(self.table.speedup[(w, a)]) for w in st["wids"] if (w, a) in self.table.speedup]
-                for a in arms}
+        # speed: the median over the training workloads of log speed-up ("median"), or of its excess
+        # over the log step ratio budget / (budget x steps_frac) ("nfe", see step_ratio)
+        steps_of = [st["X"][i][st["steps_col"]] if st["steps_col"] is not None else math.nan
+                    for i in range(len(st["wids"]))]
+        logs = {a: [math.log(self.table.speedup[(w, a)]) - self._log_ratio(steps_of[i], a)
+                    for i, w in enumerate(st["wids"]) if (w, a) in self.table.speedup] for a in arms}
         st["log_speed"] = {a: (float(np.median(v)), float(np.std(v))) for a, v in logs.items() if v}
         st["qreg"], st["resid"], st["delta"], st["res_sd"] = None, np.zeros(1), 0.0, {}
         needs_quality = not self.constraint.lossless or any(not self.table.arms[a].lossless for a in arms)
@@ -595,18 +607,33 @@ class QualityMargin(Selector):
         else:
             st["delta"] = max(self.margins)                   # nothing to learn it from: the safest
 
+    def _log_ratio(self, steps: float, arm: str) -> float:
+        """``log(budget / arm's steps)`` under ``speed="nfe"`` (0 under "median" or without a budget)."""
+        if self.speed != "nfe":
+            return 0.0
+        frac = self.table.arms[arm].knob_dict().get("steps_frac", 1.0)
+        if not isinstance(frac, (int, float)) or not steps == steps or steps < 1:
+            return 0.0
+        return math.log(steps / max(1, round(steps * float(frac))))
+
+    def log_speedup(self, st: dict[str, Any], steps: float, arm: str) -> float:
+        """Predicted log speed-up of ``arm`` on a workload with budget ``steps``."""
+        return st["log_speed"][arm][0] + self._log_ratio(steps, arm)
+
     def _learn_margin(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray) -> float:
         by_w: dict[int, list[tuple[str, float]]] = {}
         for (i, a), q in zip(cells, oof):
             if q == q and a in st["log_speed"]:
                 by_w.setdefault(i, []).append((a, float(q)))
         thr = self.threshold()
+        sc = st["steps_col"]
         mean_u = []
         for d in self.margins:
             u = 0.0
             for i, aq in by_w.items():
-                ok = [(st["log_speed"][a][0], a) for a, q in aq
-                      if q + d * self._sigma(st, a) <= thr and st["log_speed"][a][0] > 0]
+                steps = st["X"][i][sc] if sc is not None else math.nan
+                ok = [(ls, a) for a, q in aq
+                      if q + d * self._sigma(st, a) <= thr and (ls := self.log_speedup(st, steps, a)) > 0]
                 u += self._utility(st["wids"][i], max(ok)[1]) if ok else 1.0
             mean_u.append(u / max(1, len(by_w)))
         best = max(mean_u)
@@ -640,10 +667,11 @@ class QualityMargin(Selector):
         q = self.predict_quality(family, x, arms)
         ok = self.admitted(family, x, arms, q)
         thr = self.threshold()
+        steps = x[st["steps_col"]] if st["steps_col"] is not None else math.nan
         out = []
         for a in arms:
-            m, sd = st["log_speed"][a]
-            s = math.exp(m)
+            sd = st["log_speed"][a][1]
+            s = math.exp(self.log_speedup(st, steps, a))
             if st["qreg"] is None:
                 p_ok = 1.0 if self.table.arms[a].lossless else 0.0
             else:
@@ -664,6 +692,7 @@ MODELS: dict[str, Callable[..., Selector]] = {
     "forest-arm": lambda **kw: PerfModel(kind="forest", per_arm=True, **kw),
     "ens": Ensemble,
     "qmargin": QualityMargin,
+    "qmargin-nfe": lambda **kw: QualityMargin(speed="nfe", **kw),
 }
 
 # chosen by the held-out evaluation (BENCHMARKS.md "selector"): on the LLM history ens has the best
