@@ -51,7 +51,7 @@ def sweep(
     retime: Annotated[bool, typer.Option("--retime", help="Re-time the diffusion arms already in the history "
                                          "(bundled + yours) in interleaved rounds, into new rows; quality is "
                                          "recomputed. LLM workloads are not re-timed yet.")] = False,
-    rounds: Annotated[int, typer.Option(help="--retime: interleaved timed rounds (after one warm-up round).")] = 5,
+    rounds: Annotated[int, typer.Option(help="--retime: interleaved timed rounds per workload in all (after one warm-up round; a workload re-timed before gets only the missing rounds).")] = 5,
     history: history_option = None,
 ) -> None:
     """Run a grid of workloads x method configurations into the history (resumable: rows already

@@ -504,12 +504,14 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
     ``workloads`` (the grid that produced it) can rebuild: every arm measured there runs again on
     the same model, budget, spacing and seeds, in ``rounds`` interleaved rounds after
     ``warmup_rounds`` untimed ones (``harness.measure_interleaved``: one call of every arm per
-    round, so a load change hits all arms of the round alike). An arm's speed-up is the median of
+    round, so a load change hits all arms of the round alike). ``rounds`` is the total per workload:
+    where earlier re-timings hold some rounds already, only the rest run (a top-up; the table pools
+    the per-round speed-ups of all re-timings). An arm's speed-up is the median of
     its per-round speed-ups (baseline time / arm time in the same round). Quality is recomputed
     from the same seeds (it is deterministic: the report's ``max_quality_drift`` says how far it
     moved from the stored rows). New rows carry ``metrics["timing"] = "interleaved"`` and go to
-    ``history``; no row is changed or dropped. Resumable: a workload whose baseline already has an
-    interleaved row of at least ``rounds`` rounds is skipped (a workload's rows are written in one
+    ``history``; no row is changed or dropped. Resumable: a workload whose baseline's interleaved
+    rows hold ``rounds`` rounds in all is skipped (a workload's rows are written in one
     transaction after all its rounds, so a stopped run loses at most the workload in progress). ``unet_for(model)`` (tests)
     replaces the model cache.
     """
@@ -533,7 +535,7 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
         a = arm_id(_row(r, "method"), _row(r, "knobs"))
         if m.get("timing") == INTERLEAVED:
             if m.get("is_baseline"):
-                s["done"] = max(s["done"], int(m.get("rounds") or 0))
+                s["done"] += int(m.get("rounds") or 0)
         else:
             s["arms"][a] = (_row(r, "method"), dict(_row(r, "knobs") or {}))
             if m.get("rmse_vs_reference") is not None:
@@ -584,7 +586,8 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
                     continue
                 fns[a] = (lambda calls=calls: [c() for c in calls])
                 entries[a], steps_of[a] = entry, steps
-            timings = measure_interleaved(fns, rounds=rounds, warmup_rounds=max(0, warmup_rounds - 1),
+            n_rounds = rounds - s["done"]
+            timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=max(0, warmup_rounds - 1),
                                           sync=sync, clock=clock)
         except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the rest
             rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
@@ -598,7 +601,7 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
             ratios = per_round_speedups(timings[base].samples, t.samples)
             srt = sorted(ratios)
             is_base = a == base
-            m = {**t.summary(), **q, "timing": INTERLEAVED, "rounds": rounds, "warmup_rounds": warmup_rounds,
+            m = {**t.summary(), **q, "timing": INTERLEAVED, "rounds": n_rounds, "warmup_rounds": warmup_rounds,
                  "speedup": 1.0 if is_base else statistics.median(ratios),
                  "speedup_rounds": ratios, "speedup_iqr": percentile(srt, 75) - percentile(srt, 25),
                  "nfe": sum(int(o.nfe) for o in t.result), "steps": steps_of[a],
