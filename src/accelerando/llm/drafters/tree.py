@@ -8,9 +8,9 @@ Shapes (N = number of drafted nodes):
   "sparse"  a static sparse tree: a main chain (rank-0 children) whose node at level l has
             ``widths[l-1]`` children, the extra ones leaves (N = sum(widths)); ``nodes=N`` alone
             picks ``sparse_widths(N)`` (depth N - N//4, one extra sibling at each of the first N//4 levels)
-  "dynamic" best-first growth under a budget of ``nodes`` drafted nodes (the EAGLE-2 / Sequoia idea:
-            spend nodes where the draft is unsure): the next node added is the pending child slot
-            with the highest draft path probability, at most ``width`` children per node and ``depth`` levels
+  "dynamic" best-first growth under a budget of ``nodes`` drafted nodes (EAGLE-2's idea: spend
+            nodes where the draft is unsure): the next node added is the open child slot with the
+            highest draft path probability; at most ``width`` children per node, ``depth`` levels
 Siblings are drawn from the draft with replacement (SpecInfer) or without (RSD: Gumbel-top-k);
 the matching recursive rejection rule in ``tree_verify`` keeps the target's distribution exactly.
 
@@ -19,25 +19,27 @@ tree drawn by a process that, each time it adds a child to a node n, (a) decides
 drawing it, from what has been drawn so far (the draft's q's, tokens drawn anywhere in the tree,
 independent coins) but never from the target or the verifier's uniforms, and (b) draws it from q_n
 with n's earlier children removed (without replacement) or from q_n itself (with replacement).
-Sketch: fix a node n reached by the accepted path, with target distribution p after it. Condition on
-all draft randomness outside n's children and on the verifier's randomness outside n: what remains
-is a sequential process on n's own children in which "is there a child i+1?" is a function of
-x_1..x_i only (a stopping rule), and x_{i+1} ~ q_{i+1} given x_1..x_i. Backward induction on i:
-if the process from state (p_{i+1}, q_{i+1}) emits p_{i+1} for every x_1..x_i, the process from
-(p_i, q_i) emits min(p_i, q_i) + (1 - sum min(p_i, q_i)) norm(max(0, p_i - q_i)) = p_i; with no
+Sketch: let every possible node (token prefix) carry its own independent sequence of child draws,
+used if that node gets children. Fix a node n reached by the accepted path, with target
+distribution p after it, and condition on every other node's draws, the coins and the verifier's
+uniforms outside n: what remains is a sequential process on n's own children in which "is there a
+child i+1?" is a function of x_1..x_i only (a stopping rule), and x_{i+1} ~ q_{i+1} given
+x_1..x_i. Backward induction on i: if the process from state (p_{i+1}, q_{i+1}) emits p_{i+1}
+for every x_1..x_i, the process from (p_i, q_i) emits min(p_i, q_i) + (1 - sum min(p_i, q_i)) norm(max(0, p_i - q_i)) = p_i; with no
 further child it samples p_i directly. So each node emits exactly p, and by induction along the
-path the sequence has the target's law. ``best_first_tree`` satisfies (a) and (b): a slot's score
-is fixed before its child is drawn (parent path probability x the i-th largest q_n value), and a
-drawn child only scores its *own* future children and competes for later slots. What it must not
-do -- and does not -- is EAGLE-2's rerank-and-prune of already drawn nodes, whose kept count
-depends on the dropped siblings' values (``tests/test_llm_tree_verify.py`` shows such a peeking rule failing).
+path the sequence has the target's law. ``best_first_tree`` satisfies (a) and (b): a slot's
+score is fixed before its child is drawn (the parent's score + log of the i-th largest q_n value),
+and a drawn child only shapes the tree through its own q (its future children's slots), which
+competes with later slots. What it must not do -- and does not -- is EAGLE-2's rerank-and-prune
+of already drawn nodes at T > 0, whose kept siblings depend on their own values
+(``tests/test_llm_tree_shapes.py`` shows such a peeking rule failing the chi-square test).
 
 The draft model keeps its own KV cache and grows the tree level by level, one draft forward per
-level (per best-first round for "dynamic"). On the lean engine (Llama-family drafts) each level re-feeds the whole tree so far as one
-fixed-size tree block (a tiny draft pays per call, not per token, so this costs about one decode
-step and needs one compiled shape); with transformers (other drafts) only the new frontier is fed
-with a 4D tree mask. After verification the draft cache keeps the accepted path's entries and
-catches up on the rest next time.
+level (per best-first round for "dynamic"). On the lean engine (Llama-family drafts) each level
+re-feeds the whole tree so far as one fixed-size tree block (a tiny draft pays per call, not per
+token, so this costs about one decode step and needs one compiled shape); with transformers
+(other drafts) only the new frontier is fed with a 4D tree mask. After verification the draft
+cache keeps the accepted path's entries and catches up on the rest next time.
 """
 
 from __future__ import annotations
@@ -107,13 +109,13 @@ def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, 
     """Grow a tree of at most ``nodes`` drafted nodes best-first by the draft's path probability.
 
     A *slot* is "the i-th child of node n" (i < width, n above ``depth``), scored before it is
-    drawn: log P(n) + log q_n^(i), with P(n) the product of the draft's q along n's path and
-    q_n^(i) the i-th largest value of q_n. Slots are filled highest score first; each is drawn
-    then (the i-th of n's siblings, with or without replacement), so the tree is the top-``nodes``
-    by score (at temperature 0, where children are q's top tokens, that is EAGLE-2's tree: the
-    nodes of highest cumulative draft probability). Scores need q_n, i.e. a draft forward over n:
-    a slot is filled only while its score is >= every not-yet-forwarded node's path score (their
-    children can only score lower), else the pending nodes are forwarded first (one draft call per
+    drawn: S = S(n) + log q_n^(i), with q_n^(i) the i-th largest value of q_n and S(root) = 0; the
+    child drawn into it keeps S. Slots are filled highest score first; each is drawn then (the i-th
+    of n's siblings, with or without replacement), so the tree is the top-``nodes`` by score. At
+    temperature 0 children are q's top tokens, S is the log of the draft's path probability and
+    the tree is EAGLE-2's (the nodes of highest cumulative draft probability). Scores need q_n,
+    i.e. a draft forward over n: a slot is filled only while its score is >= every not-yet-forwarded
+    node's score (their children can only score lower), else the pending nodes are forwarded first (one draft call per
     round; about one round per level). Lossless by the argument in the module docstring.
     """
     parents, ranks, tokens, logp, depths = [-1], [0], [int(root_token)], [0.0], [0]
@@ -141,10 +143,13 @@ def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, 
         bound = max((logp[m] for m in range(fed, len(tokens)) if depths[m] < depth), default=-math.inf)
         added = 0
         while heap and len(tokens) - 1 < nodes and -heap[0][0] >= bound:
-            _, n, r = heapq.heappop(heap)
+            neg, n, r = heapq.heappop(heap)
             x = drawn[n][r]
             parents.append(n); ranks.append(r); tokens.append(x); depths.append(depths[n] + 1)
-            logp.append(logp[n] + math.log(max(float(qs[n][x]), 1e-30)))
+            # the child's path score is its slot's (= log P(n) + log q_n(x) at T = 0, where x is q's
+            # i-th top token); at T > 0 the drawn x's own q is a worse guide to acceptance
+            # (sum min(p, q) does not depend on which x was drawn) than the slot's rank
+            logp.append(-neg)
             if depths[-1] < depth:
                 bound = max(bound, logp[-1])
             added += 1
