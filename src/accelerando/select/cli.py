@@ -106,8 +106,9 @@ def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bun
                       f"load average {min(rep.load, default=0):.1f}-{max(rep.load, default=0):.1f}; quality moved "
                       f"by at most {rep.max_quality_drift:.2%} from the stored rows"
                       + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
+        from rich.markup import escape
         for e in rep.errors + rep.dropped:
-            console.print(f"[yellow]not re-timed[/yellow] {e}")
+            console.print(f"[yellow]not re-timed[/yellow] {escape(e)}")      # arm ids hold [...]
         if bundle:
             n = merge_bundled(m for m in h.rows() if (m.metrics or {}).get("timing") == S.INTERLEAVED)
             console.print(f"added {n} re-timed rows to the bundled selector data")
