@@ -237,3 +237,29 @@ def test_keep_path_unmasked_move_equals_masked():
     b.keep_path(path, n_keep=torch.tensor([3, 3]))
     for x, y in zip((*a.k, *a.v, a.valid, a.lengths), (*b.k, *b.v, b.valid, b.lengths)):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_weights_equal_the_modules_and_follow_weight_changes(kind):
+    """On CPU the engine multiplies by fused, transposed copies of q/k/v, gate/up, o, down and
+    lm_head: the same logits as the HF modules, rebuilt when a weight changes in place."""
+    model = _tiny(kind)
+    ids, mask = _prompts(2)
+    fused = engine.Engine(model, batch_size=2, max_len=32, compile=False)
+    plain = engine.Engine(model, batch_size=2, max_len=32, compile=False)
+    plain.decoder.fused = False
+    assert fused.decoder.fused
+    real = mask.bool()
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+                model.model.layers[1].self_attn.k_proj.weight.add_(0.05)
+        a = fused.prefill(ids, mask, last_only=False)
+        b = plain.prefill(ids, mask, last_only=False)
+        with torch.no_grad():
+            ref = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[real], ref[real], atol=1e-5, rtol=1e-5)
+        step = torch.randint(1, V, (2, 3), generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(fused.step(step), plain.step(step), atol=1e-5, rtol=1e-5)

@@ -148,3 +148,44 @@ def test_medusa_picks_match_the_tree_and_greedy_proposal():
     prop = m.use_tree(tree).propose(7, h, SamplingConfig(0.0), None, "exact")
     top = m(h).topk(3, dim=-1).indices.tolist()
     assert prop.tokens.tolist() == [7] + [top[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, len(tree))]
+
+
+@pytest.mark.parametrize("proj", ["shared", "lowrank", "own"])
+def test_step_hook_drafts_equal_the_eager_heads(proj):
+    """Medusa's StepHook (heads inside the target's engine step, at the node greedy verification
+    accepts) gives the drafts the eager heads give from that node's hidden state; padding columns
+    of the step do not change them."""
+    from accelerando.llm.engine import EngineSpecCache
+    from accelerando.llm.sampling import SamplingConfig
+    from accelerando.llm.tree_verify import greedy_accept_tree
+    t = _tiny(seed=3)
+    torch.manual_seed(4)
+    m = Medusa.for_target(t, n_heads=3, n_layers=2, projection=proj, rank=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tree = TokenTree.from_paths([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])    # 8 nodes
+    greedy = SamplingConfig(0.0)
+    hook = m.use_tree(tree).step_hook(greedy)
+    assert hook is m.step_hook(greedy) and m.step_hook(SamplingConfig(0.7)) is None
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(5))
+    cont = t.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)[0, 9:]
+    tokens = torch.randint(0, 64, (1, len(tree)), generator=torch.Generator().manual_seed(6))
+    tokens[0, 0] = ids[0, -1]                                   # root: the last token, not cached yet
+    tokens[0, [1, 4, 7]] = cont                                 # path [0, 0, 0] = the target's greedy tokens
+    caches = [EngineSpecCache(t, batch_size=1, max_len=40, compile=False, role=f"hook-{proj}-{i}") for i in range(2)]
+    for c in caches:
+        c.forward(ids[:, :-1])                                  # prefill
+    drafts, logits = caches[0].forward(tokens, tree=tree, hidden=hook)
+    node, nxt = greedy_accept_tree(tree, tokens, logits.argmax(-1))
+    assert int(node) == 7                                       # a deep accepted node, not the root
+    h, logits2 = caches[1].forward(tokens, tree=tree, hidden=True)
+    torch.testing.assert_close(logits2, logits)
+    eager = m.propose(int(nxt), h[0, int(node)], greedy).tokens
+    prop = m.propose(int(nxt), drafts[0, int(node)], greedy)
+    assert torch.equal(prop.tokens, eager) and prop.tree is m.tree
+    # a compiled step pads the block to a fixed width: extra columns do not change the drafts
+    pad = lambda x, v: torch.cat([x, v.expand(1, 3, *x.shape[2:])], 1)          # noqa: E731
+    padded = hook(pad(h, h[:, :1] + 1.0), pad(logits2, logits2[:, :1]), pad(tokens, tokens.new_zeros(1, 1)))
+    assert padded.shape == (1, len(tree) + 3, len(tree) - 1)
+    assert torch.equal(padded[0, int(node)], drafts[0, int(node)])

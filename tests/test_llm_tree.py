@@ -112,3 +112,11 @@ def test_padded_mask_equals_a_freshly_built_one():
         assert tree.padded_mask(width) is tree.padded_mask(width)     # built once
     with pytest.raises(ValueError):
         tree.padded_mask(len(tree) - 1)
+
+
+def test_is_chain_is_cached_and_equals_a_fresh_check():
+    for t in (TokenTree.chain(0), TokenTree.chain(3), TokenTree.chains(2, 2), TokenTree.full(2, 2),
+              TokenTree.from_paths([[0], [0, 0], [0, 0, 0]]), TokenTree.from_paths([[0], [1], [0, 0]])):
+        fresh = all(len(c) <= 1 for c in t.children)
+        assert t.is_chain() == fresh and t.is_chain() == fresh
+        assert t == TokenTree(t.parents, t.ranks)               # the cache is not part of the value

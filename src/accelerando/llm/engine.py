@@ -18,7 +18,7 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return (p.view(B, H // rep, rep * T, -1) @ v).view(B, H, T, D)
 
 
+def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with the weight stored transposed (in, out)."""
+    y = x @ w_t
+    return y if b is None else y + b
+
+
 def _layer_windows(model: Any) -> list[int | None]:
     cfg = model.config
     n = cfg.num_hidden_layers
@@ -89,9 +95,12 @@ class LeanDecoder(torch.nn.Module):
     before each token (transformers' ``attention_mask.cumsum(-1) - 1``); with a ``tree_mask``
     (node x ancestor-or-self, (T, T) or (B, T, T), nodes in topological order) a node's position is
     the block's first position + its depth, and it attends to the prefix and its ancestors only.
+    ``head`` = (fn, args): return ``(fn(h, logits, input_ids, *args), logits)`` with h the
+    final-norm hidden states (B, T, hidden) -- a ``StepHook`` computed inside the compiled step
+    (e.g. Medusa's heads).
     """
 
-    def __init__(self, model: Any, max_len: int):
+    def __init__(self, model: Any, max_len: int, fuse: bool | None = None):
         super().__init__()
         reason = unsupported_reason(model)
         if reason is not None:
@@ -111,10 +120,52 @@ class LeanDecoder(torch.nn.Module):
         self.register_buffer("cos", cos[0], persistent=False)   # (L, D)
         self.register_buffer("sin", sin[0], persistent=False)
         self.max_len = max_len
+        mlp_ok = all(hasattr(l.mlp, n) for l in self.layers for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        self.fused = mlp_ok and ((p.device.type == "cpu") if fuse is None else bool(fuse))
+        self._fused_key: tuple = ()
+        if self.fused:
+            self.refresh_fused()
+
+    def _fused_sources(self) -> list[torch.Tensor]:
+        out = [self.lm_head.weight]
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+                out += [mod.weight] + ([mod.bias] if mod.bias is not None else [])
+        return out
+
+    def refresh_fused(self) -> None:
+        """(Re)build the fused, transposed projection weights if the model's weights changed.
+
+        On CPU a skinny matmul ``x @ W.t()`` through an nn.Linear's (out, in) weight is ~1.5-2.5x
+        slower than ``x @ Wt`` with a contiguous (in, out) operand, and every call has a fixed cost;
+        so q/k/v are one (H, (Hq + 2 Hkv) D) matrix and gate/up one (H, 2 I), each stored transposed
+        (a second copy of the weights: the price of the faster step). Checked by storage and
+        ``_version`` (an optimizer step, ``load_state_dict`` or ``.to()`` changes it), cheaply.
+        """
+        src = self._fused_sources()
+        key = tuple((t.data_ptr(), t._version) for t in src)
+        if key == self._fused_key:
+            return
+        with torch.no_grad():
+            self.register_buffer("lm_head_t", self.lm_head.weight.t().contiguous(), persistent=False)
+            for i, layer in enumerate(self.layers):
+                a, m = layer.self_attn, layer.mlp
+                qkv = (a.q_proj, a.k_proj, a.v_proj)
+                self.register_buffer(f"wqkv{i}", torch.cat([l.weight for l in qkv]).t().contiguous(), persistent=False)
+                b = None if qkv[0].bias is None else torch.cat([l.bias for l in qkv]).contiguous()
+                self.register_buffer(f"bqkv{i}", b, persistent=False)
+                self.register_buffer(f"wo{i}", a.o_proj.weight.t().contiguous(), persistent=False)
+                self.register_buffer(f"wgu{i}", torch.cat([m.gate_proj.weight, m.up_proj.weight]).t().contiguous(),
+                                     persistent=False)
+                b = None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias]).contiguous()
+                self.register_buffer(f"bgu{i}", b, persistent=False)
+                self.register_buffer(f"wd{i}", m.down_proj.weight.t().contiguous(), persistent=False)
+        self._fused_key = key
 
     def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor],
                 valid: torch.Tensor, lengths: torch.Tensor, tree_mask: torch.Tensor | None = None,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, head: tuple | None = None):
         B, T = input_ids.shape
         L, D = k[0].shape[2], self.head_dim
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
@@ -139,24 +190,40 @@ class LeanDecoder(torch.nn.Module):
         rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
         h = self.embed(input_ids)
         rep = self.n_heads // self.n_kv_heads
+        nq, nkv = self.n_heads * D, self.n_kv_heads * D
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)                           # (B, H, T, D)
-            kn = attn.k_proj(x).view(B, T, -1, D)                                          # (B, T, Hkv, D)
-            vn = attn.v_proj(x).view(B, T, -1, D)
+            if self.fused:      # one matmul for q, k, v (weights pre-transposed, see refresh_fused)
+                qkv = _linear_t(x, getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"))      # (B, T, nq + 2 nkv)
+                q, kn, vn = qkv.split([nq, nkv, nkv], dim=-1)
+                q = q.reshape(B, T, -1, D).transpose(1, 2)                                    # (B, H, T, D)
+                kn, vn = kn.reshape(B, T, -1, D), vn.reshape(B, T, -1, D)                    # (B, T, Hkv, D)
+            else:
+                q = attn.q_proj(x).view(B, T, -1, D).transpose(1, 2)                       # (B, H, T, D)
+                kn = attn.k_proj(x).view(B, T, -1, D)                                      # (B, T, Hkv, D)
+                vn = attn.v_proj(x).view(B, T, -1, D)
             q = q * cos + _rotate_half(q) * sin
             kn = kn * cos.transpose(1, 2) + _rotate_half(kn) * sin.transpose(1, 2)
             # index_put on the buffers themselves: inductor mutates them in place, no copy
             k[i][rows, :, slots] = kn                                                      # (B, T) <- (B, T, Hkv, D)
             v[i][rows, :, slots] = vn
             o = _attention(q, k[i], v[i], masks[self.windows[i]], attn.scaling, rep)        # (B, H, T, D)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            o = o.transpose(1, 2).reshape(B, T, -1)
+            if self.fused:
+                h = h + _linear_t(o, getattr(self, f"wo{i}"), attn.o_proj.bias)
+                gu = _linear_t(layer.post_attention_layernorm(h), getattr(self, f"wgu{i}"), getattr(self, f"bgu{i}"))
+                g, u = gu.chunk(2, dim=-1)                                                    # (B, T, I) each
+                h = h + _linear_t(layer.mlp.act_fn(g) * u, getattr(self, f"wd{i}"), layer.mlp.down_proj.bias)
+            else:
+                h = h + attn.o_proj(o)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(h)
+        logits = h @ self.lm_head_t if self.fused else self.lm_head(h)
+        if head is not None:        # a drafter's function of this step's outputs, in the same graph
+            return head[0](h, logits, input_ids, *head[1]), logits
         return (h, logits) if return_hidden else logits
 
 
@@ -170,6 +237,27 @@ def _own_code(decoder: LeanDecoder):
     fn = LeanDecoder.forward
     own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     return types.MethodType(own, decoder)
+
+
+@dataclass(frozen=True, eq=False)
+class StepHook:
+    """What a drafter needs from a verification step, as a pure function
+    ``fn(h (B, T, hidden), logits (B, T, V), input_ids (B, T), *args) -> (B, T, X)`` (``fn`` a
+    module-level function, ``args`` tensors, ints or None; T may include padding columns past the
+    caller's tokens). Passed as ``hidden=`` to ``EngineSpecCache.forward``, which computes it
+    inside the compiled step and returns it in place of the hidden states -- no separate eager
+    call, no (B, T, hidden) output. Caches that cannot (``HFCache``, the engine's eager prefill)
+    return the raw hidden states instead, so a consumer must accept both (Medusa tells them apart
+    by dtype: its hook returns token ids)."""
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+
+    def __call__(self, h: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.fn(h, logits, input_ids, *self.args)
+
+    def key(self) -> tuple:
+        """What a compiled step specialises on: the function, tensor shapes and the ints."""
+        return (self.fn,) + tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in self.args)
 
 
 @dataclass
@@ -201,19 +289,29 @@ class Engine:
         self.device = p.device
         self.compiled = compile
         self.stats = EngineStats()
-        self._step_fn = self.decoder.forward
-        if compile:
-            if p.device.type == "cuda":   # CUDA graphs: one replay per step instead of many launches
-                self._step_fn = torch.compile(self.decoder.forward, fullgraph=True, dynamic=False,
-                                              mode="reduce-overhead")
-            else:
-                # Guarding every parameter of the module costs ~0.2 ms per call on CPU; the weights
-                # are graph inputs (read at run time), only their identity goes unchecked.
-                self._step_fn = torch.compile(
-                    _own_code(self.decoder), fullgraph=True, dynamic=False,
-                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._step_fn = self._compile() if compile else self.decoder.forward
+        self._hook_fns: dict[tuple, Any] = {}     # one compiled step per hidden hook (its own code object)
         self._seen: set[tuple] = set()
         self._ones: dict[torch.Size, torch.Tensor] = {}
+
+    def _compile(self):
+        if self.device.type == "cuda":   # CUDA graphs: one replay per step instead of many launches
+            return torch.compile(self.decoder.forward, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        # Guarding every parameter of the module costs ~0.2 ms per call on CPU; the weights are
+        # graph inputs (read at run time), only their identity goes unchecked.
+        return torch.compile(_own_code(self.decoder), fullgraph=True, dynamic=False,
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def _fn_for(self, hook: "StepHook | None"):
+        """The step function: with a hook, a compiled step of its own per hook key, so hooks of
+        several trees never push the plain steps past dynamo's per-code recompile limit."""
+        if hook is None or not self.compiled:
+            return self._step_fn
+        key = hook.key()
+        fn = self._hook_fns.get(key)
+        if fn is None:
+            fn = self._hook_fns[key] = self._compile()
+        return fn
 
     @property
     def batch_size(self) -> int:
@@ -232,11 +330,11 @@ class Engine:
     def reset(self) -> None:
         self.cache.reset()
 
-    def _run(self, fn, input_ids, token_mask, tree_mask, last_only, return_hidden=False):
+    def _run(self, fn, input_ids, token_mask, tree_mask, last_only, return_hidden=False, head=None):
         c = self.cache
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only, return_hidden)
+            out = fn(input_ids, token_mask, c.k, c.v, c.valid, c.lengths, tree_mask, last_only, return_hidden, head)
         self.stats.forward_s += time.perf_counter() - t0
         self.stats.forward_calls += 1
         return out
@@ -252,31 +350,37 @@ class Engine:
         if P > self.max_len:
             raise ValueError(f"prompt of {P} tokens does not fit a cache of {self.max_len}")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if self.decoder.fused:      # the model's weights may have changed since the last request
+            self.decoder.refresh_fused()
         out = self._run(self.decoder.forward, input_ids, mask, None, last_only, return_hidden)
         self.cache.advance(P)
         return out
 
     def step(self, input_ids: torch.Tensor, *, token_mask: torch.Tensor | None = None,
-             tree_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False):
+             tree_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False,
+             hook: "StepHook | None" = None):
         """Append T tokens per row at ``cache.lengths`` and advance by T; returns logits (B, T, V)
-        (with ``return_hidden``: (final-norm hidden states (B, T, hidden), logits)).
+        (with ``return_hidden``: (final-norm hidden states (B, T, hidden), logits); with ``hook``:
+        (hook(hidden states), logits), the hook computed inside the compiled step).
 
         The caller must keep ``lengths + T <= max_len`` (slots past the end are not checked here,
         to avoid a host sync per step). Reject tokens afterwards with ``cache.rollback``.
         """
         if token_mask is None:
             token_mask = self._all_valid(input_ids.shape)
-        key = (tuple(input_ids.shape), tree_mask is not None, last_only, return_hidden)
+        key = (tuple(input_ids.shape), tree_mask is not None, last_only, return_hidden,
+               None if hook is None else hook.key())
         first = self.compiled and key not in self._seen
         t0 = time.perf_counter()
-        out = self._run(self._step_fn, input_ids, token_mask, tree_mask, last_only, return_hidden)
+        head = None if hook is None else (hook.fn, hook.args)
+        out = self._run(self._fn_for(hook), input_ids, token_mask, tree_mask, last_only, return_hidden, head)
         if first:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self._seen.add(key)
             self.stats.compile_s[f"B{key[0][0]}xT{key[0][1]}xL{self.max_len}"] = time.perf_counter() - t0
         if self.compiled and self.device.type == "cuda":   # CUDA-graph outputs are overwritten by the next replay
-            out = tuple(o.clone() for o in out) if return_hidden else out.clone()
+            out = tuple(o.clone() for o in out) if (return_hidden or hook is not None) else out.clone()
         self.cache.advance(input_ids.shape[1])
         return out
 
@@ -338,29 +442,32 @@ class EngineSpecCache:
         return self._bound
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False) -> Any:
+                hidden: "bool | StepHook" = False) -> Any:
         """Append ``ids`` (B, T); with ``tree`` (a ``TokenTree`` of T nodes) the block is one tree
-        step (node i sees the prefix and its ancestors). ``hidden``: return (hidden, logits)."""
+        step (node i sees the prefix and its ancestors). ``hidden``: return (hidden, logits); a
+        ``StepHook``: return (hook output, logits), computed inside a compiled step (the prefill,
+        eager, returns the raw hidden states)."""
         eng = self.engine
         self.calls += 1
         B, T = ids.shape
         mask = None if valid is None else valid.bool()
-        if not self._started:
+        hook = hidden if isinstance(hidden, StepHook) else None
+        if not self._started:     # eager prefill: raw hidden states even when a hook is asked for
             self._started, self._bound = True, T
-            return eng.prefill(ids, mask, last_only=False, return_hidden=hidden)
+            return eng.prefill(ids, mask, last_only=False, return_hidden=bool(hidden))
         width = _bucket(T) if eng.compiled else T
         if self._bound + width > eng.max_len:
             self._make_room(width)
         self._bound += T
         tree_mask = None if tree is None else self._tree_mask(tree, width)
+        want = dict(return_hidden=bool(hidden) and hook is None, hook=hook)
         if width == T:
-            return eng.step(ids, token_mask=mask, tree_mask=tree_mask, return_hidden=hidden)
+            return eng.step(ids, token_mask=mask, tree_mask=tree_mask, **want)
         pad = width - T                      # pad to a compiled width; the padding is masked, then forgotten
         if mask is None:
             mask = eng._all_valid(ids.shape)
         out = eng.step(torch.cat([ids, ids.new_zeros(B, pad)], 1),
-                       token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1), tree_mask=tree_mask,
-                       return_hidden=hidden)
+                       token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1), tree_mask=tree_mask, **want)
         eng.cache.lengths -= pad
         return tuple(o[:, :T] for o in out) if hidden else out[:, :T]
 

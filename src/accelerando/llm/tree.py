@@ -110,7 +110,11 @@ class TokenTree:
         return max(self.depths)
 
     def is_chain(self) -> bool:
-        return all(len(c) <= 1 for c in self.children)
+        """One path (every node has at most one child); computed once (the tree is immutable)."""
+        c = self.__dict__.get("_chain")
+        if c is None:
+            c = self.__dict__["_chain"] = all(len(k) <= 1 for k in self.children)
+        return c
 
     def path_to(self, i: int) -> list[int]:
         """Nodes from the root to ``i`` (inclusive)."""

@@ -11,6 +11,9 @@ Tree drafters (``accelerando.llm.drafters``) implement ``begin / propose / accep
   begin(target, input_ids, max_new)   once, after the target's prefill (one row, no padding)
   propose(root, hidden, sampling)     -> TreeProposal (tree shape, tokens with the root first, q)
   accept(path, emitted)               bookkeeping after verification (e.g. the draft's own cache)
+and optionally step_hook(sampling, rule) -> ``engine.StepHook`` | None: work the engine does inside
+the target's compiled step; ``propose`` then gets the hook's output at the accepted node as
+``hidden`` (or the raw hidden state where no engine ran it: the prefill, transformers caches).
 """
 
 from __future__ import annotations
@@ -66,10 +69,16 @@ class TreeDrafting:
     def __init__(self, drafter: Any, sampling: SamplingConfig, generator: torch.Generator | None,
                  rule: tuple[str, float, float] | None = None):
         self.drafter, self.sampling, self.generator = drafter, sampling, generator
-        self.needs_hidden = bool(getattr(drafter, "needs_hidden", False))
         default = (getattr(drafter, "acceptance", "exact"), getattr(drafter, "epsilon", 0.09),
                    getattr(drafter, "alpha", 0.3))
         self.rule, self.epsilon, self.alpha = rule or default
+        self.needs_hidden = bool(getattr(drafter, "needs_hidden", False))
+        # a drafter's StepHook (Medusa at T=0) rides on the loop's hidden= request: the engine runs it
+        # inside the verification step; other caches hand the drafter the raw hidden state instead
+        hook = getattr(drafter, "step_hook", None)
+        hook = hook(sampling, self.rule) if self.needs_hidden and hook is not None else None
+        if hook is not None:
+            self.needs_hidden = hook
         self.max_nodes = getattr(drafter, "max_nodes", 0) or 64
 
     @property

@@ -149,14 +149,8 @@ class Medusa(nn.Module):
         """
         W, b, out, low = self._stacked()
         x = h.to(W.dtype).reshape(1, 1, -1).expand(W.shape[0], 1, -1)                  # (K, 1, H)
-        for l in range(W.shape[1]):
-            x = x + nn.functional.silu(torch.baddbmm(b[:, l, None], x, W[:, l]))       # ResBlock, all heads
-        if out.dim() == 3:                                                               # own projections
-            return torch.bmm(x, out).squeeze(1)                                         # (K, V)
-        logits = x.squeeze(1) @ out                                                     # (K, V): one matmul
-        if low is not None:
-            logits = logits + torch.bmm(torch.bmm(x, low[0]), low[1]).squeeze(1)
-        return logits
+        down, up = low if low is not None else (None, None)
+        return _heads_logits(x, W, b, out, down, up).squeeze(1)                         # (K, V)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple | None]:
         """(W (K, n_layers, H, H) as x @ W, b (K, n_layers, H), out (H, V) shared or (K, H, V) own,
@@ -235,6 +229,32 @@ class Medusa(nn.Module):
     def begin(self, target: Any, input_ids: torch.Tensor, max_new_tokens: int = 0) -> None:
         self.attach(target)
 
+    def step_hook(self, sampling: Any, rule: str = "exact") -> Any:
+        """At temperature 0, a ``StepHook`` that runs the heads inside the target's compiled tree
+        step (the real Medusa computes its heads in the tree forward too): the graph picks the
+        node greedy verification will accept, runs the heads on that node's hidden state only
+        and returns the next tree's drafted tokens, so ``propose`` just prepends the root. None
+        otherwise (sampling and typical acceptance at T > 0 read the raw hidden state).
+
+        The drafts are a guess the verifier checks, never part of the verdict: should the graph's
+        node ever differ from the loop's, only the acceptance rate could suffer, not the output.
+        """
+        tree = self.tree
+        if not sampling.greedy or len(tree) < 2:
+            return None
+        from accelerando.llm.engine import StepHook
+        W, b, out, low = self._stacked()
+        cached = self.__dict__.get("_step_hook")            # one hook per (tree, stacked weights)
+        if cached is None or cached[0] is not tree or cached[1] is not W:
+            K = tree.max_depth                                            # only the heads the tree reaches
+            head, rank, R = medusa_picks(tree, W.device)
+            t = tree.tensors(W.device)
+            down, up = (low[0][:K], low[1][:K]) if low is not None else (None, None)
+            args = (t["parent"], t["fail_of"].to(W.dtype), t["score"], W[:K], b[:K],
+                    out[:K] if out.dim() == 3 else out, down, up, head * R + rank, R)
+            cached = self.__dict__["_step_hook"] = (tree, W, StepHook(medusa_step_drafts, args))
+        return cached[2]
+
     @torch.no_grad()
     def propose(self, root: int, hidden: torch.Tensor, sampling: Any, generator: torch.Generator | None = None,
                 rule: str = "exact"):
@@ -243,10 +263,14 @@ class Medusa(nn.Module):
         A node at depth d takes head d's pick: its rank-th top token (greedy / typical), or, for
         lossless sampling, children sampled without replacement from head d's processed
         distribution (the same q for every node of a depth: Medusa heads do not see the path).
+        ``hidden`` may instead hold the drafted tokens (N-1,) already (an integer tensor: the
+        ``step_hook`` output, computed inside the target's step).
         """
         from accelerando.llm.tree_speculative import TreeProposal
         from accelerando.llm.tree_verify import sample_tree_tokens
         tree = self.tree
+        if not hidden.is_floating_point():                                 # drafts from the step hook
+            return TreeProposal(tree, torch.cat([hidden.new_full((1,), int(root)), hidden]))
         logits = self.draft_logits(hidden)                                  # (K, V)
         if sampling.greedy or rule == "typical":
             head, rank, R = medusa_picks(tree, logits.device)               # built once per tree
@@ -410,6 +434,47 @@ def medusa_picks(tree: TokenTree, device: Any = None) -> tuple[torch.Tensor, tor
         rank = torch.tensor(tree.ranks[1:], dtype=torch.long, device=device)
         cache[key] = (head, rank, max(tree.ranks) + 1)
     return cache[key]
+
+
+def _heads_logits(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                  down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+    """x (K, M, H), one row block per head -> logits (K, M, V), the K heads batched: one bmm per
+    ResBlock layer, one matmul for a shared projection (bmm for own ones), the stacked weights of
+    ``Medusa._stacked``."""
+    for l in range(W.shape[1]):
+        x = x + nn.functional.silu(torch.baddbmm(b[:, l, None], x, W[:, l]))           # ResBlock, all heads
+    if out.dim() == 3:                                                                   # own projections
+        return torch.bmm(x, out)
+    logits = x @ out                                                                     # (K*M, H) @ (H, V)
+    if down is not None:
+        logits = logits + torch.bmm(torch.bmm(x, down), up)
+    return logits
+
+
+def medusa_step_drafts(h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, parent: torch.Tensor,
+                       fail_of: torch.Tensor, score: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                       out: torch.Tensor, down: torch.Tensor | None, up: torch.Tensor | None,
+                       idx: torch.Tensor, R: int) -> torch.Tensor:
+    """Medusa's ``StepHook`` (inside the target's compiled tree step, temperature 0).
+
+    h (B, T, H), logits (B, T, V), ids (B, T): the step's hidden states, logits and node tokens
+    (T >= N: padding columns follow the tree's N nodes). The accepted node is greedy
+    verification's (``tree_verify.greedy_accept_tree``: deepest node whose path matches the
+    argmax, ties to the lowest index); the heads run on its hidden state only, and node j of the
+    next tree takes head ``idx[j] // R``'s rank ``idx[j] % R`` pick. Returns (B, T, N-1) drafts,
+    the same for every column (the loop reads the accepted node's).
+    """
+    B, T, H = h.shape
+    N = parent.shape[0]
+    K = W.shape[0]
+    arg = logits[:, :N].argmax(-1)                                                       # (B, N)
+    ok = ids[:, :N] == arg[:, parent]
+    failed = (~ok).to(fail_of.dtype) @ fail_of                                           # (B, N)
+    node = torch.where(failed == 0, score, -1).argmax(-1)                                # (B,)
+    hn = h.gather(1, node[:, None, None].expand(B, 1, H)).reshape(1, B, H).expand(K, B, H)
+    top = _heads_logits(hn, W, b, out, down, up).topk(R, dim=-1).indices                 # (K, B, R)
+    drafts = top.permute(1, 0, 2).reshape(B, K * R)[:, idx]                             # (B, N-1)
+    return drafts[:, None, :].expand(B, T, N - 1)
 
 
 ZOO_HEADS = "code-target-medusa"
