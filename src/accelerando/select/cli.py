@@ -101,7 +101,7 @@ def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bun
         rows = load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]
         rep = S.retime_diffusion(rows, grid, history=h, rounds=rounds, device=device, progress=progress,
                                  max_seconds=max_minutes * 60 if max_minutes else None)
-        console.print(f"retime: {rep.workloads} workloads re-timed ({rep.rows} rows, {rounds} interleaved rounds), "
+        console.print(f"retime: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a workload in all), "
                       f"{rep.skipped} already re-timed, {rep.missing} not in the grid, {rep.seconds / 60:.1f} min, "
                       f"load average {min(rep.load, default=0):.1f}-{max(rep.load, default=0):.1f}; quality moved "
                       f"by at most {rep.max_quality_drift:.2%} from the stored rows"
