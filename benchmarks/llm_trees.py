@@ -2,6 +2,7 @@
 
     python benchmarks/llm_trees.py                  # full run (zoo models), writes BENCHMARKS.md + history
     python benchmarks/llm_trees.py --quick          # smoke run on random stand-ins, nothing written
+    python benchmarks/llm_trees.py --no-write --no-history   # full run, tables printed only
 
 Workloads: code and prose prompts, greedy and temperature 0.7, batch 1. Every method runs on the
 same lean engine (static cache, compiled fixed-shape steps) so ratios compare algorithms, not
@@ -9,8 +10,10 @@ backends. Lossless methods must reproduce the greedy baseline token for token (c
 temperature 0.7 every method reports the target's perplexity of its text; typical acceptance
 (lossy) also reports its agreement with the greedy text. The fixed-budget table follows the RSD
 paper: at a fixed number of drafted nodes per verification, tokens per target call of a chain,
-SpecInfer trees (with replacement) and RSD trees (without replacement, constant branching and
-stochastic beam search).
+SpecInfer trees (with replacement) and RSD trees (without replacement: constant branching,
+stochastic beam search, a static sparse tree and best-first growth by draft path probability);
+a summary per budget says whether the best tree or the chain wins, in tokens per target call (the
+issue's measure) and in tokens/s.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torch
 
 from accelerando.bench.report import machine_line, markdown_table, write_section
 from accelerando.llm.drafters import DraftTree, Medusa
+from accelerando.llm.drafters.tree import sparse_widths
 from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_speculative import TreeProposal, tree_speculative_generate
 
 MEDUSA_NAME, TARGET_NAME = "code-target-medusa", "code-target"
+PROMPT_TOKENS = 80
 # Draft-model engines run eagerly here: with compiled draft steps we saw every timed call of a
 # DraftTree take 30-160 s on this machine (apparently recompiling; not yet diagnosed).
 DRAFT_COMPILE = False
@@ -92,7 +97,12 @@ def load_models(quick: bool):
     heads = Medusa.load(zoo_heads_path(MEDUSA_NAME), target=t)
     tok = AutoTokenizer.from_pretrained(zoo.path(TARGET_NAME))
     prompts = prompt_texts()
-    enc = {k: [tok(p, return_tensors="pt").input_ids[:, -96:] for p in v] for k, v in prompts.items()}
+    # every prompt cut to the same length (the held-out prompts have >= 80 tokens): one engine size
+    # and one set of compiled shapes per method, so one warm-up run per method covers all prompts
+    enc = {k: [tok(p, return_tensors="pt").input_ids[:, -PROMPT_TOKENS:] for p in v] for k, v in prompts.items()}
+    short = [ids.shape[1] for v in enc.values() for ids in v if ids.shape[1] < PROMPT_TOKENS]
+    if short:
+        raise SystemExit(f"held-out prompts shorter than {PROMPT_TOKENS} tokens: {short}; use fewer --prompts")
     return t, d, heads, enc, f"zoo: {TARGET_NAME}, draft {draft_name}, {MEDUSA_NAME}"
 
 
@@ -100,7 +110,11 @@ def prompt_texts() -> dict[str, list[str]]:
     """Held-out code and prose prompts from the zoo corpus (documents the target never trained on)."""
     from accelerando.zoo import data
     n = ARGS.prompts
-    return {"code": data.heldout_prompts("code", n=n, chars=300), "prose": data.heldout_prompts("prose", n=n, chars=300)}
+    out = {k: data.heldout_prompts(k, n=n, chars=300) for k in ("code", "prose")}
+    for k, v in out.items():
+        if len(v) < n:
+            raise SystemExit(f"the zoo corpus has {len(v)} held-out {k} prompts of >= 300 characters; use --prompts <= {len(v)}")
+    return out
 
 
 def methods(target, draft, heads, temperature: float) -> list[Method]:
@@ -123,6 +137,11 @@ def methods(target, draft, heads, temperature: float) -> list[Method]:
             if n <= 15:
                 ms.append(Method("medusa-typical", {"nodes": n, "epsilon": 0.09, "alpha": 0.3},
                                  (lambda n=n: heads.use_tree(n)), rule="typical", lossless=False))
+    for n in ARGS.chain_k:   # the budgeted shapes at the chain's node counts
+        ms.append(Method("rsd-sparse", {"nodes": n, "widths": ",".join(map(str, sparse_widths(n)))},
+                         (lambda n=n: DraftTree(draft, shape="sparse", nodes=n, compile=DRAFT_COMPILE))))
+        ms.append(Method("rsd-dyn", {"nodes": n, "width": 2},
+                         (lambda n=n: DraftTree(draft, shape="dynamic", nodes=n, width=2, compile=DRAFT_COMPILE))))
     for w, d in ARGS.tree_shapes:
         ms.append(Method("rsd-c", {"width": w, "depth": d}, (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, compile=DRAFT_COMPILE))))
         ms.append(Method("rsd-s", {"width": w, "depth": d},
@@ -155,7 +174,8 @@ def run_one(m: Method, target, prompts: list[torch.Tensor], temperature: float) 
         return out, st
 
     for i, ids in enumerate(prompts):
-        call(ids, i)                                           # warm-up (compiles the tree step once)
+        if i == 0:
+            call(ids, i)          # warm-up (compiles the tree steps once; every prompt has the same length)
         times = []
         for _ in range(ARGS.repeats):
             t0 = time.perf_counter()
@@ -184,33 +204,40 @@ def perplexity(target, outs: list[torch.Tensor], prompts: list[torch.Tensor]) ->
 
 def main() -> None:
     global ARGS
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--prompts", type=int, default=1, help="held-out prompts per domain")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--no-history", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="random stand-in models, 16 tokens, nothing written")
+    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    ap.add_argument("--prompts", type=int, default=4, help="held-out prompts per domain (default 4)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per prompt, after one warm-up run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--no-history", action="store_true", help="do not record the rows in the history store")
+    ap.add_argument("--no-write", action="store_true", help="print the tables, do not write BENCHMARKS.md")
     ARGS = ap.parse_args()
+    for name in ("new_tokens", "prompts", "repeats", "threads"):
+        if getattr(ARGS, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
     ARGS.chain_k = [2, 4] if ARGS.quick else [4, 8]
     ARGS.medusa_nodes = [3, 7] if ARGS.quick else [3, 7, 15, 63]   # + root: 4, 8, 16, 64 nodes (compiled sizes)
     ARGS.tree_shapes = [(2, 2)] if ARGS.quick else [(2, 2), (4, 2)]
     if ARGS.quick:
         ARGS.new_tokens, ARGS.repeats = 16, 1
     torch.set_num_threads(ARGS.threads)
+    started = time.perf_counter()
     target, draft, heads, prompts, source = load_models(ARGS.quick)
     rows_hist, sections = [], []
     main_rows, budget_rows = [], []
     def emit(partial: bool) -> None:
         budget_rows.sort(key=lambda x: (x[0], x[1], x[2], -x[5]))
+        summary = budget_summary(budget_rows)
         headers = ["T", "prompts", "method", "knobs", "lossless", "tokens/s ratio", "tokens/s", "tokens / target call",
                    "accepted / step", "nodes / verify", "quality"]
         md = "\n".join([
             "## Tree speculation (Medusa, SpecInfer, RSD) vs plain and chain decoding",
             "",
             f"`python benchmarks/llm_trees.py` -- {machine_line()}; models: {source}; batch 1, "
-            f"{ARGS.new_tokens} new tokens, median of {ARGS.repeats} timed run(s) per prompt after a warm-up run, "
-            f"{ARGS.prompts} held-out prompt(s) per domain. The machine was shared with other jobs (2 cores, load > 2): "
+            f"{ARGS.new_tokens} new tokens, median of {ARGS.repeats} timed run(s) per prompt after one warm-up run per method, "
+            f"{ARGS.prompts} held-out prompt(s) per domain (each cut to its last {PROMPT_TOKENS} tokens; rates pool the prompts). The machine was shared with other jobs (2 cores, load > 2): "
             "absolute times are noisy, ratios within one row group are the comparison. "
             "Draft models (chain-draft, rsd-*, specinfer, chain-loop) run on the engine *eagerly*; the target is compiled "
             "except in chain-loop (the chain agent's loop with engine='static-eager'). "
@@ -224,11 +251,21 @@ def main() -> None:
             "",
             "### At a fixed target budget (drafted nodes per verification; RSD paper's comparison)",
             "",
-            markdown_table(["T", "prompts", "drafted nodes", "method", "knobs", "tokens / target call", "tokens/s ratio"],
-                           budget_rows),
+            "Drafted nodes = the tree's node budget per verification (the root excluded); the target scores them "
+            "(+ the root) in one call. `vs chain` = tokens per target call minus the chain's (`chain-draft`) at "
+            "the same budget and workload.",
+            "",
+            markdown_table(["T", "prompts", "drafted nodes", "method", "knobs", "tokens / target call", "vs chain",
+                            "tokens/s", "tokens/s ratio"], [r[:6] + [_vs_chain(r, budget_rows)] + r[6:] for r in budget_rows]),
+            "",
+            "#### Tree vs chain per budget (draft-model trees: specinfer, rsd-c, rsd-s, rsd-sparse, rsd-dyn)",
+            "",
+            markdown_table(["T", "prompts", "drafted nodes", "chain tokens / call", "best tree (tokens / call)",
+                            "tree tokens / call", "winner: tokens / call", "chain tokens/s", "fastest tree",
+                            "tree tokens/s", "winner: tokens/s"], summary),
         ])
         print(md)
-        if ARGS.quick:
+        if ARGS.quick or ARGS.no_write:
             return
         write_section("llm_trees", md)
 
@@ -269,16 +306,56 @@ def main() -> None:
                 rows_hist.append(({"family": "llm", "model": TARGET_NAME, "domain": domain, "temperature": temperature,
                                    "max_new_tokens": ARGS.new_tokens, "batch": 1, "source": source},
                                   r.method.name, r.method.knobs, metrics))
-                if r.method.name in ("chain-draft", "specinfer", "rsd-c", "rsd-s") or r.method.name.startswith("medusa"):
-                    budget_rows.append([f"{temperature:g}", domain, int(round(tree_nodes)) - 1, r.method.name,
-                                        _knobs(r.method.knobs), r.new_tokens / calls, tps / base_tps])
+                if r.method.name in ("chain-draft",) + TREES or r.method.name.startswith("medusa"):
+                    budget_rows.append([f"{temperature:g}", domain, drafted_nodes(r.method), r.method.name,
+                                        _knobs(r.method.knobs), r.new_tokens / calls, tps, tps / base_tps])
             if not ARGS.quick:
                 emit(True)
     emit(False)
+    print(f"total run time {time.perf_counter() - started:.0f} s", flush=True)
     if not ARGS.no_history:
         from accelerando.bench.history import Measurement, open_history
         with open_history() as h:
             h.record_many([Measurement(workload=w, method=f"tree/{m}", knobs=k, metrics=x) for w, m, k, x in rows_hist])
+
+
+TREES = ("specinfer", "rsd-c", "rsd-s", "rsd-sparse", "rsd-dyn")   # draft-model trees
+
+
+def drafted_nodes(m: Method) -> int:
+    """The method's node budget per verification (root excluded)."""
+    k = m.knobs
+    if m.name == "chain-draft":
+        return k["k"]
+    if "nodes" in k:
+        return k["nodes"]
+    return k["width"] * k["depth"]          # chains / beam: width chains or beams of depth nodes
+
+
+def _vs_chain(row: list, rows: list[list]) -> str:
+    chain = [r for r in rows if r[:3] == row[:3] and r[3] == "chain-draft"]
+    if not chain or row[3] == "chain-draft":
+        return "-"
+    return f"{row[5] - chain[0][5]:+.2f}"
+
+
+def budget_summary(rows: list[list]) -> list[list]:
+    """One row per (T, workload, budget) with a chain: the best tree by tokens per target call and
+    the fastest tree, each against the chain, and which wins."""
+    out = []
+    for key in sorted({tuple(r[:3]) for r in rows if r[3] == "chain-draft"}):
+        chain = next(r for r in rows if tuple(r[:3]) == key and r[3] == "chain-draft")
+        trees = [r for r in rows if tuple(r[:3]) == key and r[3] in TREES]
+        if not trees:
+            continue
+        best = max(trees, key=lambda r: r[5])
+        fast = max(trees, key=lambda r: r[6])
+
+        def winner(tree: float, ch: float) -> str:
+            return "tie" if abs(tree - ch) < 1e-9 else ("tree" if tree > ch else "chain")
+        out.append(list(key) + [chain[5], f"{best[3]} ({best[4]})", best[5], winner(best[5], chain[5]), chain[6],
+                                f"{fast[3]} ({fast[4]})", fast[6], winner(fast[6], chain[6])])
+    return out
 
 
 def _knobs(k: dict) -> str:

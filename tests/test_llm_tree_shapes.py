@@ -226,6 +226,7 @@ def test_bad_knobs_raise_clear_errors(models):
     _, draft, _, _ = models
     for kw, msg in ((dict(shape="dynamic"), "budget"), (dict(shape="sparse"), "widths"),
                     (dict(shape="sparse", widths=[2, 0]), "widths"), (dict(shape="sparse", widths=[2, 1], nodes=5), "nodes"),
+                    (dict(shape="sparse", widths=[2, 1], depth=3), "depth"),
                     (dict(shape="chains", nodes=4), "sparse and dynamic"), (dict(shape="dynamic", nodes=4, width=0), "width"),
                     (dict(shape="tall"), "shape")):
         with pytest.raises(ValueError, match=msg):

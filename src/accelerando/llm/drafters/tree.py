@@ -196,6 +196,8 @@ class DraftTree:
             self.tree_shape = sparse_shape(self.widths)
             if nodes is not None and int(nodes) != len(self.tree_shape) - 1:
                 raise ValueError(f"widths {self.widths} give {len(self.tree_shape) - 1} nodes, not nodes={nodes}")
+            if depth is not None and depth != len(self.widths):
+                raise ValueError(f"a sparse tree's depth is len(widths) = {len(self.widths)}, not depth={depth}")
             nodes, depth = len(self.tree_shape) - 1, len(self.widths)
         elif shape == "dynamic":
             if nodes is None or int(nodes) < 1:
