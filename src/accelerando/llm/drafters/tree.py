@@ -25,8 +25,9 @@ distribution p after it, and condition on every other node's draws, the coins an
 uniforms outside n: what remains is a sequential process on n's own children in which "is there a
 child i+1?" is a function of x_1..x_i only (a stopping rule), and x_{i+1} ~ q_{i+1} given
 x_1..x_i. Backward induction on i: if the process from state (p_{i+1}, q_{i+1}) emits p_{i+1}
-for every x_1..x_i, the process from (p_i, q_i) emits min(p_i, q_i) + (1 - sum min(p_i, q_i)) norm(max(0, p_i - q_i)) = p_i; with no
-further child it samples p_i directly. So each node emits exactly p, and by induction along the
+for every x_1..x_i, the process from (p_i, q_i) emits
+min(p_i, q_i) + (1 - sum min(p_i, q_i)) norm(max(0, p_i - q_i)) = p_i; with no further child it
+samples p_i directly. So each node emits exactly p, and by induction along the
 path the sequence has the target's law. ``best_first_tree`` satisfies (a) and (b): a slot's
 score is fixed before its child is drawn (the parent's score + log of the i-th largest q_n value),
 and a drawn child only shapes the tree through its own q (its future children's slots), which
@@ -115,8 +116,9 @@ def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, 
     temperature 0 children are q's top tokens, S is the log of the draft's path probability and
     the tree is EAGLE-2's (the nodes of highest cumulative draft probability). Scores need q_n,
     i.e. a draft forward over n: a slot is filled only while its score is >= every not-yet-forwarded
-    node's score (their children can only score lower), else the pending nodes are forwarded first (one draft call per
-    round; about one round per level). Lossless by the argument in the module docstring.
+    node's score (their children can only score lower), else the pending nodes are forwarded first
+    (one draft call per round; about one round per level). Lossless by the argument in the module
+    docstring.
     """
     parents, ranks, tokens, logp, depths = [-1], [0], [int(root_token)], [0.0], [0]
     qs: dict[int, torch.Tensor] = {}
