@@ -263,3 +263,13 @@ def test_fused_weights_equal_the_modules_and_follow_weight_changes(kind):
         torch.testing.assert_close(a[real], ref[real], atol=1e-5, rtol=1e-5)
         step = torch.randint(1, V, (2, 3), generator=torch.Generator().manual_seed(2))
         torch.testing.assert_close(fused.step(step), plain.step(step), atol=1e-5, rtol=1e-5)
+
+
+def test_transposed_weight_is_shared_and_follows_in_place_changes():
+    w = torch.nn.Parameter(torch.randn(6, 4))
+    t1 = engine.transposed(w)
+    assert torch.equal(t1, w.detach().t()) and t1.is_contiguous() and engine.transposed(w) is t1
+    with torch.no_grad():
+        w.mul_(2.0)
+    t2 = engine.transposed(w)
+    assert t2 is not t1 and torch.equal(t2, w.detach().t())

@@ -74,6 +74,23 @@ def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> tor
     return y if b is None else y + b
 
 
+_TRANSPOSED: dict[int, tuple] = {}
+
+
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """A contiguous (in, out) copy of an (out, in) weight, one per weight for every user (the
+    engine's lm_head and Medusa's shared projection read the same memory, so a step streams it
+    once), rebuilt when ``w`` changes in place (storage or ``_version``); freed with ``w``."""
+    ent = _TRANSPOSED.get(id(w))
+    ver = (w.data_ptr(), w._version)
+    if ent is None or ent[0]() is not w or ent[1] != ver:
+        if ent is None or ent[0]() is not w:
+            weakref.finalize(w, _TRANSPOSED.pop, id(w), None)
+        with torch.no_grad():
+            ent = _TRANSPOSED[id(w)] = (weakref.ref(w), ver, w.detach().t().contiguous())
+    return ent[2]
+
+
 def _layer_windows(model: Any) -> list[int | None]:
     cfg = model.config
     n = cfg.num_hidden_layers
@@ -148,7 +165,7 @@ class LeanDecoder(torch.nn.Module):
         if key == self._fused_key:
             return
         with torch.no_grad():
-            self.register_buffer("lm_head_t", self.lm_head.weight.t().contiguous(), persistent=False)
+            self.register_buffer("lm_head_t", transposed(self.lm_head.weight), persistent=False)
             for i, layer in enumerate(self.layers):
                 a, m = layer.self_attn, layer.mlp
                 qkv = (a.q_proj, a.k_proj, a.v_proj)
@@ -256,8 +273,12 @@ class StepHook:
         return self.fn(h, logits, input_ids, *self.args)
 
     def key(self) -> tuple:
-        """What a compiled step specialises on: the function, tensor shapes and the ints."""
-        return (self.fn,) + tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in self.args)
+        """What a compiled step specialises on: the function, tensor shapes and the ints (built once)."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = (self.fn,) + tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in self.args)
+            object.__setattr__(self, "_key", k)
+        return k
 
 
 @dataclass
@@ -272,10 +293,12 @@ class Engine:
 
     ``compile=True`` compiles the fixed-shape steps with ``torch.compile`` (one graph per
     (batch, tokens-per-step, max_len) -- max_len is bucketed to ``LEN_BUCKET``); on CUDA with
-    ``mode="reduce-overhead"`` (CUDA graphs). Prefill (variable prompt length) runs eagerly.
+    ``mode="reduce-overhead"`` (CUDA graphs), on CPU with inductor's C++ wrapper (``cpp_wrapper``,
+    default on for CPU). Prefill (variable prompt length) runs eagerly.
     """
 
-    def __init__(self, model: Any, *, batch_size: int, max_len: int, compile: bool = True):
+    def __init__(self, model: Any, *, batch_size: int, max_len: int, compile: bool = True,
+                 cpp_wrapper: bool | None = None):
         if batch_size <= 0 or max_len <= 0:
             raise ValueError("batch_size and max_len must be positive")
         self.model = model
@@ -288,6 +311,10 @@ class Engine:
             max_len=max_len, head_dim=self.decoder.head_dim, dtype=p.dtype, device=p.device)
         self.device = p.device
         self.compiled = compile
+        # CPU: the compiled step's wrapper (the code calling ~50 kernels per step) in C++ instead of
+        # Python: 25-40% off a step of the zoo target (~15 s more compile time per new graph, once:
+        # inductor's on-disk cache keeps it)
+        self.cpp_wrapper = p.device.type == "cpu" if cpp_wrapper is None else bool(cpp_wrapper)
         self.stats = EngineStats()
         self._step_fn = self._compile() if compile else self.decoder.forward
         self._hook_fns: dict[tuple, Any] = {}     # one compiled step per hidden hook (its own code object)
@@ -300,7 +327,8 @@ class Engine:
         # Guarding every parameter of the module costs ~0.2 ms per call on CPU; the weights are
         # graph inputs (read at run time), only their identity goes unchecked.
         return torch.compile(_own_code(self.decoder), fullgraph=True, dynamic=False,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                      "cpp_wrapper": self.cpp_wrapper})
 
     def _fn_for(self, hook: "StepHook | None"):
         """The step function: with a hook, a compiled step of its own per hook key, so hooks of

@@ -169,8 +169,9 @@ class Medusa(nn.Module):
                 b = torch.stack([torch.stack([blk.linear.bias for blk in hd.blocks]) for hd in self.heads])
                 if hd0.out is not None:
                     out = torch.stack([hd.out.weight.t() for hd in self.heads]).contiguous()
-                else:
-                    out = lm_w.t().contiguous()
+                else:       # the engine's transposed lm_head, shared (one copy in memory)
+                    from accelerando.llm.engine import transposed
+                    out = transposed(lm_w)
                 low = None
                 if hd0.up is not None:
                     low = (torch.stack([hd.down.weight.t() for hd in self.heads]).contiguous(),
