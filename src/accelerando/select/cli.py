@@ -98,7 +98,13 @@ def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bun
     keys = {S.sweep_key(w) for w in grid}
     grid += [w for w in S.diffusion_grid(n_diffusion, seed=seed, zoo_names=[]) if S.sweep_key(w) not in keys]
     with open_history(_history_location(ctx, history)) as h:
-        rows = load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]
+        rows, seen = [], set()
+        for r in load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]:
+            get = r.get if isinstance(r, dict) else (lambda k, r=r: getattr(r, k))
+            key = (get("run_id"), get("method"), json.dumps(get("knobs"), sort_keys=True))
+            if key not in seen:        # a re-timing both bundled and in your history counts once
+                seen.add(key)
+                rows.append(r)
         rep = S.retime_diffusion(rows, grid, history=h, rounds=rounds, device=device, progress=progress,
                                  max_seconds=max_minutes * 60 if max_minutes else None)
         console.print(f"retime: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a workload in all), "
