@@ -153,3 +153,29 @@ def test_methods_that_need_a_draft_are_not_offered_without_one(env):
 def _r(wl, method, s, base, run):
     return {"workload": wl, "method": method, "knobs": {}, "run_id": run,
             "metrics": {"speedup": s, "lossless": True, "is_baseline": base}}
+
+
+def test_cli_sweep_retime_then_resume_and_bundle(env, monkeypatch, tmp_path):
+    from accelerando.select import sweep as S
+    from accelerando.bench.workloads import DiffusionWorkload
+    wl = [DiffusionWorkload(model="rand-unet-c8x16-i8-s0", steps=4, batch=1)]
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0: [])
+    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0, zoo_names=None: wl[:n])
+    res = invoke("--history", env, "sweep", "--llm", 0, "--diffusion", 1, "--repeats", 1)
+    assert res.exit_code == 0 and "1 workloads measured" in res.output, res.output
+    res = invoke("--history", env, "sweep", "--retime", "--llm", 0, "--diffusion", 1, "--rounds", 2, "--bundle")
+    assert res.exit_code == 0, res.output
+    assert "1 workloads re-timed" in res.output and "[1/1]" in res.output
+    with open_history(env) as h:
+        new = [m for m in h.rows() if m.metrics.get("timing") == "interleaved"]
+        swept = h.count() - len(new)
+    assert len(new) == swept and all(len(m.metrics["speedup_rounds"]) == 2 for m in new)
+    assert len(_read_gz(RC.BUNDLED)) == len(new)           # the env fixture points BUNDLED at tmp_path
+    res = invoke("--history", env, "sweep", "--retime", "--llm", 0, "--diffusion", 1, "--rounds", 2)
+    assert "0 workloads re-timed" in res.output and "1 already re-timed" in res.output
+
+
+def _read_gz(path):
+    import gzip
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(x) for x in fh if x.strip()]

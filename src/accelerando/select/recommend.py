@@ -39,7 +39,8 @@ def slim_row(m: Any) -> dict[str, Any]:
             "metrics": {k: m.metrics[k] for k in KEEP_METRICS if k in m.metrics}}
 
 
-def save_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
+def save_bundled(rows: Iterable[Any], path: Path | None = None) -> int:
+    path = Path(path or BUNDLED)          # looked up at call time (tests point BUNDLED elsewhere)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with gzip.open(path, "wt", encoding="utf-8") as fh:
@@ -49,9 +50,10 @@ def save_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
     return n
 
 
-def merge_bundled(rows: Iterable[Any], path: Path = BUNDLED) -> int:
+def merge_bundled(rows: Iterable[Any], path: Path | None = None) -> int:
     """Append ``rows`` to the bundled file, except those already there (same run, method and
     knobs); the rows it holds stay. Returns how many were added."""
+    path = Path(path or BUNDLED)
     have = load_bundled(path)
     seen = {(r.get("run_id"), r.get("method"), json.dumps(r.get("knobs"), sort_keys=True)) for r in have}
     new = []
