@@ -189,3 +189,16 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     padded = hook(pad(h, h[:, :1] + 1.0), pad(logits2, logits2[:, :1]), pad(tokens, tokens.new_zeros(1, 1)))
     assert padded.shape == (1, len(tree) + 3, len(tree) - 1)
     assert torch.equal(padded[0, int(node)], drafts[0, int(node)])
+
+
+def test_config_tree_is_cached_and_equals_a_fresh_build():
+    t = _tiny()
+    m = Medusa.for_target(t, n_heads=3)
+    assert m.tree == TokenTree.chain(3)                         # no stored tree: a chain over the heads
+    m.config.tree = [[0], [1], [0, 0]]
+    tree = m.tree
+    assert tree == TokenTree.from_paths([[0], [1], [0, 0]]) and m.tree is tree
+    m.config.tree = [[0], [1], [2], [0, 0]]                     # a new list: rebuilt
+    assert m.tree == TokenTree.from_paths([[0], [1], [2], [0, 0]]) and m.tree is not tree
+    m.use_tree(2)
+    assert m.tree == m.sparse_tree(2)

@@ -200,12 +200,13 @@ class Medusa(nn.Module):
     def tree(self) -> TokenTree:
         t = getattr(self, "_tree", None)
         if t is None:    # the config's tree, kept: a tree object carries its index tensors, built once
-            key = (tuple(map(tuple, self.config.tree)), self.config.n_heads)
+            paths, k = self.config.tree, self.config.n_heads
             cached = self.__dict__.get("_config_tree")
-            if cached is None or cached[0] != key:
-                tree = TokenTree.from_paths(self.config.tree) if self.config.tree else TokenTree.chain(self.config.n_heads)
-                cached = self.__dict__["_config_tree"] = (key, tree)
-            t = cached[1]
+            # checked by identity (no key rebuilt per access); a new list or head count rebuilds it
+            if cached is None or cached[0] is not paths or cached[1] != (k, len(paths)):
+                tree = TokenTree.from_paths(paths) if paths else TokenTree.chain(k)
+                cached = self.__dict__["_config_tree"] = (paths, (k, len(paths)), tree)
+            t = cached[2]
         return t
 
     @property
