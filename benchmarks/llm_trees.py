@@ -218,7 +218,7 @@ def main() -> None:
         if getattr(ARGS, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     ARGS.chain_k = [2, 4] if ARGS.quick else [4, 8]
-    ARGS.medusa_nodes = [3, 7] if ARGS.quick else [3, 7, 15, 63]   # + root: 4, 8, 16, 64 nodes (compiled sizes)
+    ARGS.medusa_nodes = [1, 3] if ARGS.quick else [1, 3, 7, 15]   # + root: 2, 4, 8, 16 nodes (compiled sizes)
     ARGS.tree_shapes = [(2, 2)] if ARGS.quick else [(2, 2), (4, 2)]
     if ARGS.quick:
         ARGS.new_tokens, ARGS.repeats = 16, 1

@@ -44,11 +44,11 @@ def _run(s: LLMSetup, drafter: Any) -> Callable[[], LLMOutput]:
     return run
 
 
-def build_medusa(s: LLMSetup, heads: str | None = None, nodes: int = 16) -> Callable[[], LLMOutput]:
+def build_medusa(s: LLMSetup, heads: str | None = None, nodes: int = 3) -> Callable[[], LLMOutput]:
     return _run(s, _heads(s, heads).use_tree(int(nodes)))
 
 
-def build_medusa_typical(s: LLMSetup, heads: str | None = None, nodes: int = 16, epsilon: float = 0.09,
+def build_medusa_typical(s: LLMSetup, heads: str | None = None, nodes: int = 3, epsilon: float = 0.09,
                          alpha: float = 0.3) -> Callable[[], LLMOutput]:
     h = _heads(s, heads).use_tree(int(nodes)).use_acceptance("typical", epsilon=float(epsilon), alpha=float(alpha))
     return _run(s, h)
@@ -80,10 +80,10 @@ def build_rsd_dyn(s: LLMSetup, draft: str | None = None, nodes: int = 4, width: 
 
 register(MethodEntry("medusa", "llm", build_medusa, lossless=True,
                      description="Medusa heads + sparse tree; exact (greedy at T=0, recursive rejection at T>0)",
-                     default_knobs={"nodes": 16}))
+                     default_knobs={"nodes": 3}))
 register(MethodEntry("medusa-typical", "llm", build_medusa_typical, lossless=False,
                      description="Medusa heads + typical acceptance (lossy at T>0; exact at T=0)",
-                     default_knobs={"nodes": 16, "epsilon": 0.09, "alpha": 0.3}))
+                     default_knobs={"nodes": 3, "epsilon": 0.09, "alpha": 0.3}))
 register(MethodEntry("specinfer", "llm", _tree_builder(True, "chains"), lossless=True,
                      description="multi-draft tree, siblings with replacement (SpecInfer)",
                      default_knobs={"width": 2, "depth": 3}))
