@@ -422,7 +422,7 @@ def test_recommend_offers_no_diffusion_arm_where_the_history_shows_it_cannot_run
     assert _applicable(t, "full[steps_frac=1.0]", {"family": "diffusion", "steps": 6}, {})
     key = {"family": "diffusion", "model": "u0", "steps": 8, "spacing": "trailing", "batch": 2}
     rec = recommend(key, rows, constraint=Constraint(0.25), hardware={})
-    assert rec.selector == "qmargin-nfe" and fast not in {p.arm for p in rec.ranked}
+    assert rec.selector == "qkernel" and fast not in {p.arm for p in rec.ranked}
 
 
 def test_structural_speed_model_is_the_step_ratio_times_a_learned_per_sampler_factor():
@@ -453,3 +453,82 @@ def test_structural_speed_model_is_the_step_ratio_times_a_learned_per_sampler_fa
     assert {p.arm: p.speedup for p in med.rank(new)}["fast[steps_frac=0.25]"] == pytest.approx(want_med)
     with pytest.raises(ValueError):
         make_selector("qmargin", speed="flops")
+
+
+# ----------------------------------------------------------------------------- kernel quality model
+
+def test_arm_kernel_is_a_local_line_in_log_budget_per_arm_and_grid():
+    from accelerando.select.models import ArmKernel
+    # rows: [arm, trailing, linspace, log2 budget, log10 params]
+    X = [[0, 1, 0, 3.0, 5.0], [0, 1, 0, 4.0, 5.0],          # arm 0 on trailing: 0.1 at 8 steps, 0.3 at 16
+         [0, 0, 0, 3.0, 5.0],                               # arm 0 on leading: far off, weighted 0 here
+         [1, 1, 0, 3.0, 5.0]]                               # arm 1: one cell
+    y = [0.1, 0.3, 9.0, -0.5]
+    k = ArmKernel(other_grid=0.0, ridge=0.0).fit(X, y)
+    got = k.predict([[0, 1, 0, 4.0, 5.0], [0, 1, 0, 5.0, 5.0], [0, 1, 0, 3.5, 7.0], [1, 1, 0, 4.0, 5.0],
+                     [7, 1, 0, 3.0, 5.0]])
+    # two budgets, no ridge: the line through both, wherever the weights put the query; one cell: that
+    # cell; an arm never seen: the mean of every cell
+    assert got == pytest.approx([0.3, 0.5, 0.2, -0.5, (0.1 + 0.3 + 9.0 - 0.5) / 4])
+    # with a ridge on the slope and the other grid weighted in: by hand
+    k = ArmKernel(h_steps=0.5, other_grid=0.02, ridge=0.01).fit(X, y)
+    w = [math.exp(-2.0), 1.0, 0.02 * math.exp(-2.0)]        # query: trailing, 16 steps, same model
+    d, v = [-1.0, 0.0, -1.0], [0.1, 0.3, 9.0]
+    sw = sum(w)
+    md, my = sum(a * b for a, b in zip(w, d)) / sw, sum(a * b for a, b in zip(w, v)) / sw
+    slope = sum(a * (b - md) * (c - my) for a, b, c in zip(w, d, v)) / (
+        sum(a * (b - md) ** 2 for a, b in zip(w, d)) + 0.01 * sw)
+    assert k.predict([[0, 1, 0, 4.0, 5.0]])[0] == pytest.approx(my - slope * md, rel=1e-6)
+    with pytest.raises(ValueError):
+        ArmKernel(h_steps=0.0)
+
+
+def _kernel_history():
+    """4 workloads (2 spacings x budgets 8, 16; error ratio of each arm given by hand below) with a
+    half-budget arm and a full-budget arm; speed-ups exactly the step ratio (x 1.1 for the full arm)."""
+    ratio = {("trailing", 8): (0.9, 0.95), ("trailing", 16): (0.8, 0.95),
+             ("leading", 8): (1.5, 0.95), ("leading", 16): (1.2, 0.95)}        # (half, full)
+    rows = []
+    for i, ((spacing, steps), (half, full)) in enumerate(ratio.items()):
+        wl = {"family": "diffusion", "model": "u", "steps": steps, "spacing": spacing, "batch": 1, "seed": i}
+
+        def row(method, speedup, r, frac=None, base=False):
+            m = {"speedup": speedup, "lossless": False, "is_baseline": base, "rmse_vs_reference": 0.2 * r}
+            return {"workload": wl, "method": method, "knobs": {} if frac is None else {"steps_frac": frac},
+                    "metrics": m, "run_id": f"r{i}", "family": "diffusion"}
+        rows += [row("ddim", 1.0, 1.0, base=True), row("half", 2.0, half, 0.5), row("full", 1.1, full, 1.0)]
+    return rows
+
+
+def test_qkernel_predicts_quality_from_the_same_grid_and_picks_by_hand():
+    """qkernel without a ridge or cross-grid weight, margin fixed at 0: the predicted log error ratio of
+    a workload is the line through the same arm's cells on its grid, so the choices follow by hand."""
+    t = build_table(_kernel_history())
+    sel = make_selector("qkernel", constraint=Constraint(0.0), margin=0.0,
+                        kernel={"ridge": 0.0, "other_grid": 0.0}).fit(t)
+    half, full = "half[steps_frac=0.5]", "full[steps_frac=1.0]"
+    cases = {("trailing", 8): math.log(0.9), ("trailing", 16): math.log(0.8), ("trailing", 32): math.log(0.8 ** 2 / 0.9),
+             ("leading", 8): math.log(1.5), ("leading", 12): math.log(1.5) + math.log2(1.5) * math.log(1.2 / 1.5)}
+    for (spacing, steps), q in cases.items():
+        wl = {"family": "diffusion", "model": "u", "steps": steps, "spacing": spacing, "batch": 1, "seed": 9}
+        got = sel.predict_quality("diffusion", sel.vector(wl), [half, full])
+        assert got[half] == pytest.approx(q) and got[full] == pytest.approx(math.log(0.95))
+        pick = sel.select(wl)
+        # loss <= 0: the half arm where its predicted ratio is <= 1 (trailing), else the full arm (1.1x)
+        assert pick.arm == (half if spacing == "trailing" else full)
+        assert pick.speedup == pytest.approx(2.0 if spacing == "trailing" else 1.1)
+    # loss <= 0.25 admits the half arm at leading 16 (ratio 1.2) but not at leading 8 (1.5)
+    sel25 = make_selector("qkernel", constraint=Constraint(0.25), margin=0.0,
+                          kernel={"ridge": 0.0, "other_grid": 0.0}).fit(t)
+    picks = {s: sel25.select({"family": "diffusion", "model": "u", "steps": s, "spacing": "leading",
+                              "batch": 1, "seed": 9}).arm for s in (8, 16)}
+    assert picks == {8: full, 16: half}
+    with pytest.raises(ValueError):
+        make_selector("qmargin", quality="forest")
+
+
+def test_qkernel_held_out_keeps_the_budget_where_the_features_decide():
+    t = build_table(_diffusion_history(16))
+    summ, cases = evaluate(t, ["qkernel"], constraint=Constraint(0.0))
+    by = {s.policy: s for s in summ}
+    assert by["qkernel"].violation_rate == 0.0 and by["qkernel"].closed_gap > 0.9
