@@ -12,41 +12,15 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
-
 from accelerando.llm.drafters.tree import best_first_tree, draft_shape, sparse_shape, sparse_widths
 from accelerando.llm.tree import TokenTree
-from accelerando.llm.tree_verify import DraftedTree, accepted_tokens, gumbel_topk, rejection_tree_accept
-
-V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 2500, 1e-3
-
-
-def _tables():
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
-    q = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
-    return p, q
-
-
-P, Q = _tables()
-
-
-def _expand(tree, tokens, frontier):
-    return Q[[tokens[f] for f in frontier]]
-
+from accelerando.llm.tree_verify import DraftedTree, gumbel_topk, rejection_tree_accept
+from tree_checks import ALPHA_SIG, N_SAMPLES, Q, ROOT, V, end_to_end_pair_pvalue, tiny_llama, two_token_pvalue
+from tree_checks import expand as _expand
 
 def _pvalue(draft, replacement, seed=0, n=N_SAMPLES):
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(V, V)
-    for _ in range(n):
-        d = draft(g)
-        v = rejection_tree_accept(d.tree, d.tokens, P[d.tokens], d.q, replacement=replacement, generator=g)
-        out = accepted_tokens(v, d.tokens)
-        if len(out) == 1:
-            out.append(int(torch.multinomial(P[out[0]], 1, generator=g)))
-        counts[out[0], out[1]] += 1
-    expected = (P[ROOT][:, None] * P) * n
-    return chisquare(counts.flatten().numpy(), expected.flatten().numpy()).pvalue
+    return two_token_pvalue(draft, lambda d, p, g: rejection_tree_accept(d.tree, d.tokens, p, d.q, replacement=replacement,
+                                                                      generator=g), seed=seed, n=n)
 
 
 @pytest.mark.parametrize("replacement", [False, True])
@@ -131,17 +105,10 @@ def test_sparse_widths_and_shape():
 
 # --- end to end on tiny random Llamas ----------------------------------------------------------
 
-def _tiny(seed, vocab=64, layers=2):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
 
 @pytest.fixture(scope="module")
 def models():
-    target, draft = _tiny(0), _tiny(1, layers=1)
+    target, draft = tiny_llama(0), tiny_llama(1, layers=1)
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     ref = target.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
     return target, draft, ids, ref
@@ -197,28 +164,8 @@ def test_self_draft_accepts_the_whole_main_path(models, shape, draft_backend):
 def test_dynamic_sampling_is_lossless_end_to_end():
     """First two sampled tokens follow the target's joint distribution (chi-square, vocab 6, T=1)."""
     from accelerando.llm.drafters import DraftTree
-    from accelerando.llm.tree_speculative import tree_speculative_generate
-    Vs = 6
-    t, d = _tiny(2, vocab=Vs), _tiny(3, vocab=Vs, layers=1)
-    with torch.no_grad():
-        t.get_output_embeddings().weight.mul_(8.0)          # a peaked target, far from the draft
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        p1 = t(ids).logits[0, -1].softmax(-1)
-        p2 = torch.stack([t(torch.cat([ids, torch.tensor([[x]])], 1)).logits[0, -1].softmax(-1) for x in range(Vs)])
-    expected = (p1[:, None] * p2).flatten()
-    drafter = DraftTree(d, shape="dynamic", nodes=4, width=3, compile=False)
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(Vs * Vs)
-    n = 1000
-    for _ in range(n):
-        out = tree_speculative_generate(t, ids, drafter=drafter, max_new_tokens=2, temperature=1.0, generator=g,
-                                        backend="engine-eager")
-        counts[out[0, 3] * Vs + out[0, 4]] += 1
-    keep = expected * n >= 1
-    assert counts[~keep].sum() <= 3
-    obs, exp = counts[keep], expected[keep] / expected[keep].sum() * counts[keep].sum()
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    make = lambda t, d: DraftTree(d, shape="dynamic", nodes=4, width=3, compile=False)
+    assert end_to_end_pair_pvalue(make, "engine-eager") > 1e-3
 
 
 def test_bad_knobs_raise_clear_errors(models):

@@ -2,21 +2,13 @@
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from accelerando.llm.drafters import DraftTree, Medusa
 from accelerando.llm.tree_speculative import tree_speculative_generate
+from tree_checks import end_to_end_pair_pvalue, tiny_llama
 
 
-def _tiny(seed, vocab=64, layers=2):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model("llama", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-TARGET, DRAFT = _tiny(0), _tiny(1, layers=1)
+TARGET, DRAFT = tiny_llama(0), tiny_llama(1, layers=1)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +52,7 @@ def test_eos_stops_and_context_too_small_errors():
     out = tree_speculative_generate(TARGET, IDS, drafter=DraftTree(DRAFT, width=2, depth=2, compile=False), max_new_tokens=24,
                                     eos_token_id=eos, backend="hf")
     assert out[0, -1] == eos and torch.equal(out, REF[:, : out.shape[1]])
-    small = _tiny(0)
+    small = tiny_llama(0)
     small.config.max_position_embeddings = 12
     with pytest.raises(ValueError, match="positions"):
         tree_speculative_generate(small, IDS, drafter=DraftTree(DRAFT, width=3, depth=3, compile=False), max_new_tokens=10,
@@ -70,28 +62,9 @@ def test_eos_stops_and_context_too_small_errors():
 @pytest.mark.parametrize("kind,backend", [("medusa", "engine-eager"), ("rsd-beam", "hf")])
 def test_sampling_is_lossless_end_to_end(kind, backend):
     """First two sampled tokens follow the target's joint distribution (chi-square, vocab 6, T=1)."""
-    V = 6
-    t, d = _tiny(2, vocab=V), _tiny(3, vocab=V, layers=1)
-    with torch.no_grad():
-        t.get_output_embeddings().weight.mul_(8.0)          # a peaked target, far from the draft
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.no_grad():
-        p1 = t(ids).logits[0, -1].softmax(-1)
-        p2 = torch.stack([t(torch.cat([ids, torch.tensor([[x]])], 1)).logits[0, -1].softmax(-1) for x in range(V)])
-    expected = (p1[:, None] * p2).flatten()
-    drafter = (Medusa.for_target(t, n_heads=2, projection="own").use_tree([[0], [1], [0, 0]]) if kind == "medusa"
-               else DraftTree(d, width=2, depth=2, shape="beam", compile=False))
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(V * V)
-    n = 1000
-    for _ in range(n):
-        out = tree_speculative_generate(t, ids, drafter=drafter, max_new_tokens=2, temperature=1.0, generator=g,
-                                        backend=backend)
-        counts[out[0, 3] * V + out[0, 4]] += 1
-    keep = expected * n >= 1                                 # drop cells that are practically impossible
-    assert counts[~keep].sum() <= 3
-    obs, exp = counts[keep], expected[keep] / expected[keep].sum() * counts[keep].sum()
-    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    make = ((lambda t, d: Medusa.for_target(t, n_heads=2, projection="own").use_tree([[0], [1], [0, 0]]))
+            if kind == "medusa" else (lambda t, d: DraftTree(d, width=2, depth=2, shape="beam", compile=False)))
+    assert end_to_end_pair_pvalue(make, backend) > 1e-3
 
 
 @pytest.mark.parametrize("engine", [None, "hf", "static-eager"])

@@ -15,36 +15,10 @@ from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_verify import (accepted_tokens, draft_tree, greedy_tree_accept, gumbel_topk,
                                          rejection_accept_tree, rejection_tree_accept, stochastic_beam_tree,
                                          typical_threshold, typical_tree_accept)
+from tree_checks import ALPHA_SIG, ROOT, V, two_token_pvalue
+from tree_checks import expand as _expand
 
-V, ROOT, N_SAMPLES, ALPHA_SIG = 4, 0, 2500, 1e-3
-
-
-def _tables():
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
-    q = torch.softmax(2.0 * torch.randn(V, V, generator=g, dtype=torch.float64), -1)
-    return p, q
-
-
-P, Q = _tables()
-
-
-def _expand(tree, tokens, frontier):
-    return Q[[tokens[f] for f in frontier]]
-
-
-def _run(draft, verify, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(V, V)
-    for _ in range(N_SAMPLES):
-        d = draft(g)
-        p = P[d.tokens]                                          # target dist after each node
-        out = accepted_tokens(verify(d, p, g), d.tokens)
-        if len(out) == 1:
-            out.append(int(torch.multinomial(P[out[0]], 1, generator=g)))
-        counts[out[0], out[1]] += 1
-    expected = (P[ROOT][:, None] * P) * N_SAMPLES
-    return chisquare(counts.flatten().numpy(), expected.flatten().numpy()).pvalue
+_run = two_token_pvalue
 
 
 def _rej(replacement):
