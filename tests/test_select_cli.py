@@ -179,3 +179,25 @@ def _read_gz(path):
     import gzip
     with gzip.open(path, "rt") as fh:
         return [json.loads(x) for x in fh if x.strip()]
+
+
+def test_cli_sweep_retime_llm_with_max_minutes_and_bundle(env, monkeypatch):
+    from accelerando.select import sweep as S
+    from accelerando.bench.workloads import LLMWorkload
+    wl = [LLMWorkload(model=LM, drafts=(DRAFT,), prompts=("ab ab ab ab",), max_new_tokens=4, seed=0)]
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0, zoo_names=None: wl[:n])
+    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0, zoo_names=None: [])
+    res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--repeats", 1,
+                 "--methods", "fake-exact")
+    assert res.exit_code == 0 and "1 workloads measured" in res.output, res.output
+    res = invoke("--history", env, "sweep", "--retime", "--llm", 1, "--diffusion", 0, "--rounds", 2,
+                 "--max-minutes", 5, "--bundle")
+    assert res.exit_code == 0, res.output
+    assert "retime llm: 1 workloads re-timed" in res.output and "retime diffusion" not in res.output
+    with open_history(env) as h:
+        new = [m for m in h.rows() if m.metrics.get("timing") == "interleaved"]
+    # the baseline and fake-exact, checked token for token
+    assert len(new) == 2 and all(m.metrics.get("lossless_verified") for m in new if not m.metrics["is_baseline"])
+    assert len(_read_gz(RC.BUNDLED)) == 2
+    res = invoke("--history", env, "sweep", "--retime", "--llm", 1, "--diffusion", 0, "--rounds", 2)
+    assert "0 workloads re-timed" in res.output and "1 already re-timed" in res.output

@@ -175,3 +175,69 @@ def test_retime_replaces_noisy_speedups_keeps_old_rows_and_resumes(monkeypatch, 
     # quality recomputed from the same seeds: the shifted sampler is worse than the baseline
     assert t.loss[(w, "fake-shifted[shift=0.25,steps_frac=1.0]")] > 0 and t.loss[(w, "fake-ddim")] == 0
     assert t.speedup[(w, "fake-shifted[shift=0.25,steps_frac=1.0]")] == pytest.approx(1.0, rel=0.15)
+
+
+def _old_llm_rows(wl):
+    """Sweep-style rows of one greedy LLM workload in two sweep rounds (each with its baseline):
+    noisy speed-ups, a lossless-registered method that is not exact, a method gone from the registry."""
+    key = S.sweep_key(wl)
+    wd = {**wl.key(), "sweep_key": key, "features": {"log_fwd_ms": 0.1}}
+
+    def row(method, knobs, speedup, run, base=False):
+        return {"workload": wd, "method": method, "knobs": knobs, "run_id": run, "family": "llm",
+                "metrics": {"speedup": speedup, "is_baseline": base, "lossless": True, "token_agreement": 1.0,
+                            "perplexity": 5.0, "median_s": 1.0, "iqr_s": 0.3}}
+    return [row("fake-generate", {}, 1.0, "r0", True), row("fake-exact", {"k": 2}, 9.0, "r0"),
+            row("fake-generate", {}, 1.0, "r1", True), row("fake-exact", {"k": 4}, 0.5, "r1"),
+            row("fake-liar", {}, 2.0, "r1"), row("gone", {}, 3.0, "r1")]
+
+
+def _register_liar(clock):
+    """A method registered lossless whose last token differs from greedy's (1 fake second a call)."""
+    import torch
+    from accelerando.bench import methods as registry
+    from accelerando.bench.methods import LLMOutput, MethodEntry
+
+    def build(s):
+        def call():
+            clock.advance(1.0)
+            with torch.no_grad():
+                seq = s.target.generate(s.input_ids, attention_mask=s.attention_mask, do_sample=False,
+                                        max_new_tokens=s.max_new_tokens, pad_token_id=s.tokenizer.pad_token_id)
+            seq[:, -1] = (seq[:, -1] + 1) % 50 + 2
+            return LLMOutput(seq, {"target_calls": s.max_new_tokens})
+        return call
+    registry.register(MethodEntry("fake-liar", "llm", build, lossless=True))
+
+
+def test_retime_llm_rounds_check_exact_match_drop_gone_arms_and_resume(monkeypatch, tmp_path):
+    F.fresh_registry(monkeypatch)
+    clock = F.FakeClock()
+    F.register_fake_llm(clock, base_s=2.0, fast_s=0.5)      # fake-exact: 4x the baseline, any k
+    _register_liar(clock)
+    wl = LLMWorkload(model="rand-llama-h32-l1-v100-s0", drafts=("rand-llama-h32-l1-v100-s1",),
+                     prompts=("ab ab ab ab ab",), max_new_tokens=4, temperature=0.0, seed=0)
+    old = _old_llm_rows(wl)
+    w = build_table(old).wids()[0]
+    with open_history(tmp_path / "h.sqlite") as h:
+        rep = S.retime_llm(old, [wl], history=h, rounds=3, clock=clock, sync=lambda: None)
+        assert (rep.workloads, rep.rows, rep.errors) == (1, 4, [])
+        assert len(rep.dropped) == 1 and ": gone: " in rep.dropped[0]
+        assert len(rep.not_exact) == 1 and "fake-liar" in rep.not_exact[0]
+        new = h.rows()
+        assert all(m.metrics["timing"] == "interleaved" and m.metrics["rounds"] == 3 for m in new)
+        exact = {m.method: m.metrics for m in new}
+        assert exact["fake-exact"]["lossless_verified"] and exact["fake-liar"]["lossless_verified"] is False
+        assert exact["fake-generate"]["new_tokens"] == 4 and exact["fake-exact"]["perplexity"] > 0
+        assert rep.max_quality_drift > 0                     # the stored perplexity (5.0) was made up
+        # the diffusion pass does not touch LLM rows; resumable; a top-up runs the missing rounds
+        assert S.retime_diffusion(old + new, [wl], history=h, rounds=3).workloads == 0
+        assert S.retime_llm(old + new, [wl], history=h, rounds=3, clock=clock, sync=lambda: None).skipped == 1
+        more = S.retime_llm(old + new, [wl], history=h, rounds=5, clock=clock, sync=lambda: None)
+        assert more.workloads == 1 and {m.metrics["rounds"] for m in h.rows()[len(new):]} == {2}
+        t = build_table(old + h.rows())
+    assert t.refined == {w} and "gone" not in t.arms_on(w)
+    # per-round speed-ups, not the stored 9 and 0.5; the liar is lossy now (one token in 4 differs)
+    assert t.speedup[(w, "fake-exact[k=2]")] == pytest.approx(4.0) == t.speedup[(w, "fake-exact[k=4]")]
+    assert t.speedup[(w, "fake-liar")] == pytest.approx(2.0) and t.loss[(w, "fake-liar")] == pytest.approx(0.25)
+    assert t.loss[(w, "fake-exact[k=2]")] == 0

@@ -48,9 +48,10 @@ def sweep(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads (tiny models run best on 1).")] = 1,
     bundle: Annotated[bool, typer.Option(help="Also write the swept rows to the selector's bundled data file.")] = False,
-    retime: Annotated[bool, typer.Option("--retime", help="Re-time the diffusion arms already in the history "
-                                         "(bundled + yours) in interleaved rounds, into new rows; quality is "
-                                         "recomputed. LLM workloads are not re-timed yet.")] = False,
+    retime: Annotated[bool, typer.Option("--retime", help="Re-time the arms already in the history (bundled + "
+                                         "yours) of the first --llm / --diffusion grid workloads in interleaved "
+                                         "rounds, into new rows; quality is recomputed (LLM at temperature 0: "
+                                         "lossless arms checked token for token against the baseline).")] = False,
     rounds: Annotated[int, typer.Option(help="--retime: interleaved timed rounds per workload in all (after one warm-up round; a workload re-timed before gets only the missing rounds).")] = 5,
     history: history_option = None,
 ) -> None:
@@ -72,7 +73,7 @@ def sweep(
         console.print(f"[{i + 1}/{n}] {label}  ({eta_s})")
 
     if retime:
-        _retime(ctx, history, S, diffusion, seed, rounds, max_minutes, device, bundle, progress, console)
+        _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, progress, console)
         return
     with open_history(_history_location(ctx, history)) as h:
         rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
@@ -91,12 +92,17 @@ def sweep(
             console.print(f"wrote {n} rows to the bundled selector data")
 
 
-def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console) -> None:
+def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console) -> None:
+    from rich.markup import escape
     from accelerando.bench.history import open_history
     from .recommend import load_bundled, merge_bundled
-    grid = S.diffusion_grid(n_diffusion, seed=seed)
-    keys = {S.sweep_key(w) for w in grid}
-    grid += [w for w in S.diffusion_grid(n_diffusion, seed=seed, zoo_names=[]) if S.sweep_key(w) not in keys]
+
+    def grid(make, n):
+        # the bundled history was swept without the zoo models: rebuild those workloads too
+        g = make(n, seed=seed)
+        keys = {S.sweep_key(w) for w in g}
+        return g + [w for w in make(n, seed=seed, zoo_names=[]) if S.sweep_key(w) not in keys]
+    t0 = time.perf_counter()
     with open_history(_history_location(ctx, history)) as h:
         rows, seen = [], set()
         for r in load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]:
@@ -105,16 +111,23 @@ def _retime(ctx, history, S, n_diffusion, seed, rounds, max_minutes, device, bun
             if key not in seen:        # a re-timing both bundled and in your history counts once
                 seen.add(key)
                 rows.append(r)
-        rep = S.retime_diffusion(rows, grid, history=h, rounds=rounds, device=device, progress=progress,
-                                 max_seconds=max_minutes * 60 if max_minutes else None)
-        console.print(f"retime: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a workload in all), "
-                      f"{rep.skipped} already re-timed, {rep.missing} not in the grid, {rep.seconds / 60:.1f} min, "
-                      f"load average {min(rep.load, default=0):.1f}-{max(rep.load, default=0):.1f}; quality moved "
-                      f"by at most {rep.max_quality_drift:.2%} from the stored rows"
-                      + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
-        from rich.markup import escape
-        for e in rep.errors + rep.dropped:
-            console.print(f"[yellow]not re-timed[/yellow] {escape(e)}")      # arm ids hold [...]
+        for family, make, n in (("diffusion", S.diffusion_grid, n_diffusion), ("llm", S.llm_grid, n_llm)):
+            if n == 0:
+                continue
+            left = max_minutes * 60 - (time.perf_counter() - t0) if max_minutes else None
+            rep = S.retime(rows, grid(make, n), history=h, family=family, rounds=rounds, device=device,
+                           progress=progress, max_seconds=left)
+            what = "quality moved" if family == "diffusion" else "perplexity moved"
+            console.print(f"retime {family}: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a "
+                          f"workload in all), {rep.skipped} already re-timed, {rep.missing} not in the grid, "
+                          f"{rep.seconds / 60:.1f} min, load average {min(rep.load, default=0):.1f}-"
+                          f"{max(rep.load, default=0):.1f}; {what} by at most {rep.max_quality_drift:.2%} from the stored rows"
+                          + (f" (stopped at --max-minutes with {rep.todo - rep.workloads - len(rep.errors)} to go; "
+                             "run again to resume)" if rep.stopped_early else ""))
+            for e in rep.errors + rep.dropped:
+                console.print(f"[yellow]not re-timed[/yellow] {escape(e)}")      # arm ids hold [...]
+            for e in rep.not_exact:
+                console.print(f"[red]lossless arm differs from the baseline's tokens[/red] {escape(e)}")
         if bundle:
             n = merge_bundled(m for m in h.rows() if (m.metrics or {}).get("timing") == S.INTERLEAVED)
             console.print(f"added {n} re-timed rows to the bundled selector data")

@@ -468,20 +468,25 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
 
 # ----------------------------------------------------------------------------- re-timing
 
-
-
 @dataclass
 class RetimeReport:
     workloads: int = 0               # re-timed now
+    todo: int = 0                    # workloads that needed (more) rounds when it started
     skipped: int = 0                 # already re-timed in the history (resumed)
     missing: int = 0                 # history workloads not in the given grid (cannot be rebuilt)
     rows: int = 0
     errors: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # arms that no longer run (e.g. n/a at the budget)
-    max_quality_drift: float = 0.0   # max |rmse_ref(now) / rmse_ref(stored) - 1| over the arms
+    not_exact: list[str] = field(default_factory=list)  # LLM, greedy: a lossless arm's tokens != the baseline's
+    max_quality_drift: float = 0.0   # max |quality(now) / quality(stored) - 1| over the arms (``DRIFT_METRIC``)
     seconds: float = 0.0
     load: list[float] = field(default_factory=list)   # 1-minute load average before each workload
     stopped_early: bool = False
+
+
+# the stored quality number a re-timing compares its own with (the drift is reported): diffusion,
+# the error to the high-accuracy reference; LLM, the perplexity of the output under the target
+DRIFT_METRIC = {"diffusion": "rmse_vs_reference", "llm": "perplexity"}
 
 
 def _row(r: Any, name: str) -> Any:
@@ -493,43 +498,17 @@ def per_round_speedups(base: Sequence[float], arm: Sequence[float]) -> list[floa
     return [b / a for b, a in zip(base, arm) if a > 0]
 
 
-def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, rounds: int = 5,
-                     warmup_rounds: int = 1, device: str = "cpu", max_seconds: float | None = None,
-                     progress: Callable[[int, int, str, float | None], None] | None = None,
-                     sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
-                     unet_for: Callable[[str], tuple[Any, int]] | None = None) -> RetimeReport:
-    """Re-time the diffusion arms already in the history, interleaved, into new rows.
-
-    For every swept diffusion workload of ``rows`` (history rows with a ``sweep_key``) that one of
-    ``workloads`` (the grid that produced it) can rebuild: every arm measured there runs again on
-    the same model, budget, spacing and seeds, in ``rounds`` interleaved rounds after
-    ``warmup_rounds`` untimed ones (``harness.measure_interleaved``: one call of every arm per
-    round, so a load change hits all arms of the round alike). ``rounds`` is the total per workload:
-    where earlier re-timings hold some rounds already, only the rest run (a top-up; the table pools
-    the per-round speed-ups of all re-timings). An arm's speed-up is the median of
-    its per-round speed-ups (baseline time / arm time in the same round). Quality is recomputed
-    from the same seeds (it is deterministic: the report's ``max_quality_drift`` says how far it
-    moved from the stored rows). New rows carry ``metrics["timing"] = "interleaved"`` and go to
-    ``history``; no row is changed or dropped. Resumable: a workload whose baseline's interleaved
-    rows hold ``rounds`` rounds in all is skipped (a workload's rows are written in one
-    transaction after all its rounds, so a stopped run loses at most the workload in progress). ``unet_for(model)`` (tests)
-    replaces the model cache.
-    """
-    import os
-    from accelerando.bench.harness import measure_interleaved, percentile
-    from accelerando.bench.history import Measurement
-    from accelerando.bench.methods import get_method
-    from accelerando.bench.runner import _quality, build_diffusion_setups, diffusion_reference
-
-    by_key = {sweep_key(w): w for w in workloads if w.family == "diffusion"}
-    stored: dict[str, dict[str, Any]] = {}       # key -> {"workload", "arms": {id: (method, knobs)}, ...}
+def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
+    """sweep_key -> {"workload", "arms": {id: (method, knobs)}, "base": baseline arm id,
+    "quality": {id: stored DRIFT_METRIC}, "done": interleaved rounds already in the history}."""
+    stored: dict[str, dict[str, Any]] = {}
     for r in rows:
         wl = _row(r, "workload") or {}
         key = wl.get("sweep_key")
-        if not key or (_row(r, "family") or wl.get("family")) != "diffusion":
+        if not key or (_row(r, "family") or wl.get("family")) != family:
             continue
         m = _row(r, "metrics") or {}
-        s = stored.setdefault(key, {"workload": None, "arms": {}, "rmse": {}, "done": 0})
+        s = stored.setdefault(key, {"workload": None, "arms": {}, "base": None, "quality": {}, "done": 0})
         if wl.get("features") and s["workload"] is None:
             s["workload"] = dict(wl)
         a = arm_id(_row(r, "method"), _row(r, "knobs"))
@@ -538,46 +517,114 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
                 s["done"] += int(m.get("rounds") or 0)
         else:
             s["arms"][a] = (_row(r, "method"), dict(_row(r, "knobs") or {}))
-            if m.get("rmse_vs_reference") is not None:
-                s["rmse"][a] = float(m["rmse_vs_reference"])
+            if m.get("is_baseline"):
+                s["base"] = a
+            if m.get(DRIFT_METRIC[family]) is not None:
+                s["quality"][a] = float(m[DRIFT_METRIC[family]])
+    return stored
+
+
+def _label(wl: Any) -> str:
+    if wl.family == "llm":
+        return f"llm {wl.model} T={wl.temperature} bs={wl.batch_size} {wl.domain}"
+    return f"diffusion {wl.model} steps={wl.steps} {wl.spacing} b={wl.batch}"
+
+
+def _retime_setups(wl: Any, stored_wl: dict[str, Any], *, device: str, models: Callable[[str], Any]):
+    """(setups, reference) of a workload: the sweep's models, prompts / noise and seeds."""
+    from accelerando.bench.runner import build_diffusion_setups, build_llm_setups, diffusion_reference
+    if wl.family == "llm":
+        target, tok = models(wl.model)[:2]
+        drafts = {d: models(d)[0] for d in wl.drafts}
+        return build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts), None
+    unet, n_train = models(wl.model)[:2]
+    setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+    return setups, diffusion_reference(setups, steps=int(stored_wl.get("reference_steps", 100)))
+
+
+def _arm_inputs(setups: list[Any], knobs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """An arm's setups and builder knobs: a diffusion arm's ``steps_frac`` is its budget (the
+    steps of its setups), not a knob of the sampler."""
+    if "steps_frac" not in knobs:
+        return setups, dict(knobs)
+    steps = max(1, round(setups[0].steps * float(knobs["steps_frac"])))
+    return [replace(x, steps=steps) for x in setups], {n: v for n, v in knobs.items() if n != "steps_frac"}
+
+
+def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, family: str = "diffusion",
+           rounds: int = 5, warmup_rounds: int = 1, device: str = "cpu", max_seconds: float | None = None,
+           progress: Callable[[int, int, str, float | None], None] | None = None,
+           sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+           models_for: Callable[[str], Any] | None = None) -> RetimeReport:
+    """Re-time the ``family`` arms already in the history, interleaved, into new rows.
+
+    For every swept workload of ``rows`` (history rows with a ``sweep_key``) that one of
+    ``workloads`` (the grid that produced it) can rebuild: every arm measured there runs again on
+    the same models and inputs (diffusion: model, budget, spacing, seeds; LLM: target, drafts,
+    prompts, temperature, seed), in ``rounds`` interleaved rounds after ``warmup_rounds`` untimed
+    ones (``harness.measure_interleaved``: one call of every arm per round, so a load change hits
+    all arms of the round alike). ``rounds`` is the total per workload: where earlier re-timings
+    hold some rounds already, only the rest run (a top-up; the table pools the per-round speed-ups
+    of all re-timings). An arm's speed-up is the median of its per-round speed-ups (baseline time /
+    arm time in the same round). Quality is recomputed as the sweep does (``runner._quality``):
+    diffusion, the error to the reference from the same seeds; LLM, token agreement and perplexity
+    against the baseline's output of this re-timing, and at temperature 0 the exact-match check of
+    every lossless arm (one that fails is kept, with ``lossless_verified = False`` -- the table
+    then counts it as lossy -- and listed in ``not_exact``). The report's ``max_quality_drift`` says
+    how far ``DRIFT_METRIC`` moved from the stored rows. An arm the current code refuses or that
+    fails (a budget below a sampler's minimum, a method no longer registered) is left out and
+    listed in ``dropped``. New rows carry ``metrics["timing"] = "interleaved"`` and go to
+    ``history``; no row is changed or dropped. Resumable: a workload whose baseline's interleaved
+    rows hold ``rounds`` rounds in all is skipped (a workload's rows are written in one transaction
+    after all its rounds, so a stopped run loses at most the workload in progress).
+    ``max_seconds``: no workload starts that would end after it at the mean time per workload so
+    far. ``models_for(name)`` (tests) replaces the model cache (``ModelCache.unet`` / ``.llm``).
+    """
+    import os
+    from accelerando.bench.harness import measure_interleaved, percentile
+    from accelerando.bench.history import Measurement
+    from accelerando.bench.methods import get_method
+    from accelerando.bench.runner import _quality, _speed_metrics
+
+    if family not in DRIFT_METRIC:
+        raise ValueError(f"family must be llm or diffusion, got {family!r}")
+    by_key = {sweep_key(w): w for w in workloads if w.family == family}
+    stored = _stored_arms(rows, family)
     rep = RetimeReport()
     todo = []
     for key, s in stored.items():
-        if key not in by_key or s["workload"] is None:
+        if key not in by_key or s["workload"] is None or s["base"] is None:
             rep.missing += 1
         elif s["done"] >= rounds:
             rep.skipped += 1
         else:
             todo.append(key)
+    rep.todo = len(todo)
     cache = ModelCache(device)
-    unet_for = unet_for or cache.unet
+    models_for = models_for or (cache.llm if family == "llm" else cache.unet)
     t_start = time.perf_counter()
     times: list[float] = []
     for i, key in enumerate(todo):
-        if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+        mean = sum(times) / len(times) if times else 0.0
+        if max_seconds is not None and time.perf_counter() - t_start + mean > max_seconds:
             rep.stopped_early = True
             break
         wl, s = by_key[key], stored[key]
-        label = f"diffusion {wl.model} steps={wl.steps} {wl.spacing} b={wl.batch}"
+        label, base = _label(wl), s["base"]
         if progress:
-            progress(i, len(todo), label, (sum(times) / len(times)) * (len(todo) - i) if times else None)
+            progress(i, len(todo), label, mean * (len(todo) - i) if times else None)
         tw = time.perf_counter()
         rep.load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         try:
-            unet, n_train = unet_for(wl.model)[:2]
-            setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
-            ref = diffusion_reference(setups, steps=int(s["workload"].get("reference_steps", 100)))
-            fns, entries, steps_of = {}, {}, {}
-            base = next(a for a, (mt, kn) in s["arms"].items()
-                        if get_method(mt).is_baseline and "steps_frac" not in kn)
+            setups, ref = _retime_setups(wl, s["workload"], device=device, models=models_for)
+            fns, entries, inputs = {}, {}, {}
             for a, (method, knobs) in s["arms"].items():
-                entry = get_method(method)
-                k = {**entry.default_knobs, **{n: v for n, v in knobs.items() if n != "steps_frac"}}
-                steps = max(1, round(setups[0].steps * float(knobs.get("steps_frac", 1.0))))
                 # build and the first warm-up call, one arm at a time: an arm the current code
                 # refuses (a budget below its minimum) or that fails is left out and reported
                 try:
-                    calls = [entry.build(replace(x, steps=steps), **k) for x in setups]
+                    entry = get_method(method)
+                    sub, k = _arm_inputs(setups, knobs)
+                    calls = [entry.build(x, **{**entry.default_knobs, **k}) for x in sub]
                     [c() for c in calls]
                 except Exception as exc:    # noqa: BLE001
                     if a == base:
@@ -585,7 +632,7 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
                     rep.dropped.append(f"{label}: {a}: {type(exc).__name__}: {exc}")
                     continue
                 fns[a] = (lambda calls=calls: [c() for c in calls])
-                entries[a], steps_of[a] = entry, steps
+                entries[a], inputs[a] = entry, sub
             n_rounds = rounds - s["done"]
             timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=max(0, warmup_rounds - 1),
                                           sync=sync, clock=clock)
@@ -593,32 +640,52 @@ def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: 
             rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
             continue
         base_out = timings[base].result
-        base_q = _quality("diffusion", setups, base_out, base_out, ref, entries[base], score_perplexity=False)
+        llm = family == "llm"
+        base_q = _quality(family, inputs[base], base_out, base_out, ref, entries[base], score_perplexity=llm)
         run_id = f"retime-{key}-{int(time.time() * 1e3) % 10**9}"
         new = []
         for a, t in timings.items():
-            q = _quality("diffusion", setups, t.result, base_out, ref, entries[a], score_perplexity=False)
+            q = _quality(family, inputs[a], t.result, base_out, ref, entries[a], score_perplexity=llm)
             ratios = per_round_speedups(timings[base].samples, t.samples)
             srt = sorted(ratios)
             is_base = a == base
-            m = {**t.summary(), **q, "timing": INTERLEAVED, "rounds": n_rounds, "warmup_rounds": warmup_rounds,
-                 "speedup": 1.0 if is_base else statistics.median(ratios),
-                 "speedup_rounds": ratios, "speedup_iqr": percentile(srt, 75) - percentile(srt, 25),
-                 "nfe": sum(int(o.nfe) for o in t.result), "steps": steps_of[a],
-                 "lossless": entries[a].lossless, "is_baseline": is_base, "load_1min": rep.load[-1]}
+            if llm:
+                m = _speed_metrics("llm", inputs[a], t.result, t)
+            else:
+                m = {**t.summary(), "nfe": sum(int(o.nfe) for o in t.result), "steps": inputs[a][0].steps}
+            m.update(q)
+            m.update(timing=INTERLEAVED, rounds=n_rounds, warmup_rounds=warmup_rounds,
+                     speedup=1.0 if is_base else statistics.median(ratios), speedup_rounds=ratios,
+                     speedup_iqr=percentile(srt, 75) - percentile(srt, 25),
+                     lossless=entries[a].lossless, is_baseline=is_base, load_1min=rep.load[-1])
             m.pop("peak_memory_bytes", None), m.pop("peak_memory_kind", None)
-            rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")
-            if rb and rx is not None:
-                m["quality_loss"] = 0.0 if is_base else max(0.0, rx / rb - 1.0)
-            old = s["rmse"].get(a)
-            if old and rx is not None:
-                rep.max_quality_drift = max(rep.max_quality_drift, abs(rx / old - 1.0))
+            if not llm:
+                rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")
+                if rb and rx is not None:
+                    m["quality_loss"] = 0.0 if is_base else max(0.0, rx / rb - 1.0)
+            elif q.get("lossless_verified") is False:
+                rep.not_exact.append(f"{label}: {a}: exact match {q.get('exact_match', 0.0):.2f}")
+            old, now = s["quality"].get(a), q.get(DRIFT_METRIC[family])
+            if old and now is not None:
+                rep.max_quality_drift = max(rep.max_quality_drift, abs(now / old - 1.0))
             method, knobs = s["arms"][a]
             new.append(Measurement(workload=dict(s["workload"]), method=method, knobs=knobs, metrics=m,
-                                   seed=int(s["workload"].get("seed", 0)), family="diffusion", run_id=run_id))
+                                   seed=int(s["workload"].get("seed", 0)), family=family, run_id=run_id))
         history.record_many(new)
         rep.rows += len(new)
         rep.workloads += 1
         times.append(time.perf_counter() - tw)
     rep.seconds = time.perf_counter() - t_start
     return rep
+
+
+def retime_diffusion(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any,
+                     unet_for: Callable[[str], tuple[Any, int]] | None = None, **kw: Any) -> RetimeReport:
+    """``retime`` of the diffusion workloads (``unet_for(model)`` -> (unet, num_train_timesteps))."""
+    return retime(rows, workloads, history=history, family="diffusion", models_for=unet_for, **kw)
+
+
+def retime_llm(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any,
+               llm_for: Callable[[str], tuple[Any, Any]] | None = None, **kw: Any) -> RetimeReport:
+    """``retime`` of the LLM workloads (``llm_for(name)`` -> (model, tokenizer))."""
+    return retime(rows, workloads, history=history, family="llm", models_for=llm_for, **kw)

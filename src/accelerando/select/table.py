@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 LOSS_TOL = 1e-9
-INTERLEAVED = "interleaved"      # metrics["timing"] of a re-timed row (``select.sweep.retime_diffusion``)
+INTERLEAVED = "interleaved"      # metrics["timing"] of a re-timed row (``select.sweep.retime``)
 
 
 @dataclass(frozen=True)
