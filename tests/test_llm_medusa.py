@@ -155,7 +155,7 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     """Medusa's StepHook (heads inside the target's engine step, at the node greedy verification
     accepts) gives the drafts the eager heads give from that node's hidden state; padding columns
     of the step do not change them."""
-    from accelerando.llm.engine import EngineSpecCache
+    from accelerando.llm.engine import VERDICT_COLUMNS, EngineSpecCache
     from accelerando.llm.sampling import SamplingConfig
     from accelerando.llm.tree_verify import greedy_accept_tree
     t = _tiny(seed=3)
@@ -176,9 +176,12 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     caches = [EngineSpecCache(t, batch_size=1, max_len=40, compile=False, role=f"hook-{proj}-{i}") for i in range(2)]
     for c in caches:
         c.forward(ids[:, :-1])                                  # prefill
-    drafts, logits = caches[0].forward(tokens, tree=tree, hidden=hook)
+    out, logits = caches[0].forward(tokens, tree=tree, hidden=hook)
     node, nxt = greedy_accept_tree(tree, tokens, logits.argmax(-1))
     assert int(node) == 7                                       # a deep accepted node, not the root
+    # the hook's verdict columns are greedy verification's (node, next token, all finite)
+    assert hook.verdict and out[0, 0, -VERDICT_COLUMNS:].tolist() == [int(node), int(nxt), 0]
+    drafts = out[..., :-VERDICT_COLUMNS]
     h, logits2 = caches[1].forward(tokens, tree=tree, hidden=True)
     torch.testing.assert_close(logits2, logits)
     eager = m.propose(int(nxt), h[0, int(node)], greedy).tokens
@@ -187,8 +190,12 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     # a compiled step pads the block to a fixed width: extra columns do not change the drafts
     pad = lambda x, v: torch.cat([x, v.expand(1, 3, *x.shape[2:])], 1)          # noqa: E731
     padded = hook(pad(h, h[:, :1] + 1.0), pad(logits2, logits2[:, :1]), pad(tokens, tokens.new_zeros(1, 1)))
-    assert padded.shape == (1, len(tree) + 3, len(tree) - 1)
-    assert torch.equal(padded[0, int(node)], drafts[0, int(node)])
+    assert padded.shape == (1, len(tree) + 3, len(tree) - 1 + VERDICT_COLUMNS)
+    assert torch.equal(padded[0, int(node)], out[0, int(node)])
+    # non-finite logits at any node raise the verdict's flag
+    bad_logits = logits2.clone()
+    bad_logits[0, 2, 5] = float("nan")
+    assert hook(h, bad_logits, tokens)[0, 0, -1] == 1
 
 
 def test_config_tree_is_cached_and_equals_a_fresh_build():

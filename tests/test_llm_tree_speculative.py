@@ -135,3 +135,21 @@ def test_tree_steps_padded_to_a_compiled_width(monkeypatch):
     heads = Medusa.for_target(TARGET, n_heads=3).use_tree([[0], [1], [0, 0], [1, 0], [0, 0, 0]])
     assert torch.equal(tree_speculative_generate(TARGET, IDS, drafter=heads, max_new_tokens=24,
                                                  backend="engine-eager"), REF)
+
+
+@pytest.mark.parametrize("backend", ["engine-eager", "hf"])
+def test_non_finite_logits_in_a_medusa_step_raise(backend):
+    """NaN only where drafted tokens enter the step (the prompt alone is finite): on the engine the
+    in-step verdict's flag (Medusa's StepHook), on transformers the loop's verify, raise the same error."""
+    from accelerando.llm import NonFiniteLogitsError
+    t = tiny_llama(4)
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    with torch.no_grad():
+        emb = t.get_input_embeddings().weight
+        keep = emb[[1, 2, 3]].clone()
+        emb.fill_(float("nan"))
+        emb[[1, 2, 3]] = keep
+        assert torch.isfinite(t(ids).logits).all()
+    heads = Medusa.for_target(t, n_heads=2).use_tree([[0], [1], [0, 0]])
+    with pytest.raises(NonFiniteLogitsError, match="non-finite"):
+        tree_speculative_generate(t, ids, drafter=heads, max_new_tokens=8, backend=backend)

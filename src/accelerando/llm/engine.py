@@ -256,6 +256,9 @@ def _own_code(decoder: LeanDecoder):
     return types.MethodType(own, decoder)
 
 
+VERDICT_COLUMNS = 3      # (node, next token, non-finite flag) at the end of a verdict hook's output
+
+
 @dataclass(frozen=True, eq=False)
 class StepHook:
     """What a drafter needs from a verification step, as a pure function
@@ -265,9 +268,12 @@ class StepHook:
     inside the compiled step and returns it in place of the hidden states -- no separate eager
     call, no (B, T, hidden) output. Caches that cannot (``HFCache``, the engine's eager prefill)
     return the raw hidden states instead, so a consumer must accept both (Medusa tells them apart
-    by dtype: its hook returns token ids)."""
+    by dtype: its hook returns token ids). ``verdict=True``: the output's last ``VERDICT_COLUMNS``
+    columns are greedy verification's verdict of this step (accepted node, next token, 1 if any
+    node's logits are not finite), which the loop then takes instead of verifying again."""
     fn: Callable[..., torch.Tensor]
     args: tuple = ()
+    verdict: bool = False
 
     def __call__(self, h: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return self.fn(h, logits, input_ids, *self.args)

@@ -33,7 +33,7 @@ from accelerando.llm.cache import check_supports_cache, max_positions
 from accelerando.llm.drafters.base import StepResult
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.drafters.prompt_lookup import PromptLookup
-from accelerando.llm.engine import spec_cache_factory
+from accelerando.llm.engine import VERDICT_COLUMNS, spec_cache_factory
 from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, checked_argmax, checked_probs, non_finite_message
 from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_verify import greedy_accept_tree, rejection_accept_tree, typical_accept_tree
@@ -381,7 +381,12 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         out = tgt.forward(c.tokens, tree=None if c.chain else c.tree, hidden=needs_hidden)
         h, logits = out if needs_hidden else (None, out)
         st.target_calls += 1
-        node, nxt, bad = verify(logits, c, sampling, generator, drafting.rule, drafting.epsilon, drafting.alpha)
+        if h is not None and not h.is_floating_point() and getattr(needs_hidden, "verdict", False):
+            # the drafter's step hook ran greedy verification inside the compiled step (engine.StepHook)
+            node, nxt, bad = h[:, 0, -VERDICT_COLUMNS:].unbind(-1)
+            bad, h = bad.bool(), h[:, :, :-VERDICT_COLUMNS]
+        else:
+            node, nxt, bad = verify(logits, c, sampling, generator, drafting.rule, drafting.epsilon, drafting.alpha)
         # the one sync per step: accepted nodes, next tokens and node tokens drive EOS / budgets / crops
         drafted = c.drafted if c.drafted is not None else torch.full_like(node, N - 1)
         host = torch.cat([node[:, None], nxt[:, None], bad[:, None].long(), drafted[:, None], c.tokens], 1).tolist()

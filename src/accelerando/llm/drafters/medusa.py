@@ -254,7 +254,7 @@ class Medusa(nn.Module):
             down, up = (low[0][:K], low[1][:K]) if low is not None else (None, None)
             args = (t["parent"], t["fail_of"].to(W.dtype), t["score"], W[:K], b[:K],
                     out[:K] if out.dim() == 3 else out, down, up, head * R + rank, R)
-            cached = self.__dict__["_step_hook"] = (tree, W, StepHook(medusa_step_drafts, args))
+            cached = self.__dict__["_step_hook"] = (tree, W, StepHook(medusa_step_drafts, args, verdict=True))
         return cached[2]
 
     @torch.no_grad()
@@ -463,20 +463,24 @@ def medusa_step_drafts(h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
     (T >= N: padding columns follow the tree's N nodes). The accepted node is greedy
     verification's (``tree_verify.greedy_accept_tree``: deepest node whose path matches the
     argmax, ties to the lowest index); the heads run on its hidden state only, and node j of the
-    next tree takes head ``idx[j] // R``'s rank ``idx[j] % R`` pick. Returns (B, T, N-1) drafts,
-    the same for every column (the loop reads the accepted node's).
+    next tree takes head ``idx[j] // R``'s rank ``idx[j] % R`` pick. Returns (B, T, N - 1 + 3): the
+    N-1 drafts, then the verdict (accepted node, next token = the target's argmax there, 1 if any
+    node's logits are not finite: ``speculative.verify``'s greedy answer, which the loop takes
+    from here), the same for every column.
     """
     B, T, H = h.shape
     N = parent.shape[0]
     K = W.shape[0]
-    arg = logits[:, :N].argmax(-1)                                                       # (B, N)
+    top_logit, arg = logits[:, :N].max(-1)          # as sampling.checked_argmax: NaN / inf propagate, ties -> first
+    bad = (~top_logit.isfinite()).any(-1, keepdim=True)                                  # (B, 1)
     ok = ids[:, :N] == arg[:, parent]
     failed = (~ok).to(fail_of.dtype) @ fail_of                                           # (B, N)
     node = torch.where(failed == 0, score, -1).argmax(-1)                                # (B,)
     hn = h.gather(1, node[:, None, None].expand(B, 1, H)).reshape(1, B, H).expand(K, B, H)
     top = _heads_logits(hn, W, b, out, down, up).topk(R, dim=-1).indices                 # (K, B, R)
     drafts = top.permute(1, 0, 2).reshape(B, K * R)[:, idx]                             # (B, N-1)
-    return drafts[:, None, :].expand(B, T, N - 1)
+    out = torch.cat([drafts, node[:, None], arg.gather(1, node[:, None]), bad.long()], 1)   # (B, N + 2)
+    return out[:, None, :].expand(B, T, N + 2)
 
 
 ZOO_HEADS = "code-target-medusa"
