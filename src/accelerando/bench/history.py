@@ -422,6 +422,32 @@ def _prepare(engine: Engine, shown: str) -> None:
             conn.execute(_schema_table.update().values(version=v + 1))
 
 
+def _use_wal(engine: Engine, shown: str, patience_s: float = 60.0) -> None:
+    """Switch a SQLite history to WAL (readers run while one process writes); set only once the DB
+    is known ours, on a raw autocommit connection (the journal mode cannot change inside a
+    transaction). The switch needs an exclusive lock, and SQLite may answer "database is locked"
+    at once, without waiting on the busy timeout, while another process is mid-write (e.g. two
+    processes creating a fresh file): retry with backoff for up to ``patience_s``."""
+    import sqlite3
+    import time
+    raw = engine.raw_connection()
+    try:
+        con = raw.driver_connection
+        give_up, pause = time.monotonic() + patience_s, 0.005
+        while True:
+            try:
+                if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > give_up:
+                    raise HistoryError(f"cannot switch history {shown} to WAL: {exc}") from None
+                time.sleep(pause)
+                pause = min(2 * pause, 0.2)
+    finally:
+        raw.close()
+
+
 def open_history(url_or_path: str | os.PathLike | None = None) -> History:
     """Open (creating or upgrading if needed) the history at a path or SQLAlchemy URL."""
     shown = os.fspath(url_or_path) if url_or_path is not None else default_location()
@@ -444,13 +470,7 @@ def open_history(url_or_path: str | os.PathLike | None = None) -> History:
     try:
         _prepare(engine, shown)
         if url.get_backend_name() == "sqlite":
-            # WAL lets readers run while one process writes; set only once the DB is known ours.
-            # A raw (autocommit) connection: the journal mode cannot change inside a transaction.
-            raw = engine.raw_connection()
-            try:
-                raw.driver_connection.execute("PRAGMA journal_mode=WAL")
-            finally:
-                raw.close()
+            _use_wal(engine, shown)
     except HistoryError:
         engine.dispose()
         raise
