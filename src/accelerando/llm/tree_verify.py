@@ -68,10 +68,16 @@ def _deepest_alive(tree: TokenTree, ok: torch.Tensor) -> torch.Tensor:
     if tree.is_chain():   # one path in depth order: the accepted prefix (same answer, a fraction of the work)
         return ok[:, 1:].long().cumprod(1).sum(1)
     t = tree.tensors(ok.device)
+    return deepest_alive_node(ok, t["fail_of"], t["score"])
+
+
+def deepest_alive_node(ok: torch.Tensor, fail_of: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """``_deepest_alive`` on a tree's index tensors (``TokenTree.tensors``: ``fail_of``, ``score``),
+    pure tensor code (it also runs inside a compiled step, see ``medusa_step_drafts``)."""
     # failed[b, i] = how many non-root ancestors-or-self of node i are not ok: one small matmul
     # (exact: counts <= N in float) instead of a (B, N, N) mask; score = depth, then lowest index
-    failed = (~ok).to(t["fail_of"].dtype) @ t["fail_of"]                             # (B, N)
-    return torch.where(failed == 0, t["score"], -1).argmax(-1)
+    failed = (~ok).to(fail_of.dtype) @ fail_of                                           # (B, N)
+    return torch.where(failed == 0, score, -1).argmax(-1)
 
 
 def greedy_accept_tree(tree: TokenTree, tokens: torch.Tensor, target_argmax: torch.Tensor,
@@ -238,7 +244,7 @@ def draft_tree(expand: Expand, root_token: int, branching: Sequence[int], *, rep
             for r, x in enumerate(kids.tolist()):
                 parents.append(node); ranks.append(r); tokens.append(int(x)); new.append(len(tokens) - 1)
         frontier = new
-    return _finish(parents, ranks, tokens, qs)
+    return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
 
 
 def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int, *,
@@ -279,7 +285,7 @@ def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int
             parents.append(node); ranks.append(r); tokens.append(x)
             frontier.append(len(tokens) - 1); phi.append(l); G.append(s)
         # restore breadth-first order with parents before children (already true: parents are older)
-    return _finish(parents, ranks, tokens, qs)
+    return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
 
 
 def sample_tree_tokens(tree: TokenTree, root_token: int, q: torch.Tensor, *, replacement: bool = False,
@@ -294,10 +300,11 @@ def sample_tree_tokens(tree: TokenTree, root_token: int, q: torch.Tensor, *, rep
     return tokens
 
 
-def _finish(parents, ranks, tokens, qs) -> DraftedTree:
-    tree = TokenTree(tuple(parents), tuple(ranks))
-    V = next(iter(qs.values())).shape[-1]
-    q = torch.zeros(len(tokens), V, dtype=next(iter(qs.values())).dtype)
+def drafted_tree(tree: TokenTree, tokens: list[int], qs: dict[int, torch.Tensor]) -> DraftedTree:
+    """A drafted tree with its (N, V) q: row n = the draft distribution n's children came from
+    (zeros for a node without children)."""
+    first = next(iter(qs.values()))
+    q = torch.zeros(len(tokens), first.shape[-1], dtype=first.dtype, device=first.device)
     for node, qn in qs.items():
         q[node] = qn
     return DraftedTree(tree, tokens, q)

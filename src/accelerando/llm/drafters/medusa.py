@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from accelerando.llm.tree import TokenTree
+from accelerando.llm.tree_verify import deepest_alive_node
 
 PROJECTIONS = ("shared", "lowrank", "own")
 WEIGHTS_FILE, CONFIG_FILE = "medusa.safetensors", "medusa.json"
@@ -233,13 +234,12 @@ class Medusa(nn.Module):
 
     def step_hook(self, sampling: Any, rule: str = "exact") -> Any:
         """At temperature 0, a ``StepHook`` that runs the heads inside the target's compiled tree
-        step (the real Medusa computes its heads in the tree forward too): the graph picks the
-        node greedy verification will accept, runs the heads on that node's hidden state only
-        and returns the next tree's drafted tokens, so ``propose`` just prepends the root. None
-        otherwise (sampling and typical acceptance at T > 0 read the raw hidden state).
-
-        The drafts are a guess the verifier checks, never part of the verdict: should the graph's
-        node ever differ from the loop's, only the acceptance rate could suffer, not the output.
+        step (the real Medusa computes its heads in the tree forward too): the graph runs greedy
+        verification (the node it accepts, the next token, the non-finite flag: the loop takes this
+        verdict instead of verifying again, ``StepHook.verdict``), runs the heads on the accepted
+        node's hidden state only and returns the next tree's drafted tokens, so ``propose`` just
+        prepends the root. None otherwise (sampling and typical acceptance at T > 0 read the raw
+        hidden state and the loop verifies).
         """
         tree = self.tree
         if not sampling.greedy or len(tree) < 2:
@@ -473,9 +473,7 @@ def medusa_step_drafts(h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
     K = W.shape[0]
     top_logit, arg = logits[:, :N].max(-1)          # as sampling.checked_argmax: NaN / inf propagate, ties -> first
     bad = (~top_logit.isfinite()).any(-1, keepdim=True)                                  # (B, 1)
-    ok = ids[:, :N] == arg[:, parent]
-    failed = (~ok).to(fail_of.dtype) @ fail_of                                           # (B, N)
-    node = torch.where(failed == 0, score, -1).argmax(-1)                                # (B,)
+    node = deepest_alive_node(ids[:, :N] == arg[:, parent], fail_of, score)              # (B,)
     hn = h.gather(1, node[:, None, None].expand(B, 1, H)).reshape(1, B, H).expand(K, B, H)
     top = _heads_logits(hn, W, b, out, down, up).topk(R, dim=-1).indices                 # (K, B, R)
     drafts = top.permute(1, 0, 2).reshape(B, K * R)[:, idx]                             # (B, N-1)

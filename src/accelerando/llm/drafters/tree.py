@@ -53,7 +53,8 @@ from typing import Any, Sequence
 import torch
 
 from accelerando.llm.tree import TokenTree, check_tree_support, keep_accepted_path, tree_attention_mask
-from accelerando.llm.tree_verify import DraftedTree, Expand, draft_tree, sample_siblings, stochastic_beam_tree
+from accelerando.llm.tree_verify import (DraftedTree, Expand, draft_tree, drafted_tree, sample_siblings,
+                                         stochastic_beam_tree)
 
 SHAPES = ("chains", "beam", "full", "sparse", "dynamic")
 
@@ -102,7 +103,7 @@ def draft_shape(expand: Expand, root_token: int, shape: TokenTree, *, replacemen
                                  deterministic=deterministic).tolist()
             for c, x in zip(kids, xs + [xs[-1]] * (len(kids) - len(xs))):   # q with fewer tokens: repeat
                 tokens[c] = int(x)
-    return _drafted(shape, tokens, qs)
+    return drafted_tree(shape, tokens, qs)
 
 
 def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, depth: int, replacement: bool,
@@ -159,15 +160,9 @@ def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, 
             break                                   # nothing left to draw (width / depth / support exhausted)
         if added == 0 and fed == len(tokens):
             break
-    return _drafted(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
+    return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
 
 
-def _drafted(tree: TokenTree, tokens: list[int], qs: dict[int, torch.Tensor]) -> DraftedTree:
-    first = next(iter(qs.values()))
-    q = torch.zeros(len(tokens), first.shape[-1], dtype=first.dtype, device=first.device)
-    for node, qn in qs.items():
-        q[node] = qn
-    return DraftedTree(tree, tokens, q)
 _ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
