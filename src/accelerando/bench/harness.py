@@ -118,6 +118,11 @@ def measure(
     else:
         peak = _max_rss_bytes()
         kind = "process_max_rss" if peak is not None else "none"
+    return _timing(samples, result, warmup, peak, kind)
+
+
+def _timing(samples: list[float], result: Any, warmup: int, peak: int | None, kind: str) -> Timing:
+    """A ``Timing`` from the samples in call order (the summary statistics over them sorted)."""
     ordered = sorted(samples)
     return Timing(
         median_s=statistics.median(ordered),
@@ -169,11 +174,4 @@ def measure_interleaved(
             results[n] = fns[n]()
             sync()
             samples[n].append(clock() - start)
-    out = {}
-    for n in names:
-        ordered = sorted(samples[n])
-        out[n] = Timing(median_s=statistics.median(ordered), min_s=ordered[0], max_s=ordered[-1],
-                        iqr_s=percentile(ordered, 75) - percentile(ordered, 25), samples=tuple(samples[n]),
-                        peak_memory_bytes=None, result=results[n], peak_memory_kind="none",
-                        warmup=warmup_rounds)
-    return out
+    return {n: _timing(samples[n], results[n], warmup_rounds, None, "none") for n in names}

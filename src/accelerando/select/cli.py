@@ -95,7 +95,7 @@ def sweep(
 def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console) -> None:
     from rich.markup import escape
     from accelerando.bench.history import open_history
-    from .recommend import load_bundled, merge_bundled
+    from .recommend import load_bundled, merge_bundled, row_key
 
     def grid(make, n):
         # the bundled history was swept without the zoo models: rebuild those workloads too
@@ -106,8 +106,7 @@ def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, devi
     with open_history(_history_location(ctx, history)) as h:
         rows, seen = [], set()
         for r in load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]:
-            get = r.get if isinstance(r, dict) else (lambda k, r=r: getattr(r, k))
-            key = (get("run_id"), get("method"), json.dumps(get("knobs"), sort_keys=True))
+            key = row_key(r)
             if key not in seen:        # a re-timing both bundled and in your history counts once
                 seen.add(key)
                 rows.append(r)

@@ -50,16 +50,23 @@ def save_bundled(rows: Iterable[Any], path: Path | None = None) -> int:
     return n
 
 
+def row_key(r: Any) -> tuple:
+    """What makes a measurement row the same one (bundled dict or history ``Measurement``): its run,
+    method and knobs."""
+    get = r.get if isinstance(r, dict) else (lambda name: getattr(r, name))
+    return get("run_id"), get("method"), json.dumps(get("knobs"), sort_keys=True)
+
+
 def merge_bundled(rows: Iterable[Any], path: Path | None = None) -> int:
     """Append ``rows`` to the bundled file, except those already there (same run, method and
     knobs); the rows it holds stay. Returns how many were added."""
     path = Path(path or BUNDLED)
     have = load_bundled(path)
-    seen = {(r.get("run_id"), r.get("method"), json.dumps(r.get("knobs"), sort_keys=True)) for r in have}
+    seen = {row_key(r) for r in have}
     new = []
     for m in rows:
         d = slim_row(m) if not isinstance(m, dict) else m
-        k = (d.get("run_id"), d.get("method"), json.dumps(d.get("knobs"), sort_keys=True))
+        k = row_key(d)
         if k not in seen:
             seen.add(k)
             new.append(d)
