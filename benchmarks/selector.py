@@ -37,7 +37,7 @@ def winners(table, family, c):
 def _used(rows, table):
     """(row, workload id, arm id) of the rows the table reads (a re-timed workload: its
     interleaved rows only, see ``build_table``)."""
-    from accelerando.select.table import INTERLEAVED, arm_id, workload_id
+    from accelerando.select.table import arm_id, workload_id
 
     def get(r, k):
         return r.get(k) if isinstance(r, dict) else getattr(r, k)
@@ -46,7 +46,7 @@ def _used(rows, table):
         wl.setdefault("family", get(r, "family"))
         w = workload_id(wl)
         m = get(r, "metrics")
-        if w in table.refined and m.get("timing") != INTERLEAVED:
+        if not table.reads(r):
             continue
         yield m, w, arm_id(get(r, "method"), get(r, "knobs")), wl["family"]
 

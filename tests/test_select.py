@@ -85,9 +85,56 @@ def test_llm_facts_on_a_random_init_model():
     assert f["rep2"] == pytest.approx((3 / 4 + 0) / 2)
     assert f["prompt_len"] == pytest.approx(6.5)
     assert f["draft_latency_ratio"] > 0
-    for k in ("rep1", "rep4", "lookup_alpha", "lookup_alpha_min", "draft_alpha_min", "target_top1", "target_markov"):
+    for k in ("rep1", "rep4", "lookup_alpha", "lookup_alpha_min", "draft_alpha_min", "target_top1", "target_markov",
+              "gen_lookup_alpha", "gen_draft_alpha", "gen_rep3"):
         assert 0.0 <= f[k] <= 1.0, k
     assert f["draft_alpha_min"] <= f["draft_alpha"] + 1e-9 and f["lookup_alpha_min"] <= f["lookup_alpha"] + 1e-9
+
+
+def _tiny_llama(hidden, layers, seed):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                        num_key_value_heads=2, vocab_size=64, intermediate_size=2 * hidden,
+                                        eos_token_id=None, bos_token_id=None, pad_token_id=0)).eval()
+
+
+def test_continuation_probe_scores_the_targets_own_greedy_output():
+    torch = pytest.importorskip("torch")
+    from accelerando.llm.drafters.prompt_lookup import lookup
+    from accelerando.select.features import continuation_probe
+    target, draft = _tiny_llama(32, 2, 0), _tiny_llama(16, 1, 1)
+    ids = torch.tensor([[0, 5, 6, 5, 6, 5, 6], [1, 2, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * 7])
+    P = 20
+    f = continuation_probe(target=target, input_ids=ids, attention_mask=mask, drafts={"d": draft}, new_tokens=P)
+    # greedy: the continuation is the plain decode, and a lookup draft is accepted when it proposes
+    # the very token the decode wrote next; count that directly on each row's own tokens
+    with torch.no_grad():
+        out = target.generate(ids, attention_mask=mask, max_new_tokens=P, min_new_tokens=P, do_sample=False,
+                              pad_token_id=0)
+    rates, reps = [], []
+    for r in range(2):
+        toks = out[r][int((mask[r] == 0).sum()):].tolist()
+        start = int(mask[r].sum()) - 1
+        hits = [int(len(p := lookup(toks[:i + 1], (3, 2, 1), 1)) > 0 and int(p[0]) == toks[i + 1])
+                for i in range(start, len(toks) - 1)]
+        rates.append(sum(hits) / len(hits))
+        reps.append(ngram_repetition(toks[start + 1:], 3))
+    assert f["gen_lookup_alpha"] == pytest.approx(sum(rates) / 2)
+    assert f["gen_lookup_alpha_min"] == pytest.approx(min(rates))
+    assert f["gen_rep3"] == pytest.approx(sum(reps) / 2)
+    assert 0.0 <= f["gen_draft_alpha_min"] <= f["gen_draft_alpha"] <= 1.0
+    # a draft equal to the target is always accepted, greedy or sampling (sum_x min(p, p) = 1)
+    for temp in (0.0, 0.8):
+        same = continuation_probe(target=target, input_ids=ids, attention_mask=mask, drafts={"d": target},
+                                  temperature=temp, new_tokens=8, seed=1)
+        assert same["gen_draft_alpha"] == pytest.approx(1.0, abs=1e-5)
+    # sampling is seeded: the same seed gives the same probe
+    a, b = (continuation_probe(target=target, input_ids=ids, attention_mask=mask, temperature=1.0, new_tokens=8,
+                               seed=4) for _ in range(2))
+    assert a == b and a["gen_draft_alpha"] == 0.0       # no draft: nothing drafted
 
 
 def test_prompt_stats_repetition_at_several_n():

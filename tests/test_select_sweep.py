@@ -241,3 +241,60 @@ def test_retime_llm_rounds_check_exact_match_drop_gone_arms_and_resume(monkeypat
     assert t.speedup[(w, "fake-exact[k=2]")] == pytest.approx(4.0) == t.speedup[(w, "fake-exact[k=4]")]
     assert t.speedup[(w, "fake-liar")] == pytest.approx(2.0) and t.loss[(w, "fake-liar")] == pytest.approx(0.25)
     assert t.loss[(w, "fake-exact[k=2]")] == 0
+
+
+def _register_seed_dependent(clock):
+    """Two sampling methods whose output length depends on the seed, as an EOS drawn early does:
+    the baseline spends 2 fake seconds a token and writes 4 tokens on even seeds, 2 on odd ones;
+    the arm spends 0.5 s a token and writes 4 tokens on odd seeds, 1 on even ones. Per token the
+    arm is always 4x faster; its time ratio swings between 16x and 2x with the seed."""
+    import torch
+    from accelerando.bench import methods as registry
+    from accelerando.bench.methods import LLMOutput, MethodEntry
+
+    def make(per_token, length):
+        def build(s):
+            def call():
+                n = length(s.seed)
+                clock.advance(per_token * n)
+                new = torch.full((s.input_ids.shape[0], n), 7, dtype=s.input_ids.dtype)
+                return LLMOutput(torch.cat([s.input_ids, new], dim=1), {"target_calls": n})
+            return call
+        return build
+    registry.register(MethodEntry("fake-sample", "llm", make(2.0, lambda g: 4 if g % 2 == 0 else 2),
+                                  lossless=True, is_baseline=True))
+    registry.register(MethodEntry("fake-seedy", "llm", make(0.5, lambda g: 4 if g % 2 else 1), lossless=True))
+
+
+def test_retime_of_a_sampling_workload_draws_a_seed_per_round_and_compares_time_per_token(monkeypatch, tmp_path):
+    F.fresh_registry(monkeypatch)
+    clock = F.FakeClock()
+    _register_seed_dependent(clock)
+    wl = LLMWorkload(model="rand-llama-h32-l1-v100-s0", prompts=("ab ab ab",), max_new_tokens=4,
+                     temperature=0.7, seed=3)
+    wd = {**wl.key(), "sweep_key": S.sweep_key(wl), "features": {"log_fwd_ms": 0.1}}
+    old = [{"workload": wd, "method": m, "knobs": {}, "run_id": "r0", "family": "llm",
+            "metrics": {"speedup": s, "is_baseline": m == "fake-sample", "lossless": True, "perplexity": 5.0}}
+           for m, s in (("fake-sample", 1.0), ("fake-seedy", 16.0))]
+    w = build_table(old).wids()[0]
+    with open_history(tmp_path / "h.sqlite") as h:
+        # the old protocol, one seed in every round: the time ratio of seed 3 (odd) alone
+        same = S.retime_llm(old, [wl], history=h, rounds=2, clock=clock, sync=lambda: None, seed_rounds=False)
+        assert same.workloads == 1
+        rows1 = h.rows()
+        assert build_table(old + rows1).speedup[(w, "fake-seedy")] == pytest.approx(2.0)
+        # rounds drawing seeds: the same-seed rounds do not count as done, new rows supersede them
+        rep = S.retime_llm(old + rows1, [wl], history=h, rounds=3, clock=clock, sync=lambda: None)
+        assert (rep.workloads, rep.skipped) == (1, 0)
+        new = h.rows()[len(rows1):]
+        assert {tuple(m.metrics["round_seeds"]) for m in new} == {(3, 4, 5)}
+        seedy = next(m for m in new if m.method == "fake-seedy").metrics
+        assert seedy["speedup_rounds"] == pytest.approx([4.0, 4.0, 4.0])      # time per token, every round
+        t = build_table(old + h.rows())
+        assert t.protocol[w] == 2 and t.speedup[(w, "fake-seedy")] == pytest.approx(4.0)
+        assert all(t.reads(r) for r in new) and not any(t.reads(r) for r in old + rows1)
+        # resumable under the new protocol; a top-up continues the seeds
+        assert S.retime_llm(old + h.rows(), [wl], history=h, rounds=3, clock=clock, sync=lambda: None).skipped == 1
+        n = len(h.rows())
+        S.retime_llm(old + h.rows(), [wl], history=h, rounds=5, clock=clock, sync=lambda: None)
+        assert {tuple(m.metrics["round_seeds"]) for m in h.rows()[n:]} == {(6, 7)}

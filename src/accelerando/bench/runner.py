@@ -204,14 +204,19 @@ def run_methods(
     return rows
 
 
+def llm_new_tokens(setups: list[Any], outs: list[Any]) -> int:
+    """Tokens an LLM method generated over its setups' batches (padding after a row's EOS excluded)."""
+    return sum(M.new_token_count(o.sequences, prompt_len=s.input_ids.shape[1], pad_token_id=_pad_id(s))
+               for s, o in zip(setups, outs))
+
+
 def _speed_metrics(family: str, setups: list[Any], outs: list[Any], t: Timing) -> dict[str, Any]:
     m = t.summary()
     if family == "llm":
         for o in outs:
             if not isinstance(o, LLMOutput):
                 raise TypeError(f"an LLM method must return LLMOutput, got {type(o).__name__}")
-        new = sum(M.new_token_count(o.sequences, prompt_len=s.input_ids.shape[1],
-                                    pad_token_id=_pad_id(s)) for s, o in zip(setups, outs))
+        new = llm_new_tokens(setups, outs)
         m.update(new_tokens=new, batch_size=int(sum(s.input_ids.shape[0] for s in setups)),
                  tokens_per_s=new / t.median_s if t.median_s > 0 else None,
                  latency_s=t.median_s)

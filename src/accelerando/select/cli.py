@@ -53,6 +53,11 @@ def sweep(
                                          "rounds, into new rows; quality is recomputed (LLM at temperature 0: "
                                          "lossless arms checked token for token against the baseline).")] = False,
     rounds: Annotated[int, typer.Option(help="--retime: interleaved timed rounds per workload in all (after one warm-up round; a workload re-timed before gets only the missing rounds).")] = 5,
+    same_seed: Annotated[bool, typer.Option("--same-seed", help="--retime: keep each workload's seed in every round. "
+                                            "By default an LLM workload that samples (temperature > 0) draws a new seed "
+                                            "each round, the same for all arms of a round, and its speed-up is the median "
+                                            "over rounds of the ratio of time per generated token: one seed's sample may "
+                                            "stop at an EOS after 3 tokens for one arm and run 32 for another.")] = False,
     history: history_option = None,
 ) -> None:
     """Run a grid of workloads x method configurations into the history (resumable: rows already
@@ -73,7 +78,8 @@ def sweep(
         console.print(f"[{i + 1}/{n}] {label}  ({eta_s})")
 
     if retime:
-        _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, progress, console)
+        _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, progress, console,
+                seed_rounds=not same_seed)
         return
     with open_history(_history_location(ctx, history)) as h:
         rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
@@ -92,7 +98,8 @@ def sweep(
             console.print(f"wrote {n} rows to the bundled selector data")
 
 
-def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console) -> None:
+def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console, *,
+            seed_rounds: bool = True) -> None:
     from rich.markup import escape
     from accelerando.bench.history import open_history
     from .recommend import load_bundled, merge_bundled, row_key
@@ -115,7 +122,7 @@ def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, devi
                 continue
             left = max_minutes * 60 - (time.perf_counter() - t0) if max_minutes else None
             rep = S.retime(rows, grid(make, n), history=h, family=family, rounds=rounds, device=device,
-                           progress=progress, max_seconds=left)
+                           progress=progress, max_seconds=left, seed_rounds=seed_rounds)
             what = "quality moved" if family == "diffusion" else "perplexity moved"
             console.print(f"retime {family}: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a "
                           f"workload in all), {rep.skipped} already re-timed, {rep.missing} not in the grid, "

@@ -55,6 +55,20 @@ FEATURES: dict[str, tuple[str, str]] = {
                              "p_j(x) at the temperature). Near 1, generation is a map on a finite set that "
                              "soon cycles, and the generated text repeats itself: what prompt lookup copies "
                              "even from a prompt with no repeats"),
+    "gen_lookup_alpha": ("llm", "prompt lookup's acceptance on the target's *own continuation*: a short plain "
+                                "decode of the target (the probe, ``PROBE_TOKENS`` tokens at the workload's "
+                                "temperature and seed), then lookup_alpha measured at the continuation's "
+                                "positions with the prompt plus the continuation so far as the lookup's "
+                                "context. Prompt lookup copies from what the model generates as much as from "
+                                "the prompt; a model whose output cycles is found here, not in the prompt"),
+    "gen_lookup_alpha_min": ("llm", "gen_lookup_alpha of the batch row where it is lowest"),
+    "gen_lookup_gain": ("llm", "lookup_gain with a = gen_lookup_alpha"),
+    "gen_draft_alpha": ("llm", "draft_alpha measured on the probe's continuation (teacher forcing): the text "
+                               "the draft will really be asked to predict, which is not the prompt's text"),
+    "gen_draft_alpha_min": ("llm", "gen_draft_alpha of the batch row where it is lowest"),
+    "gen_spec_gain": ("llm", "spec_gain with a = gen_draft_alpha"),
+    "gen_rep3": ("llm", "trigram repetition within the probe's continuation (rep3 of the generated "
+                        "tokens): how soon the output repeats itself"),
     "log_fwd_ms": ("both", "log10 of one measured target forward (ms) at the workload's batch and "
                            "length: tiny, overhead-bound forwards leave little to gain from batching "
                            "drafted tokens; diffusion: cost of one NFE"),
@@ -136,26 +150,28 @@ def prompt_stats(token_lists: Sequence[Sequence[Any]]) -> dict[str, float]:
 
 
 def lookup_acceptance(tokens: Sequence[int], logits: Any, *, temperature: float = 0.0,
-                      ngram_sizes: Sequence[int] = (3, 2, 1)) -> float:
+                      ngram_sizes: Sequence[int] = (3, 2, 1), start: int = 1) -> float:
     """Prompt lookup's acceptance of one drafted token, measured on the prompt with teacher forcing.
 
     ``logits[i]``: the target's next-token logits after ``tokens[:i + 1]``. At each position the
     lookup (the drafter's own rule) proposes the token that followed the last earlier match of the
     trailing n-gram; it is accepted with the target's probability of it (temperature > 0; the
     speculative-sampling acceptance of a one-hot draft) or when it is the target's argmax (greedy).
-    Positions without a match count 0. Mean over the positions 1 .. len - 2 (0 if none).
+    Positions without a match count 0. Mean over the positions ``start`` .. len - 2 (0 if none);
+    ``start`` = the prompt's length - 1 scores only a continuation's tokens, with the prompt as context.
     """
     import numpy as np
     from accelerando.llm.drafters.prompt_lookup import lookup
     toks = np.asarray(list(tokens), dtype=np.int64)
     L = len(toks)
-    if L < 3:
+    start = max(1, start)
+    if L - 1 <= start:
         return 0.0
     lg = logits.float()
     probs = (lg / temperature).softmax(-1) if temperature > 0 else None
     top = lg.argmax(-1)
     acc = []
-    for i in range(1, L - 1):
+    for i in range(start, L - 1):
         prop = lookup(toks[: i + 1], ngram_sizes, 1)
         if not len(prop) or int(prop[0]) >= lg.shape[-1]:
             acc.append(0.0)
@@ -240,6 +256,9 @@ def hardware_features(hw: Mapping[str, Any] | None = None, *, measure_bandwidth:
 
 # ----------------------------------------------------------------------------- measured facts
 
+PROBE_TOKENS = 24     # the continuation probe's length: a few dozen forwards, far less than any candidate run
+
+
 def acceptance_rate(target_logits: Any, draft_logits: Any, *, temperature: float = 0.0,
                     mask: Any = None) -> float:
     """Mean over positions of sum_x min(p(x), q(x)) (speculative sampling's acceptance probability
@@ -259,10 +278,12 @@ def acceptance_rate(target_logits: Any, draft_logits: Any, *, temperature: float
 
 def llm_facts(*, target: Any, input_ids: Any, attention_mask: Any = None,
               drafts: Mapping[str, Any] | None = None, pad_token_id: int | None = None,
-              temperature: float = 0.0, repeats: int = 3) -> dict[str, float]:
+              temperature: float = 0.0, top_p: float | None = None, seed: int = 0,
+              probe_tokens: int = PROBE_TOKENS, repeats: int = 3) -> dict[str, float]:
     """Facts about an LLM workload that need the loaded models: sizes, one timed forward of the
     target (and of the first draft) on the real batch, the draft's acceptance rate on the prompt
-    (teacher-forced), prompt statistics of the real tokens."""
+    (teacher-forced), prompt statistics of the real tokens, and the same acceptances on the
+    target's own first ``probe_tokens`` tokens (``continuation_probe``; 0 skips it)."""
     import torch
     facts = model_stats(target)
     with torch.no_grad():
@@ -308,7 +329,68 @@ def llm_facts(*, target: Any, input_ids: Any, attention_mask: Any = None,
     tm = [target_markov(rows[r], t_out[0][r][keeps[r]], temperature=temperature) for r in range(len(rows))]
     tm = [v for v in tm if not math.isnan(v)]      # rows where no token repeats say nothing
     facts["target_markov"] = float(sum(tm) / len(tm)) if tm else math.nan
+    if probe_tokens > 0:
+        facts.update(continuation_probe(target=target, input_ids=input_ids, attention_mask=attention_mask,
+                                        drafts=drafts, temperature=temperature, top_p=top_p,
+                                        new_tokens=probe_tokens, pad_token_id=pad_token_id, seed=seed))
     return facts
+
+
+def continuation_probe(*, target: Any, input_ids: Any, attention_mask: Any = None,
+                       drafts: Mapping[str, Any] | None = None, temperature: float = 0.0,
+                       top_p: float | None = None, new_tokens: int = PROBE_TOKENS, pad_token_id: int | None = None,
+                       seed: int = 0) -> dict[str, float]:
+    """Acceptance measured on the target's own continuation of the prompt (the ``gen_*`` features).
+
+    A short plain decode (``new_tokens`` tokens, the workload's temperature / top-p, seeded; greedy
+    at temperature 0, so then it *is* the start of the baseline's output) and one teacher-forced
+    forward of the target and the first draft over prompt + continuation. Prompt lookup and the
+    draft are then scored at the continuation's positions exactly as ``lookup_alpha`` and
+    ``draft_alpha`` are on the prompt. No candidate method runs: this is the baseline's own first
+    tokens, the text every method will have to produce.
+    """
+    import torch
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    pad = pad_token_id if pad_token_id is not None else (getattr(target.config, "pad_token_id", None) or 0)
+    kw: dict[str, Any] = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+    if temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, top_k=0)
+    else:
+        kw.update(do_sample=False)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        full = target.generate(input_ids=input_ids, attention_mask=mask, **kw)
+        full_mask = torch.cat([mask, torch.ones_like(full[:, input_ids.shape[1]:])], dim=1)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)         # as generate numbers left-padded rows
+        t_lg = target(input_ids=full, attention_mask=full_mask, position_ids=pos).logits
+        draft = next(iter(drafts.values())) if drafts else None
+        d_lg = (draft(input_ids=full, attention_mask=full_mask, position_ids=pos).logits
+                if draft is not None else None)
+    lookups, alphas, reps = [], [], []
+    for r in range(full.shape[0]):
+        keep = full_mask[r].bool()
+        toks, lg = full[r][keep].tolist(), t_lg[r][keep]
+        start = int(mask[r].sum()) - 1           # the logits there predict the first generated token
+        lookups.append(lookup_acceptance(toks, lg, temperature=temperature, start=start))
+        reps.append(ngram_repetition(toks[start + 1:], 3))
+        if d_lg is not None:
+            scored = torch.zeros(len(toks), dtype=torch.bool)
+            scored[start:len(toks) - 1] = True
+            alphas.append(acceptance_rate(lg, d_lg[r][keep], temperature=temperature, mask=scored))
+    out = {"gen_lookup_alpha": sum(lookups) / len(lookups), "gen_lookup_alpha_min": min(lookups),
+           "gen_rep3": sum(reps) / len(reps), "gen_draft_alpha": 0.0, "gen_draft_alpha_min": 0.0}
+    if alphas:
+        out.update(gen_draft_alpha=sum(alphas) / len(alphas), gen_draft_alpha_min=min(alphas))
+    return {k: float(v) for k, v in out.items()}
+
+
+def setup_facts(setup: Any, *, repeats: int = 3) -> dict[str, float]:
+    """``llm_facts`` of a bench ``LLMSetup`` (its models, first batch and sampling settings): what the
+    sweep, the facts refresh and ``recommend`` measure, one call for all three."""
+    tok = getattr(setup, "tokenizer", None)
+    return llm_facts(target=setup.target, input_ids=setup.input_ids, attention_mask=setup.attention_mask,
+                     drafts=setup.drafts, temperature=setup.temperature, top_p=setup.top_p, seed=setup.seed,
+                     pad_token_id=getattr(tok, "pad_token_id", None), repeats=repeats)
 
 
 def target_markov(tokens: Sequence[int], logits: Any, *, temperature: float = 0.0) -> float:
@@ -369,7 +451,8 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
                  batch=float(workload.get("batch_size") or 1),
                  log_new_tokens=math.log2(float(workload.get("max_new_tokens") or 1)))
         if not workload.get("drafts"):
-            f.update(draft_ratio=0.0, draft_latency_ratio=0.0, draft_alpha=0.0, draft_alpha_min=0.0)
+            f.update(draft_ratio=0.0, draft_latency_ratio=0.0, draft_alpha=0.0, draft_alpha_min=0.0,
+                     gen_draft_alpha=0.0, gen_draft_alpha_min=0.0)
     else:
         steps = float(workload.get("steps") or 1)
         spacing = str(workload.get("spacing", "trailing"))
@@ -391,6 +474,8 @@ def workload_features(workload: Mapping[str, Any], hardware: Mapping[str, Any] |
     if family == "llm":
         f["spec_gain"] = spec_gain(f["draft_alpha"], f["draft_latency_ratio"])
         f["lookup_gain"] = spec_gain(f["lookup_alpha"], LOOKUP_COST)
+        f["gen_spec_gain"] = spec_gain(f["gen_draft_alpha"], f["draft_latency_ratio"])
+        f["gen_lookup_gain"] = spec_gain(f["gen_lookup_alpha"], LOOKUP_COST)
     return f
 
 

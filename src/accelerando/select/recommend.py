@@ -27,7 +27,7 @@ BUNDLED = DATA_DIR / "history.jsonl.gz"
 KEEP_METRICS = ("speedup", "lossless", "is_baseline", "token_agreement", "exact_match", "lossless_verified",
                 "perplexity", "rmse_vs_reference", "rmse_vs_baseline", "quality_loss", "tokens_per_s",
                 "samples_per_s", "median_s", "iqr_s", "nfe", "new_tokens", "target_calls", "accepted_tokens",
-                "drafted_tokens", "timing", "rounds", "speedup_rounds", "speedup_iqr", "load_1min")
+                "drafted_tokens", "timing", "rounds", "round_seeds", "speedup_rounds", "speedup_iqr", "load_1min")
 
 
 # ----------------------------------------------------------------------------- training data
@@ -127,7 +127,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
     from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups,
                                           llm_workload_facts, model_kind, resolve_model_dir)
     from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
-    from .features import diffusion_facts, llm_facts, memory_bandwidth_gbs
+    from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
     from .sweep import _RAND_LLM, _RAND_UNET, ModelCache, make_prompts
 
     cache = cache or ModelCache(device)
@@ -151,8 +151,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         dm = {d: cache.llm(d)[0] for d in drafts}
         setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=dm, max_batches=1)
         s0 = setups[0]
-        facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask, drafts=dm,
-                          temperature=temperature)
+        facts = setup_facts(s0)
         key = {**wl.key(), **llm_workload_facts(setups)}
         ref = None
     else:

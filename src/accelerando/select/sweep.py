@@ -25,9 +25,9 @@ import re
 import statistics
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .table import INTERLEAVED, arm_id, workload_id
+from .table import INTERLEAVED, arm_id, timing_protocol, workload_id
 
 # method name -> knob settings to sweep (methods not listed run with their default knobs)
 KNOB_GRID: dict[str, list[dict[str, Any]]] = {
@@ -359,7 +359,7 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
     """
     from accelerando.bench.runner import (build_diffusion_setups, build_llm_setups, diffusion_reference,
                                           llm_workload_facts, run_methods)
-    from .features import diffusion_facts, llm_facts, memory_bandwidth_gbs
+    from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
 
     workloads = list(workloads)
     cache = ModelCache(device)
@@ -396,8 +396,7 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
                 drafts = {d: cache.llm(d)[0] for d in wl.drafts}
                 setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
                 s0 = setups[0]
-                facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask,
-                                  drafts=drafts, temperature=wl.temperature, repeats=3)
+                facts = setup_facts(s0, repeats=3)
                 wkey = {**wl.key(), **llm_workload_facts(setups)}
                 ref = None
             else:
@@ -432,7 +431,7 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
 
 def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, names: Sequence[str],
                       device: str = "cpu") -> tuple[int, int]:
-    """Add facts ``names`` (computed by ``features.llm_facts``) to the stored LLM workloads of
+    """Add facts ``names`` (computed by ``features.setup_facts``) to the stored LLM workloads of
     bundled-style ``rows`` (dicts, changed in place) whose ``sweep_key`` matches one of
     ``workloads`` (the grid that produced them, e.g. ``llm_grid(60, zoo_names=[])``). The facts a
     row already has (timings!) are kept: only the missing names are added, from the same models and
@@ -440,7 +439,7 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
     Returns (workloads refreshed, rows changed)."""
     import torch
     from accelerando.bench.runner import build_llm_setups
-    from .features import llm_facts
+    from .features import setup_facts
     by_key = {sweep_key(w): w for w in workloads if w.family == "llm"}
     todo: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -455,8 +454,7 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
         drafts = {d: cache.llm(d)[0] for d in wl.drafts}
         s0 = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)[0]
         with torch.no_grad():
-            facts = llm_facts(target=target, input_ids=s0.input_ids, attention_mask=s0.attention_mask,
-                              drafts=drafts, temperature=wl.temperature, repeats=1)
+            facts = setup_facts(s0, repeats=1)
         for r in rs:
             feats = r["workload"].setdefault("features", {})
             new = {n: facts[n] for n in names if n in facts and n not in feats}
@@ -493,14 +491,20 @@ def _row(r: Any, name: str) -> Any:
     return r.get(name) if isinstance(r, dict) else getattr(r, name)
 
 
-def per_round_speedups(base: Sequence[float], arm: Sequence[float]) -> list[float]:
-    """Speed-up of each interleaved round: the baseline's time over the arm's in the same round."""
-    return [b / a for b, a in zip(base, arm) if a > 0]
+def per_round_speedups(base: Sequence[float], arm: Sequence[float], *, base_tokens: Sequence[int] | None = None,
+                       arm_tokens: Sequence[int] | None = None) -> list[float]:
+    """Speed-up of each interleaved round: the baseline's time over the arm's in the same round.
+    With token counts (sampling, where a row stops at the EOS it happens to draw, so two arms of a
+    round may generate different lengths): the ratio of time per generated token."""
+    if base_tokens is None or arm_tokens is None:
+        return [b / a for b, a in zip(base, arm) if a > 0]
+    return [(b / nb) / (a / na) for b, a, nb, na in zip(base, arm, base_tokens, arm_tokens) if a > 0 and nb > 0 and na > 0]
 
 
 def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
     """sweep_key -> {"workload", "arms": {id: (method, knobs)}, "base": baseline arm id,
-    "quality": {id: stored DRIFT_METRIC}, "done": interleaved rounds already in the history}."""
+    "quality": {id: stored DRIFT_METRIC}, "done": {timing_protocol: interleaved rounds already in
+    the history}}."""
     stored: dict[str, dict[str, Any]] = {}
     for r in rows:
         wl = _row(r, "workload") or {}
@@ -508,13 +512,14 @@ def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
         if not key or (_row(r, "family") or wl.get("family")) != family:
             continue
         m = _row(r, "metrics") or {}
-        s = stored.setdefault(key, {"workload": None, "arms": {}, "base": None, "quality": {}, "done": 0})
+        s = stored.setdefault(key, {"workload": None, "arms": {}, "base": None, "quality": {}, "done": {}})
         if wl.get("features") and s["workload"] is None:
             s["workload"] = dict(wl)
         a = arm_id(_row(r, "method"), _row(r, "knobs"))
         if m.get("timing") == INTERLEAVED:
             if m.get("is_baseline"):
-                s["done"] += int(m.get("rounds") or 0)
+                p = timing_protocol(m)
+                s["done"][p] = s["done"].get(p, 0) + int(m.get("rounds") or 0)
         else:
             s["arms"][a] = (_row(r, "method"), dict(_row(r, "knobs") or {}))
             if m.get("is_baseline"):
@@ -551,8 +556,37 @@ def _arm_inputs(setups: list[Any], knobs: dict[str, Any]) -> tuple[list[Any], di
     return [replace(x, steps=steps) for x in setups], {n: v for n, v in knobs.items() if n != "steps_frac"}
 
 
+def _seeds_per_round(wl: Any, seed_rounds: bool) -> bool:
+    """Whether a re-timing draws a new seed each round: LLM workloads that sample (at temperature
+    0 the output, and so the time, does not depend on the seed)."""
+    return seed_rounds and wl.family == "llm" and float(wl.temperature or 0.0) > 0
+
+
+def _round_calls(entry: Any, sub: list[Any], knobs: dict[str, Any], seeds: list[int] | None) -> list[list[Any]]:
+    """An arm's built calls, one list per round: with ``seeds``, round i's setups carry seed
+    ``seeds[i]``; without, one list serves every round."""
+    knobs = {**entry.default_knobs, **knobs}
+    if seeds is None:
+        return [[entry.build(x, **knobs) for x in sub]]
+    return [[entry.build(replace(x, seed=g), **knobs) for x in sub] for g in seeds]
+
+
+def _counting_call(order: Iterator[list[Any]], setups: list[Any], counts: list[int] | None) -> Callable[[], list[Any]]:
+    """One timed call of an arm: the next round's built calls; with ``counts``, the tokens the
+    round generated are appended to it (``runner.llm_new_tokens``)."""
+    from accelerando.bench.runner import llm_new_tokens
+
+    def call() -> list[Any]:
+        outs = [c() for c in next(order)]
+        if counts is not None:
+            counts.append(llm_new_tokens(setups, outs))
+        return outs
+    return call
+
+
 def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, family: str = "diffusion",
            rounds: int = 5, warmup_rounds: int = 1, device: str = "cpu", max_seconds: float | None = None,
+           seed_rounds: bool = True,
            progress: Callable[[int, int, str, float | None], None] | None = None,
            sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
            models_for: Callable[[str], Any] | None = None) -> RetimeReport:
@@ -566,7 +600,12 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     all arms of the round alike). ``rounds`` is the total per workload: where earlier re-timings
     hold some rounds already, only the rest run (a top-up; the table pools the per-round speed-ups
     of all re-timings). An arm's speed-up is the median of its per-round speed-ups (baseline time /
-    arm time in the same round). Quality is recomputed as the sweep does (``runner._quality``):
+    arm time in the same round). With ``seed_rounds`` an LLM workload that samples (temperature >
+    0) draws a new seed each round, the same for all arms of the round (the workload's seed + the
+    round's index over all its re-timings, stored as ``round_seeds``): a sampled continuation that
+    happens to stop early at an EOS it drew makes an arm look fast on that one seed only, so the
+    median over seeds, of the ratios of time per generated token, is the speed-up a user can expect; such rows supersede same-seed re-timings
+    (``table.timing_protocol``), which count as no rounds done for it. Quality is recomputed as the sweep does (``runner._quality``):
     diffusion, the error to the reference from the same seeds; LLM, token agreement and perplexity
     against the baseline's output of this re-timing, and at temperature 0 the exact-match check of
     every lossless arm (one that fails is kept, with ``lossless_verified = False`` -- the table
@@ -592,10 +631,14 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     stored = _stored_arms(rows, family)
     rep = RetimeReport()
     todo = []
+    def done(key: str) -> int:              # rounds already timed under the protocol this run uses
+        want = 2 if _seeds_per_round(by_key[key], seed_rounds) else 1
+        return sum(n for p, n in stored[key]["done"].items() if p >= want)
+
     for key, s in stored.items():
         if key not in by_key or s["workload"] is None or s["base"] is None:
             rep.missing += 1
-        elif s["done"] >= rounds:
+        elif done(key) >= rounds:
             rep.skipped += 1
         else:
             todo.append(key)
@@ -615,26 +658,32 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
             progress(i, len(todo), label, mean * (len(todo) - i) if times else None)
         tw = time.perf_counter()
         rep.load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+        n_done = done(key)
+        n_rounds = rounds - n_done
+        extra_warmup = max(0, warmup_rounds - 1)
+        seeds = ([int(wl.seed) + n_done + r for r in range(n_rounds)]
+                 if _seeds_per_round(wl, seed_rounds) else None)
         try:
             setups, ref = _retime_setups(wl, s["workload"], device=device, models=models_for)
-            fns, entries, inputs = {}, {}, {}
+            fns, entries, inputs, tokens = {}, {}, {}, {}
             for a, (method, knobs) in s["arms"].items():
                 # build and the first warm-up call, one arm at a time: an arm the current code
                 # refuses (a budget below its minimum) or that fails is left out and reported
                 try:
                     entry = get_method(method)
                     sub, k = _arm_inputs(setups, knobs)
-                    calls = [entry.build(x, **{**entry.default_knobs, **k}) for x in sub]
-                    [c() for c in calls]
+                    per_round = _round_calls(entry, sub, k, seeds)
+                    [c() for c in per_round[0]]
                 except Exception as exc:    # noqa: BLE001
                     if a == base:
                         raise
                     rep.dropped.append(f"{label}: {a}: {type(exc).__name__}: {exc}")
                     continue
-                fns[a] = (lambda calls=calls: [c() for c in calls])
+                # the extra warm-up rounds reuse round 0's calls; timed round i runs per_round[i]
+                order = iter([per_round[0]] * extra_warmup + per_round * (n_rounds if seeds is None else 1))
+                fns[a] = _counting_call(order, sub, tokens.setdefault(a, []) if seeds is not None else None)
                 entries[a], inputs[a] = entry, sub
-            n_rounds = rounds - s["done"]
-            timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=max(0, warmup_rounds - 1),
+            timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=extra_warmup,
                                           sync=sync, clock=clock)
         except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the rest
             rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
@@ -646,7 +695,9 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
         new = []
         for a, t in timings.items():
             q = _quality(family, inputs[a], t.result, base_out, ref, entries[a], score_perplexity=llm)
-            ratios = per_round_speedups(timings[base].samples, t.samples)
+            counts = {x: tokens[x][-n_rounds:] for x in (base, a)} if seeds is not None else {}
+            ratios = per_round_speedups(timings[base].samples, t.samples, base_tokens=counts.get(base),
+                                        arm_tokens=counts.get(a))
             srt = sorted(ratios)
             is_base = a == base
             if llm:
@@ -658,6 +709,8 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
                      speedup=1.0 if is_base else statistics.median(ratios), speedup_rounds=ratios,
                      speedup_iqr=percentile(srt, 75) - percentile(srt, 25),
                      lossless=entries[a].lossless, is_baseline=is_base, load_1min=rep.load[-1])
+            if seeds is not None:
+                m["round_seeds"] = seeds          # the last round's output is the one scored
             m.pop("peak_memory_bytes", None), m.pop("peak_memory_kind", None)
             if not llm:
                 rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")

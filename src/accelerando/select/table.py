@@ -35,6 +35,18 @@ LOSS_TOL = 1e-9
 INTERLEAVED = "interleaved"      # metrics["timing"] of a re-timed row (``select.sweep.retime``)
 
 
+def timing_protocol(metrics: Mapping[str, Any] | None) -> int:
+    """How a row was timed, better protocols higher: 0 = the sweep's repeats of one method after
+    another; 1 = interleaved rounds (``sweep --retime``); 2 = interleaved rounds that also draw a
+    new sampling seed each round (``round_seeds``; sampling LLM workloads), so the speed-up is a
+    median over sample paths rather than one path's luck. A workload's cells come from its rows of
+    the best protocol present; the others stay in the history unread."""
+    m = metrics or {}
+    if m.get("timing") != INTERLEAVED:
+        return 0
+    return 2 if m.get("round_seeds") else 1
+
+
 @dataclass(frozen=True)
 class Constraint:
     """The quality constraint: ``max_loss=None`` -> lossless methods only; a number -> any method
@@ -159,6 +171,12 @@ class PerfTable:
     loss: dict[tuple[str, str], float | None] = field(default_factory=dict)
     err_ratio: dict[tuple[str, str], float] = field(default_factory=dict)   # unclipped, where measured
     refined: set[str] = field(default_factory=set)      # workloads whose cells come from a re-timing
+    protocol: dict[str, int] = field(default_factory=dict)   # wid -> timing_protocol of its cells
+
+    def reads(self, row: Any) -> bool:
+        """Whether ``build_table`` took its cells from this history row (its workload's best protocol)."""
+        wid = workload_id(_family_workload(row))
+        return timing_protocol(_get(row, "metrics")) >= self.protocol.get(wid, 0)
 
     # -- queries
     def family_of(self, wid: str) -> str:
@@ -194,7 +212,8 @@ class PerfTable:
                          {w: d for w, d in self.hardware.items() if w in keep}, dict(self.arms),
                          {k: v for k, v in self.speedup.items() if k[0] in keep},
                          {k: v for k, v in self.loss.items() if k[0] in keep},
-                         {k: v for k, v in self.err_ratio.items() if k[0] in keep}, self.refined & keep)
+                         {k: v for k, v in self.err_ratio.items() if k[0] in keep}, self.refined & keep,
+                         {w: p for w, p in self.protocol.items() if w in keep})
 
     def __len__(self) -> int:
         return len(self.workloads)
@@ -210,15 +229,19 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
     "interleaved"``, from ``accelerando sweep --retime``) takes all its cells from them alone --
     speed-up = median of the per-round speed-ups pooled over its re-timings, quality = the worst
     re-timed row, arms = those the re-timing ran (an arm the current code refuses is gone) -- and
-    its older rows stay in the history but are not read here. Other workloads: speed-up = median
+    its older rows stay in the history but are not read here; of re-timings, those that drew a new
+    seed each round supersede those that did not (``timing_protocol``). Other workloads: speed-up = median
     over their rows, quality = the worst row.
     """
     rows = list(rows)
-    refined = {workload_id(_family_workload(r)) for r in rows if (_get(r, "metrics") or {}).get("timing") == INTERLEAVED}
+    protocol: dict[str, int] = {}
+    for r in rows:
+        w = workload_id(_family_workload(r))
+        protocol[w] = max(protocol.get(w, 0), timing_protocol(_get(r, "metrics")))
     runs: dict[Any, list[Any]] = defaultdict(list)
     for i, r in enumerate(rows):
-        if workload_id(_family_workload(r)) in refined and (_get(r, "metrics") or {}).get("timing") != INTERLEAVED:
-            continue                   # superseded by the workload's interleaved re-timing
+        if timing_protocol(_get(r, "metrics")) < protocol[workload_id(_family_workload(r))]:
+            continue                   # superseded by the workload's better-timed rows
         runs[_get(r, "run_id") or ("row", i)].append(r)
     t = PerfTable()
     sp: dict[tuple[str, str], list[float]] = defaultdict(list)
@@ -260,7 +283,8 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
         known = [x for x in ls[k] if x is not None]
         t.loss[k] = max(known) if known else None
     t.err_ratio = {k: max(v) for k, v in er.items()}      # the worst repeat, like the loss
-    t.refined = refined & set(t.workloads)
+    t.protocol = {w: p for w, p in protocol.items() if w in t.workloads}
+    t.refined = {w for w, p in t.protocol.items() if p > 0}
     return t
 
 
