@@ -112,12 +112,19 @@ def test_cli_sweep_small_grid(env, monkeypatch):
     from accelerando.select import sweep as S
     from accelerando.bench.workloads import LLMWorkload
     wl = [LLMWorkload(model=LM, drafts=(DRAFT,), prompts=("a b a b a b",), max_new_tokens=3)]
-    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0: wl[:n])
-    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0: [])
+    asked = []
+
+    def grid(n, seed=0, zoo_names=None):
+        asked.append(zoo_names)
+        return wl[:n]
+    monkeypatch.setattr(S, "llm_grid", grid)
+    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0, zoo_names=None: [])
     res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--repeats", 1,
                  "--methods", "fake-exact,fake-lossy")
     assert res.exit_code == 0, res.output
     assert "[1/1]" in res.output and "1 workloads measured" in res.output
+    invoke("--history", env, "sweep", "--no-zoo", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact")
+    assert asked == [None, []]             # the zoo's models by default; --no-zoo: random-init only
     res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact,fake-lossy")
     assert "0 workloads measured" in res.output and "1 already in the history" in res.output
 
@@ -159,7 +166,7 @@ def test_cli_sweep_retime_then_resume_and_bundle(env, monkeypatch, tmp_path):
     from accelerando.select import sweep as S
     from accelerando.bench.workloads import DiffusionWorkload
     wl = [DiffusionWorkload(model="rand-unet-c8x16-i8-s0", steps=4, batch=1)]
-    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0: [])
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0, zoo_names=None: [])
     monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0, zoo_names=None: wl[:n])
     res = invoke("--history", env, "sweep", "--llm", 0, "--diffusion", 1, "--repeats", 1)
     assert res.exit_code == 0 and "1 workloads measured" in res.output, res.output

@@ -298,3 +298,29 @@ def test_retime_of_a_sampling_workload_draws_a_seed_per_round_and_compares_time_
         n = len(h.rows())
         S.retime_llm(old + h.rows(), [wl], history=h, rounds=5, clock=clock, sync=lambda: None)
         assert {tuple(m.metrics["round_seeds"]) for m in h.rows()[n:]} == {(6, 7)}
+
+
+def test_retime_covers_an_arm_swept_after_the_last_retiming(monkeypatch, tmp_path):
+    F.fresh_registry(monkeypatch)
+    clock = F.FakeClock()
+    F.register_fake_llm(clock, base_s=2.0, fast_s=0.5)
+    wl = LLMWorkload(model="rand-llama-h32-l1-v100-s0", prompts=("ab ab ab ab ab",), max_new_tokens=4,
+                     temperature=0.0, seed=0)
+    old = [r for r in _old_llm_rows(wl) if r["method"] != "fake-liar"]
+    with open_history(tmp_path / "h.sqlite") as h:
+        S.retime_llm(old, [wl], history=h, rounds=2, clock=clock, sync=lambda: None)
+        first = h.rows()
+        w = build_table(old + first).wids()[0]
+        # "gone" was swept before the re-timing and dropped by it: no reason to re-time again
+        assert S.retime_llm(old + first, [wl], history=h, rounds=2, clock=clock, sync=lambda: None).skipped == 1
+        # a method swept after the re-timing: invisible in the table until the workload is re-timed
+        later = {**old[1], "method": "fake-lossy", "knobs": {}, "timestamp": "2999-01-01T00:00:00+00:00",
+                 "metrics": {**old[1]["metrics"], "lossless": False, "speedup": 7.0}}
+        assert "fake-lossy" not in build_table(old + first + [later]).arms_on(w)
+        rep = S.retime_llm(old + first + [later], [wl], history=h, rounds=2, clock=clock, sync=lambda: None)
+        assert rep.workloads == 1 and rep.skipped == 0
+        again = h.rows()[len(first):]
+        assert {m.method for m in again} == {"fake-generate", "fake-exact", "fake-lossy"}
+        assert all(m.metrics["rounds"] == 2 for m in again)
+        t = build_table(old + h.rows() + [later])
+    assert t.speedup[(w, "fake-lossy")] == pytest.approx(1.0) and t.speedup[(w, "fake-exact[k=2]")] == pytest.approx(4.0)

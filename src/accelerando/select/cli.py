@@ -48,6 +48,9 @@ def sweep(
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads (tiny models run best on 1).")] = 1,
     bundle: Annotated[bool, typer.Option(help="Also write the swept rows to the selector's bundled data file.")] = False,
+    zoo: Annotated[bool, typer.Option("--zoo/--no-zoo", help="Put the zoo's trained models in the grid (when their "
+                                      "weights are there); --no-zoo builds the grid of random-init models only, "
+                                      "the one the bundled history was swept on.")] = True,
     retime: Annotated[bool, typer.Option("--retime", help="Re-time the arms already in the history (bundled + "
                                          "yours) of the first --llm / --diffusion grid workloads in interleaved "
                                          "rounds, into new rows; quality is recomputed (LLM at temperature 0: "
@@ -70,7 +73,8 @@ def sweep(
     if llm < 0 or diffusion < 0 or repeats < 1 or rounds < 1:
         raise CLIError("--llm/--diffusion must be >= 0, --repeats and --rounds >= 1")
     torch.set_num_threads(max(1, threads))
-    wls = S.llm_grid(llm, seed=seed) + S.diffusion_grid(diffusion, seed=seed)
+    zoo_names = None if zoo else []
+    wls = S.llm_grid(llm, seed=seed, zoo_names=zoo_names) + S.diffusion_grid(diffusion, seed=seed, zoo_names=zoo_names)
     console = _console()
 
     def progress(i: int, n: int, label: str, eta: float | None) -> None:

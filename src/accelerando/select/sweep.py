@@ -504,7 +504,9 @@ def per_round_speedups(base: Sequence[float], arm: Sequence[float], *, base_toke
 def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
     """sweep_key -> {"workload", "arms": {id: (method, knobs)}, "base": baseline arm id,
     "quality": {id: stored DRIFT_METRIC}, "done": {timing_protocol: interleaved rounds already in
-    the history}}."""
+    the history}, "timed": {timing_protocol: arm ids those rounds cover}, "timed_at":
+    {timing_protocol: newest timestamp of those rows}, "swept_at": {id: newest timestamp of its
+    sweep rows}} (timestamps are ISO strings in UTC; a row without one counts as oldest)."""
     stored: dict[str, dict[str, Any]] = {}
     for r in rows:
         wl = _row(r, "workload") or {}
@@ -512,16 +514,21 @@ def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
         if not key or (_row(r, "family") or wl.get("family")) != family:
             continue
         m = _row(r, "metrics") or {}
-        s = stored.setdefault(key, {"workload": None, "arms": {}, "base": None, "quality": {}, "done": {}})
+        s = stored.setdefault(key, {"workload": None, "arms": {}, "base": None, "quality": {}, "done": {},
+                                    "timed": {}, "timed_at": {}, "swept_at": {}})
         if wl.get("features") and s["workload"] is None:
             s["workload"] = dict(wl)
         a = arm_id(_row(r, "method"), _row(r, "knobs"))
+        when = str((r.get("timestamp") if isinstance(r, dict) else getattr(r, "timestamp", None)) or "")
         if m.get("timing") == INTERLEAVED:
+            p = timing_protocol(m)
+            s["timed"].setdefault(p, set()).add(a)
+            s["timed_at"][p] = max(s["timed_at"].get(p, ""), when)
             if m.get("is_baseline"):
-                p = timing_protocol(m)
                 s["done"][p] = s["done"].get(p, 0) + int(m.get("rounds") or 0)
         else:
             s["arms"][a] = (_row(r, "method"), dict(_row(r, "knobs") or {}))
+            s["swept_at"][a] = max(s["swept_at"].get(a, ""), when)
             if m.get("is_baseline"):
                 s["base"] = a
             if m.get(DRIFT_METRIC[family]) is not None:
@@ -605,7 +612,10 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     round's index over all its re-timings, stored as ``round_seeds``): a sampled continuation that
     happens to stop early at an EOS it drew makes an arm look fast on that one seed only, so the
     median over seeds, of the ratios of time per generated token, is the speed-up a user can expect; such rows supersede same-seed re-timings
-    (``table.timing_protocol``), which count as no rounds done for it. Quality is recomputed as the sweep does (``runner._quality``):
+    (``table.timing_protocol``), which count as no rounds done for it. A workload with an arm swept
+    after its last re-timing and not covered by it (a new method) is re-timed afresh, all arms, ``rounds``
+    rounds (the table pools them with the earlier rounds; until then the new arm's sweep rows are
+    not read, as the workload's cells come from its re-timed rows). Quality is recomputed as the sweep does (``runner._quality``):
     diffusion, the error to the reference from the same seeds; LLM, token agreement and perplexity
     against the baseline's output of this re-timing, and at temperature 0 the exact-match check of
     every lossless arm (one that fails is kept, with ``lossless_verified = False`` -- the table
@@ -633,7 +643,12 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     todo = []
     def done(key: str) -> int:              # rounds already timed under the protocol this run uses
         want = 2 if _seeds_per_round(by_key[key], seed_rounds) else 1
-        return sum(n for p, n in stored[key]["done"].items() if p >= want)
+        st = stored[key]
+        timed = set().union(*(a for p, a in st["timed"].items() if p >= want))
+        last = max((t for p, t in st["timed_at"].items() if p >= want), default="")
+        if any(a not in timed and st["swept_at"].get(a, "") > last for a in st["arms"]):
+            return 0                        # an arm swept since (a new method): all arms again, afresh
+        return sum(n for p, n in st["done"].items() if p >= want)
 
     for key, s in stored.items():
         if key not in by_key or s["workload"] is None or s["base"] is None:
