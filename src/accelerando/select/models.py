@@ -758,12 +758,12 @@ MODELS: dict[str, Callable[..., Selector]] = {
 # chosen by the held-out evaluation (BENCHMARKS.md "selector"): on the LLM history ens has the best
 # mean closed gap over leave-one-workload-out and leave-one-model-out (0.80 / 0.87 with the
 # continuation features; gbm 0.83 / 0.84; choosing its members by a leave-one-out over the held-out
-# workloads did not beat the fixed three); on the re-timed
-# diffusion history qkernel beats qmargin-nfe (the previous default) at both budgets under both
-# schemes (leave-one-workload-out closed gap 0.66 / 0.64 against 0.44 / 0.50; leave-one-model-out
-# 0.43 / 0.57 against -0.06 / 0.11), chosen on those same folds
+# workloads did not beat the fixed three); on the 60-workload diffusion history qmargin-nfe has the
+# best mean closed gap over the two schemes and two budgets (0.53; qkernel 0.47: better at
+# loss <= 0.25, worse at loss <= 0), which reverses the 30-workload history's order (qkernel then
+# won everywhere), chosen on those same folds
 DEFAULT_MODEL = "forest"
-DEFAULT_BY_FAMILY = {"llm": "ens", "diffusion": "qkernel"}
+DEFAULT_BY_FAMILY = {"llm": "ens", "diffusion": "qmargin-nfe"}
 
 
 def default_model(family: str) -> str:
