@@ -247,7 +247,9 @@ def main(argv=None) -> int:
         "regression over all arms) lose ground and the pairwise duels (each pair of the 10 best arms on "
         "average, plus the baseline, a logistic regression over the workload features) keep it. The "
         "default is now `pairwise` by the same rule (mean closed gap over the two schemes: 0.875 against "
-        "knn-w 0.82, gbm 0.795, ens 0.765), chosen on these folds.",
+        "knn-w 0.82, gbm 0.795, ens 0.765), chosen on these folds. Without the continuation features "
+        "(the models given only the other features, same folds) pairwise closes 0.85 leave-one-workload-"
+        "out (regret 3.7%): on this history they add 0.03 of closed gap and 0.7 points of regret.",
         "",
         "**The LLM history re-timed (an earlier round).** The 59 LLM workloads (random-initialised "
         "Llamas: 8 targets, each with an independent small draft or an early-exit draft of its own first layers; "
