@@ -80,9 +80,12 @@ def test_cli_recommend_fallback_then_verify_learns(env):
     assert "not enough to learn from" in " ".join(res.output.split()) and "recommended: fake-generate" in res.output
     res = invoke("--history", env, "recommend", LM, "--draft", DRAFT, "--max-new-tokens", 4, "--verify")
     assert res.exit_code == 0, res.output
+    assert "on the model's own first tokens: prompt-lookup acceptance" in " ".join(res.output.split())
     with open_history(env) as h:
         rows = h.rows()
     assert rows and all(r.workload["features"]["draft_ratio"] == 1.0 for r in rows)
+    # the continuation probe's facts are stored with the workload (a different random draft: < 1)
+    assert all(0.0 <= r.workload["features"]["gen_draft_alpha"] < 1.0 for r in rows)
     assert {r.method for r in rows} == {"fake-generate"}     # the fallback's only candidate
 
 

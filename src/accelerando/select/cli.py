@@ -202,6 +202,8 @@ def _print_recommendation(console, rec, key) -> None:
         console.print(f"features: params 10^{_fmt(f.get('log_params'))}, draft/target cost "
                       f"{_fmt(f.get('draft_latency_ratio'))}, prompt trigram repetition {_fmt(f.get('rep3'))}, "
                       f"temperature {key.get('temperature')}, batch {key.get('batch_size')}")
+        console.print(f"on the model's own first tokens: prompt-lookup acceptance {_fmt(f.get('gen_lookup_alpha'))}, "
+                      f"draft acceptance {_fmt(f.get('gen_draft_alpha'))}")
     for n in rec.notes:
         console.print(f"[yellow]note:[/yellow] {n}")
     choice = rec.choice
