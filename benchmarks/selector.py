@@ -42,13 +42,11 @@ def _used(rows, table):
     def get(r, k):
         return r.get(k) if isinstance(r, dict) else getattr(r, k)
     for r in rows:
-        wl = dict(get(r, "workload"))
-        wl.setdefault("family", get(r, "family"))
-        w = workload_id(wl)
-        m = get(r, "metrics")
         if not table.reads(r):
             continue
-        yield m, w, arm_id(get(r, "method"), get(r, "knobs")), wl["family"]
+        wl = dict(get(r, "workload"))
+        wl.setdefault("family", get(r, "family"))
+        yield get(r, "metrics"), workload_id(wl), arm_id(get(r, "method"), get(r, "knobs")), wl["family"]
 
 
 def _q(rel):

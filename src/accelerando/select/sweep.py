@@ -519,7 +519,7 @@ def _stored_arms(rows: Iterable[Any], family: str) -> dict[str, dict[str, Any]]:
         if wl.get("features") and s["workload"] is None:
             s["workload"] = dict(wl)
         a = arm_id(_row(r, "method"), _row(r, "knobs"))
-        when = str((r.get("timestamp") if isinstance(r, dict) else getattr(r, "timestamp", None)) or "")
+        when = str(_row(r, "timestamp") or "")
         if m.get("timing") == INTERLEAVED:
             p = timing_protocol(m)
             s["timed"].setdefault(p, set()).add(a)

@@ -170,8 +170,12 @@ class PerfTable:
     speedup: dict[tuple[str, str], float] = field(default_factory=dict)
     loss: dict[tuple[str, str], float | None] = field(default_factory=dict)
     err_ratio: dict[tuple[str, str], float] = field(default_factory=dict)   # unclipped, where measured
-    refined: set[str] = field(default_factory=set)      # workloads whose cells come from a re-timing
     protocol: dict[str, int] = field(default_factory=dict)   # wid -> timing_protocol of its cells
+
+    @property
+    def refined(self) -> set[str]:
+        """Workloads whose cells come from a re-timing (interleaved rows)."""
+        return {w for w, p in self.protocol.items() if p > 0}
 
     def reads(self, row: Any) -> bool:
         """Whether ``build_table`` took its cells from this history row (its workload's best protocol)."""
@@ -212,7 +216,7 @@ class PerfTable:
                          {w: d for w, d in self.hardware.items() if w in keep}, dict(self.arms),
                          {k: v for k, v in self.speedup.items() if k[0] in keep},
                          {k: v for k, v in self.loss.items() if k[0] in keep},
-                         {k: v for k, v in self.err_ratio.items() if k[0] in keep}, self.refined & keep,
+                         {k: v for k, v in self.err_ratio.items() if k[0] in keep},
                          {w: p for w, p in self.protocol.items() if w in keep})
 
     def __len__(self) -> int:
@@ -284,7 +288,6 @@ def build_table(rows: Iterable[Any]) -> PerfTable:
         t.loss[k] = max(known) if known else None
     t.err_ratio = {k: max(v) for k, v in er.items()}      # the worst repeat, like the loss
     t.protocol = {w: p for w, p in protocol.items() if w in t.workloads}
-    t.refined = {w for w, p in t.protocol.items() if p > 0}
     return t
 
 
