@@ -579,3 +579,67 @@ def test_qkernel_held_out_keeps_the_budget_where_the_features_decide():
     summ, cases = evaluate(t, ["qkernel"], constraint=Constraint(0.0))
     by = {s.policy: s for s in summ}
     assert by["qkernel"].violation_rate == 0.0 and by["qkernel"].closed_gap > 0.9
+
+
+def _tie_history(slow_speed: float):
+    """6 trailing workloads: arm ``a`` at half the budget runs 2.0x with an error ratio 0.99 (barely
+    inside loss <= 0), arm ``b`` at half the budget runs ``slow_speed`` with ratio 0.7 (ample slack)."""
+    rows = []
+    for i, steps in enumerate((8, 10, 12, 16, 20, 24)):
+        wl = {"family": "diffusion", "model": "u", "steps": steps, "spacing": "trailing", "batch": 1, "seed": i}
+
+        def row(method, speedup, r, frac=None, base=False):
+            m = {"speedup": speedup, "lossless": False, "is_baseline": base, "rmse_vs_reference": 0.2 * r}
+            return {"workload": wl, "method": method, "knobs": {} if frac is None else {"steps_frac": frac},
+                    "metrics": m, "run_id": f"t{i}", "family": "diffusion"}
+        rows += [row("ddim", 1.0, 1.0, base=True), row("a", 2.0, 0.99, 0.5), row("b", slow_speed, 0.7, 0.5)]
+    return rows
+
+
+def test_tie_tolerance_prefers_quality_slack_among_arms_within_timing_noise():
+    """Arms whose predicted speed-ups are within ``tie`` of the fastest admitted one are equal up to
+    timing noise: they share its score and the one with more quality slack ranks first. Outside the
+    band, or with tie = 0, the fastest wins."""
+    wl = {"family": "diffusion", "model": "u", "steps": 16, "spacing": "trailing", "batch": 1, "seed": 99}
+    kw = dict(constraint=Constraint(0.0), margin=0.0, kernel={"ridge": 0.0, "other_grid": 0.0})
+    a, b = "a[steps_frac=0.5]", "b[steps_frac=0.5]"
+    near = build_table(_tie_history(1.94))                       # b 3% slower than a
+    picks = {tie: make_selector("qkernel", tie=tie, **kw).fit(near).select(wl) for tie in (0.0, 0.05)}
+    assert picks[0.0].arm == a and picks[0.05].arm == b
+    assert picks[0.05].speedup == pytest.approx(1.94)           # its own predicted speed-up, reported
+    ranked = make_selector("qkernel", tie=0.05, **kw).fit(near).rank(wl)
+    assert [p.arm for p in ranked][:2] == [b, a] and ranked[0].score == ranked[1].score == pytest.approx(2.0)
+    assert ranked[0].p_ok >= ranked[1].p_ok
+    far = build_table(_tie_history(1.8))                         # b 10% slower: outside the band
+    assert make_selector("qkernel", tie=0.05, **kw).fit(far).select(wl).arm == a
+    with pytest.raises(ValueError):
+        make_selector("qkernel", tie=1.0)
+
+
+def test_kernel_bandwidth_is_chosen_by_inner_cross_validation():
+    """Given candidate settings, the fit keeps the one whose out-of-fold rule has the best utility
+    over the training workloads: here the fast arm's error depends on the spacing alone, so mixing
+    spacings (other_grid = 1, listed first) predicts it badly and ignoring the other spacing wins."""
+    from accelerando.select.models import QualityMargin
+    t = build_table(_diffusion_history(16))
+    grid = [{"other_grid": 1.0}, {"other_grid": 0.0}]
+    sel = QualityMargin(constraint=Constraint(0.0), speed="nfe", quality="kernel", kernel_grid=grid).fit(t)
+    st = sel._fam["diffusion"]
+    single = [QualityMargin(constraint=Constraint(0.0), speed="nfe", quality="kernel", kernel=g).fit(t)
+              ._fam["diffusion"]["inner_utility"] for g in grid]
+    assert single[1] > single[0]
+    assert st["bandwidth"] == grid[1] and st["inner_utility"] == pytest.approx(max(single))
+    for w, wl in t.workloads.items():       # and the fitted model is that setting's, refitted on all
+        fast = sel.select(wl).arm == "fast[steps_frac=0.5]"
+        assert fast == (wl["spacing"] == "trailing")
+    with pytest.raises(ValueError):
+        QualityMargin(quality="trees", kernel_grid=grid)
+    with pytest.raises(ValueError):
+        QualityMargin(quality="kernel", kernel_grid=[{"h_steps": 0.0}])
+
+
+def test_qkernel_cv_held_out_keeps_the_budget_where_the_features_decide():
+    t = build_table(_diffusion_history(16))
+    summ, _ = evaluate(t, ["qkernel-cv"], constraint=Constraint(0.0))
+    by = {s.policy: s for s in summ}
+    assert by["qkernel-cv"].violation_rate == 0.0 and by["qkernel-cv"].closed_gap > 0.9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -130,6 +131,34 @@ def test_cli_sweep_small_grid(env, monkeypatch):
     assert asked == [None, []]             # the zoo's models by default; --no-zoo: random-init only
     res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact,fake-lossy")
     assert "0 workloads measured" in res.output and "1 already in the history" in res.output
+
+
+def test_cli_sweep_bundle_adds_to_the_bundled_rows(env, monkeypatch, tmp_path):
+    """--bundle adds the swept rows to the bundled file; the rows it held stay (it used to replace them)."""
+    from accelerando.select import sweep as S
+    from accelerando.bench.workloads import LLMWorkload
+    wl = [LLMWorkload(model=LM, drafts=(DRAFT,), prompts=("a b a b a b",), max_new_tokens=3)]
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0, zoo_names=None: wl[:n])
+    monkeypatch.setattr(S, "diffusion_grid", lambda n, seed=0, zoo_names=None: [])
+    bundled = tmp_path / "bundled.jsonl.gz"
+    old = {"workload": {"family": "llm", "model": "m-old"}, "method": "fake-exact", "knobs": {},
+           "run_id": "old-run", "metrics": {"speedup": 1.5}, "family": "llm"}
+    RC.save_bundled([old], bundled)
+    monkeypatch.setattr(RC, "BUNDLED", bundled)
+
+    def read(path=None):
+        with gzip.open(path or bundled, "rt", encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    monkeypatch.setattr(RC, "load_bundled", read)      # the env fixture hides the bundled rows
+    res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--repeats", 1,
+                 "--methods", "fake-exact", "--bundle")
+    assert res.exit_code == 0, res.output
+    rows = read()
+    assert rows[0]["run_id"] == "old-run" and len(rows) > 1
+    assert {r["method"] for r in rows[1:]} >= {"fake-exact"}
+    n = len(rows)
+    res = invoke("--history", env, "sweep", "--llm", 1, "--diffusion", 0, "--methods", "fake-exact", "--bundle")
+    assert "added 0 rows" in res.output and len(read()) == n     # nothing twice
 
 
 def test_cli_recommend_diffusion_verify(env):

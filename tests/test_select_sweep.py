@@ -44,6 +44,14 @@ def test_grids_have_distinct_workloads():
     assert len({S.sweep_key(w) for w in diff}) == 30
     assert {w.domain for w in llm} == {"code", "prose", "repetitive", "random"}
     assert len({w.temperature for w in llm}) >= 3 and len({w.steps for w in diff}) >= 4
+    # growing the diffusion grid keeps its first entries (the bundled history's sweep keys); the
+    # entries past GRID_FIXED draw from the wider budgets and a fourth UNet shape
+    wide = S.diffusion_grid(90, zoo_names=[])
+    assert [S.sweep_key(w) for w in wide[:30]] == [S.sweep_key(w) for w in diff]
+    assert len({S.sweep_key(w) for w in wide}) == 90
+    assert {w.steps for w in wide[:S.GRID_FIXED]} <= set(S.GRID_STEPS)
+    assert {w.steps for w in wide[S.GRID_FIXED:]} - set(S.GRID_STEPS) and \
+        len({w.model for w in wide[S.GRID_FIXED:]}) == 4
     m = S.rand_llm("rand-llama-h64-l2-v128-s0")
     assert (m.config.hidden_size, m.config.num_hidden_layers, m.config.vocab_size) == (64, 2, 128)
     with pytest.raises(ValueError):

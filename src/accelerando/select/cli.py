@@ -47,7 +47,7 @@ def sweep(
     reference_steps: Annotated[int, typer.Option(help="Diffusion: steps of the high-accuracy reference.")] = 100,
     device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
     threads: Annotated[int, typer.Option(help="torch threads (tiny models run best on 1).")] = 1,
-    bundle: Annotated[bool, typer.Option(help="Also write the swept rows to the selector's bundled data file.")] = False,
+    bundle: Annotated[bool, typer.Option(help="Also add the swept rows to the selector's bundled data file (rows it holds stay).")] = False,
     zoo: Annotated[bool, typer.Option("--zoo/--no-zoo", help="Put the zoo's trained models in the grid (when their "
                                       "weights are there); --no-zoo builds the grid of random-init models only, "
                                       "the one the bundled history was swept on.")] = True,
@@ -68,7 +68,7 @@ def sweep(
     import torch
     from accelerando.bench.history import open_history
     from . import sweep as S
-    from .recommend import save_bundled
+    from .recommend import merge_bundled
 
     if llm < 0 or diffusion < 0 or repeats < 1 or rounds < 1:
         raise CLIError("--llm/--diffusion must be >= 0, --repeats and --rounds >= 1")
@@ -98,8 +98,8 @@ def sweep(
             console.print(f"... and {len(rep.errors) - 20} more errors")
         if bundle:
             keys = {S.sweep_key(w) for w in wls}
-            n = save_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
-            console.print(f"wrote {n} rows to the bundled selector data")
+            n = merge_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
+            console.print(f"added {n} rows to the bundled selector data")
 
 
 def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console, *,

@@ -45,6 +45,7 @@ class Prediction:
     std: float            # uncertainty of ``speedup`` (one standard deviation)
     p_ok: float           # predicted probability that the constraint holds
     score: float          # ranking score (estimated utility)
+    slack: float = 0.0    # quality slack where a quality model gives it (budget - predicted loss, log scale)
 
 
 class Selector:
@@ -122,7 +123,7 @@ class Selector:
         preds = list(self._predict(family, st, x, others))
         if st["baseline"] is not None and st["baseline"] in cands:
             preds.append(self._baseline_prediction(family, st, x, others))
-        return sorted(preds, key=lambda p: (-p.score, -p.p_ok, p.arm))
+        return sorted(preds, key=lambda p: (-p.score, -p.p_ok, -p.slack, p.arm))
 
     def select(self, workload: Mapping[str, Any], **kw: Any) -> Prediction:
         """The best arm whose predicted probability of meeting the constraint is >= ``min_p_ok``."""
@@ -512,21 +513,26 @@ class ArmKernel:
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        out = []
-        for r in np.asarray(X, float):
-            if r[0] not in self.by_arm:
-                out.append(self.pooled)
-                continue
-            Xa, ya = self.by_arm[r[0]]
-            d = Xa[:, 3] - r[3]                                     # log2 budget offset
-            w = np.exp(-0.5 * (d / self.h_steps) ** 2 - 0.5 * ((Xa[:, 4] - r[4]) / self.h_model) ** 2)
-            w = w * np.where((Xa[:, 1] == r[1]) & (Xa[:, 2] == r[2]), 1.0, self.other_grid) + 1e-12
-            sw = w.sum()
-            md, my = (w * d).sum() / sw, (w * ya).sum() / sw
-            den = (w * (d - md) ** 2).sum() + self.ridge * sw
-            slope = (w * (d - md) * (ya - my)).sum() / den if den > 1e-12 else 0.0   # one budget: flat
-            out.append(my - slope * md)                             # the local line at d = 0
-        return np.array(out)
+        X = np.asarray(X, float).reshape(-1, 5)
+        out = np.full(len(X), self.pooled)
+        for a in np.unique(X[:, 0]):
+            if a not in self.by_arm:
+                continue                                            # an arm never seen: the pooled mean
+            Xa, ya = self.by_arm[a]
+            rows = np.flatnonzero(X[:, 0] == a)
+            Q = X[rows]
+            d = Xa[None, :, 3] - Q[:, None, 3]                      # log2 budget offsets (query x cell)
+            w = np.exp(-0.5 * (d / self.h_steps) ** 2 - 0.5 * ((Xa[None, :, 4] - Q[:, None, 4]) / self.h_model) ** 2)
+            same = (Xa[None, :, 1] == Q[:, None, 1]) & (Xa[None, :, 2] == Q[:, None, 2])
+            w = w * np.where(same, 1.0, self.other_grid) + 1e-12
+            sw = w.sum(1)
+            md, my = (w * d).sum(1) / sw, (w * ya[None]).sum(1) / sw
+            dc = d - md[:, None]
+            den = (w * dc ** 2).sum(1) + self.ridge * sw
+            num = (w * dc * (ya[None] - my[:, None])).sum(1)
+            slope = np.where(den > 1e-12, num / np.where(den > 1e-12, den, 1.0), 0.0)   # one budget: flat
+            out[rows] = my - slope * md                             # the local line at d = 0
+        return out
 
 
 class QualityMargin(Selector):
@@ -572,7 +578,8 @@ class QualityMargin(Selector):
 
     def __init__(self, *, n_estimators: int = 100, folds: int = 5, margin: float | None = None,
                  margins: Sequence[float] = MARGINS, min_p_ok: float = 0.0, speed: str = "median",
-                 quality: str = "trees", kernel: Mapping[str, float] | None = None, **kw: Any):
+                 quality: str = "trees", kernel: Mapping[str, float] | None = None,
+                 kernel_grid: Sequence[Mapping[str, float]] = (), tie: float = 0.0, **kw: Any):
         super().__init__(min_p_ok=min_p_ok, **kw)
         if folds < 2:
             raise ValueError(f"folds must be >= 2, got {folds}")
@@ -580,8 +587,15 @@ class QualityMargin(Selector):
             raise ValueError(f"speed must be 'median' or 'nfe', got {speed!r}")
         if quality not in ("trees", "kernel"):
             raise ValueError(f"quality must be 'trees' or 'kernel', got {quality!r}")
-        self.speed, self.quality = speed, quality
+        if kernel_grid and quality != "kernel":
+            raise ValueError("kernel_grid needs quality='kernel'")
+        if not 0.0 <= tie < 1.0:
+            raise ValueError(f"tie must be in [0, 1), got {tie}")
+        self.speed, self.quality, self.tie = speed, quality, tie
         self.kernel = dict(kernel or {})
+        self.kernel_grid = [dict(g) for g in kernel_grid]
+        for g in self.kernel_grid:
+            ArmKernel(**{**self.kernel, **g})                   # a bad setting fails here, not mid-fit
         if margin is not None and margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         self.n_estimators, self.folds, self.margin, self.margins = n_estimators, folds, margin, tuple(margins)
@@ -607,9 +621,9 @@ class QualityMargin(Selector):
         steps = x[st["steps_col"]] if st["steps_col"] is not None else math.nan
         return np.array([np.concatenate([z, st["enc"](a), [st["nfe"](steps, a)]]) for a in arms])
 
-    def _regressor(self):
+    def _regressor(self, bandwidth: Mapping[str, float] | None = None):
         if self.quality == "kernel":
-            return ArmKernel(**self.kernel)
+            return ArmKernel(**{**self.kernel, **(bandwidth or {})})
         from sklearn.ensemble import ExtraTreesRegressor
         return ExtraTreesRegressor(n_estimators=self.n_estimators, min_samples_leaf=2, random_state=self.seed, n_jobs=1)
 
@@ -641,30 +655,36 @@ class QualityMargin(Selector):
             return
         X = np.concatenate([self._rows(st, i, st["X"][i], [a]) for i, a in cells])
         y = np.array([self._quality(st["wids"][i], a) for i, a in cells])
-        st["qreg"] = self._regressor().fit(X, y)
-        # out-of-fold predictions over the training workloads: residuals for p_ok, and the margin
+        # out-of-fold predictions over the training workloads (per candidate kernel setting): the
+        # residuals for p_ok and the margin, and the inner utility that picks the setting
         cell_w = np.array([i for i, _ in cells])
+        cell_a = np.array([a for _, a in cells], dtype=object)
         n = len(st["wids"])
         k = min(self.folds, n)
-        oof = np.full(len(y), np.nan)
-        if k >= 2:
-            fold = np.random.default_rng(self.seed).permutation(n) % k
-            for f in range(k):
-                test = fold[cell_w] == f
-                if test.any() and (~test).any():
-                    oof[test] = self._regressor().fit(X[~test], y[~test]).predict(X[test])
-        have = ~np.isnan(oof)
-        st["resid"] = (y - oof)[have] if have.any() else np.zeros(1)
-        cell_a = np.array([a for _, a in cells], dtype=object)
-        # a floor: an arm whose few residuals happen to agree still gets some margin
-        st["res_sd"] = {a: max(0.02, float(np.std((y - oof)[have & (cell_a == a)])))
-                        for a in set(cell_a[have].tolist())}
-        if self.margin is not None:
-            st["delta"] = float(self.margin)
-        elif have.any():
-            st["delta"] = self._learn_margin(st, cells, oof)
-        else:
-            st["delta"] = max(self.margins)                   # nothing to learn it from: the safest
+        fold = np.random.default_rng(self.seed).permutation(n) % k if k >= 2 else None
+        best = None
+        for bw in (self.kernel_grid or [None]):
+            oof = np.full(len(y), np.nan)
+            if fold is not None:
+                for f in range(k):
+                    test = fold[cell_w] == f
+                    if test.any() and (~test).any():
+                        oof[test] = self._regressor(bw).fit(X[~test], y[~test]).predict(X[test])
+            have = ~np.isnan(oof)
+            # a floor: an arm whose few residuals happen to agree still gets some margin
+            res_sd = {a: max(0.02, float(np.std((y - oof)[have & (cell_a == a)])))
+                      for a in set(cell_a[have].tolist())}
+            if self.margin is not None:
+                delta = float(self.margin)
+                u = self._inner_utility(st, cells, oof, res_sd, delta) if len(self.kernel_grid) > 1 else 0.0
+            elif have.any():
+                delta, u = self._learn_margin(st, cells, oof, res_sd)
+            else:
+                delta, u = max(self.margins), 0.0              # nothing to learn it from: the safest
+            if best is None or u > best[0] + 1e-12:            # ties: the earlier setting in the grid
+                best = (u, bw, delta, res_sd, (y - oof)[have] if have.any() else np.zeros(1))
+        st["inner_utility"], st["bandwidth"], st["delta"], st["res_sd"], st["resid"] = best
+        st["qreg"] = self._regressor(st["bandwidth"]).fit(X, y)
 
     def _log_ratio(self, steps: float, arm: str) -> float:
         """``log(budget / arm's steps)`` under ``speed="nfe"`` (0 under "median" or without a budget)."""
@@ -679,24 +699,43 @@ class QualityMargin(Selector):
         """Predicted log speed-up of ``arm`` on a workload with budget ``steps``."""
         return st["log_speed"][arm][0] + self._log_ratio(steps, arm)
 
-    def _learn_margin(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray) -> float:
+    def _choose(self, admitted: Sequence[tuple[str, float, float]]) -> str | None:
+        """The rule's pick among ``(arm, predicted log speed-up, predicted quality)`` of the admitted
+        arms faster than the baseline: the fastest; with ``tie > 0``, of the arms within that
+        relative distance of the fastest (a difference timing noise makes up), the one with the most
+        quality slack. None: no such arm (the baseline)."""
+        if not admitted:
+            return None
+        top = max(ls for _, ls, _ in admitted)
+        near = [c for c in admitted if c[1] >= top + math.log1p(-self.tie) - 1e-12]
+        return min(near, key=lambda c: (c[2], -c[1], c[0]))[0]
+
+    def _inner_utility(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray,
+                       res_sd: Mapping[str, float], delta: float) -> float:
+        """Mean utility over the training workloads of the rule at margin ``delta``, with the
+        out-of-fold quality predictions ``oof``."""
         by_w: dict[int, list[tuple[str, float]]] = {}
         for (i, a), q in zip(cells, oof):
             if q == q and a in st["log_speed"]:
                 by_w.setdefault(i, []).append((a, float(q)))
         thr = self.threshold()
         sc = st["steps_col"]
-        mean_u = []
-        for d in self.margins:
-            u = 0.0
-            for i, aq in by_w.items():
-                steps = st["X"][i][sc] if sc is not None else math.nan
-                ok = [(ls, a) for a, q in aq
-                      if q + d * self._sigma(st, a) <= thr and (ls := self.log_speedup(st, steps, a)) > 0]
-                u += self._utility(st["wids"][i], max(ok)[1]) if ok else 1.0
-            mean_u.append(u / max(1, len(by_w)))
+        sig_max = max(res_sd.values(), default=1.0)
+        u = 0.0
+        for i, aq in by_w.items():
+            steps = st["X"][i][sc] if sc is not None else math.nan
+            ok = [(a, ls, q) for a, q in aq
+                  if q + delta * res_sd.get(a, sig_max) <= thr and (ls := self.log_speedup(st, steps, a)) > 0]
+            pick = self._choose(ok)
+            u += self._utility(st["wids"][i], pick) if pick is not None else 1.0
+        return u / max(1, len(by_w))
+
+    def _learn_margin(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray,
+                      res_sd: Mapping[str, float]) -> tuple[float, float]:
+        """The margin on the grid with the best inner utility (ties: the larger, safer one), and that utility."""
+        mean_u = [self._inner_utility(st, cells, oof, res_sd, d) for d in self.margins]
         best = max(mean_u)
-        return float(max(d for d, u in zip(self.margins, mean_u) if u >= best - 1e-12))
+        return float(max(d for d, u in zip(self.margins, mean_u) if u >= best - 1e-12)), best
 
     @staticmethod
     def _sigma(st: dict[str, Any], arm: str) -> float:
@@ -727,17 +766,34 @@ class QualityMargin(Selector):
         ok = self.admitted(family, x, arms, q)
         thr = self.threshold()
         steps = x[st["steps_col"]] if st["steps_col"] is not None else math.nan
+        ls = {a: self.log_speedup(st, steps, a) for a in arms}
+        # within ``tie`` of the fastest admitted arm the estimated utility is the same (timing noise):
+        # those arms share its score, and rank orders them by p_ok, then slack, i.e. by quality slack
+        # (p_ok falls as the predicted quality rises; _choose)
+        fast = [ls[a] for a in arms if ok[a] and ls[a] > 0]
+        tied = max(fast) + math.log1p(-self.tie) - 1e-12 if fast and self.tie > 0 else math.inf
+        top = math.exp(max(fast)) if fast else 1.0
         out = []
         for a in arms:
             sd = st["log_speed"][a][1]
-            s = math.exp(self.log_speedup(st, steps, a))
+            s = math.exp(ls[a])
             if st["qreg"] is None:
                 p_ok = 1.0 if self.table.arms[a].lossless else 0.0
             else:
                 p_ok = float(np.mean(q[a] + st["resid"] <= thr))
-            out.append(Prediction(a, s, s * sd, p_ok, s if ok[a] else 0.0))
+            score = (top if ls[a] >= tied else s) if ok[a] else 0.0
+            out.append(Prediction(a, s, s * sd, p_ok, score, thr - q[a] if st["qreg"] is not None else 0.0))
         return out
 
+
+# qkernel-cv: the kernel's bandwidths are chosen per fit by the inner cross-validation (with the
+# margin); another spacing is only a fallback (other_grid 1e-4: on the bundled history a sampler's
+# error ratio at a budget is nearly the same on every denoiser of the same spacing, and far from its
+# ratio on another spacing); arms within 5% of the fastest (the evaluation's timing-noise band,
+# ``within5``) are told apart by quality slack
+KERNEL_CV_BASE = {"other_grid": 1e-4}
+KERNEL_CV_GRID = tuple({"h_steps": hs, "h_model": hm} for hs in (0.1, 0.2, 0.35, 0.5) for hm in (0.3, 0.6, 1.2, 3.0))
+TIE_TOLERANCE = 0.05
 
 MODELS: dict[str, Callable[..., Selector]] = {
     "sbs": SingleBest,
@@ -753,6 +809,8 @@ MODELS: dict[str, Callable[..., Selector]] = {
     "qmargin": QualityMargin,
     "qmargin-nfe": lambda **kw: QualityMargin(speed="nfe", **kw),
     "qkernel": lambda **kw: QualityMargin(speed="nfe", quality="kernel", **kw),
+    "qkernel-cv": lambda **kw: QualityMargin(**{"speed": "nfe", "quality": "kernel", "kernel": KERNEL_CV_BASE,
+                                                "kernel_grid": KERNEL_CV_GRID, "tie": TIE_TOLERANCE, **kw}),
 }
 
 # chosen by the held-out evaluation (BENCHMARKS.md "selector"): on the LLM history with the tree

@@ -244,18 +244,32 @@ def llm_grid(n: int = 60, *, seed: int = 0, zoo_names: Sequence[str] | None = No
 
 
 def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | None = None) -> list[Any]:
-    """``n`` diffusion workloads varying the NFE budget, spacing, batch and the denoiser's shape."""
+    """``n`` diffusion workloads varying the NFE budget, spacing, batch and the denoiser's shape.
+
+    The first ``GRID_FIXED`` entries (the bundled history's first rounds) draw budgets from 5 / 8 /
+    10 / 15 / 25 and cycle three random UNets; later entries widen both (budgets 5-30, a fourth UNet
+    shape) so that a held-out workload is not just another seed of a setting already measured. The
+    first entries never change when ``n`` grows (their sweep keys are in the bundled history)."""
     from accelerando.bench.workloads import DiffusionWorkload
     rng = random.Random(seed + 1)
     zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
-    models = (["digits-unet"] if "digits-unet" in zoo_names else []) + \
-        ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
+    zoo = ["digits-unet"] if "digits-unet" in zoo_names else []
+    models = zoo + ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
+    wide_models = models + ["rand-unet-c24x48-i12-s3"]
     out = []
     for i in range(n):
-        out.append(DiffusionWorkload(model=models[i % len(models)], steps=rng.choice([5, 8, 10, 15, 25]),
+        fixed = i < GRID_FIXED
+        ms = models if fixed else wide_models
+        out.append(DiffusionWorkload(model=ms[i % len(ms)],
+                                     steps=rng.choice(GRID_STEPS if fixed else GRID_STEPS_WIDE),
                                      spacing=rng.choice(["trailing", "trailing", "linspace", "leading"]),
                                      batch=rng.choice([1, 2, 4]), seed=i))
     return out
+
+
+GRID_FIXED = 60                                   # diffusion_grid entries swept with the narrow choices
+GRID_STEPS = (5, 8, 10, 15, 25)
+GRID_STEPS_WIDE = (5, 6, 8, 10, 12, 15, 20, 25, 30)
 
 
 # ----------------------------------------------------------------------------- running
