@@ -10,7 +10,7 @@ import pytest
 from accelerando.select.evaluate import Case, cross_validate, evaluate, summarize
 from accelerando.select.features import (FEATURES, feature_names, ngram_repetition, prompt_stats,
                                          workload_features)
-from accelerando.select.models import MODELS, KNN, SingleBest, make_selector
+from accelerando.select.models import MODELS, KNN, SingleBest, default_model, make_selector
 from accelerando.select.table import LOSSLESS, Constraint, build_table, quality_loss, workload_id
 
 
@@ -469,7 +469,7 @@ def test_recommend_offers_no_diffusion_arm_where_the_history_shows_it_cannot_run
     assert _applicable(t, "full[steps_frac=1.0]", {"family": "diffusion", "steps": 6}, {})
     key = {"family": "diffusion", "model": "u0", "steps": 8, "spacing": "trailing", "batch": 2}
     rec = recommend(key, rows, constraint=Constraint(0.25), hardware={})
-    assert rec.selector == "qmargin-nfe" and fast not in {p.arm for p in rec.ranked}
+    assert rec.selector == default_model("diffusion") == "qkernel-cv" and fast not in {p.arm for p in rec.ranked}
 
 
 def test_structural_speed_model_is_the_step_ratio_times_a_learned_per_sampler_factor():

@@ -817,12 +817,11 @@ MODELS: dict[str, Callable[..., Selector]] = {
 # methods and the continuation features pairwise has the best mean closed gap over
 # leave-one-workload-out and leave-one-model-out (0.88 / 0.87; gbm 0.82 / 0.77, ens 0.78 / 0.75;
 # ens led before the tree methods were in the history; choosing ens's members by a leave-one-out over the held-out
-# workloads did not beat the fixed three); on the 60-workload diffusion history qmargin-nfe has the
-# best mean closed gap over the two schemes and two budgets (0.53; qkernel 0.47: better at
-# loss <= 0.25, worse at loss <= 0), which reverses the 30-workload history's order (qkernel then
-# won everywhere), chosen on those same folds
+# workloads did not beat the fixed three); on the 90-workload diffusion history qkernel-cv has the
+# best mean closed gap over the two schemes and two budgets (0.69; qmargin-nfe 0.66, qkernel 0.63;
+# on 60 workloads qmargin-nfe led qkernel, before qkernel-cv existed), chosen on those same folds
 DEFAULT_MODEL = "forest"
-DEFAULT_BY_FAMILY = {"llm": "pairwise", "diffusion": "qmargin-nfe"}
+DEFAULT_BY_FAMILY = {"llm": "pairwise", "diffusion": "qkernel-cv"}
 
 
 def default_model(family: str) -> str:
