@@ -248,7 +248,11 @@ def main(argv=None) -> int:
         "median (within 0.04 either way), and the residual of the kernel over a cheap surrogate, each "
         "arm's error ratio on a Gaussian-mixture denoiser with an exact score (`diffusion.oracle`) on "
         "the workload's own grid (correlation 0.71 with the measured log ratio, but the residual "
-        "kernel closed 0.27 / 0.66 against 0.53 / 0.78 without it; ad-hoc scripts, not in the library).",
+        "kernel closed 0.27 / 0.66 against 0.53 / 0.78 without it; ad-hoc scripts, not in the library). "
+        "On the 90 workloads, an additive form (a budget kernel pooled over the UNets plus a shrunk per-"
+        "UNet offset of each sampler, which would keep the c16x32 UNet's S-PNDM quarter budget above the "
+        "threshold) was tried at fixed bandwidths and not kept: 0.81 / 0.77 leave-one-workload-out against "
+        "0.80 / 0.76 for the product kernel at the same bandwidth, both with the tie rule and no margin.",
         "",
         "**What changed in an earlier round (LLM: the model's own continuation, one seed per round).** Two "
         "changes, each measured alone. (1) *Features from the target's own output* (`features."
