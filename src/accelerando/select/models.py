@@ -21,7 +21,9 @@ Implemented (each is a baseline of MetaInf / ASlib practice):
                   keeps the budget with a safety margin learned by inner cross-validation (for
                   lossy budgets, where *whether the constraint holds* is the hard part); its
                   quality model is extra-trees (``qmargin``, ``qmargin-nfe``) or a per-arm kernel
-                  regression over (spacing, log budget, model size) (``qkernel``).
+                  regression over (spacing, log budget, model size) (``qkernel``; ``qkernel-cv``
+                  also chooses its bandwidths by the inner cross-validation and breaks speed
+                  near-ties by quality slack).
 
 sklearn is imported where used (the core imports only torch and numpy).
 """
@@ -561,6 +563,13 @@ class QualityMargin(Selector):
       spacing and similar model sizes. A solver's error is a smooth function of its steps on a
       given grid and denoiser; trees over every workload feature and a 34-way arm one-hot split that
       signal up and average across arms, and cannot extrapolate to a budget they did not see;
+    * ``kernel_grid`` (``qkernel-cv``): candidate ``ArmKernel`` settings (bandwidths); the inner
+      cross-validation below runs each and keeps the one whose rule, at its best margin, has the
+      highest mean utility over the training workloads (ties: the earlier one); ``st["bandwidth"]``
+      and ``st["inner_utility"]`` record the choice;
+    * ``tie``: arms whose predicted speed-up is within that fraction of the fastest admitted arm's
+      are equal up to timing noise; they share its score and the one with the most quality slack
+      (``log(1 + L) - q_hat``, ``Prediction.slack``) ranks first, in the inner CV as at prediction;
     * margin: admit an arm when ``q_hat + delta * sigma_a <= log(1 + L)``, with ``sigma_a`` the
       spread of the arm's out-of-fold residuals (``folds``-fold cross-validation over the training
       workloads): a sampler whose quality the model predicts badly needs a wider margin than one it
