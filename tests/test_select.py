@@ -581,9 +581,10 @@ def test_qkernel_held_out_keeps_the_budget_where_the_features_decide():
     assert by["qkernel"].violation_rate == 0.0 and by["qkernel"].closed_gap > 0.9
 
 
-def _tie_history(slow_speed: float):
-    """6 trailing workloads: arm ``a`` at half the budget runs 2.0x with an error ratio 0.99 (barely
-    inside loss <= 0), arm ``b`` at half the budget runs ``slow_speed`` with ratio 0.7 (ample slack)."""
+def _tie_history(slow_speed: float, fast_ratio: float = 0.99):
+    """6 trailing workloads: arm ``a`` at half the budget runs 2.0x with an error ratio ``fast_ratio``
+    (0.99: barely inside loss <= 0), arm ``b`` at half the budget runs ``slow_speed`` with ratio 0.7
+    (ample slack)."""
     rows = []
     for i, steps in enumerate((8, 10, 12, 16, 20, 24)):
         wl = {"family": "diffusion", "model": "u", "steps": steps, "spacing": "trailing", "batch": 1, "seed": i}
@@ -592,7 +593,7 @@ def _tie_history(slow_speed: float):
             m = {"speedup": speedup, "lossless": False, "is_baseline": base, "rmse_vs_reference": 0.2 * r}
             return {"workload": wl, "method": method, "knobs": {} if frac is None else {"steps_frac": frac},
                     "metrics": m, "run_id": f"t{i}", "family": "diffusion"}
-        rows += [row("ddim", 1.0, 1.0, base=True), row("a", 2.0, 0.99, 0.5), row("b", slow_speed, 0.7, 0.5)]
+        rows += [row("ddim", 1.0, 1.0, base=True), row("a", 2.0, fast_ratio, 0.5), row("b", slow_speed, 0.7, 0.5)]
     return rows
 
 

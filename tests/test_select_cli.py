@@ -240,3 +240,19 @@ def test_cli_sweep_retime_llm_with_max_minutes_and_bundle(env, monkeypatch):
     assert len(_read_gz(RC.BUNDLED)) == 2
     res = invoke("--history", env, "sweep", "--retime", "--llm", 1, "--diffusion", 0, "--rounds", 2)
     assert "0 workloads re-timed" in res.output and "1 already re-timed" in res.output
+
+
+def test_cli_recommend_says_when_near_ties_rank_by_quality_slack(env, monkeypatch):
+    """qkernel-cv counts speed-ups within 5% of the fastest as equal and ranks those by quality
+    slack, so a slower arm can rank first: the table says why."""
+    from test_select import _tie_history
+    from accelerando.bench import methods as registry
+    from accelerando.bench.methods import MethodEntry
+    for name in ("ddim", "a", "b"):
+        registry.register(MethodEntry(name, "diffusion", lambda s, **kw: None, lossless=False, is_baseline=name == "ddim"))
+    monkeypatch.setattr(RC, "load_bundled", lambda path=None: _tie_history(1.94, fast_ratio=0.9))
+    res = invoke("--history", env, "recommend", "rand-unet-c8x16-i8-s0", "--steps", 16, "--batch", 1,
+                 "--max-loss", 0)
+    assert res.exit_code == 0, res.output
+    assert "qkernel-cv" in res.output and "recommended: b " in res.output
+    assert "within timing noise of the fastest" in " ".join(res.output.split())

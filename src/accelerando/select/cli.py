@@ -215,6 +215,10 @@ def _print_recommendation(console, rec, key) -> None:
         t.add_column(col)
     for i, p in enumerate(rec.ranked[:3]):
         t.add_row(str(i + 1), rec.method(p.arm), json.dumps(rec.knobs(p.arm)), _fmt(p.speedup), _fmt(p.std), _fmt(p.p_ok))
+    if rec.ranked and rec.ranked[0].score > 1 and sum(p.score == rec.ranked[0].score for p in rec.ranked[:3]) > 1:
+        # qkernel-cv's tie rule: equal scores, a slower arm may rank above a faster one
+        t.caption = ("speed-ups within timing noise of the fastest count as equal; "
+                     "those rank by P(ok), then by the predicted margin to the quality budget")
     console.print(t)
 
 
