@@ -824,7 +824,7 @@ MODELS: dict[str, Callable[..., Selector]] = {
 
 # chosen by the held-out evaluation (BENCHMARKS.md "selector"): on the LLM history with the tree
 # methods and the continuation features pairwise has the best mean closed gap over
-# leave-one-workload-out and leave-one-model-out (0.88 / 0.87; gbm 0.82 / 0.77, ens 0.78 / 0.75;
+# leave-one-workload-out and leave-one-model-out (0.88 / 0.87 on 60 workloads; gbm 0.84 / 0.75, knn-w 0.80 / 0.83, ens 0.82 / 0.72;
 # ens led before the tree methods were in the history; choosing ens's members by a leave-one-out over the held-out
 # workloads did not beat the fixed three); on the 90-workload diffusion history qkernel-cv has the
 # best mean closed gap over the two schemes and two budgets (0.69; qmargin-nfe 0.66, qkernel 0.63;
