@@ -685,7 +685,8 @@ class QualityMargin(Selector):
                       for a in set(cell_a[have].tolist())}
             if self.margin is not None:
                 delta = float(self.margin)
-                u = self._inner_utility(st, cells, oof, res_sd, delta) if len(self.kernel_grid) > 1 else 0.0
+                u = self._inner_utility(st, self._inner_cells(st, cells, oof), res_sd, delta) \
+                    if len(self.kernel_grid) > 1 else 0.0
             elif have.any():
                 delta, u = self._learn_margin(st, cells, oof, res_sd)
             else:
@@ -715,34 +716,45 @@ class QualityMargin(Selector):
         quality slack. None: no such arm (the baseline)."""
         if not admitted:
             return None
-        top = max(ls for _, ls, _ in admitted)
-        near = [c for c in admitted if c[1] >= top + math.log1p(-self.tie) - 1e-12]
+        floor = self._tie_floor(max(ls for _, ls, _ in admitted))
+        near = [c for c in admitted if c[1] >= floor]
         return min(near, key=lambda c: (c[2], -c[1], c[0]))[0]
 
-    def _inner_utility(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray,
-                       res_sd: Mapping[str, float], delta: float) -> float:
-        """Mean utility over the training workloads of the rule at margin ``delta``, with the
-        out-of-fold quality predictions ``oof``."""
-        by_w: dict[int, list[tuple[str, float]]] = {}
+    def _tie_floor(self, top: float) -> float:
+        """The lowest log speed-up that ties with ``top`` (within ``tie``; only ``top`` itself at 0)."""
+        return top + math.log1p(-self.tie) - 1e-12
+
+    def _inner_cells(self, st: dict[str, Any], cells: list[tuple[int, str]],
+                     oof: np.ndarray) -> dict[int, list[tuple[str, float, float]]]:
+        """Per training workload, ``(arm, predicted log speed-up, out-of-fold quality)`` of the arms
+        predicted faster than the baseline: what the rule chooses from at any margin."""
+        sc = st["steps_col"]
+        by_w: dict[int, list[tuple[str, float, float]]] = {}
         for (i, a), q in zip(cells, oof):
             if q == q and a in st["log_speed"]:
-                by_w.setdefault(i, []).append((a, float(q)))
+                steps = st["X"][i][sc] if sc is not None else math.nan
+                by_w.setdefault(i, [])
+                if (ls := self.log_speedup(st, steps, a)) > 0:
+                    by_w[i].append((a, ls, float(q)))
+        return by_w
+
+    def _inner_utility(self, st: dict[str, Any], by_w: Mapping[int, Sequence[tuple[str, float, float]]],
+                       res_sd: Mapping[str, float], delta: float) -> float:
+        """Mean utility over the training workloads of the rule at margin ``delta``, with the
+        out-of-fold quality predictions (``_inner_cells``)."""
         thr = self.threshold()
-        sc = st["steps_col"]
         sig_max = max(res_sd.values(), default=1.0)
         u = 0.0
-        for i, aq in by_w.items():
-            steps = st["X"][i][sc] if sc is not None else math.nan
-            ok = [(a, ls, q) for a, q in aq
-                  if q + delta * res_sd.get(a, sig_max) <= thr and (ls := self.log_speedup(st, steps, a)) > 0]
-            pick = self._choose(ok)
+        for i, cand in by_w.items():
+            pick = self._choose([c for c in cand if c[2] + delta * res_sd.get(c[0], sig_max) <= thr])
             u += self._utility(st["wids"][i], pick) if pick is not None else 1.0
         return u / max(1, len(by_w))
 
     def _learn_margin(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray,
                       res_sd: Mapping[str, float]) -> tuple[float, float]:
         """The margin on the grid with the best inner utility (ties: the larger, safer one), and that utility."""
-        mean_u = [self._inner_utility(st, cells, oof, res_sd, d) for d in self.margins]
+        by_w = self._inner_cells(st, cells, oof)
+        mean_u = [self._inner_utility(st, by_w, res_sd, d) for d in self.margins]
         best = max(mean_u)
         return float(max(d for d, u in zip(self.margins, mean_u) if u >= best - 1e-12)), best
 
@@ -780,7 +792,7 @@ class QualityMargin(Selector):
         # those arms share its score, and rank orders them by p_ok, then slack, i.e. by quality slack
         # (p_ok falls as the predicted quality rises; _choose)
         fast = [ls[a] for a in arms if ok[a] and ls[a] > 0]
-        tied = max(fast) + math.log1p(-self.tie) - 1e-12 if fast and self.tie > 0 else math.inf
+        tied = self._tie_floor(max(fast)) if fast else math.inf
         top = math.exp(max(fast)) if fast else 1.0
         out = []
         for a in arms:
