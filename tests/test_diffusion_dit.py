@@ -129,3 +129,37 @@ def test_unsupported_model_class():
     with pytest.raises(TypeError, match="unsupported model class UNet2DModel") as e:
         DiTDenoiser(unet, torch.tensor([0]))
     assert "\n" not in str(e.value)
+
+
+def test_harmonica_soft_gates_one_is_full_and_router_trains(tmp_path):
+    from accelerando.diffusion.dit.core import full_forward
+    from accelerando.diffusion.dit.harmonica import (HarmoniCaConfig, harmonica_cache, load_router, router_table,
+                                                     save_router, soft_forward, train_router)
+    m = tiny_dit(layers=3)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
+    residual = [torch.randn(2, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        assert torch.equal(soft_forward(m, x, t, y, torch.ones(3), residual), full_forward(m, x, t, y))
+    cfg = HarmoniCaConfig(steps=4, iterations=2, batch_size=2, lambda_every=1, lambda_batch=2, beta=0.5)
+    res = train_router(m, cfg, generator=torch.Generator().manual_seed(0))
+    assert res["logits"].shape == (4, 3) and len(res["log"]) == 2
+    assert (res["logits"] < cfg.init).any()          # the compute term pushed some gates down
+    table = router_table(res["logits"], keep=0.5)
+    assert table.shape == (4, 3) and table[0].all() and int(table.sum()) == 6
+    save_router(tmp_path / "r.json", res, model_name="tiny")
+    logits, cfg2 = load_router(tmp_path / "r.json")
+    assert torch.equal(logits, res["logits"]) and cfg2 == cfg
+    _, c = run(m, harmonica_cache(logits, keep=0.5), steps=4)
+    assert c.skipped_fraction == pytest.approx(0.5)
+
+
+def test_psnr_ssim():
+    from accelerando.diffusion.dit.quality import psnr, ssim
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    assert psnr(x, x) == float("inf") and ssim(x, x) == pytest.approx(1.0)
+    noise = 0.1 * torch.randn(x.shape, generator=g)
+    # PSNR of additive noise: 10 log10(4 / mse)
+    mse = float((noise.double() ** 2).flatten(1).mean(1).log10().neg().mul(10).add(10 * torch.log10(torch.tensor(4.0))).mean())
+    assert psnr(x + noise, x) == pytest.approx(mse)
+    assert ssim(x + noise, x) > ssim(x + 5 * noise, x) > -1

@@ -1,0 +1,61 @@
+"""``accelerando dit train-router``: train HarmoniCa's cache router for a DiT and a step count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="Diffusion transformers: train HarmoniCa's learned cache router.")
+
+
+@app.command("train-router")
+def train_router_cmd(
+    model: Annotated[str, typer.Option(help="Zoo DiT name (digits-dit, digits-dit-32) or a "
+                                            "DiTTransformer2DModel directory.")] = "digits-dit",
+    steps: Annotated[int, typer.Option(min=2, help="Sampler steps the router is for (its rows).")] = 20,
+    method: Annotated[str, typer.Option(help="Sampler (one model call per step: ddim, dpm++2m, ...).")] = "ddim",
+    iterations: Annotated[int, typer.Option(min=1, help="Step-wise denoising training trajectories.")] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the compute term mean(sigmoid(router)).")] = 0.02,
+    lr: Annotated[float, typer.Option(min=1e-6)] = 0.1,
+    lambda_every: Annotated[int, typer.Option(min=0, help="Refresh the image-error proxy weights every k "
+                                                         "iterations (0: uniform).")] = 10,
+    guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Router JSON to write (default: "
+                                                     "harmonica-<model>-<method>-<steps>.json).")] = None,
+) -> None:
+    """Train a HarmoniCa router (SDT + IEPO) and save it as JSON; use it with
+    ``harmonica_cache(load_router(path)[0], keep=0.5)``."""
+    import torch
+
+    from accelerando.cli.common import fail
+    from accelerando.diffusion.api import get_spec
+    from accelerando.diffusion.dit.harmonica import HarmoniCaConfig, save_router, train_router
+
+    try:
+        get_spec(method)
+        cfg = HarmoniCaConfig(steps=steps, method=method, iterations=iterations, batch_size=batch_size, beta=beta,
+                              lr=lr, lambda_every=lambda_every, guidance=guidance)
+    except (KeyError, ValueError) as e:
+        fail(str(e).strip("'\""))
+    dit = _load(model)
+    res = train_router(dit, cfg, generator=torch.Generator().manual_seed(seed), progress=typer.echo)
+    path = out or Path(f"harmonica-{Path(model).name}-{method}-{steps}.json")
+    save_router(path, res, model_name=model)
+    typer.echo(f"wrote {path}")
+
+
+def _load(model: str):
+    from accelerando import zoo
+    from accelerando.cli.common import fail
+    if model in zoo.names():
+        if not zoo.is_trained(model) or zoo.card(model)["role"] != "dit":
+            fail(f"{model} is not a trained zoo DiT")
+        return zoo.load(model)
+    if not Path(model).is_dir():
+        fail(f"--model {model!r} is neither a zoo DiT nor a directory")
+    from diffusers import DiTTransformer2DModel
+    return DiTTransformer2DModel.from_pretrained(model).float().eval()
