@@ -59,3 +59,37 @@ def _load(model: str):
         fail(f"--model {model!r} is neither a zoo DiT nor a directory")
     from diffusers import DiTTransformer2DModel
     return DiTTransformer2DModel.from_pretrained(model).float().eval()
+
+
+@app.command("usf-search")
+def usf_search_cmd(
+    nfe: Annotated[int, typer.Option(min=2, help="Model calls of the schedule.")] = 10,
+    name: Annotated[Optional[str], typer.Option(help="Schedule name; the method becomes usf-<name> "
+                                                     "(default: the call count).")] = None,
+    train_seeds: Annotated[str, typer.Option(help="Oracle mixtures searched on (comma-separated seeds).")] = "11,12,13",
+    random_trials: Annotated[int, typer.Option(min=0)] = 60,
+    sweeps: Annotated[int, typer.Option(min=0, help="Coordinate-descent sweeps over every per-step choice.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Schedules JSON (default: the package's "
+                                                     "usf_schedules.json).")] = None,
+) -> None:
+    """USF: search a per-step solver schedule (time grid, predictor order, UniC corrector) for NFE
+    model calls on the exact-score oracle (linear schedule, 1000 steps) and save it by name."""
+    from accelerando.cli.common import fail
+    from accelerando.diffusion import make_schedule
+    from accelerando.diffusion import usf
+
+    try:
+        seeds = [int(s) for s in train_seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--train-seeds must be comma-separated integers, got {train_seeds!r}")
+    if not seeds:
+        fail("--train-seeds needs at least one seed")
+    sched = make_schedule("linear", 1000)
+    problems = usf.oracle_problems(sched, seeds)
+    plan, err, knobs = usf.search(sched, nfe, problems, random_trials=random_trials, sweeps=sweeps, seed=seed,
+                                  progress=typer.echo)
+    label = name or str(nfe)
+    usf.save_schedule(label, plan, {"oracle_train_rmse": err, "train_seeds": seeds, "search": knobs},
+                      path=out or usf.SCHEDULES_FILE)
+    typer.echo(f"usf-{label}: {nfe} calls, oracle RMSE {err:.5f} on seeds {seeds}")
