@@ -163,3 +163,21 @@ def test_psnr_ssim():
     mse = float((noise.double() ** 2).flatten(1).mean(1).log10().neg().mul(10).add(10 * torch.log10(torch.tensor(4.0))).mean())
     assert psnr(x + noise, x) == pytest.approx(mse)
     assert ssim(x + noise, x) > ssim(x + 5 * noise, x) > -1
+
+
+def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
+    from accelerando.bench.methods import DiffusionSetup, NotApplicable, get_method
+    from accelerando.bench.runner import unet_eps_fn
+    from accelerando.diffusion import make_schedule
+    m = tiny_dit(layers=4)
+    eps = unet_eps_fn(m)
+    assert isinstance(eps, DiTDenoiser)
+    setup = DiffusionSetup(eps_fn=eps, schedule=make_schedule("linear", 1000), x_T=torch.randn(2, 1, 8, 8), steps=6)
+    ref = sample(eps, setup.x_T, method="ddim", steps=6)
+    out = get_method("dit-cache-static").build(setup, interval=1)()
+    assert torch.equal(out.x0, ref) and out.stats["skipped_fraction"] == 0.0
+    out = get_method("dit-ras").build(setup)()
+    assert out.nfe == 6 and out.stats["skipped_fraction"] > 0
+    with pytest.raises(NotApplicable, match="needs a DiT workload"):
+        get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
+                                                    x_T=setup.x_T, steps=6))

@@ -253,7 +253,8 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
     from accelerando.bench.workloads import DiffusionWorkload
     rng = random.Random(seed + 1)
     zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
-    zoo = ["digits-unet"] if "digits-unet" in zoo_names else []
+    # zoo models join only --zoo grids (the bundled history was swept on random models alone)
+    zoo = [z for z in ("digits-unet", "digits-dit") if z in zoo_names]
     models = zoo + ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
     wide_models = models + ["rand-unet-c24x48-i12-s3"]
     out = []

@@ -39,20 +39,22 @@ class Method(Protocol):
 
 
 class DiTDenoiser:
-    """eps(x, t) of a class-conditional DiT; ``guidance`` w gives eps_u + w (eps_c - eps_u) with the
+    """eps(x, t) of a class-conditional DiT (``labels`` per sample; None: sample i gets i mod classes);
+    ``guidance`` w gives eps_u + w (eps_c - eps_u) with the
     null class ``null_class`` (Ho & Salimans 2022), one batched call for both halves.
 
     A new trajectory starts (method state reset, step 0) at the first call, after ``reset()``, or when
     t rises above the previous call's t.
     """
 
-    def __init__(self, model: Any, labels: torch.Tensor, *, guidance: float = 1.0, method: Method | None = None,
-                 null_class: int | None = None) -> None:
+    def __init__(self, model: Any, labels: torch.Tensor | None = None, *, guidance: float = 1.0,
+                 method: Method | None = None, null_class: int | None = None) -> None:
         check_dit(model)
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         self.model, self.method, self.guidance = model, method, float(guidance)
-        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        # None: sample i of a batch gets label i % classes (a fixed, batch-size-free choice for benchmarks)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.null_class = int(model.config.num_embeds_ada_norm if null_class is None else null_class)
         self.counts = Counts()
         self.reset()
@@ -70,7 +72,10 @@ class DiTDenoiser:
         if self._last_t is not None and t0 > self._last_t:
             self.reset()
         self._last_t = t0
-        y = self.labels.to(x.device).expand(x.shape[0]) if self.labels.ndim == 0 else self.labels.to(x.device)
+        if self.labels is None:
+            y = torch.arange(x.shape[0], device=x.device) % int(self.model.config.num_embeds_ada_norm)
+        else:
+            y = self.labels.to(x.device).expand(x.shape[0]) if self.labels.ndim == 0 else self.labels.to(x.device)
         cfg = self.guidance != 1.0
         if cfg:
             # [uncond, cond], diffusers' order (FasterCache relies on it)
