@@ -79,7 +79,7 @@ def fail(message: str) -> None:
 
 history_option = Annotated[Optional[str], typer.Option(
     "--history", metavar="PATH_OR_URL",
-    help="History store: an SQLite file path or any SQLAlchemy URL (postgresql+psycopg2://...). "
+    help="History store: an SQLite file path or any SQLAlchemy URL (postgresql://user:password@host/db; pip install 'accelerando[postgres]'). "
          "Default: $ACCELERANDO_HISTORY, else <user cache dir>/accelerando/history.sqlite.")]
 
 
@@ -107,9 +107,28 @@ def _history_location(ctx: typer.Context, history: str | None) -> str | None:
     return (ctx.obj or {}).get("history") if ctx is not None else None
 
 
-def _open_history(ctx: typer.Context, history: str | None):
-    from accelerando.bench.history import open_history
-    return open_history(_history_location(ctx, history))
+def _open_history(ctx: typer.Context, history: str | None, *, write: bool = False):
+    """The history; with ``write``, checked writable now (before anything is measured) and
+    wrapped so that a write failing later saves the rows elsewhere (``_history_note`` says where)."""
+    from accelerando.bench.history import HistoryError, KeepOnFailure, open_history
+    hist = open_history(_history_location(ctx, history))
+    if not write:
+        return hist
+    try:
+        hist.check_writable()
+    except HistoryError as exc:
+        hist.close()
+        fail(f"{exc}; nothing was measured — pass --history with a writable path or URL")
+    return KeepOnFailure(hist)
+
+
+def _history_note(console, hist) -> None:
+    """After the results are printed: if some rows could not go to the history, say where they
+    went and exit with status 1 (the run did not do all it was asked)."""
+    note = getattr(hist, "note", lambda: None)()
+    if note:
+        typer.echo(f"error: {note}", err=True)
+        raise typer.Exit(1)
 
 
 def _console():
@@ -282,13 +301,14 @@ def demo(
     _quiet_hf()
     _set_threads(threads)
     collected: list[tuple[str, str, list[Any]]] = []
-    with _open_history(ctx, history) as hist:
+    with _open_history(ctx, history, write=True) as hist:
         console.print(f"history: {hist.location}")
         if family in ("llm", "all"):
             _demo_llm(console, hist, all_methods("llm"), max_new_tokens, repeats, device, collected)
         if family in ("diffusion", "all"):
             _demo_diffusion(console, hist, all_methods("diffusion"), budgets, samples,
                             reference_steps, repeats, device, collected)
+        _history_note(console, hist)
     if not collected:
         console.print("nothing was measured (no registered methods or no zoo models yet)")
     elif write_benchmarks:
@@ -464,7 +484,7 @@ def bench(
     console = _console()
     _quiet_hf()
     _set_threads(threads)
-    with _open_history(ctx, history) as hist:      # a bad history fails before any model loads
+    with _open_history(ctx, history, write=True) as hist:   # a bad history fails before any model loads
         if kind == "llm":
             prompt_list = load_prompts(prompts) if prompts is not None else None
             for d in draft or []:
@@ -484,6 +504,7 @@ def bench(
                                      knobs=knobs, repeats=repeats, warmup=warmup, history=hist, progress=prog)
             console.print(results_table(f"{model}: {len(setups)} batch(es) of {batch_size}, "
                                         f"{max_new_tokens} new tokens, temperature {temperature}", "llm", rows))
+            _history_note(console, hist)
             return
         if draft:
             fail("--draft applies to causal LMs; this model is a diffusion UNet")
@@ -511,6 +532,7 @@ def bench(
                 tables.append(results_table(f"{model}: {samples} samples, {n} steps", "diffusion", rows))
         for t in tables:
             console.print(t)
+        _history_note(console, hist)
 
 
 def _quiet_hf() -> None:
