@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (console as _console, fail, history_option, open_history_for as _open_history, parse_ints as _parse_ints,
+from .common import (console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints,
                      parse_knobs as _parse_knobs, quiet_hf as _quiet_hf, set_threads as _set_threads, split as _split,
                      threads_option)
 from .tables import Progress as _Progress, results_table
@@ -53,7 +53,7 @@ def bench(
     console = _console()
     _quiet_hf()
     _set_threads(threads)
-    with _open_history(ctx, history) as hist:      # a bad history fails before any model loads
+    with _open_history(ctx, history, write=True) as hist:   # a bad history fails before any model loads
         if kind == "llm":
             prompt_list = load_prompts(prompts) if prompts is not None else None
             for d in draft or []:
@@ -73,6 +73,7 @@ def bench(
                                      knobs=knobs, repeats=repeats, warmup=warmup, history=hist, progress=prog)
             console.print(results_table(f"{model}: {len(setups)} batch(es) of {batch_size}, "
                                         f"{max_new_tokens} new tokens, temperature {temperature}", "llm", rows))
+            history_note(hist)
             return
         if draft:
             fail("--draft applies to causal LMs; this model is a diffusion UNet")
@@ -100,4 +101,5 @@ def bench(
                 tables.append(results_table(f"{model}: {samples} samples, {n} steps", "diffusion", rows))
         for t in tables:
             console.print(t)
+        history_note(hist)
 
