@@ -123,7 +123,7 @@ def run_model(name: str, steps: int, args: Any) -> dict[str, Any]:
     base = rows[0]
     for r in rows:
         r["speed16"], r["speed1"] = base["t16"] / r["t16"], base["t1"] / r["t1"]
-    return {"rows": rows, "n": n}
+    return {"rows": rows, "n": n, "cmd": "python benchmarks/diffusion_dit.py " + " ".join(sys.argv[1:])}
 
 
 def record_history(results: list[dict[str, Any]]) -> int:
@@ -157,20 +157,82 @@ NOTES = [
 ]
 
 
+USF_FIXED = ("ddim", "dpmpp-2m", "dpmpp-3m", "unipc", "unipc3", "plms4", "s-pndm4")
+
+
+def usf_results(args: Any) -> dict[str, Any]:
+    """Searched USF schedules vs the fixed samplers at the same model calls: held-out oracle mixtures
+    (RMSE to the exact ODE solution) and the zoo UNet / DiT (RMSE to a 250-step DPM-Solver++(3M) run)."""
+    from accelerando.diffusion import make_schedule, usf
+    from accelerando.diffusion.api import check_budget
+    from accelerando.diffusion.models import eps_fn_from_unet
+    sched = make_schedule("linear", 1000)
+    plans = usf.load_schedules()
+    problems = {f"oracle d16 k8 seed {s}": usf.oracle_problems(sched, [s])[0] for s in (21, 22, 23)}
+    problems["oracle d2 k4 seed 24"] = usf.oracle_problems(sched, [24], dim=2, components=4)[0]
+    zoo_eps = {}
+    for name in ("digits-unet", "digits-dit"):
+        if zoo.is_trained(name):
+            m = zoo.load(name)
+            zoo_eps[name] = DiTDenoiser(m) if name == "digits-dit" else eps_fn_from_unet(m)
+    rows = []
+    for nfe in sorted({p.nfe for p in plans.values()}):
+        names = [f"usf-{k}" for k, p in plans.items() if p.nfe == nfe] + list(USF_FIXED)
+        cells: dict[str, dict[str, float]] = {n: {} for n in names}
+        for label, p in list(problems.items()):
+            for n in names:
+                steps = nfe if n.startswith("usf-") else check_budget(n, nfe, sched)
+                x0 = sample(p.eps_fn, p.x_T, schedule=sched, method=n, steps=steps)
+                cells[n][label] = float(((x0 - p.ref) ** 2).mean().sqrt())
+        for zname, eps in zoo_eps.items():
+            x_T = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+            ref = sample(eps, x_T, schedule=sched, method="dpmpp-3m", steps=250)
+            for n in names:
+                steps = nfe if n.startswith("usf-") else check_budget(n, nfe, sched)
+                x0 = sample(eps, x_T, schedule=sched, method=n, steps=steps)
+                cells[n][zname] = float(((x0 - ref) ** 2).mean().sqrt())
+        for n in names:
+            rows.append({"nfe": nfe, "method": n, **cells[n]})
+        print(json.dumps(rows[-len(names):]), flush=True)
+    return {"rows": rows, "columns": list(problems) + list(zoo_eps)}
+
+
+def render_usf(res: dict[str, Any]) -> list[str]:
+    cols = res["columns"]
+    md = ["### USF: searched solver schedules vs fixed samplers at equal model calls", "",
+          "RMSE to the exact probability-flow solution (oracle mixtures *not* searched on: the search used seeds "
+          "11-13) and, for the zoo models, to a 250-step DPM-Solver++(3M) sample from the same x_T (16 images). "
+          "Linear betas, trailing spacing for the fixed samplers; `usf-N` is the schedule `accelerando dit "
+          "usf-search --nfe N` saved.", ""]
+    rows = []
+    for r in res["rows"]:
+        best_fixed = min((x for x in res["rows"] if x["nfe"] == r["nfe"] and not x["method"].startswith("usf-")),
+                         key=lambda x: sum(x[c] for c in cols if c.startswith("oracle")))
+        mark = " (best fixed, oracle)" if r is best_fixed else ""
+        rows.append([r["nfe"], r["method"] + mark] + [r[c] for c in cols])
+    md += [markdown_table(["calls", "method"] + cols, rows), ""]
+    return md
+
+
 def render(saved: dict[str, Any]) -> str:
-    md = ["## Diffusion transformers: caching, Region-Adaptive Sampling, token merging vs diffusers' cache hooks",
-          "", f"`{saved['cmd']}` ({saved['seconds'] / 60:.0f} min). Machine: {saved['machine']}. Sampler: DDIM "
-          f"(our `sample()`), {saved['n']} images per cell, classifier-free guidance as noted.", ""]
+    md = ["## Diffusion transformers: caching, Region-Adaptive Sampling, token merging vs diffusers' cache hooks", ""]
+    if saved.get("results"):
+        md += [f"Machine: {saved['machine']}. Sampler: DDIM (our `sample()`); the command of each table is "
+               "under its title.", ""]
     headers = ["model", "steps", "method", "skipped", "PSNR dB", "SSIM", "FD", "class acc", "s/traj b16",
                "speed-up b16", "s/traj b1", "speed-up b1"]
-    for res in saved["results"]:
+    for res in saved.get("results", []):
         rows = [[r["model"], r["steps"], r["method"], f"{r['skipped']:.0%}", r["psnr"], r["ssim"], r["fd"],
                  f"{r['acc']:.0%}", r["t16"], f"{r['speed16']:.2f}x", r["t1"], f"{r['speed1']:.2f}x"]
                 for r in res["rows"]]
         g = res["rows"][0]["guidance"]
-        md += [f"**{res['rows'][0]['model']}, {res['rows'][0]['steps']} steps, guidance {g:g}**", "",
+        md += [f"**{res['rows'][0]['model']}, {res['rows'][0]['steps']} steps, guidance {g:g}, {res['n']} images** "
+               f"(`{res.get('cmd', saved['cmd'])}`)", "",
                markdown_table(headers, rows), ""]
-    md += NOTES + ["", saved.get("targets", ""), "", saved.get("history", "")]
+    if saved.get("results"):
+        md += NOTES + ["", saved.get("targets", ""), "", saved.get("history", ""), ""]
+    if saved.get("usf"):
+        md += render_usf(saved["usf"])
     return "\n".join(md)
 
 
@@ -183,12 +245,13 @@ def main() -> None:
     ap.add_argument("--router-iterations", type=int, default=12)
     ap.add_argument("--no-history", action="store_true")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--only", choices=["dit", "usf"], default=None,
+                    help="re-measure one part; the other is kept from the saved results")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.render_only:
-        saved = pickle.loads(RESULTS.read_bytes())
-    else:
+    saved = pickle.loads(RESULTS.read_bytes()) if RESULTS.exists() else {}
+    if not args.render_only and args.only != "usf":
         t_all = time.perf_counter()
         results = []
         for name in args.models:
@@ -201,13 +264,21 @@ def main() -> None:
                 for r in results[-1]["rows"]:
                     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
                           flush=True)
-        saved = {"results": results, "n": args.n, "cmd": "python benchmarks/diffusion_dit.py " + " ".join(sys.argv[1:]),
-                 "seconds": time.perf_counter() - t_all, "machine": machine_line()}
+        # cells measured before for other (model, steps) stay; re-measured ones are replaced
+        keep = [r for r in saved.get("results", []) if (r["rows"][0]["model"], r["rows"][0]["steps"])
+                not in {(x["rows"][0]["model"], x["rows"][0]["steps"]) for x in results}]
+        results = keep + results
+        saved.update({"results": results, "n": args.n,
+                      "cmd": "python benchmarks/diffusion_dit.py " + " ".join(sys.argv[1:]),
+                      "seconds": time.perf_counter() - t_all, "machine": machine_line()})
         if not args.no_history:
             try:
-                saved["history"] = f"{record_history(results)} rows recorded in the history store."
+                saved["history"] = f"{record_history(results[len(keep):])} rows recorded in the history store."
             except Exception as exc:   # the table is still worth writing
                 saved["history"] = f"History not recorded: {exc}"
+        RESULTS.write_bytes(pickle.dumps(saved))
+    if not args.render_only and args.only != "dit":
+        saved["usf"] = usf_results(args)
         RESULTS.write_bytes(pickle.dumps(saved))
     write_section("diffusion_dit", render(saved))
     print(render(saved))

@@ -126,6 +126,19 @@ def oracle_problems(schedule: Any, seeds: Sequence[int], *, dim: int = 16, compo
     return out
 
 
+def model_problems(eps_fn: Callable[..., torch.Tensor], schedule: Any, shape: Sequence[int], *, seeds: Sequence[int],
+                   reference_steps: int = 250) -> list[Problem]:
+    """Search problems on a trained model: per seed a batch of noise and its ``reference_steps``-step
+    DPM-Solver++(3M) solution as the target."""
+    from .api import sample
+    out = []
+    for s in seeds:
+        x_T = torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+        out.append(Problem(eps_fn, x_T, sample(eps_fn, x_T, schedule=schedule, method="dpmpp-3m",
+                                               steps=reference_steps)))
+    return out
+
+
 def plan_error(plan: USFPlan, schedule: Any, problems: Sequence[Problem]) -> float:
     """Mean RMSE to the exact solutions (inf if the plan diverges)."""
     from .api import drive

@@ -102,7 +102,7 @@ SPECS: dict[str, Any] = {
     "digits-unet": UNetSpec(steps=600),
     "digits-classifier": ClassifierSpec(steps=300),
     "digits-dit": DiTSpec(steps=1500),
-    "digits-dit-32": DiTSpec(steps=900, sample_size=32, batch_size=16),
+    "digits-dit-32": DiTSpec(steps=400, sample_size=32, batch_size=16),
 }
 TARGET = "code-target"
 EVAL_SLICE_WINDOWS = 4          # the fixed held-out slice whose metric tests reproduce

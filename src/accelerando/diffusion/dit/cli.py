@@ -70,11 +70,15 @@ def usf_search_cmd(
     random_trials: Annotated[int, typer.Option(min=0)] = 60,
     sweeps: Annotated[int, typer.Option(min=0, help="Coordinate-descent sweeps over every per-step choice.")] = 2,
     seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[Optional[str], typer.Option(help="Search on this zoo model (digits-unet, digits-dit) against "
+                                                      "a 250-step DPM-Solver++(3M) reference instead of the oracle "
+                                                      "(--train-seeds then seed the noise batches).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Schedules JSON (default: the package's "
                                                      "usf_schedules.json).")] = None,
 ) -> None:
     """USF: search a per-step solver schedule (time grid, predictor order, UniC corrector) for NFE
-    model calls on the exact-score oracle (linear schedule, 1000 steps) and save it by name."""
+    model calls on the exact-score oracle (linear schedule, 1000 steps) or a zoo model, and save it by
+    name."""
     from accelerando.cli.common import fail
     from accelerando.diffusion import make_schedule
     from accelerando.diffusion import usf
@@ -86,10 +90,24 @@ def usf_search_cmd(
     if not seeds:
         fail("--train-seeds needs at least one seed")
     sched = make_schedule("linear", 1000)
-    problems = usf.oracle_problems(sched, seeds)
+    if model is None:
+        problems = usf.oracle_problems(sched, seeds)
+    else:
+        from accelerando import zoo
+        if model not in ("digits-unet", "digits-dit", "digits-dit-32") or not zoo.is_trained(model):
+            fail(f"--model {model!r} must be a trained zoo denoiser (digits-unet, digits-dit, digits-dit-32)")
+        m = zoo.load(model)
+        if model.startswith("digits-dit"):
+            from accelerando.diffusion.dit import DiTDenoiser
+            eps, size = DiTDenoiser(m), m.config.sample_size
+        else:
+            from accelerando.diffusion.models import eps_fn_from_unet
+            eps, size = eps_fn_from_unet(m), m.config.sample_size
+        problems = usf.model_problems(eps, sched, (8, 1, size, size), seeds=seeds)
     plan, err, knobs = usf.search(sched, nfe, problems, random_trials=random_trials, sweeps=sweeps, seed=seed,
                                   progress=typer.echo)
     label = name or str(nfe)
-    usf.save_schedule(label, plan, {"oracle_train_rmse": err, "train_seeds": seeds, "search": knobs},
+    usf.save_schedule(label, plan, {"train_rmse": err, "searched_on": model or "oracle", "train_seeds": seeds,
+                                    "search": knobs},
                       path=out or usf.SCHEDULES_FILE)
-    typer.echo(f"usf-{label}: {nfe} calls, oracle RMSE {err:.5f} on seeds {seeds}")
+    typer.echo(f"usf-{label}: {nfe} calls, RMSE {err:.5f} on {model or 'oracle'} seeds {seeds}")
