@@ -145,3 +145,27 @@ def test_kv_bytes_counts_layers():
     cfg = m.config
     per = 2 * cfg.num_key_value_heads * N * (cfg.hidden_size // cfg.num_attention_heads) * 4
     assert kv_bytes(run.cache) == per * cfg.num_hidden_layers
+
+
+def test_streaming_equals_kvpress_streaming():
+    """Independent reference: kvpress's StreamingLLMPress (4 sinks + recent) keeps the same tokens
+    (in its own order, which attention does not see): same continuation logits."""
+    pytest.importorskip("kvpress")
+    from accelerando.llm.kv.anchor import KVPressAnchor
+    m, ids, _ = _setup()
+    for ratio in (0.25, 0.5):
+        ours = kv_continuation_logits(m, ids[:, :64], ids[:, 64:], press=StreamingLLMPress(ratio=ratio, sinks=4))
+        theirs = kv_continuation_logits(m, ids[:, :64], ids[:, 64:], press=KVPressAnchor("kvpress-streaming", ratio=ratio))
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_kvpress_anchor_ratio_one_is_full_cache_and_bad_name():
+    pytest.importorskip("kvpress")
+    from accelerando.llm.kv.anchor import KVPressAnchor
+    m, ids, ref = _setup()
+    out, st = kv_generate(m, ids, max_new_tokens=NEW, press=KVPressAnchor("kvpress-snapkv", ratio=1.0))
+    assert torch.equal(out, ref)
+    _, st = kv_generate(m, ids, max_new_tokens=NEW, press=KVPressAnchor("kvpress-snapkv", ratio=0.5))
+    assert st["kv_bytes_prefill"] == st["kv_bytes_full"] // 2
+    with pytest.raises(ValueError, match="unknown kvpress anchor 'nope'"):
+        KVPressAnchor("nope")

@@ -3,6 +3,7 @@ transformers causal LM (named steps; positions passed explicitly because a press
 shorter than the text it stands for)."""
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,14 @@ import torch
 from accelerando.llm.kv.attention import kv_attention_enabled
 from accelerando.llm.kv.presses import Press, check_kv_model, kv_bytes
 from accelerando.llm.sampling import SamplingConfig, pick
+
+
+def _full_bytes(model: Any, input_ids: torch.Tensor) -> int:
+    """KV bytes a full cache of this prompt holds (keys + values, every layer)."""
+    cfg = model.config
+    hkv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * input_ids.shape[0] * hkv * input_ids.shape[1] * hd * model.dtype.itemsize
 
 
 @dataclass
@@ -67,9 +76,10 @@ def prefill(model: Any, input_ids: torch.Tensor, *, press: Press | None = None, 
     cache = DynamicCache(config=model.config)
     state = KVState(press=press, policy=policy, observing=True)
     t0 = time.perf_counter()
-    with kv_attention_enabled(model):
+    pctx = press.prefill_context(model) if press is not None else contextlib.nullcontext()
+    with kv_attention_enabled(model), pctx:
         logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, kv_state=state).logits[:, -1]
-    full = kv_bytes(cache)
+    full = _full_bytes(model, input_ids)   # computed: kvpress shrinks the cache inside the prefill
     if press is not None:
         press.compress(cache)
     state.observing = False

@@ -11,6 +11,7 @@ Kept keys keep their original RoPE rotation; later tokens are fed with their tru
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,10 @@ class Press:
 
     def check_context(self, n: int) -> None:
         """Raise for a context the press's windows do not fit in."""
+
+    def prefill_context(self, model: Any) -> Any:
+        """Context manager around the prefill forward (presses that hook the model use it)."""
+        return contextlib.nullcontext()
 
     def select(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
