@@ -236,3 +236,54 @@ class ElasticCachePress(H2OPress):
 
 
 PRESSES = {"streaming": StreamingLLMPress, "snapkv": SnapKVPress, "h2o": H2OPress, "elastic": ElasticCachePress}
+
+
+@dataclass(repr=False)
+class RetrievalChunkPress(Press):
+    """TriForce's retrieval cache (Sun et al., 2024, "TriForce: Lossless Acceleration of Long
+    Sequence Generation with Hierarchical Speculative Decoding", Sec. 4.1): the prompt's cache is
+    cut into chunks of ``chunk`` tokens, each chunk is scored by the last prompt query's dot
+    product with the chunk's mean key, and the top chunks fill ``ratio`` of the cache (the first
+    and last chunks always stay)."""
+    ratio: float = 0.1
+    chunk: int = 8
+    name = "retrieval"
+    needs_scores = "window"
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"chunk must be an integer >= 1, got {self.chunk!r}")
+        self.reset()
+
+    def check_context(self, n: int) -> None:
+        if self.ratio < 1.0 and kept_count(self.ratio, n) < 2 * self.chunk:
+            raise ValueError(f"ratio={self.ratio} keeps {kept_count(self.ratio, n)} of {n} tokens, fewer than two "
+                             f"chunks of {self.chunk}: raise the ratio or shrink the chunk")
+
+    def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        n, c = key.shape[2], self.chunk
+        nc = -(-n // c)
+        pad = nc * c - n
+        kp = F.pad(key.float(), (0, 0, 0, pad))                                            # (B, Hkv, nc*c, D)
+        sizes = torch.full((nc, 1), float(c), device=key.device)
+        sizes[-1] = c - pad
+        means = kp.view(*key.shape[:2], nc, c, key.shape[-1]).sum(3) / sizes              # (B, Hkv, nc, D)
+        groups = query.shape[1] // key.shape[1]
+        q = query[:, :, -1].float().view(query.shape[0], key.shape[1], groups, -1)          # (B, Hkv, g, D)
+        self.scores[layer] = (q @ means.transpose(-1, -2)).mean(2)                           # (B, Hkv, nc)
+
+    def select(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        n, c = keys.shape[2], self.chunk
+        s = self.scores.pop(layer)
+        nc = s.shape[-1]
+        n_chunks = max(2, min(nc, kept_count(self.ratio, n) // c))
+        forced = torch.zeros(nc, dtype=torch.bool, device=keys.device)
+        forced[0] = forced[-1] = True
+        top = topk_with_forced(s, n_chunks, forced)                                        # (B, Hkv, m) chunks
+        idx = (top[..., None] * c + torch.arange(c, device=keys.device)).flatten(-2)
+        pad = nc * c - n        # the forced last chunk is partial: its missing tail sits at the end
+        return idx[..., : idx.shape[-1] - pad]
+
+
+PRESSES["retrieval"] = RetrievalChunkPress
