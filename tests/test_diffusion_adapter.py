@@ -245,3 +245,128 @@ def test_every_method_resumes_correctly_from_any_entry(oracle, method):
     for b in sorted({1, 2, n // 3, n // 2, n - 3}):
         err = _img2img_error(oracle, method, 20, b)
         assert err < 0.15, (method, b, err)
+
+
+# ---------------------------------------------------------------- every config key: honoured or refused
+CLASSES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+LINEAR = [float(b) for b in torch.linspace(1e-4, 0.02, T) * 1.1]
+
+# key -> (kind, method, overrides). "honoured": the loop's output changes (the equivalence tests above show
+# it changes as diffusers'); "refused": ValueError naming the key; "inert": accepted, no effect, as in
+# diffusers (read only with another key that is refused here)
+KEY_CASES = {
+    "num_train_timesteps": ("honoured", "f-pndm", {"num_train_timesteps": 500}),
+    "beta_start": ("honoured", "f-pndm", {"beta_start": 2e-4}),
+    "beta_end": ("honoured", "f-pndm", {"beta_end": 0.03}),
+    "beta_schedule": ("honoured", "f-pndm", {"beta_schedule": "scaled_linear"}),
+    "trained_betas": ("honoured", "f-pndm", {"trained_betas": LINEAR}),
+    "rescale_betas_zero_snr": ("honoured", "dpmpp-2m", {"rescale_betas_zero_snr": True,
+                                                         "prediction_type": "v_prediction"}),
+    "set_alpha_to_one": ("honoured", "f-pndm", {"set_alpha_to_one": False}),
+    "final_sigmas_type": ("honoured", "unipc", {"final_sigmas_type": "sigma_min"}),
+    "prediction_type": ("honoured", "f-pndm", {"prediction_type": "v_prediction"}),
+    "timestep_spacing": ("honoured", "f-pndm", {"timestep_spacing": "linspace"}),
+    "steps_offset": ("honoured", "ddim", {"timestep_spacing": "leading", "steps_offset": 1}),
+    "clip_sample": ("honoured", "f-pndm", {"clip_sample": True}),
+    "clip_sample_range": ("honoured", "ddim", {"clip_sample": True, "clip_sample_range": 0.5}),
+    "thresholding": ("honoured", "dpmpp-2m", {"thresholding": True}),
+    "dynamic_thresholding_ratio": ("honoured", "ddim", {"thresholding": True, "sample_max_value": 3.0,
+                                                       "dynamic_thresholding_ratio": 0.5}),
+    "sample_max_value": ("honoured", "ddim", {"thresholding": True, "sample_max_value": 3.0}),
+    "variance_type": ("refused", "ddim-eta", {"variance_type": "fixed_large"}),
+    "use_karras_sigmas": ("honoured", "f-pndm", {"use_karras_sigmas": True}),
+    "use_exponential_sigmas": ("honoured", "unipc", {"use_exponential_sigmas": True}),
+    "use_lu_lambdas": ("honoured", "dpmpp-2m", {"use_lu_lambdas": True}),
+    "use_beta_sigmas": ("refused", "dpmpp-2m", {"use_beta_sigmas": True}),
+    "sigma_min": ("honoured", "unipc", {"use_karras_sigmas": True, "sigma_min": 0.1}),
+    "sigma_max": ("honoured", "unipc", {"use_karras_sigmas": True, "sigma_max": 40.0}),
+    "lambda_min_clipped": ("refused", "dpmpp-2m", {"lambda_min_clipped": -5.1}),
+    "use_flow_sigmas": ("refused", "unipc", {"use_flow_sigmas": True}),
+    "flow_shift": ("refused", "unipc", {"flow_shift": 3.0}),
+    "use_dynamic_shifting": ("refused", "unipc", {"use_dynamic_shifting": True}),
+    "time_shift_type": ("inert", "unipc", {"time_shift_type": "linear"}),
+    "shift_terminal": ("refused", "unipc", {"shift_terminal": 0.1}),
+    "skip_prk_steps": ("refused", "pndm-diffusers", {"skip_prk_steps": False}),
+    "solver_order": ("honoured", "unipc", {"solver_order": 3}),
+    "algorithm_type": ("refused", "dpmpp-2m", {"algorithm_type": "sde-dpmsolver++"}),
+    "solver_type": ("honoured", "unipc", {"solver_type": "bh1"}),
+    "lower_order_final": ("honoured", "dpmpp-2m", {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    "euler_at_final": ("honoured", "dpmpp-3m", {"final_sigmas_type": "sigma_min", "euler_at_final": True,
+                                               "lower_order_final": False}),
+    "predict_x0": ("refused", "unipc", {"predict_x0": False}),
+    "solver_p": ("refused", "unipc", {"solver_p": "ddim"}),
+    "disable_corrector": ("honoured", "unipc", {"disable_corrector": [1, 3]}),
+}
+
+
+def diffusers_keys():
+    import inspect
+
+    import diffusers
+    return {k for c in CLASSES for k in inspect.signature(getattr(diffusers, c).__init__).parameters if k != "self"}
+
+
+def test_every_diffusers_key_is_classified():
+    from accelerando.diffusion.diffusers_scheduler import KEY_POLICY
+    keys = diffusers_keys()
+    assert keys <= set(KEY_CASES), sorted(keys - set(KEY_CASES))
+    assert keys <= set(KEY_POLICY), sorted(keys - set(KEY_POLICY))
+
+
+@pytest.mark.parametrize("key", sorted(KEY_CASES))
+def test_key_is_honoured_or_refused(key):
+    kind, method, overrides = KEY_CASES[key]
+    if kind == "refused":
+        with pytest.raises(ValueError, match=key):
+            as_diffusers_scheduler(method, None, **overrides)
+        return
+    base = {k: v for k, v in overrides.items() if k != key}
+    if key == "steps_offset":
+        base = {"timestep_spacing": "leading"}
+    a = loop(as_diffusers_scheduler(method, None, **base), x0(), 8)
+    b = loop(as_diffusers_scheduler(method, None, **overrides), x0(), 8)
+    assert torch.isfinite(b).all()
+    if kind == "honoured":
+        assert (a - b).abs().max() > 1e-4, key
+    else:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_zero_snr_reaches_alpha_bar_zero():
+    s = as_diffusers_scheduler("dpmpp-2m", None, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    assert float(s.alphas_cumprod[-1]) <= 2 ** -24
+    assert float(as_diffusers_scheduler("dpmpp-2m").alphas_cumprod[-1]) > 1e-5
+
+
+def test_algorithm_keys_of_a_replaced_scheduler_are_superseded_by_the_method():
+    """SD 1.x's PNDM config (skip_prk_steps=True, set_alpha_to_one=False, leading, steps_offset=1) swapped
+    for f-pndm: PNDM's algorithm key does not carry over; its schedule keys do."""
+    sd = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                       steps_offset=1, set_alpha_to_one=False)
+    s = as_diffusers_scheduler("f-pndm", sd.config)
+    assert s.config.skip_prk_steps is None and s.config.steps_offset == 1
+    assert s.schedule.final_alpha_bar == float(s.schedule.alphas_cumprod[0])
+    assert s.config.timestep_spacing == "leading"
+    with pytest.raises(ValueError, match="skip_prk_steps"):
+        as_diffusers_scheduler("f-pndm", None, skip_prk_steps=True)
+    dpm = DPMSolverMultistepScheduler(solver_order=2)
+    assert as_diffusers_scheduler("dpmpp-3m", dpm.config).config.solver_order is None   # the name says 3
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(TypeError, match="not_a_key"):
+        as_diffusers_scheduler("f-pndm", {"not_a_key": 1})
+
+
+def test_from_config_and_round_trip(tmp_path):
+    ddim = DDIMScheduler(clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction")
+    s = AccelerandoScheduler.from_config(ddim.config, method="f-pndm", float_t=True,
+                                         method_knobs={"warmup": "s"})
+    assert s.config.method == "f-pndm" and s.config.prediction_type == "v_prediction"
+    s.save_pretrained(tmp_path)
+    loaded = AccelerandoScheduler.from_pretrained(tmp_path)
+    assert loaded.config.method == "f-pndm" and loaded.config.float_t and loaded.config.method_knobs == {"warmup": "s"}
+    torch.testing.assert_close(loop(loaded, x0(), 6), loop(s, x0(), 6), rtol=0, atol=0)
+    back = DDIMScheduler.from_config(loaded.config)          # and back to diffusers'
+    assert back.config.prediction_type == "v_prediction"
+    assert DDIMScheduler in s.compatibles and DPMSolverMultistepScheduler in s.compatibles

@@ -218,9 +218,7 @@ def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int], var: str
     s_q = (0.5 * (s0 + s1))[:, None] + (0.5 * (s1 - s0))[:, None] * _GL_X          # (n, 8)
     t_q = _times_of(grid.schedule, 1.0 / (1.0 + s_q * s_q))                         # (n, 8)
     t = np.array(grid.t, dtype=np.float64)
-    if var == "sqrt_t":      # tau = sqrt(t + 1): eps is smooth in it down to alpha_bar = 1 (s ~ tau there)
-        t_q, t = np.sqrt(np.maximum(t_q + 1.0, 0.0)), np.sqrt(np.maximum(t + 1.0, 0.0))
-    elif var == "theta":     # the angle arctan(s) = arccos(sqrt(alpha_bar)): smooth at both ends, no float-time extension
+    if var == "theta":     # the angle arctan(s) = arccos(sqrt(alpha_bar)): smooth at both ends, no float-time extension
         t_q, t = np.arctan(s_q), np.arctan(s)
     for k in sorted({k for _, _, k in todo}):
         rows = [r for r, (_, _, kk) in enumerate(todo) if kk == k]

@@ -145,7 +145,7 @@ def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: boo
     # the weights of every step, before the first model call (they depend on the grid only)
     if fixed_coefficients:
         ws = [AB_FIXED[k] for k in ks]
-    elif interp in ("t", "sqrt_t", "theta"):
+    elif interp in ("t", "theta"):
         ws = adams_weights_in_t_steps(grid, steps, ks, var=interp)
     else:
         ws = [adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1)) for i, k in zip(steps, ks)]
