@@ -41,8 +41,9 @@ def env(monkeypatch, models, tmp_path):
     F.register_fake_llm()
     F.register_fake_diffusion()
     zoo_map = {"code-target": models["lm"], "code-draft-small": models["draft"], "digits-unet": models["unet"]}
-    real_resolve = R.resolve_model_dir
-    monkeypatch.setattr(R, "resolve_model_dir", lambda n: zoo_map[n] if n in zoo_map else real_resolve(n))
+    from accelerando import zoo
+    real_path = zoo.path
+    monkeypatch.setattr(zoo, "path", lambda n: str(zoo_map[n]) if n in zoo_map else real_path(n))
     monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
     monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: n in zoo_map)
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
