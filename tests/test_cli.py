@@ -15,6 +15,7 @@ from accelerando import cli
 from accelerando.cli import demo as cli_demo
 from accelerando.bench import runner as R
 from accelerando.bench.history import Measurement, open_history
+from accelerando.diffusion import bench_methods as diffusion_methods
 
 runner = CliRunner()
 
@@ -325,15 +326,12 @@ def test_bench_with_a_failed_method_prints_the_table_then_the_message_and_exits_
 
 def test_bench_diffusion_spacing_knob(env, models, monkeypatch):
     """``--knob dpmpp-2m.spacing=leading`` used to be a TypeError (duplicate keyword)."""
-    import importlib
-    from accelerando.bench import methods as registry
-    monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "_REGISTRY", {})
-    name = "accelerando.diffusion.bench_methods"       # the real samplers, into the fresh registry
-    importlib.reload(sys.modules[name]) if name in sys.modules else importlib.import_module(name)
-    monkeypatch.setattr(registry, "_loaded", True)
-    from accelerando.bench import runner as R2
-    monkeypatch.setattr(R2, "_diffusion_api", lambda: __import__("accelerando.diffusion", fromlist=["x"]).make_schedule)
+    from accelerando.bench.methods import MethodEntry, register
+    from accelerando.diffusion import make_schedule
+    F.fresh_registry(monkeypatch)                       # the real samplers' builders, nothing else
+    register(MethodEntry("ddim", "diffusion", diffusion_methods._ours("ddim"), lossless=False, is_baseline=True))
+    register(MethodEntry("dpmpp-2m", "diffusion", diffusion_methods._ours("dpmpp-2m"), lossless=False))
+    monkeypatch.setattr(R, "_diffusion_api", lambda: make_schedule)
     res = invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--steps", "4", "--samples", 1,
                  "--reference-steps", 8, "--repeats", 1, "--knob", "dpmpp-2m.spacing=leading", "--history", env)
     assert res.exit_code == 0, res.output

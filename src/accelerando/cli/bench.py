@@ -7,10 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (console as _console, fail, history_option, open_history_for as _open_history, parse_ints as _parse_ints,
+from .common import (console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints,
                      parse_knobs as _parse_knobs, quiet_hf as _quiet_hf, set_threads as _set_threads, split as _split,
                      threads_option)
-from .tables import Progress as _Progress, exit_on_failures, results_table
+from .tables import Progress as _Progress, report_failures, results_table
 
 
 def bench(
@@ -76,7 +76,7 @@ def bench(
     console = _console()
     _quiet_hf()
     _set_threads(threads)
-    with _open_history(ctx, history) as hist:      # a bad history fails before any model loads
+    with _open_history(ctx, history, write=True) as hist:   # a bad history fails before any model loads
         if kind == "llm":
             wl = LLMWorkload(model=str(model), drafts=tuple(draft or ()),
                              domain="custom" if prompts else "code",
@@ -92,7 +92,10 @@ def bench(
                                      knobs=knobs, repeats=repeats, warmup=warmup, history=hist, progress=prog)
             console.print(results_table(f"{model}: {len(setups)} batch(es) of {batch_size}, "
                                         f"{max_new_tokens} new tokens, temperature {temperature}", "llm", rows))
-            exit_on_failures(console, rows, requested=names)
+            failed = report_failures(console, rows, requested=names)
+            history_note(hist)
+            if failed:
+                raise typer.Exit(1)
             return
         with console.status("loading the model"):
             base = R.build_diffusion_setups(DiffusionWorkload(str(model), steps=budgets[0], batch=samples,
@@ -117,4 +120,7 @@ def bench(
                 all_rows += [(f"{n} steps", r) for r in rows]
         for t in tables:
             console.print(t)
-        exit_on_failures(console, all_rows, requested=names)
+        failed = report_failures(console, all_rows, requested=names)
+        history_note(hist)
+        if failed:
+            raise typer.Exit(1)

@@ -46,7 +46,7 @@ def fail(message: str) -> None:
 
 history_option = Annotated[Optional[str], typer.Option(
     "--history", metavar="PATH_OR_URL",
-    help="History store: an SQLite file path or any SQLAlchemy URL (postgresql+psycopg2://...). "
+    help="History store: an SQLite file path or any SQLAlchemy URL (postgresql://user:password@host/db; pip install 'accelerando[postgres]'). "
          "Default: $ACCELERANDO_HISTORY, else <user cache dir>/accelerando/history.sqlite.")]
 
 
@@ -67,9 +67,28 @@ def history_location(ctx: typer.Context, history: str | None) -> str | None:
     return (ctx.obj or {}).get("history") if ctx is not None else None
 
 
-def open_history_for(ctx: typer.Context, history: str | None):
-    from accelerando.bench.history import open_history
-    return open_history(history_location(ctx, history))
+def open_history_for(ctx: typer.Context, history: str | None, *, write: bool = False):
+    """The history; with ``write``, checked writable now (before anything is measured) and
+    wrapped so that a write failing later saves the rows elsewhere (``history_note`` says where)."""
+    from accelerando.bench.history import HistoryError, KeepOnFailure, open_history
+    hist = open_history(history_location(ctx, history))
+    if not write:
+        return hist
+    try:
+        hist.check_writable()
+    except HistoryError as exc:
+        hist.close()
+        fail(f"{exc}; nothing was measured — pass --history with a writable path or URL")
+    return KeepOnFailure(hist)
+
+
+def history_note(hist) -> None:
+    """After the results are printed: if some rows could not go to the history, say where they
+    went and exit with status 1 (the run did not do all it was asked)."""
+    note = getattr(hist, "note", lambda: None)()
+    if note:
+        typer.echo(f"error: {note}", err=True)
+        raise typer.Exit(1)
 
 
 def console():

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import console as _console, fail, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
-from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, exit_on_failures, results_table
+from .common import console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
+from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, report_failures, results_table
 
 DEMO_LLM = "code-target"
 DEMO_DRAFTS = ("code-draft-small", "code-draft-tiny")
@@ -72,7 +72,7 @@ def demo(
     _quiet_hf()
     _set_threads(threads)
     collected: list[tuple[str, str, list[Any]]] = []
-    with _open_history(ctx, history) as hist:
+    with _open_history(ctx, history, write=True) as hist:
         console.print(f"history: {hist.location}")
         if family in ("llm", "all"):
             _demo_llm(console, hist, all_methods("llm"), max_new_tokens, repeats, device, collected)
@@ -92,7 +92,10 @@ def demo(
                    + (f" --threads {threads}" if threads else "") + " --write-benchmarks")
         path = _write_demo_section(collected, command, lines)
         console.print(f"wrote the 'demo' section of {path}")
-    exit_on_failures(console, [(title, r) for title, _, rows in collected for r in rows])
+    failed = report_failures(console, [(title, r) for title, _, rows in collected for r in rows])
+    history_note(hist)
+    if failed:
+        raise typer.Exit(1)
 
 
 def takeaway(collected: list[tuple[str, str, list[Any]]]) -> list[str]:

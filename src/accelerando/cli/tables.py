@@ -112,15 +112,13 @@ def failures(rows: list[Any], requested: list[str] | None = None) -> list[tuple[
     return out
 
 
-def exit_on_failures(console, rows: list[Any], requested: list[str] | None = None) -> None:
-    """After the table: each failed method's full message, then exit status 1 (a run with a failed
-    method is not a success)."""
-    import typer
+def report_failures(console, rows: list[Any], requested: list[str] | None = None) -> bool:
+    """After the table: each failed method's full message. True if any failed: the caller then
+    exits with status 1 (a run with a failed method is not a success)."""
     from rich.markup import escape
     bad = failures(rows, requested)
-    if not bad:
-        return
-    console.print(f"[red]{len({r.method for _, r in bad})} method(s) failed:[/red]")
-    for lab, r in bad:
-        console.print(f"  {r.method}" + (f" ({lab})" if lab else "") + f": {escape(r.error)}", soft_wrap=True)
-    raise typer.Exit(1)
+    if bad:
+        console.print(f"[red]{len({r.method for _, r in bad})} method(s) failed:[/red]")
+        for lab, r in bad:
+            console.print(f"  {r.method}" + (f" ({lab})" if lab else "") + f": {escape(r.error)}", soft_wrap=True)
+    return bool(bad)
