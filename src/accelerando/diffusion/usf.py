@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .samplers._common import Grid, Sampler, x0_hat
+from .samplers._common import Grid, Sampler, ask, x0_hat
 from .schedules import log_snr_lambda
 
 SCHEDULES_FILE = Path(__file__).with_name("usf_schedules.json")
@@ -62,9 +62,12 @@ def plan_grid(plan: USFPlan, schedule: Any) -> Grid:
     return Grid(tuple(ts) + (t_end,), tuple(ab), schedule, float_t=True)
 
 
-def usf(x: torch.Tensor, grid: Grid, *, plan: USFPlan, steps_check: bool = True) -> Sampler:
-    """Run ``plan`` (the grid passed in only supplies the schedule and must have the plan's N steps)."""
+def usf(x: torch.Tensor, grid: Grid, *, plan: USFPlan, steps_check: bool = True, start: int = 0) -> Sampler:
+    """Run ``plan`` (the grid passed in only supplies the schedule and must have the plan's N steps).
+    ``start`` (the adapter's img2img entry point) must be 0: a searched schedule is a whole trajectory."""
     from .samplers.unipc import _uni_update
+    if start != 0:
+        raise ValueError(f"a USF schedule runs whole trajectories from noise; start={start} (img2img) is not supported")
     if steps_check and grid.steps != plan.nfe:
         raise ValueError(f"this USF schedule makes exactly {plan.nfe} model calls; use steps={plan.nfe}")
     g = plan_grid(plan, grid.schedule)
@@ -73,7 +76,7 @@ def usf(x: torch.Tensor, grid: Grid, *, plan: USFPlan, steps_check: bool = True)
     x_prev, k_prev = None, 0
     for i in range(g.steps):
         a = g.ab[i]
-        e = yield x, g.t[i]
+        x, e = yield from ask(x, g.t[i], a, i)      # a driver may hand back an edited x with eps
         m = x0_hat(x, e, a)
         if i > 0 and plan.correct[i - 1]:
             x = _uni_update(x_prev, ms, lams, g.ab[i - 1], a, k_prev, m_t=m)
@@ -228,8 +231,8 @@ def register(path: Path | None = None) -> list[str]:
     from .api import SamplerSpec, register_method
     names = []
     for name, plan in load_schedules(path).items():
-        def fn(x: torch.Tensor, grid: Grid, plan: USFPlan = plan) -> Sampler:
-            return (yield from usf(x, grid, plan=plan))
+        def fn(x: torch.Tensor, grid: Grid, plan: USFPlan = plan, start: int = 0) -> Sampler:
+            return (yield from usf(x, grid, plan=plan, start=start))
         register_method(SamplerSpec(f"usf-{name}", fn, lambda n, r=0, k=plan.nfe: k, str(plan.nfe), "searched",
                                     min_steps=plan.nfe, min_reason="a searched schedule of fixed length",
                                     description=f"USF searched schedule ({plan.nfe} calls, orders {list(plan.orders)})"))
