@@ -149,7 +149,7 @@ def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], 
 
 
 def _engines_of(model) -> list:
-    return list(eng_mod._ENGINES.get(model, {}).values())
+    return list(eng_mod._POOL.get(model, {}).values())
 
 
 def _forward_s(models) -> float:
@@ -168,7 +168,7 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
         return {}
     ids, mask, target = w.prompts[:batch], w.mask[:batch], w.target
 
-    def spec(make_drafter, draft_models, engine="static"):
+    def spec(make_drafter, draft_models, engine="engine"):
         def run():
             before_t, before_d = _forward_s([target]), _forward_s(draft_models)
             t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
             t_draft = (_forward_s(draft_models) - before_d) / (steps + 1)
             split = ({"draft": t_draft, "verify": t_verify, "rest": total / (steps + 1) - t_draft - t_verify}
                      if engine != "hf" else {})
-            return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "static",
+            return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "engine",
                                    "split": split}
         return run
 
@@ -198,18 +198,16 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
 
 
 def _tree_method(w: Workload, draft_name: str, new_tokens: int) -> Callable:
+    from accelerando.llm import speculative_generate
     from accelerando.llm.drafters import DraftTree
-    from accelerando.llm.tree_speculative import tree_speculative_generate
     ids = w.prompts[:1][:, w.mask[0].bool()]          # row 0 has no padding
 
     def run():
-        st: dict = {}
-        out = tree_speculative_generate(w.target, ids, drafter=DraftTree(w.drafts[draft_name], width=2, depth=3,
-                                                                         backend="engine", compile=True),
-                                        max_new_tokens=new_tokens, backend="engine", stats=st,
-                                        eos_token_id=w.target.generation_config.eos_token_id)
-        out = torch.cat([w.prompts[:1], out[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
-        return out, {"target_calls": st["target_calls"], "compiled": True}
+        out = speculative_generate(w.target, ids, draft=DraftTree(w.drafts[draft_name], width=2, depth=3),
+                                   max_new_tokens=new_tokens, engine="engine", pad_token_id=0,
+                                   eos_token_id=w.target.generation_config.eos_token_id or [])
+        seqs = torch.cat([w.prompts[:1], out.sequences[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
+        return seqs, {"target_calls": out.stats["target_calls"], "compiled": True}
     return run
 
 

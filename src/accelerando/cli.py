@@ -39,7 +39,6 @@ except ImportError:   # older typer uses click itself
 # module -> group name (used when the module exposes ``app`` rather than ``register``)
 PLUGINS: dict[str, str] = {
     "accelerando.select.cli": "select",
-    "accelerando.llm.cli": "llm",
     "accelerando.llm.medusa_cli": "medusa",
 }
 

@@ -9,34 +9,79 @@ left padding -- so positions are passed explicitly and rows that accepted differ
 tokens never need re-alignment or re-prefill. (The engine's ``StaticKVCache`` uses the same
 "valid slot + count of valid slots = position" rule, so it can implement this interface.)
 
-Interface the speculative loop uses (``SpecCache``):
-  forward(ids (B,T), valid (B,T) | None, tree=None, hidden=False)
-                                  -> logits (B,T,V)          append T columns (with ``hidden``:
-                                                             (final hidden states, logits))
-  mark() -> int                                              column count now (host int, no sync)
-  rollback(start, keep (B,), max_keep: int, path=None)       after ``start`` keep keep[b] columns
-  lengths                                                    (B,) valid tokens per row (device)
-Trees (``accelerando.llm.tree``): ``forward(..., tree=TokenTree)`` feeds the T = N nodes of a token
-tree at once (node i sees the prefix and its ancestors; position = valid prefix + depth), and
-``rollback(..., path=(B, P))`` keeps the accepted path's columns, gathered into place. A chain is
-the tree whose path is a prefix of the block: ``tree=None`` / ``path=None``, no gather.
+The cache protocol (``DecodeCache``) the speculative loop and every drafter with a model use; two
+objects implement it: ``HFCache`` here (any transformers causal LM) and the lean engine's
+``accelerando.llm.engine.Engine`` (Llama family, static cache, compiled steps):
+  forward(ids (B,T), valid (B,T) | None = None, *, tree=None, hidden=False, hook=None) -> CacheStep
+                            append T columns (the first call is the prefill); ``valid`` marks real
+                            entries (the rest become holes); ``tree``: the T entries are the nodes
+                            of a ``TokenTree`` (node i sees the prefix and its ancestors, position
+                            = valid prefix + depth); ``hidden``: also return the final hidden
+                            states; ``hook``: a ``StepHook`` to run inside the step where the
+                            cache can (else ``CacheStep.hidden`` holds the raw states)
+  mark() -> int                            column count now (host int, no sync)
+  rollback(start, keep (B,), max_keep, path=None)   of the columns appended since ``mark() == start``
+                            row b keeps the first keep[b]; ``path`` (B, >= max_keep): a verified
+                            tree's accepted nodes (indices into the block, root first), gathered
+                            into place first
+  lengths (B,)              valid tokens per row (device);  calls: forwards so far
+A chain is the tree whose path is a prefix of the block: ``tree=None`` / ``path=None``, no gather.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
 from accelerando.llm.tree import check_tree_support, keep_accepted_path, tree_attention_mask, tree_position_ids
 
 
-class SpecCache(Protocol):
+@dataclass
+class CacheStep:
+    """What one ``forward`` of a cache returns."""
+    logits: torch.Tensor                      # (B, T, V)
+    hidden: torch.Tensor | None = None        # (B, T, H) final-norm hidden states, if asked (or the hook could not run)
+    hook: torch.Tensor | None = None          # (B, T, X) the StepHook's output, if the cache ran it
+
+
+@dataclass(frozen=True, eq=False)
+class StepHook:
+    """What a drafter needs from a verification step, as a pure function
+    ``fn(h (B, T, hidden), logits (B, T, V), input_ids (B, T), *args) -> (B, T, X)`` (``fn`` a
+    module-level function, ``args`` tensors, ints or None; T may include padding columns past the
+    caller's tokens). The engine computes it inside the compiled step (``CacheStep.hook``): no
+    separate eager call, no (B, T, hidden) output. Caches that cannot (``HFCache``, a prefill)
+    return ``CacheStep.hidden`` instead. ``verdict=True``: the output's last ``VERDICT_COLUMNS``
+    columns are greedy verification's verdict of this step (accepted node, next token, 1 if any
+    node's logits are not finite), which the loop then takes instead of verifying again."""
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+    verdict: bool = False
+
+    def __call__(self, h: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.fn(h, logits, input_ids, *self.args)
+
+    def key(self) -> tuple:
+        """What a compiled step specialises on: the function, tensor shapes and the ints (built once)."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = (self.fn,) + tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in self.args)
+            object.__setattr__(self, "_key", k)
+        return k
+
+
+VERDICT_COLUMNS = 3      # (node, next token, non-finite flag) at the end of a verdict hook's output
+
+
+class DecodeCache(Protocol):
     lengths: torch.Tensor
+    calls: int
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False) -> Any: ...
+                hidden: bool = False, hook: StepHook | None = None) -> CacheStep: ...
 
     def mark(self) -> int: ...
 
@@ -68,7 +113,7 @@ def max_positions(model: Any) -> int | None:
 
 
 class HFCache:
-    """``SpecCache`` over a transformers model + ``DynamicCache`` with per-row valid columns."""
+    """``DecodeCache`` over a transformers model + ``DynamicCache`` with per-row valid columns."""
 
     def __init__(self, model: Any, role: str = "model"):
         from transformers import DynamicCache
@@ -86,9 +131,9 @@ class HFCache:
         return 0 if self.valid is None else self.valid.shape[1]
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False) -> Any:
-        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V), or
-        (last hidden states, logits) with ``hidden``.
+                hidden: bool = False, hook: StepHook | None = None) -> CacheStep:
+        """Append ``ids`` (B, T); invalid entries become holes. Returns the logits (B, T, V), with
+        ``hidden`` or ``hook`` the final hidden states too (a hook never runs here).
 
         ``valid=None`` means every entry is real; pass a mask only when some are not (the cache
         then stops taking the mask-free fast path for good). ``tree``: the T entries are the nodes
@@ -118,11 +163,11 @@ class HFCache:
             pos = pos.clamp_max(self.max_pos - 1)
         before = self.cache.get_seq_length()
         kw = dict(attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
-        if hidden:      # Medusa heads read the final hidden state: run the backbone, then the lm_head
+        if hidden or hook is not None:      # Medusa heads read the final hidden state: backbone, then lm_head
             h = self.model.base_model(ids, **kw).last_hidden_state
-            out = (h, self.model.get_output_embeddings()(h))
+            out = CacheStep(self.model.get_output_embeddings()(h), h)
         else:
-            out = self.model(input_ids=ids, **kw).logits
+            out = CacheStep(self.model(input_ids=ids, **kw).logits)
         self.calls += 1
         if self.cache.get_seq_length() != before + T:
             raise TypeError(f"the {self.role} ({type(self.model).__name__}) did not extend its KV cache; "
