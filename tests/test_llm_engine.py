@@ -270,3 +270,42 @@ def test_transposed_weight_is_shared_and_follows_in_place_changes():
         w.mul_(2.0)
     t2 = engine.transposed(w)
     assert t2 is not t1 and torch.equal(t2, w.detach().t())
+
+
+def _ctx_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=V, max_position_embeddings=1024,
+                                   eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_a_stream_of_prompt_lengths_meets_a_few_step_shapes():
+    """20 prompts of random lengths 8-400 through one model and batch size: the pooled engine grows
+    its cache by powers of two, so its steps take at most 3 shapes (= compiled graphs), not one per
+    length; every output still equals generate's."""
+    model = _ctx_model()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 401, (20,), generator=g).tolist()
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, V, (1, n), generator=g)
+        out = engine.generate(model, ids, max_new_tokens=4, compile=False, eos_token_id=[])
+        if i % 7 == 0:
+            ref = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+            assert torch.equal(out, ref)
+    eng = engine.Engine.open(model, batch_size=1, max_len=8, compile=False, role="target")
+    assert len(eng.stats.shapes) <= 3 and eng.max_len == engine.length_bucket(max(lengths) + 4)
+    assert engine.length_bucket(1) == engine.MIN_LEN and engine.length_bucket(129) == 256
+
+
+@pytest.mark.slow
+def test_compiled_stream_compiles_a_few_graphs():
+    model = _ctx_model(1)
+    g = torch.Generator().manual_seed(1)
+    for n in (300, 12, 77, 150, 9):       # the longest first: one cache length for the whole stream
+        ids = torch.randint(1, V, (1, n), generator=g)
+        st = {}
+        out = engine.generate(model, ids, max_new_tokens=3, compile=True, eos_token_id=[], stats=st)
+        assert torch.equal(out, model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                               eos_token_id=None))
+    assert st["graphs"] == 1

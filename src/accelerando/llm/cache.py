@@ -95,11 +95,46 @@ def check_supports_cache(model: Any, role: str = "model") -> None:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    if "past_key_values" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise TypeError(f"the {role} ({name}) takes no past_key_values: speculative decoding needs a causal LM "
-                        "with a KV cache (a transformers PreTrainedModel for causal LM)")
+    if not {"cache", "past_key_values"} & set(params) and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise TypeError(f"the {role} ({name}) takes no KV cache (cache / past_key_values): speculative "
+                        "decoding needs a causal LM with a KV cache (a transformers PreTrainedModel for causal LM)")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise TypeError(f"the {role} ({name}) is an encoder-decoder model; only decoder-only causal LMs are supported")
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention mask of a batch to generate from, checked (one host sync); all ones when None.
+
+    Decoder-only generation continues every row after its last column, so padding must be on the
+    left: a row with a 0 after a 1 (right padding, or a hole) is refused, as are a mask of another
+    shape than ``input_ids``, values other than 0 / 1, and a row with no real token.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    m = attention_mask.long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    empty = (m.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask row {empty[0]} is all zeros: every row needs at least one real token")
+    right = ((m[:, :-1] == 1) & (m[:, 1:] == 0)).any(1).nonzero().flatten().tolist()
+    if right:
+        raise ValueError(f"attention_mask row {right[0]} has padding after real tokens (right padding): generation "
+                         "continues after the last column, so pad on the left (tokenizer.padding_side = 'left')")
+    return attention_mask
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of the forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x),
+    else the deprecated ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def max_positions(model: Any) -> int | None:
@@ -126,6 +161,7 @@ class HFCache:
         self.dense = True     # host flag: no padding and no holes yet, so no attention mask is needed
         self.calls = 0
         self._tree_checked = False
+        self._cache_arg = cache_kwarg(model)
 
     def mark(self) -> int:
         return 0 if self.valid is None else self.valid.shape[1]
@@ -162,16 +198,18 @@ class HFCache:
         if self.max_pos is not None:      # only holes / tokens past the budget can exceed it
             pos = pos.clamp_max(self.max_pos - 1)
         before = self.cache.get_seq_length()
-        kw = dict(attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        kw = {"attention_mask": mask, "position_ids": pos, self._cache_arg: self.cache, "use_cache": True}
         if hidden or hook is not None:      # Medusa heads read the final hidden state: backbone, then lm_head
-            h = self.model.base_model(ids, **kw).last_hidden_state
+            base = self.model.base_model
+            kw = {**kw, cache_kwarg(base): kw.pop(self._cache_arg)}
+            h = base(ids, **kw).last_hidden_state
             out = CacheStep(self.model.get_output_embeddings()(h), h)
         else:
             out = CacheStep(self.model(input_ids=ids, **kw).logits)
         self.calls += 1
         if self.cache.get_seq_length() != before + T:
             raise TypeError(f"the {self.role} ({type(self.model).__name__}) did not extend its KV cache; "
-                            "speculative decoding needs a model that keeps past_key_values")
+                            "speculative decoding needs a model that keeps its KV cache")
         self.lengths = self.lengths + valid.sum(1)
         return out
 

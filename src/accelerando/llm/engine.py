@@ -13,6 +13,7 @@ falls back to the model's own ``generate`` with a one-line notice (``unsupported
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
@@ -23,7 +24,8 @@ from typing import Any
 
 import torch
 
-from accelerando.llm.cache import VERDICT_COLUMNS, CacheStep, DecodeCache, HFCache, StepHook  # noqa: F401
+from accelerando.llm.cache import (VERDICT_COLUMNS, CacheStep, DecodeCache, HFCache, StepHook,  # noqa: F401
+                                   check_attention_mask)
 from accelerando.llm.static_cache import StaticKVCache
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -256,7 +258,9 @@ class EngineStats:
 
 
 ENGINES = ("auto", "engine", "engine-eager", "hf")
-DEFAULT_ENGINE = "auto"     # the lean engine, compiled, where the model is supported; else transformers'
+# the default engine= : "auto" = the lean engine, compiled, where the model is supported, else
+# transformers' cache; ACCELERANDO_ENGINE overrides it (tests set "engine-eager": no compile time)
+DEFAULT_ENGINE = os.environ.get("ACCELERANDO_ENGINE", "auto")
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)   # compiled step widths; narrower steps are padded up
 MIN_LEN = 128                                  # smallest cache; larger ones are powers of two
 
@@ -401,6 +405,7 @@ class Engine:
         if token_mask is None:
             token_mask = self._all_valid(input_ids.shape)
         B, T = input_ids.shape
+        last_only = last_only and T > 1        # one token is its own last: share the plain T = 1 graph
         shape = f"B{B}xT{T}xL{self.max_len}" + ("" if tree_mask is None else "-tree") + ("-last" if last_only else "") \
             + ("-hidden" if return_hidden else "") + ("" if hook is None else f"-hook{id(hook.fn)}")
         first = shape not in self.stats.shapes
@@ -562,6 +567,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     from accelerando.llm.sampling import SamplingConfig, pick
     if max_new_tokens <= 0:
         raise ValueError("max_new_tokens must be positive")
+    attention_mask = check_attention_mask(input_ids, attention_mask)
     sampling = SamplingConfig(temperature, top_k, top_p)
     gen_cfg = getattr(model, "generation_config", None)
     if eos_token_id is None:   # like transformers: the model's generation config decides

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from accelerando.llm.cache import VERDICT_COLUMNS, check_supports_cache, max_positions
+from accelerando.llm.cache import VERDICT_COLUMNS, check_attention_mask, check_supports_cache, max_positions
 from accelerando.llm.drafters.adaptive import AdaptiveK, HeuristicK, best_k, expected_tokens  # noqa: F401
 from accelerando.llm.drafters.base import DraftContext, DraftInput, Proposal, Verified
 from accelerando.llm.drafters.draft_model import DraftModel
@@ -175,8 +175,8 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             raise NonFiniteLogitsError(non_finite_message("target or draft model", sum(v.bad)))
         paths = [prop.tree.path_to(n) for n in v.node]
         new = [[r[i] for i in p[1:]] + [t] for r, p, t in zip(v.tokens, paths, v.next_token)]
-        # -- keep the accepted path (target, then drafter) ----------------------------------------------
-        n = keep_path(tgt, start, prop, node, paths)
+        # -- keep the accepted path (target, then drafter); a root-only step keeps its one column ----------
+        n = keep_path(tgt, start, prop, node, paths) if prop.tokens.shape[1] > 1 else node
         active = [not d for d in done]
         drafter.accept(Verified(node, n, nxt, paths, new, active))
         st.step(prop.tokens.shape[1], v.drafted, [len(p) - 1 for p in paths], active)
@@ -298,6 +298,4 @@ def check_inputs(target: Any, drafter: Any, input_ids: torch.Tensor, attention_m
         if ctx is not None and need > ctx:
             raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
                              f"exceeds the {role}'s context of {ctx} positions")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    return attention_mask
+    return check_attention_mask(input_ids, attention_mask)

@@ -160,7 +160,17 @@ def verify(logits: torch.Tensor, prop: Proposal, sampling: SamplingConfig, gener
 
     Returns (last accepted node (B,), next token (B,), bad (B,)). ``rule``: "exact" (greedy at
     temperature 0, recursive rejection sampling otherwise -- lossless) or "typical" (Medusa, lossy).
+    A proposal of the root alone (no drafts) is plain decoding: the next token from p, no walk.
     """
+    if prop.tokens.shape[1] == 1:
+        last = logits[:, 0]
+        if sampling.greedy:
+            nxt, bad = checked_argmax(last)
+        else:
+            p, bad = checked_probs(last, sampling)
+            nxt = _sample(p, generator)
+        node = torch.zeros_like(nxt)
+        return node, nxt, bad if prop.bad is None else bad | prop.bad
     if sampling.greedy:
         arg, bad = checked_argmax(logits)
         node, nxt = greedy_accept_tree(prop.tree, prop.tokens, arg, prop.valid)

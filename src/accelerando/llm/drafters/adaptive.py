@@ -54,14 +54,20 @@ class HeuristicK:
 
 
 class AdaptiveK:
-    """Cost-aware draft length: k = argmax (1 - a^(k+1)) / (1 - a) / (1 + k c), k in [0, k_max].
+    """Cost-aware draft length: k = argmax_k E(a, k) / (k c t + t_v(k)), k in [0, k_max], where
+    E(a, k) = (1 - a^(k+1)) / (1 - a) is the expected tokens of a step (Leviathan et al., eq. 1).
 
     alpha: running (exponentially weighted) estimate of per-token acceptance from the truncated
     geometric counts -- a step that accepted n of k drafts is n successes and (n < k) failures.
-    c: running estimate of (draft time per drafted token) / (target verification time), measured
-    with the wall clock. ``cost_ratio`` fixes c instead (e.g. 0 for prompt lookup).
-    k = 0 (plain decoding) wins when drafting does not pay; every ``probe_every``-th such step
-    drafts one token anyway so alpha and c keep being measured.
+    c: running estimate of (draft time per drafted token) / (the step's verification time), measured
+    with the wall clock; ``cost_ratio`` fixes c instead (e.g. 0 for prompt lookup).
+    t_v(k): the measured wall time of a step's verification and bookkeeping with k drafts (running
+    averages per k, linear in k between and beyond the measured ones; t = their mean over k > 0).
+    Until a plain step (k = 0) has been timed, t_v is taken as the same for every k, which is the
+    classic rule argmax E(a, k) / (1 + k c) (``best_k``). k = 0 -- plain decoding on the same
+    engine -- wins when drafting does not pay (a poor draft, or verification that costs more per
+    token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
+    one token anyway so alpha and the costs keep being measured.
     """
 
     def __init__(self, k_max: int = 12, *, k_min: int = 0, alpha0: float = 0.6, decay: float = 0.9,
@@ -71,6 +77,7 @@ class AdaptiveK:
         self.k_max, self.k_min, self.decay, self.fixed_c = k_max, k_min, decay, cost_ratio
         self.succ, self.fail = 4.0 * alpha0, 4.0 * (1 - alpha0)     # a weak prior worth 4 drafts
         self.c = c0 if cost_ratio is None else cost_ratio
+        self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
         self.probe_every, self._idle = probe_every, 0
         self.history: list[int] = []
 
@@ -78,8 +85,31 @@ class AdaptiveK:
     def alpha(self) -> float:
         return self.succ / max(1e-9, self.succ + self.fail)
 
+    def verify_time(self, k: int) -> float | None:
+        """t_v(k): measured, else linear in k through the nearest measured ks (None: nothing yet)."""
+        pts = sorted(self.t_verify.items())
+        if not pts:
+            return None
+        if k in self.t_verify:
+            return self.t_verify[k]
+        if len(pts) == 1:
+            return pts[0][1]
+        lo = [p for p in pts if p[0] < k]
+        hi = [p for p in pts if p[0] > k]
+        (k0, t0), (k1, t1) = (lo[-1], hi[0]) if lo and hi else (pts[-2], pts[-1]) if lo else (pts[0], pts[1])
+        return max(min(t for _, t in pts) * 0.5, t0 + (t1 - t0) * (k - k0) / (k1 - k0))
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per unit of time with k drafts."""
+        a = min(self.alpha, 0.999)
+        drafted = [t for j, t in self.t_verify.items() if j > 0]
+        if 0 not in self.t_verify or not drafted:
+            return expected_tokens(a, k) / (1.0 + k * self.c)
+        t = sum(drafted) / len(drafted)
+        return expected_tokens(a, k) / (k * self.c * t + self.verify_time(k))
+
     def choose(self) -> int:
-        k = best_k(min(self.alpha, 0.999), self.c, self.k_max, self.k_min)
+        k = max(range(self.k_min, self.k_max + 1), key=lambda j: (self.rate(j), -j))
         if k == 0:
             self._idle += 1
             if self._idle >= self.probe_every:
@@ -88,6 +118,9 @@ class AdaptiveK:
         return k
 
     def update(self, k: int, n_host: list[int], t_draft: float, t_target: float) -> None:
+        if t_target > 0:
+            old = self.t_verify.get(k)
+            self.t_verify[k] = t_target if old is None else 0.7 * old + 0.3 * t_target
         if k == 0:
             return
         s = float(sum(n_host))
@@ -106,8 +139,6 @@ def make_controller(k: int | str, k_max: int, cost_ratio: float | None = None):
         return HeuristicK(min(5, k_max), k_max)
     return FixedK(int(k))
 
-
-# output and stats
 
 
 class DraftLength:
