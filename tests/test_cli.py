@@ -340,3 +340,27 @@ def test_bench_diffusion_spacing_knob(env, models, monkeypatch):
     assert row.knobs == {"spacing": "leading"}
     assert_one_line_error(invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--knob", "dpmpp-2m.order=3",
                                  "--history", env), "dpmpp-2m has no knob 'order'", "spacing")
+
+
+def test_run_script_keeps_the_callers_directory(tmp_path):
+    """``./run history export --out rel.csv`` wrote into the clone: the script changed into the
+    repository root. The accelerando command now runs where it was called (``./run test`` still
+    runs from the root). A stand-in repository with a fake installed command records its cwd."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = tmp_path / "clone"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "run", repo / "run")
+    (repo / "pyproject.toml").write_text("")
+    for exe in ("python", "accelerando"):
+        f = repo / ".venv" / "bin" / exe
+        f.write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\n')
+        f.chmod(0o755)
+    (repo / ".venv" / ".accelerando-installed").touch()
+    os.utime(repo / "pyproject.toml", (1, 1))                # the install stamp is newer: no pip
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(["../clone/run", "history", "export", "--out", "rel.csv"], cwd=work,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"cwd={work} args=history export --out rel.csv"
