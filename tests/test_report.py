@@ -101,3 +101,22 @@ def test_report_renders_in_chromium(report_dir):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_demo_ends_with_the_report(tmp_path, monkeypatch):
+    import bench_fakes as F
+    from accelerando.bench import runner as R
+    from accelerando.cli import demo as D
+    F.fresh_registry(monkeypatch)
+    F.register_fake_diffusion()
+    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
+    unet = F.make_unet_dir(tmp_path / "unet")
+    monkeypatch.setattr(R, "resolve_model_dir", lambda n: unet)
+    monkeypatch.setattr(D, "_zoo_has", lambda n: n == "digits-unet")
+    res = CliRunner().invoke(cli.get_app(), ["demo", "--family", "diffusion", "--history", str(tmp_path / "h.sqlite"),
+                                             "--steps", "2,3", "--samples", "2", "--reference-steps", "4", "--repeats", "1"])
+    assert res.exit_code == 0, res.output + str(res.exception)
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("report: ") and str(tmp_path / "report" / "index.html") in last
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "diffusion-error.png" in html and (tmp_path / "report" / "diffusion-error.png").exists()

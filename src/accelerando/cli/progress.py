@@ -3,8 +3,8 @@
 ``bar(total, what, quiet=...)`` is a context manager around a rich progress bar (on stderr, so
 that stdout keeps only results: tables, or one JSON object with ``--json``). It is fed either by
 ``step(label)`` (one item done, the next one named) or by the sweep-style callback
-``bar(i, n, label, eta_s)``. With ``quiet`` (or stderr not a terminal and ``ACCELERANDO_PROGRESS``
-unset) it prints nothing.
+``bar(i, n, label, eta_s)``. Where stderr is not a terminal (a log file, a pipe) each item is one
+plain line instead (``[3/30] label  (ETA 4.2 min)``); with ``quiet`` nothing is printed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class bar:
     def __init__(self, total: int, what: str, *, quiet: bool = False):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
-        show = not quiet and (sys.stderr.isatty() or os.environ.get("ACCELERANDO_PROGRESS"))
+        show = not quiet and sys.stderr.isatty()
+        self.lines = not quiet and not show           # a log: one plain line per item
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                           console=err_console(), transient=True, disable=not show)
@@ -51,8 +52,14 @@ class bar:
     def __exit__(self, *exc: Any) -> None:
         self.p.__exit__(*exc)
 
+    def _line(self, text: str) -> None:
+        typer.echo(text, err=True)
+
     def step(self, label: str = "", *, advance: int = 1) -> None:
         self.p.update(self.task, advance=advance, description=f"{self.what}: {label}" if label else self.what)
+        if self.lines and advance:
+            t = self.p.tasks[0]
+            self._line(f"[{int(t.completed)}/{int(t.total or 0)}] {self.what}: {label}")
 
     def total(self, n: int) -> None:
         self.p.update(self.task, total=n)
@@ -60,3 +67,5 @@ class bar:
     def __call__(self, i: int, n: int, label: str = "", eta: float | None = None) -> None:
         """Sweep-style: item ``i`` of ``n`` (0-based) starts (or, for Ray, has finished)."""
         self.p.update(self.task, total=n, completed=i, description=f"{self.what}: {label}" if label else self.what)
+        if self.lines:
+            self._line(f"[{i + 1}/{n}] {label}  (ETA " + (f"{eta / 60:.1f} min)" if eta is not None else "-)"))

@@ -50,7 +50,7 @@ def write_from_history(location: Optional[str], out: Path, *, bundled: bool = Tr
     steps = 7 if selector else 6
     with bar(steps, "report", quiet=quiet) as b:
         def eval_progress(i: int, n: int) -> None:
-            b.step(f"selector: held-out fold {i + 1}/{n}", advance=0)
+            b.step(f"selector: {i}/{n} held-out folds", advance=0)
         rep = write_report(rows, out, source=source, selector_rows=sel_rows, selector=selector,
                            cache_dir=Path(platformdirs.user_cache_dir("accelerando")) / "report",
                            progress=lambda s: b.step(s), eval_progress=eval_progress)
