@@ -256,3 +256,49 @@ def test_cli_recommend_says_when_near_ties_rank_by_quality_slack(env, monkeypatc
     assert res.exit_code == 0, res.output
     assert "qkernel-cv" in res.output and "recommended: b " in res.output
     assert "within timing noise of the fastest" in " ".join(res.output.split())
+
+
+# ----------------------------------------------------------------------------- issue 21: the user's exact paths
+
+@pytest.mark.slow
+def test_readme_recommend_on_the_zoo_unet(monkeypatch, tmp_path):
+    """`accelerando recommend digits-unet --steps 20 --max-loss 0.25`, as the README writes it, on
+    the bundled history (it failed with 'too many values to unpack')."""
+    monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
+    res = invoke("--history", tmp_path / "h.sqlite", "recommend", "digits-unet", "--steps", 20, "--max-loss", 0.25)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "workload: diffusion digits-unet" in res.output and "recommended:" in res.output
+
+
+def test_recommend_on_a_local_unet_directory(env, tmp_path):
+    unet = F.make_unet_dir(tmp_path / "my-unet")
+    res = invoke("--history", env, "recommend", unet, "--steps", 8)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "workload: diffusion" in res.output and "recommended:" in res.output
+
+
+def test_sweep_measures_a_zoo_unet_workload(env, monkeypatch, tmp_path):
+    """The sweep used to drop every zoo-UNet workload ('0 workloads measured') and exit 0."""
+    from accelerando import zoo
+    from accelerando.bench.workloads import DiffusionWorkload
+    from accelerando.select import sweep as S
+    unet = F.make_unet_dir(tmp_path / "unet")
+    real_path = zoo.path
+    monkeypatch.setattr(zoo, "path", lambda n: str(unet) if n == "digits-unet" else real_path(n))
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0, zoo_names=None: [])
+    monkeypatch.setattr(S, "diffusion_grid",
+                        lambda n, seed=0, zoo_names=None: [DiffusionWorkload("digits-unet", steps=4, batch=1)][:n])
+    res = invoke("--history", env, "sweep", "--llm", 0, "--diffusion", 1, "--repeats", 1, "--reference-steps", 8)
+    assert res.exit_code == 0, res.output
+    assert "1 workloads measured" in res.output
+
+
+def test_sweep_with_a_failed_workload_exits_nonzero(env, monkeypatch):
+    from accelerando.bench.workloads import DiffusionWorkload
+    from accelerando.select import sweep as S
+    monkeypatch.setattr(S, "llm_grid", lambda n, seed=0, zoo_names=None: [])
+    monkeypatch.setattr(S, "diffusion_grid",
+                        lambda n, seed=0, zoo_names=None: [DiffusionWorkload("no-such-unet", steps=4, batch=1)][:n])
+    res = invoke("--history", env, "sweep", "--llm", 0, "--diffusion", 1, "--repeats", 1)
+    assert res.exit_code == 1, res.output
+    assert "no-such-unet" in res.output and "0 workloads measured" in res.output

@@ -124,19 +124,14 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
              reference_steps: int = 100, cache: Any = None) -> Described:
     """Load the model (zoo name, directory or random spec), build the workload and measure its
     features: one timed forward and prompt statistics — the candidates are *not* run."""
-    from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups,
-                                          llm_workload_facts, model_kind, resolve_model_dir)
+    from accelerando.bench.models import ModelCache, resolve
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, build_llm_setups, llm_workload_facts
     from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
     from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
-    from .sweep import _RAND_LLM, _RAND_UNET, ModelCache, make_prompts
+    from .sweep import make_prompts
 
     cache = cache or ModelCache(device)
-    if _RAND_LLM.match(model):
-        kind = "llm"
-    elif _RAND_UNET.match(model):
-        kind = "diffusion"
-    else:
-        kind = model_kind(resolve_model_dir(model))
+    kind = resolve(model).kind
     if kind == "llm":
         domain = "code"
         if prompts is None and prompts_file is None:
@@ -147,9 +142,9 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         wl = LLMWorkload(model=model, drafts=tuple(drafts), domain=domain, prompts_file=prompts_file,
                          prompts=tuple(prompts or ()), batch_size=batch_size, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seed=seed)
-        target, tok = cache.llm(model)
-        dm = {d: cache.llm(d)[0] for d in drafts}
-        setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=dm, max_batches=1)
+        m = cache.llm(model)
+        dm = {d: cache.llm(d).model for d in drafts}
+        setups = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=dm, max_batches=1)
         s0 = setups[0]
         facts = setup_facts(s0)
         key = {**wl.key(), **llm_workload_facts(setups)}
@@ -159,9 +154,9 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
             raise RunnerError("draft models are for LLMs; this is a diffusion model")
         from accelerando.bench.runner import diffusion_reference
         wl = DiffusionWorkload(model=model, steps=steps, spacing=spacing, batch=batch, seed=seed)
-        unet, n_train = cache.unet(model)
-        setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
-        facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T)
+        u = cache.unet(model)
+        setups = build_diffusion_setups(wl, device=device, unet=u)
+        facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=u.unet, x_T=setups[0].x_T)
         key = {**wl.key(), "reference_steps": reference_steps}
         ref = (lambda: diffusion_reference(setups, steps=reference_steps))
     facts["mem_bw_gbs"] = memory_bandwidth_gbs()
