@@ -18,9 +18,7 @@ DEMO_UNET = "digits-unet"
 def _zoo_has(name: str) -> bool:
     try:
         from accelerando import zoo
-        if name not in zoo.names():
-            return False
-        return (Path(zoo.path(name)) / "config.json").exists()
+        return name in zoo.names() and zoo.is_trained(name)
     except Exception:   # the zoo package may be incomplete while it is being built
         return False
 

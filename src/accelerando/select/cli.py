@@ -250,8 +250,11 @@ def recommend(
         if verify:
             console.print(f"verifying the top {top} candidates on this machine ...")
             out = RC.verify(d, rec, top=top, history=h)
+            from dataclasses import replace
             from accelerando.cli.tables import results_table
-            console.print(results_table("measured now (written to the history)", rec.family, out))
+            shown = [replace(r, method=f"{r.method} at {r.knobs['steps_frac']:g} x the steps")
+                     if "steps_frac" in r.knobs else r for r in out]
+            console.print(results_table("measured now (written to the history)", rec.family, shown))
 
 
 def _print_recommendation(console, rec, key) -> None:
