@@ -54,71 +54,14 @@ PLOT = ROOT / "benchmarks" / "diffusion_samplers.png"
 
 
 NOTES: list[str] = [
-    "### Reading the results against the targets\n",
-    "- **This section combines three commands**: tables (a) and (b) are from the 1171 s run named at the top "
-    "(code before the overhead changes), table (c) was re-measured separately after them (its command, machine "
-    "and load are in (c)), and (d) is new, with its own command.",
-    "- **What changed since the last run.** (1) New method `unipc3`: UniPC-3 (bh2) whose last step, into "
-    "alpha_bar = 1, is a 3rd-order pseudo Adams step in s (eps through the last 3 calls as a polynomial in s, "
-    "integrated over [s_{N-1}, 0]; no extra call) instead of UniPC's first-order step, which returns the data "
-    "prediction at t ~ T/N; measured order 4 on the oracle (UniPC-2 with that first-order end: 2). The end step "
-    "was the bottleneck: UniPC-3 with the first-order end is no better than UniPC-2 (cosine oracle, 10 calls, "
-    "batch 64 check: 0.0334 vs 0.0334). (2) F-PNDM's pseudo-RK warm-up interpolates the stage eps in sqrt(alpha_bar) and "
-    "integrates it in s, with integer stages at the integer nearest the s-midpoint (was PNDM's RK4 in s at "
-    "t - d // 2); `prk` and `pndm-diffusers(-prk)` are unchanged. Every other row is the same code as before "
-    "and reproduces the last run's numbers.",
-    "- **All five oracle configs now meet both targets.** `squaredcos_cap_v2`, the last run's miss (a tie of "
-    "our `unipc` with `diffusers-unipc`, the same algorithm, 0.0333 at 10 calls), is now `unipc3` 0.0117 vs "
-    "0.0333 at 10 calls (ratio 0.35) and 0.00163 vs 0.00792 at 20 (0.21); `unipc3` is best ours at every "
-    "budget there. Elsewhere `unipc3` is best ours at 10 calls on `linear` d=16 (0.0653 vs diffusers' best "
-    "0.109), `linspace` (0.0646 vs 0.105) and `leading` (0.0171 vs 0.0303), and at 100 calls on four "
-    "configs; it is not uniformly best: at 5 calls on `linear` it is behind `dpmpp-3m` / `unipc` "
-    "(0.265 vs 0.212 for d=2), and `plms4` / `s-pndm4` / `fon` still win some 20-50-call cells.",
-    "- **F-PNDM on `squaredcos_cap_v2`** no longer diverges: 0.0321 / 0.00074 / 0.000282 at 20 / 50 / 100 "
-    "calls with integer times (was 3.6e6 / 4575 / 68), 0.0131 / 0.000385 / 0.000162 with float t (was 3.48 / "
-    "0.131 / 0.0098); DDIM at 20 calls is 0.0546. PNDM's RK4 in s put the stage eps of t ~ 950 on the whole "
-    "first step, whose s spans 2e4 -> 6 (alpha_bar(999) = 2.4e-9). On the linear / scaled_linear configs "
-    "F-PNDM is within 0-8 % of before (0.0737 vs 0.0734 at 20 calls, d=16; 0.0147 vs 0.0136, "
-    "`leading`, the largest change; float t there 0.0155 -> 0.0147). `prk` / `prk (float t)` keep PNDM's scheme and still diverge on this schedule (2e8, 41.6 "
-    "at 20 calls; `stages=\"alpha\"` is stable but 3rd order), and so does diffusers' PNDM "
-    "(`diffusers-pndm` 281 at 5 calls, its trapezoid warm-up).",
-    "- **Zoo UNet**: `unipc3` is best of all at 10 and 50 calls (0.0414 vs `diffusers-unipc` 0.0452; 0.0099 "
-    "vs 0.0119) but worse than UniPC-2 at 5 calls (0.208 vs 0.138; cause not investigated, on the oracle "
-    "it is ahead of UniPC-2 at 5 calls on three of five configs) -- ours tie diffusers at 5 calls (both UniPC-2, 0.138). At 20 and 100 "
-    "calls `s-pndm` (0.0229) and `ghvb` (0.00529) remain best ours. F-PNDM is as before (0.108 / 0.0109 / "
-    "0.00976 at 20 / 50 / 100 calls) with its floor ~0.01. The FD column saturates at ~270 from 20 calls: with "
-    "64 samples it measures the UNet's own gap to held-out digits plus small-sample bias, not the sampler; "
-    "RMSE is the discriminating number (the F-PNDM-50 vs DDIM-1000 FD comparison is tested in (d)).",
-    "- **Overhead** (table (c), re-measured with `--only-overhead`, 15 interleaved rounds, load average ~1.5-2 "
-    "with this session's UNet job on one of the 2 cores): target 'overhead per step no more than diffusers' "
-    "own loop' **met** for every pair, ours 0.16-0.26x diffusers' loop per call (every per-round ratio <= 0.42); "
-    "`pndm-diffusers` 50 vs diffusers' PNDM 198 us (0.25x; the last full run had 1.15x, timing each method's 5 "
-    "repeats back to back under load 3.5-6). What changed: the transfer is c_x x + c_e e (two kernels; was six "
-    "through x0_hat), every PNDM-family update (PLMS, PRK, improved Euler) is one `transfer_combined` (1 + k in-place "
-    "adds on one new tensor; was 6 + 2k - 1 ops), the variable-step PLMS weights of the whole grid are computed "
-    "once before the first call in one vectorised pass (were 8 schedule look-ups and k Lagrange bases per step: "
-    "most of F-PNDM's cost), the per-call non-finite check is one sum (the exact isfinite test runs only when the "
-    "sum is not finite; was isfinite + all, ~4x the time at this size), and `alpha_bar` at integer t reads a float "
-    "tuple instead of indexing a tensor. The same 15-round protocol on the code before the change (parent commit "
-    "7581e23, run two minutes later at load average 1.5/2.0/2.6): `ddim` 97, `pndm-diffusers` 141 (0.71x diffusers' 198), `f-pndm` 392, "
-    "`dpmpp-2m` 126, `unipc` 299 us; after: 37, 50, 76, 97, 284 us. Results are unchanged up to rounding: "
-    "re-running the PNDM family, DDIM, UniPC-3, GHVB and FON on table (a)'s oracle configs moves their errors by at "
-    "most 5e-10 relative (diverging `prk` cells included); the float64 equivalence tests to diffusers' DDIM / PNDM "
-    "(1e-12) pass. Tables (a) and (b) were not re-run.",
-    "- **PNDM headline** ((d), `--only-headline --headline-samples 512`): with 512 paired samples F-PNDM-50 (59 "
-    "calls) has FD 179.89 and DDIM-1000 180.09, difference -0.21 with a 95 % paired-bootstrap interval [-1.29, "
-    "+1.38]: no difference resolved, so 'at least as good' holds in the sense tested (not worse beyond the "
-    "interval). Read it with its power: the same bootstrap does *not* resolve DDIM with 20 steps from DDIM-1000 "
-    "(+4.16, interval [-4.31, +8.46]) although DDIM-20 is clearly less accurate (RMSE to DDIM-1000 0.081 vs "
-    "F-PNDM-50's 0.0115). F-PNDM-50's interval is narrow because its samples are nearly the same images as "
-    "DDIM-1000's (paired differences are small), so the stronger evidence is that closeness; FD in this feature "
-    "space, with 263 held-out digits, is a weak test of sampler quality. The FD level (~180 with 512 samples, ~204 "
-    "with 256, ~270 with table (b)'s 64: it falls with the sample count) is the UNet's own gap to the held-out "
-    "digits plus finite-sample bias. Sampling ran in two checkpointed chunks of 256 (1904 s DDIM-1000, 99 s "
-    "F-PNDM-50, load average 1-3.5); the rerun that rendered (d) reused them and sampled only DDIM-20.",
-    "- **Machine shared** during the run (other agents' jobs; load average 3.5-6 on 2 cores): the 1171 s "
-    "wall time is not comparable to the last run's 1401 s; the errors are deterministic (fixed seeds) and "
-    "unaffected. Batch sizes reduced as before: oracle batch 128, zoo batch 64 (default 256).\n",
+    '### Reading the results against the targets\n',
+    "- **Three commands**: tables (a) and (b) come from the 1171 s run named at the top, table (c) and (d) from their own commands (named in them). (c) was measured on the current sampler code; re-running the PNDM family, DDIM, UniPC-3, GHVB and FON on (a)'s oracle configs with it moves their errors by at most 5e-10 relative, so (a) and (b) stand.",
+    '- **Oracle: all five configs meet both targets** (best ours below best diffusers at 10 and 20 calls, never worse). On `squaredcos_cap_v2` `unipc3` (UniPC-3 with a 3rd-order pseudo Adams last step) gives 0.0117 vs 0.0333 at 10 calls and 0.00163 vs 0.00792 at 20; it is best ours at 10 calls on `linear` d=16, `linspace` and `leading` too, but not uniformly: at 5 calls on `linear` `dpmpp-3m` / `unipc` lead, and `plms4` / `s-pndm4` / `fon` win some 20-50-call cells.',
+    "- **Divergence on `squaredcos_cap_v2`**: F-PNDM (warm-up interpolated in sqrt(alpha_bar)) is stable, 0.0321 / 0.00074 / 0.000282 at 20 / 50 / 100 calls (float t: 0.0131 / 0.000385 / 0.000162). `prk` keeps PNDM's RK4 in s and diverges on this schedule (2e8 at 20 calls), as does diffusers' PNDM (281 at 5 calls).",
+    "- **Zoo UNet**: `unipc3` is best of all at 10 and 50 calls (0.0414 vs `diffusers-unipc` 0.0452; 0.0099 vs 0.0119) but behind UniPC-2 at 5 calls (0.208 vs 0.138); at 20 and 100 calls `s-pndm` (0.0229) and `ghvb` (0.00529) are best. The FD column saturates at ~270 from 20 calls: with 64 samples it measures the UNet's gap to held-out digits plus small-sample bias, so RMSE is the discriminating number here.",
+    "- **Overhead** ((c), 15 interleaved rounds, load average ~1.5-2): target 'overhead per call no more than diffusers' own loop' **met** for every pair, 0.16-0.26x (every per-round ratio <= 0.42).",
+    "- **PNDM headline** ((d)): F-PNDM-50 (59 calls) FD 179.89, DDIM-1000 180.09, difference -0.21 with a 95 % paired-bootstrap interval [-1.29, +1.38]: not worse beyond the interval. The test is weak: the same bootstrap does not resolve DDIM-20 from DDIM-1000 either (+4.16, [-4.31, +8.46]) although DDIM-20 is clearly less accurate (RMSE to DDIM-1000 0.081 vs F-PNDM-50's 0.0115); the closeness of the two sample sets is the stronger evidence. The FD level falls with the sample count (~180 with 512, ~270 with 64).",
+    '- **Machine shared** during the 1171 s run (load average 3.5-6 on 2 cores): errors are deterministic (fixed seeds); batch sizes reduced to oracle 128, zoo 64 (default 256).\n',
 ]
 
 

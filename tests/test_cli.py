@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import bench_fakes as F
 from accelerando import cli
+from accelerando.cli import demo as cli_demo
 from accelerando.bench import runner as R
 from accelerando.bench.history import Measurement, open_history
 
@@ -43,7 +44,7 @@ def env(monkeypatch, models, tmp_path):
     real_resolve = R.resolve_model_dir
     monkeypatch.setattr(R, "resolve_model_dir", lambda n: zoo_map[n] if n in zoo_map else real_resolve(n))
     monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
-    monkeypatch.setattr(cli, "_zoo_has", lambda n: n in zoo_map)
+    monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: n in zoo_map)
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
     monkeypatch.delenv("ACCELERANDO_DEBUG", raising=False)
     return tmp_path / "h.sqlite"
@@ -92,7 +93,7 @@ def test_demo_degrades_without_methods_or_models(env, monkeypatch):
     res = invoke("demo", "--history", env)
     assert res.exit_code == 0 and "no methods registered yet" in res.output
     F.register_fake_llm()
-    monkeypatch.setattr(cli, "_zoo_has", lambda n: False)
+    monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: False)
     res = invoke("demo", "--history", env, "--family", "llm")
     assert res.exit_code == 0 and "not available yet" in res.output
 
@@ -227,34 +228,30 @@ def test_zoo_commands(monkeypatch, tmp_path):
     assert_one_line_error(invoke("zoo", "train", "nope"), "unknown zoo model")
 
 
-def test_plugins_are_mounted(monkeypatch):
-    fresh = typer.Typer(cls=cli._Group, no_args_is_help=True)
+def test_every_command_is_mounted():
+    res = invoke("--help")
+    assert res.exit_code == 0
+    for name in ("demo", "bench", "recommend", "sweep", "history", "zoo", "select", "medusa"):
+        assert name in res.output
+
+
+def test_a_command_module_that_fails_to_import_fails_the_cli():
+    """Sub-commands are imported directly: a broken module is an ImportError, not a missing command."""
+    import subprocess
+    code = ("import sys; sys.modules['accelerando.llm.medusa_cli'] = None\n"
+            "try:\n    import accelerando.cli\nexcept ImportError as e:\n    print('ImportError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert out.stdout.startswith("ImportError"), out.stdout + out.stderr
+
+
+def test_a_command_error_is_one_line():
+    fresh = typer.Typer(cls=cli.Group, no_args_is_help=True)
 
     @fresh.command()
-    def base():
-        """base command"""
+    def recommend():
+        raise cli.CLIError("no history yet")
 
-    sub = typer.Typer()
-
-    @sub.command()
-    def evaluate():
-        typer.echo("evaluated")
-
-    mod_app = types.ModuleType("fake_plugin_app")
-    mod_app.app = sub
-    mod_reg = types.ModuleType("fake_plugin_register")
-
-    def register(app):
-        @app.command("recommend")
-        def recommend():
-            raise cli.CLIError("no history yet")
-    mod_reg.register = register
-    monkeypatch.setitem(sys.modules, "fake_plugin_app", mod_app)
-    monkeypatch.setitem(sys.modules, "fake_plugin_register", mod_reg)
-    monkeypatch.setattr(cli, "app", fresh)
-    monkeypatch.setattr(cli, "PLUGINS", {"fake_plugin_app": "select", "fake_plugin_register": "",
-                                         "accelerando.not_written_yet": "x"})
-    cli._load_plugins()
-    res = runner.invoke(fresh, ["select", "evaluate"])
-    assert res.exit_code == 0 and "evaluated" in res.output
+    @fresh.command()
+    def other():
+        pass
     assert_one_line_error(runner.invoke(fresh, ["recommend"]), "no history yet")

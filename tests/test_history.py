@@ -1,5 +1,5 @@
-"""History store: round trips, filters, transactions, concurrency, migration, refusal to touch
-files that are not ours."""
+"""History store: round trips, filters, transactions, row keys, concurrency, migration, refusal to
+touch files that are not ours. Tests taking ``store`` run on SQLite and on PostgreSQL."""
 
 import json
 import multiprocessing as mp
@@ -11,7 +11,7 @@ import pytest
 
 from accelerando.bench import history as H
 from accelerando.bench.history import HistoryError, Measurement, open_history
-from history_checks import FIXED, assert_concurrent_writers_lose_nothing
+from history_checks import FIXED, assert_concurrent_writers_lose_nothing, store  # noqa: F401 (fixture)
 
 
 def m(method="base", family="llm", model="tiny", value=1.0, **kw):
@@ -19,13 +19,13 @@ def m(method="base", family="llm", model="tiny", value=1.0, **kw):
                        **{**FIXED, **kw})
 
 
-def test_autofill_and_round_trip(tmp_path):
+def test_autofill_and_round_trip(store):
     auto = Measurement({"family": "diffusion", "model": "u"}, "ddim", {"steps": 10}, {"rmse": 0.5}, seed=3)
     assert auto.family == "diffusion"
     assert set(auto.hardware) >= {"cpu", "cores", "memory_bytes", "accelerator"}
     assert set(auto.versions) == {"torch", "transformers", "diffusers", "accelerando"}
     assert auto.git_revision and auto.timestamp
-    with open_history(tmp_path / "h.sqlite") as h:
+    with open_history(store) as h:
         (rid,) = h.record_many([auto])
         (back,) = h.rows()
     assert back.id == rid
@@ -34,22 +34,22 @@ def test_autofill_and_round_trip(tmp_path):
         assert getattr(back, f) == getattr(auto, f), f
 
 
-def test_numpy_and_torch_values_are_stored(tmp_path):
+def test_numpy_and_torch_values_are_stored(store):
     import numpy as np
     import torch
     x = m(value=np.float32(0.25))
     x.metrics["hist"] = np.array([1, 2, 3])
     x.metrics["t"] = torch.tensor(7)
     x.metrics["nan"] = float("nan")
-    with open_history(tmp_path / "h.sqlite") as h:
+    with open_history(store) as h:
         h.record(x)
         (back,) = h.rows()
     assert back.metrics == {"median_s": 0.25, "hist": [1, 2, 3], "t": 7, "nan": "nan"}
 
 
-def test_filters(tmp_path):
+def test_filters(store):
     old = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat(timespec="microseconds")
-    with open_history(tmp_path / "h.sqlite") as h:
+    with open_history(store) as h:
         h.record_many([m("base"), m("spec", model="big"), m("ddim", family="diffusion"),
                        m("spec", timestamp=old)])
         assert [r.method for r in h.rows(method="spec")] == ["spec", "spec"]
@@ -63,10 +63,10 @@ def test_filters(tmp_path):
         assert h.count() == 4
 
 
-def test_interrupted_write_leaves_no_partial_rows(tmp_path):
+def test_interrupted_write_leaves_no_partial_rows(store):
     bad = m("bad")
     bad.metrics["oops"] = object()          # not storable: fails on the third insert
-    with open_history(tmp_path / "h.sqlite") as h:
+    with open_history(store) as h:
         h.record(m("before"))
         with pytest.raises(TypeError):
             h.record_many([m("a"), m("b"), bad, m("c")])
@@ -81,9 +81,71 @@ def test_interrupted_write_leaves_no_partial_rows(tmp_path):
         assert h.count() == 1
 
 
-def test_two_processes_write_concurrently(tmp_path):
-    # fresh file: both also race to create the schema
-    assert_concurrent_writers_lose_nothing(str(tmp_path / "shared.sqlite"), mp.get_context("fork"))
+def test_processes_write_concurrently(store):
+    # N processes x M rows, 0 lost, 0 duplicated; on a fresh store they also race to create the schema
+    assert_concurrent_writers_lose_nothing(store, mp.get_context("fork"), n=25, procs=4)
+
+
+def test_row_key_is_stored_once(store):
+    with open_history(store) as h:
+        a, b = h.record_many([m("a", row_key="k1"), m("b", row_key="k2")])
+        assert a and b and a != b
+        # a retried job writes the same keys again: skipped (id None), rows without a key always go in
+        again = h.record_many([m("a", value=9.0, row_key="k1"), m("c"), m("c")])
+        assert again[0] is None and all(again[1:])
+        assert h.count() == 4
+        assert [r.metrics["median_s"] for r in h.rows(method="a")] == [1.0]
+        assert h.rows(method="b")[0].row_key == "k2"
+        assert h.has_keys(["k1", "k3", "k2"]) == {"k1", "k2"}
+
+
+def test_check_writable(store, tmp_path):
+    with open_history(store) as h:
+        h.check_writable()                  # probes with a rolled-back insert: nothing is left
+        assert h.count() == 0
+    if store.startswith("postgresql"):
+        return                              # a read-only role: test_history_postgres
+    with open_history(store) as h:
+        h.record(m())
+    with open_history(f"sqlite:///file:{store}?mode=ro&uri=true") as ro:
+        assert ro.count() == 1              # readable ...
+        with pytest.raises(HistoryError, match="not writable.*readonly"):
+            ro.check_writable()             # ... but found unwritable before anything is measured
+
+
+def test_folder_that_does_not_exist_is_refused(tmp_path, monkeypatch):
+    with pytest.raises(HistoryError, match="does not exist.*mkdir -p"):
+        open_history(tmp_path / "nosuch" / "h.sqlite")
+    assert not (tmp_path / "nosuch").exists()
+    monkeypatch.setenv(H.ENV_VAR, str(tmp_path / "nosuch2" / "h.sqlite"))
+    with pytest.raises(HistoryError, match="does not exist"):
+        open_history()
+    # only the default location (the user's cache folder) is created
+    monkeypatch.delenv(H.ENV_VAR)
+    monkeypatch.setattr(H, "default_location", lambda: str(tmp_path / "cache" / "acc" / "history.sqlite"))
+    with open_history() as h:
+        assert h.count() == 0
+    assert (tmp_path / "cache" / "acc" / "history.sqlite").exists()
+
+
+def test_migrates_v1_to_v2_and_keys_work(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    with open_history(path) as h:
+        h.record(m("old"))
+    con = sqlite3.connect(path)             # back to the v1 layout: no row_key column
+    con.execute(f"DROP INDEX IF EXISTS uq_{H.MEASUREMENTS}_row_key")
+    con.execute(f"CREATE TABLE t AS SELECT id, timestamp, run_id, family, method, seed, workload, knobs, "
+                f"metrics, hardware, versions, git_revision FROM {H.MEASUREMENTS}")
+    con.execute(f"DROP TABLE {H.MEASUREMENTS}")
+    con.execute(f"ALTER TABLE t RENAME TO {H.MEASUREMENTS}")
+    con.execute(f"UPDATE {H.SCHEMA_TABLE} SET version = 1")
+    con.commit()
+    con.close()
+    with open_history(path) as h:
+        assert h.schema_version() == H.SCHEMA_VERSION
+        assert h.rows()[0].method == "old" and h.rows()[0].row_key is None
+        assert h.record_many([m("new", row_key="k"), m("new", row_key="k")]) [1] is None
+        assert h.count() == 2
 
 
 def test_corrupt_file_is_refused_and_untouched(tmp_path):
@@ -164,6 +226,12 @@ def test_export_csv_and_parquet(tmp_path):
         assert list(pd.read_parquet(tmp_path / "out.pq")["method"]) == ["spec"]
         with pytest.raises(ValueError):
             h.export(tmp_path / "out.xlsx")
+
+
+def test_password_is_masked_and_bad_driver_named(monkeypatch):
+    with pytest.raises(HistoryError) as e:
+        open_history("nosuchdialect://user:s3cret@db.example/x")
+    assert "s3cret" not in str(e.value) and "***" in str(e.value)
 
 
 def test_location_from_env_and_url(tmp_path, monkeypatch):

@@ -3,14 +3,22 @@
 Where it lives: ``open_history(x)`` with ``x`` a path or any SQLAlchemy URL; else the environment
 variable ``ACCELERANDO_HISTORY``; else ``platformdirs.user_cache_dir("accelerando")/history.sqlite``.
 SQLite is the embedded default (WAL journal + a busy timeout so several processes can write at
-once); a PostgreSQL URL (``postgresql+psycopg2://user@host/db``) lets many machines share one.
+once); a PostgreSQL URL (``postgresql://user:password@host/db``, driver psycopg 3 from the
+``[postgres]`` extra) lets many machines share one. A path whose folder does not exist is refused
+(a typo would otherwise scatter histories); only the default location's folder is created.
 
 Safety: a file that is not SQLite, or a SQLite database that holds other tables, raises
 ``HistoryError`` before anything is written to it; every ``record_many`` is one transaction.
+Passwords in a URL are shown masked (``***``) in every message and in ``History.location``.
+
+Row keys: a row written with ``Measurement.row_key`` (a deterministic id of what it measures, e.g.
+a sweep cell's) is stored at most once: a second write of the same key is skipped (``ON CONFLICT
+DO NOTHING``), so a retried or re-run job never duplicates a row.
 
 Schema versions: ``accelerando_schema`` holds the version number. ``SCHEMA_VERSION`` is current;
 ``MIGRATIONS[v]`` upgrades a database from version ``v`` to ``v + 1`` in one transaction.
-Version 0 is the pre-release layout (no version table, no ``family`` / ``run_id`` columns).
+Version 0 is the pre-release layout (no version table, no ``family`` / ``run_id`` columns);
+version 1 has no ``row_key`` column.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any, Callable, Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENV_VAR = "ACCELERANDO_HISTORY"
 MEASUREMENTS = "accelerando_measurements"
 SCHEMA_TABLE = "accelerando_schema"
@@ -121,6 +129,7 @@ class Measurement:
     git_revision: str | None = None
     timestamp: str | None = None
     run_id: str | None = None
+    row_key: str | None = None
     id: int | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +204,7 @@ _table = sa.Table(
     sa.Column("hardware", sa.Text, nullable=False),
     sa.Column("versions", sa.Text, nullable=False),
     sa.Column("git_revision", sa.String(64), nullable=False),
+    sa.Column("row_key", sa.String(64), nullable=True, unique=True),
 )
 V0_COLUMNS = {"id", "timestamp", "method", "seed", "workload", "knobs", "metrics", "hardware",
               "versions", "git_revision"}
@@ -211,7 +221,13 @@ def _migrate_0_to_1(conn: Connection) -> None:
     conn.execute(_schema_table.insert().values(version=0))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1}
+def _migrate_1_to_2(conn: Connection) -> None:
+    """v1 -> v2: add ``row_key`` (NULL on old rows: NULLs never conflict) with a unique index."""
+    conn.execute(sa.text(f"ALTER TABLE {MEASUREMENTS} ADD COLUMN row_key VARCHAR(64)"))
+    conn.execute(sa.text(f"CREATE UNIQUE INDEX uq_{MEASUREMENTS}_row_key ON {MEASUREMENTS} (row_key)"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _migrate_0_to_1, 1: _migrate_1_to_2}
 
 
 # ----------------------------------------------------------------------------- the store
@@ -231,7 +247,7 @@ def _to_url(url_or_path: str | os.PathLike) -> sa.URL:
         try:
             return sa.make_url(text)
         except sa.exc.ArgumentError as exc:
-            raise HistoryError(f"history URL {text!r} is not a valid database URL: {exc}") from None
+            raise HistoryError(f"history URL is not a valid database URL: {exc}") from None
     return sa.URL.create("sqlite", database=str(Path(text).expanduser().resolve()))
 
 
@@ -266,9 +282,10 @@ def _sqlite_engine(url: sa.URL) -> Engine:
 class History:
     """A handle on the store; use as a context manager or call ``close()``."""
 
-    def __init__(self, engine: Engine, shown: str):
+    def __init__(self, engine: Engine, shown: str, secret: str | None = None):
         self.engine = engine
-        self.location = shown
+        self.location = shown          # password masked
+        self._secret = secret
 
     # -- lifecycle
     def __enter__(self) -> "History":
@@ -284,19 +301,45 @@ class History:
     def record(self, m: Measurement) -> int:
         return self.record_many([m])[0]
 
-    def record_many(self, measurements: Iterable[Measurement]) -> list[int]:
-        """Insert all rows in one transaction: on any error none of them is stored."""
-        ids = []
+    def record_many(self, measurements: Iterable[Measurement]) -> list[int | None]:
+        """Insert all rows in one transaction: on any error none of them is stored. Returns the
+        new rows' ids; a row whose ``row_key`` is in the store already is skipped (its id is
+        ``None``), so retrying a job that was killed after its write stores nothing twice."""
+        ids: list[int | None] = []
         try:
             with self.engine.begin() as conn:
                 for m in measurements:
                     if not isinstance(m, Measurement):
                         raise TypeError(f"record_many takes Measurement objects, got {type(m).__name__}")
-                    res = conn.execute(_table.insert().values(**_to_row(m)))
-                    ids.append(int(res.inserted_primary_key[0]))
+                    ids.append(conn.execute(_insert(conn.dialect.name, _to_row(m))).scalar_one_or_none())
         except sa.exc.DBAPIError as exc:
-            raise HistoryError(f"could not write to history {self.location}: {exc.orig}") from exc
+            raise HistoryError(f"could not write to history {self.location}: {_mask_text(str(exc.orig), self._secret)}") from exc
         return ids
+
+    def check_writable(self) -> None:
+        """Raise ``HistoryError`` now if a row could not be written (a read-only file or URL, a
+        role without INSERT): a test row is inserted and rolled back. Call it before a long
+        measurement, so its results are not thrown away at the end."""
+        probe = Measurement({"family": "probe"}, "probe", {}, {}, hardware={}, versions={}, git_revision="")
+        try:
+            with self.engine.connect() as conn:
+                tx = conn.begin()
+                try:
+                    conn.execute(_insert(conn.dialect.name, _to_row(probe)))
+                finally:
+                    tx.rollback()
+        except sa.exc.DBAPIError as exc:
+            raise HistoryError(f"history {self.location} is not writable: {_mask_text(str(exc.orig), self._secret)}") from None
+
+    def has_keys(self, keys: Iterable[str]) -> set[str]:
+        """The ``row_key`` values among ``keys`` that are in the store."""
+        keys = list(keys)
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                q = sa.select(_table.c.row_key).where(_table.c.row_key.in_(keys[i:i + 500]))
+                found.update(conn.execute(q).scalars())
+        return found
 
     # -- reading
     def rows(self, *, method: str | Iterable[str] | None = None, family: str | None = None,
@@ -361,6 +404,54 @@ class History:
         return len(df)
 
 
+class KeepOnFailure:
+    """A ``History`` for a long measurement: a write that fails (the server went away, the disk
+    filled) does not throw the measured rows away. They go to a fallback SQLite history (a new
+    file in the system's temporary folder, or ``fallback``) and ``note()`` says where; the caller
+    prints its results as usual. Everything else is passed to the wrapped history."""
+
+    def __init__(self, history: History, fallback: str | os.PathLike | None = None):
+        self._h = history
+        self._fallback = fallback
+        self.saved_to: str | None = None
+        self.failed: list[str] = []
+        self.rows_elsewhere = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._h, name)
+
+    def __enter__(self) -> "KeepOnFailure":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._h.close()
+
+    def record(self, m: Measurement) -> int | None:
+        return self.record_many([m])[0]
+
+    def record_many(self, measurements: Iterable[Measurement]) -> list[int | None]:
+        ms = list(measurements)
+        try:
+            return self._h.record_many(ms)
+        except HistoryError as exc:
+            self.failed.append(str(exc))
+        if self.saved_to is None:
+            import tempfile
+            self.saved_to = os.fspath(self._fallback) if self._fallback else tempfile.mkstemp(
+                prefix="accelerando-unsaved-", suffix=".sqlite")[1]
+        with open_history(self.saved_to) as other:
+            ids = other.record_many(ms)
+        self.rows_elsewhere += len(ms)
+        return ids
+
+    def note(self) -> str | None:
+        """One line for the user when some rows could not go to the history, else ``None``."""
+        if not self.failed:
+            return None
+        return (f"{self.failed[0]} — the {self.rows_elsewhere} measured rows were saved to {self.saved_to} "
+                f"instead (read them with --history {self.saved_to}: history list / history export)")
+
+
 def _matches(actual: Any, wanted: Any) -> bool:
     if actual == wanted:
         return True
@@ -379,7 +470,21 @@ def _to_row(m: Measurement) -> dict[str, Any]:
     return {"timestamp": m.timestamp, "run_id": m.run_id, "family": m.family or "",
             "method": m.method, "seed": int(m.seed), "workload": _dumps(m.workload),
             "knobs": _dumps(m.knobs), "metrics": _dumps(m.metrics), "hardware": _dumps(m.hardware),
-            "versions": _dumps(m.versions), "git_revision": m.git_revision}
+            "versions": _dumps(m.versions), "git_revision": m.git_revision, "row_key": m.row_key}
+
+
+def _insert(dialect: str, row: dict[str, Any]):
+    """INSERT ... RETURNING id; with a row key, ON CONFLICT (row_key) DO NOTHING (no id back)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:   # other databases: a duplicate key fails the transaction instead of being skipped
+        return _table.insert().values(**row).returning(_table.c.id)
+    stmt = insert(_table).values(**row)
+    if row.get("row_key") is not None:
+        stmt = stmt.on_conflict_do_nothing(index_elements=["row_key"])
+    return stmt.returning(_table.c.id)
 
 
 def _from_row(r: Any) -> Measurement:
@@ -387,16 +492,23 @@ def _from_row(r: Any) -> Measurement:
                        knobs=json.loads(r["knobs"]), metrics=json.loads(r["metrics"]),
                        seed=r["seed"], family=r["family"], hardware=json.loads(r["hardware"]),
                        versions=json.loads(r["versions"]), git_revision=r["git_revision"],
-                       timestamp=r["timestamp"], run_id=r["run_id"], id=r["id"])
+                       timestamp=r["timestamp"], run_id=r["run_id"], row_key=r["row_key"], id=r["id"])
 
 
 def _read_version(conn: Connection) -> int:
     return int(conn.execute(sa.select(sa.func.max(_schema_table.c.version))).scalar_one())
 
 
+_PG_LOCK_KEY = 0x61636365   # "acce": the advisory lock that serialises schema set-up
+
+
 def _prepare(engine: Engine, shown: str) -> None:
     """Check what is in the database; create, migrate or refuse. Writes nothing to a foreign DB."""
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # processes opening a fresh database at once would race to create the tables (SQLite
+            # serialises them with BEGIN IMMEDIATE): one creates, the others wait and find them
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
         tables = set(sa.inspect(conn).get_table_names())
         if not tables:
             _meta.create_all(conn)
@@ -448,25 +560,50 @@ def _use_wal(engine: Engine, shown: str, patience_s: float = 60.0) -> None:
         raw.close()
 
 
+# a server that does not answer must fail fast, not hang a benchmark (or a test) on TCP timeouts
+CONNECT_TIMEOUT_S = 5
+
+
+def _mask_text(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _server_engine(url: sa.URL, shown: str) -> Engine:
+    """An engine for a database server (PostgreSQL, ...): a connect timeout, pre-ping, and a
+    missing driver named with the extra that installs it."""
+    args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.get_backend_name() == "postgresql" else {}
+    try:
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=args)
+    except ImportError as exc:
+        hint = " — pip install 'accelerando[postgres]'" if url.get_backend_name() == "postgresql" else ""
+        raise HistoryError(f"cannot use history URL {shown}: database driver missing ({exc}){hint}") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
+        raise HistoryError(f"cannot use history URL {shown}: {exc}") from None
+
+
 def open_history(url_or_path: str | os.PathLike | None = None) -> History:
     """Open (creating or upgrading if needed) the history at a path or SQLAlchemy URL."""
-    shown = os.fspath(url_or_path) if url_or_path is not None else default_location()
-    url = _to_url(shown)
+    default = url_or_path is None and not os.environ.get(ENV_VAR)
+    raw = os.fspath(url_or_path) if url_or_path is not None else default_location()
+    url = _to_url(raw)
+    secret = url.password if isinstance(url.password, str) and url.password else None
+    shown = url.render_as_string(hide_password=True) if "://" in raw else raw
     if url.get_backend_name() == "sqlite":
         db = url.database
         if db and db != ":memory:" and not db.startswith("file:"):
             path = Path(db)
             _check_sqlite_file(path, shown)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise HistoryError(f"cannot create the folder for history {shown}: {exc}") from None
+            if not path.parent.is_dir():
+                if not default:
+                    raise HistoryError(f"history {shown}: folder {path.parent} does not exist; create it "
+                                       f"first (mkdir -p {path.parent}) or pass another --history")
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise HistoryError(f"cannot create the folder for history {shown}: {exc}") from None
         engine = _sqlite_engine(url)
     else:
-        try:
-            engine = sa.create_engine(url, pool_pre_ping=True)
-        except (ImportError, sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-            raise HistoryError(f"cannot use history URL {shown}: {exc}") from None
+        engine = _server_engine(url, shown)
     try:
         _prepare(engine, shown)
         if url.get_backend_name() == "sqlite":
@@ -476,12 +613,17 @@ def open_history(url_or_path: str | os.PathLike | None = None) -> History:
         raise
     except sa.exc.DBAPIError as exc:
         engine.dispose()
-        raise HistoryError(f"cannot open history {shown}: {exc.orig}") from None
+        raise HistoryError(f"cannot open history {shown}: {_one_line(_mask_text(str(exc.orig), secret))}") from None
     except sa.exc.SQLAlchemyError as exc:
         engine.dispose()
-        raise HistoryError(f"cannot open history {shown}: {exc}") from None
-    return History(engine, shown)
+        raise HistoryError(f"cannot open history {shown}: {_one_line(_mask_text(str(exc), secret))}") from None
+    return History(engine, shown, secret)
 
 
-__all__ = ["History", "HistoryError", "Measurement", "open_history", "default_location",
+def _one_line(text: str) -> str:
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return "; ".join(lines[:2]) if lines else text
+
+
+__all__ = ["History", "HistoryError", "KeepOnFailure", "Measurement", "open_history", "default_location",
            "hardware_info", "library_versions", "git_revision", "SCHEMA_VERSION", "MIGRATIONS"]

@@ -203,7 +203,7 @@ def drive(sampler, eps_fn: Callable, *, continuous: bool = False) -> tuple[torch
     """Run a sampler generator to the end, answering each request with ``eps_fn``."""
     times: list[float] = []
     try:
-        x, t = next(sampler)
+        x, t = next(sampler)[:2]          # a Request (x, t, ab, point) or a plain (x, t)
         while True:
             t = _model_time(t, continuous)
             e = eps_fn(x, _time_tensor(t, x))
@@ -214,7 +214,7 @@ def drive(sampler, eps_fn: Callable, *, continuous: bool = False) -> tuple[torch
             if not math.isfinite(e.sum()) and not torch.isfinite(e).all():
                 raise NonFiniteError(f"eps_fn returned non-finite values at model call {len(times)} "
                                      f"(t={t:g}); stopping instead of producing a NaN sample")
-            x, t = sampler.send(e if e.dtype == x.dtype else e.to(x.dtype))
+            x, t = sampler.send(e if e.dtype == x.dtype else e.to(x.dtype))[:2]
     except StopIteration as stop:
         return stop.value, times
 

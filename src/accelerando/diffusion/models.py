@@ -49,3 +49,28 @@ def eps_fn_from_unet(unet: Any, *, prediction_type: str = "epsilon", schedule: A
         return to_eps(out, x, schedule.alpha_bar(float(t.reshape(-1)[0])), prediction_type)
 
     return eps
+
+
+def clip_x0(clip_range: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """diffusers' ``clip_sample``: the data prediction clamped to [-clip_range, clip_range]."""
+    return lambda x0: x0.clamp(-clip_range, clip_range)
+
+
+def dynamic_threshold(ratio: float = 0.995, max_value: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", sec. 2.3): per sample, s = the ``ratio``
+    quantile of |x0| clamped to [1, max_value]; x0 -> clamp(x0, -s, s) / s (diffusers' ``thresholding``)."""
+    def threshold(x0: torch.Tensor) -> torch.Tensor:
+        flat = x0.reshape(x0.shape[0], -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()      # quantile and CPU clamp need a float32 / float64 tensor
+        s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, max_value).unsqueeze(1)
+        return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape).to(x0.dtype)
+    return threshold
+
+
+def eps_with_corrected_x0(eps: torch.Tensor, x: torch.Tensor, a: float,
+                          correct: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The eps whose data prediction at alpha_bar a is ``correct(x0_hat)`` (clipping / thresholding for
+    solvers that consume eps; equals diffusers' ``use_clipped_model_output``)."""
+    x0 = correct((x - math.sqrt(1 - a) * eps) / math.sqrt(a))
+    return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)

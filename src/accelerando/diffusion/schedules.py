@@ -176,3 +176,51 @@ def log_snr_lambda(a: float) -> float:
 
 
 AlphaBarFn = Callable[[float], float]
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alpha_bar is 0 (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Alg. 1): sqrt(alpha_bar) shifted to end at 0 and scaled to keep its start."""
+    root = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    ab = root ** 2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24     # diffusers' DPM-Solver / UniPC / Euler stand-in for alpha_bar = 0
+
+
+SIGMA_SPACINGS = ("karras", "exponential", "lu")
+
+
+def sigma_spacing(schedule: Schedule, kind: str, steps: int, *, sigma_min: float | None = None,
+                  sigma_max: float | None = None) -> tuple[list[float], list[float]]:
+    """(model times, sigmas) of diffusers' ``use_karras_sigmas`` / ``use_exponential_sigmas`` /
+    ``use_lu_lambdas`` grids, sigma = s = sqrt((1 - a) / a), from noise to data, N points.
+
+    karras: Karras et al. 2022 ("EDM") eq. 5, rho = 7; exponential: uniform in log sigma between
+    ``sigma_min`` and ``sigma_max``; lu: uniform in lambda = -log sigma over the whole table (Lu et al.
+    2022, "DPM-Solver"). Times are where the table's log sigma takes each value (linear interpolation),
+    rounded for karras / lu and truncated for exponential, as diffusers casts them.
+    """
+    if kind not in SIGMA_SPACINGS:
+        raise ValueError(f"unknown sigma spacing {kind!r}; valid: {', '.join(SIGMA_SPACINGS)}")
+    ac = schedule.alphas_cumprod.to(torch.float32).to(torch.float64).numpy()
+    log_sig = 0.5 * np.log((1 - ac) / ac)
+    lo = float(np.exp(log_sig[0])) if sigma_min is None else float(sigma_min)
+    hi = float(np.exp(log_sig[-1])) if sigma_max is None else float(sigma_max)
+    ramp = np.linspace(0.0, 1.0, steps)
+    if kind == "karras":
+        rho = 7.0
+        sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    elif kind == "exponential":
+        sig = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+    else:
+        sig = np.exp(log_sig[-1] + ramp * (log_sig[0] - log_sig[-1]))
+    # the time whose table log sigma is log(sig): log sigma increases with t
+    t = np.interp(np.log(np.maximum(sig, 1e-10)), log_sig, np.arange(len(ac), dtype=np.float64))
+    t = np.round(t) if kind in ("karras", "lu") else np.floor(t)
+    sig32 = sig.astype(np.float32).astype(np.float64)      # diffusers keeps its sigmas in float32
+    return [float(v) for v in t], [float(v) for v in sig32]

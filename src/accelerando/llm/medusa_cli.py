@@ -4,7 +4,7 @@
     accelerando medusa train --target ./my-model --data a.txt b.py --out heads/ --steps 400
     accelerando medusa train --distill --self-generated 200 --steps 500 --out heads/   # the zoo heads' recipe
 
-Mounted by ``accelerando.cli`` through its ``PLUGINS`` table (``"accelerando.llm.medusa_cli": "medusa"``).
+Mounted by ``accelerando.cli`` as the ``medusa`` group.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CLI commands of the selector: ``sweep``, ``recommend``, ``select evaluate`` (mounted by ``register``)."""
+"""CLI commands of the selector: ``sweep``, ``recommend``, ``select evaluate`` (mounted by ``accelerando.cli``)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from accelerando.cli import CLIError, _console, _history_location, _split, history_option
+from accelerando.cli.common import CLIError, history_option
+from accelerando.cli.common import console as _console, history_location as _history_location, split as _split
 
 select_app = typer.Typer(no_args_is_help=True, help="The learned method selector: held-out evaluation.")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("sweep")(sweep)
-    app.command("recommend")(recommend)
-    app.add_typer(select_app, name="select")
 
 
 def _constraint(max_loss: float | None):
@@ -189,7 +184,7 @@ def recommend(
         if verify:
             console.print(f"verifying the top {top} candidates on this machine ...")
             out = RC.verify(d, rec, top=top, history=h)
-            from accelerando.cli import results_table
+            from accelerando.cli.tables import results_table
             console.print(results_table("measured now (written to the history)", rec.family, out))
 
 

@@ -24,6 +24,7 @@ import random
 import re
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -303,16 +304,17 @@ def method_rounds(family: str, methods: Sequence[str] | None = None,
 def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, dict[str, Any]]], *,
                               workload: dict[str, Any], reference: Any, history: Any, repeats: int, warmup: int,
                               done: set[tuple[str, str]] | None = None,
-                              fractions: Sequence[float] = STEP_FRACTIONS) -> Iterable[list[Any]]:
+                              fractions: Sequence[float] = STEP_FRACTIONS,
+                              round_index: Sequence[int] | None = None) -> Iterable[list[Any]]:
     """Run each round at every step fraction; yield the rows of each round (all fractions).
 
     The full-budget baseline is measured first in every round (``run_methods`` does that); its
     median time and reference error are the denominators of all speed-ups and quality losses of
     the round, so each row compares with a baseline measured seconds before, in the same process.
     Rows are re-labelled (knob ``steps_frac``; only the full-budget baseline is the baseline) and
-    recorded here.
+    recorded here, with row keys from the round's index in ``method_rounds`` (``round_index[i]``
+    for ``rounds[i]``; default ``i``).
     """
-    from accelerando.bench.history import Measurement
     from accelerando.bench.runner import run_methods
     key = workload.get("sweep_key")
     run_id = f"sweep-{key}-{int(time.time() * 1e3) % 10**9}"
@@ -346,12 +348,8 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                 x.knobs = {**x.knobs, "steps_frac": f} if not m["is_baseline"] else x.knobs
                 x.metrics = m
                 keep.append(x)
-            if history is not None and keep:
-                ids = history.record_many([Measurement(workload=dict(workload), method=x.method, knobs=x.knobs,
-                                                       metrics=x.metrics, seed=int(workload.get("seed", 0)),
-                                                       family="diffusion", run_id=run_id) for x in keep])
-                for x, i in zip(keep, ids):
-                    x.measurement_id = i
+            r_key = round_index[r_i] if round_index is not None else r_i
+            _record(history, keep, workload, "diffusion", run_id, _round_key("sweep", str(key), r_key, todo, f))
             out += keep + [x for x in rows if x.error is not None]
         yield out
 
@@ -361,19 +359,131 @@ def _done_arms(history: Any) -> set[tuple[str, str]]:
             for m in history.rows() if m.workload.get("sweep_key")}
 
 
+def row_key(*parts: Any) -> str:
+    """A deterministic id of what a row measures (``Measurement.row_key``): the same cell run
+    twice (a Ray task retried after its worker died, a serial re-run) writes the same keys, and
+    the store keeps the first. 40 hex digits of SHA-1 over the parts' JSON."""
+    import hashlib
+    import json
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _round_key(kind: str, key: str, r_i: int, todo: dict[str, dict[str, Any]], frac: float | None = None) -> Callable[[str, dict[str, Any]], str]:
+    """Row keys of one round: the workload, the round's index in ``method_rounds``, the step
+    fraction and every arm the round runs (a retry of only its failed method is another run, with
+    its own baseline row), then the row's own arm."""
+    arms = sorted(arm_id(m, k) for m, k in todo.items())
+    return lambda method, knobs: row_key(kind, key, r_i, frac, arms, arm_id(method, knobs))
+
+
+def _label_of(wl: Any) -> str:
+    return f"{wl.family} {wl.model} " + (f"T={wl.temperature} bs={wl.batch_size} {wl.domain}"
+                                         if wl.family == "llm" else f"steps={wl.steps} {wl.spacing} b={wl.batch}")
+
+
+def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[str, str]] | None = None,
+               methods: Sequence[str] | None = None, knob_grid: dict[str, list[dict[str, Any]]] | None = None,
+               repeats: int = 2, warmup: int = 1, reference_steps: int = 100, device: str = "cpu",
+               mem_bw_gbs: float | None = None) -> SweepReport:
+    """One workload of the sweep (a cell: every method round of the workload, because a
+    speed-up is against the baseline measured in the same round, in the same process): measure
+    its features, run the rounds not in ``done`` (a set of (sweep_key, arm id); read from
+    ``history`` when None, updated here), record each round's rows in ``history`` with row keys
+    (``row_key``) in one transaction. Returns this cell's counts."""
+    from accelerando.bench.runner import (build_diffusion_setups, build_llm_setups, diffusion_reference,
+                                          llm_workload_facts, run_methods)
+    from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
+
+    rep = SweepReport()
+    done = _done_arms(history) if done is None else done
+    label, key = _label_of(wl), sweep_key(wl)
+    # only what is missing runs again (a method that failed last time is retried)
+    all_rounds = method_rounds(wl.family, methods, knob_grid)
+    fracs = STEP_FRACTIONS if wl.family == "diffusion" else (None,)
+    rounds = [(r_i, todo) for r_i, r in enumerate(all_rounds)
+              if (todo := {m: k for m, k in r.items()
+                           if any((key, arm_id(m, k if f is None else {**k, "steps_frac": f})) not in done
+                                  for f in fracs)})]
+    rep.rounds_skipped += len(all_rounds) - len(rounds)
+    if not rounds:
+        return rep
+    try:
+        if wl.family == "llm":
+            target, tok = cache.llm(wl.model)
+            drafts = {d: cache.llm(d)[0] for d in wl.drafts}
+            setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
+            facts = setup_facts(setups[0], repeats=3)
+            wkey = {**wl.key(), **llm_workload_facts(setups)}
+            ref = None
+        else:
+            unet, n_train = cache.unet(wl.model)[:2]
+            setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+            facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T, repeats=3)
+            wkey = {**wl.key(), "reference_steps": reference_steps}
+            ref = diffusion_reference(setups, steps=reference_steps)
+    except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the sweep
+        rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
+        return rep
+    facts["mem_bw_gbs"] = memory_bandwidth_gbs() if mem_bw_gbs is None else mem_bw_gbs
+    wkey.update(sweep_key=key, features=facts)
+    rep.workloads += 1
+    if wl.family == "diffusion":
+        rounds_rows = diffusion_fraction_rounds(setups, [t for _, t in rounds], workload=wkey, reference=ref,
+                                                history=history, repeats=repeats, warmup=warmup, done=done,
+                                                round_index=[i for i, _ in rounds])
+    else:
+        def llm_rounds() -> Iterator[list[Any]]:
+            for r_i, r in rounds:
+                run_id = uuid.uuid4().hex[:12]
+                rows = run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
+                                   history=None, reference=ref, run_id=run_id)
+                _record(history, [x for x in rows if x.error is None], wkey, "llm", run_id,
+                        _round_key("sweep", key, r_i, r))
+                yield rows
+        rounds_rows = llm_rounds()
+    for rows in rounds_rows:
+        rep.rounds_run += 1
+        rep.rows += sum(x.error is None for x in rows)
+        rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error]
+        for x in rows:
+            if x.error is None:
+                done.add((key, arm_id(x.method, x.knobs)))
+    return rep
+
+
+def _record(history: Any, rows: list[Any], workload: dict[str, Any], family: str, run_id: str,
+            keys: Callable[[str, dict[str, Any]], str]) -> None:
+    """Rows of one round into the history, one transaction, each with its row key."""
+    from accelerando.bench.history import Measurement
+    if history is None or not rows:
+        return
+    ids = history.record_many([Measurement(workload=dict(workload), method=x.method, knobs=x.knobs,
+                                           metrics=x.metrics, seed=int(workload.get("seed", 0)), family=family,
+                                           run_id=run_id, row_key=keys(x.method, x.knobs)) for x in rows])
+    for x, i in zip(rows, ids):
+        x.measurement_id = i
+
+
+def _merge(rep: SweepReport, part: SweepReport) -> None:
+    rep.workloads += part.workloads
+    rep.rounds_run += part.rounds_run
+    rep.rounds_skipped += part.rounds_skipped
+    rep.rows += part.rows
+    rep.errors += part.errors
+
+
 def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] | None = None,
               knob_grid: dict[str, list[dict[str, Any]]] | None = None, repeats: int = 2, warmup: int = 1,
               reference_steps: int = 100, device: str = "cpu", max_seconds: float | None = None,
               progress: Callable[[int, int, str, float | None], None] | None = None) -> SweepReport:
-    """Run every workload x method configuration into ``history`` (see the module docstring).
+    """Run every workload x method configuration into ``history`` (see the module docstring),
+    one ``sweep_cell`` after another (``ray_sweep`` runs the cells on a Ray cluster).
 
     ``progress(i, n, label, eta_s)`` is called before each workload with an ETA (seconds) from the
     mean time of the workloads run so far. ``max_seconds`` stops before a workload that would start
     after that budget (the sweep can be resumed later).
     """
-    from accelerando.bench.runner import (build_diffusion_setups, build_llm_setups, diffusion_reference,
-                                          llm_workload_facts, run_methods)
-    from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
+    from .features import memory_bandwidth_gbs
 
     workloads = list(workloads)
     cache = ModelCache(device)
@@ -383,62 +493,19 @@ def run_sweep(workloads: Iterable[Any], *, history: Any, methods: Sequence[str] 
     times: list[float] = []
     bw = memory_bandwidth_gbs()
     for i, wl in enumerate(workloads):
-        elapsed = time.perf_counter() - t0
-        if max_seconds is not None and elapsed > max_seconds:
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
             rep.stopped_early = True
             break
         eta = (sum(times) / len(times)) * (len(workloads) - i) if times else None
-        label = f"{wl.family} {wl.model} " + (f"T={wl.temperature} bs={wl.batch_size} {wl.domain}"
-                                              if wl.family == "llm" else f"steps={wl.steps} {wl.spacing} b={wl.batch}")
         if progress:
-            progress(i, len(workloads), label, eta)
-        key = sweep_key(wl)
-        # only what is missing runs again (a method that failed last time is retried)
-        all_rounds = method_rounds(wl.family, methods, knob_grid)
-        fracs = STEP_FRACTIONS if wl.family == "diffusion" else (None,)
-        rounds = [todo for r in all_rounds
-                  if (todo := {m: k for m, k in r.items()
-                               if any((key, arm_id(m, k if f is None else {**k, "steps_frac": f})) not in done
-                                      for f in fracs)})]
-        rep.rounds_skipped += len(all_rounds) - len(rounds)
-        if not rounds:
-            continue
+            progress(i, len(workloads), _label_of(wl), eta)
         tw = time.perf_counter()
-        try:
-            if wl.family == "llm":
-                target, tok = cache.llm(wl.model)
-                drafts = {d: cache.llm(d)[0] for d in wl.drafts}
-                setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
-                s0 = setups[0]
-                facts = setup_facts(s0, repeats=3)
-                wkey = {**wl.key(), **llm_workload_facts(setups)}
-                ref = None
-            else:
-                unet, n_train = cache.unet(wl.model)
-                setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
-                facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T, repeats=3)
-                wkey = {**wl.key(), "reference_steps": reference_steps}
-                ref = diffusion_reference(setups, steps=reference_steps)
-        except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the sweep
-            rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
-            continue
-        facts["mem_bw_gbs"] = bw
-        wkey.update(sweep_key=key, features=facts)
-        rep.workloads += 1
-        if wl.family == "diffusion":
-            rounds_rows = diffusion_fraction_rounds(setups, rounds, workload=wkey, reference=ref, history=history,
-                                                    repeats=repeats, warmup=warmup, done=done)
-        else:
-            rounds_rows = (run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
-                                       history=history, reference=ref) for r in rounds)
-        for rows in rounds_rows:
-            rep.rounds_run += 1
-            rep.rows += sum(x.error is None for x in rows)
-            rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error]
-            for x in rows:
-                if x.error is None:
-                    done.add((key, arm_id(x.method, x.knobs)))
-        times.append(time.perf_counter() - tw)
+        part = sweep_cell(wl, history=history, cache=cache, done=done, methods=methods, knob_grid=knob_grid,
+                          repeats=repeats, warmup=warmup, reference_steps=reference_steps, device=device,
+                          mem_bw_gbs=bw)
+        _merge(rep, part)
+        if part.rounds_run:
+            times.append(time.perf_counter() - tw)
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -605,6 +672,91 @@ def _counting_call(order: Iterator[list[Any]], setups: list[Any], counts: list[i
     return call
 
 
+def retime_workload(wl: Any, s: dict[str, Any], *, n_done: int, rounds: int, warmup_rounds: int = 1,
+                    seed_rounds: bool = True, device: str = "cpu", models_for: Callable[[str], Any],
+                    sync: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter,
+                    report: RetimeReport | None = None) -> list[Any]:
+    """Re-time one stored workload (``s``: its entry of ``_stored_arms``): ``rounds - n_done``
+    interleaved rounds of every arm, quality recomputed; returns the new rows (``Measurement``s,
+    with row keys: the same top-up of the same workload never stores twice). Arms that no longer
+    run, lossless arms that differ and the quality drift go to ``report`` (see ``retime``)."""
+    from accelerando.bench.harness import measure_interleaved, percentile
+    from accelerando.bench.history import Measurement
+    from accelerando.bench.methods import get_method
+    from accelerando.bench.runner import _quality, _speed_metrics
+
+    rep = report if report is not None else RetimeReport()
+    if not rep.load:
+        rep.load.append(float("nan"))
+    family = wl.family
+    key = sweep_key(wl)
+    label, base = _label(wl), s["base"]
+    n_rounds = rounds - n_done
+    extra_warmup = max(0, warmup_rounds - 1)
+    seeds = ([int(wl.seed) + n_done + r for r in range(n_rounds)]
+             if _seeds_per_round(wl, seed_rounds) else None)
+    setups, ref = _retime_setups(wl, s["workload"], device=device, models=models_for)
+    fns, entries, inputs, tokens = {}, {}, {}, {}
+    for a, (method, knobs) in s["arms"].items():
+        # build and the first warm-up call, one arm at a time: an arm the current code
+        # refuses (a budget below its minimum) or that fails is left out and reported
+        try:
+            entry = get_method(method)
+            sub, k = _arm_inputs(setups, knobs)
+            per_round = _round_calls(entry, sub, k, seeds)
+            [c() for c in per_round[0]]
+        except Exception as exc:    # noqa: BLE001
+            if a == base:
+                raise
+            rep.dropped.append(f"{label}: {a}: {type(exc).__name__}: {exc}")
+            continue
+        # the extra warm-up rounds reuse round 0's calls; timed round i runs per_round[i]
+        order = iter([per_round[0]] * extra_warmup + per_round * (n_rounds if seeds is None else 1))
+        fns[a] = _counting_call(order, sub, tokens.setdefault(a, []) if seeds is not None else None)
+        entries[a], inputs[a] = entry, sub
+    timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=extra_warmup,
+                                  sync=sync, clock=clock)
+    base_out = timings[base].result
+    llm = family == "llm"
+    base_q = _quality(family, inputs[base], base_out, base_out, ref, entries[base], score_perplexity=llm)
+    run_id = f"retime-{key}-{int(time.time() * 1e3) % 10**9}"
+    new = []
+    for a, t in timings.items():
+        q = _quality(family, inputs[a], t.result, base_out, ref, entries[a], score_perplexity=llm)
+        counts = {x: tokens[x][-n_rounds:] for x in (base, a)} if seeds is not None else {}
+        ratios = per_round_speedups(timings[base].samples, t.samples, base_tokens=counts.get(base),
+                                    arm_tokens=counts.get(a))
+        srt = sorted(ratios)
+        is_base = a == base
+        if llm:
+            m = _speed_metrics("llm", inputs[a], t.result, t)
+        else:
+            m = {**t.summary(), "nfe": sum(int(o.nfe) for o in t.result), "steps": inputs[a][0].steps}
+        m.update(q)
+        m.update(timing=INTERLEAVED, rounds=n_rounds, warmup_rounds=warmup_rounds,
+                 speedup=1.0 if is_base else statistics.median(ratios), speedup_rounds=ratios,
+                 speedup_iqr=percentile(srt, 75) - percentile(srt, 25),
+                 lossless=entries[a].lossless, is_baseline=is_base, load_1min=rep.load[-1])
+        if seeds is not None:
+            m["round_seeds"] = seeds          # the last round's output is the one scored
+        m.pop("peak_memory_bytes", None), m.pop("peak_memory_kind", None)
+        if not llm:
+            rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")
+            if rb and rx is not None:
+                m["quality_loss"] = 0.0 if is_base else max(0.0, rx / rb - 1.0)
+        elif q.get("lossless_verified") is False:
+            rep.not_exact.append(f"{label}: {a}: exact match {q.get('exact_match', 0.0):.2f}")
+        old, now = s["quality"].get(a), q.get(DRIFT_METRIC[family])
+        if old and now is not None:
+            rep.max_quality_drift = max(rep.max_quality_drift, abs(now / old - 1.0))
+        method, knobs = s["arms"][a]
+        new.append(Measurement(workload=dict(s["workload"]), method=method, knobs=knobs, metrics=m,
+                               seed=int(s["workload"].get("seed", 0)), family=family, run_id=run_id,
+                               row_key=row_key("retime", key, n_done, rounds, seeds is not None, sorted(s["arms"]), a)))
+    return new
+
+
+
 def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, family: str = "diffusion",
            rounds: int = 5, warmup_rounds: int = 1, device: str = "cpu", max_seconds: float | None = None,
            seed_rounds: bool = True,
@@ -644,10 +796,6 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     far. ``models_for(name)`` (tests) replaces the model cache (``ModelCache.unet`` / ``.llm``).
     """
     import os
-    from accelerando.bench.harness import measure_interleaved, percentile
-    from accelerando.bench.history import Measurement
-    from accelerando.bench.methods import get_method
-    from accelerando.bench.runner import _quality, _speed_metrics
 
     if family not in DRIFT_METRIC:
         raise ValueError(f"family must be llm or diffusion, got {family!r}")
@@ -682,77 +830,18 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
             rep.stopped_early = True
             break
         wl, s = by_key[key], stored[key]
-        label, base = _label(wl), s["base"]
+        label = _label(wl)
         if progress:
             progress(i, len(todo), label, mean * (len(todo) - i) if times else None)
         tw = time.perf_counter()
         rep.load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
-        n_done = done(key)
-        n_rounds = rounds - n_done
-        extra_warmup = max(0, warmup_rounds - 1)
-        seeds = ([int(wl.seed) + n_done + r for r in range(n_rounds)]
-                 if _seeds_per_round(wl, seed_rounds) else None)
         try:
-            setups, ref = _retime_setups(wl, s["workload"], device=device, models=models_for)
-            fns, entries, inputs, tokens = {}, {}, {}, {}
-            for a, (method, knobs) in s["arms"].items():
-                # build and the first warm-up call, one arm at a time: an arm the current code
-                # refuses (a budget below its minimum) or that fails is left out and reported
-                try:
-                    entry = get_method(method)
-                    sub, k = _arm_inputs(setups, knobs)
-                    per_round = _round_calls(entry, sub, k, seeds)
-                    [c() for c in per_round[0]]
-                except Exception as exc:    # noqa: BLE001
-                    if a == base:
-                        raise
-                    rep.dropped.append(f"{label}: {a}: {type(exc).__name__}: {exc}")
-                    continue
-                # the extra warm-up rounds reuse round 0's calls; timed round i runs per_round[i]
-                order = iter([per_round[0]] * extra_warmup + per_round * (n_rounds if seeds is None else 1))
-                fns[a] = _counting_call(order, sub, tokens.setdefault(a, []) if seeds is not None else None)
-                entries[a], inputs[a] = entry, sub
-            timings = measure_interleaved(fns, rounds=n_rounds, warmup_rounds=extra_warmup,
-                                          sync=sync, clock=clock)
+            new = retime_workload(wl, s, n_done=done(key), rounds=rounds, warmup_rounds=warmup_rounds,
+                                  seed_rounds=seed_rounds, device=device, models_for=models_for, sync=sync,
+                                  clock=clock, report=rep)
         except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the rest
             rep.errors.append(f"{label}: {type(exc).__name__}: {exc}")
             continue
-        base_out = timings[base].result
-        llm = family == "llm"
-        base_q = _quality(family, inputs[base], base_out, base_out, ref, entries[base], score_perplexity=llm)
-        run_id = f"retime-{key}-{int(time.time() * 1e3) % 10**9}"
-        new = []
-        for a, t in timings.items():
-            q = _quality(family, inputs[a], t.result, base_out, ref, entries[a], score_perplexity=llm)
-            counts = {x: tokens[x][-n_rounds:] for x in (base, a)} if seeds is not None else {}
-            ratios = per_round_speedups(timings[base].samples, t.samples, base_tokens=counts.get(base),
-                                        arm_tokens=counts.get(a))
-            srt = sorted(ratios)
-            is_base = a == base
-            if llm:
-                m = _speed_metrics("llm", inputs[a], t.result, t)
-            else:
-                m = {**t.summary(), "nfe": sum(int(o.nfe) for o in t.result), "steps": inputs[a][0].steps}
-            m.update(q)
-            m.update(timing=INTERLEAVED, rounds=n_rounds, warmup_rounds=warmup_rounds,
-                     speedup=1.0 if is_base else statistics.median(ratios), speedup_rounds=ratios,
-                     speedup_iqr=percentile(srt, 75) - percentile(srt, 25),
-                     lossless=entries[a].lossless, is_baseline=is_base, load_1min=rep.load[-1])
-            if seeds is not None:
-                m["round_seeds"] = seeds          # the last round's output is the one scored
-            m.pop("peak_memory_bytes", None), m.pop("peak_memory_kind", None)
-            if not llm:
-                rb, rx = base_q.get("rmse_vs_reference"), q.get("rmse_vs_reference")
-                if rb and rx is not None:
-                    m["quality_loss"] = 0.0 if is_base else max(0.0, rx / rb - 1.0)
-            elif q.get("lossless_verified") is False:
-                rep.not_exact.append(f"{label}: {a}: exact match {q.get('exact_match', 0.0):.2f}")
-            old, now = s["quality"].get(a), q.get(DRIFT_METRIC[family])
-            if old and now is not None:
-                rep.max_quality_drift = max(rep.max_quality_drift, abs(now / old - 1.0))
-            method, knobs = s["arms"][a]
-            new.append(Measurement(workload=dict(s["workload"]), method=method, knobs=knobs, metrics=m,
-                                   seed=int(s["workload"].get("seed", 0)), family=family, run_id=run_id))
         history.record_many(new)
         rep.rows += len(new)
         rep.workloads += 1

@@ -1,21 +1,47 @@
 """Shared pieces of every sampler: the time grid, the DDIM transfer (PNDM's phi), Adams weights.
 
-A sampler is a generator ``sampler(x, grid, **options)``: it yields ``(x, t)`` model requests, is
-sent ``eps(x, t)`` back, and returns the final sample.  ``accelerando.diffusion.api.sample`` drives
-it with an ``eps_fn``; the diffusers adapter drives the same generator from ``step()``.
+A sampler is a generator ``sampler(x, grid, *, start=0, **options)``: it yields ``Request(x, t, ab,
+point)`` model requests (``x, t = request`` unpacks the first two), is sent ``eps(x, t)`` back, and
+returns the final sample. ``start=j`` begins at grid point j with no history (multistep orders ramp up
+again, warm-ups of points before j are skipped), so its requests are the tail of the full run's.
+``accelerando.diffusion.api.sample`` drives it with an ``eps_fn``; the diffusers adapter drives the
+same generator from ``step()``, answering ``(x', eps)`` when the pipeline changed the latents (``ask``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any, Generator, NamedTuple
 
 import numpy as np
 import torch
 
-Request = tuple[torch.Tensor, float]
-Sampler = Generator[Request, torch.Tensor, torch.Tensor]
+class Request(NamedTuple):
+    """One model call a sampler asks for: eps at state ``x``, model time ``t``; ``ab`` is the alpha_bar the
+    sampler holds ``x`` at (it can differ from the schedule's alpha_bar(t) on sigma grids), ``point`` the
+    grid index when this is the first call of step ``point`` (the state there), None for a stage."""
+
+    x: torch.Tensor
+    t: float
+    ab: float | None = None
+    point: int | None = None
+
+
+Sampler = Generator[Request, Any, torch.Tensor]
+
+
+def ask(x: torch.Tensor, t: float, ab: float | None = None, point: int | None = None):
+    """``x, e = yield from ask(x, t, ab, i)``: request eps at (x, t).
+
+    A driver answers ``eps``, or ``(x', eps)`` when the caller replaced the state by x' before the call
+    (a diffusers pipeline editing latents between steps: inpainting's mask blend, callbacks); the
+    sampler then continues from x'. At a stage (``point`` None) x' only moves where eps was taken.
+    """
+    answer = yield Request(x, t, ab, point)
+    if isinstance(answer, tuple):
+        return answer
+    return x, answer
 
 
 def s_of(a: float) -> float:
@@ -179,7 +205,7 @@ def adams_weights_in_t(grid: "Grid", i: int, k: int) -> list[float]:
     return interp_weights_in_t(grid, i, [grid.t[i - j] for j in range(k)])
 
 
-def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int]) -> list[list[float]]:
+def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int], var: str = "t") -> list[list[float]]:
     """``adams_weights_in_t(grid, i, k)`` for every step i in ``steps`` with its k in ``ks``, computed for
     the whole grid at once (one vectorised pass instead of 8 schedule look-ups and k Lagrange bases per step)."""
     out: list[list[float]] = [[1.0] if k == 1 else [] for k in ks]
@@ -192,6 +218,8 @@ def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int]) -> list[
     s_q = (0.5 * (s0 + s1))[:, None] + (0.5 * (s1 - s0))[:, None] * _GL_X          # (n, 8)
     t_q = _times_of(grid.schedule, 1.0 / (1.0 + s_q * s_q))                         # (n, 8)
     t = np.array(grid.t, dtype=np.float64)
+    if var == "theta":     # the angle arctan(s) = arccos(sqrt(alpha_bar)): smooth at both ends, no float-time extension
+        t_q, t = np.arctan(s_q), np.arctan(s)
     for k in sorted({k for _, _, k in todo}):
         rows = [r for r, (_, _, kk) in enumerate(todo) if kk == k]
         nodes = t[idx[rows][:, None] - np.arange(k)[None]]                          # (m, k): t_i, t_{i-1}, ...

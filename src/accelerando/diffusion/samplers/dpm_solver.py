@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ._common import Grid, Sampler, x0_hat
+from ._common import Grid, Sampler, ask, x0_hat
 from ..schedules import log_snr_lambda
 
 
@@ -30,16 +30,26 @@ def dpmpp_direction(D: list[torch.Tensor], lams: list[float], lam_t: float, orde
     return D[0] + 0.5 * (D[0] - D[1]) * (h / h0)
 
 
-def _multistep(x: torch.Tensor, grid: Grid, keep: int, update) -> Sampler:
+def _multistep(x: torch.Tensor, grid: Grid, keep: int, update, start: int = 0, lower_order_final: bool = False,
+               euler_at_final: bool = False) -> Sampler:
     """The loop both solvers share: one call per grid point, the last ``keep`` data predictions D and
-    their lambdas (most recent first), then ``update(x, D, lams, a, a_next)`` takes the step."""
+    their lambdas (most recent first), then ``update(x, D, lams, a, a_next)`` takes the step.
+
+    ``lower_order_final`` (diffusers' DPMSolverMultistep): below 15 steps the last step is first order and
+    the one before at most second; ``euler_at_final``: the last step is first order at any length."""
     D: list[torch.Tensor] = []
     lams: list[float] = []
-    for i in range(grid.steps):
+    short = lower_order_final and grid.steps < 15
+    for i in range(start, grid.steps):
         a, a_next = grid.ab[i], grid.ab[i + 1]
-        e = yield x, grid.t[i]
+        x, e = yield from ask(x, grid.t[i], a, i)
         D, lams = [x0_hat(x, e, a)] + D[: keep - 1], [log_snr_lambda(a)] + lams[: keep - 1]
-        x = update(x, D, lams, a, a_next)
+        k = len(D)
+        if i == grid.steps - 1 and (euler_at_final or short):
+            k = 1
+        elif i == grid.steps - 2 and short:
+            k = min(k, 2)
+        x = update(x, D[:k], lams[:k], a, a_next)
     return x
 
 
@@ -61,11 +71,13 @@ def _step_3m(x: torch.Tensor, D: list[torch.Tensor], lams: list[float], a: float
             - alpha_t * ((em + h) / h ** 2 - 0.5) * D2)
 
 
-def dpmpp_2m(x: torch.Tensor, grid: Grid) -> Sampler:
+def dpmpp_2m(x: torch.Tensor, grid: Grid, *, start: int = 0, lower_order_final: bool = False,
+             euler_at_final: bool = False) -> Sampler:
     """DPM-Solver++(2M): x_t = (sigma_t/sigma_s) x - alpha_t expm1(-h) (D0 + D1 / 2)."""
-    return (yield from _multistep(x, grid, 2, _step_2m))
+    return (yield from _multistep(x, grid, 2, _step_2m, start, lower_order_final, euler_at_final))
 
 
-def dpmpp_3m(x: torch.Tensor, grid: Grid) -> Sampler:
+def dpmpp_3m(x: torch.Tensor, grid: Grid, *, start: int = 0, lower_order_final: bool = False,
+             euler_at_final: bool = False) -> Sampler:
     """DPM-Solver++(3M): orders ramp 1 -> 2 -> 3; the step into alpha_bar = 1 is first order."""
-    return (yield from _multistep(x, grid, 3, _step_3m))
+    return (yield from _multistep(x, grid, 3, _step_3m, start, lower_order_final, euler_at_final))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import AB_FIXED, Grid, Sampler, adams_weights, combine, transfer, x0_hat
+from ._common import AB_FIXED, Grid, Sampler, adams_weights, ask, combine, transfer, x0_hat
 from .dpm_solver import _coeffs, dpmpp_direction
 from ..schedules import log_snr_lambda
 
@@ -30,13 +30,13 @@ def ghvb_weights(order: int, beta: float) -> list[float]:
     return [c / b for c in w]
 
 
-def hb_plms(x: torch.Tensor, grid: Grid, *, order: int = 4, beta: float = 0.8) -> Sampler:
+def hb_plms(x: torch.Tensor, grid: Grid, *, order: int = 4, beta: float = 0.8, start: int = 0) -> Sampler:
     """PLMS-order with heavy-ball momentum on its combined eps (variable-step weights)."""
     _check_beta(beta)
     es: list[torch.Tensor] = []
     v = None
-    for i in range(grid.steps):
-        e = yield x, grid.t[i]
+    for i in range(start, grid.steps):
+        x, e = yield from ask(x, grid.t[i], grid.ab[i], i)
         es = [e] + es[: order - 1]
         w = adams_weights([grid.s(i - j) for j in range(len(es))], grid.s(i), grid.s(i + 1))
         p = combine(w, es)
@@ -45,15 +45,15 @@ def hb_plms(x: torch.Tensor, grid: Grid, *, order: int = 4, beta: float = 0.8) -
     return x
 
 
-def hb_dpmpp_2m(x: torch.Tensor, grid: Grid, *, beta: float = 0.8) -> Sampler:
+def hb_dpmpp_2m(x: torch.Tensor, grid: Grid, *, beta: float = 0.8, start: int = 0) -> Sampler:
     """DPM-Solver++(2M) with heavy-ball momentum on its data-prediction direction D0 + D1/2."""
     _check_beta(beta)
     D: list[torch.Tensor] = []
     lams: list[float] = []
     v = None
-    for i in range(grid.steps):
+    for i in range(start, grid.steps):
         a, a_next = grid.ab[i], grid.ab[i + 1]
-        e = yield x, grid.t[i]
+        x, e = yield from ask(x, grid.t[i], grid.ab[i], i)
         D, lams = [x0_hat(x, e, a)] + D[:1], [log_snr_lambda(a)] + lams[:1]
         p = dpmpp_direction(D, lams, log_snr_lambda(a_next), len(D))
         v = p if v is None else (1 - beta) * v + beta * p
@@ -62,14 +62,14 @@ def hb_dpmpp_2m(x: torch.Tensor, grid: Grid, *, beta: float = 0.8) -> Sampler:
     return x
 
 
-def ghvb(x: torch.Tensor, grid: Grid, *, order: int = 2, beta: float = 0.8) -> Sampler:
+def ghvb(x: torch.Tensor, grid: Grid, *, order: int = 2, beta: float = 0.8, start: int = 0) -> Sampler:
     """Generalised heavy ball of order ``order`` (1-4); uniform-step weights, as in the paper."""
     _check_beta(beta)
     if order not in AB_FIXED:
         raise ValueError(f"GHVB order must be 1-4, got {order}")
     vs: list[torch.Tensor] = []
-    for i in range(grid.steps):
-        e = yield x, grid.t[i]
+    for i in range(start, grid.steps):
+        x, e = yield from ask(x, grid.t[i], grid.ab[i], i)
         v = e if not vs else (1 - beta) * vs[0] + beta * e
         vs = [v] + vs[: order - 1]
         k = len(vs)

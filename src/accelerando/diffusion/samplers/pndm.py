@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (AB_FIXED, Grid, Sampler, adams_weights, adams_weights_in_t_steps, interp_weights_in_alpha,
+from ._common import (AB_FIXED, Grid, Sampler, adams_weights, adams_weights_in_t_steps, ask, interp_weights_in_alpha,
                       interp_weights_in_t, s_of, transfer, transfer_combined)
 
 
@@ -56,12 +56,12 @@ def _rk3_end_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None =
         if t2 < grid.t[i]:
             nodes = [(float(t), sched.alpha_bar(t), frac(sched.alpha_bar(t))) for t in (t2, t3)]
     if e1 is None:
-        e1 = yield x, grid.t[i]
+        x, e1 = yield from ask(x, grid.t[i], a, i)
     if not nodes:   # degenerate: t_i <= 1
         c0 = c_max
         a0 = sched.alpha_bar(0)
-        e2 = yield transfer(x, e1, a, a0), 0.0
-        e3 = yield transfer(x, e2, a, a0), 0.0
+        _, e2 = yield from ask(transfer(x, e1, a, a0), 0.0, a0)
+        _, e3 = yield from ask(transfer(x, e2, a, a0), 0.0, a0)
         e = e1 if c0 <= 0 else (1 - 1 / (2 * c0)) * e1 + (e2 + e3) / (4 * c0)
         return transfer(x, e, a, a_next), e1
     (t2, a2, c2), (t3, a3, c3) = nodes
@@ -70,8 +70,8 @@ def _rk3_end_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None =
     b2 = (0.5 - b3 * c3) / c2
     a32 = 1 / (6 * b3 * c2)
     a31 = c3 - a32
-    e2 = yield transfer(x, e1, a, a2), t2
-    e3 = yield transfer(x, (a31 * e1 + a32 * e2) / c3, a, a3), t3
+    _, e2 = yield from ask(transfer(x, e1, a, a2), t2, a2)
+    _, e3 = yield from ask(transfer(x, (a31 * e1 + a32 * e2) / c3, a, a3), t3, a3)
     return transfer_combined(x, [1 - b2 - b3, b2, b3], [e1, e2, e3], a, a_next), e1
 
 
@@ -90,7 +90,7 @@ def _prk_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = Non
     a, a_next = grid.ab[i], grid.ab[i + 1]
     t_mid, a_mid = grid.midpoint(i)
     if e1 is None:
-        e1 = yield x, grid.t[i]
+        x, e1 = yield from ask(x, grid.t[i], a, i)
     if stages == "alpha" and not grid.float_t:
         # the integer time nearest the s-midpoint, strictly inside the step (diffusers' t - d // 2 is the
         # t-midpoint: on squaredcos_cap_v2 from t = 999 its stage lies at s ~ 10 of a span 2e4 -> 6)
@@ -100,16 +100,16 @@ def _prk_step(x: torch.Tensor, grid: Grid, i: int, e1: torch.Tensor | None = Non
         if t1 < tm < t0:
             t_mid, a_mid = float(tm), grid.schedule.alpha_bar(tm)
     if stages == "alpha" and a < a_mid < a_next:
-        e2 = yield transfer(x, e1, a, a_mid), t_mid
+        _, e2 = yield from ask(transfer(x, e1, a, a_mid), t_mid, a_mid)
         w = interp_weights_in_alpha([a, a_mid], a, a_mid)
-        e3 = yield transfer_combined(x, w, [e1, e2], a, a_mid), t_mid
+        _, e3 = yield from ask(transfer_combined(x, w, [e1, e2], a, a_mid), t_mid, a_mid)
         w = interp_weights_in_alpha([a, a_mid], a, a_next)
-        e4 = yield transfer_combined(x, w, [e1, e3], a, a_next), grid.t[i + 1]
+        _, e4 = yield from ask(transfer_combined(x, w, [e1, e3], a, a_next), grid.t[i + 1], a_next)
         w = interp_weights_in_alpha([a, a_mid, a_next], a, a_next)
         return transfer_combined(x, w, [e1, e3, e4], a, a_next), e1
-    e2 = yield transfer(x, e1, a, a_mid), t_mid
-    e3 = yield transfer(x, e2, a, a_mid), t_mid
-    e4 = yield transfer(x, e3, a, a_next), grid.t[i + 1]
+    _, e2 = yield from ask(transfer(x, e1, a, a_mid), t_mid, a_mid)
+    _, e3 = yield from ask(transfer(x, e2, a, a_mid), t_mid, a_mid)
+    _, e4 = yield from ask(transfer(x, e3, a, a_next), grid.t[i + 1], a_next)
     return transfer_combined(x, [1 / 6, 1 / 3, 1 / 3, 1 / 6], [e1, e2, e3, e4], a, a_next), e1
 
 
@@ -122,8 +122,8 @@ def _improved_euler_step(x: torch.Tensor, grid: Grid, i: int, interp: str = "s")
     model's error by ~80 (S-PNDM RMSE 92 at 3 calls on the zoo UNet, DDIM 0.33).
     """
     a, a_next = grid.ab[i], grid.ab[i + 1]
-    e1 = yield x, grid.t[i]
-    e2 = yield transfer(x, e1, a, a_next), grid.t[i + 1]
+    x, e1 = yield from ask(x, grid.t[i], a, i)
+    _, e2 = yield from ask(transfer(x, e1, a, a_next), grid.t[i + 1], a_next)
     t_next = max(grid.t[i + 1], 0.0)      # where the model was asked
     w = [0.5, 0.5] if interp == "s" or t_next >= grid.t[i] else interp_weights_in_t(grid, i, [grid.t[i], t_next])
     return transfer_combined(x, w, [e1, e2], a, a_next), e1
@@ -145,35 +145,43 @@ def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: boo
     # the weights of every step, before the first model call (they depend on the grid only)
     if fixed_coefficients:
         ws = [AB_FIXED[k] for k in ks]
-    elif interp == "t":
-        ws = adams_weights_in_t_steps(grid, steps, ks)
+    elif interp in ("t", "theta"):
+        ws = adams_weights_in_t_steps(grid, steps, ks, var=interp)
     else:
         ws = [adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1)) for i, k in zip(steps, ks)]
     for i, w in zip(steps, ws):
-        e = yield x, grid.t[i]
+        x, e = yield from ask(x, grid.t[i], grid.ab[i], i)
         es = [e] + es[: order - 1]
         x = transfer_combined(x, w, es, grid.ab[i], grid.ab[i + 1])
     return x
 
 
-def prk(x: torch.Tensor, grid: Grid, *, stages: str = "s") -> Sampler:
+def prk(x: torch.Tensor, grid: Grid, *, stages: str = "s", start: int = 0) -> Sampler:
     """Pseudo Runge-Kutta on every step: 4 calls per step. ``stages``: "s" (PNDM's RK4 in s) or "alpha"
     (see ``_prk_step``: stable on squaredcos_cap_v2, 3rd order)."""
     if stages not in ("s", "alpha"):
         raise ValueError(f"stages must be 's' or 'alpha', got {stages!r}")
-    for i in range(grid.steps):
+    for i in range(start, grid.steps):
         x, _ = yield from _prk_step(x, grid, i, stages=stages)
     return x
 
 
-def s_pndm(x: torch.Tensor, grid: Grid, *, interp: str = "t") -> Sampler:
-    """S-PNDM: one pseudo improved-Euler step, then 2nd-order PLMS. N + 1 calls."""
-    x, e0 = yield from _improved_euler_step(x, grid, 0, interp)
-    return (yield from plms(x, grid, order=2, start=1, history=[e0], interp=interp))
+def s_pndm(x: torch.Tensor, grid: Grid, *, interp: str = "t", start: int = 0) -> Sampler:
+    """S-PNDM: one pseudo improved-Euler step, then 2nd-order PLMS. N + 1 calls (from ``start`` > 0:
+    PLMS ramping 1 -> 2, one call per step)."""
+    return (yield from _improved_euler_then_plms(x, grid, 2, start, interp=interp))
+
+
+def _improved_euler_then_plms(x: torch.Tensor, grid: Grid, order: int, start: int, **plms_knobs) -> Sampler:
+    if start > 0:
+        return (yield from plms(x, grid, order=order, start=start, **plms_knobs))
+    interp = plms_knobs.get("interp", "s")
+    x, e0 = yield from _improved_euler_step(x, grid, 0, "s" if plms_knobs.get("fixed_coefficients") else interp)
+    return (yield from plms(x, grid, order=order, start=1, history=[e0], **plms_knobs))
 
 
 def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, interp: str = "t",
-           warmup: str = "alpha") -> Sampler:
+           warmup: str = "alpha", start: int = 0) -> Sampler:
     """F-PNDM: pseudo RK4 for the first three steps, then 4th-order PLMS. N + 9 calls (N >= 3).
 
     ``warmup``: the pseudo-RK stages, "alpha" (default: stage eps interpolated in sqrt(alpha_bar), see
@@ -183,30 +191,28 @@ def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, int
         raise ValueError(f"warmup must be 's' or 'alpha', got {warmup!r}")
     es: list[torch.Tensor] = []
     n_prk = min(3, grid.steps)
-    for i in range(n_prk):
+    for i in range(start, n_prk):
         x, e1 = yield from _prk_step(x, grid, i, stages=warmup)
         es.insert(0, e1)
-    return (yield from plms(x, grid, order=4, start=n_prk, history=es, fixed_coefficients=fixed_coefficients,
+    return (yield from plms(x, grid, order=4, start=max(start, n_prk), history=es, fixed_coefficients=fixed_coefficients,
                             interp=interp))
 
 
-def s_pndm4(x: torch.Tensor, grid: Grid, *, interp: str = "t") -> Sampler:
+def s_pndm4(x: torch.Tensor, grid: Grid, *, interp: str = "t", start: int = 0) -> Sampler:
     """Pseudo improved-Euler warm-up, then PLMS ramping 2 -> 3 -> 4 with variable-step weights:
     diffusers' ``skip_prk_steps`` scheme made exact on non-uniform grids. N + 1 calls."""
-    x, e0 = yield from _improved_euler_step(x, grid, 0, interp)
-    return (yield from plms(x, grid, order=4, start=1, history=[e0], interp=interp))
+    return (yield from _improved_euler_then_plms(x, grid, 4, start, interp=interp))
 
 
-def pndm_diffusers(x: torch.Tensor, grid: Grid, *, skip_prk_steps: bool = True) -> Sampler:
+def pndm_diffusers(x: torch.Tensor, grid: Grid, *, skip_prk_steps: bool = True, start: int = 0) -> Sampler:
     """diffusers' PNDMScheduler, exactly: fixed AB weights; ``skip_prk_steps`` = improved-Euler warm-up
     then AB2 -> AB3 -> AB4 (N + 1 calls), else three PRK steps (integer midpoints) then AB4 (N + 9)."""
     if not skip_prk_steps:
-        return (yield from f_pndm(x, grid, fixed_coefficients=True, warmup="s"))
-    x, e0 = yield from _improved_euler_step(x, grid, 0)
-    return (yield from plms(x, grid, order=4, start=1, history=[e0], fixed_coefficients=True))
+        return (yield from f_pndm(x, grid, fixed_coefficients=True, warmup="s", start=start))
+    return (yield from _improved_euler_then_plms(x, grid, 4, start, fixed_coefficients=True))
 
 
-def fon(x: torch.Tensor, grid: Grid) -> Sampler:
+def fon(x: torch.Tensor, grid: Grid, *, start: int = 0) -> Sampler:
     """FON: classical RK4 in t on the x-space probability-flow ODE (PNDM eq. 5), 4 calls per step.
 
     The ODE is singular at alpha_bar = 1 (ds/dt ~ 1/sqrt(t + 1)), so a step ending there is taken as a
@@ -219,19 +225,23 @@ def fon(x: torch.Tensor, grid: Grid) -> Sampler:
         g = sched.dlog_alpha_bar(t)
         return g * (x / 2 - e / (2 * (1 - a) ** 0.5))
 
-    for i in range(grid.steps):
+    for i in range(start, grid.steps):
         if grid.ab[i + 1] >= 1.0:
             x, _ = yield from _prk_step(x, grid, i)
             continue
         t0, t1, a0, a1 = grid.t[i], grid.t[i + 1], grid.ab[i], grid.ab[i + 1]
         tm, am = grid.t_mid(i)
         h, hm = t1 - t0, tm - t0
-        k1 = f(x, (yield x, t0), t0, a0)
+        x, e = yield from ask(x, t0, a0, i)
+        k1 = f(x, e, t0, a0)
         x2 = x + hm * k1
-        k2 = f(x2, (yield x2, tm), tm, am)
+        x2, e = yield from ask(x2, tm, am)
+        k2 = f(x2, e, tm, am)
         x3 = x + hm * k2
-        k3 = f(x3, (yield x3, tm), tm, am)
+        x3, e = yield from ask(x3, tm, am)
+        k3 = f(x3, e, tm, am)
         x4 = x + h * k3
-        k4 = f(x4, (yield x4, t1), t1, a1)
+        x4, e = yield from ask(x4, t1, a1)
+        k4 = f(x4, e, t1, a1)
         x = x + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
     return x

@@ -1,12 +1,12 @@
-"""Assemble README.md from the per-area pages in docs/readme/ and the zoo's model cards.
+"""Rebuild the model table in docs/zoo.md from the zoo's model cards.
 
-    python docs/build_readme.py            # rewrite README.md
-    python docs/build_readme.py --check    # exit 1 if README.md is out of date (a test runs this)
+    python docs/build_docs.py            # rewrite the table in docs/zoo.md
+    python docs/build_docs.py --check    # exit 1 if the table is out of date (tests/test_docs.py checks it)
 
-Each area keeps its own page (docs/readme/<area>.md, written with `##` headings); the README is
-the intro followed by the areas in reading order, their headings one level deeper. `ZOO_TABLE`
-in the zoo page becomes a table of the bundled models built from their `card.json` files, so the
-numbers in the README are the numbers the models were saved with.
+The table sits between the zoo_table markers in docs/zoo.md; it is built from each bundled model's
+`card.json`, so the numbers in the docs are the numbers the models were saved with. Every other
+page (README.md, docs/*.md) is written by hand; tests/test_docs.py runs the README's commands and
+code blocks.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ROOT / "docs" / "readme"
-ORDER = ["00-intro", "zoo", "speculative", "trees", "engine", "diffusion", "cli", "selector"]
-TAIL = "testing"                 # a top-level section after the areas
+ZOO_PAGE = ROOT / "docs" / "zoo.md"
 MODELS = ROOT / "src" / "accelerando" / "zoo" / "models"
 
 
@@ -56,33 +54,27 @@ def zoo_table() -> str:
     return "\n".join(rows)
 
 
-def _demote(text: str) -> str:
-    """One more '#' on every heading outside code fences."""
-    out, fenced = [], False
-    for line in text.splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        out.append("#" + line if (not fenced and line.startswith("#")) else line)
-    return "\n".join(out)
+BEGIN, END = "<!-- BEGIN zoo_table (python docs/build_docs.py) -->", "<!-- END zoo_table -->"
 
 
-def build() -> str:
-    parts = []
-    for name in ORDER:
-        text = (PAGES / f"{name}.md").read_text().strip()
-        parts.append(text if name == ORDER[0] else _demote(text))
-    parts.append((PAGES / f"{TAIL}.md").read_text().strip())
-    return "\n\n".join(parts).replace("ZOO_TABLE", zoo_table()) + "\n"
+def build(text: str) -> str:
+    """``text`` (docs/zoo.md) with the table between the zoo_table markers rebuilt from the cards."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"docs/zoo.md has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{zoo_table()}\n{END}{tail}"
 
 
 def main(argv: list[str]) -> int:
-    text, readme = build(), ROOT / "README.md"
+    current = ZOO_PAGE.read_text()
+    text = build(current)
     if "--check" in argv:
-        if readme.read_text() != text:
-            print("README.md is out of date: run python docs/build_readme.py", file=sys.stderr)
+        if current != text:
+            print("docs/zoo.md's model table is out of date: run python docs/build_docs.py", file=sys.stderr)
             return 1
         return 0
-    readme.write_text(text)
+    ZOO_PAGE.write_text(text)
     return 0
 
 

@@ -1,0 +1,3 @@
+from accelerando.cli import main
+
+main()

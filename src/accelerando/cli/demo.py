@@ -1,0 +1,183 @@
+"""``accelerando demo``: every registered method on the bundled zoo models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .common import console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
+from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, results_table
+
+DEMO_LLM = "code-target"
+DEMO_DRAFTS = ("code-draft-small", "code-draft-tiny")
+DEMO_UNET = "digits-unet"
+
+
+def _zoo_has(name: str) -> bool:
+    try:
+        from accelerando import zoo
+        if name not in zoo.names():
+            return False
+        return (Path(zoo.path(name)) / "config.json").exists()
+    except Exception:   # the zoo package may be incomplete while it is being built
+        return False
+
+
+def _demo_prompts() -> list[str]:
+    """A couple of held-out code prompts from the zoo's data if it offers them, else built-ins."""
+    from accelerando.bench.workloads import DEFAULT_CODE_PROMPTS
+    try:
+        from accelerando.zoo import data
+        fn = getattr(data, "heldout_prompts", None)
+        if callable(fn):
+            prompts = list(fn("code", n=2))
+            if prompts:
+                return prompts[:2]
+    except Exception:
+        pass
+    return list(DEFAULT_CODE_PROMPTS)
+
+
+def demo(
+    ctx: typer.Context,
+    history: history_option = None,
+    family: Annotated[str, typer.Option(help="Which family to run: llm, diffusion or all.")] = "all",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 32,
+    steps: Annotated[str, typer.Option(help="Diffusion NFE budgets (comma-separated).")] = "5,10,20",
+    samples: Annotated[int, typer.Option(help="Diffusion samples per budget.")] = 4,
+    reference_steps: Annotated[int, typer.Option(help="Steps of the diffusion reference sample.")] = 200,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per method.")] = 2,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="torch CPU threads. Default 1: the zoo models are so small that per-op overhead, "
+                    "not arithmetic, dominates, and extra OpenMP threads only contend.")] = 1,
+    write_benchmarks: Annotated[bool, typer.Option(
+        "--write-benchmarks", help="Also write the tables into BENCHMARKS.md (section 'demo').")] = False,
+) -> None:
+    """Run the baseline and every registered method on the bundled zoo models; print speed-up and quality per method and store every row in the history.
+
+    LLM: code-target with its drafts on two held-out code prompts, greedy, batch 1.
+    Diffusion: digits-unet, a few samples, a few NFE budgets, RMSE to a many-step reference.
+    """
+    from accelerando.bench.methods import all_methods
+    if family not in ("llm", "diffusion", "all"):
+        fail(f"--family must be llm, diffusion or all, not {family!r}")
+    budgets = _parse_ints(steps, "--steps")
+    console = _console()
+    _quiet_hf()
+    _set_threads(threads)
+    collected: list[tuple[str, str, list[Any]]] = []
+    with _open_history(ctx, history, write=True) as hist:
+        console.print(f"history: {hist.location}")
+        if family in ("llm", "all"):
+            _demo_llm(console, hist, all_methods("llm"), max_new_tokens, repeats, device, collected)
+        if family in ("diffusion", "all"):
+            _demo_diffusion(console, hist, all_methods("diffusion"), budgets, samples,
+                            reference_steps, repeats, device, collected)
+    if not collected:
+        console.print("nothing was measured (no registered methods or no zoo models yet)")
+    elif write_benchmarks:
+        command = (f"accelerando demo --family {family} --max-new-tokens {max_new_tokens} --steps {steps} "
+                   f"--samples {samples} --reference-steps {reference_steps} --repeats {repeats}"
+                   + (f" --threads {threads}" if threads else "") + " --write-benchmarks")
+        path = _write_demo_section(collected, command)
+        console.print(f"wrote the 'demo' section of {path}")
+    history_note(hist)
+
+
+def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: str) -> Path:
+    from accelerando.bench.report import machine_line, markdown_table, write_section
+    parts = ["## accelerando demo", "",
+             f"Command: `{command}`",
+             f"Machine: {machine_line()}", "",
+             "Speed-up = baseline median time / method median time, measured in the same run. "
+             "Quality: LLM exact match of the greedy sequences with the baseline and perplexity under "
+             "the target; diffusion RMSE to the many-step reference and to the baseline's sample; "
+             "'vs reference' = time of the many-step reference / method time. Timings on a shared, "
+             "busy machine: identical work can differ by 10-20 % between rows.", ""]
+    for title, fam, rows in collected:
+        with_ref = any(_num(r.metrics.get("speedup_vs_reference")) for r in rows)
+        table = []
+        for r in rows:
+            if r.error:
+                what = r.error[:60] if getattr(r, "not_applicable", False) else f"failed: {r.error[:60]}"
+                table.append([r.method, "-", "-", "-"] + (["-"] if with_ref else []) + [what, "-"])
+                continue
+            m = r.metrics
+            table.append([r.method + (" (baseline)" if r.is_baseline else ""), m.get("median_s"),
+                          m.get("iqr_s"), f"{m['speedup']:.2f}x" if m.get("speedup") else "-"]
+                         + ([_vs_ref(m)] if with_ref else [])
+                         + [_quality_text(fam, m), _counts_text(fam, m)])
+        headers = ["method", "median s", "iqr s", "speed-up"] + (["vs reference"] if with_ref else []) + ["quality", "counts"]
+        parts += [f"**{title}**", "", markdown_table(headers, table), ""]
+    return write_section("demo", "\n".join(parts))
+
+
+def _demo_llm(console, hist, methods, max_new_tokens, repeats, device, collected) -> None:
+    from accelerando.bench.runner import build_llm_setups, llm_workload_facts, run_methods
+    from accelerando.bench.workloads import LLMWorkload
+    if not methods:
+        console.print("[yellow]LLM: no methods registered yet — skipped[/yellow]")
+        return
+    if not any(m.is_baseline for m in methods):
+        console.print("[yellow]LLM: no baseline method registered yet — skipped[/yellow]")
+        return
+    if not _zoo_has(DEMO_LLM):
+        console.print(f"[yellow]LLM: zoo model {DEMO_LLM} is not available yet — skipped[/yellow]")
+        return
+    drafts = tuple(d for d in DEMO_DRAFTS if _zoo_has(d))
+    wl = LLMWorkload(model=DEMO_LLM, drafts=drafts, domain="code", prompts=tuple(_demo_prompts()),
+                     batch_size=1, max_new_tokens=max_new_tokens, temperature=0.0)
+    with console.status("loading the LLM zoo models"):
+        setups = build_llm_setups(wl, device=device)
+    key = {**wl.key(), **llm_workload_facts(setups)}
+    with _Progress(len(methods), console) as prog:
+        prog.prefix = "llm: "
+        rows = run_methods(setups, methods, workload=key, repeats=repeats, warmup=1, history=hist,
+                           progress=prog)
+    title = (f"LLM: {DEMO_LLM} (drafts: {', '.join(drafts) or 'none'}), {len(setups)} code prompts, "
+             f"{max_new_tokens} new tokens, greedy, batch 1")
+    console.print(results_table(title, "llm", rows))
+    collected.append((title, "llm", rows))
+
+
+def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, repeats, device,
+                    collected) -> None:
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, run_methods, timed_diffusion_reference
+    from accelerando.bench.workloads import DiffusionWorkload
+    if not methods:
+        console.print("[yellow]diffusion: no methods registered yet — skipped[/yellow]")
+        return
+    if not _zoo_has(DEMO_UNET):
+        console.print(f"[yellow]diffusion: zoo model {DEMO_UNET} is not available yet — skipped[/yellow]")
+        return
+    try:
+        with console.status("loading the diffusion zoo model"):
+            base_setups = build_diffusion_setups(DiffusionWorkload(DEMO_UNET, steps=budgets[0], batch=samples),
+                                                 device=device)
+    except RunnerError as exc:
+        console.print(f"[yellow]diffusion: {exc} — skipped[/yellow]")
+        return
+    from dataclasses import replace
+    reference, reference_s = None, None
+    if any(m.is_baseline for m in methods):
+        with console.status(f"computing the {reference_steps}-step reference samples"):
+            reference, reference_s = timed_diffusion_reference(base_setups, steps=reference_steps)
+    with _Progress(len(methods) * len(budgets), console) as prog:
+        tables = []
+        for n in budgets:
+            wl = DiffusionWorkload(DEMO_UNET, steps=n, batch=samples)
+            setups = [replace(s, steps=n) for s in base_setups]
+            prog.prefix = f"diffusion {n} steps: "
+            rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
+                               repeats=repeats, warmup=1, history=hist, reference=reference,
+                               reference_s=reference_s, progress=prog)
+            title = (f"diffusion: {DEMO_UNET}, {samples} samples, {n} steps "
+                     f"(reference: {reference_steps} steps)")
+            tables.append(results_table(title, "diffusion", rows))
+            collected.append((title, "diffusion", rows))
+    for t in tables:
+        console.print(t)
+
