@@ -19,6 +19,8 @@ from accelerando.llm.compute import sage as S
 from llm_models import one_thread, tiny_lm
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+# the eager lean engine, in either engine vocabulary (core renames static-eager -> engine-eager)
+EAGER = "engine-eager" if hasattr(__import__("accelerando.llm.engine").llm.engine, "ENGINES") else "static-eager"
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_skip_view_shares_weights_and_leaves_the_target_alone(lm):
     assert torch.equal(_greedy(v, ids, mask), _greedy(ref, ids, mask))
 
 
-@pytest.mark.parametrize("engine", ["hf", "static-eager"])
+@pytest.mark.parametrize("engine", ["hf", EAGER])
 @pytest.mark.parametrize("cfg", [L.SkipConfig(exit_layer=2), L.SkipConfig(skip=1)])
 def test_self_speculation_greedy_equals_generate(lm, cfg, engine):
     ids, mask = _prompts(3)
@@ -273,3 +275,27 @@ def test_sage_attention_generates_like_the_original(lm):
     valid = mask.bool()
     cos = torch.nn.functional.cosine_similarity(a[valid], b[valid], dim=-1)
     assert cos.min() > 0.99
+
+
+# ----------------------------------------------------------------------------------- bench arms
+def test_bench_arms_run_and_report_quality(lm):
+    from accelerando.bench.methods import LLMSetup
+    from accelerando.bench.runner import run_methods
+
+    class Tok:
+        pad_token_id = 0
+    ids, mask = _prompts(1)
+    s = LLMSetup(target=lm, tokenizer=Tok(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    names = ["quant-int8", "quant-int4", "quant-bitmod", "coreinfer", "layer-skip", "self-spec", "hf-early-exit", "sage-attn"]
+    rows = run_methods(s, names, workload={"family": "llm"}, knobs={"quant-int4": {"group_size": 32},
+                       "quant-bitmod": {"group_size": 32}, "self-spec": {"exit_layer": 2, "k": 3}},
+                       repeats=1, warmup=0, score_perplexity=False)
+    by = {r.method: r for r in rows}
+    assert all(by[n].error is None for n in names), {n: by[n].error for n in names}
+    assert by["self-spec"].metrics["exact_match"] == 1.0 and by["self-spec"].metrics["lossless_verified"]
+    assert by["hf-early-exit"].metrics["exact_match"] == 1.0
+    assert 0 <= by["quant-bitmod"].metrics["token_agreement"] <= 1
+    assert lm.model.layers[0].mlp.__class__.__name__ == "LlamaMLP"       # the target itself is untouched
+    bad = run_methods(s, ["quant-bitmod"], workload={"family": "llm"}, knobs={"quant-bitmod": {"group_size": 48}},
+                      repeats=1, warmup=0, score_perplexity=False)
+    assert bad[-1].not_applicable and "does not divide" in bad[-1].error

@@ -27,7 +27,11 @@ def _transformed(s: LLMSetup, fn: Callable[[Any], Any]) -> Any:
 def _generate_on(s: LLMSetup, model: Any, engine: str = "hf") -> Callable[[], LLMOutput]:
     from accelerando.llm.bench_methods import _hf_run, build_engine_generate
     s2 = replace(s, target=model)
-    return build_engine_generate(s2) if engine == "static" else _hf_run(s2, {})
+    if engine in ("static", "engine", "auto"):
+        return build_engine_generate(s2)
+    if engine in ("static-eager", "engine-eager"):
+        return build_engine_generate(s2, compile=False)
+    return _hf_run(s2, {})
 
 
 def build_quant(s: LLMSetup, method: str = "int8", group_size: int = 64, bits: int | None = None,
