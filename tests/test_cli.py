@@ -340,3 +340,63 @@ def test_bench_diffusion_spacing_knob(env, models, monkeypatch):
     assert row.knobs == {"spacing": "leading"}
     assert_one_line_error(invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--knob", "dpmpp-2m.order=3",
                                  "--history", env), "dpmpp-2m has no knob 'order'", "spacing")
+
+
+def test_run_script_keeps_the_callers_directory(tmp_path):
+    """``./run history export --out rel.csv`` wrote into the clone: the script changed into the
+    repository root. The accelerando command now runs where it was called (``./run test`` still
+    runs from the root). A stand-in repository with a fake installed command records its cwd."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = tmp_path / "clone"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "run", repo / "run")
+    (repo / "pyproject.toml").write_text("")
+    for exe in ("python", "accelerando"):
+        f = repo / ".venv" / "bin" / exe
+        f.write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\n')
+        f.chmod(0o755)
+    (repo / ".venv" / ".accelerando-installed").touch()
+    os.utime(repo / "pyproject.toml", (1, 1))                # the install stamp is newer: no pip
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(["../clone/run", "history", "export", "--out", "rel.csv"], cwd=work,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"cwd={work} args=history export --out rel.csv"
+
+
+def test_zoo_list_and_info_show_the_medusa_heads():
+    res = invoke("zoo", "list")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "code-target-medusa" in x)
+    assert "medusa" in line.replace("code-target-medusa", "") and "yes" in line
+    res = invoke("zoo", "info", "code-target-medusa")
+    assert res.exit_code == 0 and '"role": "medusa"' in res.output and "code-target-medusa" in res.output
+    assert_one_line_error(invoke("zoo", "train", "code-target-medusa"), "medusa train")
+    assert_one_line_error(invoke("bench", "code-target-medusa"), "Medusa heads for code-target", "not a model")
+
+
+def test_medusa_train_refuses_zero_steps(tmp_path):
+    res = invoke("medusa", "train", "--steps", 0, "--out", tmp_path / "h")
+    assert res.exit_code == 2 and "--steps" in res.output + res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_history_since_parses_dates_and_ages_or_refuses(env):
+    from datetime import datetime, timedelta, timezone
+    from accelerando.cli.history import parse_since
+    now = datetime(2026, 12, 3, 8, 30, tzinfo=timezone.utc)
+    assert parse_since("yesterday", now=now) == datetime(2026, 12, 2, tzinfo=timezone.utc)
+    assert parse_since("today", now=now) == datetime(2026, 12, 3, tzinfo=timezone.utc)
+    assert parse_since("12h", now=now) == now - timedelta(hours=12)
+    assert parse_since("2026-11-28T17:00", now=now) == datetime(2026, 11, 28, 17, tzinfo=timezone.utc)
+    _fill(env)                                              # rows stamped now
+    res = invoke("history", "list", "--since", "yesterday", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output and "ddim" in res.output
+    res = invoke("history", "list", "--since", "1h", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output
+    res = invoke("history", "list", "--since", "2999-01-01", "--history", env)
+    assert res.exit_code == 0 and "match" in res.output
+    assert_one_line_error(invoke("history", "list", "--since", "last tuesday", "--history", env),
+                          "--since 'last tuesday' is not a date", "yesterday")

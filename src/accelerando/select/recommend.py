@@ -297,13 +297,23 @@ def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constr
                and (not registered_only or not reg or fam_table.arms[a].method in reg)]
     sel = make_selector(selector, constraint=constraint).fit(fam_table)
     ranked = sel.rank(key, hardware=hardware, arms=allowed)
-    ok = [p for p in ranked if p.p_ok >= sel.min_p_ok]
+    ok = baseline_floor([p for p in ranked if p.p_ok >= sel.min_p_ok], fam_table.baseline_arm(family))
     rest = [p for p in ranked if p.p_ok < sel.min_p_ok]
     notes = []
     if rest:
         notes.append(f"{len(rest)} candidate(s) ranked last: predicted to break the constraint "
                      f"({constraint.label()}) with probability > {1 - sel.min_p_ok:.0%}")
     return Recommendation(family, constraint, ok + rest, dict(fam_table.arms), selector, n, notes=notes)
+
+
+def baseline_floor(ranked: list[Prediction], base_arm: str | None) -> list[Prediction]:
+    """The baseline (speed-up 1 by definition, always allowed) ranks above every arm predicted to
+    be slower than it (or of unknown speed); the order is kept otherwise."""
+    base = next((p for p in ranked if p.arm == base_arm), None)
+    if base is None:
+        return ranked
+    faster = [p for p in ranked if p is not base and p.speedup >= 1.0]      # NaN compares False
+    return faster + [base] + [p for p in ranked if p is not base and p not in faster]
 
 
 def verify(described: Described, rec: Recommendation, *, top: int = 3, history: Any = None,
@@ -337,8 +347,28 @@ def verify(described: Described, rec: Recommendation, *, top: int = 3, history: 
                                               history=history, repeats=repeats, warmup=warmup,
                                               fractions=sorted(fractions, reverse=True)):
             out += rows
-        return out
-    for r in rounds:
-        out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
-                           history=history, reference=ref)
+    else:
+        for r in rounds:
+            out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
+                               history=history, reference=ref)
+    return verified_rows(out, arms, {rec.method(a) for a in arms})
+
+
+def verified_rows(rows: list[Any], arms: Sequence[str], methods: set[str]) -> list[Any]:
+    """What ``verify`` shows: the baseline once, then each candidate arm once. The runs hold more
+    (a baseline per round, a diffusion sampler at every step fraction any candidate needed; all of
+    it goes to the history). A candidate whose stored knobs no longer match what ran (defaults
+    changed) shows every distinct configuration its method ran with. Failed rows are all shown."""
+    from .table import arm_id
+    wanted = set(arms)
+    matched = {r.method for r in rows if arm_id(r.method, r.knobs) in wanted}
+    out, seen = [], set()
+    for r in sorted(rows, key=lambda r: not r.is_baseline):
+        a = arm_id(r.method, r.knobs)
+        if r.error is None and a in seen:
+            continue
+        if (r.is_baseline and not any(x.is_baseline for x in out)) or a in wanted or r.error is not None \
+                or (r.method in methods and r.method not in matched):
+            seen.add(a)
+            out.append(r)
     return out
