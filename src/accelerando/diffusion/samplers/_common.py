@@ -206,8 +206,8 @@ def adams_weights_in_t(grid: "Grid", i: int, k: int) -> list[float]:
 
 
 def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int], var: str = "t") -> list[list[float]]:
-    """``adams_weights_in_t(grid, i, k)`` for every step i in ``steps`` with its k in ``ks``, computed for
-    the whole grid at once (one vectorised pass instead of 8 schedule look-ups and k Lagrange bases per step)."""
+    """``adams_weights_in_t(grid, i, k)`` for every step i in ``steps`` with its k in ``ks`` (``var="theta"``:
+    eps interpolated in arctan(s) instead of t), computed for the whole grid at once (one vectorised pass instead of 8 schedule look-ups and k Lagrange bases per step)."""
     out: list[list[float]] = [[1.0] if k == 1 else [] for k in ks]
     todo = [(n, i, k) for n, (i, k) in enumerate(zip(steps, ks)) if k > 1]
     if not todo:
