@@ -396,3 +396,26 @@ def test_pndm_v_prediction_is_converted_per_call_diffusers_pndm_is_not(skip_prk)
     torch.testing.assert_close(ours_v, eps_run, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loop(ref_eps, x0(), 10), eps_run, rtol=2e-5, atol=2e-5)
     assert (theirs_v - eps_run).abs().max() > 0.1
+
+
+def test_ddim_use_clipped_model_output_equals_diffusers():
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing", clip_sample=True)
+    ours = as_diffusers_scheduler("ddim", ref.config)
+    out = []
+    for s in (ref, ours):
+        s.set_timesteps(10)         # N divides T: diffusers' DDIM steps t -> t - T // N reach the next grid point
+        x = x0()
+        for t in s.timesteps:
+            x = s.step(toy_model(x, t), t, x, eta=0.3, use_clipped_model_output=True,
+                       variance_noise=torch.ones_like(x)).prev_sample
+        out.append(x)
+    torch.testing.assert_close(out[1], out[0], rtol=2e-5, atol=2e-5)
+
+
+def test_set_timesteps_leaves_the_global_random_stream_alone():
+    s = as_diffusers_scheduler("ddim-eta")
+    torch.manual_seed(0)
+    s.set_timesteps(10)
+    a = torch.randn(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.randn(3), a)

@@ -3,19 +3,18 @@
 Notation: the transfer ``phi`` (``transfer``) replaces the Euler step; in DDIM coordinates
 ``xbar' = xbar + (s' - s) e``, so a pseudo method is the classical one applied in ``s``.
 Differences to diffusers' ``PNDMScheduler`` (reproduced by ``pndm_diffusers``): PLMS weights are
-variable-step Adams weights -- eps interpolated as a polynomial in theta = arctan(s) (default), in t or
-in s (``interp``), integrated over s -- where diffusers' fixed weights assume a grid uniform in s, which
-no spacing gives; PRK midpoints are exact s-midpoints when the model accepts float times.
+variable-step Adams weights -- eps interpolated in t (default; the spacings are uniform in t) or in s
+(``interp="s"``), integrated over s -- where diffusers' fixed weights assume a grid uniform in s,
+which no spacing gives; PRK midpoints are exact s-midpoints when the model accepts float times.
 
-Why theta: eps along the ODE is smooth in theta at both ends (~ pi/2 - 1/s near pure noise, ~ s near
-data), and theta is defined by alpha_bar alone. In t it is not: s ~ sqrt(t + 1) near alpha_bar = 1, and a
-discrete schedule's float-time extension has a kink at every integer, so t weights stall at ~2-5e-4 on
-the oracle from 50 steps on (order < 1 from 100 to 200); s weights keep order 4 but are poorly
-conditioned where s spans orders of magnitude (coarse grids from t = 999). Theta keeps order ~3.5 from
-20 to 200 steps and is the most accurate of the three from 20 steps on (tests/test_diffusion_orders.py).
-On very coarse grids its nodes are uneven (theta barely moves over the first steps from t = 999), and
-the last PLMS step extrapolates far past them: F-PNDM at its 4-step minimum has RMSE 0.90 with theta,
-0.42 with t. The default ``interp="auto"`` takes theta from 10 grid steps on, t below.
+Interpolated in t, eps is not smooth at the end point (s ~ sqrt(t + 1) near alpha_bar = 1) and, on a
+discrete schedule, has a kink at every integer of the float-time extension, so on the exact-score
+oracle F-PNDM's error stalls at ~2-5e-4 from 50 steps on; ``interp="s"`` keeps order ~3.7 from 20 to
+200 steps (tests/test_diffusion_orders.py). t is more accurate on the oracle at 20-50 steps and is the
+default the benchmarks were measured with; on the zoo UNet s was as accurate or better at 6-41 steps.
+(eps interpolated in theta = arctan(s), smooth at both ends on the oracle, was tried and dropped: a
+trained network's eps is not smooth in theta near pure noise, where theta hardly moves -- zoo UNet
+RMSE 1.5 at 11 steps, t 0.08.)
 """
 
 from __future__ import annotations
@@ -137,29 +136,26 @@ def _improved_euler_step(x: torch.Tensor, grid: Grid, i: int, interp: str = "s")
 
 
 def plms(x: torch.Tensor, grid: Grid, *, order: int = 4, fixed_coefficients: bool = False,
-         start: int = 0, history: list[torch.Tensor] | None = None, interp: str = "auto") -> Sampler:
+         start: int = 0, history: list[torch.Tensor] | None = None, interp: str = "t") -> Sampler:
     """Pseudo linear multistep: the transfer with an Adams-Bashforth eps, order ramping 1 -> order.
 
     ``history``: eps at the grid points before ``start`` (most recent first), from a warm-up.
-    ``interp``: the variable eps is interpolated in for the variable-step weights: ``"theta"`` (arctan(s);
-    see the module docstring), ``"t"``, ``"s"`` (the transfer's variable; AB exactly on s-uniform grids)
-    or ``"auto"`` (default: theta from 10 grid steps on, t below). An improved-Euler warm-up takes the
-    t weights unless ``"s"``.
+    ``interp``: the variable eps is interpolated in for the variable-step weights, ``"t"`` (default:
+    spacings are uniform in t) or ``"s"`` (the transfer's variable; AB exactly on s-uniform grids; keeps
+    the order down to alpha_bar = 1, see the module docstring).
     """
     if order not in AB_FIXED:
         raise ValueError(f"PLMS order must be 1-4, got {order}")
-    if interp not in ("auto", "theta", "t", "s"):
-        raise ValueError(f"interp must be 'auto', 'theta', 't' or 's', got {interp!r}")
-    if interp == "auto":
-        interp = "theta" if grid.steps >= 10 else "t"
+    if interp not in ("t", "s"):
+        raise ValueError(f"interp must be 't' or 's', got {interp!r}")
     es = list(history or [])[:order]
     steps = range(start, grid.steps)
     ks = [min(len(es) + 1 + n, order) for n in range(len(steps))]      # history length at each step
     # the weights of every step, before the first model call (they depend on the grid only)
     if fixed_coefficients:
         ws = [AB_FIXED[k] for k in ks]
-    elif interp in ("t", "theta"):
-        ws = adams_weights_in_t_steps(grid, steps, ks, var=interp)
+    elif interp == "t":
+        ws = adams_weights_in_t_steps(grid, steps, ks)
     else:
         ws = [adams_weights([grid.s(i - j) for j in range(k)], grid.s(i), grid.s(i + 1)) for i, k in zip(steps, ks)]
     for i, w in zip(steps, ws):
@@ -179,7 +175,7 @@ def prk(x: torch.Tensor, grid: Grid, *, stages: str = "s", start: int = 0) -> Sa
     return x
 
 
-def s_pndm(x: torch.Tensor, grid: Grid, *, interp: str = "auto", start: int = 0) -> Sampler:
+def s_pndm(x: torch.Tensor, grid: Grid, *, interp: str = "t", start: int = 0) -> Sampler:
     """S-PNDM: one pseudo improved-Euler step, then 2nd-order PLMS. N + 1 calls (from ``start`` > 0:
     PLMS ramping 1 -> 2, one call per step)."""
     return (yield from _improved_euler_then_plms(x, grid, 2, start, interp=interp))
@@ -193,7 +189,7 @@ def _improved_euler_then_plms(x: torch.Tensor, grid: Grid, order: int, start: in
     return (yield from plms(x, grid, order=order, start=1, history=[e0], **plms_knobs))
 
 
-def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, interp: str = "auto",
+def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, interp: str = "t",
            warmup: str = "alpha", start: int = 0) -> Sampler:
     """F-PNDM: pseudo RK4 for the first three steps, then 4th-order PLMS. N + 9 calls (N >= 3).
 
@@ -211,7 +207,7 @@ def f_pndm(x: torch.Tensor, grid: Grid, *, fixed_coefficients: bool = False, int
                             interp=interp))
 
 
-def s_pndm4(x: torch.Tensor, grid: Grid, *, interp: str = "auto", start: int = 0) -> Sampler:
+def s_pndm4(x: torch.Tensor, grid: Grid, *, interp: str = "t", start: int = 0) -> Sampler:
     """Pseudo improved-Euler warm-up, then PLMS ramping 2 -> 3 -> 4 with variable-step weights:
     diffusers' ``skip_prk_steps`` scheme made exact on non-uniform grids. N + 1 calls."""
     return (yield from _improved_euler_then_plms(x, grid, 4, start, interp=interp))
