@@ -121,11 +121,11 @@ def test_model_kind_detection(tmp_path):
     (tmp_path / "empty").mkdir()
     assert R.model_kind(tmp_path / "lm") == "llm"
     assert R.model_kind(tmp_path / "unet") == "diffusion"
-    with pytest.raises(R.RunnerError, match="BertModel"):
+    with pytest.raises(R.ModelError, match="BertModel"):
         R.model_kind(tmp_path / "bert")
-    with pytest.raises(R.RunnerError, match="no config.json"):
+    with pytest.raises(R.ModelError, match="no config.json"):
         R.model_kind(tmp_path / "empty")
-    with pytest.raises(R.RunnerError, match="no model directory"):
+    with pytest.raises(R.ModelError, match="no model directory"):
         R.resolve_model_dir(str(tmp_path / "missing"))
 
 
@@ -163,15 +163,15 @@ def test_run_workload_loads_once_and_runs(fakes, tmp_path, monkeypatch):
     lm = F.make_llm_dir(tmp_path / "lm")
     unet = F.make_unet_dir(tmp_path / "unet")
     monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
-    cache = {}
+    cache = R.ModelCache()
     for n in (2, 3):
         rows = R.run_workload(LLMWorkload(model=str(lm), prompts=("x = 1\n",), max_new_tokens=n),
                               ["fake-exact"], models=cache, repeats=1, warmup=0, sync=lambda: None,
                               clock=fakes)
         assert rows[1].metrics["exact_match"] == 1.0 and rows[1].metrics["new_tokens"] == n
-    assert set(cache) == {str(lm), f"tokenizer:{lm}"}
+    assert str(lm) in cache and str(unet) not in cache
     rows = R.run_workload(DiffusionWorkload(str(unet), steps=2, batch=1), models=cache, reference_steps=3,
                           repeats=1, warmup=0)
     assert [r.method for r in rows] == ["fake-ddim", "fake-shifted"]
-    assert rows[0].metrics["rmse_vs_reference"] > 0 and f"unet:{unet}" in cache
+    assert rows[0].metrics["rmse_vs_reference"] > 0 and str(unet) in cache
     assert rows[0].metrics["speedup_vs_reference"] > 0

@@ -15,6 +15,7 @@ from accelerando import cli
 from accelerando.cli import demo as cli_demo
 from accelerando.bench import runner as R
 from accelerando.bench.history import Measurement, open_history
+from accelerando.diffusion import bench_methods as diffusion_methods
 
 runner = CliRunner()
 
@@ -41,8 +42,9 @@ def env(monkeypatch, models, tmp_path):
     F.register_fake_llm()
     F.register_fake_diffusion()
     zoo_map = {"code-target": models["lm"], "code-draft-small": models["draft"], "digits-unet": models["unet"]}
-    real_resolve = R.resolve_model_dir
-    monkeypatch.setattr(R, "resolve_model_dir", lambda n: zoo_map[n] if n in zoo_map else real_resolve(n))
+    from accelerando import zoo
+    real_path = zoo.path
+    monkeypatch.setattr(zoo, "path", lambda n: str(zoo_map[n]) if n in zoo_map else real_path(n))
     monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
     monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: n in zoo_map)
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
@@ -75,10 +77,16 @@ def test_demo_runs_both_families_and_stores_rows(env, monkeypatch, tmp_path):
     monkeypatch.setattr(report, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
     res = invoke("demo", "--history", env, "--max-new-tokens", 4, "--steps", "2,3", "--samples", 2,
                  "--reference-steps", 4, "--repeats", 1, "--write-benchmarks")
-    assert res.exit_code == 0, res.output
+    # fake-broken fails: every table is printed, then its full message, and the exit status is 1
+    assert res.exit_code == 1, res.output
     for name in ("fake-generate (baseline)", "fake-exact", "fake-lossy", "fake-ddim", "fake-shifted"):
         assert name in res.output
-    assert "exact 100%" in res.output and "failed" in res.output and "RuntimeError" in res.output
+    assert "exact 100%" in res.output and "failed" in res.output
+    assert "fake-broken" in res.output.split("In short:")[1]
+    assert "RuntimeError: this method is broken" in res.output.split("method(s) failed:")[1]
+    short = res.output.split("In short:")[1].split("method(s) failed")[0]
+    assert "LLM:" in short                              # which line it is depends on timings: see below
+    assert "diffusion:" in short and "fewer model calls" in short   # diffusion's gain is at fewer model calls
     with open_history(env) as h:
         llm, diff = h.rows(family="llm"), h.rows(family="diffusion")
     assert sorted({r.method for r in llm}) == ["fake-exact", "fake-generate", "fake-lossy"]
@@ -86,6 +94,23 @@ def test_demo_runs_both_families_and_stores_rows(env, monkeypatch, tmp_path):
     assert all(r.workload["model"] == "code-target" and r.workload["drafts"] == ["code-draft-small"] for r in llm)
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- BEGIN demo -->" in md and "| fake-exact |" in md and "--steps 2,3" in md
+
+
+def test_demo_takeaway_names_the_fastest_at_no_loss():
+    from accelerando.bench.runner import RunRow
+
+    def row(method, nfe, s, rmse, base=False):
+        return RunRow(method, "diffusion", {}, {"nfe": nfe, "median_s": s, "rmse_vs_reference": rmse}, is_baseline=base)
+    llm = [RunRow("generate", "llm", {}, {"speedup": 1.0, "exact_match": 1.0}, is_baseline=True),
+           RunRow("typical", "llm", {}, {"speedup": 3.0, "exact_match": 0.5}),
+           RunRow("spec", "llm", {}, {"speedup": 1.8, "exact_match": 1.0})]
+    diff = [("10", "diffusion", [row("ddim", 10, 1.0, 0.30, True), row("f-pndm", 10, 1.0, 0.05)]),
+            ("20", "diffusion", [row("ddim", 20, 2.0, 0.10, True), row("f-pndm", 20, 2.0, 0.01)])]
+    lines = cli_demo.takeaway([("llm", "llm", llm)] + diff)
+    assert len(lines) == 3
+    assert "spec, 1.80x" in lines[0]                       # not the lossy one, though it is faster
+    assert "f-pndm with 10 model calls" in lines[1] and "ddim with 20" in lines[1]
+    assert "2.0x faster" in lines[1] and "2.0x fewer model calls" in lines[1]
 
 
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):
@@ -255,3 +280,123 @@ def test_a_command_error_is_one_line():
     def other():
         pass
     assert_one_line_error(runner.invoke(fresh, ["recommend"]), "no history yet")
+
+
+# ----------------------------------------------------------------------------- issue 21: failures are failures
+
+def test_bench_refuses_limits_and_knobs_before_anything_runs(env, models, tmp_path):
+    h = ["--history", env]
+    assert_one_line_error(invoke("bench", models["lm"], "--knob", "nosuch.k=3", *h), "nosuch", "not selected")
+    assert_one_line_error(invoke("bench", models["lm"], "--methods", "fake-lossy", "--knob", "fake-exact.k=3", *h),
+                          "fake-exact", "not selected")
+    assert_one_line_error(invoke("bench", models["lm"], "--knob", "fake-exact.kk=3", *h), "has no knob 'kk'", "k")
+    # 256 positions (bench_fakes.make_llm): refused before the baseline spends any time
+    assert_one_line_error(invoke("bench", models["lm"], "--max-new-tokens", 5000, *h),
+                          "max_new_tokens (5000)", "has 256")
+    assert_one_line_error(invoke("bench", models["unet"], "--steps", "2000", "--reference-steps", 0, *h),
+                          "2000", "1000 training timesteps")
+    assert_one_line_error(invoke("bench", models["unet"], "--steps", "10", "--reference-steps", 5000, *h),
+                          "--reference-steps 5000", "1000 training timesteps")
+    assert_one_line_error(invoke("bench", models["unet"], "--steps", "10,20", "--reference-steps", 1, *h),
+                          "--reference-steps 1", "no finer")
+    assert not env.exists() or open_history(env).count() == 0
+
+
+def test_bench_refuses_a_draft_with_another_vocabulary(env, models, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "other")
+    F.make_tokenizer().save_pretrained(tmp_path / "other")
+    assert_one_line_error(invoke("bench", models["lm"], "--draft", tmp_path / "other", "--methods", "fake-exact",
+                                 "--history", env), "vocabulary of 300 tokens", "112")
+    assert not env.exists() or open_history(env).count() == 0
+
+
+def test_bench_with_a_failed_method_prints_the_table_then_the_message_and_exits_1(env, models):
+    res = invoke("bench", models["lm"], "--methods", "fake-exact,fake-broken", "--max-new-tokens", 2,
+                 "--repeats", 1, "--warmup", 0, "--history", env)
+    assert res.exit_code == 1, res.output
+    table, below = res.output.split("method(s) failed:")
+    assert "fake-exact" in table and "exact 100%" in table
+    assert "fake-broken: RuntimeError: this method is broken" in below
+    with open_history(env) as h:                       # what did run is kept
+        assert sorted(r.method for r in h.rows()) == ["fake-exact", "fake-generate"]
+
+
+def test_bench_diffusion_spacing_knob(env, models, monkeypatch):
+    """``--knob dpmpp-2m.spacing=leading`` used to be a TypeError (duplicate keyword)."""
+    from accelerando.bench.methods import MethodEntry, register
+    from accelerando.diffusion import make_schedule
+    F.fresh_registry(monkeypatch)                       # the real samplers' builders, nothing else
+    register(MethodEntry("ddim", "diffusion", diffusion_methods._ours("ddim"), lossless=False, is_baseline=True))
+    register(MethodEntry("dpmpp-2m", "diffusion", diffusion_methods._ours("dpmpp-2m"), lossless=False))
+    monkeypatch.setattr(R, "_diffusion_api", lambda: make_schedule)
+    res = invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--steps", "4", "--samples", 1,
+                 "--reference-steps", 8, "--repeats", 1, "--knob", "dpmpp-2m.spacing=leading", "--history", env)
+    assert res.exit_code == 0, res.output
+    with open_history(env) as h:
+        row = [r for r in h.rows() if r.method == "dpmpp-2m"][0]
+    assert row.knobs == {"spacing": "leading"}
+    assert_one_line_error(invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--knob", "dpmpp-2m.order=3",
+                                 "--history", env), "dpmpp-2m has no knob 'order'", "spacing")
+
+
+def test_run_script_keeps_the_callers_directory(tmp_path):
+    """``./run history export --out rel.csv`` wrote into the clone: the script changed into the
+    repository root. The accelerando command now runs where it was called (``./run test`` still
+    runs from the root). A stand-in repository with a fake installed command records its cwd."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = tmp_path / "clone"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "run", repo / "run")
+    (repo / "pyproject.toml").write_text("")
+    for exe in ("python", "accelerando"):
+        f = repo / ".venv" / "bin" / exe
+        f.write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\n')
+        f.chmod(0o755)
+    (repo / ".venv" / ".accelerando-installed").touch()
+    os.utime(repo / "pyproject.toml", (1, 1))                # the install stamp is newer: no pip
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(["../clone/run", "history", "export", "--out", "rel.csv"], cwd=work,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"cwd={work} args=history export --out rel.csv"
+
+
+def test_zoo_list_and_info_show_the_medusa_heads():
+    res = invoke("zoo", "list")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "code-target-medusa" in x)
+    assert "medusa" in line.replace("code-target-medusa", "") and "yes" in line
+    res = invoke("zoo", "info", "code-target-medusa")
+    assert res.exit_code == 0 and '"role": "medusa"' in res.output and "code-target-medusa" in res.output
+    assert_one_line_error(invoke("zoo", "train", "code-target-medusa"), "medusa train")
+    assert_one_line_error(invoke("bench", "code-target-medusa"), "Medusa heads for code-target", "not a model")
+
+
+def test_medusa_train_refuses_zero_steps(tmp_path):
+    res = invoke("medusa", "train", "--steps", 0, "--out", tmp_path / "h")
+    assert res.exit_code == 2 and "--steps" in res.output + res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_history_since_parses_dates_and_ages_or_refuses(env):
+    from datetime import datetime, timedelta, timezone
+    from accelerando.cli.history import parse_since
+    now = datetime(2026, 12, 3, 8, 30, tzinfo=timezone.utc)
+    assert parse_since("yesterday", now=now) == datetime(2026, 12, 2, tzinfo=timezone.utc)
+    assert parse_since("today", now=now) == datetime(2026, 12, 3, tzinfo=timezone.utc)
+    assert parse_since("12h", now=now) == now - timedelta(hours=12)
+    assert parse_since("2026-11-28T17:00", now=now) == datetime(2026, 11, 28, 17, tzinfo=timezone.utc)
+    _fill(env)                                              # rows stamped now
+    res = invoke("history", "list", "--since", "yesterday", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output and "ddim" in res.output
+    res = invoke("history", "list", "--since", "1h", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output
+    res = invoke("history", "list", "--since", "2999-01-01", "--history", env)
+    assert res.exit_code == 0 and "match" in res.output
+    assert_one_line_error(invoke("history", "list", "--since", "last tuesday", "--history", env),
+                          "--since 'last tuesday' is not a date", "yesterday")

@@ -28,10 +28,7 @@ README_SKIP = {
     "./run test": ("it is the test suite this test belongs to", None),
 }
 # command as written -> why it fails today (pytest.mark.xfail(strict=True))
-README_XFAIL = {
-    "accelerando recommend digits-unet --steps 20 --max-loss 0.25":
-        "issue 21 item 1: a zoo UNet's loader returns three values where recommend unpacks two",
-}
+README_XFAIL: dict[str, str] = {}
 
 
 def _blocks(text: str) -> list[tuple[str, int, str]]:

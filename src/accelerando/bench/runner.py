@@ -31,11 +31,12 @@ from . import metrics as M
 from .harness import Timing, measure
 from .methods import (DiffusionOutput, DiffusionSetup, LLMOutput, LLMSetup, MethodEntry, NotApplicable,
                       all_methods, get_method)
+from .models import LoadedUNet, ModelCache, ModelError, load_llm, load_unet, model_kind, resolve  # noqa: F401
 from .workloads import DiffusionWorkload, LLMWorkload
 
 
 class RunnerError(ValueError):
-    """Bad input to a run: unknown model, wrong kind of model, no methods, ..."""
+    """Bad input to a run: wrong kind of model, no methods, a limit the workload exceeds, ..."""
 
 
 @dataclass
@@ -158,6 +159,8 @@ def run_methods(
     if not entries:
         raise RunnerError(f"no {family} methods are registered")
     knobs = knobs or {}
+    check_knobs(entries, knobs)
+    check_limits(setups)
     run_id = run_id or uuid.uuid4().hex[:12]
 
     rows: list[RunRow] = []
@@ -202,6 +205,69 @@ def run_methods(
         for r, mid in zip(ok, history.record_many(ms)):
             r.measurement_id = mid
     return rows
+
+
+def knob_names(entry: MethodEntry) -> tuple[str, ...] | None:
+    """The knobs a method's builder takes (``build.knobs`` if it declares them, else its keyword
+    parameters); None when it takes any ``**knobs`` and declares none."""
+    import inspect
+    declared = getattr(entry.build, "knobs", None)
+    if declared is not None:
+        return tuple(declared)
+    params = list(inspect.signature(entry.build).parameters.values())[1:]      # after the setup
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_knobs(entries: Sequence[MethodEntry], knobs: dict[str, dict[str, Any]]) -> None:
+    """Knobs name a selected method and a knob it has (``RunnerError`` otherwise), before anything runs."""
+    selected = {e.name: e for e in entries}
+    for method, given in knobs.items():
+        if method not in selected:
+            raise RunnerError(f"--knob {method}.{next(iter(given), '?')}: method {method!r} is not selected "
+                              f"(selected: {', '.join(selected)})")
+        valid = knob_names(selected[method])
+        if valid is None:
+            continue
+        for k in given:
+            if k not in valid:
+                raise RunnerError(f"--knob {method}.{k}: {method} has no knob {k!r} "
+                                  f"(its knobs: {', '.join(valid) or 'none'})")
+
+
+def check_limits(setups: Sequence[LLMSetup] | Sequence[DiffusionSetup]) -> None:
+    """What the models cannot do, refused before anything runs: more positions than an LLM (or its
+    draft) has, drafts whose vocabulary differs from the target's, more diffusion steps than
+    training timesteps."""
+    if setups and isinstance(setups[0], LLMSetup) and setups[0].drafts:
+        from accelerando.llm.drafters.draft_model import vocab_size
+    for s in setups:
+        if isinstance(s, LLMSetup):
+            need = int(s.input_ids.shape[1]) + int(s.max_new_tokens)
+            for name, m in (("target", s.target), *((f"draft {d}", dm) for d, dm in s.drafts.items())):
+                n_pos = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+                if isinstance(n_pos, int) and need > n_pos:
+                    raise RunnerError(f"prompt ({s.input_ids.shape[1]} tokens) + max_new_tokens ({s.max_new_tokens}) "
+                                      f"= {need} positions; the {name} has {n_pos}")
+            for d, dm in s.drafts.items():
+                vt, vd = vocab_size(s.target), vocab_size(dm)
+                if vt != vd:
+                    raise RunnerError(f"draft {d} has a vocabulary of {vd} tokens, the target {vt}: "
+                                      "speculative decoding needs the same token ids")
+        else:
+            check_steps_fit(s.schedule, s.steps)
+
+
+def training_timesteps(schedule: Any) -> int:
+    n = getattr(schedule, "num_train_timesteps", None)
+    return int(n) if n is not None else len(schedule.alphas_cumprod)
+
+
+def check_steps_fit(schedule: Any, steps: int, what: str = "steps") -> None:
+    T = training_timesteps(schedule)
+    if steps > T:
+        raise RunnerError(f"{what} {steps} is more than the model's {T} training timesteps")
 
 
 def llm_new_tokens(setups: list[Any], outs: list[Any]) -> int:
@@ -290,6 +356,8 @@ def timed_diffusion_reference(setups: Sequence[DiffusionSetup], *, steps: int, m
     entry = get_method(method) if method else next((e for e in all_methods("diffusion") if e.is_baseline), None)
     if entry is None:
         raise RunnerError("no diffusion baseline registered to compute a reference")
+    for s in setups:
+        check_steps_fit(s.schedule, steps, "--reference-steps")
     calls = [entry.build(replace(s, steps=steps), **entry.default_knobs) for s in setups]
     t = measure(lambda: [c().x0 for c in calls], warmup=0, repeats=1, sync=sync)
     return t.result, t.median_s
@@ -298,71 +366,24 @@ def timed_diffusion_reference(setups: Sequence[DiffusionSetup], *, steps: int, m
 # ----------------------------------------------------------------------------- models and setups
 
 def resolve_model_dir(name_or_path: str) -> Path:
-    """A model directory: an existing path, else a zoo name."""
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise RunnerError(f"model path {p} is a file; give the model's directory (with config.json)")
-        return p
-    try:
-        from accelerando import zoo
-        names = list(zoo.names())
-    except (ImportError, AttributeError):
-        names = []
-    if name_or_path in names:
-        return Path(zoo.path(name_or_path))
-    known = ", ".join(names) if names else "(zoo not available)"
-    raise RunnerError(f"no model directory {name_or_path!r} and no zoo model of that name (zoo: {known})")
-
-
-def model_kind(model_dir: Path) -> str:
-    """"llm" for a causal LM, "diffusion" for a diffusers UNet, from ``config.json``."""
-    cfg_path = Path(model_dir) / "config.json"
-    if not cfg_path.exists():
-        raise RunnerError(f"{model_dir} has no config.json; not a Hugging Face model directory")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise RunnerError(f"cannot read {cfg_path}: {exc}") from None
-    cls = str(cfg.get("_class_name", ""))
-    if cls:
-        if "UNet" in cls or "Transformer2D" in cls or "DiT" in cls:
-            return "diffusion"
-        raise RunnerError(f"{model_dir} is a diffusers {cls}, not a denoising UNet")
-    archs = cfg.get("architectures") or []
-    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
-        return "llm"
-    what = ", ".join(archs) or cfg.get("model_type") or "unknown"
-    raise RunnerError(f"{model_dir} is not a causal LM or a diffusers UNet (config says: {what})")
-
-
-def _tokenizer_dir(model_dir: Path) -> Path:
-    if (model_dir / "tokenizer.json").exists() or (model_dir / "tokenizer_config.json").exists():
-        return model_dir
-    raise RunnerError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-
-
-def load_causal_lm(name_or_path: str, *, device: str | torch.device = "cpu"):
-    from transformers import AutoModelForCausalLM
-    d = resolve_model_dir(name_or_path)
-    if model_kind(d) != "llm":
-        raise RunnerError(f"{name_or_path} is a diffusion model, not a causal LM")
-    model = AutoModelForCausalLM.from_pretrained(d).to(device).eval()
-    return model, d
+    """A model directory: an existing path, else a zoo name (``models.resolve``; random specs have none)."""
+    ref = resolve(name_or_path)
+    if ref.path is None:
+        raise RunnerError(f"{name_or_path} is a random-initialised spec; it has no directory")
+    return ref.path
 
 
 def build_llm_setups(workload: LLMWorkload, *, device: str | torch.device = "cpu",
                      max_batches: int | None = None, target=None, tokenizer=None,
                      drafts: dict[str, Any] | None = None) -> list[LLMSetup]:
     """Load the workload's models and tokenise its prompts into left-padded batches."""
-    from transformers import AutoTokenizer
     if target is None:
-        target, d = load_causal_lm(workload.model, device=device)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(_tokenizer_dir(d))
+        loaded = load_llm(workload.model, device=device)
+        target, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     if tokenizer is None:
         raise RunnerError("a tokenizer is needed with a preloaded target")
     if drafts is None:
-        drafts = {name: load_causal_lm(name, device=device)[0] for name in workload.drafts}
+        drafts = {name: load_llm(name, device=device).model for name in workload.drafts}
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -423,36 +444,20 @@ def unet_eps_fn(unet: Any, *, prediction_type: str = "epsilon", schedule: Any = 
     return eps
 
 
-def load_unet(name_or_path: str, *, device: str | torch.device = "cpu") -> tuple[Any, int, str]:
-    """A diffusers denoiser from a directory or zoo name, its training-timestep count and its
-    prediction type (from a scheduler config beside it; epsilon when there is none)."""
-    d = resolve_model_dir(name_or_path)
-    if model_kind(d) != "diffusion":
-        raise RunnerError(f"{name_or_path} is a causal LM, not a diffusion model")
-    import diffusers
-    cls_name = json.loads((d / "config.json").read_text())["_class_name"]
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        raise RunnerError(f"diffusers has no model class {cls_name}")
-    n_train, prediction = 1000, "epsilon"
-    for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
-        if sc.exists():
-            cfg = json.loads(sc.read_text())
-            n_train = int(cfg.get("num_train_timesteps", n_train))
-            prediction = str(cfg.get("prediction_type", prediction))
-            break
-    return cls.from_pretrained(d).to(device).eval(), n_train, prediction
-
-
 def build_diffusion_setups(workload: DiffusionWorkload, *, device: str | torch.device = "cpu",
-                           unet=None, num_train_timesteps: int = 1000,
+                           unet: Any = None, num_train_timesteps: int = 1000,
                            prediction_type: str = "epsilon") -> list[DiffusionSetup]:
-    """One setup: the model's eps_fn, the schedule, per-sample-seeded starting noise."""
+    """One setup: the model's eps_fn, the schedule, per-sample-seeded starting noise.
+
+    ``unet``: a ``LoadedUNet`` (its timesteps and prediction type come with it), a bare denoiser
+    (then ``num_train_timesteps`` / ``prediction_type`` describe it), or None to load ``workload.model``."""
     make_schedule = _diffusion_api()
     if workload.model.startswith("oracle:"):
         raise RunnerError("oracle workloads are run by the diffusion benchmark, not by this runner yet")
     if unet is None:
-        unet, num_train_timesteps, prediction_type = load_unet(workload.model, device=device)
+        unet = load_unet(workload.model, device=device)
+    if isinstance(unet, LoadedUNet):
+        unet, num_train_timesteps, prediction_type = unet.unet, unet.num_train_timesteps, unet.prediction_type
     cfg = unet.config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) \
         else (cfg.in_channels, *cfg.sample_size)
@@ -471,41 +476,25 @@ def run_workload(
     *,
     device: str | torch.device = "cpu",
     reference_steps: int | None = None,
-    models: dict[str, Any] | None = None,
+    models: ModelCache | None = None,
     max_batches: int | None = None,
     **run_kwargs: Any,
 ) -> list[RunRow]:
     """Build the setups of one workload and ``run_methods`` on them (what a sweep calls per grid point).
 
-    ``models``: a dict reused across calls as a cache of loaded models / tokenizers, keyed by
-    name, so a sweep over many workloads of one model loads it once.
+    ``models``: a ``ModelCache`` reused across calls, so many workloads of one model load it once.
     ``reference_steps`` (diffusion): also compare to the baseline run at that many steps.
     Other keywords (``history``, ``repeats``, ``warmup``, ``knobs``, ``progress``, ...) go to ``run_methods``.
     """
-    cache = models if models is not None else {}
+    cache = models if models is not None else ModelCache(device)
     if isinstance(workload, LLMWorkload):
-        from transformers import AutoTokenizer
-
-        def load(name: str):
-            if name not in cache:
-                cache[name] = load_causal_lm(name, device=device)
-            return cache[name]
-        target, d = load(workload.model)
-        tok_key = f"tokenizer:{workload.model}"
-        if tok_key not in cache:
-            cache[tok_key] = AutoTokenizer.from_pretrained(_tokenizer_dir(d))
-        setups = build_llm_setups(workload, device=device, max_batches=max_batches, target=target,
-                                  tokenizer=cache[tok_key],
-                                  drafts={n: load(n)[0] for n in workload.drafts})
+        m = cache.llm(workload.model)
+        setups = build_llm_setups(workload, device=device, max_batches=max_batches, target=m.model,
+                                  tokenizer=m.tokenizer, drafts={n: cache.llm(n).model for n in workload.drafts})
         key = {**workload.key(), **llm_workload_facts(setups)}
         return run_methods(setups, methods, workload=key, **run_kwargs)
     if isinstance(workload, DiffusionWorkload):
-        unet_key = f"unet:{workload.model}"
-        if unet_key not in cache:
-            cache[unet_key] = load_unet(workload.model, device=device)
-        unet, n_train, prediction = cache[unet_key]
-        setups = build_diffusion_setups(workload, device=device, unet=unet, num_train_timesteps=n_train,
-                                        prediction_type=prediction)
+        setups = build_diffusion_setups(workload, device=device, unet=cache.unet(workload.model))
         key = workload.key()
         if reference_steps:
             key["reference_steps"] = reference_steps

@@ -147,9 +147,10 @@ def quiet_hf() -> None:
 
 def one_line(exc: BaseException) -> str:
     from accelerando.bench.history import HistoryError
+    from accelerando.bench.models import ModelError
     from accelerando.bench.runner import RunnerError
     from accelerando.bench.workloads import PromptsError
-    if isinstance(exc, (CLIError, HistoryError, RunnerError, PromptsError)):
+    if isinstance(exc, (CLIError, HistoryError, ModelError, RunnerError, PromptsError)):
         msg = str(exc)
     elif isinstance(exc, KeyError):          # unknown method / zoo name: the message lists valid ones
         msg = str(exc.args[0]) if exc.args else "unknown name"

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .common import console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
-from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, results_table
+from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, report_failures, results_table
 
 DEMO_LLM = "code-target"
 DEMO_DRAFTS = ("code-draft-small", "code-draft-tiny")
@@ -18,9 +18,7 @@ DEMO_UNET = "digits-unet"
 def _zoo_has(name: str) -> bool:
     try:
         from accelerando import zoo
-        if name not in zoo.names():
-            return False
-        return (Path(zoo.path(name)) / "config.json").exists()
+        return name in zoo.names() and zoo.is_trained(name)
     except Exception:   # the zoo package may be incomplete while it is being built
         return False
 
@@ -65,6 +63,9 @@ def demo(
     if family not in ("llm", "diffusion", "all"):
         fail(f"--family must be llm, diffusion or all, not {family!r}")
     budgets = _parse_ints(steps, "--steps")
+    if family != "llm" and reference_steps <= max(budgets):
+        fail(f"--reference-steps {reference_steps} is no finer than the run (--steps up to {max(budgets)}): "
+             "the reference must take more steps than any budget")
     console = _console()
     _quiet_hf()
     _set_threads(threads)
@@ -78,16 +79,67 @@ def demo(
                             reference_steps, repeats, device, collected)
     if not collected:
         console.print("nothing was measured (no registered methods or no zoo models yet)")
-    elif write_benchmarks:
+        return
+    lines = takeaway(collected)
+    console.print("[bold]In short:[/bold]")
+    for line in lines:
+        console.print(f"  {line}", soft_wrap=True)
+    if write_benchmarks:
         command = (f"accelerando demo --family {family} --max-new-tokens {max_new_tokens} --steps {steps} "
                    f"--samples {samples} --reference-steps {reference_steps} --repeats {repeats}"
                    + (f" --threads {threads}" if threads else "") + " --write-benchmarks")
-        path = _write_demo_section(collected, command)
+        path = _write_demo_section(collected, command, lines)
         console.print(f"wrote the 'demo' section of {path}")
+    failed = report_failures(console, [(title, r) for title, _, rows in collected for r in rows])
     history_note(hist)
+    if failed:
+        raise typer.Exit(1)
 
 
-def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: str) -> Path:
+def takeaway(collected: list[tuple[str, str, list[Any]]]) -> list[str]:
+    """Three lines: the fastest LLM method whose output equals the baseline's, the fastest diffusion
+    (sampler, budget) at no more error to the reference than the baseline at the largest budget --
+    a gain that comes from fewer model calls -- and where the rows went."""
+    llm = [r for _, fam, rows in collected if fam == "llm" for r in rows if not r.error]
+    diff = [r for _, fam, rows in collected if fam == "diffusion" for r in rows if not r.error]
+    out = []
+    if llm:
+        base = next((r for r in llm if r.is_baseline), None)
+        same = [r for r in llm if not r.is_baseline and r.metrics.get("exact_match") == 1.0
+                and _num(r.metrics.get("speedup"))]
+        best = max(same, key=lambda r: r.metrics["speedup"], default=None)
+        if best is not None and best.metrics["speedup"] > 1:
+            out.append(f"LLM: fastest with output identical to {base.method if base else 'the baseline'} "
+                       f"(greedy, token for token): {best.method}, {best.metrics['speedup']:.2f}x.")
+        else:
+            out.append("LLM: no method beat the baseline with identical output on this machine.")
+    if diff:
+        bases = [r for r in diff if r.is_baseline and _num(r.metrics.get("rmse_vs_reference"))]
+        if bases:
+            base = max(bases, key=lambda r: r.metrics["nfe"])
+            ok = [r for r in diff if _num(r.metrics.get("rmse_vs_reference"))
+                  and r.metrics["rmse_vs_reference"] <= base.metrics["rmse_vs_reference"]
+                  and _num(r.metrics.get("median_s")) and r.metrics["median_s"] > 0]
+            best = min(ok, key=lambda r: (r.metrics["nfe"], r.metrics["median_s"]))
+            if best is base:
+                out.append(f"diffusion: no sampler reached {base.method}'s error at {base.metrics['nfe']} model calls "
+                           "with fewer model calls (a sampler's gain is fewer model calls: at equal calls they "
+                           "cost about the same).")
+            else:
+                out.append(f"diffusion: {best.method} with {best.metrics['nfe']} model calls is as close to the "
+                           f"reference as {base.method} with {base.metrics['nfe']} (RMSE "
+                           f"{best.metrics['rmse_vs_reference']:.3g} vs {base.metrics['rmse_vs_reference']:.3g}): "
+                           f"{base.metrics['median_s'] / best.metrics['median_s']:.1f}x faster, because it makes "
+                           f"{base.metrics['nfe'] / best.metrics['nfe']:.1f}x fewer model calls (at equal calls "
+                           "the samplers cost about the same).")
+        else:
+            out.append("diffusion: no baseline row with a reference error; nothing to compare.")
+    out.append("Every row is in the history (`accelerando history list`); "
+               "`accelerando recommend MODEL` picks a method for your own workload.")
+    return out
+
+
+def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: str, summary: list[str]) -> Path:
     from accelerando.bench.report import machine_line, markdown_table, write_section
     parts = ["## accelerando demo", "",
              f"Command: `{command}`",
@@ -112,6 +164,7 @@ def _write_demo_section(collected: list[tuple[str, str, list[Any]]], command: st
                          + [_quality_text(fam, m), _counts_text(fam, m)])
         headers = ["method", "median s", "iqr s", "speed-up"] + (["vs reference"] if with_ref else []) + ["quality", "counts"]
         parts += [f"**{title}**", "", markdown_table(headers, table), ""]
+    parts += ["In short:", ""] + [f"- {line}" for line in summary] + [""]
     return write_section("demo", "\n".join(parts))
 
 

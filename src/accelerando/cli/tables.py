@@ -97,3 +97,28 @@ class Progress:
         else:
             self.p.advance(self.task)
 
+
+
+def failures(rows: list[Any], requested: list[str] | None = None) -> list[tuple[str, Any]]:
+    """(label, row) of the rows that failed; ``rows`` holds RunRows or (label, RunRow) pairs. A
+    method that does not apply (n/a: a budget below its minimum) counts only when it was requested
+    by name and applied nowhere."""
+    pairs = [r if isinstance(r, tuple) else ("", r) for r in rows]
+    out = [(lab, r) for lab, r in pairs if r.error and not getattr(r, "not_applicable", False)]
+    for name in requested or []:
+        mine = [(lab, r) for lab, r in pairs if r.method == name]
+        if mine and all(getattr(r, "not_applicable", False) for _, r in mine):
+            out += mine
+    return out
+
+
+def report_failures(console, rows: list[Any], requested: list[str] | None = None) -> bool:
+    """After the table: each failed method's full message. True if any failed: the caller then
+    exits with status 1 (a run with a failed method is not a success)."""
+    from rich.markup import escape
+    bad = failures(rows, requested)
+    if bad:
+        console.print(f"[red]{len({r.method for _, r in bad})} method(s) failed:[/red]")
+        for lab, r in bad:
+            console.print(f"  {r.method}" + (f" ({lab})" if lab else "") + f": {escape(r.error)}", soft_wrap=True)
+    return bool(bad)

@@ -74,6 +74,9 @@ def zoo_train(
     """Retrain a zoo model deterministically from its offline data (drafts need the target)."""
     zoo = _zoo()
     _zoo_name(zoo, name)
+    if zoo.card(name).get("role") == "medusa":
+        fail(f"{name} holds Medusa heads; they are trained by `{zoo.card(name).get('command', 'accelerando medusa train')}` "
+             f"with --out {out_dir or zoo.path(name)}")
     try:
         from accelerando.zoo.train import train
     except ImportError as exc:

@@ -32,19 +32,36 @@ def _steps(name: str, nfe: int, cost: Callable[[int], int], min_steps: int = 1) 
     return best
 
 
+def _sampler_knobs(name: str) -> tuple[str, ...]:
+    """The options a sampler takes beyond (x, grid): its spec's defaults and its keyword parameters."""
+    import inspect
+    spec = SPECS[name]
+    params = [p for p in list(inspect.signature(spec.fn).parameters)[2:] if p != "generator"]
+    return tuple(dict.fromkeys([*spec.knobs, *params]))
+
+
 def _ours(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
-    def build(setup: DiffusionSetup, *, match_nfe: bool = True, float_t: bool = False, **knobs: Any):
+    sampler_knobs = _sampler_knobs(name)
+
+    def build(setup: DiffusionSetup, *, match_nfe: bool = True, float_t: bool = False, spacing: str | None = None,
+              **knobs: Any):
+        """``spacing`` overrides the workload's timestep spacing for this method."""
+        bad = [k for k in knobs if k not in sampler_knobs]
+        if bad:
+            raise TypeError(f"{name} has no knob {bad[0]!r} (its knobs: {', '.join(build.knobs)})")
         try:
             steps = check_budget(name, setup.steps, setup.schedule) if match_nfe else setup.steps
         except BelowMinimumError as exc:
             raise NotApplicable(str(exc)) from None
+        sp = setup.spacing if spacing is None else spacing
 
         def run() -> DiffusionOutput:
             g = torch.Generator(device=setup.x_T.device).manual_seed(setup.seed)
             x0, info = sample_with_info(setup.eps_fn, setup.x_T, schedule=setup.schedule, method=name, steps=steps,
-                                        spacing=setup.spacing, generator=g, float_t=float_t, **knobs)
+                                        spacing=sp, generator=g, float_t=float_t, **knobs)
             return DiffusionOutput(x0=x0, nfe=info.nfe, stats={"steps": steps, "t_start": info.times[0]})
         return run
+    build.knobs = ("match_nfe", "float_t", "spacing", *sampler_knobs)      # what the runner checks --knob against
     return build
 
 

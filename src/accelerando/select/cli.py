@@ -61,13 +61,16 @@ def sweep(
     """Run a grid of workloads x method configurations into the history (resumable: rows already
     there are skipped), with progress and an ETA. ``--retime`` re-measures what is there instead."""
     import torch
+    from rich.markup import escape
     from accelerando.bench.history import open_history
+    from accelerando.cli.common import quiet_hf
     from . import sweep as S
     from .recommend import merge_bundled
 
     if llm < 0 or diffusion < 0 or repeats < 1 or rounds < 1:
         raise CLIError("--llm/--diffusion must be >= 0, --repeats and --rounds >= 1")
     torch.set_num_threads(max(1, threads))
+    quiet_hf()
     zoo_names = None if zoo else []
     wls = S.llm_grid(llm, seed=seed, zoo_names=zoo_names) + S.diffusion_grid(diffusion, seed=seed, zoo_names=zoo_names)
     console = _console()
@@ -88,13 +91,15 @@ def sweep(
                       f"{rep.rounds_skipped} already in the history, {rep.rows} rows, {rep.seconds / 60:.1f} min"
                       + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
         for e in rep.errors[:20]:
-            console.print(f"[yellow]error[/yellow] {e}")
+            console.print(f"[red]error[/red] {escape(e)}", soft_wrap=True)
         if len(rep.errors) > 20:
             console.print(f"... and {len(rep.errors) - 20} more errors")
         if bundle:
             keys = {S.sweep_key(w) for w in wls}
             n = merge_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
             console.print(f"added {n} rows to the bundled selector data")
+    if rep.errors:       # a workload or a method that failed: the sweep did not do what was asked
+        raise typer.Exit(1)
 
 
 def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console, *,
@@ -165,6 +170,7 @@ def recommend(
     and the two runners-up; --verify measures the top candidates and writes them to the history."""
     from accelerando.bench.history import open_history
     from accelerando.bench.workloads import load_prompts
+    from accelerando.cli.common import quiet_hf
     from . import recommend as RC
     from .models import MODELS
 
@@ -174,6 +180,7 @@ def recommend(
     c = _constraint(max_loss)
     prompt_list = load_prompts(prompts) if prompts else None
     console = _console()
+    quiet_hf()
     d = RC.describe(model, drafts=draft or (), prompts=prompt_list, task=task, temperature=temperature,
                     top_p=top_p, batch_size=batch_size, max_new_tokens=max_new_tokens, steps=steps,
                     spacing=spacing, batch=batch, device=device)
@@ -184,8 +191,11 @@ def recommend(
         if verify:
             console.print(f"verifying the top {top} candidates on this machine ...")
             out = RC.verify(d, rec, top=top, history=h)
+            from dataclasses import replace
             from accelerando.cli.tables import results_table
-            console.print(results_table("measured now (written to the history)", rec.family, out))
+            shown = [replace(r, method=f"{r.method} at {r.knobs['steps_frac']:g} x the steps")
+                     if "steps_frac" in r.knobs else r for r in out]
+            console.print(results_table("measured now (written to the history)", rec.family, shown))
 
 
 def _print_recommendation(console, rec, key) -> None:

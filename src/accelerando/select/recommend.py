@@ -124,19 +124,14 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
              reference_steps: int = 100, cache: Any = None) -> Described:
     """Load the model (zoo name, directory or random spec), build the workload and measure its
     features: one timed forward and prompt statistics — the candidates are *not* run."""
-    from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups,
-                                          llm_workload_facts, model_kind, resolve_model_dir)
+    from accelerando.bench.models import ModelCache, resolve
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, build_llm_setups, llm_workload_facts
     from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
     from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
-    from .sweep import _RAND_LLM, _RAND_UNET, ModelCache, make_prompts
+    from .sweep import make_prompts
 
     cache = cache or ModelCache(device)
-    if _RAND_LLM.match(model):
-        kind = "llm"
-    elif _RAND_UNET.match(model):
-        kind = "diffusion"
-    else:
-        kind = model_kind(resolve_model_dir(model))
+    kind = resolve(model).kind
     if kind == "llm":
         domain = "code"
         if prompts is None and prompts_file is None:
@@ -147,9 +142,9 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         wl = LLMWorkload(model=model, drafts=tuple(drafts), domain=domain, prompts_file=prompts_file,
                          prompts=tuple(prompts or ()), batch_size=batch_size, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p, seed=seed)
-        target, tok = cache.llm(model)
-        dm = {d: cache.llm(d)[0] for d in drafts}
-        setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=dm, max_batches=1)
+        m = cache.llm(model)
+        dm = {d: cache.llm(d).model for d in drafts}
+        setups = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=dm, max_batches=1)
         s0 = setups[0]
         facts = setup_facts(s0)
         key = {**wl.key(), **llm_workload_facts(setups)}
@@ -159,9 +154,9 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
             raise RunnerError("draft models are for LLMs; this is a diffusion model")
         from accelerando.bench.runner import diffusion_reference
         wl = DiffusionWorkload(model=model, steps=steps, spacing=spacing, batch=batch, seed=seed)
-        unet, n_train = cache.unet(model)
-        setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
-        facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T)
+        u = cache.unet(model)
+        setups = build_diffusion_setups(wl, device=device, unet=u)
+        facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=u.unet, x_T=setups[0].x_T)
         key = {**wl.key(), "reference_steps": reference_steps}
         ref = (lambda: diffusion_reference(setups, steps=reference_steps))
     facts["mem_bw_gbs"] = memory_bandwidth_gbs()
@@ -302,13 +297,23 @@ def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constr
                and (not registered_only or not reg or fam_table.arms[a].method in reg)]
     sel = make_selector(selector, constraint=constraint).fit(fam_table)
     ranked = sel.rank(key, hardware=hardware, arms=allowed)
-    ok = [p for p in ranked if p.p_ok >= sel.min_p_ok]
+    ok = baseline_floor([p for p in ranked if p.p_ok >= sel.min_p_ok], fam_table.baseline_arm(family))
     rest = [p for p in ranked if p.p_ok < sel.min_p_ok]
     notes = []
     if rest:
         notes.append(f"{len(rest)} candidate(s) ranked last: predicted to break the constraint "
                      f"({constraint.label()}) with probability > {1 - sel.min_p_ok:.0%}")
     return Recommendation(family, constraint, ok + rest, dict(fam_table.arms), selector, n, notes=notes)
+
+
+def baseline_floor(ranked: list[Prediction], base_arm: str | None) -> list[Prediction]:
+    """The baseline (speed-up 1 by definition, always allowed) ranks above every arm predicted to
+    be slower than it (or of unknown speed); the order is kept otherwise."""
+    base = next((p for p in ranked if p.arm == base_arm), None)
+    if base is None:
+        return ranked
+    faster = [p for p in ranked if p is not base and p.speedup >= 1.0]      # NaN compares False
+    return faster + [base] + [p for p in ranked if p is not base and p not in faster]
 
 
 def verify(described: Described, rec: Recommendation, *, top: int = 3, history: Any = None,
@@ -342,8 +347,28 @@ def verify(described: Described, rec: Recommendation, *, top: int = 3, history: 
                                               history=history, repeats=repeats, warmup=warmup,
                                               fractions=sorted(fractions, reverse=True)):
             out += rows
-        return out
-    for r in rounds:
-        out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
-                           history=history, reference=ref)
+    else:
+        for r in rounds:
+            out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
+                               history=history, reference=ref)
+    return verified_rows(out, arms, {rec.method(a) for a in arms})
+
+
+def verified_rows(rows: list[Any], arms: Sequence[str], methods: set[str]) -> list[Any]:
+    """What ``verify`` shows: the baseline once, then each candidate arm once. The runs hold more
+    (a baseline per round, a diffusion sampler at every step fraction any candidate needed; all of
+    it goes to the history). A candidate whose stored knobs no longer match what ran (defaults
+    changed) shows every distinct configuration its method ran with. Failed rows are all shown."""
+    from .table import arm_id
+    wanted = set(arms)
+    matched = {r.method for r in rows if arm_id(r.method, r.knobs) in wanted}
+    out, seen = [], set()
+    for r in sorted(rows, key=lambda r: not r.is_baseline):
+        a = arm_id(r.method, r.knobs)
+        if r.error is None and a in seen:
+            continue
+        if (r.is_baseline and not any(x.is_baseline for x in out)) or a in wanted or r.error is not None \
+                or (r.method in methods and r.method not in matched):
+            seen.add(a)
+            out.append(r)
     return out

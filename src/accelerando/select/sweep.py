@@ -45,106 +45,9 @@ STEP_FRACTIONS: tuple[float, ...] = (1.0, 0.5, 0.25)
 
 # ----------------------------------------------------------------------------- models
 
-_RAND_LLM = re.compile(r"^rand-llama-h(\d+)-l(\d+)-v(\d+)-s(\d+)(?:-d(\d+))?(?:@l(\d+))?$")
-_RAND_UNET = re.compile(r"^rand-unet-c(\d+)x(\d+)-i(\d+)-s(\d+)$")
-
-
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII + newline/tab) built offline, for random models."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<|endoftext|>": 0, "<unk>": 1}
-    for c in [chr(i) for i in range(32, 127)] + ["\n", "\t"]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<unk>")
-
-
-def rand_llm(spec: str):
-    """A random-initialised Llama from a ``rand-llama-h{hidden}-l{layers}-v{vocab}-s{seed}`` spec.
-
-    ``-d{pct}`` scales the residual branches (attention and MLP output projections) of every
-    layer after the first by pct/100, so the first layer decides most of the output;
-    ``...@l{n}`` is that model truncated to its first n layers (same embeddings, norm and head):
-    an early-exit draft whose agreement with the target grows as pct shrinks."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    m = _RAND_LLM.match(spec)
-    if not m:
-        raise ValueError(f"not a random LLM spec: {spec!r} (want rand-llama-h64-l2-v256-s0)")
-    if m.group(6) is not None:
-        keep = int(m.group(6))
-        full = rand_llm(spec.split("@")[0])
-        if not 1 <= keep <= full.config.num_hidden_layers:
-            raise ValueError(f"{spec}: cannot keep {keep} of {full.config.num_hidden_layers} layers")
-        full.model.layers = full.model.layers[:keep]
-        full.config.num_hidden_layers = keep
-        if getattr(full.config, "layer_types", None):
-            full.config.layer_types = full.config.layer_types[:keep]
-        return full
-    h, n_layers, v, seed = map(int, m.groups()[:4])
-    heads = max(1, h // 32)
-    cfg = LlamaConfig(vocab_size=max(v, 100), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=n_layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    # random init is near-uniform; a larger output scale gives peaked, repetitive, LM-like outputs
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-        if m.group(5) is not None:
-            for layer in model.model.layers[1:]:
-                layer.self_attn.o_proj.weight.mul_(int(m.group(5)) / 100)
-                layer.mlp.down_proj.weight.mul_(int(m.group(5)) / 100)
-    return model
-
-
-def rand_unet(spec: str):
-    """A random-initialised diffusers UNet2DModel from ``rand-unet-c{c1}x{c2}-i{size}-s{seed}``."""
-    import torch
-    from diffusers import UNet2DModel
-    m = _RAND_UNET.match(spec)
-    if not m:
-        raise ValueError(f"not a random UNet spec: {spec!r} (want rand-unet-c16x32-i16-s0)")
-    c1, c2, size, seed = map(int, m.groups())
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=size, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(c1, c2), norm_num_groups=min(8, c1),
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
-
-
-class ModelCache:
-    """Loads each model once per sweep (zoo name / directory / random spec)."""
-
-    def __init__(self, device: str = "cpu"):
-        self.device = device
-        self._m: dict[str, Any] = {}
-
-    def llm(self, name: str):
-        """(model, tokenizer) — random specs get the character tokenizer."""
-        if name not in self._m:
-            if _RAND_LLM.match(name):
-                self._m[name] = (rand_llm(name).to(self.device), char_tokenizer())
-            else:
-                from transformers import AutoTokenizer
-                from accelerando.bench.runner import _tokenizer_dir, load_causal_lm
-                model, d = load_causal_lm(name, device=self.device)
-                self._m[name] = (model, AutoTokenizer.from_pretrained(_tokenizer_dir(d)))
-        return self._m[name]
-
-    def unet(self, name: str):
-        """(unet, num_train_timesteps)."""
-        if name not in self._m:
-            if _RAND_UNET.match(name):
-                self._m[name] = (rand_unet(name).to(self.device), 1000)
-            else:
-                from accelerando.bench.runner import load_unet
-                self._m[name] = load_unet(name, device=self.device)
-        return self._m[name]
+# one resolver for zoo names, directories and rand-* specs (re-exported: older code imports them from here)
+from accelerando.bench.models import ModelCache, char_tokenizer, rand_llm, rand_unet  # noqa: E402,F401
+from accelerando.bench.models import RAND_LLM as _RAND_LLM, RAND_UNET as _RAND_UNET  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -409,16 +312,16 @@ def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[st
         return rep
     try:
         if wl.family == "llm":
-            target, tok = cache.llm(wl.model)
-            drafts = {d: cache.llm(d)[0] for d in wl.drafts}
-            setups = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)
+            m = cache.llm(wl.model)
+            drafts = {d: cache.llm(d).model for d in wl.drafts}
+            setups = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=drafts)
             facts = setup_facts(setups[0], repeats=3)
             wkey = {**wl.key(), **llm_workload_facts(setups)}
             ref = None
         else:
-            unet, n_train = cache.unet(wl.model)[:2]
-            setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
-            facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=unet, x_T=setups[0].x_T, repeats=3)
+            u = cache.unet(wl.model)
+            setups = build_diffusion_setups(wl, device=device, unet=u)
+            facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=u.unet, x_T=setups[0].x_T, repeats=3)
             wkey = {**wl.key(), "reference_steps": reference_steps}
             ref = diffusion_reference(setups, steps=reference_steps)
     except Exception as exc:    # noqa: BLE001 - one broken workload must not stop the sweep
@@ -444,7 +347,7 @@ def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[st
     for rows in rounds_rows:
         rep.rounds_run += 1
         rep.rows += sum(x.error is None for x in rows)
-        rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error]
+        rep.errors += [f"{label}: {x.method}: {x.error}" for x in rows if x.error and not x.not_applicable]
         for x in rows:
             if x.error is None:
                 done.add((key, arm_id(x.method, x.knobs)))
@@ -531,9 +434,9 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
     changed = 0
     for k, rs in todo.items():
         wl = by_key[k]
-        target, tok = cache.llm(wl.model)
-        drafts = {d: cache.llm(d)[0] for d in wl.drafts}
-        s0 = build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts)[0]
+        m = cache.llm(wl.model)
+        drafts = {d: cache.llm(d).model for d in wl.drafts}
+        s0 = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=drafts)[0]
         with torch.no_grad():
             facts = setup_facts(s0, repeats=1)
         for r in rs:
@@ -627,11 +530,10 @@ def _retime_setups(wl: Any, stored_wl: dict[str, Any], *, device: str, models: C
     """(setups, reference) of a workload: the sweep's models, prompts / noise and seeds."""
     from accelerando.bench.runner import build_diffusion_setups, build_llm_setups, diffusion_reference
     if wl.family == "llm":
-        target, tok = models(wl.model)[:2]
-        drafts = {d: models(d)[0] for d in wl.drafts}
-        return build_llm_setups(wl, device=device, target=target, tokenizer=tok, drafts=drafts), None
-    unet, n_train = models(wl.model)[:2]
-    setups = build_diffusion_setups(wl, device=device, unet=unet, num_train_timesteps=n_train)
+        m = models(wl.model)
+        drafts = {d: models(d).model for d in wl.drafts}
+        return build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=drafts), None
+    setups = build_diffusion_setups(wl, device=device, unet=models(wl.model))
     return setups, diffusion_reference(setups, steps=int(stored_wl.get("reference_steps", 100)))
 
 
@@ -793,7 +695,8 @@ def retime(rows: Iterable[Any], workloads: Iterable[Any], *, history: Any, famil
     rows hold ``rounds`` rounds in all is skipped (a workload's rows are written in one transaction
     after all its rounds, so a stopped run loses at most the workload in progress).
     ``max_seconds``: no workload starts that would end after it at the mean time per workload so
-    far. ``models_for(name)`` (tests) replaces the model cache (``ModelCache.unet`` / ``.llm``).
+    far. ``models_for(name)`` (tests) replaces the model cache (``ModelCache.unet`` / ``.llm``: a
+    ``LoadedUNet`` / ``LoadedLLM``).
     """
     import os
 

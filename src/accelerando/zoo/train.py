@@ -242,9 +242,11 @@ def _lm_config(spec: LMSpec, tokenizer: Any) -> Any:
 
 
 def _lm_cycle(name: str, model: Any, teacher: Any, stream: torch.Tensor, spec: LMSpec, *, n_steps: int,
-              seed: int, log: list[str], progress: Any, label: str) -> None:
+              seed: int, log: list[str], progress: Any, label: str,
+              batches: Callable[[torch.Generator], torch.Tensor] | None = None) -> None:
     """One cosine cycle of `n_steps` AdamW steps on random windows of `stream` (CE, or KL+CE
-    against `teacher`)."""
+    against `teacher`). `batches(gen)`, when given, supplies each (batch, seq_len + 1) batch instead
+    (e.g. the long-context target's mix of code windows and synthetic retrieval tasks)."""
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
                             weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -252,8 +254,11 @@ def _lm_cycle(name: str, model: Any, teacher: Any, stream: torch.Tensor, spec: L
     t0 = time.time()
     model.train()
     for step in range(n_steps):
-        starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
-        batch = torch.stack([stream[s: s + spec.seq_len + 1] for s in starts.tolist()])
+        if batches is not None:
+            batch = batches(gen)
+        else:
+            starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,), generator=gen)
+            batch = torch.stack([stream[s: s + spec.seq_len + 1] for s in starts.tolist()])
         x, y = batch[:, :-1], batch[:, 1:]
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, n_steps, spec.lr, warmup)
@@ -550,6 +555,15 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
             raise ValueError("steps must be >= 1")
         spec = type(spec)(**{**asdict(spec), "steps": steps, **({"restarts": ()} if isinstance(spec, LMSpec) else {})})
     out = Path(out_dir) if out_dir is not None else _default_dir(name)
+    card = _train(name, spec, seed=seed, out=out, progress=progress, max_train_bytes=max_train_bytes,
+                  eval_windows=eval_windows, resume_from=resume_from)
+    from accelerando._io import readable_modes
+    readable_modes(out)                 # save_pretrained's safetensors files are created 0600
+    return card
+
+
+def _train(name: str, spec: Any, *, seed: int, out: Path, progress: Callable[..., Any] | None,
+           max_train_bytes: int | None, eval_windows: int, resume_from: str | Path | None) -> dict[str, Any]:
     if isinstance(spec, LMSpec):
         target_dir = None
         if spec.role == "draft":

@@ -296,11 +296,11 @@ class Medusa(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from accelerando._io import save_safetensors
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE))
+        save_safetensors(state, path / WEIGHTS_FILE)
         (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
         return path
 
@@ -337,6 +337,8 @@ class Medusa(nn.Module):
         position t+k+1 (soft labels from the frozen ``lm_head``) instead of the corpus token, and
         accuracies count agreement with the target's argmax -- what greedy verification accepts.
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         m = cls.for_target(target, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank)

@@ -1,0 +1,161 @@
+"""Synthetic long-context retrieval tasks (RULER-like), generated in code from the offline corpus.
+
+A sample is a haystack of real code (the zoo's corpus) of ``n`` tokens with needles inserted at
+chosen depths, then a query whose answer is the needle's value (RULER: Hsieh et al., 2024,
+"RULER: What's the Real Context Size of Your Long-Context Language Models?"):
+
+- ``passkey``: one needle ``pass_key = "48213"``; query ``pass_key == "`` -> ``48213``.
+- ``multikey``: ``k`` needles ``key_abcd = "48213"`` with distinct names, one queried (the others
+  are distractors, the needle-in-a-haystack multi-key variant).
+
+Everything is token-level (exact lengths) and seeded by a ``torch.Generator``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TASKS = ("passkey", "multikey")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True)
+class RetrievalSample:
+    """One task instance: `prompt` (1-D ids, ends right before the answer), `answer` (1-D ids),
+    `answer_text`, and the queried needle's `depth` in [0, 1]."""
+    prompt: torch.Tensor
+    answer: torch.Tensor
+    answer_text: str
+    depth: float
+    task: str
+
+
+def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
+    return int(torch.randint(lo, hi, (1,), generator=gen))
+
+
+def _value(gen: torch.Generator) -> str:
+    return "".join(str(_randint(gen, 0, 10)) for _ in range(5))
+
+
+def _name(gen: torch.Generator) -> str:
+    return "".join(_LETTERS[_randint(gen, 0, 26)] for _ in range(4))
+
+
+class HaystackBuilder:
+    """Builds retrieval samples over one tokenised corpus stream (`filler`, 1-D ids)."""
+
+    def __init__(self, tokenizer: Any, filler: torch.Tensor) -> None:
+        if filler.ndim != 1 or len(filler) < 64:
+            raise ValueError("filler must be a 1-D token stream of at least 64 tokens")
+        self.tok = tokenizer
+        self.filler = filler
+        self.eos = tokenizer.eos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def sample(self, task: str, n: int, *, gen: torch.Generator, depth: float | None = None,
+               n_keys: int = 4, n_queries: int = 1) -> tuple[list[int], list[tuple[int, int]], RetrievalSample]:
+        """A sample of total prompt length ``n`` tokens. Returns (full ids incl. answers, answer spans
+        [(start, end)) in those ids, the first query as a RetrievalSample). ``n_queries`` > 1 appends
+        further queries (training: more supervised answers per sequence)."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if depth is not None and not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        k = 1 if task == "passkey" else max(1, n_keys)
+        names: list[str] = []
+        while len(names) < k:
+            nm = "pass_key" if task == "passkey" else "key_" + _name(gen)
+            if nm not in names:
+                names.append(nm)
+        values = [_value(gen) for _ in range(k)]
+        needles = [self._ids(f'\n{nm} = "{v}"\n') for nm, v in zip(names, values)]
+        order = torch.randperm(k, generator=gen).tolist()
+        queried = order[: max(1, min(n_queries, k))] if task != "passkey" else [0] * max(1, n_queries)
+        q_pre = [self._ids(f'\nassert {names[i]} == "') for i in queried]
+        q_ans = [self._ids(values[i]) for i in queried]
+        q_post = self._ids('"\n')
+        # prompt = [eos] + haystack(with needles) + q_pre[0]; later queries follow answer 0
+        tail = len(q_pre[0])
+        extra = sum(len(p) + len(a) + len(q_post) for p, a in zip(q_pre[1:], q_ans[1:]))
+        n_hay = n - 1 - tail - sum(len(x) for x in needles)
+        if n_hay < 8:
+            raise ValueError(f"context n={n} too short for task {task!r}")
+        start = _randint(gen, 0, len(self.filler) - n_hay - 1)
+        hay = self.filler[start: start + n_hay].tolist()
+        # needle insertion points (in haystack tokens): the queried one at `depth`
+        cuts = sorted(_randint(gen, 0, n_hay + 1) for _ in range(k))
+        if depth is not None:
+            cuts[0] = int(round(depth * n_hay))
+            cuts = [cuts[0]] + sorted(cuts[1:])
+            place = {queried[0]: cuts[0]}
+            rest = [i for i in range(k) if i != queried[0]]
+            place.update({i: c for i, c in zip(rest, cuts[1:])})
+        else:
+            place = {i: c for i, c in zip(range(k), cuts)}
+        ids: list[int] = [self.eos]
+        pos_of: dict[int, int] = {}
+        prev = 0
+        for i in sorted(range(k), key=lambda j: (place[j], j)):
+            ids.extend(hay[prev: place[i]])
+            pos_of[i] = len(ids)
+            ids.extend(needles[i])
+            prev = place[i]
+        ids.extend(hay[prev:])
+        ids.extend(q_pre[0])
+        prompt_len = len(ids)
+        spans = [(len(ids), len(ids) + len(q_ans[0]))]
+        ids.extend(q_ans[0])
+        ids.extend(q_post)
+        for p, a in zip(q_pre[1:], q_ans[1:]):
+            ids.extend(p)
+            spans.append((len(ids), len(ids) + len(a)))
+            ids.extend(a)
+            ids.extend(q_post)
+        del extra
+        d = pos_of[queried[0]] / max(1, prompt_len)
+        s = RetrievalSample(prompt=torch.tensor(ids[:prompt_len]), answer=torch.tensor(q_ans[0]),
+                            answer_text=values[queried[0]], depth=d, task=task)
+        return ids, spans, s
+
+    def training_sequence(self, seq_len: int, *, gen: torch.Generator) -> torch.Tensor:
+        """``seq_len + 1`` ids: a multi-query retrieval sample (1-6 keys, every key queried, needle
+        depths uniform), padded/cut with haystack so every sequence has the same length."""
+        task = "passkey" if _randint(gen, 0, 4) == 0 else "multikey"
+        k = _randint(gen, 1, 7)
+        # leave room for the queries after the prompt
+        q_room = 14 * k + 8
+        ids, _, _ = self.sample(task, seq_len + 1 - q_room, gen=gen, n_keys=k,
+                                n_queries=1 if task == "passkey" else k)
+        if len(ids) < seq_len + 1:
+            s = _randint(gen, 0, len(self.filler) - seq_len)
+            ids = ids + [self.eos] + self.filler[s: s + seq_len + 1 - len(ids) - 1].tolist()
+        return torch.tensor(ids[: seq_len + 1])
+
+
+@torch.no_grad()
+def retrieval_exact_match(generate_fn: Any, samples: list[RetrievalSample]) -> float:
+    """Fraction of samples whose greedy continuation (``generate_fn(prompt_ids, n_new) -> new ids``)
+    starts with the answer's text."""
+    if not samples:
+        raise ValueError("no samples")
+    hits = 0
+    for s in samples:
+        new = generate_fn(s.prompt, len(s.answer) + 1)
+        hits += int(new[: len(s.answer)].tolist() == s.answer.tolist())
+    return hits / len(samples)
+
+
+def corpus_filler(tokenizer: Any, split: str = "train") -> torch.Tensor:
+    """The zoo's code corpus of `split` as one token stream (documents joined by EOS)."""
+    from accelerando.zoo import data as zoo_data
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in zoo_data.texts("code", split):
+        ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)

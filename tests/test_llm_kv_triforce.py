@@ -1,0 +1,72 @@
+"""TriForce (retrieval-cache self-drafting) on the speculative loop: greedy == generate, sampled
+tokens have the target's distribution (chi-square), the retrieval press keeps whole chunks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from accelerando.llm import SamplingConfig, speculative_generate
+from accelerando.llm.kv.generate import prefill
+from accelerando.llm.kv.presses import RetrievalChunkPress
+from accelerando.llm.kv.triforce import TriForce
+from llm_models import tiny_lm
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_greedy_equals_generate(arch, ratio):
+    m = tiny_lm(arch, init_std=0.3, ctx=256)
+    ids = torch.randint(1, 96, (2, 90), generator=torch.Generator().manual_seed(1))
+    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    out = speculative_generate(m, ids, draft=TriForce(m, k=3, ratio=ratio, chunk=8), max_new_tokens=16)
+    assert torch.equal(out.sequences, ref)
+    if ratio == 1.0:         # the draft reads the whole cache: it is the target, every draft accepted
+        assert out.stats["acceptance_rate"] == 1.0
+
+
+def test_sampled_tokens_have_target_distribution():
+    V, N = 8, 1500
+    target = tiny_lm("llama", vocab=V, seed=3, init_std=0.5)
+    sampling = SamplingConfig(temperature=1.0)
+    prompt = torch.arange(V).repeat(5)[None]                          # 40 tokens: 5 chunks of 8
+    with torch.no_grad():
+        p1 = sampling.probs(target(prompt).logits[0, -1])
+        e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = sampling.probs(target(e2).logits[:, -1])
+    exact = (p1[:, None] * p2).flatten().double()
+    out = speculative_generate(target, prompt.repeat(N, 1), draft=TriForce(target, k=2, ratio=0.4, chunk=8),
+                               max_new_tokens=3, temperature=1.0, seed=0)
+    g = out.sequences[:, -3:-1]            # the prefill's token and the first verified one
+    obs = torch.bincount(g[:, 0] * V + g[:, 1], minlength=V * V).double()
+    keep = exact * N >= 5
+    o = torch.cat([obs[keep], obs[~keep].sum()[None]])
+    e = torch.cat([exact[keep], exact[~keep].sum()[None]]) * N
+    assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3
+    assert 0 < out.stats["acceptance_rate"] < 1
+
+
+def test_retrieval_press_keeps_whole_chunks_first_and_last():
+    m = tiny_lm("llama", init_std=0.3, ctx=256)
+    ids = torch.randint(1, 96, (1, 100), generator=torch.Generator().manual_seed(2))
+    _, run = prefill(m, ids, press=RetrievalChunkPress(ratio=0.33, chunk=8))
+    _, full = prefill(m, ids)
+    for lp, lf in zip(run.cache.layers, full.cache.layers):
+        kept = lp.keys.shape[2]
+        assert kept == 4 * 8 - 4          # 4 chunks (33 // 8), the last one partial (100 = 12*8 + 4)
+        assert torch.equal(lp.keys[:, :, :8], lf.keys[:, :, :8])
+        assert torch.equal(lp.keys[:, :, -4:], lf.keys[:, :, -4:])
+
+
+def test_triforce_bad_input():
+    m = tiny_lm("llama", init_std=0.3, ctx=256)
+    other = tiny_lm("llama", init_std=0.3, ctx=256, seed=1)
+    ids = torch.randint(1, 96, (1, 40))
+    with pytest.raises(ValueError, match="TriForce drafts with the target itself"):
+        speculative_generate(m, ids, draft=TriForce(other), max_new_tokens=4)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        TriForce(m, ratio=0)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        speculative_generate(m, ids, attention_mask=mask, draft=TriForce(m, ratio=0.5), max_new_tokens=4)
