@@ -342,6 +342,7 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    tokenizer.padding_side = "left"        # decoder-only generation continues after the last column
     tokenizer.save_pretrained(str(out))
     metrics: dict[str, Any] = {}
     t_eval = time.time()
