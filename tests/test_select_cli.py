@@ -94,7 +94,7 @@ def test_cli_select_evaluate_on_a_history(env, tmp_path):
     _store(env, _synthetic_history(12))
     out = tmp_path / "eval.json"
     res = invoke("--history", env, "select", "evaluate", "--models", "knn", "--scheme", "workload",
-                 "--max-loss", 0.05, "--json", out)
+                 "--max-loss", 0.05, "--out", out)
     assert res.exit_code == 0, res.output
     assert "leave-one-workload-out" in res.output and "closed gap" in res.output
     data = json.loads(out.read_text())

@@ -222,11 +222,12 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
     key = workload.get("sweep_key")
     run_id = f"sweep-{key}-{int(time.time() * 1e3) % 10**9}"
     for r_i, r in enumerate(rounds):
+        r_key = round_index[r_i] if round_index is not None else r_i     # its index in method_rounds
         base = None
         out: list[Any] = []
         for f in fractions:
             todo = {m: k for m, k in r.items() if done is None or (key, arm_id(m, {**k, "steps_frac": f})) not in done}
-            if f != 1.0 and not todo and r_i > 0:
+            if f != 1.0 and not todo and r_key > 0:
                 continue          # nothing missing at this fraction (the baseline arms are in round 0)
             steps = max(1, round(setups[0].steps * f))
             sub = [replace(s, steps=steps) for s in setups]
@@ -239,7 +240,7 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                     break
             keep = []
             for x in rows:
-                if x.error is not None or (x.is_baseline and r_i > 0):
+                if x.error is not None or (x.is_baseline and r_key > 0):
                     continue
                 m = dict(x.metrics)
                 m["speedup"] = base.metrics["median_s"] / m["median_s"] if m.get("median_s") else None
@@ -251,7 +252,6 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                 x.knobs = {**x.knobs, "steps_frac": f} if not m["is_baseline"] else x.knobs
                 x.metrics = m
                 keep.append(x)
-            r_key = round_index[r_i] if round_index is not None else r_i
             _record(history, keep, workload, "diffusion", run_id, _round_key("sweep", str(key), r_key, todo, f))
             out += keep + [x for x in rows if x.error is not None]
         yield out
