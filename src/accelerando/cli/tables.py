@@ -78,9 +78,11 @@ class Progress:
     """A rich progress bar fed by the runner's ``progress(method, phase)`` callback."""
 
     def __init__(self, total: int, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
         self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=True)
+                          TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                          console=console, transient=True)
         self.task = self.p.add_task("starting", total=total)
         self.prefix = ""
 

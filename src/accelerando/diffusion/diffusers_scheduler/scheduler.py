@@ -25,7 +25,7 @@ from ..models import clip_x0, dynamic_threshold, eps_with_corrected_x0, to_eps
 from ..samplers._common import Grid, make_grid, s_of, transfer
 from ..schedules import (SPACINGS, ZERO_SNR_ALPHA_BAR, Schedule, make_betas, rescale_zero_terminal_snr,
                          sigma_spacing)
-from .keys import check_model_keys, method_knobs
+from .keys import check_model_keys, from_foreign_config, method_knobs
 
 _DDIM_METHODS = ("ddim", "ddim-eta")
 _COMPATIBLES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -274,10 +274,9 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any):
         """``AccelerandoScheduler.from_config(pipe.scheduler.config, method="f-pndm")``: another scheduler's
         config is translated key by key (``as_diffusers_scheduler``), never dropped silently."""
-        from . import as_diffusers_scheduler
         config = dict(config or {})
         method = kwargs.pop("method", config.get("method", "f-pndm"))
-        sched = as_diffusers_scheduler(method, config, **kwargs)
+        sched = cls(method=method, **{**from_foreign_config(method, config), **kwargs})   # = as_diffusers_scheduler
         return (sched, {}) if return_unused_kwargs else sched
 
 
