@@ -370,3 +370,52 @@ def test_from_config_and_round_trip(tmp_path):
     back = DDIMScheduler.from_config(loaded.config)          # and back to diffusers'
     assert back.config.prediction_type == "v_prediction"
     assert DDIMScheduler in s.compatibles and DPMSolverMultistepScheduler in s.compatibles
+
+
+def as_v_model(sched_ab):
+    """The v-prediction model with the same eps as ``toy_model``: v = sqrt(a) eps - sqrt(1 - a) x0."""
+    def model(x, t):
+        a = sched_ab(float(t))
+        eps = toy_model(x, t)
+        return a ** 0.5 * eps - (1 - a) ** 0.5 * (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    return model
+
+
+@pytest.mark.parametrize("skip_prk", [True, False])
+def test_pndm_v_prediction_is_converted_per_call_diffusers_pndm_is_not(skip_prk):
+    """diffusers' PNDM combines raw v outputs taken at different samples and converts the combination at
+    the current one, which is not the eps combination: on a v-model with toy_model's eps it differs from
+    its own epsilon run by ~0.5 (of 1.7); ours converts each call and equals the epsilon run."""
+    method = "pndm-diffusers" if skip_prk else "pndm-diffusers-prk"
+    ref_eps = PNDMScheduler(skip_prk_steps=skip_prk, timestep_spacing="trailing")
+    ref_v = PNDMScheduler(skip_prk_steps=skip_prk, timestep_spacing="trailing", prediction_type="v_prediction")
+    ab = lambda t: float(ref_eps.alphas_cumprod[int(t)])  # noqa: E731
+    eps_run = loop(as_diffusers_scheduler(method, ref_eps.config), x0(), 10)
+    ours_v = loop(as_diffusers_scheduler(method, ref_v.config), x0(), 10, model=as_v_model(ab))
+    theirs_v = loop(ref_v, x0(), 10, model=as_v_model(ab))
+    torch.testing.assert_close(ours_v, eps_run, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loop(ref_eps, x0(), 10), eps_run, rtol=2e-5, atol=2e-5)
+    assert (theirs_v - eps_run).abs().max() > 0.1
+
+
+def test_ddim_use_clipped_model_output_equals_diffusers():
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing", clip_sample=True)
+    ours = as_diffusers_scheduler("ddim", ref.config)
+    out = []
+    for s in (ref, ours):
+        s.set_timesteps(10)         # N divides T: diffusers' DDIM steps t -> t - T // N reach the next grid point
+        x = x0()
+        for t in s.timesteps:
+            x = s.step(toy_model(x, t), t, x, eta=0.3, use_clipped_model_output=True,
+                       variance_noise=torch.ones_like(x)).prev_sample
+        out.append(x)
+    torch.testing.assert_close(out[1], out[0], rtol=2e-5, atol=2e-5)
+
+
+def test_set_timesteps_leaves_the_global_random_stream_alone():
+    s = as_diffusers_scheduler("ddim-eta")
+    torch.manual_seed(0)
+    s.set_timesteps(10)
+    a = torch.randn(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.randn(3), a)

@@ -108,7 +108,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._grid = grid
         self.num_inference_steps = grid.steps
         # the calls do not depend on the model's answers: list them with a dry run
-        reqs = _requests(self._sampler_for(torch.zeros(1, dtype=torch.float64), 0))
+        reqs = _requests(self._sampler_for(torch.zeros(1, dtype=torch.float64), 0, dry_run=True))
         continuous = bool(getattr(self.schedule, "continuous", False))
         times = [t if continuous else max(t, 0.0) for t in (r[1] for r in reqs)]
         self._entry_ab = [r[2] if r[2] is not None else self.schedule.alpha_bar(r[1]) for r in reqs]
@@ -133,14 +133,16 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         return Grid(tuple(ts), tuple(self.schedule.alpha_bar(t) for t in ts), self.schedule, self.config.float_t)
 
     def _sampler_for(self, x: torch.Tensor, start: int, generator: torch.Generator | None = None,
-                     eta: float | None = None):
+                     eta: float | None = None, dry_run: bool = False):
         method = self.config.method
         knobs = dict(self._knobs)
+        if dry_run:     # listing the calls must not draw from the caller's (or the global) random stream
+            generator = torch.Generator().manual_seed(0)
         if method in _DDIM_METHODS:
             if eta is not None:
                 knobs["eta"] = eta
             knobs["correct_x0"] = self._x0_fix
-            knobs["noise"] = self._noise
+            knobs["noise"] = torch.zeros_like if dry_run else self._noise
         elif get_spec(method).stochastic:
             knobs["generator"] = generator
         return get_spec(method).fn(x, self._grid, start=start, **knobs)
