@@ -419,3 +419,25 @@ def test_set_timesteps_leaves_the_global_random_stream_alone():
     a = torch.randn(3)
     torch.manual_seed(0)
     torch.testing.assert_close(torch.randn(3), a)
+
+
+def test_a_registered_sampler_works_in_sample_and_the_adapter():
+    """The extension point (searched schedules, new solvers): register once, use by name everywhere."""
+    from accelerando.diffusion import SPECS, SamplerSpec, register_sampler
+    from accelerando.diffusion.samplers.ddim import ddim
+
+    def ddim_copy(x, grid, *, start=0):
+        return (yield from ddim(x, grid, start=start))
+
+    register_sampler(SamplerSpec("test-ddim-copy", ddim_copy, lambda n, r=0: n, "N", "1"), replace=True)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_sampler(SPECS["test-ddim-copy"])
+        a = loop(as_diffusers_scheduler("test-ddim-copy"), x0(), 8, strength=0.5)
+        b = loop(as_diffusers_scheduler("ddim"), x0(), 8, strength=0.5)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        sched = make_schedule("linear", T)
+        torch.testing.assert_close(sample(toy_model, x0(), schedule=sched, method="test-ddim-copy", steps=8),
+                                   sample(toy_model, x0(), schedule=sched, method="ddim", steps=8))
+    finally:
+        SPECS.pop("test-ddim-copy", None)
