@@ -441,3 +441,26 @@ def test_a_registered_sampler_works_in_sample_and_the_adapter():
                                    sample(toy_model, x0(), schedule=sched, method="ddim", steps=8))
     finally:
         SPECS.pop("test-ddim-copy", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_start_j_asks_for_the_tail_of_the_full_run(method):
+    """The resume contract behind img2img: a sampler begun at grid point j (start=j) asks for exactly the
+    calls the full run makes from point j's first call on (the same times), and marks that call as point j."""
+    from accelerando.diffusion.api import get_spec
+    from accelerando.diffusion.diffusers_scheduler.scheduler import _requests
+    from accelerando.diffusion.samplers._common import make_grid
+    spec = get_spec(method)
+    grid = make_grid(make_schedule("linear", T), 8, "trailing")
+    knobs = dict(spec.knobs)
+    if spec.stochastic:
+        knobs["generator"] = torch.Generator().manual_seed(0)
+    full = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, **knobs))
+    entry = {r[3]: k for k, r in enumerate(full) if r[3] is not None}
+    assert sorted(entry) == list(range(grid.steps))
+    for j in range(1, grid.steps):
+        if spec.stochastic:
+            knobs["generator"] = torch.Generator().manual_seed(0)
+        tail = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, start=j, **knobs))
+        assert [r[1] for r in tail] == [r[1] for r in full[entry[j]:]], (method, j)
+        assert tail[0][3] == j

@@ -20,12 +20,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from ..api import get_spec
+from ..api import check_steps, get_spec
 from ..models import clip_x0, dynamic_threshold, eps_with_corrected_x0, to_eps
 from ..samplers._common import Grid, make_grid, s_of, transfer
 from ..schedules import (SPACINGS, ZERO_SNR_ALPHA_BAR, Schedule, make_betas, rescale_zero_terminal_snr,
                          sigma_spacing)
-from .keys import check_model_keys, from_foreign_config, method_knobs
+from .keys import check_model_keys, from_foreign_config
+from .keys import method_knobs as _algorithm_knobs
 
 _DDIM_METHODS = ("ddim", "ddim-eta")
 _COMPATIBLES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -67,7 +68,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         check_model_keys(cfg)
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is not supported; valid: {', '.join(SPACINGS)}")
-        self._knobs = {**spec.knobs, **_method_knobs(method, cfg), **(method_knobs or {})}
+        self._knobs = {**spec.knobs, **_algorithm_knobs(method, cfg), **(method_knobs or {})}
         self.schedule, self.betas = _schedule(cfg)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
@@ -120,7 +121,6 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._reset_run()
 
     def _check_steps(self, steps: int) -> None:
-        from ..api import check_steps
         check_steps(self.config.method, steps, self.schedule)
 
     def _custom_grid(self, timesteps: list[int]) -> Grid:
@@ -278,10 +278,6 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         method = kwargs.pop("method", config.get("method", "f-pndm"))
         sched = cls(method=method, **{**from_foreign_config(method, config), **kwargs})   # = as_diffusers_scheduler
         return (sched, {}) if return_unused_kwargs else sched
-
-
-def _method_knobs(method: str, cfg: Any) -> dict[str, Any]:
-    return method_knobs(method, cfg)
 
 
 def _schedule(cfg: Any) -> tuple[Schedule, torch.Tensor]:
