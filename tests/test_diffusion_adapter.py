@@ -464,3 +464,18 @@ def test_start_j_asks_for_the_tail_of_the_full_run(method):
         tail = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, start=j, **knobs))
         assert [r[1] for r in tail] == [r[1] for r in full[entry[j]:]], (method, j)
         assert tail[0][3] == j
+
+
+def test_a_sigma_grid_ending_where_the_schedule_ends():
+    """SD 1.x's PNDM config (set_alpha_to_one=False) with Karras sigmas: the Karras grid already ends at
+    alphas_cumprod[0], so no zero-length step is added; diffusers' own final_sigmas_type="sigma_min" with a
+    sigma grid (a zero-length last step) is refused."""
+    s = as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, set_alpha_to_one=False)
+    s.set_timesteps(10)
+    assert len(s.timesteps) == 9 and s._grid.t[-1] == 0          # 10 Karras points = 9 steps, the last ends at t = 0
+    assert s._grid.ab[-1] == pytest.approx(float(s.schedule.alphas_cumprod[0]), rel=1e-6)
+    assert torch.isfinite(loop(s, x0(), 10)).all()
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="timesteps must"):
+        as_diffusers_scheduler("ddim").set_timesteps(timesteps=[])
