@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..api import SPECS, get_spec
 
 # the methods that implement one diffusers scheduler's algorithm
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -192,9 +191,5 @@ def check_model_keys(cfg: Any) -> None:
                 "step would have zero length")
 
 
-def all_methods() -> tuple[str, ...]:
-    return tuple(SPECS)
-
-
 __all__ = ["FAMILIES", "ALGORITHM_KEYS", "KEY_POLICY", "from_foreign_config", "method_knobs", "check_model_keys",
-           "family_of", "get_spec", "all_methods"]
+           "family_of"]

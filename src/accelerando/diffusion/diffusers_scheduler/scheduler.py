@@ -20,12 +20,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from ..api import get_spec
+from ..api import check_steps, get_spec
 from ..models import clip_x0, dynamic_threshold, eps_with_corrected_x0, to_eps
 from ..samplers._common import Grid, make_grid, s_of, transfer
 from ..schedules import (SPACINGS, ZERO_SNR_ALPHA_BAR, Schedule, make_betas, rescale_zero_terminal_snr,
                          sigma_spacing)
-from .keys import check_model_keys, from_foreign_config, method_knobs
+from .keys import check_model_keys, from_foreign_config
+from .keys import method_knobs as _algorithm_knobs
 
 _DDIM_METHODS = ("ddim", "ddim-eta")
 _COMPATIBLES = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
@@ -67,7 +68,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         check_model_keys(cfg)
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r} is not supported; valid: {', '.join(SPACINGS)}")
-        self._knobs = {**spec.knobs, **_method_knobs(method, cfg), **(method_knobs or {})}
+        self._knobs = {**spec.knobs, **_algorithm_knobs(method, cfg), **(method_knobs or {})}
         self.schedule, self.betas = _schedule(cfg)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(torch.float32)
@@ -108,7 +109,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._grid = grid
         self.num_inference_steps = grid.steps
         # the calls do not depend on the model's answers: list them with a dry run
-        reqs = _requests(self._sampler_for(torch.zeros(1, dtype=torch.float64), 0))
+        reqs = _requests(self._sampler_for(torch.zeros(1, dtype=torch.float64), 0, dry_run=True))
         continuous = bool(getattr(self.schedule, "continuous", False))
         times = [t if continuous else max(t, 0.0) for t in (r[1] for r in reqs)]
         self._entry_ab = [r[2] if r[2] is not None else self.schedule.alpha_bar(r[1]) for r in reqs]
@@ -120,7 +121,6 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._reset_run()
 
     def _check_steps(self, steps: int) -> None:
-        from ..api import check_steps
         check_steps(self.config.method, steps, self.schedule)
 
     def _custom_grid(self, timesteps: list[int]) -> Grid:
@@ -133,14 +133,16 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         return Grid(tuple(ts), tuple(self.schedule.alpha_bar(t) for t in ts), self.schedule, self.config.float_t)
 
     def _sampler_for(self, x: torch.Tensor, start: int, generator: torch.Generator | None = None,
-                     eta: float | None = None):
+                     eta: float | None = None, dry_run: bool = False):
         method = self.config.method
         knobs = dict(self._knobs)
+        if dry_run:     # listing the calls must not draw from the caller's (or the global) random stream
+            generator = torch.Generator().manual_seed(0)
         if method in _DDIM_METHODS:
             if eta is not None:
                 knobs["eta"] = eta
             knobs["correct_x0"] = self._x0_fix
-            knobs["noise"] = self._noise
+            knobs["noise"] = torch.zeros_like if dry_run else self._noise
         elif get_spec(method).stochastic:
             knobs["generator"] = generator
         return get_spec(method).fn(x, self._grid, start=start, **knobs)
@@ -276,10 +278,6 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         method = kwargs.pop("method", config.get("method", "f-pndm"))
         sched = cls(method=method, **{**from_foreign_config(method, config), **kwargs})   # = as_diffusers_scheduler
         return (sched, {}) if return_unused_kwargs else sched
-
-
-def _method_knobs(method: str, cfg: Any) -> dict[str, Any]:
-    return method_knobs(method, cfg)
 
 
 def _schedule(cfg: Any) -> tuple[Schedule, torch.Tensor]:
