@@ -419,3 +419,63 @@ def test_set_timesteps_leaves_the_global_random_stream_alone():
     a = torch.randn(3)
     torch.manual_seed(0)
     torch.testing.assert_close(torch.randn(3), a)
+
+
+def test_a_registered_sampler_works_in_sample_and_the_adapter():
+    """The extension point (searched schedules, new solvers): register once, use by name everywhere."""
+    from accelerando.diffusion import SPECS, SamplerSpec, register_sampler
+    from accelerando.diffusion.samplers.ddim import ddim
+
+    def ddim_copy(x, grid, *, start=0):
+        return (yield from ddim(x, grid, start=start))
+
+    register_sampler(SamplerSpec("test-ddim-copy", ddim_copy, lambda n, r=0: n, "N", "1"), replace=True)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_sampler(SPECS["test-ddim-copy"])
+        a = loop(as_diffusers_scheduler("test-ddim-copy"), x0(), 8, strength=0.5)
+        b = loop(as_diffusers_scheduler("ddim"), x0(), 8, strength=0.5)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        sched = make_schedule("linear", T)
+        torch.testing.assert_close(sample(toy_model, x0(), schedule=sched, method="test-ddim-copy", steps=8),
+                                   sample(toy_model, x0(), schedule=sched, method="ddim", steps=8))
+    finally:
+        SPECS.pop("test-ddim-copy", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_start_j_asks_for_the_tail_of_the_full_run(method):
+    """The resume contract behind img2img: a sampler begun at grid point j (start=j) asks for exactly the
+    calls the full run makes from point j's first call on (the same times), and marks that call as point j."""
+    from accelerando.diffusion.api import get_spec
+    from accelerando.diffusion.diffusers_scheduler.scheduler import _requests
+    from accelerando.diffusion.samplers._common import make_grid
+    spec = get_spec(method)
+    grid = make_grid(make_schedule("linear", T), 8, "trailing")
+    knobs = dict(spec.knobs)
+    if spec.stochastic:
+        knobs["generator"] = torch.Generator().manual_seed(0)
+    full = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, **knobs))
+    entry = {r[3]: k for k, r in enumerate(full) if r[3] is not None}
+    assert sorted(entry) == list(range(grid.steps))
+    for j in range(1, grid.steps):
+        if spec.stochastic:
+            knobs["generator"] = torch.Generator().manual_seed(0)
+        tail = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, start=j, **knobs))
+        assert [r[1] for r in tail] == [r[1] for r in full[entry[j]:]], (method, j)
+        assert tail[0][3] == j
+
+
+def test_a_sigma_grid_ending_where_the_schedule_ends():
+    """SD 1.x's PNDM config (set_alpha_to_one=False) with Karras sigmas: the Karras grid already ends at
+    alphas_cumprod[0], so no zero-length step is added; diffusers' own final_sigmas_type="sigma_min" with a
+    sigma grid (a zero-length last step) is refused."""
+    s = as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, set_alpha_to_one=False)
+    s.set_timesteps(10)
+    assert len(s.timesteps) == 9 and s._grid.t[-1] == 0          # 10 Karras points = 9 steps, the last ends at t = 0
+    assert s._grid.ab[-1] == pytest.approx(float(s.schedule.alphas_cumprod[0]), rel=1e-6)
+    assert torch.isfinite(loop(s, x0(), 10)).all()
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="timesteps must"):
+        as_diffusers_scheduler("ddim").set_timesteps(timesteps=[])
