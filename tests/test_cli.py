@@ -400,3 +400,20 @@ def test_history_since_parses_dates_and_ages_or_refuses(env):
     assert res.exit_code == 0 and "match" in res.output
     assert_one_line_error(invoke("history", "list", "--since", "last tuesday", "--history", env),
                           "--since 'last tuesday' is not a date", "yesterday")
+
+
+def test_medusa_train_on_a_random_spec_writes_readable_weights(tmp_path):
+    """`medusa train` resolves its target like every command (here a rand-llama spec), and the
+    weights it writes are 0644 under umask 022 (safetensors created them 0600)."""
+    from accelerando.llm.drafters import Medusa
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    old = os.umask(0o022)
+    try:
+        res = invoke("medusa", "train", "--target", "rand-llama-h32-l1-v100-s0", "--data", text, "--out", tmp_path / "h",
+                     "--steps", 3, "--heads", 2, "--batch-tokens", 64, "--tree-nodes", 2)
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "h" / "medusa.safetensors").stat().st_mode & 0o777 == 0o644
+    assert Medusa.load(tmp_path / "h").config.n_heads == 2

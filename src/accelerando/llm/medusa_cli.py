@@ -19,15 +19,6 @@ import typer
 app = typer.Typer(help="Medusa heads: extra decoding heads for tree speculation.", no_args_is_help=True)
 
 
-def resolve_model_path(target: str) -> Path:
-    """A zoo name (``code-target``) or a local folder with a transformers model."""
-    p = Path(target)
-    if p.exists():
-        return p
-    from accelerando import zoo
-    return Path(zoo.path(target))
-
-
 def load_texts(data: list[str] | None) -> tuple[list[str], str]:
     """Training texts: local files (any text), or the zoo corpus when none are given."""
     if data:
@@ -101,15 +92,14 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
                 self_generated: int = 0) -> dict[str, Any]:
     """Train, measure held-out accuracies, pick the sparse tree, save heads + card.json; returns the card."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from accelerando.bench.models import load_llm
     from accelerando.llm.drafters import Medusa
 
-    path = resolve_model_path(target)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    loaded = load_llm(target)         # the one resolver: a local folder, a zoo name or a rand-llama-* spec
+    model, tok = loaded.model.eval(), loaded.tokenizer
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
     sep = tok.eos_token or "\n"
     t0 = time.perf_counter()
     seq_len = 256

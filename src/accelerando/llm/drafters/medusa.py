@@ -488,15 +488,6 @@ def medusa_step_drafts(h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
     return out[:, None, :].expand(B, T, N + 2)
 
 
-ZOO_HEADS = "code-target-medusa"
-
-
-def zoo_heads_path(name: str = ZOO_HEADS) -> Path:
-    """Folder of Medusa heads shipped in the zoo (beside the zoo's models)."""
-    from accelerando import zoo
-    return Path(zoo.MODELS_DIR) / name
-
-
 def _model_id(target: Any) -> str:
     cfg = getattr(target, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", ""))
