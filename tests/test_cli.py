@@ -114,6 +114,13 @@ def test_demo_takeaway_names_the_fastest_at_no_loss():
     assert "gain is the fewer model calls" in lines[1]
 
 
+def test_demo_refuses_budgets_the_unet_lacks_before_running(env):
+    assert_one_line_error(invoke("demo", "--history", env, "--steps", "5,10", "--reference-steps", 5000),
+                          "1000 timesteps")
+    assert_one_line_error(invoke("demo", "--history", env, "--steps", "5,10", "--reference-steps", 10), "no finer")
+    assert not env.exists() or open_history(env).count() == 0
+
+
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):
     F.fresh_registry(monkeypatch)                      # nothing registered
     res = invoke("demo", "--history", env)
