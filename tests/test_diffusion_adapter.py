@@ -4,7 +4,6 @@ slicing, set_begin_index, latents edited between steps, v-prediction, clipping),
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
 
 from accelerando.diffusion import METHODS, as_diffusers_scheduler, make_schedule, sample
