@@ -35,6 +35,7 @@ def cluster():
     old = os.environ.get("PYTHONPATH")
     src = str(TESTS.parent / "src")
     os.environ["PYTHONPATH"] = os.pathsep.join([src, str(TESTS)] + ([old] if old else []))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield

@@ -84,6 +84,7 @@ def ray_sweep(workloads: Sequence[Any], *, history: str, address: str | None = N
     starts a local one with ``num_cpus`` CPUs (default: all). An already initialised Ray session
     is used as it is. ``setup`` runs in the worker before each cell (tests register fake methods
     with it). ``progress(i, n, label, eta_s)`` is called as cells finish."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # no phoning home from a benchmark
     import ray
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
