@@ -111,6 +111,7 @@ def test_demo_takeaway_names_the_fastest_at_no_loss():
     assert "spec, 1.80x" in lines[0]                       # not the lossy one, though it is faster
     assert "f-pndm with 10 model calls" in lines[1] and "ddim with 20" in lines[1]
     assert "2.0x faster" in lines[1] and "2.0x fewer model calls" in lines[1]
+    assert "gain is the fewer model calls" in lines[1]
 
 
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):
@@ -417,3 +418,15 @@ def test_medusa_train_on_a_random_spec_writes_readable_weights(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "h" / "medusa.safetensors").stat().st_mode & 0o777 == 0o644
     assert Medusa.load(tmp_path / "h").config.n_heads == 2
+
+
+def test_results_table_keeps_not_applicable_rows_short():
+    from rich.console import Console
+    from accelerando.bench.runner import RunRow
+    from accelerando.cli.tables import results_table
+    rows = [RunRow("prk", "diffusion", {}, error="n/a: prk needs at least 3 steps = 11 model calls: a Runge-Kutta "
+                   "step across a third or more of the interval is unstable", not_applicable=True)]
+    con = Console(width=200, record=True)
+    con.print(results_table("t", "diffusion", rows))
+    text = con.export_text()
+    assert "prk needs at least 3 steps = 11 model calls" in text and "Runge-Kutta" not in text
