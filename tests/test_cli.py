@@ -20,11 +20,6 @@ from accelerando.diffusion import bench_methods as diffusion_methods
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    yield from F.one_thread()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -36,16 +31,12 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def env(monkeypatch, models, tmp_path):
-    """Fake methods, zoo names mapped to the tiny models, the fake schedule, a tmp history."""
-    F.fresh_registry(monkeypatch)
-    F.register_fake_llm()
-    F.register_fake_diffusion()
+def env(fakes, monkeypatch, models, tmp_path):
+    """Fake methods (conftest), zoo names mapped to the tiny models, a tmp history."""
     zoo_map = {"code-target": models["lm"], "code-draft-small": models["draft"], "digits-unet": models["unet"]}
     from accelerando import zoo
     real_path = zoo.path
     monkeypatch.setattr(zoo, "path", lambda n: str(zoo_map[n]) if n in zoo_map else real_path(n))
-    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
     monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: n in zoo_map)
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
     monkeypatch.delenv("ACCELERANDO_DEBUG", raising=False)
