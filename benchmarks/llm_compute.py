@@ -362,7 +362,7 @@ def targets(quality: dict, speed: list[dict], big: list[dict]) -> list[str]:
         ppl = max(abs(i8["code"]["ppl_change"]), abs(i8["prose"]["ppl_change"]))
         out.append(f"int8 weight-only >= 1.3x with perplexity change <= 1%: speed **{'met' if s8 >= 1.3 else 'not met'}** "
                    f"({s8:.2f}x generate at batch 1 on the zoo target"
-                   + (f", {big8:.2f}x on the 54M-weight model of (c)" if big8 else "") + "), perplexity **{'met' if ppl <= 0.01 else 'not met'}** ({ppl:.2%})")
+                   + (f", {big8:.2f}x on the 54M-weight model of (c)" if big8 else "") + f"), perplexity **{'met' if ppl <= 0.01 else 'not met'}** ({ppl:.2%})")
     bm4, bm3 = quality.get(f"BitMoD 4-bit g{GROUP} (simulated)"), quality.get(f"BitMoD 3-bit g{GROUP} (simulated)")
     i4 = quality.get(f"int4 RTN asym g{GROUP} (packed)")
     if bm4 and i4:
