@@ -100,8 +100,7 @@ def load_models(quick: bool):
     t = AutoModelForCausalLM.from_pretrained(zoo.path(TARGET_NAME)).eval()
     draft_name = "code-draft-small" if "code-draft-small" in zoo.names() else "code-draft-tiny"
     d = AutoModelForCausalLM.from_pretrained(zoo.path(draft_name)).eval()
-    from accelerando.llm.drafters.medusa import zoo_heads_path
-    heads = Medusa.load(zoo_heads_path(MEDUSA_NAME), target=t)
+    heads = Medusa.load(zoo.path(MEDUSA_NAME), target=t)
     tok = AutoTokenizer.from_pretrained(zoo.path(TARGET_NAME))
     prompts = prompt_texts()
     # every prompt cut to the same length (the held-out prompts have >= 80 tokens): one engine size

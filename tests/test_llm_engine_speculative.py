@@ -12,9 +12,7 @@ from scipy.stats import chisquare
 
 from accelerando.llm import DraftModel, PromptLookup, SamplingConfig, speculative_generate
 from accelerando.llm.engine import Engine
-from llm_models import noisy_copy, one_thread, tiny_lm
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+from llm_models import noisy_copy, tiny_lm
 
 
 def _prompts(batch: int, vocab: int = 96, length: int = 12, seed: int = 0):
@@ -156,3 +154,16 @@ def test_bench_methods_take_the_engine_knob():
     for name in ("spec-draft", "spec-prompt-lookup"):
         out = get_method(name).build(s, k=3, engine="engine-eager")()
         assert torch.equal(out.sequences, base.sequences), name
+
+
+def test_adaptive_drafters_take_plain_steps_and_stay_lossless():
+    """Issue 22: an adaptive drafter times plain (k = 0) steps -- a prompt lookup without a match, a
+    draft that rarely agrees -- and its output is still generate's."""
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    unrelated = tiny_lm("llama", seed=5, init_std=0.3)
+    ids = torch.arange(3, 15)[None]                                   # no repeated n-gram to look up
+    ref = target.generate(ids, do_sample=False, max_new_tokens=40)
+    for d in (PromptLookup(k="adaptive"), DraftModel(unrelated, k="adaptive")):
+        out = speculative_generate(target, ids, draft=d, max_new_tokens=40, engine="engine-eager")
+        assert torch.equal(out.sequences, ref), type(d).__name__
+        assert 0 in d.length.ctrl.t_verify

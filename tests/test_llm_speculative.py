@@ -9,9 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from accelerando.llm import DraftModel, NonFiniteLogitsError, PromptLookup, SamplingConfig, speculative_generate
-from llm_models import ARCHS, noisy_copy, one_thread, tiny_lm
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+from llm_models import ARCHS, noisy_copy, tiny_lm
 
 
 @pytest.fixture(autouse=True)
@@ -236,3 +234,20 @@ def test_greedy_equals_generate_on_cuda():
     out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=16,
                                temperature=0.8, seed=0)
     assert out.sequences.is_cuda
+
+
+def test_no_deprecated_cache_argument():
+    """transformers 5.2x takes the KV cache as ``cache=`` (``past_key_values`` is deprecated, to be
+    removed in 5.40): the HF cache path must not pass the old name (issue 21 item 7)."""
+    import warnings
+
+    from accelerando.llm.cache import cache_kwarg
+    for arch in ("llama", "gpt2"):
+        target = tiny_lm(arch, seed=0)
+        ids, mask = _prompts(2)
+        assert cache_kwarg(target) == "cache"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(target, k=2), max_new_tokens=6,
+                                 engine="hf")
+        assert not [w for w in caught if "past_key_values" in str(w.message)], arch

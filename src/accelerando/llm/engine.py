@@ -331,6 +331,7 @@ class Engine:
                                    max_len=L, head_dim=self.decoder.head_dim, dtype=self.dtype, device=self.device)
         self.decoder.set_max_len(L)
         self._fns: dict[Any, Any] = {}        # compiled steps for this length: one per hook (own code objects)
+        self._seen: set[tuple] = set()
         self._ones: dict[torch.Size, torch.Tensor] = {}
 
     def reserve(self, max_len: int) -> None:
@@ -406,10 +407,13 @@ class Engine:
             token_mask = self._all_valid(input_ids.shape)
         B, T = input_ids.shape
         last_only = last_only and T > 1        # one token is its own last: share the plain T = 1 graph
-        shape = f"B{B}xT{T}xL{self.max_len}" + ("" if tree_mask is None else "-tree") + ("-last" if last_only else "") \
-            + ("-hidden" if return_hidden else "") + ("" if hook is None else f"-hook{id(hook.fn)}")
-        first = shape not in self.stats.shapes
-        self.stats.shapes.add(shape)
+        key = (B, T, self.max_len, tree_mask is not None, last_only, return_hidden, None if hook is None else hook.key())
+        first = key not in self._seen
+        if first:     # a new step shape: a new graph when compiled
+            self._seen.add(key)
+            shape = f"B{B}xT{T}xL{self.max_len}" + ("-tree" if key[3] else "") + ("-last" if last_only else "") \
+                + ("-hidden" if return_hidden else "") + ("" if hook is None else f"-{hook.fn.__name__}")
+            self.stats.shapes.add(shape)
         if not self.compiled:
             out = self._run(self.decoder.forward, input_ids, token_mask, tree_mask, last_only, return_hidden, hook)
         else:

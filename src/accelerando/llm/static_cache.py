@@ -139,10 +139,3 @@ class StaticKVCache(torch.nn.Module):
         moved_valid = self.valid.gather(1, src)
         self.valid.scatter_(1, dst, torch.where(keep, moved_valid, self.valid.gather(1, dst)))
         self.lengths += n_keep
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Permute / select rows (beam search style); keeps the buffers' addresses."""
-        for buf in (*self.k, *self.v):
-            buf.copy_(buf.index_select(0, index))
-        self.valid.copy_(self.valid.index_select(0, index))
-        self.lengths.copy_(self.lengths.index_select(0, index))

@@ -125,7 +125,8 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
     """Load the model (zoo name, directory or random spec), build the workload and measure its
     features: one timed forward and prompt statistics — the candidates are *not* run."""
     from accelerando.bench.models import ModelCache, resolve
-    from accelerando.bench.runner import RunnerError, build_diffusion_setups, build_llm_setups, llm_workload_facts
+    from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups, check_limits,
+                                          llm_workload_facts)
     from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
     from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
     from .sweep import make_prompts
@@ -145,6 +146,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         m = cache.llm(model)
         dm = {d: cache.llm(d).model for d in drafts}
         setups = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=dm, max_batches=1)
+        check_limits(setups)                       # positions, draft vocabulary: before any feature is measured
         s0 = setups[0]
         facts = setup_facts(s0)
         key = {**wl.key(), **llm_workload_facts(setups)}
@@ -156,6 +158,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         wl = DiffusionWorkload(model=model, steps=steps, spacing=spacing, batch=batch, seed=seed)
         u = cache.unet(model)
         setups = build_diffusion_setups(wl, device=device, unet=u)
+        check_limits(setups)
         facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=u.unet, x_T=setups[0].x_T)
         key = {**wl.key(), "reference_steps": reference_steps}
         ref = (lambda: diffusion_reference(setups, steps=reference_steps))
