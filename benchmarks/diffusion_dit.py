@@ -142,6 +142,9 @@ def record_history(results: list[dict[str, Any]]) -> int:
 
 
 NOTES = [
+    "- Scope of this run (shared 2-core CPU, ~30 min left for it): 20 steps only (the issue asks 20 and 50; the "
+    "50-step cell was stopped for time), 32 images (16x16) / 16 images (32x32) per cell; HarmoniCa's router was "
+    "trained with only 4 SDT iterations and on the 16x16 model only; the 32x32 DiT had 400 training steps.",
     "- Quality is against full compute from the same x_T and labels (PSNR / SSIM, images in [-1, 1]; "
     "`inf` = identical); FD and class accuracy are in the digits-classifier's feature space against the "
     "held-out digits (32x32 samples average-pooled to 16x16). With this few samples FD is biased upwards; "
