@@ -29,13 +29,16 @@ PHASES = (
               max_position_embeddings=MAX_POSITIONS),
     zt.LMSpec("target", 96, 3, 3, 256, steps=150, lr=1.5e-3, batch_size=2, seq_len=TRAINED_LEN,
               max_position_embeddings=MAX_POSITIONS),
+    # retrieval curriculum: copying had not emerged after the two mixed phases
+    zt.LMSpec("target", 96, 3, 3, 256, steps=300, lr=2e-3, batch_size=4, seq_len=512,
+              max_position_embeddings=MAX_POSITIONS),
 )
-TASK_FRACTION = 0.5          # share of each batch that is a retrieval sequence
+TASK_FRACTIONS = (0.5, 0.5, 0.9)   # share of each phase's batch rows that are retrieval sequences
 EVAL_LENGTHS = (512, 1024, 2048, 4096)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float = TASK_FRACTION):
+def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float = 0.5):
     """batches(gen) -> (batch, seq_len + 1): code windows and retrieval sequences, mixed per row."""
     def batches(gen: torch.Generator) -> torch.Tensor:
         rows = []
@@ -99,7 +102,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
             continue
         zt._lm_cycle(NAME, model, None, stream, spec, n_steps=spec.steps, seed=seed + 1000 * c, log=log,
                      progress=progress, label=f"phase {c + 1}/{len(phases)} (T={spec.seq_len}) ",
-                     batches=mixed_batches(spec, stream, builder))
+                     batches=mixed_batches(spec, stream, builder, task_fraction=TASK_FRACTIONS[c]))
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
@@ -123,7 +126,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
              "code haystacks, every needle queried)",
         trained_length=phases[-1].seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
-        recipe={"phases": [asdict(p) for p in phases], "task_fraction": TASK_FRACTION,
+        recipe={"phases": [asdict(p) for p in phases], "task_fractions": TASK_FRACTIONS,
                 "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1 per phase", "loss": "CE"},
         metrics=metrics,
         eval_slice={"kind": "code", "windows": zt.EVAL_SLICE_WINDOWS, "seq_len": zt.SEQ_LEN,
