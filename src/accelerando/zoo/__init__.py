@@ -20,6 +20,7 @@ _ROLES = {
     "code-target": "target",
     "code-draft-small": "draft",
     "code-draft-tiny": "draft",
+    "code-long-target": "target",     # long context (2048-token training, 8192 positions): accelerando.zoo.long_context
     "digits-unet": "unet",
     "digits-classifier": "classifier",
 }

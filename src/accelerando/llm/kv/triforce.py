@@ -10,6 +10,7 @@ retrieval-cache draft).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -34,15 +35,20 @@ class TriForce(DraftModel):
         check_kv_model(target, "TriForce")
         super().check_compatible(target, tokenizer)
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: torch.Tensor,
-              first_host: list[int]) -> None:
+    def begin(self, input_ids: Any, attention_mask: torch.Tensor | None = None, first: torch.Tensor | None = None,
+              first_host: list[int] | None = None) -> None:
+        if hasattr(input_ids, "input_ids"):     # the drafter protocol's DraftContext
+            ctx = input_ids
+            input_ids, attention_mask, first = ctx.input_ids, ctx.attention_mask, ctx.first
         if not bool(attention_mask.all()):      # one sync, once
             raise ValueError("TriForce needs unpadded prompts (rows of equal length, attention_mask all ones)")
         if not hasattr(self, "v_target"):
             from accelerando.llm.drafters.draft_model import vocab_size
             self.v_target = vocab_size(self.model)
         # the draft's own prefill (the loop keeps the target's cache to itself), then the press
+        t0 = time.perf_counter()
         _, run = prefill(self.model, input_ids, press=self.press)
+        self.prefill_s = time.perf_counter() - t0
         st = HFCache(self.model, role="TriForce draft")
         B, n = input_ids.shape
         st.cache = run.cache
