@@ -32,18 +32,38 @@ PHASES = (
     # retrieval curriculum: copying had not emerged after the two mixed phases
     zt.LMSpec("target", 96, 3, 3, 256, steps=300, lr=2e-3, batch_size=4, seq_len=512,
               max_position_embeddings=MAX_POSITIONS),
+    # nor after that one: half the rows become repeated random-token segments (the classic
+    # induction-head task, every second copy fully predictable), then retrieval at 512 and 2048
+    zt.LMSpec("target", 96, 3, 3, 256, steps=400, lr=2e-3, batch_size=16, seq_len=256,
+              max_position_embeddings=MAX_POSITIONS),
+    zt.LMSpec("target", 96, 3, 3, 256, steps=150, lr=1e-3, batch_size=4, seq_len=512,
+              max_position_embeddings=MAX_POSITIONS),
+    zt.LMSpec("target", 96, 3, 3, 256, steps=60, lr=5e-4, batch_size=2, seq_len=TRAINED_LEN,
+              max_position_embeddings=MAX_POSITIONS),
 )
-TASK_FRACTIONS = (0.5, 0.5, 0.9)   # share of each phase's batch rows that are retrieval sequences
+TASK_FRACTIONS = (0.5, 0.5, 0.9, 0.5, 0.9, 0.7)   # share of each phase's rows that are retrieval sequences
+COPY_FRACTIONS = (0.0, 0.0, 0.0, 0.5, 0.0, 0.0)   # share that are repeated random tokens
 EVAL_LENGTHS = (512, 1024, 2048, 4096)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float = 0.5):
-    """batches(gen) -> (batch, seq_len + 1): code windows and retrieval sequences, mixed per row."""
+def copy_sequence(seq_len: int, vocab: int, *, gen: torch.Generator) -> torch.Tensor:
+    """``seq_len + 1`` ids: a random segment of 8-64 tokens repeated (induction-head training)."""
+    n = int(torch.randint(8, 65, (1,), generator=gen))
+    seg = torch.randint(1, vocab, (n,), generator=gen)
+    return seg.repeat(seq_len // n + 2)[: seq_len + 1]
+
+
+def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float = 0.5,
+                  copy_fraction: float = 0.0):
+    """batches(gen) -> (batch, seq_len + 1): code windows, retrieval and copy sequences, mixed per row."""
     def batches(gen: torch.Generator) -> torch.Tensor:
         rows = []
         for _ in range(spec.batch_size):
-            if float(torch.rand((), generator=gen)) < task_fraction:
+            u = float(torch.rand((), generator=gen))
+            if u < copy_fraction:
+                rows.append(copy_sequence(spec.seq_len, spec.vocab_size, gen=gen))
+            elif u < copy_fraction + task_fraction:
                 rows.append(builder.training_sequence(spec.seq_len, gen=gen))
             else:
                 s = int(torch.randint(0, len(stream) - spec.seq_len - 1, (1,), generator=gen))
@@ -102,7 +122,13 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
             continue
         zt._lm_cycle(NAME, model, None, stream, spec, n_steps=spec.steps, seed=seed + 1000 * c, log=log,
                      progress=progress, label=f"phase {c + 1}/{len(phases)} (T={spec.seq_len}) ",
-                     batches=mixed_batches(spec, stream, builder, task_fraction=TASK_FRACTIONS[c]))
+                     batches=mixed_batches(spec, stream, builder, task_fraction=TASK_FRACTIONS[c],
+                                          copy_fraction=COPY_FRACTIONS[c]))
+        if c + 1 < len(phases):
+            held_c = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
+            em = retrieval_table(model, held_c, lengths=(512,), per_cell=1)
+            log.append(f"after phase {c + 1}: retrieval exact match at 512 tokens {em['512']:.2f}")
+            zt._log(progress, f"[{NAME}] {log[-1]}")
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
@@ -126,7 +152,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
              "code haystacks, every needle queried)",
         trained_length=phases[-1].seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
-        recipe={"phases": [asdict(p) for p in phases], "task_fractions": TASK_FRACTIONS,
+        recipe={"phases": [asdict(p) for p in phases], "task_fractions": TASK_FRACTIONS, "copy_fractions": COPY_FRACTIONS,
                 "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1 per phase", "loss": "CE"},
         metrics=metrics,
         eval_slice={"kind": "code", "windows": zt.EVAL_SLICE_WINDOWS, "seq_len": zt.SEQ_LEN,

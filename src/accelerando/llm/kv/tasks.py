@@ -123,11 +123,13 @@ class HaystackBuilder:
                             answer_text=values[queried[0]], depth=d, task=task)
         return ids, spans, s
 
-    def training_sequence(self, seq_len: int, *, gen: torch.Generator) -> torch.Tensor:
-        """``seq_len + 1`` ids: a multi-query retrieval sample (1-8 keys, every key queried, needle
-        depths uniform), padded/cut with haystack so every sequence has the same length."""
-        task = "passkey" if _randint(gen, 0, 4) == 0 else "multikey"
-        k = _randint(gen, 1, 9)
+    def training_sequence(self, seq_len: int, *, gen: torch.Generator, max_keys: int | None = None) -> torch.Tensor:
+        """``seq_len + 1`` ids: a multi-query retrieval sample (1 to ``max_keys`` keys, default seq_len // 48;
+        every key queried, needle depths uniform), padded/cut with haystack so every
+        sequence has the same length. Many keys per sequence make copying a dense training signal
+        (as in multi-query associative recall)."""
+        task = "passkey" if _randint(gen, 0, 8) == 0 else "multikey"
+        k = _randint(gen, 1, (max_keys or max(2, seq_len // 48)) + 1)
         # leave room for the queries after the prompt
         q_room = 14 * k + 8
         ids, _, _ = self.sample(task, seq_len + 1 - q_room, gen=gen, n_keys=k,
