@@ -177,6 +177,22 @@ def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, r
     return rows
 
 
+SECTION = "## KV-cache selection and compression vs kvpress (issue 18)"
+
+
+def write_parts(parts: dict[str, str], took: str) -> None:
+    """Each part owns its own marked block (llm_kvcache, llm_kvcache_B, ...), created in order."""
+    from accelerando.bench.report import BENCHMARKS_MD
+    names = {p: "llm_kvcache" if p == "A" else f"llm_kvcache_{p}" for p in "ABCD"}
+    text = BENCHMARKS_MD.read_text()
+    for p in "ABCD":       # create missing blocks in order, so parts run separately still read A..D
+        if f"<!-- BEGIN {names[p]} -->" not in text:
+            write_section(names[p], (SECTION + "\n\n" if p == "A" else "") + f"(part {p} not run yet)")
+            text = BENCHMARKS_MD.read_text()
+    for p, body in parts.items():
+        write_section(names[p], (SECTION + "\n\n" if p == "A" else "") + body + f"\n\n(this run: {took})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model dir (default: the zoo's code-long-target)")
@@ -192,9 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [512, 1024] if q else [1024, 2048, 4096]
     ratios = [0.25, 0.5]
     t0 = time.time()
-    md = [f"Command: `python benchmarks/llm_kvcache.py{' --quick' if q else ''}`. Machine: {machine_line()} "
-          "(2 cores shared with other jobs: absolute times are noisy, ratios within one run compare). "
-          f"Model: zoo `code-long-target` (trained at 2048 tokens). Greedy decoding."]
+    md: list[str] = []
+    parts: dict[str, str] = {}
+    header = (f"Command: `python benchmarks/llm_kvcache.py{' --quick' if q else ''} --parts {a.parts}`. Machine: "
+              f"{machine_line()} (2 cores shared with other jobs: absolute times are noisy, ratios within one "
+              f"part compare). Model: {a.model or 'zoo `code-long-target`'} (trained at 2048 tokens). Greedy decoding.")
     with torch.no_grad():
         if "A" in a.parts:
             em, by_depth = retrieval(model, tok, lengths, ratios, 1 if q else 2, anchor=True)
@@ -206,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                     vals = [em[(name, r, n)] for n in lengths]
                     rows.append([name, r] + [f"{v:.2f}" for v in vals] +
                                 [f"{sum(vals) / max(1e-9, sum(full)):.2f}"])
+            md = [header]
             md += ["", f"**A. Retrieval exact match** (multi-key: 4 needles `key_xxxx = \"5 digits\"` in held-out "
                    f"code, one queried; depths {DEPTHS}, {1 if q else 2} samples per depth, {3 if q else 6} per length)",
                    "", markdown_table(["method", "kept ratio"] + [f"EM @ {n}" for n in lengths] + ["vs full (sum)"], rows)]
@@ -213,36 +232,41 @@ def main(argv: list[str] | None = None) -> None:
                     if nm in ("full", "snapkv", "kvpress-snapkv", "tokenselect", "streaming") and n == lengths[-1]]
             md += ["", f"By depth at {lengths[-1]} tokens:", "",
                    markdown_table(["method", "kept ratio", "length"] + [f"depth {d}" for d in DEPTHS], drow)]
+            parts["A"] = "\n".join(md)
         if "B" in a.parts:
             ctx = 512 if q else 2048
             res = code_quality(model, tok, ctx, 32 if q else 64, 16 if q else 32, 1 if q else 2, ratios, anchor=True)
             rows = [[nm, r, f"{v[0]:.4f}", f"{v[1]:.2f}", f"{v[2]:.2f}"] for (nm, r), v in res.items()]
             rows.sort(key=lambda x: (x[1] != 1.0, x[1], x[0]))
+            md = [header]
             md += ["", f"**B. Long held-out code** (context {ctx} tokens; teacher-forced over the next "
                    f"{32 if q else 64}; greedy continuation of {16 if q else 32} tokens compared with the full cache's)",
                    "", markdown_table(["method", "kept ratio", "KL(full || method) nats/token", "perplexity",
                                        "greedy match"], rows)]
+            parts["B"] = "\n".join(md)
         if "C" in a.parts:
             cells = [(512, 1), (1024, 1)] if q else [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (2048, 4)]
             rows = speed(model, tok, cells, 0.25, 8 if q else 24, 1 if q else 3, anchor=True)
+            md = [header]
             md += ["", "**C. Cost at 25% kept** (prefill includes the press; decode tokens/s over "
                    f"{8 if q else 24} new tokens, median of {1 if q else 3} interleaved rounds; KV MiB held after "
                    "the prefill, all layers)", "",
                    markdown_table(["context", "batch", "method", "kept ratio", "prefill s", "decode tok/s",
                                    "vs full", "KV MiB held"], rows)]
+            parts["C"] = "\n".join(md)
         if "D" in a.parts:
             rows = triforce(model, tok, [1024] if q else [4096, 8192], 16 if q else 48, 1 if q else 2, 0.1, 4)
+            md = [header]
             md += ["", "**D. TriForce** (the target with a 10% retrieval-chunk cache drafts k = 4 for the full "
                    "target; wall time includes the target's prefill and the draft's own second prefill, which a shared "
                    "cache would save: the next column subtracts it)", "",
                    markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
                                    "speed-up", "speed-up without the draft's own prefill", "acceptance",
                                    "greedy == plain"], rows)]
-    md += ["", f"Run time {time.time() - t0:.0f} s."]
-    text = "\n".join(md)
-    print(text)
+            parts["D"] = "\n".join(md)
+    print("\n".join(md))
     if not a.no_write:
-        write_section("llm_kvcache", "## KV-cache selection and compression vs kvpress (issue 18)\n\n" + text)
+        write_parts(parts, f"{time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
