@@ -75,7 +75,11 @@ def retrieval(model: Any, tok: Any, lengths: list[int], ratios: list[float], per
     arms = [("full", 1.0, {})] + [(name, r, kw) for r in ratios for name, kw in methods(r, anchor=anchor).items()]
     em: dict = {}
     by_depth: list = []
-    for name, r, kw in arms:
+    for i, (name, r, kw) in enumerate(arms):
+        if i == 1 and max(em[("full", 1.0, n)] for n in lengths) < 0.9:
+            print("A: full-cache exact match < 0.9 at every length: the task is too hard for this model; "
+                  "the methods' retrieval is not measured")
+            break
         for n in lengths:
             hits = {d: [] for d in DEPTHS}
             for d, s in samples[n]:
@@ -130,8 +134,7 @@ def speed(model: Any, tok: Any, cells: list[tuple[int, int]], ratio: float, new:
     for n, batch in cells:
         ids = torch.stack([stream[i * 997: i * 997 + n] for i in range(batch)])
         arms = [("full", {})] + [(k, v) for k, v in methods(ratio, anchor=anchor).items()
-                                 if k in ("streaming", "snapkv", "h2o", "elastic", "tokenselect", "recycled",
-                                          "kvpress-snapkv", "kvpress-expected")]
+                                 if k in ("streaming", "snapkv", "h2o", "tokenselect", "recycled", "kvpress-snapkv")]
         stats: dict = {name: [] for name, _ in arms}
         for _ in range(repeats):          # interleaved rounds: load drifts hit every method alike
             for name, _ in arms:
@@ -215,21 +218,26 @@ def main(argv: list[str] | None = None) -> None:
               f"part compare). Model: {a.model or 'zoo `code-long-target`'} (trained at 2048 tokens). Greedy decoding.")
     with torch.no_grad():
         if "A" in a.parts:
-            em, by_depth = retrieval(model, tok, lengths, ratios, 1 if q else 2, anchor=True)
+            em, by_depth = retrieval(model, tok, lengths, ratios, 1, anchor=True)
             names = ["full"] + list(methods(0.25).keys())
             rows = []
             for name in names:
                 for r in ([1.0] if name == "full" else ratios):
+                    if (name, r, lengths[0]) not in em:
+                        continue
                     full = [em[("full", 1.0, n)] for n in lengths]
                     vals = [em[(name, r, n)] for n in lengths]
                     rows.append([name, r] + [f"{v:.2f}" for v in vals] +
                                 [f"{sum(vals) / max(1e-9, sum(full)):.2f}"])
             md = [header]
             md += ["", f"**A. Retrieval exact match** (multi-key: 4 needles `key_xxxx = \"5 digits\"` in held-out "
-                   f"code, one queried; depths {DEPTHS}, {1 if q else 2} samples per depth, {3 if q else 6} per length)",
+                   f"code, one queried; depths {DEPTHS}, one sample per depth: {len(DEPTHS)} per length -- CPU time)",
                    "", markdown_table(["method", "kept ratio"] + [f"EM @ {n}" for n in lengths] + ["vs full (sum)"], rows)]
             drow = [[nm, r, n] + [f"{v[d]:.2f}" for d in DEPTHS] for nm, r, n, v in by_depth
                     if nm in ("full", "snapkv", "kvpress-snapkv", "tokenselect", "streaming") and n == lengths[-1]]
+            if len(em) == len(lengths):
+                md += ["", "Full-cache exact match is below 0.9 at every length: the model does not solve the task "
+                       "(the issue's bar for measuring anything), so the methods' retrieval is not measured."]
             md += ["", f"By depth at {lengths[-1]} tokens:", "",
                    markdown_table(["method", "kept ratio", "length"] + [f"depth {d}" for d in DEPTHS], drow)]
             parts["A"] = "\n".join(md)
@@ -245,11 +253,11 @@ def main(argv: list[str] | None = None) -> None:
                                        "greedy match"], rows)]
             parts["B"] = "\n".join(md)
         if "C" in a.parts:
-            cells = [(512, 1), (1024, 1)] if q else [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (2048, 4)]
-            rows = speed(model, tok, cells, 0.25, 8 if q else 24, 1 if q else 3, anchor=True)
+            cells = [(512, 1), (1024, 1)] if q else [(1024, 1), (4096, 1), (8192, 1), (2048, 4)]
+            rows = speed(model, tok, cells, 0.25, 8 if q else 16, 1 if q else 2, anchor=True)
             md = [header]
             md += ["", "**C. Cost at 25% kept** (prefill includes the press; decode tokens/s over "
-                   f"{8 if q else 24} new tokens, median of {1 if q else 3} interleaved rounds; KV MiB held after "
+                   f"{8 if q else 16} new tokens, median of {1 if q else 2} interleaved rounds (CPU time: batch 4 only at 2048); KV MiB held after "
                    "the prefill, all layers)", "",
                    markdown_table(["context", "batch", "method", "kept ratio", "prefill s", "decode tok/s",
                                    "vs full", "KV MiB held"], rows)]
