@@ -41,11 +41,12 @@ _acc_services() {
     if [ ! -f "$data/PG_VERSION" ]; then
       rm -rf "$data" && mkdir -p "$data"
       [ "$(id -u)" = 0 ] && chown postgres "$data"
-      "${as[@]}" "$pgbin/initdb" -D "$data" -U postgres -A trust -E UTF8 >/dev/null \
+      # from / : the server's user may not be allowed into the caller's directory
+      (cd / && "${as[@]}" "$pgbin/initdb" -D "$data" -U postgres -A trust -E UTF8 >/dev/null) \
         || { echo "services: initdb failed" >&2; return 1; }
     fi
-    "${as[@]}" "$pgbin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 30 \
-      -o "-p $port -k $data -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >/dev/null \
+    (cd / && "${as[@]}" "$pgbin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 30 \
+      -o "-p $port -k $data -c listen_addresses=127.0.0.1 -c max_connections=200 -c fsync=off" start >/dev/null) \
       || { echo "services: PostgreSQL did not start; see $data/server.log" >&2; return 1; }
   fi
   export ACCELERANDO_TEST_POSTGRES_URL="postgresql://postgres@127.0.0.1:$port/postgres"

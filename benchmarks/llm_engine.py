@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,8 +41,8 @@ class Workload:
 def _random_llama(seed: int, **shape):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**shape, max_position_embeddings=1024, eos_token_id=None, bos_token_id=None,
-                      pad_token_id=0)
+    shape = {"max_position_embeddings": 1024, **shape}
+    cfg = LlamaConfig(**shape, eos_token_id=None, bos_token_id=None, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -149,7 +150,7 @@ def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], 
 
 
 def _engines_of(model) -> list:
-    return list(eng_mod._ENGINES.get(model, {}).values())
+    return list(eng_mod._POOL.get(model, {}).values())
 
 
 def _forward_s(models) -> float:
@@ -168,7 +169,7 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
         return {}
     ids, mask, target = w.prompts[:batch], w.mask[:batch], w.target
 
-    def spec(make_drafter, draft_models, engine="static"):
+    def spec(make_drafter, draft_models, engine="engine"):
         def run():
             before_t, before_d = _forward_s([target]), _forward_s(draft_models)
             t0 = time.perf_counter()
@@ -181,7 +182,7 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
             t_draft = (_forward_s(draft_models) - before_d) / (steps + 1)
             split = ({"draft": t_draft, "verify": t_verify, "rest": total / (steps + 1) - t_draft - t_verify}
                      if engine != "hf" else {})
-            return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "static",
+            return out.sequences, {"target_calls": st["target_calls"], "compiled": engine == "engine",
                                    "split": split}
         return run
 
@@ -198,19 +199,99 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
 
 
 def _tree_method(w: Workload, draft_name: str, new_tokens: int) -> Callable:
+    from accelerando.llm import speculative_generate
     from accelerando.llm.drafters import DraftTree
-    from accelerando.llm.tree_speculative import tree_speculative_generate
     ids = w.prompts[:1][:, w.mask[0].bool()]          # row 0 has no padding
 
     def run():
-        st: dict = {}
-        out = tree_speculative_generate(w.target, ids, drafter=DraftTree(w.drafts[draft_name], width=2, depth=3,
-                                                                         backend="engine", compile=True),
-                                        max_new_tokens=new_tokens, backend="engine", stats=st,
-                                        eos_token_id=w.target.generation_config.eos_token_id)
-        out = torch.cat([w.prompts[:1], out[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
-        return out, {"target_calls": st["target_calls"], "compiled": True}
+        out = speculative_generate(w.target, ids, draft=DraftTree(w.drafts[draft_name], width=2, depth=3),
+                                   max_new_tokens=new_tokens, engine="engine", pad_token_id=0,
+                                   eos_token_id=w.target.generation_config.eos_token_id or [])
+        seqs = torch.cat([w.prompts[:1], out.sequences[:, ids.shape[1]:]], 1)    # same layout as the padded baseline
+        return seqs, {"target_calls": out.stats["target_calls"], "compiled": True}
     return run
+
+
+# Random-initialised Llama-family models the engine was not tuned on (issue 22): ~15M and ~60M
+# parameters, with and without GQA. Their outputs are meaningless; their timing is real.
+RANDOM_SHAPES = {
+    "rand-15m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
+                     num_key_value_heads=4, vocab_size=16000),
+    "rand-15m-gqa": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=16000),
+    "rand-60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=8, vocab_size=32000),
+    "rand-60m-gqa": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=32000),
+}
+SPEC_ON = ("rand-15m", "rand-60m")      # speculation rows (the others: plain decoding only, fewer compiles)
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """(first call s: cold, median of ``repeats`` calls after one more warm-up s: warm, last result)."""
+    t0 = time.perf_counter()
+    out = fn()
+    cold = time.perf_counter() - t0
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return cold, statistics.median(times), out
+
+
+def random_models(args) -> str:
+    """Plain decoding (transformers vs engine, with the engine's per-step split into forward and
+    loop) and adaptive speculation on the engine, cold and warm, on the random models."""
+    rows, notes = [], []
+    for name, shape in RANDOM_SHAPES.items():
+        from accelerando.llm import DraftModel, PromptLookup, speculative_generate
+        target = _random_llama(0, **shape, max_position_embeddings=1024)
+        n_params = sum(p.numel() for p in target.parameters()) / 1e6
+        g = torch.Generator().manual_seed(0)
+        P = args.prompt_len
+        ids = torch.randint(3, shape["vocab_size"], (1, P), generator=g)
+        ids[:, P // 2:] = ids[:, : P - P // 2]                            # repetition for prompt lookup
+        N = args.new_tokens
+        kw = dict(max_new_tokens=N, pad_token_id=0)
+        hf = lambda: target.generate(ids, do_sample=False, **kw)        # noqa: E731
+        hf_cold, hf_warm, ref = _timed(hf, args.repeats)
+
+        def plain():
+            eng = eng_mod.Engine.open(target, batch_size=1, max_len=P + N, role="target")
+            f0, c0 = eng.stats.forward_s, eng.stats.forward_calls
+            t0 = time.perf_counter()
+            out = eng_mod.generate(target, ids, max_new_tokens=N, pad_token_id=0, eos_token_id=[])
+            wall = time.perf_counter() - t0
+            calls = eng.stats.forward_calls - c0
+            return out, (eng.stats.forward_s - f0) / calls, wall / calls
+        cold, warm, (out, fwd, per_call) = _timed(plain, args.repeats)
+        rows.append([name, f"{n_params:.0f}M", "engine plain (compiled)", f"{hf_warm / warm:.2f}x", "1.00x",
+                     f"{N / warm:.0f}", f"{cold:.1f} / {hf_cold:.1f}", f"{fwd * 1e3:.2f} / {(per_call - fwd) * 1e3:.2f}",
+                     "-", "yes" if torch.equal(out, ref) else "NO"])
+        rows.append([name, f"{n_params:.0f}M", "transformers generate", "1.00x", f"{warm / hf_warm:.2f}x",
+                     f"{N / hf_warm:.0f}", f"{hf_cold:.1f}", "-", "-", "yes"])
+        if name not in SPEC_ON:
+            continue
+        draft = _truncated_draft(target, 2)
+        for label, make in ((f"engine + prompt lookup (k=adaptive, k_max={args.k_max})",
+                             lambda: PromptLookup(k="adaptive", k_max=args.k_max)),
+                            (f"engine + draft: first 2 layers (k=adaptive, k_max={args.k_max})",
+                             lambda: DraftModel(draft, k="adaptive", k_max=args.k_max)),
+                            ("engine + draft: first 2 layers (k=3)", lambda: DraftModel(draft, k=3))):
+            spec = lambda make=make: speculative_generate(target, ids, draft=make(), engine="engine",   # noqa: E731
+                                                         eos_token_id=[], **kw)
+            s_cold, s_warm, o = _timed(spec, args.repeats)
+            st = o.stats
+            rows.append([name, f"{n_params:.0f}M", label, f"{hf_warm / s_warm:.2f}x", f"{warm / s_warm:.2f}x",
+                         f"{N / s_warm:.0f}", f"{s_cold:.1f}", "-",
+                         f"{st['acceptance_rate']:.2f} / {st['mean_k']:.1f}",
+                         "yes" if torch.equal(o.sequences, ref) else "NO"])
+        print("\n".join(" | ".join(map(str, r)) for r in rows[-5:]), flush=True)
+    return markdown_table(["model", "params", "method", "vs transformers (warm)", "vs engine plain (warm)",
+                           "tokens/s (warm)", "cold s (first call; engine / transformers)",
+                           "engine per step ms (forward / loop)", "acceptance / mean k", "same tokens"], rows)
 
 
 def main() -> None:
@@ -222,10 +303,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny run, writes nothing")
     ap.add_argument("--dry", action="store_true", help="full run, print the table, write nothing")
+    ap.add_argument("--random", action="store_true",
+                    help="the random ~15M / ~60M Llama models instead (section llm_engine_random; --threads 1)")
+    ap.add_argument("--k-max", type=int, default=7, help="adaptive k cap for --random (7: steps up to 8 wide)")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, [1]
     torch.set_num_threads(args.threads)
+    if args.random:
+        t0 = time.perf_counter()
+        table = random_models(args)
+        print(table)
+        if not (args.quick or args.dry):
+            _write_random(args, table, time.perf_counter() - t0)
+        return
     w = load_workload(args.prompt_len)
     P = w.prompts.shape[1]
     rows: list[Row] = []
@@ -256,6 +347,21 @@ def _table(rows: list[Row]) -> str:
     return markdown_table(["method", "batch", "tokens/s", "vs transformers default",
                            "tokens per target call", "per-step ms (draft / verify / rest)",
                            "compile s", "same tokens"], out)
+
+
+def _write_random(args, table: str, wall: float) -> None:
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+    md = (f"### The engine on models it was not tuned for (random-initialised Llama family)\n\n"
+          f"`python benchmarks/llm_engine.py --random --threads {args.threads} --new-tokens {args.new_tokens} "
+          f"--repeats {args.repeats}` ({wall:.0f} s) -- {machine_line()}; load average at the end {load} (a shared "
+          f"2-core machine: modest sizes, noisy). Batch 1, greedy, a {args.prompt_len}-token random prompt whose second "
+          f"half repeats the first, {args.new_tokens} new tokens. Shapes: {RANDOM_SHAPES}. Warm = median of "
+          f"{args.repeats} calls after a warm-up; cold = the first call in the process (compiles every graph the "
+          f"method needs that an earlier row did not; inductor's on-disk cache may already hold them). Per-step "
+          f"split: time inside the engine's forward per call vs the rest of the decode loop per call. The draft is "
+          f"the target's first 2 layers (random weights: little agreement), prompt lookup copies the repeated half. "
+          f"Speculative rows run on the same engine as plain decoding (`engine=\"engine\"`).\n\n{table}\n")
+    write_section("llm_engine_random", md)
 
 
 def _write(args, w: Workload, rows: list[Row], table: str) -> None:

@@ -165,13 +165,13 @@ def methods_for(batch: int, temperature: float, drafts: list[str], hf_best: dict
     # the same loop on the lean engine (static cache, compiled steps), next to the engine's own plain
     # decoding: what speculation adds on a lean step. k = 3 keeps one compiled width (4 tokens).
     ms.append(("engine-generate", {}))
-    ms += [("spec-draft", {"draft": d, "k": 3, "engine": "static"}) for d in drafts]
-    ms.append(("spec-prompt-lookup", {"k": 3, "engine": "static"}))
+    ms += [("spec-draft", {"draft": d, "k": 3, "engine": "engine"}) for d in drafts]
+    ms.append(("spec-prompt-lookup", {"k": 3, "engine": "engine"}))
     return ms
 
 
 def on_engine(r: dict) -> bool:
-    return r["knobs"].get("engine") == "static"
+    return r["knobs"].get("engine") in ("engine", "static")
 
 
 def label(name: str, knobs: dict) -> str:

@@ -29,29 +29,36 @@ import torch
 from accelerando.bench.report import machine_line, markdown_table, write_section
 from accelerando.llm.drafters import DraftTree, Medusa
 from accelerando.llm.drafters.tree import sparse_widths
-from accelerando.llm.tree import TokenTree
-from accelerando.llm.tree_speculative import TreeProposal, tree_speculative_generate
+from accelerando.llm.drafters.base import Drafter, Proposal
+from accelerando.llm.speculative import speculative_generate
 
 MEDUSA_NAME, TARGET_NAME = "code-target-medusa", "code-target"
 PROMPT_TOKENS = 80
 # Draft-model engines run eagerly here: with compiled draft steps we saw every timed call of a
 # DraftTree take 30-160 s on this machine (apparently recompiling; not yet diagnosed).
-DRAFT_COMPILE = False
+DRAFT_ENGINE = "engine-eager"
 
 
-class PlainDrafter:
+class PlainDrafter(Drafter):
     """No drafts: every step verifies the root only -- plain decoding on the same engine and loop."""
-    needs_hidden, draft_calls, max_nodes = False, 0, 1
-    ROOT = TokenTree.chain(0)      # one tree object: its index tensors are built once, not per step
+    max_nodes, batched = 1, False
 
-    def begin(self, target, input_ids, max_new_tokens=0):
+    def begin(self, ctx):
         pass
 
-    def propose(self, root, hidden, sampling, generator=None, rule="exact"):
-        return TreeProposal(self.ROOT, [int(root)], None)
+    def propose(self, x):
+        return Proposal.chain_of(x.root, x.root.new_zeros(x.root.shape[0], 0))
 
-    def accept(self, path, emitted):
+    def accept(self, step):
         pass
+
+
+def tree_generate(target, ids, *, drafter, rule="exact", **kw):
+    """One sequence with ``drafter`` (``rule`` = Medusa's acceptance), no EOS; (sequences, stats)."""
+    if isinstance(drafter, Medusa):
+        drafter = drafter.use_acceptance(rule)
+    out = speculative_generate(target, ids, draft=drafter, eos_token_id=[], pad_token_id=0, **kw)
+    return out.sequences, out.stats
 
 
 @dataclass
@@ -93,8 +100,7 @@ def load_models(quick: bool):
     t = AutoModelForCausalLM.from_pretrained(zoo.path(TARGET_NAME)).eval()
     draft_name = "code-draft-small" if "code-draft-small" in zoo.names() else "code-draft-tiny"
     d = AutoModelForCausalLM.from_pretrained(zoo.path(draft_name)).eval()
-    from accelerando.llm.drafters.medusa import zoo_heads_path
-    heads = Medusa.load(zoo_heads_path(MEDUSA_NAME), target=t)
+    heads = Medusa.load(zoo.path(MEDUSA_NAME), target=t)
     tok = AutoTokenizer.from_pretrained(zoo.path(TARGET_NAME))
     prompts = prompt_texts()
     # every prompt cut to the same length (the held-out prompts have >= 80 tokens): one engine size
@@ -130,7 +136,7 @@ def methods(target, draft, heads, temperature: float) -> list[Method]:
                             pad_token_id=0), {"target_calls": ARGS.new_tokens})))
     ms.append(Method("plain-tree-loop", {}, lambda: PlainDrafter()))
     for k in ARGS.chain_k:
-        ms.append(Method("chain-draft", {"k": k}, (lambda k=k: DraftTree(draft, width=1, depth=k, compile=DRAFT_COMPILE))))
+        ms.append(Method("chain-draft", {"k": k}, (lambda k=k: DraftTree(draft, width=1, depth=k, engine=DRAFT_ENGINE))))
     for n in ARGS.medusa_nodes:
         ms.append(Method("medusa", {"nodes": n}, (lambda n=n: heads.use_tree(n))))
         if not greedy:
@@ -139,22 +145,22 @@ def methods(target, draft, heads, temperature: float) -> list[Method]:
                                  (lambda n=n: heads.use_tree(n)), rule="typical", lossless=False))
     for n in ARGS.chain_k:   # the budgeted shapes at the chain's node counts
         ms.append(Method("rsd-sparse", {"nodes": n, "widths": ",".join(map(str, sparse_widths(n)))},
-                         (lambda n=n: DraftTree(draft, shape="sparse", nodes=n, compile=DRAFT_COMPILE))))
+                         (lambda n=n: DraftTree(draft, shape="sparse", nodes=n, engine=DRAFT_ENGINE))))
         ms.append(Method("rsd-dyn", {"nodes": n, "width": 2},
-                         (lambda n=n: DraftTree(draft, shape="dynamic", nodes=n, width=2, compile=DRAFT_COMPILE))))
+                         (lambda n=n: DraftTree(draft, shape="dynamic", nodes=n, width=2, engine=DRAFT_ENGINE))))
     for w, d in ARGS.tree_shapes:
-        ms.append(Method("rsd-c", {"width": w, "depth": d}, (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, compile=DRAFT_COMPILE))))
+        ms.append(Method("rsd-c", {"width": w, "depth": d}, (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, engine=DRAFT_ENGINE))))
         ms.append(Method("rsd-s", {"width": w, "depth": d},
-                         (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, shape="beam", compile=DRAFT_COMPILE))))
+                         (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, shape="beam", engine=DRAFT_ENGINE))))
         if not greedy:   # at temperature 0 sibling sampling is deterministic: with/without replacement coincide
             ms.append(Method("specinfer", {"width": w, "depth": d},
-                             (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, replacement=True, compile=DRAFT_COMPILE))))
+                             (lambda w=w, d=d: DraftTree(draft, width=w, depth=d, replacement=True, engine=DRAFT_ENGINE))))
     from accelerando.llm import DraftModel, speculative_generate   # the chain agent's loop
     for k in (4,):
         def fn(ids, seed, k=k):
             kw = dict(max_new_tokens=ARGS.new_tokens, temperature=temperature, seed=seed, eos_token_id=[])
             try:
-                out = speculative_generate(target, ids, draft=DraftModel(draft, k=k), engine="static-eager", **kw)
+                out = speculative_generate(target, ids, draft=DraftModel(draft, k=k), engine="engine-eager", **kw)
             except TypeError:                                  # a loop without the engine option
                 out = speculative_generate(target, ids, draft=DraftModel(draft, k=k), **kw)
             return out.sequences, out.stats
@@ -168,10 +174,8 @@ def run_one(m: Method, target, prompts: list[torch.Tensor], temperature: float) 
     def call(ids, seed):
         if m.fn is not None:
             return m.fn(ids, seed)
-        st: dict = {}
-        out = tree_speculative_generate(target, ids, drafter=m.make(), max_new_tokens=ARGS.new_tokens,
-                                        temperature=temperature, rule=m.rule, seed=seed, stats=st)
-        return out, st
+        return tree_generate(target, ids, drafter=m.make(), max_new_tokens=ARGS.new_tokens,
+                             temperature=temperature, rule=m.rule, seed=seed)
 
     for i, ids in enumerate(prompts):
         if i == 0:
@@ -240,7 +244,7 @@ def main() -> None:
             f"{ARGS.prompts} held-out prompt(s) per domain (each cut to its last {PROMPT_TOKENS} tokens; rates pool the prompts). The machine was shared with other jobs (2 cores, load > 2): "
             "absolute times are noisy, ratios within one row group are the comparison. "
             "Draft models (chain-draft, rsd-*, specinfer, chain-loop) run on the engine *eagerly*; the target is compiled "
-            "except in chain-loop (the chain agent's loop with engine='static-eager'). "
+            "except in chain-loop (the chain agent's loop with engine='engine-eager'). "
             "Ratio = tokens/s over `plain-engine` (the lean engine's greedy `generate`) at T=0, over `plain-tree-loop` "
             "(the same loop verifying no drafts) at T=0.7. All methods run on the same lean engine. "
             "Quality: `exact` = identical to the greedy baseline; ppl = the target's perplexity of the generated text "
@@ -280,7 +284,7 @@ def main() -> None:
                     greedy_ref = r.outputs
                 print(f"T={temperature} {domain} {m.name} {m.knobs} {sum(r.seconds):.2f}s", flush=True)
             if temperature > 0:   # greedy reference for agreement of the lossy rule
-                greedy_ref = [tree_speculative_generate(target, p, drafter=PlainDrafter(), max_new_tokens=ARGS.new_tokens)
+                greedy_ref = [tree_generate(target, p, drafter=PlainDrafter(), max_new_tokens=ARGS.new_tokens)[0]
                               for p in ps]
             base = next(r for r in results if r.method.name == ("plain-engine" if temperature == 0 else "plain-tree-loop"))
             base_tps = base.new_tokens / sum(base.seconds)

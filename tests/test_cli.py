@@ -111,6 +111,7 @@ def test_demo_takeaway_names_the_fastest_at_no_loss():
     assert "spec, 1.80x" in lines[0]                       # not the lossy one, though it is faster
     assert "f-pndm with 10 model calls" in lines[1] and "ddim with 20" in lines[1]
     assert "2.0x faster" in lines[1] and "2.0x fewer model calls" in lines[1]
+    assert "gain is the fewer model calls" in lines[1]
 
 
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):
@@ -340,3 +341,92 @@ def test_bench_diffusion_spacing_knob(env, models, monkeypatch):
     assert row.knobs == {"spacing": "leading"}
     assert_one_line_error(invoke("bench", models["unet"], "--methods", "dpmpp-2m", "--knob", "dpmpp-2m.order=3",
                                  "--history", env), "dpmpp-2m has no knob 'order'", "spacing")
+
+
+def test_run_script_keeps_the_callers_directory(tmp_path):
+    """``./run history export --out rel.csv`` wrote into the clone: the script changed into the
+    repository root. The accelerando command now runs where it was called (``./run test`` still
+    runs from the root). A stand-in repository with a fake installed command records its cwd."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    repo = tmp_path / "clone"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "run", repo / "run")
+    (repo / "pyproject.toml").write_text("")
+    for exe in ("python", "accelerando"):
+        f = repo / ".venv" / "bin" / exe
+        f.write_text('#!/bin/sh\necho "cwd=$(pwd) args=$*"\n')
+        f.chmod(0o755)
+    (repo / ".venv" / ".accelerando-installed").touch()
+    os.utime(repo / "pyproject.toml", (1, 1))                # the install stamp is newer: no pip
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run(["../clone/run", "history", "export", "--out", "rel.csv"], cwd=work,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"cwd={work} args=history export --out rel.csv"
+
+
+def test_zoo_list_and_info_show_the_medusa_heads():
+    res = invoke("zoo", "list")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "code-target-medusa" in x)
+    assert "medusa" in line.replace("code-target-medusa", "") and "yes" in line
+    res = invoke("zoo", "info", "code-target-medusa")
+    assert res.exit_code == 0 and '"role": "medusa"' in res.output and "code-target-medusa" in res.output
+    assert_one_line_error(invoke("zoo", "train", "code-target-medusa"), "medusa train")
+    assert_one_line_error(invoke("bench", "code-target-medusa"), "Medusa heads for code-target", "not a model")
+
+
+def test_medusa_train_refuses_zero_steps(tmp_path):
+    res = invoke("medusa", "train", "--steps", 0, "--out", tmp_path / "h")
+    assert res.exit_code == 2 and "--steps" in res.output + res.stderr and "Traceback" not in res.output
+    assert not (tmp_path / "h").exists()
+
+
+def test_history_since_parses_dates_and_ages_or_refuses(env):
+    from datetime import datetime, timedelta, timezone
+    from accelerando.cli.history import parse_since
+    now = datetime(2026, 12, 3, 8, 30, tzinfo=timezone.utc)
+    assert parse_since("yesterday", now=now) == datetime(2026, 12, 2, tzinfo=timezone.utc)
+    assert parse_since("today", now=now) == datetime(2026, 12, 3, tzinfo=timezone.utc)
+    assert parse_since("12h", now=now) == now - timedelta(hours=12)
+    assert parse_since("2026-11-28T17:00", now=now) == datetime(2026, 11, 28, 17, tzinfo=timezone.utc)
+    _fill(env)                                              # rows stamped now
+    res = invoke("history", "list", "--since", "yesterday", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output and "ddim" in res.output
+    res = invoke("history", "list", "--since", "1h", "--history", env)
+    assert res.exit_code == 0 and "spec" in res.output
+    res = invoke("history", "list", "--since", "2999-01-01", "--history", env)
+    assert res.exit_code == 0 and "match" in res.output
+    assert_one_line_error(invoke("history", "list", "--since", "last tuesday", "--history", env),
+                          "--since 'last tuesday' is not a date", "yesterday")
+
+
+def test_medusa_train_on_a_random_spec_writes_readable_weights(tmp_path):
+    """`medusa train` resolves its target like every command (here a rand-llama spec), and the
+    weights it writes are 0644 under umask 022 (safetensors created them 0600)."""
+    from accelerando.llm.drafters import Medusa
+    text = tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    old = os.umask(0o022)
+    try:
+        res = invoke("medusa", "train", "--target", "rand-llama-h32-l1-v100-s0", "--data", text, "--out", tmp_path / "h",
+                     "--steps", 3, "--heads", 2, "--batch-tokens", 64, "--tree-nodes", 2)
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "h" / "medusa.safetensors").stat().st_mode & 0o777 == 0o644
+    assert Medusa.load(tmp_path / "h").config.n_heads == 2
+
+
+def test_results_table_keeps_not_applicable_rows_short():
+    from rich.console import Console
+    from accelerando.bench.runner import RunRow
+    from accelerando.cli.tables import results_table
+    rows = [RunRow("prk", "diffusion", {}, error="n/a: prk needs at least 3 steps = 11 model calls: a Runge-Kutta "
+                   "step across a third or more of the interval is unstable", not_applicable=True)]
+    con = Console(width=200, record=True)
+    con.print(results_table("t", "diffusion", rows))
+    text = con.export_text()
+    assert "prk needs at least 3 steps = 11 model calls" in text and "Runge-Kutta" not in text

@@ -370,3 +370,112 @@ def test_from_config_and_round_trip(tmp_path):
     back = DDIMScheduler.from_config(loaded.config)          # and back to diffusers'
     assert back.config.prediction_type == "v_prediction"
     assert DDIMScheduler in s.compatibles and DPMSolverMultistepScheduler in s.compatibles
+
+
+def as_v_model(sched_ab):
+    """The v-prediction model with the same eps as ``toy_model``: v = sqrt(a) eps - sqrt(1 - a) x0."""
+    def model(x, t):
+        a = sched_ab(float(t))
+        eps = toy_model(x, t)
+        return a ** 0.5 * eps - (1 - a) ** 0.5 * (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    return model
+
+
+@pytest.mark.parametrize("skip_prk", [True, False])
+def test_pndm_v_prediction_is_converted_per_call_diffusers_pndm_is_not(skip_prk):
+    """diffusers' PNDM combines raw v outputs taken at different samples and converts the combination at
+    the current one, which is not the eps combination: on a v-model with toy_model's eps it differs from
+    its own epsilon run by ~0.5 (of 1.7); ours converts each call and equals the epsilon run."""
+    method = "pndm-diffusers" if skip_prk else "pndm-diffusers-prk"
+    ref_eps = PNDMScheduler(skip_prk_steps=skip_prk, timestep_spacing="trailing")
+    ref_v = PNDMScheduler(skip_prk_steps=skip_prk, timestep_spacing="trailing", prediction_type="v_prediction")
+    ab = lambda t: float(ref_eps.alphas_cumprod[int(t)])  # noqa: E731
+    eps_run = loop(as_diffusers_scheduler(method, ref_eps.config), x0(), 10)
+    ours_v = loop(as_diffusers_scheduler(method, ref_v.config), x0(), 10, model=as_v_model(ab))
+    theirs_v = loop(ref_v, x0(), 10, model=as_v_model(ab))
+    torch.testing.assert_close(ours_v, eps_run, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loop(ref_eps, x0(), 10), eps_run, rtol=2e-5, atol=2e-5)
+    assert (theirs_v - eps_run).abs().max() > 0.1
+
+
+def test_ddim_use_clipped_model_output_equals_diffusers():
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing", clip_sample=True)
+    ours = as_diffusers_scheduler("ddim", ref.config)
+    out = []
+    for s in (ref, ours):
+        s.set_timesteps(10)         # N divides T: diffusers' DDIM steps t -> t - T // N reach the next grid point
+        x = x0()
+        for t in s.timesteps:
+            x = s.step(toy_model(x, t), t, x, eta=0.3, use_clipped_model_output=True,
+                       variance_noise=torch.ones_like(x)).prev_sample
+        out.append(x)
+    torch.testing.assert_close(out[1], out[0], rtol=2e-5, atol=2e-5)
+
+
+def test_set_timesteps_leaves_the_global_random_stream_alone():
+    s = as_diffusers_scheduler("ddim-eta")
+    torch.manual_seed(0)
+    s.set_timesteps(10)
+    a = torch.randn(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(torch.randn(3), a)
+
+
+def test_a_registered_sampler_works_in_sample_and_the_adapter():
+    """The extension point (searched schedules, new solvers): register once, use by name everywhere."""
+    from accelerando.diffusion import SPECS, SamplerSpec, register_sampler
+    from accelerando.diffusion.samplers.ddim import ddim
+
+    def ddim_copy(x, grid, *, start=0):
+        return (yield from ddim(x, grid, start=start))
+
+    register_sampler(SamplerSpec("test-ddim-copy", ddim_copy, lambda n, r=0: n, "N", "1"), replace=True)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_sampler(SPECS["test-ddim-copy"])
+        a = loop(as_diffusers_scheduler("test-ddim-copy"), x0(), 8, strength=0.5)
+        b = loop(as_diffusers_scheduler("ddim"), x0(), 8, strength=0.5)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        sched = make_schedule("linear", T)
+        torch.testing.assert_close(sample(toy_model, x0(), schedule=sched, method="test-ddim-copy", steps=8),
+                                   sample(toy_model, x0(), schedule=sched, method="ddim", steps=8))
+    finally:
+        SPECS.pop("test-ddim-copy", None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_start_j_asks_for_the_tail_of_the_full_run(method):
+    """The resume contract behind img2img: a sampler begun at grid point j (start=j) asks for exactly the
+    calls the full run makes from point j's first call on (the same times), and marks that call as point j."""
+    from accelerando.diffusion.api import get_spec
+    from accelerando.diffusion.diffusers_scheduler.scheduler import _requests
+    from accelerando.diffusion.samplers._common import make_grid
+    spec = get_spec(method)
+    grid = make_grid(make_schedule("linear", T), 8, "trailing")
+    knobs = dict(spec.knobs)
+    if spec.stochastic:
+        knobs["generator"] = torch.Generator().manual_seed(0)
+    full = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, **knobs))
+    entry = {r[3]: k for k, r in enumerate(full) if r[3] is not None}
+    assert sorted(entry) == list(range(grid.steps))
+    for j in range(1, grid.steps):
+        if spec.stochastic:
+            knobs["generator"] = torch.Generator().manual_seed(0)
+        tail = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, start=j, **knobs))
+        assert [r[1] for r in tail] == [r[1] for r in full[entry[j]:]], (method, j)
+        assert tail[0][3] == j
+
+
+def test_a_sigma_grid_ending_where_the_schedule_ends():
+    """SD 1.x's PNDM config (set_alpha_to_one=False) with Karras sigmas: the Karras grid already ends at
+    alphas_cumprod[0], so no zero-length step is added; diffusers' own final_sigmas_type="sigma_min" with a
+    sigma grid (a zero-length last step) is refused."""
+    s = as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, set_alpha_to_one=False)
+    s.set_timesteps(10)
+    assert len(s.timesteps) == 9 and s._grid.t[-1] == 0          # 10 Karras points = 9 steps, the last ends at t = 0
+    assert s._grid.ab[-1] == pytest.approx(float(s.schedule.alphas_cumprod[0]), rel=1e-6)
+    assert torch.isfinite(loop(s, x0(), 10)).all()
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="timesteps must"):
+        as_diffusers_scheduler("ddim").set_timesteps(timesteps=[])

@@ -152,3 +152,76 @@ def test_pipeline_save_and_load_keeps_method_and_knobs(unet, tmp_path):
     b = loaded(batch_size=1, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
     assert abs(a.images - b.images).max() < 1e-5         # the reloaded UNet differs by float rounding
     assert loaded.scheduler.timesteps.tolist() == pipe.scheduler.timesteps.tolist()
+
+
+# ---------------------------------------------------------------- Stable Diffusion pipelines, tiny and offline
+@pytest.fixture(scope="module")
+def sd_parts(tmp_path_factory):
+    """A tiny random Stable Diffusion (CLIP text encoder, a word-level CLIP tokenizer written here,
+    conditional UNet, one-block VAE), built without any download."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    d = tmp_path_factory.mktemp("tok")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for i, c in enumerate("abcdefghijklmnopqrstuvwxyz"):
+        vocab[c], vocab[c + "</w>"] = 3 + 2 * i, 4 + 2 * i
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    return dict(
+        tokenizer=CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=16),
+        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                  max_position_embeddings=16, projection_dim=16, bos_token_id=0,
+                                                  eos_token_id=1, pad_token_id=1)).eval(),
+        unet=UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                  block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=16,
+                                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2).eval(),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                          norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+                          up_block_types=("UpDecoderBlock2D",), sample_size=8).eval(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1)   # Stable Diffusion 1.x's scheduler settings
+SD_EQUIVALENT = {"ddim": DDIMScheduler(**SD_CONFIG),
+                 "dpmpp-2m": DPMSolverMultistepScheduler(**{k: v for k, v in SD_CONFIG.items()
+                                                            if k not in ("clip_sample", "set_alpha_to_one")}),
+                 "unipc": UniPCMultistepScheduler(**{k: v for k, v in SD_CONFIG.items()
+                                                     if k not in ("clip_sample", "set_alpha_to_one")})}
+
+
+def sd_run(parts, kind, sched):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+    img = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    common = dict(prompt="a cat", image=img, num_inference_steps=STEPS, guidance_scale=2.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    if kind == "img2img":
+        pipe = StableDiffusionImg2ImgPipeline(scheduler=sched, **parts)
+        common.update(strength=0.6, callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * 0.98})
+    else:
+        pipe = StableDiffusionInpaintPipeline(scheduler=sched, **parts)   # 4-channel UNet: the mask-blend path
+        m = torch.zeros(1, 1, 8, 8)
+        m[..., 2:6, 2:6] = 1
+        common.update(mask_image=m, strength=0.8, height=8, width=8)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(**common).images
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.parametrize("method", METHODS)
+def test_stable_diffusion_img2img_and_inpaint_pipelines(sd_parts, method, kind):
+    """diffusers' own StableDiffusionImg2ImgPipeline (with a callback_on_step_end editing the latents) and
+    StableDiffusionInpaintPipeline, scheduler swapped from SD 1.x's config: every method runs; the ones
+    that are diffusers' schedulers give diffusers' images."""
+    base = SD_EQUIVALENT.get(method, DDIMScheduler(**SD_CONFIG))
+    out = sd_run(sd_parts, kind, as_diffusers_scheduler(method, base.config))
+    assert torch.isfinite(out).all()
+    if method in SD_EQUIVALENT:
+        theirs = sd_run(sd_parts, kind, type(base).from_config(base.config))
+        torch.testing.assert_close(out, theirs, rtol=1e-4, atol=1e-4)

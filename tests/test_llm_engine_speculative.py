@@ -11,7 +11,7 @@ import torch
 from scipy.stats import chisquare
 
 from accelerando.llm import DraftModel, PromptLookup, SamplingConfig, speculative_generate
-from accelerando.llm.engine import EngineSpecCache
+from accelerando.llm.engine import Engine
 from llm_models import noisy_copy, one_thread, tiny_lm
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -41,7 +41,7 @@ def test_greedy_on_engine_equals_generate(arch, batch):
     ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=24)
     for name, d in _drafters(draft).items():
         out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=24,
-                                   engine="static-eager")
+                                   engine="engine-eager")
         assert torch.equal(out.sequences, ref), (arch, batch, name)
         if name == "draft-k3":
             assert out.stats["accepted_tokens"] > 0
@@ -57,7 +57,7 @@ def test_greedy_on_engine_with_eos_equals_generate():
                           pad_token_id=0)
     for d in (DraftModel(draft, k=3), PromptLookup(ngram_sizes=(2, 1), k=4)):
         out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=20, eos_token_id=eos,
-                                   pad_token_id=0, engine="static-eager")
+                                   pad_token_id=0, engine="engine-eager")
         assert torch.equal(out.sequences, ref)
 
 
@@ -69,7 +69,7 @@ def test_compiled_engine_equals_generate():
     ids, mask = _prompts(2)
     ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
     out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=20,
-                               engine="static")
+                               engine="engine")
     assert torch.equal(out.sequences, ref)
 
 
@@ -81,7 +81,7 @@ def test_unsupported_models_fall_back_to_hf_cache():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3),
-                                   max_new_tokens=12, engine="static-eager")
+                                   max_new_tokens=12, engine="engine-eager")
     assert torch.equal(out.sequences, ref)
     assert any("falling back" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="engine must be one of"):
@@ -103,7 +103,7 @@ def test_sampled_tokens_on_engine_have_target_distribution():
         p3 = sampling.probs(target(e3).logits[:, -1]).reshape(V, V, V)
     exact = (p1[:, None, None] * p2[:, :, None] * p3).flatten().double()
     out = speculative_generate(target, prompt.repeat(N, 1), draft=DraftModel(draft, k=2), max_new_tokens=3,
-                               temperature=1.0, top_k=5, seed=2, engine="static-eager")
+                               temperature=1.0, top_k=5, seed=2, engine="engine-eager")
     g = out.sequences[:, -3:]
     obs = torch.bincount(g[:, 0] * V * V + g[:, 1] * V + g[:, 2], minlength=V ** 3).double()
     assert obs[exact == 0].sum() == 0
@@ -124,14 +124,14 @@ def test_spec_cache_rollback_per_row_and_room_making():
     bound passes the buffer, the finished (over-budget) row is pulled back and row 1 stays exact."""
     model = tiny_lm("llama", seed=0)
     ids = torch.randint(3, 96, (2, 8))
-    c = EngineSpecCache(model, batch_size=2, max_len=24, compile=False, max_step=4)
+    c = Engine(model, batch_size=2, max_len=24, compile=False)
     c.forward(ids)
-    L = c.engine.max_len
+    L = c.max_len
     row0 = [ids[0]]
     for step in range((L - 8) // 4 + 3):          # runs past the buffer for row 0
         start = c.mark()
         new = torch.randint(3, 96, (2, 4))
-        logits = c.forward(new)
+        logits = c.forward(new).logits
         c.rollback(start, torch.tensor([4, 0]), 4)
         row1 = torch.cat([ids[1], new[1]])[None]
         torch.testing.assert_close(logits[1], _logits_of(model, row1)[0, -4:], atol=1e-5, rtol=1e-5)
@@ -139,8 +139,8 @@ def test_spec_cache_rollback_per_row_and_room_making():
             row0.append(new[0])
             ref0 = _logits_of(model, torch.cat(row0)[None])[0, -4:]
             torch.testing.assert_close(logits[0], ref0, atol=1e-5, rtol=1e-5)
-    assert c.engine.cache.lengths.tolist()[1] == 8
-    assert int(c.engine.cache.lengths[0]) <= L
+    assert c.cache.lengths.tolist()[1] == 8
+    assert int(c.cache.lengths[0]) <= L
 
 
 def test_bench_methods_take_the_engine_knob():
@@ -154,5 +154,18 @@ def test_bench_methods_take_the_engine_knob():
                  max_new_tokens=10, drafts={"noisy": noisy_copy(target, 0.1)})
     base = get_method("generate").build(s)()
     for name in ("spec-draft", "spec-prompt-lookup"):
-        out = get_method(name).build(s, k=3, engine="static-eager")()
+        out = get_method(name).build(s, k=3, engine="engine-eager")()
         assert torch.equal(out.sequences, base.sequences), name
+
+
+def test_adaptive_drafters_take_plain_steps_and_stay_lossless():
+    """Issue 22: an adaptive drafter times plain (k = 0) steps -- a prompt lookup without a match, a
+    draft that rarely agrees -- and its output is still generate's."""
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    unrelated = tiny_lm("llama", seed=5, init_std=0.3)
+    ids = torch.arange(3, 15)[None]                                   # no repeated n-gram to look up
+    ref = target.generate(ids, do_sample=False, max_new_tokens=40)
+    for d in (PromptLookup(k="adaptive"), DraftModel(unrelated, k="adaptive")):
+        out = speculative_generate(target, ids, draft=d, max_new_tokens=40, engine="engine-eager")
+        assert torch.equal(out.sequences, ref), type(d).__name__
+        assert 0 in d.length.ctrl.t_verify

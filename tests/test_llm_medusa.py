@@ -145,9 +145,9 @@ def test_medusa_picks_match_the_tree_and_greedy_proposal():
     assert head.tolist() == [d - 1 for d in tree.depths[1:]] and rank.tolist() == list(tree.ranks[1:]) and R == 3
     assert medusa_picks(tree)[0] is head                      # cached on the tree
     h = torch.randn(32)
-    prop = m.use_tree(tree).propose(7, h, SamplingConfig(0.0), None, "exact")
+    prop = m.use_tree(tree).draft(7, hidden=h, sampling=SamplingConfig(0.0))
     top = m(h).topk(3, dim=-1).indices.tolist()
-    assert prop.tokens.tolist() == [7] + [top[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, len(tree))]
+    assert prop.tokens[0].tolist() == [7] + [top[tree.depths[i] - 1][tree.ranks[i]] for i in range(1, len(tree))]
 
 
 @pytest.mark.parametrize("proj", ["shared", "lowrank", "own"])
@@ -155,7 +155,7 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     """Medusa's StepHook (heads inside the target's engine step, at the node greedy verification
     accepts) gives the drafts the eager heads give from that node's hidden state; padding columns
     of the step do not change them."""
-    from accelerando.llm.engine import VERDICT_COLUMNS, EngineSpecCache
+    from accelerando.llm.engine import VERDICT_COLUMNS, Engine
     from accelerando.llm.sampling import SamplingConfig
     from accelerando.llm.tree_verify import greedy_accept_tree
     t = _tiny(seed=3)
@@ -173,19 +173,21 @@ def test_step_hook_drafts_equal_the_eager_heads(proj):
     tokens = torch.randint(0, 64, (1, len(tree)), generator=torch.Generator().manual_seed(6))
     tokens[0, 0] = ids[0, -1]                                   # root: the last token, not cached yet
     tokens[0, [1, 4, 7]] = cont                                 # path [0, 0, 0] = the target's greedy tokens
-    caches = [EngineSpecCache(t, batch_size=1, max_len=40, compile=False, role=f"hook-{proj}-{i}") for i in range(2)]
+    caches = [Engine(t, batch_size=1, max_len=40, compile=False, role=f"hook-{proj}-{i}") for i in range(2)]
     for c in caches:
         c.forward(ids[:, :-1])                                  # prefill
-    out, logits = caches[0].forward(tokens, tree=tree, hidden=hook)
+    step = caches[0].forward(tokens, tree=tree, hook=hook)
+    out, logits = step.hook, step.logits
     node, nxt = greedy_accept_tree(tree, tokens, logits.argmax(-1))
     assert int(node) == 7                                       # a deep accepted node, not the root
     # the hook's verdict columns are greedy verification's (node, next token, all finite)
     assert hook.verdict and out[0, 0, -VERDICT_COLUMNS:].tolist() == [int(node), int(nxt), 0]
     drafts = out[..., :-VERDICT_COLUMNS]
-    h, logits2 = caches[1].forward(tokens, tree=tree, hidden=True)
+    step = caches[1].forward(tokens, tree=tree, hidden=True)
+    h, logits2 = step.hidden, step.logits
     torch.testing.assert_close(logits2, logits)
-    eager = m.propose(int(nxt), h[0, int(node)], greedy).tokens
-    prop = m.propose(int(nxt), drafts[0, int(node)], greedy)
+    eager = m.draft(int(nxt), hidden=h[0, int(node)], sampling=greedy).tokens
+    prop = m.draft(int(nxt), drafts=drafts[0, int(node)], sampling=greedy)
     assert torch.equal(prop.tokens, eager) and prop.tree is m.tree
     # a compiled step pads the block to a fixed width: extra columns do not change the drafts
     pad = lambda x, v: torch.cat([x, v.expand(1, 3, *x.shape[2:])], 1)          # noqa: E731

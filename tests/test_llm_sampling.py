@@ -118,3 +118,25 @@ def test_adaptive_k_tracks_acceptance_and_cost():
     assert h.choose() == 7
     h.update(7, [2], 0, 0)
     assert h.choose() == 6
+
+
+def test_adaptive_k_drops_to_plain_decoding_when_verification_costs_more_than_it_returns():
+    """Issue 22: with a timed plain step, k > 0 must beat it in tokens per second. Wide steps that
+    cost 3x a plain one at acceptance 0.3 lose -> k = 0 (a probe every 4th step); at acceptance
+    0.95 the same costs pay -> k > 0. The costs of unmeasured k are linear in k."""
+    def fed(alpha, t_wide):
+        ctl = AdaptiveK(8, cost_ratio=0.0, probe_every=4)
+        rng = np.random.default_rng(0)
+        for _ in range(60):
+            ctl.update(0, [0], 0.0, 1.0)                                # a plain step: 1 time unit
+            n = 0
+            while n < 8 and rng.random() < alpha:
+                n += 1
+            ctl.update(8, [n], 0.0, t_wide)                             # an 8-draft step
+        return ctl
+    poor = fed(0.3, 3.0)
+    assert abs(poor.verify_time(4) - 2.0) < 0.05                        # halfway between k = 0 and k = 8
+    assert [poor.choose() for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    assert poor.rate(0) > max(poor.rate(k) for k in range(1, 9))
+    good = fed(0.95, 3.0)
+    assert good.choose() > 0 and good.rate(good.choose()) > good.rate(0)

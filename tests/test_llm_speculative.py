@@ -13,6 +13,13 @@ from llm_models import ARCHS, noisy_copy, one_thread, tiny_lm
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
+
+@pytest.fixture(autouse=True)
+def _hf_caches(monkeypatch):
+    """These tests run on transformers' caches (any architecture; the engine has its own file)."""
+    from accelerando.llm import engine
+    monkeypatch.setattr(engine, "DEFAULT_ENGINE", "hf")
+
 SIGNIFICANCE = 1e-3
 
 
@@ -68,12 +75,12 @@ def test_each_row_of_a_padded_batch_accepts_as_at_batch_1(models):
 
 def test_plain_decoding_steps_keep_caches_in_step(models):
     """k = 0 steps (adaptive k when drafting does not pay) and probes mixed in: still == generate."""
-    from accelerando.llm.speculative import AdaptiveK
+    from accelerando.llm.drafters.adaptive import AdaptiveK
     arch, target, draft = models
     ids, mask = _prompts(2)
     ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=16)
-    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k="adaptive"),
-                               max_new_tokens=16, cost_ratio=3.0)
+    out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k="adaptive", cost_ratio=3.0),
+                               max_new_tokens=16)
     assert torch.equal(out.sequences, ref)
     assert out.stats["mean_k"] < 1 and out.stats["drafted_tokens"] > 0
 
@@ -229,3 +236,20 @@ def test_greedy_equals_generate_on_cuda():
     out = speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(draft, k=3), max_new_tokens=16,
                                temperature=0.8, seed=0)
     assert out.sequences.is_cuda
+
+
+def test_no_deprecated_cache_argument():
+    """transformers 5.2x takes the KV cache as ``cache=`` (``past_key_values`` is deprecated, to be
+    removed in 5.40): the HF cache path must not pass the old name (issue 21 item 7)."""
+    import warnings
+
+    from accelerando.llm.cache import cache_kwarg
+    for arch in ("llama", "gpt2"):
+        target = tiny_lm(arch, seed=0)
+        ids, mask = _prompts(2)
+        assert cache_kwarg(target) == "cache"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            speculative_generate(target, ids, attention_mask=mask, draft=DraftModel(target, k=2), max_new_tokens=6,
+                                 engine="hf")
+        assert not [w for w in caught if "past_key_values" in str(w.message)], arch

@@ -14,8 +14,9 @@ import pytest
 import torch
 from accelerando.llm.drafters.tree import best_first_tree, draft_shape, sparse_shape, sparse_widths
 from accelerando.llm.tree import TokenTree
-from accelerando.llm.tree_verify import DraftedTree, gumbel_topk, rejection_tree_accept
-from tree_checks import ALPHA_SIG, N_SAMPLES, Q, ROOT, V, end_to_end_pair_pvalue, tiny_llama, two_token_pvalue
+from accelerando.llm.drafters.tree_draws import DraftedTree, gumbel_topk
+from tree_checks import (ALPHA_SIG, N_SAMPLES, Q, ROOT, V, end_to_end_pair_pvalue, rejection_tree_accept, tiny_llama,
+                         tree_generate, two_token_pvalue)
 from tree_checks import expand as _expand
 
 def _pvalue(draft, replacement, seed=0, n=N_SAMPLES):
@@ -116,35 +117,33 @@ def models():
 
 @pytest.fixture(autouse=True)
 def _eager_engine(monkeypatch):
-    from accelerando.llm import tree_speculative
-    monkeypatch.setattr(tree_speculative, "DEFAULT_BACKEND", "engine-eager")
+    from accelerando.llm import engine
+    monkeypatch.setattr(engine, "DEFAULT_ENGINE", "engine-eager")
 
 
 @pytest.mark.parametrize("kw", [dict(shape="sparse", nodes=4), dict(shape="sparse", widths=[3, 1, 2]),
                                 dict(shape="dynamic", nodes=6, width=2), dict(shape="dynamic", nodes=8, width=3, depth=3),
                                 dict(shape="dynamic", nodes=5, replacement=True)])
-@pytest.mark.parametrize("backend,draft_backend", [("hf", "hf"), ("engine-eager", "auto")])
+@pytest.mark.parametrize("backend,draft_backend", [("hf", "hf"), ("engine-eager", "engine-eager")])
 def test_greedy_equals_generate(models, kw, backend, draft_backend):
     from accelerando.llm.drafters import DraftTree
-    from accelerando.llm.tree_speculative import tree_speculative_generate
     target, draft, ids, ref = models
     st = {}
-    out = tree_speculative_generate(target, ids, drafter=DraftTree(draft, compile=False, backend=draft_backend, **kw),
-                                    max_new_tokens=24, stats=st, backend=backend)
+    out = tree_generate(target, ids, drafter=DraftTree(draft, engine=draft_backend, **kw),
+                        max_new_tokens=24, stats=st, backend=backend)
     assert torch.equal(out, ref)
     assert st["target_calls"] == st["steps"] + 1 and max(st["accept_hist"]) <= kw.get("nodes", 6)
 
 
-@pytest.mark.parametrize("shape,draft_backend", [("dynamic", "auto"), ("dynamic", "hf"), ("sparse", "auto")])
+@pytest.mark.parametrize("shape,draft_backend", [("dynamic", "engine-eager"), ("dynamic", "hf"), ("sparse", "engine-eager")])
 def test_self_draft_accepts_the_whole_main_path(models, shape, draft_backend):
     """Drafted by the target itself at T = 0, every step accepts the path of rank-0 children: its
     length is the depth of the top path (sparse: the main chain), so the draft cache and positions
     are right whatever the shape."""
     from accelerando.llm.drafters import DraftTree
-    from accelerando.llm.tree_speculative import tree_speculative_generate
     target, _, ids, ref = models
     st = {}
-    drafter = DraftTree(target, shape=shape, nodes=6, width=2, compile=False, backend=draft_backend)
+    drafter = DraftTree(target, shape=shape, nodes=6, width=2, engine=draft_backend)
     main_depths = []
     propose = drafter.propose
 
@@ -156,7 +155,7 @@ def test_self_draft_accepts_the_whole_main_path(models, shape, draft_backend):
         main_depths.append(depth)
         return prop
     drafter.propose = recording
-    out = tree_speculative_generate(target, ids, drafter=drafter, max_new_tokens=40, stats=st, backend="engine-eager")
+    out = tree_generate(target, ids, drafter=drafter, max_new_tokens=40, stats=st, backend="engine-eager")
     assert torch.equal(out[:, : ref.shape[1]], ref)
     assert st["accepted_tokens"] == sum(main_depths)
 
@@ -164,7 +163,7 @@ def test_self_draft_accepts_the_whole_main_path(models, shape, draft_backend):
 def test_dynamic_sampling_is_lossless_end_to_end():
     """First two sampled tokens follow the target's joint distribution (chi-square, vocab 6, T=1)."""
     from accelerando.llm.drafters import DraftTree
-    make = lambda t, d: DraftTree(d, shape="dynamic", nodes=4, width=3, compile=False)
+    make = lambda t, d: DraftTree(d, shape="dynamic", nodes=4, width=3)
     assert end_to_end_pair_pvalue(make, "engine-eager") > 1e-3
 
 
@@ -177,7 +176,7 @@ def test_bad_knobs_raise_clear_errors(models):
                     (dict(shape="chains", nodes=4), "sparse and dynamic"), (dict(shape="dynamic", nodes=4, width=0), "width"),
                     (dict(shape="tall"), "shape")):
         with pytest.raises(ValueError, match=msg):
-            DraftTree(draft, compile=False, **kw)
+            DraftTree(draft, **kw)
 
 
 def test_registry_entries(models):

@@ -12,10 +12,10 @@ import torch
 from scipy.stats import chisquare
 
 from accelerando.llm.tree import TokenTree
-from accelerando.llm.tree_verify import (accepted_tokens, draft_tree, greedy_tree_accept, gumbel_topk,
-                                         rejection_accept_tree, rejection_tree_accept, stochastic_beam_tree,
-                                         typical_threshold, typical_tree_accept)
-from tree_checks import ALPHA_SIG, ROOT, V, two_token_pvalue
+from accelerando.llm.drafters.tree_draws import draft_tree, gumbel_topk, stochastic_beam_tree
+from accelerando.llm.tree_verify import rejection_accept_tree, typical_threshold
+from tree_checks import (ALPHA_SIG, ROOT, V, accepted_tokens, greedy_tree_accept, rejection_tree_accept,
+                         two_token_pvalue, typical_tree_accept)
 from tree_checks import expand as _expand
 
 _run = two_token_pvalue

@@ -1,4 +1,5 @@
-"""The chain acceptance rule as a pure function: exact distribution (chi-square), guards, greedy."""
+"""The chain acceptance rule (the tree rules on one-path trees) as a pure function: exact distribution
+(chi-square), guards, greedy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from scipy.stats import chisquare
 
 from llm_models import one_thread
-from accelerando.llm.verify import greedy_accept, residual, speculative_accept
+from accelerando.llm.tree_verify import residual
+from tree_checks import greedy_accept, speculative_accept
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 

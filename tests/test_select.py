@@ -420,16 +420,16 @@ def test_quality_margin_never_admits_an_arm_predicted_outside_the_budget():
     t = build_table(_diffusion_history(16))
     sel = QualityMargin(constraint=Constraint(0.0)).fit(t)
     st = sel._fam["diffusion"]
-    assert st["delta"] in QualityMargin.MARGINS
+    assert st.fit.delta in QualityMargin.MARGINS
     for w, wl in t.workloads.items():
         x = sel.vector(wl)
         q = sel.predict_quality("diffusion", x, ["fast[steps_frac=0.5]", "full[steps_frac=1.0]"])
         pick = sel.select(wl)
         if pick.arm != "ddim":
-            assert q[pick.arm] + st["delta"] * st["res_sd"][pick.arm] <= sel.threshold()
+            assert q[pick.arm] + st.fit.delta * st.fit.res_sd[pick.arm] <= sel.threshold()
         for p in sel.rank(wl):
             assert 0.0 <= p.p_ok <= 1.0
-            if p.arm != "ddim" and q[p.arm] + st["delta"] * st["res_sd"][p.arm] > sel.threshold():
+            if p.arm != "ddim" and q[p.arm] + st.fit.delta * st.fit.res_sd[p.arm] > sel.threshold():
                 assert p.score == 0.0                          # rejected: below the baseline's 1
     # a huge fixed margin admits nothing: the baseline; a wider margin never admits more arms
     wl = next(iter(t.workloads.values()))
@@ -451,7 +451,7 @@ def test_quality_margin_learns_a_safety_margin_for_a_borderline_arm():
     from accelerando.select.models import QualityMargin
     t = build_table(_diffusion_history(20, coin=True))
     c = Constraint(0.0)
-    assert QualityMargin(constraint=c).fit(t)._fam["diffusion"]["delta"] > 0.0
+    assert QualityMargin(constraint=c).fit(t)._fam["diffusion"].fit.delta > 0.0
     summ, cases = evaluate(t, ["qmargin"], constraint=c)
     by = {s.policy: s for s in summ}
     assert by["qmargin"].violation_rate == 0.0
@@ -627,9 +627,9 @@ def test_kernel_bandwidth_is_chosen_by_inner_cross_validation():
     sel = QualityMargin(constraint=Constraint(0.0), speed="nfe", quality="kernel", kernel_grid=grid).fit(t)
     st = sel._fam["diffusion"]
     single = [QualityMargin(constraint=Constraint(0.0), speed="nfe", quality="kernel", kernel=g).fit(t)
-              ._fam["diffusion"]["inner_utility"] for g in grid]
+              ._fam["diffusion"].fit.inner_utility for g in grid]
     assert single[1] > single[0]
-    assert st["bandwidth"] == grid[1] and st["inner_utility"] == pytest.approx(max(single))
+    assert st.fit.bandwidth == grid[1] and st.fit.inner_utility == pytest.approx(max(single))
     for w, wl in t.workloads.items():       # and the fitted model is that setting's, refitted on all
         fast = sel.select(wl).arm == "fast[steps_frac=0.5]"
         assert fast == (wl["spacing"] == "trailing")

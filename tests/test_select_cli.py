@@ -94,7 +94,7 @@ def test_cli_select_evaluate_on_a_history(env, tmp_path):
     _store(env, _synthetic_history(12))
     out = tmp_path / "eval.json"
     res = invoke("--history", env, "select", "evaluate", "--models", "knn", "--scheme", "workload",
-                 "--max-loss", 0.05, "--json", out)
+                 "--max-loss", 0.05, "--out", out)
     assert res.exit_code == 0, res.output
     assert "leave-one-workload-out" in res.output and "closed gap" in res.output
     data = json.loads(out.read_text())
@@ -302,3 +302,59 @@ def test_sweep_with_a_failed_workload_exits_nonzero(env, monkeypatch):
     res = invoke("--history", env, "sweep", "--llm", 0, "--diffusion", 1, "--repeats", 1)
     assert res.exit_code == 1, res.output
     assert "no-such-unet" in res.output and "0 workloads measured" in res.output
+
+
+def test_no_arm_predicted_slower_than_the_baseline_ranks_above_it(env, monkeypatch):
+    """The baseline (speed-up 1, always allowed) ranked below an arm predicted at 0.59x."""
+    from accelerando.select import models as SM
+    from accelerando.select.models import Prediction
+    rows = []
+    for i in range(12):
+        wl = {"family": "llm", "model": f"m{i}", "drafts": ["d"], "prompts_digest": str(i)}
+        rows += [_r(wl, "fake-generate", 1.0, True, f"r{i}"), _r(wl, "fake-exact", 0.59, False, f"r{i}"),
+                 _r(wl, "fake-lossy", 1.6, False, f"r{i}")]
+    real = SM.make_selector
+
+    def slow_first(name, **kw):
+        sel = real(name, **kw)
+        rank = sel.rank
+        # a selector whose score disagrees with its own speed-up prediction (pairwise wins, tie rules)
+        sel.rank = lambda *a, **k: sorted(rank(*a, **k), key=lambda p: p.arm != "fake-exact")
+        return sel
+    monkeypatch.setattr(RC, "make_selector", slow_first)
+    rec = RC.recommend({"family": "llm", "drafts": ["d"], "features": {}}, rows)
+    order = [p.arm for p in rec.ranked]
+    assert order.index("fake-generate") < order.index("fake-exact")
+    assert order[0] == "fake-lossy"                    # a faster arm stays above the baseline
+    nan = float("nan")
+    preds = [Prediction("x", 0.59, 0.1, 1.0, 9.0), Prediction("u", nan, nan, 1.0, 8.0),
+             Prediction("b", 1.0, 0.0, 1.0, 1.0), Prediction("f", 1.3, 0.1, 1.0, 0.5)]
+    assert [p.arm for p in RC.baseline_floor(preds, "b")] == ["f", "b", "x", "u"]
+    assert RC.baseline_floor(preds, None) == preds
+
+
+def test_verify_shows_the_baseline_and_each_candidate_once():
+    from accelerando.bench.runner import RunRow
+    rows = [RunRow("ddim", "diffusion", {}, is_baseline=True), RunRow("f-pndm", "diffusion", {"steps_frac": 1.0}),
+            RunRow("ddim", "diffusion", {"steps_frac": 0.5}), RunRow("f-pndm", "diffusion", {"steps_frac": 0.5}),
+            RunRow("ddim", "diffusion", {}, is_baseline=True),                 # the next round's baseline
+            RunRow("prk", "diffusion", {"steps_frac": 0.5}, error="boom")]
+    shown = RC.verified_rows(rows, ["f-pndm[steps_frac=0.5]", "prk[steps_frac=0.5]"], {"f-pndm", "prk"})
+    assert [(r.method, r.knobs) for r in shown] == [("ddim", {}), ("f-pndm", {"steps_frac": 0.5}),
+                                                    ("prk", {"steps_frac": 0.5})]
+
+
+def test_cli_recommend_verify_table_lists_each_row_once(env):
+    """After --verify the table showed the baseline and a method twice."""
+    rows = []
+    for i in range(12):
+        wl = {"family": "llm", "model": f"m{i}", "drafts": [DRAFT], "prompts_digest": str(i)}
+        rows += [{**_r(wl, "fake-generate", 1.0, True, f"r{i}"), "knobs": {}},
+                 {**_r(wl, "fake-exact", 2.0, False, f"r{i}"), "knobs": {"k": 2}},
+                 {**_r(wl, "fake-exact", 1.5, False, f"r{i}"), "knobs": {"k": 4}}]
+    _store(env, rows)
+    res = invoke("--history", env, "recommend", LM, "--draft", DRAFT, "--max-new-tokens", 3, "--verify")
+    assert res.exit_code == 0, res.output
+    table = res.output.split("measured now")[1]
+    assert table.count("fake-generate (baseline)") == 1
+    assert table.count("fake-exact") == 2              # k=2 and k=4, once each

@@ -79,8 +79,8 @@ def resolve(name: str) -> ModelRef:
         d = Path(zoo.path(name))
         if not (d / "config.json").exists():
             if (d / "medusa.json").exists():
-                raise ModelError(f"zoo entry {name} holds Medusa heads, not a model; use it as "
-                                 f"--heads / knob, its target is {zoo.card(name).get('target', 'code-target')}")
+                raise ModelError(f"zoo entry {name} holds Medusa heads for {zoo.card(name).get('for_model', 'its target')}, "
+                                 "not a model (the medusa methods' heads= knob takes it)")
             raise ModelError(f"zoo model {name} is not trained (no config.json in {d}); "
                              f"run: accelerando zoo train {name}")
         return ModelRef(name, model_kind(d), d, "zoo")

@@ -33,12 +33,13 @@ def _root(ctx: typer.Context,
 
 
 def _mount(app: typer.Typer) -> None:
-    from accelerando.cli import bench, demo, history, zoo
+    from accelerando.cli import bench, demo, history, report, zoo
     from accelerando.llm import medusa_cli
     from accelerando.select import cli as select_cli
 
     app.command("demo")(demo.demo)
     app.command("bench")(bench.bench)
+    app.command("report")(report.report)
     app.command("recommend")(select_cli.recommend)
     app.command("sweep")(select_cli.sweep)
     app.add_typer(history.app, name="history")

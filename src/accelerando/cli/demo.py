@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import console as _console, fail, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
+from .common import console as _console, fail, history_location, history_note, history_option, open_history_for as _open_history, parse_ints as _parse_ints, quiet_hf as _quiet_hf, set_threads as _set_threads
 from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _vs_ref, report_failures, results_table
 
 DEMO_LLM = "code-target"
@@ -18,9 +18,7 @@ DEMO_UNET = "digits-unet"
 def _zoo_has(name: str) -> bool:
     try:
         from accelerando import zoo
-        if name not in zoo.names():
-            return False
-        return (Path(zoo.path(name)) / "config.json").exists()
+        return name in zoo.names() and zoo.is_trained(name)
     except Exception:   # the zoo package may be incomplete while it is being built
         return False
 
@@ -55,6 +53,10 @@ def demo(
                     "not arithmetic, dominates, and extra OpenMP threads only contend.")] = 1,
     write_benchmarks: Annotated[bool, typer.Option(
         "--write-benchmarks", help="Also write the tables into BENCHMARKS.md (section 'demo').")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        "--report", help="Folder of the HTML report written at the end (default: 'report' beside an SQLite "
+                         "history, else ./accelerando-report).")] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the report.")] = False,
 ) -> None:
     """Run the baseline and every registered method on the bundled zoo models; print speed-up and quality per method and store every row in the history.
 
@@ -94,8 +96,21 @@ def demo(
         console.print(f"wrote the 'demo' section of {path}")
     failed = report_failures(console, [(title, r) for title, _, rows in collected for r in rows])
     history_note(hist)
+    if collected and not no_report:
+        _write_report(history_location(ctx, history), hist, report_dir, console)
     if failed:
         raise typer.Exit(1)
+
+
+def _write_report(location: Optional[str], hist, report_dir: Optional[Path], console) -> None:
+    """The demo's history as a web page (``accelerando report``); the selector section is left to
+    ``accelerando report``, which evaluates on the bundled history too (a minute the first time)."""
+    from .report import write_from_history
+    raw = getattr(hist, "engine", None)
+    db = raw.url.database if raw is not None and raw.dialect.name == "sqlite" else None
+    out = report_dir or (Path(db).parent / "report" if db and db != ":memory:" else Path("accelerando-report"))
+    rep = write_from_history(location, out, bundled=False, quiet=True)
+    console.print(f"report: {rep.path}  (open it in a browser; `accelerando report` adds the selector's held-out results)", soft_wrap=True, highlight=False)
 
 
 def takeaway(collected: list[tuple[str, str, list[Any]]]) -> list[str]:
@@ -131,9 +146,9 @@ def takeaway(collected: list[tuple[str, str, list[Any]]]) -> list[str]:
                 out.append(f"diffusion: {best.method} with {best.metrics['nfe']} model calls is as close to the "
                            f"reference as {base.method} with {base.metrics['nfe']} (RMSE "
                            f"{best.metrics['rmse_vs_reference']:.3g} vs {base.metrics['rmse_vs_reference']:.3g}): "
-                           f"{base.metrics['median_s'] / best.metrics['median_s']:.1f}x faster, because it makes "
-                           f"{base.metrics['nfe'] / best.metrics['nfe']:.1f}x fewer model calls (at equal calls "
-                           "the samplers cost about the same).")
+                           f"{base.metrics['nfe'] / best.metrics['nfe']:.1f}x fewer model calls, "
+                           f"{base.metrics['median_s'] / best.metrics['median_s']:.1f}x faster measured. The gain "
+                           "is the fewer model calls: at equal calls the samplers cost about the same.")
         else:
             out.append("diffusion: no baseline row with a reference error; nothing to compare.")
     out.append("Every row is in the history (`accelerando history list`); "

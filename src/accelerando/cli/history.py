@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,6 +15,31 @@ from .tables import _fmt, _quality_text
 app = typer.Typer(no_args_is_help=True, help="Query and export the measurement history.")
 
 
+SINCE_HELP = ("ISO date/time in UTC (2026-11-28, 2026-11-28T17:00), today, yesterday, or an age: "
+              "30m, 12h, 3d, 2w.")
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """``--since`` as a UTC datetime; a value that is none of SINCE_HELP's forms is refused (it
+    used to be compared as a string and quietly match nothing)."""
+    now = now or datetime.now(timezone.utc)
+    t = text.strip().lower()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if t == "today":
+        return midnight
+    if t == "yesterday":
+        return midnight - timedelta(days=1)
+    m = re.fullmatch(r"(\d+)\s*([mhdw])", t)
+    if m:
+        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+        return now - timedelta(**{unit: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        fail(f"--since {text!r} is not a date; use {SINCE_HELP}")
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when
+
+
 def _filters(method, family, since, model, run_id) -> dict[str, Any]:
     f: dict[str, Any] = {}
     if method:
@@ -20,7 +47,7 @@ def _filters(method, family, since, model, run_id) -> dict[str, Any]:
     if family:
         f["family"] = family
     if since:
-        f["since"] = since
+        f["since"] = parse_since(since)
     if model:
         f["model"] = model
     if run_id:
@@ -33,7 +60,7 @@ def history_list(
     ctx: typer.Context,
     method: Annotated[Optional[str], typer.Option(help="Method name(s), comma-separated.")] = None,
     family: Annotated[Optional[str], typer.Option(help="llm or diffusion.")] = None,
-    since: Annotated[Optional[str], typer.Option(help="ISO date/time, e.g. 2026-11-28 or 2026-11-28T17:00.")] = None,
+    since: Annotated[Optional[str], typer.Option(help=SINCE_HELP)] = None,
     model: Annotated[Optional[str], typer.Option(help="Workload model.")] = None,
     run_id: Annotated[Optional[str], typer.Option(help="One run's rows.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="Show the newest N rows.")] = 20,
@@ -68,7 +95,7 @@ def history_export(
     format: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
     method: Annotated[Optional[str], typer.Option(help="Method name(s), comma-separated.")] = None,
     family: Annotated[Optional[str], typer.Option()] = None,
-    since: Annotated[Optional[str], typer.Option()] = None,
+    since: Annotated[Optional[str], typer.Option(help=SINCE_HELP)] = None,
     model: Annotated[Optional[str], typer.Option()] = None,
     run_id: Annotated[Optional[str], typer.Option()] = None,
     history: history_option = None,

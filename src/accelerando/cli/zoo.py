@@ -74,18 +74,27 @@ def zoo_train(
     """Retrain a zoo model deterministically from its offline data (drafts need the target)."""
     zoo = _zoo()
     _zoo_name(zoo, name)
+    if zoo.card(name).get("role") == "medusa":
+        fail(f"{name} holds Medusa heads; they are trained by `{zoo.card(name).get('command', 'accelerando medusa train')}` "
+             f"with --out {out_dir or zoo.path(name)}")
     try:
         from accelerando.zoo.train import train
     except ImportError as exc:
         fail(f"zoo training code is not available: {exc}")
+    import re
+    from .progress import bar
     console = _console()
+    step_re = re.compile(r"step (\d+)/(\d+)")
 
     def progress(*args: Any, **kwargs: Any) -> None:
         text = " ".join(str(a) for a in args) + " ".join(f"{k}={v}" for k, v in kwargs.items())
-        status.update(f"training {name}: {text}")
-        console.log(text)
+        m = step_re.search(text)
+        if m:                       # a training step: the bar (with its ETA) moves
+            b(int(m.group(1)) - 1, int(m.group(2)), text)
+        else:
+            console.log(text)
 
-    with console.status(f"training {name}") as status:
+    with bar(1, f"training {name}") as b:
         result = train(name, seed=seed, steps=steps, out_dir=out_dir, progress=progress)
     where = out_dir if out_dir is not None else zoo.path(name)
     console.print(f"trained {name} into {where}")

@@ -1,8 +1,8 @@
 """Training-free fast diffusion samplers: DDIM, the PNDM family, DPM-Solver++, momentum; an exact
 Gaussian-mixture oracle; an adapter that plugs any of them into a diffusers pipeline."""
 
-from .api import (METHODS, SPECS, BelowMinimumError, NonFiniteError, SampleInfo, min_nfe, nfe_for, sample,
-                  sample_with_info, steps_for_nfe)
+from .api import (METHODS, SPECS, BelowMinimumError, NonFiniteError, SampleInfo, SamplerSpec, min_nfe, nfe_for,
+                  register_sampler, sample, sample_with_info, steps_for_nfe)
 from .samplers._common import Grid, grid_between, make_grid
 from .schedules import ContinuousSchedule, Schedule, make_schedule, timesteps
 
@@ -13,6 +13,7 @@ def as_diffusers_scheduler(name: str, config=None, **kwargs):
     return _make(name, config, **kwargs)
 
 
-__all__ = ["METHODS", "SPECS", "BelowMinimumError", "NonFiniteError", "SampleInfo", "sample", "sample_with_info",
+__all__ = ["METHODS", "SPECS", "BelowMinimumError", "NonFiniteError", "SampleInfo", "SamplerSpec", "register_sampler",
+           "sample", "sample_with_info",
            "nfe_for", "min_nfe", "steps_for_nfe", "Grid", "grid_between", "make_grid", "ContinuousSchedule", "Schedule",
            "make_schedule", "timesteps", "as_diffusers_scheduler"]

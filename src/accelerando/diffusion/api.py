@@ -99,7 +99,17 @@ _SPECS = [
                 description="generalised heavy ball, fractional order"),
 ]
 SPECS: dict[str, SamplerSpec] = {s.name: s for s in _SPECS}
-METHODS: tuple[str, ...] = tuple(SPECS)
+METHODS: tuple[str, ...] = tuple(SPECS)        # the built-in methods; SPECS also holds registered ones
+
+
+def register_sampler(spec: SamplerSpec, *, replace: bool = False) -> None:
+    """The extension point: a sampler usable by name in ``sample``, ``nfe_for`` and ``as_diffusers_scheduler``
+    (e.g. a searched solver schedule). ``spec.fn(x, grid, *, start=0, **knobs)`` is a generator that yields
+    ``samplers._common.ask`` requests and returns the final sample; ``start=j`` begins at grid point j with no
+    history, asking for the tail of the full run's calls (the adapter's img2img needs it)."""
+    if spec.name in SPECS and not replace:
+        raise ValueError(f"sampling method {spec.name!r} is already registered (replace=True to override)")
+    SPECS[spec.name] = spec
 
 
 class NonFiniteError(FloatingPointError):

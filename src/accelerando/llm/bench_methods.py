@@ -110,9 +110,15 @@ def build_hf_prompt_lookup(s: LLMSetup, k: int = 10, ngram: int = 2) -> Callable
     return _hf_run(s, dict(prompt_lookup_num_tokens=int(k), max_matching_ngram_size=int(ngram)))
 
 
+# knob values of rows recorded before the engine vocabulary was unified (the bundled history has them)
+_LEGACY_ENGINE = {"static": "engine", "static-eager": "engine-eager"}
+
+
 def _ours(s: LLMSetup, drafter_fn: Callable[[], Any], engine: str = "hf") -> Callable[[], LLMOutput]:
+    from accelerando.llm.engine import check_engine
     from accelerando.llm.speculative import speculative_generate
     pad = s.tokenizer.pad_token_id if s.tokenizer is not None else None
+    engine = check_engine(_LEGACY_ENGINE.get(engine, engine))
 
     def run() -> LLMOutput:
         out = speculative_generate(s.target, s.input_ids, draft=drafter_fn(), attention_mask=s.attention_mask,
@@ -125,7 +131,7 @@ def _ours(s: LLMSetup, drafter_fn: Callable[[], Any], engine: str = "hf") -> Cal
 
 def build_spec_draft(s: LLMSetup, draft: str | None = None, k: int | str = 4, k_max: int = 12,
                      engine: str = "hf") -> Callable[[], LLMOutput]:
-    """``engine``: "hf" (transformers' cache), "static" / "static-eager" (the lean engine)."""
+    """``engine``: "hf" (transformers' cache), "engine" / "engine-eager" (the lean engine), "auto"."""
     from accelerando.llm.drafters.draft_model import DraftModel
     model = _draft(s, draft)
     return _ours(s, lambda: DraftModel(model, k=k, k_max=k_max), engine)

@@ -9,34 +9,79 @@ left padding -- so positions are passed explicitly and rows that accepted differ
 tokens never need re-alignment or re-prefill. (The engine's ``StaticKVCache`` uses the same
 "valid slot + count of valid slots = position" rule, so it can implement this interface.)
 
-Interface the speculative loop uses (``SpecCache``):
-  forward(ids (B,T), valid (B,T) | None, tree=None, hidden=False)
-                                  -> logits (B,T,V)          append T columns (with ``hidden``:
-                                                             (final hidden states, logits))
-  mark() -> int                                              column count now (host int, no sync)
-  rollback(start, keep (B,), max_keep: int, path=None)       after ``start`` keep keep[b] columns
-  lengths                                                    (B,) valid tokens per row (device)
-Trees (``accelerando.llm.tree``): ``forward(..., tree=TokenTree)`` feeds the T = N nodes of a token
-tree at once (node i sees the prefix and its ancestors; position = valid prefix + depth), and
-``rollback(..., path=(B, P))`` keeps the accepted path's columns, gathered into place. A chain is
-the tree whose path is a prefix of the block: ``tree=None`` / ``path=None``, no gather.
+The cache protocol (``DecodeCache``) the speculative loop and every drafter with a model use; two
+objects implement it: ``HFCache`` here (any transformers causal LM) and the lean engine's
+``accelerando.llm.engine.Engine`` (Llama family, static cache, compiled steps):
+  forward(ids (B,T), valid (B,T) | None = None, *, tree=None, hidden=False, hook=None) -> CacheStep
+                            append T columns (the first call is the prefill); ``valid`` marks real
+                            entries (the rest become holes); ``tree``: the T entries are the nodes
+                            of a ``TokenTree`` (node i sees the prefix and its ancestors, position
+                            = valid prefix + depth); ``hidden``: also return the final hidden
+                            states; ``hook``: a ``StepHook`` to run inside the step where the
+                            cache can (else ``CacheStep.hidden`` holds the raw states)
+  mark() -> int                            column count now (host int, no sync)
+  rollback(start, keep (B,), max_keep, path=None)   of the columns appended since ``mark() == start``
+                            row b keeps the first keep[b]; ``path`` (B, >= max_keep): a verified
+                            tree's accepted nodes (indices into the block, root first), gathered
+                            into place first
+  lengths (B,)              valid tokens per row (device);  calls: forwards so far
+A chain is the tree whose path is a prefix of the block: ``tree=None`` / ``path=None``, no gather.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
 from accelerando.llm.tree import check_tree_support, keep_accepted_path, tree_attention_mask, tree_position_ids
 
 
-class SpecCache(Protocol):
+@dataclass
+class CacheStep:
+    """What one ``forward`` of a cache returns."""
+    logits: torch.Tensor                      # (B, T, V)
+    hidden: torch.Tensor | None = None        # (B, T, H) final-norm hidden states, if asked (or the hook could not run)
+    hook: torch.Tensor | None = None          # (B, T, X) the StepHook's output, if the cache ran it
+
+
+@dataclass(frozen=True, eq=False)
+class StepHook:
+    """What a drafter needs from a verification step, as a pure function
+    ``fn(h (B, T, hidden), logits (B, T, V), input_ids (B, T), *args) -> (B, T, X)`` (``fn`` a
+    module-level function, ``args`` tensors, ints or None; T may include padding columns past the
+    caller's tokens). The engine computes it inside the compiled step (``CacheStep.hook``): no
+    separate eager call, no (B, T, hidden) output. Caches that cannot (``HFCache``, a prefill)
+    return ``CacheStep.hidden`` instead. ``verdict=True``: the output's last ``VERDICT_COLUMNS``
+    columns are greedy verification's verdict of this step (accepted node, next token, 1 if any
+    node's logits are not finite), which the loop then takes instead of verifying again."""
+    fn: Callable[..., torch.Tensor]
+    args: tuple = ()
+    verdict: bool = False
+
+    def __call__(self, h: torch.Tensor, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.fn(h, logits, input_ids, *self.args)
+
+    def key(self) -> tuple:
+        """What a compiled step specialises on: the function, tensor shapes and the ints (built once)."""
+        k = self.__dict__.get("_key")
+        if k is None:
+            k = (self.fn,) + tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in self.args)
+            object.__setattr__(self, "_key", k)
+        return k
+
+
+VERDICT_COLUMNS = 3      # (node, next token, non-finite flag) at the end of a verdict hook's output
+
+
+class DecodeCache(Protocol):
     lengths: torch.Tensor
+    calls: int
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False) -> Any: ...
+                hidden: bool = False, hook: StepHook | None = None) -> CacheStep: ...
 
     def mark(self) -> int: ...
 
@@ -50,11 +95,46 @@ def check_supports_cache(model: Any, role: str = "model") -> None:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    if "past_key_values" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        raise TypeError(f"the {role} ({name}) takes no past_key_values: speculative decoding needs a causal LM "
-                        "with a KV cache (a transformers PreTrainedModel for causal LM)")
+    if not {"cache", "past_key_values"} & set(params) and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise TypeError(f"the {role} ({name}) takes no KV cache (cache / past_key_values): speculative "
+                        "decoding needs a causal LM with a KV cache (a transformers PreTrainedModel for causal LM)")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise TypeError(f"the {role} ({name}) is an encoder-decoder model; only decoder-only causal LMs are supported")
+
+
+def check_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The attention mask of a batch to generate from, checked (one host sync); all ones when None.
+
+    Decoder-only generation continues every row after its last column, so padding must be on the
+    left: a row with a 0 after a 1 (right padding, or a hole) is refused, as are a mask of another
+    shape than ``input_ids``, values other than 0 / 1, and a row with no real token.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        shape = tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    m = attention_mask.long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    empty = (m.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask row {empty[0]} is all zeros: every row needs at least one real token")
+    right = ((m[:, :-1] == 1) & (m[:, 1:] == 0)).any(1).nonzero().flatten().tolist()
+    if right:
+        raise ValueError(f"attention_mask row {right[0]} has padding after real tokens (right padding): generation "
+                         "continues after the last column, so pad on the left (tokenizer.padding_side = 'left')")
+    return attention_mask
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name of the forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x),
+    else the deprecated ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def max_positions(model: Any) -> int | None:
@@ -68,7 +148,7 @@ def max_positions(model: Any) -> int | None:
 
 
 class HFCache:
-    """``SpecCache`` over a transformers model + ``DynamicCache`` with per-row valid columns."""
+    """``DecodeCache`` over a transformers model + ``DynamicCache`` with per-row valid columns."""
 
     def __init__(self, model: Any, role: str = "model"):
         from transformers import DynamicCache
@@ -81,14 +161,15 @@ class HFCache:
         self.dense = True     # host flag: no padding and no holes yet, so no attention mask is needed
         self.calls = 0
         self._tree_checked = False
+        self._cache_arg = cache_kwarg(model)
 
     def mark(self) -> int:
         return 0 if self.valid is None else self.valid.shape[1]
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False) -> Any:
-        """Append ``ids`` (B, T); invalid entries become holes. Returns logits (B, T, V), or
-        (last hidden states, logits) with ``hidden``.
+                hidden: bool = False, hook: StepHook | None = None) -> CacheStep:
+        """Append ``ids`` (B, T); invalid entries become holes. Returns the logits (B, T, V), with
+        ``hidden`` or ``hook`` the final hidden states too (a hook never runs here).
 
         ``valid=None`` means every entry is real; pass a mask only when some are not (the cache
         then stops taking the mask-free fast path for good). ``tree``: the T entries are the nodes
@@ -117,16 +198,18 @@ class HFCache:
         if self.max_pos is not None:      # only holes / tokens past the budget can exceed it
             pos = pos.clamp_max(self.max_pos - 1)
         before = self.cache.get_seq_length()
-        kw = dict(attention_mask=mask, position_ids=pos, past_key_values=self.cache, use_cache=True)
-        if hidden:      # Medusa heads read the final hidden state: run the backbone, then the lm_head
-            h = self.model.base_model(ids, **kw).last_hidden_state
-            out = (h, self.model.get_output_embeddings()(h))
+        kw = {"attention_mask": mask, "position_ids": pos, self._cache_arg: self.cache, "use_cache": True}
+        if hidden or hook is not None:      # Medusa heads read the final hidden state: backbone, then lm_head
+            base = self.model.base_model
+            kw = {**kw, cache_kwarg(base): kw.pop(self._cache_arg)}
+            h = base(ids, **kw).last_hidden_state
+            out = CacheStep(self.model.get_output_embeddings()(h), h)
         else:
-            out = self.model(input_ids=ids, **kw).logits
+            out = CacheStep(self.model(input_ids=ids, **kw).logits)
         self.calls += 1
         if self.cache.get_seq_length() != before + T:
             raise TypeError(f"the {self.role} ({type(self.model).__name__}) did not extend its KV cache; "
-                            "speculative decoding needs a model that keeps past_key_values")
+                            "speculative decoding needs a model that keeps its KV cache")
         self.lengths = self.lengths + valid.sum(1)
         return out
 

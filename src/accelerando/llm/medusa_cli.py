@@ -19,15 +19,6 @@ import typer
 app = typer.Typer(help="Medusa heads: extra decoding heads for tree speculation.", no_args_is_help=True)
 
 
-def resolve_model_path(target: str) -> Path:
-    """A zoo name (``code-target``) or a local folder with a transformers model."""
-    p = Path(target)
-    if p.exists():
-        return p
-    from accelerando import zoo
-    return Path(zoo.path(target))
-
-
 def load_texts(data: list[str] | None) -> tuple[list[str], str]:
     """Training texts: local files (any text), or the zoo corpus when none are given."""
     if data:
@@ -101,15 +92,14 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
                 self_generated: int = 0) -> dict[str, Any]:
     """Train, measure held-out accuracies, pick the sparse tree, save heads + card.json; returns the card."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from accelerando.bench.models import load_llm
     from accelerando.llm.drafters import Medusa
 
-    path = resolve_model_path(target)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    loaded = load_llm(target)         # the one resolver: a local folder, a zoo name or a rand-llama-* spec
+    model, tok = loaded.model.eval(), loaded.tokenizer
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
     sep = tok.eos_token or "\n"
     t0 = time.perf_counter()
     seq_len = 256
@@ -151,17 +141,17 @@ def train_cmd(
     target: Annotated[str, typer.Option(help="zoo model name or local transformers model folder")] = "code-target",
     out: Annotated[Path, typer.Option(help="folder for medusa.safetensors, medusa.json, card.json")] = Path("medusa-heads"),
     data: Annotated[Optional[list[str]], typer.Option(help="local text files (default: the zoo corpus)")] = None,
-    heads: Annotated[int, typer.Option(help="number of Medusa heads")] = 4,
-    layers: Annotated[int, typer.Option(help="ResBlocks per head")] = 1,
+    heads: Annotated[int, typer.Option(min=1, help="number of Medusa heads")] = 4,
+    layers: Annotated[int, typer.Option(min=1, help="ResBlocks per head")] = 1,
     projection: Annotated[str, typer.Option(help="shared | lowrank | own")] = "shared",
-    rank: Annotated[int, typer.Option(help="rank of the lowrank projection")] = 32,
-    steps: Annotated[int, typer.Option(help="optimizer steps")] = 300,
-    batch_tokens: Annotated[int, typer.Option(help="positions per step")] = 2048,
+    rank: Annotated[int, typer.Option(min=1, help="rank of the lowrank projection")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 300,
+    batch_tokens: Annotated[int, typer.Option(min=1, help="positions per step")] = 2048,
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 1e-3,
-    tree_nodes: Annotated[int, typer.Option(help="node budget of the stored sparse tree")] = 32,
+    tree_nodes: Annotated[int, typer.Option(min=1, help="node budget of the stored sparse tree")] = 32,
     distill: Annotated[bool, typer.Option(help="learn the target's own next-token distributions (self-distillation) "
                                                "instead of the corpus tokens; what greedy verification accepts")] = False,
-    self_generated: Annotated[int, typer.Option(help="train on N x 2 of the target's own continuations of zoo-corpus "
+    self_generated: Annotated[int, typer.Option(min=0, help="train on N x 2 of the target's own continuations of zoo-corpus "
                                                      "windows (code and prose) + as many corpus rows (Medusa's "
                                                      "self-distillation data); 0: the corpus text only")] = 0,
     seed: int = 0,

@@ -1,4 +1,4 @@
-"""A static KV cache: preallocated buffers, explicit write slots, rollback by moving a pointer.
+"""A static KV cache (an ``nn.Module``): preallocated buffers, explicit write slots, rollback by moving a pointer.
 
 Layout (one tensor per layer: a compiled step then mutates each buffer in place, no copies)::
 
@@ -18,33 +18,56 @@ the verification forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-@dataclass
-class StaticKVCache:
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    valid: torch.Tensor
-    lengths: torch.Tensor
+class LayerKV(torch.nn.Module):
+    """One layer's keys and values, (B, H_kv, L_max, D) buffers written in place."""
 
-    @classmethod
-    def allocate(cls, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "StaticKVCache":
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, T, H_kv, D) at slots ``input_pos`` (B, T); returns the whole buffers."""
+        B, T = input_pos.shape
+        rows = torch.arange(B, device=input_pos.device)[:, None].expand(B, T)
+        # index_put on the buffers themselves: inductor mutates them in place, no copy
+        self.k[rows, :, input_pos] = k
+        self.v[rows, :, input_pos] = v
+        return self.k, self.v
+
+
+class StaticKVCache(torch.nn.Module):
+    """The engine's KV cache: ``layers[i].update(input_pos, k, v)`` plus the per-row ``valid`` slots
+    and ``lengths`` (next write slot) shared by every layer."""
+
+    def __init__(self, *, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
         if min(n_layers, batch, n_kv_heads, max_len, head_dim) <= 0:
             raise ValueError("all cache dimensions must be positive")
         shape = (batch, n_kv_heads, max_len, head_dim)
-        cache = cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                    valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
-                    lengths=torch.zeros(batch, dtype=torch.long, device=device))
+        self.layers = torch.nn.ModuleList([LayerKV(shape, dtype, device) for _ in range(n_layers)])
+        self.register_buffer("valid", torch.zeros(batch, max_len, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         if torch.device(device).type == "cuda":
             # CUDA graphs replay fixed addresses: the buffers must never be reallocated.
-            for t in (*cache.k, *cache.v, cache.valid, cache.lengths):
+            for t in (*self.k, *self.v, self.valid, self.lengths):
                 torch._dynamo.mark_static_address(t)
-        return cache
+
+    @classmethod
+    def allocate(cls, **shape) -> "StaticKVCache":
+        return cls(**shape)
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        return [layer.k for layer in self.layers]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [layer.v for layer in self.layers]
 
     @property
     def batch_size(self) -> int:
@@ -116,10 +139,3 @@ class StaticKVCache:
         moved_valid = self.valid.gather(1, src)
         self.valid.scatter_(1, dst, torch.where(keep, moved_valid, self.valid.gather(1, dst)))
         self.lengths += n_keep
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Permute / select rows (beam search style); keeps the buffers' addresses."""
-        for buf in (*self.k, *self.v):
-            buf.copy_(buf.index_select(0, index))
-        self.valid.copy_(self.valid.index_select(0, index))
-        self.lengths.copy_(self.lengths.index_select(0, index))

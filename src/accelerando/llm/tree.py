@@ -225,14 +225,6 @@ def check_tree_support(model: Any) -> None:
             "Use a chain method (draft model / prompt lookup) for this model.")
 
 
-def check_tree_fits(tree: TokenTree, cache_len: int, max_positions: int | None) -> None:
-    """Raise if verifying ``tree`` after ``cache_len`` tokens would run past the model's context."""
-    if max_positions is not None and cache_len + len(tree) > max_positions:
-        raise ValueError(
-            f"a tree of {len(tree)} nodes after {cache_len} cached tokens needs {cache_len + len(tree)} "
-            f"positions; the model has {max_positions}. Use a smaller tree or fewer new tokens.")
-
-
 def keep_accepted_path(past_key_values: Any, start: int, path: torch.Tensor) -> None:
     """Keep only the accepted nodes of a verified tree in a Hugging Face cache.
 

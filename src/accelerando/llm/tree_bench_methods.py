@@ -19,8 +19,8 @@ def _heads(s: LLMSetup, heads: str | None) -> Any:
     from pathlib import Path
 
     from accelerando.llm.drafters import Medusa
-    from accelerando.llm.drafters.medusa import zoo_heads_path
-    path = Path(heads) if heads and Path(heads).exists() else zoo_heads_path(heads or DEFAULT_HEADS)
+    from accelerando import zoo
+    path = Path(heads) if heads and Path(heads).exists() else zoo.path(heads or DEFAULT_HEADS)
     return Medusa.load(path, target=s.target)
 
 

@@ -3,12 +3,15 @@
 One walk serves every drafter: starting at the root, pick an accepted child (by the rule), descend,
 and stop where no child is accepted; then emit one more token from the target at the last accepted
 node (the *correction* on rejection, the *bonus* at a leaf). A chain is the tree whose nodes have
-one child, and on it ``rejection_tree_accept`` is exactly Leviathan et al.'s speculative sampling.
+one child, and on it ``rejection_accept_tree`` is exactly Leviathan et al.'s speculative sampling.
 
-Inputs shared by the rules (N nodes, V vocabulary; node 0 = root, see ``accelerando.llm.tree``):
-  tokens  (N,) the drafted token of each node (the root's entry is ignored)
-  p       (N, V) target distribution *after* each node (the processed one: temperature, top-k/p)
-  q       (N, V) the draft distribution each node's children were sampled from
+Inputs shared by the rules (B rows, N nodes, V vocabulary; node 0 = root, see ``accelerando.llm.tree``):
+  tokens  (B, N) the drafted token of each node (the root's entry is ignored)
+  p       (B, N, V) target distribution *after* each node (the processed one: temperature, top-k/p)
+  q       (B, N, V) the draft distribution each node's children were sampled from
+  valid   (B, N) | None real nodes (rows with shorter proposals)
+``verify`` applies the rule a ``Proposal`` asks for to the target's logits: the loop's one call.
+Drafting (how trees are drawn) lives in ``accelerando.llm.drafters``; this module only verifies.
 Rules:
   greedy      temperature 0: longest path whose every token is the target's argmax (exact).
   rejection   SpecInfer (children i.i.d. from q, ``replacement=True``) or Recursive Speculative
@@ -19,27 +22,15 @@ Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from accelerando.llm.sampling import SamplingConfig, checked_argmax, checked_probs
 from accelerando.llm.tree import TokenTree
 
-
-@dataclass(frozen=True)
-class TreeVerdict:
-    path: list[int]        # accepted nodes, root first (len 1 = nothing accepted)
-    next_token: int        # token emitted after the path (correction or bonus)
-
-    @property
-    def n_accepted(self) -> int:
-        return len(self.path) - 1
-
-
-def accepted_tokens(verdict: TreeVerdict, tokens: Sequence[int]) -> list[int]:
-    """Tokens emitted by one verification: the accepted drafts, then the next token."""
-    return [int(tokens[i]) for i in verdict.path[1:]] + [verdict.next_token]
+if TYPE_CHECKING:   # the record only; drafters import this module
+    from accelerando.llm.drafters.base import Proposal
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -160,151 +151,46 @@ def typical_accept_tree(tree: TokenTree, tokens: torch.Tensor, p: torch.Tensor, 
     return last, _sample(p.gather(1, last[:, None, None].expand(B, 1, V)).squeeze(1), generator)
 
 
-# ---------------------------------------------------------------------------------------------
-# One-tree (batch 1) views returning the accepted path, used by the tree loop
-# ---------------------------------------------------------------------------------------------
-
-def _verdict(tree: TokenTree, last: torch.Tensor, nxt: torch.Tensor) -> TreeVerdict:
-    last_i, nxt_i = torch.stack([last[0], nxt[0]]).tolist()          # the one host sync per verification
-    return TreeVerdict(tree.path_to(last_i), nxt_i)
 
 
-def _row(tokens: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(tokens, device=device).reshape(1, -1)
+def verify(logits: torch.Tensor, prop: Proposal, sampling: SamplingConfig, generator: torch.Generator | None,
+           rule: str = "exact", epsilon: float = 0.09, alpha: float = 0.3
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One acceptance step for chains and trees: logits (B, N, V) are the target's after each node.
 
-
-def greedy_tree_accept(tree: TokenTree, tokens: Sequence[int], target_argmax: Sequence[int] | torch.Tensor
-                       ) -> TreeVerdict:
-    """Temperature 0: a node is accepted iff its token is the argmax after its parent (exact)."""
-    am = _row(target_argmax, torch.device("cpu") if not torch.is_tensor(target_argmax) else target_argmax.device)
-    return _verdict(tree, *greedy_accept_tree(tree, _row(tokens, am.device), am))
-
-
-def rejection_tree_accept(tree: TokenTree, tokens: Sequence[int], p: torch.Tensor, q: torch.Tensor, *,
-                          replacement: bool, generator: torch.Generator | None = None) -> TreeVerdict:
-    """Lossless multi-draft verification of one tree (SpecInfer with replacement, RSD without)."""
-    return _verdict(tree, *rejection_accept_tree(tree, _row(tokens, p.device), p[None], q[None],
-                                                 replacement=replacement, generator=generator))
-
-
-def typical_tree_accept(tree: TokenTree, tokens: Sequence[int], p: torch.Tensor, *, epsilon: float = 0.09,
-                        alpha: float = 0.3, generator: torch.Generator | None = None) -> TreeVerdict:
-    """Medusa typical acceptance (lossy) on one tree."""
-    return _verdict(tree, *typical_accept_tree(tree, _row(tokens, p.device), p[None], epsilon=epsilon,
-                                               alpha=alpha, generator=generator))
-
-
-# ---------------------------------------------------------------------------------------------
-# Drafting a tree: sibling sampling (with / without replacement) and stochastic beam search
-# ---------------------------------------------------------------------------------------------
-
-def gumbel_topk(q: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """k distinct tokens sampled without replacement from q: top-k of log q + Gumbel noise."""
-    g = -torch.log(-torch.log(torch.rand(q.shape, generator=generator, device=q.device).clamp_min(1e-20)))
-    k = min(k, int((q > 0).sum()))
-    return torch.topk(torch.log(q) + g, k).indices
-
-
-def sample_siblings(q: torch.Tensor, k: int, *, replacement: bool,
-                    generator: torch.Generator | None = None, deterministic: bool = False) -> torch.Tensor:
-    """k sibling tokens from q: i.i.d. (replacement), Gumbel-top-k (without), or q's top-k (greedy)."""
-    if deterministic:
-        return q.topk(min(k, q.shape[-1])).indices
-    if replacement:
-        return torch.multinomial(q, k, replacement=True, generator=generator)
-    return gumbel_topk(q, k, generator)
-
-
-@dataclass
-class DraftedTree:
-    tree: TokenTree
-    tokens: list[int]            # (N,) root token first
-    q: torch.Tensor              # (N, V) distribution each node's children were drawn from (0 rows: unexpanded)
-
-
-Expand = Callable[[TokenTree, list[int], list[int]], torch.Tensor]
-"""expand(tree_so_far, tokens_so_far, frontier_nodes) -> (len(frontier), V) draft distributions."""
-
-
-def draft_tree(expand: Expand, root_token: int, branching: Sequence[int], *, replacement: bool,
-               generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
-    """Grow a tree level by level: every frontier node gets ``branching[d]`` children from q.
-
-    ``deterministic``: children are q's top tokens (for greedy verification, where q is not used).
+    Returns (last accepted node (B,), next token (B,), bad (B,)). ``rule``: "exact" (greedy at
+    temperature 0, recursive rejection sampling otherwise -- lossless) or "typical" (Medusa, lossy).
+    A proposal of the root alone (no drafts) is plain decoding: the next token from p, no walk.
     """
-    parents, ranks, tokens = [-1], [0], [int(root_token)]
-    frontier, qs = [0], {}
-    for b in branching:
-        tree = TokenTree(tuple(parents), tuple(ranks))
-        dists = expand(tree, tokens, frontier)
-        new = []
-        for node, qn in zip(frontier, dists):
-            qs[node] = qn
-            kids = sample_siblings(qn, b, replacement=replacement, generator=generator, deterministic=deterministic)
-            for r, x in enumerate(kids.tolist()):
-                parents.append(node); ranks.append(r); tokens.append(int(x)); new.append(len(tokens) - 1)
-        frontier = new
-    return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
+    if prop.tokens.shape[1] == 1:
+        last = logits[:, 0]
+        if sampling.greedy:
+            nxt, bad = checked_argmax(last)
+        else:
+            p, bad = checked_probs(last, sampling)
+            nxt = _sample(p, generator)
+        node = torch.zeros_like(nxt)
+        return node, nxt, bad if prop.bad is None else bad | prop.bad
+    if sampling.greedy:
+        arg, bad = checked_argmax(logits)
+        node, nxt = greedy_accept_tree(prop.tree, prop.tokens, arg, prop.valid)
+    else:
+        p, bad = checked_probs(logits, sampling)
+        if rule == "typical":
+            node, nxt = typical_accept_tree(prop.tree, prop.tokens, p, epsilon=epsilon, alpha=alpha,
+                                            generator=generator, valid=prop.valid)
+        else:
+            q = prop.q.to(p.dtype) if prop.q is not None else _one_hot_q(prop, p)
+            node, nxt = rejection_accept_tree(prop.tree, prop.tokens, p, q, replacement=prop.replacement,
+                                              generator=generator, valid=prop.valid)
+    bad = bad.any(-1)
+    return node, nxt, bad if prop.bad is None else bad | prop.bad
 
 
-def stochastic_beam_tree(expand: Expand, root_token: int, width: int, depth: int, *,
-                         generator: torch.Generator | None = None, deterministic: bool = False) -> DraftedTree:
-    """RSD-S: stochastic beam search (Kool et al. 2019) over draft sequences; the kept beams form the tree.
-
-    Each beam carries phi (log-probability of its sequence) and G (its perturbed score). A child's
-    score is a Gumbel(phi_child) conditioned so that the children's maximum equals the parent's G;
-    the ``width`` best children over all beams survive. Siblings are ordered by score, which is a
-    sampling-without-replacement order for each parent (that is what the RSD verifier needs).
-    """
-    parents, ranks, tokens = [-1], [0], [int(root_token)]
-    frontier, phi, G, qs = [0], [0.0], [0.0], {}
-    for _ in range(depth):
-        tree = TokenTree(tuple(parents), tuple(ranks))
-        dists = expand(tree, tokens, frontier)
-        cands = []   # (score, parent, token, phi)
-        for node, qn, ph, g_par in zip(frontier, dists, phi, G):
-            qs[node] = qn
-            sup = (qn > 0).nonzero().flatten()
-            lp = ph + torch.log(qn[sup])
-            if deterministic:
-                cands += [(l, node, x, l) for x, l in zip(sup.tolist(), lp.tolist())]
-                continue
-            gum = lp - torch.log(-torch.log(torch.rand(lp.shape, generator=generator).clamp_min(1e-20)))
-            z = gum.max()
-            # condition the children's maximum to equal the parent's score (numerically stable form)
-            v = g_par - gum + torch.log1p(-torch.exp(gum - z).clamp(max=1 - 1e-12))
-            scores = g_par - v.clamp_min(0) - torch.log1p(torch.exp(-v.abs()))
-            for s, x, l in zip(scores.tolist(), sup.tolist(), lp.tolist()):
-                cands.append((s, node, x, l))
-        cands.sort(key=lambda c: -c[0])
-        kept = sorted(cands[:width], key=lambda c: (c[1], -c[0]))   # group by parent, best first
-        frontier, phi, G = [], [], []
-        count: dict[int, int] = {}
-        for s, node, x, l in kept:
-            r = count.get(node, 0); count[node] = r + 1
-            parents.append(node); ranks.append(r); tokens.append(x)
-            frontier.append(len(tokens) - 1); phi.append(l); G.append(s)
-        # restore breadth-first order with parents before children (already true: parents are older)
-    return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
-
-
-def sample_tree_tokens(tree: TokenTree, root_token: int, q: torch.Tensor, *, replacement: bool = False,
-                       generator: torch.Generator | None = None) -> list[int]:
-    """Fill a fixed tree shape: each node's children are sampled from q[node] (Medusa, lossless mode)."""
-    tokens = [int(root_token)] + [0] * (len(tree) - 1)
-    for n, kids in enumerate(tree.children):
-        if kids:
-            xs = sample_siblings(q[n], len(kids), replacement=replacement, generator=generator).tolist()
-            for c, x in zip(kids, xs + [xs[-1]] * (len(kids) - len(xs))):   # pad if q has fewer tokens
-                tokens[c] = int(x)
-    return tokens
-
-
-def drafted_tree(tree: TokenTree, tokens: list[int], qs: dict[int, torch.Tensor]) -> DraftedTree:
-    """A drafted tree with its (N, V) q: row n = the draft distribution n's children came from
-    (zeros for a node without children)."""
-    first = next(iter(qs.values()))
-    q = torch.zeros(len(tokens), first.shape[-1], dtype=first.dtype, device=first.device)
-    for node, qn in qs.items():
-        q[node] = qn
-    return DraftedTree(tree, tokens, q)
+def _one_hot_q(prop: Proposal, p: torch.Tensor) -> torch.Tensor:
+    """Deterministic drafts (prompt lookup): node i's children distribution is one-hot on its child."""
+    if not prop.chain:
+        raise ValueError("lossless sampling of a tree needs the draft distributions q of the proposal")
+    B, N, V = p.shape
+    kids = torch.nn.functional.one_hot(prop.tokens[:, 1:], V).to(p.dtype)                 # (B, N-1, V)
+    return torch.cat([kids, p.new_zeros(B, 1, V)], 1)

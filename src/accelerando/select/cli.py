@@ -11,6 +11,7 @@ import typer
 
 from accelerando.cli.common import CLIError, history_option
 from accelerando.cli.common import console as _console, history_location as _history_location, split as _split
+from accelerando.cli.progress import bar, err_console, json_option, print_json, quiet_option
 
 select_app = typer.Typer(no_args_is_help=True, help="The learned method selector: held-out evaluation.")
 
@@ -56,6 +57,17 @@ def sweep(
                                             "each round, the same for all arms of a round, and its speed-up is the median "
                                             "over rounds of the ratio of time per generated token: one seed's sample may "
                                             "stop at an EOS after 3 tokens for one arm and run 32 for another.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="Run the workloads as tasks on a Ray cluster (a local one unless "
+                                      "--ray-address): one task per workload, each pinned to a core of its own, "
+                                      "writing to the shared history; a task whose worker dies is retried and "
+                                      "resumes, storing no row twice.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(metavar="HOST:PORT|auto", help="A running Ray cluster to use "
+                                                       "(implies --ray). A cluster of several nodes needs a history "
+                                                       "every node reaches: --history postgresql://...")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(min=1, help="--ray without an address: CPUs of the local cluster "
+                                                    "(default: all), i.e. workloads timed at once.")] = None,
+    quiet: quiet_option = False,
+    json_out: json_option = False,
     history: history_option = None,
 ) -> None:
     """Run a grid of workloads x method configurations into the history (resumable: rows already
@@ -73,27 +85,42 @@ def sweep(
     quiet_hf()
     zoo_names = None if zoo else []
     wls = S.llm_grid(llm, seed=seed, zoo_names=zoo_names) + S.diffusion_grid(diffusion, seed=seed, zoo_names=zoo_names)
-    console = _console()
-
-    def progress(i: int, n: int, label: str, eta: float | None) -> None:
-        eta_s = f"ETA {eta / 60:.1f} min" if eta is not None else "ETA -"
-        console.print(f"[{i + 1}/{n}] {label}  ({eta_s})")
+    console = err_console() if json_out else _console()
+    ray = ray or ray_address is not None
+    if ray and retime:
+        raise CLIError("--ray runs a sweep; --retime runs in this process (interleaved rounds need one machine)")
+    if ray and max_minutes:
+        raise CLIError("--max-minutes applies to a sweep in this process; with --ray every workload is queued at "
+                       "once (stop it with Ctrl-C: a rerun resumes from the history)")
 
     if retime:
-        _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, progress, console,
-                seed_rounds=not same_seed)
+        _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, console,
+                seed_rounds=not same_seed, quiet=quiet, json_out=json_out)
         return
-    with open_history(_history_location(ctx, history)) as h:
-        rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
-                          reference_steps=reference_steps,
-                          max_seconds=max_minutes * 60 if max_minutes else None, progress=progress)
-        console.print(f"sweep: {rep.workloads} workloads measured, {rep.rounds_run} rounds run, "
-                      f"{rep.rounds_skipped} already in the history, {rep.rows} rows, {rep.seconds / 60:.1f} min"
-                      + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
-        for e in rep.errors[:20]:
-            console.print(f"[red]error[/red] {escape(e)}", soft_wrap=True)
-        if len(rep.errors) > 20:
-            console.print(f"... and {len(rep.errors) - 20} more errors")
+    location = _history_location(ctx, history)
+    with open_history(location) as h:
+        h.check_writable()
+        with bar(len(wls), "sweep", quiet=quiet) as progress:
+            if ray:
+                rep = _ray_sweep(S, wls, h, location, methods, repeats, reference_steps, device, ray_address,
+                                 num_cpus, progress)
+            else:
+                rep = S.run_sweep(wls, history=h, methods=_split(methods), repeats=repeats, device=device,
+                                  reference_steps=reference_steps,
+                                  max_seconds=max_minutes * 60 if max_minutes else None, progress=progress)
+        if json_out:
+            print_json({"workloads": rep.workloads, "rounds_run": rep.rounds_run, "rounds_skipped": rep.rounds_skipped,
+                        "rows": rep.rows, "seconds": rep.seconds, "stopped_early": rep.stopped_early,
+                        "errors": rep.errors})
+        else:
+            console.print(f"sweep: {rep.workloads} workloads measured, {rep.rounds_run} rounds run, "
+                          f"{rep.rounds_skipped} already in the history, {rep.rows} rows, {rep.seconds / 60:.1f} min"
+                          + (" on Ray" if ray else "")
+                          + (" (stopped at --max-minutes; run again to resume)" if rep.stopped_early else ""))
+            for e in rep.errors[:20]:
+                console.print(f"[red]error[/red] {escape(e)}", soft_wrap=True)
+            if len(rep.errors) > 20:
+                console.print(f"... and {len(rep.errors) - 20} more errors")
         if bundle:
             keys = {S.sweep_key(w) for w in wls}
             n = merge_bundled(m for m in h.rows() if m.workload.get("sweep_key") in keys)
@@ -102,8 +129,35 @@ def sweep(
         raise typer.Exit(1)
 
 
-def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, progress, console, *,
-            seed_rounds: bool = True) -> None:
+def _ray_sweep(S, wls, h, location, methods, repeats, reference_steps, device, address, num_cpus, progress):
+    """The sweep on Ray: a history every worker reaches (a file for a local cluster; a server URL
+    for several nodes); refused before any task starts otherwise."""
+    try:
+        import ray as _ray  # noqa: F401
+    except ImportError:
+        raise CLIError("--ray needs Ray: pip install 'accelerando[ray]'") from None
+    from .ray_sweep import cluster_nodes, ray_sweep
+    import os
+    import ray as _ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not _ray.is_initialized():
+        kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        try:
+            _ray.init(**({"address": address} if address else {"num_cpus": num_cpus}), **kw)
+        except Exception as exc:    # noqa: BLE001 - a wrong address, no cluster there
+            raise CLIError(f"--ray-address {address}: cannot connect to a Ray cluster: {exc}") from None
+    if h.engine.dialect.name == "sqlite" and cluster_nodes() > 1:
+        raise CLIError(f"the Ray cluster has {cluster_nodes()} nodes; an SQLite history ({h.location}) is on this "
+                       "machine only: pass --history postgresql://user:password@host/db")
+    # workers open the history themselves: give them the real location (with its password)
+    from accelerando.bench.history import default_location
+    target = location or default_location()
+    return ray_sweep(wls, history=target, methods=_split(methods), repeats=repeats, reference_steps=reference_steps,
+                     device=device, progress=progress)
+
+
+def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, device, bundle, console, *,
+            seed_rounds: bool = True, quiet: bool = False, json_out: bool = False) -> None:
     from rich.markup import escape
     from accelerando.bench.history import open_history
     from .recommend import load_bundled, merge_bundled, row_key
@@ -114,7 +168,9 @@ def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, devi
         keys = {S.sweep_key(w) for w in g}
         return g + [w for w in make(n, seed=seed, zoo_names=[]) if S.sweep_key(w) not in keys]
     t0 = time.perf_counter()
+    out = {}
     with open_history(_history_location(ctx, history)) as h:
+        h.check_writable()
         rows, seen = [], set()
         for r in load_bundled() + [m for m in h.rows() if m.workload.get("sweep_key")]:
             key = row_key(r)
@@ -125,8 +181,14 @@ def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, devi
             if n == 0:
                 continue
             left = max_minutes * 60 - (time.perf_counter() - t0) if max_minutes else None
-            rep = S.retime(rows, grid(make, n), history=h, family=family, rounds=rounds, device=device,
-                           progress=progress, max_seconds=left, seed_rounds=seed_rounds)
+            with bar(n, f"retime {family}", quiet=quiet) as progress:
+                rep = S.retime(rows, grid(make, n), history=h, family=family, rounds=rounds, device=device,
+                               progress=progress, max_seconds=left, seed_rounds=seed_rounds)
+            out[family] = {k: getattr(rep, k) for k in ("workloads", "todo", "skipped", "missing", "rows", "errors",
+                                                        "dropped", "not_exact", "max_quality_drift", "seconds",
+                                                        "stopped_early")}
+            if json_out:
+                continue
             what = "quality moved" if family == "diffusion" else "perplexity moved"
             console.print(f"retime {family}: {rep.workloads} workloads re-timed ({rep.rows} rows; {rounds} interleaved rounds a "
                           f"workload in all), {rep.skipped} already re-timed, {rep.missing} not in the grid, "
@@ -134,13 +196,15 @@ def _retime(ctx, history, S, n_llm, n_diffusion, seed, rounds, max_minutes, devi
                           f"{max(rep.load, default=0):.1f}; {what} by at most {rep.max_quality_drift:.2%} from the stored rows"
                           + (f" (stopped at --max-minutes with {rep.todo - rep.workloads - len(rep.errors)} to go; "
                              "run again to resume)" if rep.stopped_early else ""))
-            for e in rep.errors + rep.dropped:
+            for e in (rep.errors if quiet else rep.errors + rep.dropped):
                 console.print(f"[yellow]not re-timed[/yellow] {escape(e)}")      # arm ids hold [...]
             for e in rep.not_exact:
                 console.print(f"[red]lossless arm differs from the baseline's tokens[/red] {escape(e)}")
         if bundle:
             n = merge_bundled(m for m in h.rows() if (m.metrics or {}).get("timing") == S.INTERLEAVED)
             console.print(f"added {n} re-timed rows to the bundled selector data")
+    if json_out:
+        print_json(out)
 
 
 # ----------------------------------------------------------------------------- recommend
@@ -191,8 +255,11 @@ def recommend(
         if verify:
             console.print(f"verifying the top {top} candidates on this machine ...")
             out = RC.verify(d, rec, top=top, history=h)
+            from dataclasses import replace
             from accelerando.cli.tables import results_table
-            console.print(results_table("measured now (written to the history)", rec.family, out))
+            shown = [replace(r, method=f"{r.method} at {r.knobs['steps_frac']:g} x the steps")
+                     if "steps_frac" in r.knobs else r for r in out]
+            console.print(results_table("measured now (written to the history)", rec.family, shown))
 
 
 def _print_recommendation(console, rec, key) -> None:
@@ -233,7 +300,9 @@ def evaluate_cmd(
     scheme: Annotated[str, typer.Option(help="workload (leave-one-workload-out), model (leave-one-model-out) or both.")] = "both",
     max_loss: Annotated[Optional[list[float]], typer.Option(help="Quality budgets to evaluate besides lossless (repeatable).")] = None,
     family: Annotated[Optional[str], typer.Option(help="llm or diffusion (default: both).")] = None,
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the summaries to this JSON file.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write the summaries to this JSON file.")] = None,
+    quiet: quiet_option = False,
+    json_out: json_option = False,
     history: history_option = None,
 ) -> None:
     """Held-out evaluation of the selectors on the history (default: the bundled one): top-1
@@ -261,15 +330,21 @@ def evaluate_cmd(
         raise CLIError("--scheme must be workload, model or both")
     constraints = [Constraint()] + [_constraint(x) for x in (max_loss or [])]
     families = [family] if family else sorted({table.family_of(w) for w in table.workloads})
-    console = _console()
-    results = run_evaluation(table, names, schemes, constraints, families, console=console, source=source)
-    if json_out:
-        with open(json_out, "w") as fh:
+    console = None if json_out else _console()
+    with bar(len(families) * len(schemes) * len(constraints), "select evaluate", quiet=quiet) as progress:
+        results = run_evaluation(table, names, schemes, constraints, families, console=console, source=source,
+                                 progress=progress)
+    if out:
+        with open(out, "w") as fh:
             json.dump(results, fh, indent=1)
+    if json_out:
+        print_json(results)
 
 
-def run_evaluation(table, names, schemes, constraints, families, *, console=None, source="") -> list[dict[str, Any]]:
-    """Evaluate and print one table per (family, scheme, constraint); return all summaries as dicts."""
+def run_evaluation(table, names, schemes, constraints, families, *, console=None, source="",
+                   progress=None) -> list[dict[str, Any]]:
+    """Evaluate and print one table per (family, scheme, constraint); return all summaries as dicts.
+    ``progress``: a ``cli.progress.bar`` (one step per table, its folds shown as they run)."""
     from rich.table import Table
     from .evaluate import evaluate
     out = []
@@ -277,7 +352,11 @@ def run_evaluation(table, names, schemes, constraints, families, *, console=None
         for sc in schemes:
             for c in constraints:
                 t0 = time.perf_counter()
-                summ, cases = evaluate(table, names, constraint=c, scheme=sc, family=fam)
+                what = f"{fam}, leave-one-{sc}-out, {c.label()}"
+                folds = (lambda i, n, what=what: progress.step(f"{what}: {i}/{n} held-out folds", advance=0)) if progress else None
+                summ, cases = evaluate(table, names, constraint=c, scheme=sc, family=fam, progress=folds)
+                if progress:
+                    progress.step(what)
                 if not cases:
                     continue
                 title = (f"{fam}, leave-one-{sc}-out, {c.label()}: {summ[0].n} held-out workloads "

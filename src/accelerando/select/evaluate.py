@@ -24,7 +24,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from .models import Selector, SingleBest, make_selector
+from .base import Selector
+from .baselines import SingleBest
+from .models import make_selector
 from .table import LOSSLESS, Constraint, PerfTable
 
 TOL = 1e-9

@@ -7,14 +7,11 @@ and the score the ranking uses (an estimate of the *utility*: speed-up if accept
 ``select`` returns the best arm whose ``p_ok`` reaches ``min_p_ok``; the baseline (utility 1 by
 definition) is always a candidate, so a selector can always answer "do nothing".
 
-Implemented (each is a baseline of MetaInf / ASlib practice):
+Here are the defaults (chosen by the held-out evaluation, BENCHMARKS.md "selector") and the
+registry of every selector by name (``MODELS``, ``make_selector``); the others, the baselines of
+MetaInf / ASlib practice they are compared with (SBS, kNN, ISAC, GBM / forest performance
+models, an ensemble), are in ``baselines``; what all share is in ``base``.
 
-* ``SingleBest``  (SBS): the arm with the best mean utility over the training workloads;
-* ``KNN``:        utility averaged over the k nearest training workloads (standardised features);
-* ``ISAC``:       k-means clusters of workloads, best mean utility in the workload's cluster;
-* ``PerfModel``:  one regressor of log speed-up over (workload features, arm one-hot, numeric
-                  knobs) — gradient-boosted trees (``"gbm"``) or a random forest (``"forest"``) —
-                  and one classifier of "meets the constraint" for lossy budgets;
 * ``Pairwise``:   one logistic regression per pair of arms predicting which has the higher
                   utility (weighted by the utility difference); arms ranked by mean win probability;
 * ``QualityMargin``: speed and quality predicted apart; the fastest arm whose predicted quality
@@ -25,403 +22,30 @@ Implemented (each is a baseline of MetaInf / ASlib practice):
                   also chooses its bandwidths by the inner cross-validation and breaks speed
                   near-ties by quality slack).
 
+Each selector keeps what it learned for a family in a small dataclass on ``FamilyData.fit``.
+
 sklearn is imported where used (the core imports only torch and numpy).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .features import feature_names, workload_features
-from .table import LOSSLESS, Constraint, PerfTable
+from .base import FamilyData, Prediction, Selector, arm_columns
+from .baselines import ISAC, KNN, Ensemble, PerfModel, SingleBest
+from .table import PerfTable
+
+__all__ = ["ArmKernel", "Ensemble", "FamilyData", "ISAC", "KNN", "MODELS", "MarginFit", "Pairwise", "PairwiseFit",
+           "PerfModel", "Prediction", "QualityMargin", "Selector", "SingleBest", "default_model", "make_selector"]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    arm: str
-    speedup: float        # predicted speed-up over the baseline
-    std: float            # uncertainty of ``speedup`` (one standard deviation)
-    p_ok: float           # predicted probability that the constraint holds
-    score: float          # ranking score (estimated utility)
-    slack: float = 0.0    # quality slack where a quality model gives it (budget - predicted loss, log scale)
-
-
-class Selector:
-    """Base class: per-family feature matrices, imputation, candidate arms, selection."""
-
-    name = "selector"
-
-    def __init__(self, *, constraint: Constraint = LOSSLESS, min_p_ok: float = 0.8, seed: int = 0):
-        if not 0.0 <= min_p_ok <= 1.0:
-            raise ValueError(f"min_p_ok must be in [0, 1], got {min_p_ok}")
-        self.constraint = constraint
-        self.min_p_ok = min_p_ok
-        self.seed = seed
-        self.table: PerfTable | None = None
-        self._fam: dict[str, dict[str, Any]] = {}
-
-    # -- fitting
-    def fit(self, table: PerfTable) -> "Selector":
-        self.table = table
-        self._fam = {}
-        for family in sorted({table.family_of(w) for w in table.workloads}):
-            wids = table.wids(family)
-            names = feature_names(family)
-            raw = np.array([[workload_features(table.workloads[w], table.hardware.get(w))[n] for n in names]
-                            for w in wids], dtype=float)
-            med = np.array([np.median(c[~np.isnan(c)]) if (~np.isnan(c)).any() else 0.0
-                            for c in raw.reshape(len(wids), len(names)).T])
-            X = np.where(np.isnan(raw), med, raw)
-            mu, sd = X.mean(axis=0), X.std(axis=0)
-            # a feature constant over the training workloads carries no information: weight 0
-            # (else a query that differs in it, e.g. other hardware, is far from everything)
-            # ((x - mu) / inf = 0 for any finite x)
-            sd = np.where(sd > 1e-12, sd, np.inf)
-            arms = [a for a, arm in table.arms.items() if arm.family == family]
-            cands = [a for a in arms if table.arms[a].is_baseline or not self.constraint.lossless
-                     or table.arms[a].lossless]
-            st = dict(wids=wids, names=names, median=med, mu=mu, sd=sd, X=X, Z=(X - mu) / sd,
-                      arms=arms, candidates=cands, baseline=table.baseline_arm(family))
-            self._fam[family] = st
-            self._fit_family(family, st)
-        return self
-
-    def _fit_family(self, family: str, st: dict[str, Any]) -> None:
-        pass
-
-    def _utility(self, wid: str, arm: str) -> float:
-        return self.table.utility(wid, arm, self.constraint)
-
-    def _ok(self, wid: str, arm: str) -> bool:
-        return self.table.arms[arm].is_baseline or self.table.admits(wid, arm, self.constraint)
-
-    def vector(self, workload: Mapping[str, Any], hardware: Mapping[str, Any] | None = None) -> np.ndarray:
-        family = str(workload.get("family", "llm"))
-        st = self._fam[family]
-        f = workload_features(workload, hardware)
-        x = np.array([f[n] for n in st["names"]], dtype=float)
-        return np.where(np.isnan(x), st["median"], x)
-
-    # -- predicting
-    def families(self) -> list[str]:
-        return list(self._fam)
-
-    def rank(self, workload: Mapping[str, Any], *, hardware: Mapping[str, Any] | None = None,
-             arms: Sequence[str] | None = None) -> list[Prediction]:
-        """Predictions for the candidate arms (restricted to ``arms`` if given), best first."""
-        if self.table is None:
-            raise RuntimeError("fit the selector first")
-        family = str(workload.get("family", "llm"))
-        if family not in self._fam:
-            raise ValueError(f"no {family} workloads in the history this selector was fitted on")
-        st = self._fam[family]
-        cands = [a for a in st["candidates"] if arms is None or a in arms]
-        x = self.vector(workload, hardware)
-        others = [a for a in cands if a != st["baseline"]]
-        preds = list(self._predict(family, st, x, others))
-        if st["baseline"] is not None and st["baseline"] in cands:
-            preds.append(self._baseline_prediction(family, st, x, others))
-        return sorted(preds, key=lambda p: (-p.score, -p.p_ok, -p.slack, p.arm))
-
-    def select(self, workload: Mapping[str, Any], **kw: Any) -> Prediction:
-        """The best arm whose predicted probability of meeting the constraint is >= ``min_p_ok``."""
-        ranked = self.rank(workload, **kw)
-        ok = [p for p in ranked if p.p_ok >= self.min_p_ok]
-        if not ok:
-            raise ValueError("no candidate arm (not even the baseline) for this workload")
-        return ok[0]
-
-    def _predict(self, family: str, st: dict[str, Any], x: np.ndarray, arms: list[str]) -> list[Prediction]:
-        raise NotImplementedError
-
-    def _baseline_prediction(self, family: str, st: dict[str, Any], x: np.ndarray,
-                             others: list[str]) -> Prediction:
-        # the baseline's utility is 1 by definition: nothing to predict
-        return Prediction(st["baseline"], 1.0, 0.0, 1.0, 1.0)
-
-
-# ----------------------------------------------------------------------------- statistics helpers
-
-def _wstats(values: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:
-    v, w = np.asarray(values, float), np.asarray(weights, float)
-    w = w / w.sum()
-    m = float((w * v).sum())
-    return m, float(math.sqrt(max(0.0, float((w * (v - m) ** 2).sum()))))
-
-
-class SingleBest(Selector):
-    """SBS: one ranking for every workload, by mean utility over the training workloads."""
-
-    name = "sbs"
-
-    def _fit_family(self, family: str, st: dict[str, Any]) -> None:
-        self._stats: dict[str, Prediction] = getattr(self, "_stats", {})
-        for a in st["arms"]:
-            ws = [w for w in st["wids"] if (w, a) in self.table.speedup]
-            if not ws:
-                continue
-            u = [self._utility(w, a) for w in ws]
-            s = [self.table.speedup[(w, a)] for w in ws]
-            self._stats[a] = Prediction(a, float(np.mean(s)), float(np.std(s)), 1.0, float(np.mean(u)))
-
-    def _predict(self, family, st, x, arms):
-        # p_ok = 1: the SBS is by definition the best *average*, violations included in the mean
-        return [self._stats[a] for a in arms if a in self._stats]
-
-
-class KNN(Selector):
-    """Utility averaged over the k nearest training workloads that measured the arm.
-
-    ``weighted=True`` scales each standardised feature by its importance in a small random
-    forest that predicts the arms' utilities from the features (a cheap metric learning: features
-    that do not change the winner stop diluting the distance)."""
-
-    name = "knn"
-
-    def __init__(self, *, k: int = 5, weighted: bool = False, **kw: Any):
-        super().__init__(**kw)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
-        self.weighted = weighted
-        if weighted:
-            self.name = "knn-w"
-
-    def _fit_family(self, family, st):
-        st["fw"] = np.ones(st["Z"].shape[1])
-        if not self.weighted or len(st["wids"]) < 4:
-            return
-        from sklearn.ensemble import RandomForestRegressor
-        arms = [a for a in st["candidates"] if a != st["baseline"]]
-        Y = np.full((len(st["wids"]), len(arms)), np.nan)
-        for i, w in enumerate(st["wids"]):
-            for j, a in enumerate(arms):
-                if (w, a) in self.table.speedup:
-                    Y[i, j] = self._utility(w, a)
-        keep = ~np.all(np.isnan(Y), axis=0)
-        if not keep.any():
-            return
-        Y = Y[:, keep]
-        Y = np.where(np.isnan(Y), np.nanmean(Y, axis=0), Y)
-        rf = RandomForestRegressor(n_estimators=60, max_depth=4, random_state=self.seed, n_jobs=1).fit(st["Z"], Y)
-        imp = rf.feature_importances_
-        if imp.max() > 0:
-            st["fw"] = imp / imp.max()
-
-    def _predict(self, family, st, x, arms):
-        z = (x - st["mu"]) / st["sd"]
-        fw = st.get("fw", 1.0)
-        d = np.sqrt((((st["Z"] - z) * fw) ** 2).sum(axis=1))
-        order = np.argsort(d, kind="stable")
-        out = []
-        for a in arms:
-            nb = [i for i in order if (st["wids"][i], a) in self.table.speedup][:self.k]
-            if not nb:
-                continue
-            w = 1.0 / (d[nb] + 1e-3)
-            wids = [st["wids"][i] for i in nb]
-            u, _ = _wstats([self._utility(x_, a) for x_ in wids], w)
-            s, sd = _wstats([self.table.speedup[(x_, a)] for x_ in wids], w)
-            p, _ = _wstats([float(self._ok(x_, a)) for x_ in wids], w)
-            out.append(Prediction(a, s, sd, p, u))
-        return out
-
-
-class ISAC(Selector):
-    """Instance-specific algorithm configuration: cluster the workloads (k-means on standardised
-    features), then use the best mean utility of the workload's cluster."""
-
-    name = "isac"
-
-    def __init__(self, *, per_cluster: int = 8, **kw: Any):
-        super().__init__(**kw)
-        self.per_cluster = per_cluster
-
-    def _fit_family(self, family, st):
-        from sklearn.cluster import KMeans
-        n = len(st["wids"])
-        k = max(1, min(n, round(n / self.per_cluster)))
-        km = KMeans(n_clusters=k, n_init=5, random_state=self.seed).fit(st["Z"]) if n else None
-        st["km"] = km
-        st["members"] = {c: [st["wids"][i] for i in range(n) if km.labels_[i] == c] for c in range(k)}
-
-    def _predict(self, family, st, x, arms):
-        c = int(st["km"].predict(((x - st["mu"]) / st["sd"])[None])[0])
-        out = []
-        for a in arms:
-            ws = [w for w in st["members"][c] if (w, a) in self.table.speedup] or \
-                 [w for w in st["wids"] if (w, a) in self.table.speedup]
-            if not ws:
-                continue
-            s = [self.table.speedup[(w, a)] for w in ws]
-            out.append(Prediction(a, float(np.mean(s)), float(np.std(s)),
-                                  float(np.mean([self._ok(w, a) for w in ws])),
-                                  float(np.mean([self._utility(w, a) for w in ws]))))
-        return out
-
-
-# ----------------------------------------------------------------------------- learned models
-
-def _arm_columns(table: PerfTable, arms: list[str]) -> tuple[list[str], Callable[[str], np.ndarray]]:
-    """One-hot of the arm plus its numeric knobs (so the model can interpolate between knob values)."""
-    knob_names = sorted({k for a in arms for k, v in table.arms[a].knobs
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    index = {a: i for i, a in enumerate(arms)}
-
-    def enc(a: str) -> np.ndarray:
-        v = np.zeros(len(arms) + len(knob_names))
-        v[index[a]] = 1.0
-        kd = table.arms[a].knob_dict()
-        for j, k in enumerate(knob_names):
-            val = kd.get(k)
-            v[len(arms) + j] = float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else -1.0
-        return v
-    return knob_names, enc
-
-
-class PerfModel(Selector):
-    """A learned performance model: log speed-up ~ f(workload features, arm), plus a classifier
-    of "meets the constraint" when the budget is lossy (lossless arms are known in advance)."""
-
-    def __init__(self, *, kind: str = "gbm", n_estimators: int = 150, per_arm: bool = False, **kw: Any):
-        super().__init__(**kw)
-        if kind not in ("gbm", "forest"):
-            raise ValueError(f"kind must be 'gbm' or 'forest', got {kind!r}")
-        self.kind = kind
-        self.per_arm = per_arm
-        self.name = kind + ("-arm" if per_arm else "")
-        self.n_estimators = n_estimators
-
-    def _regressor(self):
-        if self.kind == "gbm":
-            from sklearn.ensemble import GradientBoostingRegressor
-            return GradientBoostingRegressor(n_estimators=self.n_estimators, max_depth=3, learning_rate=0.05,
-                                             subsample=0.8, random_state=self.seed)
-        from sklearn.ensemble import RandomForestRegressor
-        return RandomForestRegressor(n_estimators=self.n_estimators // 2, min_samples_leaf=2,
-                                     random_state=self.seed, n_jobs=1)
-
-    def _fit_family(self, family, st):
-        arms = [a for a in st["candidates"] if a != st["baseline"]]
-        _, enc = _arm_columns(self.table, arms)
-        st["enc"] = enc
-        st["fit_arms"] = set(arms)
-        Xs, ys, oks, cell_arm = [], [], [], []
-        for i, w in enumerate(st["wids"]):
-            for a in arms:
-                if (w, a) in self.table.speedup:
-                    Xs.append(np.concatenate([st["Z"][i], enc(a)]))
-                    ys.append(math.log(self.table.speedup[(w, a)]))
-                    oks.append(self._ok(w, a))
-                    cell_arm.append(a)
-        st["reg"] = st["clf"] = None
-        if not Xs:
-            return
-        X, y = np.array(Xs), np.array(ys)
-        if self.per_arm:
-            # one regressor per arm over the workload features alone: each arm's response to the
-            # features is learned from its own cells instead of through splits on an arm one-hot
-            nz = st["Z"].shape[1]
-            st["arm_reg"] = {}
-            for a in set(cell_arm):
-                m = np.array([b == a for b in cell_arm])
-                st["arm_reg"][a] = self._regressor().fit(X[m][:, :nz], y[m]) if m.sum() >= 2 else float(y[m].mean())
-            reg = _PerArm(st["arm_reg"], st["enc"], arms, nz)
-        else:
-            reg = self._regressor().fit(X, y)
-        st["reg"] = reg
-        # uncertainty: per-arm spread of the training residuals (log scale); an optimistic floor
-        res = y - reg.predict(X)
-        st["res_sd"] = {a: max(0.02, float(np.std([r for r, b in zip(res, cell_arm) if b == a])))
-                        for a in set(cell_arm)}
-        oks = np.array(oks, dtype=int)
-        if not self.constraint.lossless and 0 < oks.sum() < len(oks):
-            from sklearn.ensemble import RandomForestClassifier
-            st["clf"] = RandomForestClassifier(n_estimators=60, min_samples_leaf=2, random_state=self.seed,
-                                               n_jobs=1).fit(X, oks)
-        else:
-            st["ok_const"] = {a: float(np.mean([o for o, b in zip(oks, cell_arm) if b == a]))
-                              for a in set(cell_arm)}
-
-    def _predict(self, family, st, x, arms):
-        arms = [a for a in arms if a in st.get("fit_arms", ())]
-        if not arms or st["reg"] is None:
-            return []
-        z = (x - st["mu"]) / st["sd"]
-        X = np.array([np.concatenate([z, st["enc"](a)]) for a in arms])
-        logs = st["reg"].predict(X)
-        if self.kind == "forest" and not self.per_arm:
-            per_tree = np.stack([t.predict(X) for t in st["reg"].estimators_])
-            sd_log = per_tree.std(axis=0)
-        else:
-            sd_log = np.array([st["res_sd"].get(a, 0.1) for a in arms])
-        if st["clf"] is not None:
-            p_ok = st["clf"].predict_proba(X)[:, list(st["clf"].classes_).index(1)]
-        else:
-            p_ok = np.array([st["ok_const"].get(a, 1.0) for a in arms])
-        out = []
-        for a, l, sl, p in zip(arms, logs, sd_log, p_ok):
-            s = math.exp(l)
-            out.append(Prediction(a, s, s * float(sl), float(p), s * float(p)))
-        return out
-
-
-class _PerArm:
-    """Per-arm regressors behind the joint model's ``predict(X)`` interface (X = [z, arm code])."""
-
-    def __init__(self, regs: dict[str, Any], enc: Callable[[str], np.ndarray], arms: list[str], nz: int):
-        self.regs, self.nz = regs, nz
-        self.code = {tuple(enc(a)): a for a in arms}
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(X))
-        for i, row in enumerate(X):
-            r = self.regs.get(self.code.get(tuple(row[self.nz:])))
-            if r is None:
-                out[i] = 0.0                 # an arm never measured in training: no better than the baseline
-            elif isinstance(r, float):
-                out[i] = r
-            else:
-                out[i] = float(r.predict(row[None, :self.nz])[0])
-        return out
-
-
-class Ensemble(Selector):
-    """The mean of member selectors' log utility estimates (their ``score``), per arm; speed-up,
-    uncertainty and p_ok are the members' means too. Members with different errors (a joint
-    forest, per-arm boosted trees, a pairwise ranker) cancel part of each other's mistakes."""
-
-    def __init__(self, *, members: Sequence[str] = ("gbm", "gbm-arm", "forest"), **kw: Any):
-        super().__init__(**kw)
-        self.member_names = tuple(members)
-        self.name = "ens(" + "+".join(self.member_names) + ")"
-        self._kw = kw
-
-    def fit(self, table: PerfTable) -> "Ensemble":
-        self.members = []
-        for m in self.member_names:
-            sel = make_selector(m, **self._kw)
-            sel.constraint = self.constraint
-            self.members.append(sel.fit(table))
-        return super().fit(table)
-
-    def _predict(self, family, st, x, arms):
-        per: dict[str, list[Prediction]] = {a: [] for a in arms}
-        for sel in self.members:
-            for p in sel._predict(family, sel._fam[family], x, arms):
-                per[p.arm].append(p)
-        out = []
-        for a, ps in per.items():
-            if not ps:
-                continue
-            score = math.exp(float(np.mean([math.log(max(p.score, 1e-6)) for p in ps])))
-            out.append(Prediction(a, float(np.mean([p.speedup for p in ps])), float(np.mean([p.std for p in ps])),
-                                  float(np.mean([p.p_ok for p in ps])), score))
-        return out
+@dataclass
+class PairwiseFit:
+    pairs: dict[tuple[str, str], Any]     # (a, b) -> logistic regression of "a beats b", or a constant
 
 
 class Pairwise(Selector):
@@ -444,36 +68,36 @@ class Pairwise(Selector):
         self._knn.fit(table)
         return super().fit(table)
 
-    def _fit_family(self, family, st):
+    def _fit_family(self, family, fam):
         from sklearn.linear_model import LogisticRegression
-        arms = list(st["candidates"])      # the baseline too: "do nothing" must win its duels
+        arms = list(fam.candidates)      # the baseline too: "do nothing" must win its duels
         if len(arms) > self.max_arms:      # pairs grow quadratically: duel among the best on average
-            mean_u = {a: np.mean([self._utility(w, a) for w in st["wids"] if (w, a) in self.table.speedup] or [0.0])
+            mean_u = {a: np.mean([self._utility(w, a) for w in fam.wids if (w, a) in self.table.speedup] or [0.0])
                       for a in arms}
             top = sorted(arms, key=lambda a: -mean_u[a])[:self.max_arms]
-            arms = [a for a in arms if a in top or a == st["baseline"]]
+            arms = [a for a in arms if a in top or a == fam.baseline]
         models: dict[tuple[str, str], Any] = {}
+        fam.fit = PairwiseFit(models)
         for i, a in enumerate(arms):
             for b in arms[i + 1:]:
-                rows = [j for j, w in enumerate(st["wids"])
+                rows = [j for j, w in enumerate(fam.wids)
                         if (w, a) in self.table.speedup and (w, b) in self.table.speedup]
                 if not rows:
                     continue
-                ua = np.array([self._utility(st["wids"][j], a) for j in rows])
-                ub = np.array([self._utility(st["wids"][j], b) for j in rows])
+                ua = np.array([self._utility(fam.wids[j], a) for j in rows])
+                ub = np.array([self._utility(fam.wids[j], b) for j in rows])
                 y = (ua > ub).astype(int)
                 wt = np.abs(ua - ub) + 1e-6
                 if y.min() == y.max():
                     models[(a, b)] = float(y[0])
                 else:
                     models[(a, b)] = LogisticRegression(C=self.C, max_iter=500).fit(
-                        st["Z"][rows], y, sample_weight=wt)
-        st["pairs"] = models
+                        fam.Z[rows], y, sample_weight=wt)
 
-    def _win_rates(self, st, x, arms):
-        z = ((x - st["mu"]) / st["sd"])[None]
+    def _win_rates(self, fam, x, arms):
+        z = fam.z(x)[None]
         wins = {a: [] for a in arms}
-        for (a, b), m in st["pairs"].items():
+        for (a, b), m in fam.fit.pairs.items():
             if a not in wins or b not in wins:
                 continue
             p = m if isinstance(m, float) else float(m.predict_proba(z)[0, list(m.classes_).index(1)])
@@ -481,15 +105,15 @@ class Pairwise(Selector):
             wins[b].append(1.0 - p)
         return {a: (float(np.mean(v)) if v else 0.0) for a, v in wins.items()}
 
-    def _predict(self, family, st, x, arms):
+    def _predict(self, family, fam, x, arms):
         knn = {p.arm: p for p in self._knn._predict(family, self._knn._fam[family], x, arms)}
-        rates = self._win_rates(st, x, [st["baseline"], *arms] if st["baseline"] else arms)
+        rates = self._win_rates(fam, x, [fam.baseline, *arms] if fam.baseline else arms)
         # the win rate ranks; the kNN utility (< 1e3) only breaks ties
         return [Prediction(a, k.speedup, k.std, k.p_ok, rates[a] * 1e3 + k.score) for a, k in knn.items()]
 
-    def _baseline_prediction(self, family, st, x, others):
-        rate = self._win_rates(st, x, [st["baseline"], *others])[st["baseline"]]
-        return Prediction(st["baseline"], 1.0, 0.0, 1.0, rate * 1e3 + 1.0)
+    def _baseline_prediction(self, family, fam, x, others):
+        rate = self._win_rates(fam, x, [fam.baseline, *others])[fam.baseline]
+        return Prediction(fam.baseline, 1.0, 0.0, 1.0, rate * 1e3 + 1.0)
 
 
 class ArmKernel:
@@ -537,6 +161,23 @@ class ArmKernel:
         return out
 
 
+@dataclass
+class MarginFit:
+    """What ``QualityMargin`` learned for a family."""
+
+    enc: Callable[[str], np.ndarray]      # arm -> one-hot + numeric knobs (the trees' rows)
+    arm_index: dict[str, int]             # arm -> its index (the kernel's rows)
+    nfe: Callable[[float, str], float]    # (budget, arm) -> log2 of the model calls the arm runs
+    steps_col: int | None                 # the budget's column in the features (None: no budget)
+    log_speed: dict[str, tuple[float, float]] = field(default_factory=dict)   # arm -> median, sd of log speed-up
+    qreg: Any = None                      # quality model (None: none needed, lossless budget)
+    resid: np.ndarray = field(default_factory=lambda: np.zeros(1))           # out-of-fold quality residuals
+    delta: float = 0.0                    # the margin, in residual standard deviations
+    res_sd: dict[str, float] = field(default_factory=dict)                    # arm -> residual spread
+    inner_utility: float | None = None    # the inner CV's mean utility at the chosen setting
+    bandwidth: dict[str, float] | None = None                                 # the chosen ArmKernel setting
+
+
 class QualityMargin(Selector):
     """Speed-up and quality loss predicted apart; pick the fastest arm predicted to keep the quality
     budget by a safety margin that an inner cross-validation on the training workloads chooses.
@@ -565,8 +206,8 @@ class QualityMargin(Selector):
       signal up and average across arms, and cannot extrapolate to a budget they did not see;
     * ``kernel_grid`` (``qkernel-cv``): candidate ``ArmKernel`` settings (bandwidths); the inner
       cross-validation below runs each and keeps the one whose rule, at its best margin, has the
-      highest mean utility over the training workloads (ties: the earlier one); ``st["bandwidth"]``
-      and ``st["inner_utility"]`` record the choice;
+      highest mean utility over the training workloads (ties: the earlier one); ``MarginFit.bandwidth``
+      and ``MarginFit.inner_utility`` record the choice;
     * ``tie``: arms whose predicted speed-up is within that fraction of the fastest admitted arm's
       are equal up to timing noise; they share its score and the one with the most quality slack
       (``log(1 + L) - q_hat``, ``Prediction.slack``) ranks first, in the inner CV as at prediction;
@@ -620,15 +261,15 @@ class QualityMargin(Selector):
         loss = self.table.loss.get((wid, arm))
         return None if loss is None else float(min(math.log1p(loss), 3.0))
 
-    def _rows(self, st: dict[str, Any], i: int | None, x: np.ndarray, arms: list[str]) -> np.ndarray:
+    def _rows(self, fam: FamilyData, i: int | None, x: np.ndarray, arms: list[str]) -> np.ndarray:
         if self.quality == "kernel":
             # (arm, grid, log2 budget, model size): what a solver's error depends on (ArmKernel)
-            g = {n: float(x[j]) for j, n in enumerate(st["names"])}
-            return np.array([[st["arm_index"][a], g.get("spacing_trailing", 0.0), g.get("spacing_linspace", 0.0),
+            g = {n: float(x[j]) for j, n in enumerate(fam.names)}
+            return np.array([[fam.fit.arm_index[a], g.get("spacing_trailing", 0.0), g.get("spacing_linspace", 0.0),
                               math.log2(max(1.0, g.get("steps", 1.0))), g.get("log_params", 0.0)] for a in arms])
-        z = st["Z"][i] if i is not None else (x - st["mu"]) / st["sd"]
-        steps = x[st["steps_col"]] if st["steps_col"] is not None else math.nan
-        return np.array([np.concatenate([z, st["enc"](a), [st["nfe"](steps, a)]]) for a in arms])
+        z = fam.Z[i] if i is not None else (x - fam.mu) / fam.sd
+        steps = x[fam.fit.steps_col] if fam.fit.steps_col is not None else math.nan
+        return np.array([np.concatenate([z, fam.fit.enc(a), [fam.fit.nfe(steps, a)]]) for a in arms])
 
     def _regressor(self, bandwidth: Mapping[str, float] | None = None):
         if self.quality == "kernel":
@@ -636,39 +277,36 @@ class QualityMargin(Selector):
         from sklearn.ensemble import ExtraTreesRegressor
         return ExtraTreesRegressor(n_estimators=self.n_estimators, min_samples_leaf=2, random_state=self.seed, n_jobs=1)
 
-    def _fit_family(self, family, st):
-        arms = [a for a in st["candidates"] if a != st["baseline"]]
-        _, enc = _arm_columns(self.table, arms)
-        st["enc"] = enc
-        st["arm_index"] = {a: j for j, a in enumerate(arms)}
-        st["steps_col"] = st["names"].index("steps") if "steps" in st["names"] else None
+    def _fit_family(self, family, fam):
+        arms = [a for a in fam.candidates if a != fam.baseline]
+        _, enc = arm_columns(self.table, arms)
 
         def nfe(steps: float, a: str) -> float:
             frac = self.table.arms[a].knob_dict().get("steps_frac", 1.0)
             if not isinstance(frac, (int, float)) or not steps == steps:
                 return -1.0
             return math.log2(max(1.0, steps * float(frac)))
-        st["nfe"] = nfe
+        fit = fam.fit = MarginFit(enc=enc, arm_index={a: j for j, a in enumerate(arms)}, nfe=nfe,
+                                  steps_col=fam.names.index("steps") if "steps" in fam.names else None)
         # speed: the median over the training workloads of log speed-up ("median"), or of its excess
         # over the log step ratio budget / (budget x steps_frac) ("nfe", see step_ratio)
-        steps_of = [st["X"][i][st["steps_col"]] if st["steps_col"] is not None else math.nan
-                    for i in range(len(st["wids"]))]
+        steps_of = [fam.X[i][fam.fit.steps_col] if fam.fit.steps_col is not None else math.nan
+                    for i in range(len(fam.wids))]
         logs = {a: [math.log(self.table.speedup[(w, a)]) - self._log_ratio(steps_of[i], a)
-                    for i, w in enumerate(st["wids"]) if (w, a) in self.table.speedup] for a in arms}
-        st["log_speed"] = {a: (float(np.median(v)), float(np.std(v))) for a, v in logs.items() if v}
-        st["qreg"], st["resid"], st["delta"], st["res_sd"] = None, np.zeros(1), 0.0, {}
+                    for i, w in enumerate(fam.wids) if (w, a) in self.table.speedup] for a in arms}
+        fit.log_speed = {a: (float(np.median(v)), float(np.std(v))) for a, v in logs.items() if v}
         needs_quality = not self.constraint.lossless or any(not self.table.arms[a].lossless for a in arms)
-        cells = [(i, a) for i, w in enumerate(st["wids"]) for a in arms
+        cells = [(i, a) for i, w in enumerate(fam.wids) for a in arms
                  if (w, a) in self.table.speedup and self._quality(w, a) is not None]
         if not needs_quality or not cells:
             return
-        X = np.concatenate([self._rows(st, i, st["X"][i], [a]) for i, a in cells])
-        y = np.array([self._quality(st["wids"][i], a) for i, a in cells])
+        X = np.concatenate([self._rows(fam, i, fam.X[i], [a]) for i, a in cells])
+        y = np.array([self._quality(fam.wids[i], a) for i, a in cells])
         # out-of-fold predictions over the training workloads (per candidate kernel setting): the
         # residuals for p_ok and the margin, and the inner utility that picks the setting
         cell_w = np.array([i for i, _ in cells])
         cell_a = np.array([a for _, a in cells], dtype=object)
-        n = len(st["wids"])
+        n = len(fam.wids)
         k = min(self.folds, n)
         fold = np.random.default_rng(self.seed).permutation(n) % k if k >= 2 else None
         best = None
@@ -685,16 +323,16 @@ class QualityMargin(Selector):
                       for a in set(cell_a[have].tolist())}
             if self.margin is not None:
                 delta = float(self.margin)
-                u = self._inner_utility(st, self._inner_cells(st, cells, oof), res_sd, delta) \
+                u = self._inner_utility(fam, self._inner_cells(fam, cells, oof), res_sd, delta) \
                     if len(self.kernel_grid) > 1 else 0.0
             elif have.any():
-                delta, u = self._learn_margin(st, cells, oof, res_sd)
+                delta, u = self._learn_margin(fam, cells, oof, res_sd)
             else:
                 delta, u = max(self.margins), 0.0              # nothing to learn it from: the safest
             if best is None or u > best[0] + 1e-12:            # ties: the earlier setting in the grid
                 best = (u, bw, delta, res_sd, (y - oof)[have] if have.any() else np.zeros(1))
-        st["inner_utility"], st["bandwidth"], st["delta"], st["res_sd"], st["resid"] = best
-        st["qreg"] = self._regressor(st["bandwidth"]).fit(X, y)
+        fit.inner_utility, fit.bandwidth, fit.delta, fit.res_sd, fit.resid = best
+        fit.qreg = self._regressor(fit.bandwidth).fit(X, y)
 
     def _log_ratio(self, steps: float, arm: str) -> float:
         """``log(budget / arm's steps)`` under ``speed="nfe"`` (0 under "median" or without a budget)."""
@@ -705,9 +343,9 @@ class QualityMargin(Selector):
             return 0.0
         return math.log(steps / max(1, round(steps * float(frac))))
 
-    def log_speedup(self, st: dict[str, Any], steps: float, arm: str) -> float:
+    def log_speedup(self, fam: FamilyData, steps: float, arm: str) -> float:
         """Predicted log speed-up of ``arm`` on a workload with budget ``steps``."""
-        return st["log_speed"][arm][0] + self._log_ratio(steps, arm)
+        return fam.fit.log_speed[arm][0] + self._log_ratio(steps, arm)
 
     def _choose(self, admitted: Sequence[tuple[str, float, float]]) -> str | None:
         """The rule's pick among ``(arm, predicted log speed-up, predicted quality)`` of the admitted
@@ -724,21 +362,21 @@ class QualityMargin(Selector):
         """The lowest log speed-up that ties with ``top`` (within ``tie``; only ``top`` itself at 0)."""
         return top + math.log1p(-self.tie) - 1e-12
 
-    def _inner_cells(self, st: dict[str, Any], cells: list[tuple[int, str]],
+    def _inner_cells(self, fam: FamilyData, cells: list[tuple[int, str]],
                      oof: np.ndarray) -> dict[int, list[tuple[str, float, float]]]:
         """Per training workload, ``(arm, predicted log speed-up, out-of-fold quality)`` of the arms
         predicted faster than the baseline: what the rule chooses from at any margin."""
-        sc = st["steps_col"]
+        sc = fam.fit.steps_col
         by_w: dict[int, list[tuple[str, float, float]]] = {}
         for (i, a), q in zip(cells, oof):
-            if q == q and a in st["log_speed"]:
-                steps = st["X"][i][sc] if sc is not None else math.nan
+            if q == q and a in fam.fit.log_speed:
+                steps = fam.X[i][sc] if sc is not None else math.nan
                 by_w.setdefault(i, [])
-                if (ls := self.log_speedup(st, steps, a)) > 0:
+                if (ls := self.log_speedup(fam, steps, a)) > 0:
                     by_w[i].append((a, ls, float(q)))
         return by_w
 
-    def _inner_utility(self, st: dict[str, Any], by_w: Mapping[int, Sequence[tuple[str, float, float]]],
+    def _inner_utility(self, fam: FamilyData, by_w: Mapping[int, Sequence[tuple[str, float, float]]],
                        res_sd: Mapping[str, float], delta: float) -> float:
         """Mean utility over the training workloads of the rule at margin ``delta``, with the
         out-of-fold quality predictions (``_inner_cells``)."""
@@ -747,47 +385,47 @@ class QualityMargin(Selector):
         u = 0.0
         for i, cand in by_w.items():
             pick = self._choose([c for c in cand if c[2] + delta * res_sd.get(c[0], sig_max) <= thr])
-            u += self._utility(st["wids"][i], pick) if pick is not None else 1.0
+            u += self._utility(fam.wids[i], pick) if pick is not None else 1.0
         return u / max(1, len(by_w))
 
-    def _learn_margin(self, st: dict[str, Any], cells: list[tuple[int, str]], oof: np.ndarray,
+    def _learn_margin(self, fam: FamilyData, cells: list[tuple[int, str]], oof: np.ndarray,
                       res_sd: Mapping[str, float]) -> tuple[float, float]:
         """The margin on the grid with the best inner utility (ties: the larger, safer one), and that utility."""
-        by_w = self._inner_cells(st, cells, oof)
-        mean_u = [self._inner_utility(st, by_w, res_sd, d) for d in self.margins]
+        by_w = self._inner_cells(fam, cells, oof)
+        mean_u = [self._inner_utility(fam, by_w, res_sd, d) for d in self.margins]
         best = max(mean_u)
         return float(max(d for d, u in zip(self.margins, mean_u) if u >= best - 1e-12)), best
 
     @staticmethod
-    def _sigma(st: dict[str, Any], arm: str) -> float:
+    def _sigma(fam: FamilyData, arm: str) -> float:
         """Spread of the arm's out-of-fold quality residuals (the largest of any arm if it had none)."""
-        return st["res_sd"].get(arm, max(st["res_sd"].values(), default=1.0))
+        return fam.fit.res_sd.get(arm, max(fam.fit.res_sd.values(), default=1.0))
 
     def admitted(self, family: str, x: np.ndarray, arms: Sequence[str],
                  q: Mapping[str, float] | None = None) -> dict[str, bool]:
         """Whether each arm passes the rule ``q_hat + delta * sigma_a <= log(1 + L)`` (``q``: the
         predicted qualities, if already at hand)."""
-        st = self._fam[family]
+        fam = self._fam[family]
         q = self.predict_quality(family, x, arms) if q is None else q
-        if st["qreg"] is None:
+        if fam.fit.qreg is None:
             return {a: bool(self.table.arms[a].lossless) for a in arms}
-        return {a: q[a] + st["delta"] * self._sigma(st, a) <= self.threshold() for a in arms}
+        return {a: q[a] + fam.fit.delta * self._sigma(fam, a) <= self.threshold() for a in arms}
 
     def predict_quality(self, family: str, x: np.ndarray, arms: Sequence[str]) -> dict[str, float]:
         """Predicted log error ratio of each arm (0 for every arm when no quality model is needed)."""
-        st = self._fam[family]
+        fam = self._fam[family]
         arms = list(arms)
-        if st["qreg"] is None or not arms:
+        if fam.fit.qreg is None or not arms:
             return {a: 0.0 for a in arms}
-        return dict(zip(arms, map(float, st["qreg"].predict(self._rows(st, None, x, arms)))))
+        return dict(zip(arms, map(float, fam.fit.qreg.predict(self._rows(fam, None, x, arms)))))
 
-    def _predict(self, family, st, x, arms):
-        arms = [a for a in arms if a in st["log_speed"]]
+    def _predict(self, family, fam, x, arms):
+        arms = [a for a in arms if a in fam.fit.log_speed]
         q = self.predict_quality(family, x, arms)
         ok = self.admitted(family, x, arms, q)
         thr = self.threshold()
-        steps = x[st["steps_col"]] if st["steps_col"] is not None else math.nan
-        ls = {a: self.log_speedup(st, steps, a) for a in arms}
+        steps = x[fam.fit.steps_col] if fam.fit.steps_col is not None else math.nan
+        ls = {a: self.log_speedup(fam, steps, a) for a in arms}
         # within ``tie`` of the fastest admitted arm the estimated utility is the same (timing noise):
         # those arms share its score, and rank orders them by p_ok, then slack, i.e. by quality slack
         # (p_ok falls as the predicted quality rises; _choose)
@@ -796,14 +434,14 @@ class QualityMargin(Selector):
         top = math.exp(max(fast)) if fast else 1.0
         out = []
         for a in arms:
-            sd = st["log_speed"][a][1]
+            sd = fam.fit.log_speed[a][1]
             s = math.exp(ls[a])
-            if st["qreg"] is None:
+            if fam.fit.qreg is None:
                 p_ok = 1.0 if self.table.arms[a].lossless else 0.0
             else:
-                p_ok = float(np.mean(q[a] + st["resid"] <= thr))
+                p_ok = float(np.mean(q[a] + fam.fit.resid <= thr))
             score = (top if ls[a] >= tied else s) if ok[a] else 0.0
-            out.append(Prediction(a, s, s * sd, p_ok, score, thr - q[a] if st["qreg"] is not None else 0.0))
+            out.append(Prediction(a, s, s * sd, p_ok, score, thr - q[a] if fam.fit.qreg is not None else 0.0))
         return out
 
 
@@ -826,7 +464,7 @@ MODELS: dict[str, Callable[..., Selector]] = {
     "pairwise": Pairwise,
     "gbm-arm": lambda **kw: PerfModel(kind="gbm", per_arm=True, **kw),
     "forest-arm": lambda **kw: PerfModel(kind="forest", per_arm=True, **kw),
-    "ens": Ensemble,
+    "ens": lambda **kw: Ensemble(factory=make_selector, **kw),
     "qmargin": QualityMargin,
     "qmargin-nfe": lambda **kw: QualityMargin(speed="nfe", **kw),
     "qkernel": lambda **kw: QualityMargin(speed="nfe", quality="kernel", **kw),
@@ -834,13 +472,10 @@ MODELS: dict[str, Callable[..., Selector]] = {
                                                 "kernel_grid": KERNEL_CV_GRID, "tie": TIE_TOLERANCE, **kw}),
 }
 
-# chosen by the held-out evaluation (BENCHMARKS.md "selector"): on the LLM history with the tree
-# methods and the continuation features pairwise has the best mean closed gap over
-# leave-one-workload-out and leave-one-model-out (0.88 / 0.87 on 60 workloads; gbm 0.84 / 0.75, knn-w 0.80 / 0.83, ens 0.82 / 0.72;
-# ens led before the tree methods were in the history; choosing ens's members by a leave-one-out over the held-out
-# workloads did not beat the fixed three); on the 90-workload diffusion history qkernel-cv has the
-# best mean closed gap over the two schemes and two budgets (0.69; qmargin-nfe 0.66, qkernel 0.63;
-# on 60 workloads qmargin-nfe led qkernel, before qkernel-cv existed), chosen on those same folds
+# chosen by the held-out evaluation (BENCHMARKS.md "selector"): the best mean closed gap over
+# leave-one-workload-out and leave-one-model-out (diffusion: and both budgets). LLM, 60 workloads:
+# pairwise 0.88 / 0.87 (gbm 0.84 / 0.75, knn-w 0.80 / 0.83, ens 0.82 / 0.72); diffusion, 90
+# workloads: qkernel-cv 0.69 (qmargin-nfe 0.66, qkernel 0.63); chosen on those same folds
 DEFAULT_MODEL = "forest"
 DEFAULT_BY_FAMILY = {"llm": "pairwise", "diffusion": "qkernel-cv"}
 

@@ -125,7 +125,8 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
     """Load the model (zoo name, directory or random spec), build the workload and measure its
     features: one timed forward and prompt statistics — the candidates are *not* run."""
     from accelerando.bench.models import ModelCache, resolve
-    from accelerando.bench.runner import RunnerError, build_diffusion_setups, build_llm_setups, llm_workload_facts
+    from accelerando.bench.runner import (RunnerError, build_diffusion_setups, build_llm_setups, check_limits,
+                                          llm_workload_facts)
     from accelerando.bench.workloads import DiffusionWorkload, LLMWorkload
     from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
     from .sweep import make_prompts
@@ -145,6 +146,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         m = cache.llm(model)
         dm = {d: cache.llm(d).model for d in drafts}
         setups = build_llm_setups(wl, device=device, target=m.model, tokenizer=m.tokenizer, drafts=dm, max_batches=1)
+        check_limits(setups)                       # positions, draft vocabulary: before any feature is measured
         s0 = setups[0]
         facts = setup_facts(s0)
         key = {**wl.key(), **llm_workload_facts(setups)}
@@ -156,6 +158,7 @@ def describe(model: str, *, drafts: Sequence[str] = (), prompts: Sequence[str] |
         wl = DiffusionWorkload(model=model, steps=steps, spacing=spacing, batch=batch, seed=seed)
         u = cache.unet(model)
         setups = build_diffusion_setups(wl, device=device, unet=u)
+        check_limits(setups)
         facts = diffusion_facts(eps_fn=setups[0].eps_fn, model=u.unet, x_T=setups[0].x_T)
         key = {**wl.key(), "reference_steps": reference_steps}
         ref = (lambda: diffusion_reference(setups, steps=reference_steps))
@@ -297,13 +300,23 @@ def recommend(key: Mapping[str, Any], rows: Iterable[Any], *, constraint: Constr
                and (not registered_only or not reg or fam_table.arms[a].method in reg)]
     sel = make_selector(selector, constraint=constraint).fit(fam_table)
     ranked = sel.rank(key, hardware=hardware, arms=allowed)
-    ok = [p for p in ranked if p.p_ok >= sel.min_p_ok]
+    ok = baseline_floor([p for p in ranked if p.p_ok >= sel.min_p_ok], fam_table.baseline_arm(family))
     rest = [p for p in ranked if p.p_ok < sel.min_p_ok]
     notes = []
     if rest:
         notes.append(f"{len(rest)} candidate(s) ranked last: predicted to break the constraint "
                      f"({constraint.label()}) with probability > {1 - sel.min_p_ok:.0%}")
     return Recommendation(family, constraint, ok + rest, dict(fam_table.arms), selector, n, notes=notes)
+
+
+def baseline_floor(ranked: list[Prediction], base_arm: str | None) -> list[Prediction]:
+    """The baseline (speed-up 1 by definition, always allowed) ranks above every arm predicted to
+    be slower than it (or of unknown speed); the order is kept otherwise."""
+    base = next((p for p in ranked if p.arm == base_arm), None)
+    if base is None:
+        return ranked
+    faster = [p for p in ranked if p is not base and p.speedup >= 1.0]      # NaN compares False
+    return faster + [base] + [p for p in ranked if p is not base and p not in faster]
 
 
 def verify(described: Described, rec: Recommendation, *, top: int = 3, history: Any = None,
@@ -337,8 +350,28 @@ def verify(described: Described, rec: Recommendation, *, top: int = 3, history: 
                                               history=history, repeats=repeats, warmup=warmup,
                                               fractions=sorted(fractions, reverse=True)):
             out += rows
-        return out
-    for r in rounds:
-        out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
-                           history=history, reference=ref)
+    else:
+        for r in rounds:
+            out += run_methods(described.setups, list(r), workload=key, knobs=r, repeats=repeats, warmup=warmup,
+                               history=history, reference=ref)
+    return verified_rows(out, arms, {rec.method(a) for a in arms})
+
+
+def verified_rows(rows: list[Any], arms: Sequence[str], methods: set[str]) -> list[Any]:
+    """What ``verify`` shows: the baseline once, then each candidate arm once. The runs hold more
+    (a baseline per round, a diffusion sampler at every step fraction any candidate needed; all of
+    it goes to the history). A candidate whose stored knobs no longer match what ran (defaults
+    changed) shows every distinct configuration its method ran with. Failed rows are all shown."""
+    from .table import arm_id
+    wanted = set(arms)
+    matched = {r.method for r in rows if arm_id(r.method, r.knobs) in wanted}
+    out, seen = [], set()
+    for r in sorted(rows, key=lambda r: not r.is_baseline):
+        a = arm_id(r.method, r.knobs)
+        if r.error is None and a in seen:
+            continue
+        if (r.is_baseline and not any(x.is_baseline for x in out)) or a in wanted or r.error is not None \
+                or (r.method in methods and r.method not in matched):
+            seen.add(a)
+            out.append(r)
     return out

@@ -34,6 +34,11 @@ from .table import INTERLEAVED, arm_id, timing_protocol, workload_id
 KNOB_GRID: dict[str, list[dict[str, Any]]] = {
     "spec-draft": [{"k": 2}, {"k": 4}, {"k": "adaptive"}],
     "spec-prompt-lookup": [{"k": 4}, {"k": 8}],
+    # cheaper forward passes (llm/compute): lossless self-speculation and lossy transforms
+    "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}],
+    "coreinfer": [{"alpha": 0.4, "beta": 0.2}, {"alpha": 0.6, "beta": 0.3}],
+    "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32}],
+    "quant-int4": [{"group_size": 32}],
 }
 
 # Diffusion: each sampler also runs on a fraction of the workload's NFE budget. The question a
@@ -222,11 +227,12 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
     key = workload.get("sweep_key")
     run_id = f"sweep-{key}-{int(time.time() * 1e3) % 10**9}"
     for r_i, r in enumerate(rounds):
+        r_key = round_index[r_i] if round_index is not None else r_i     # its index in method_rounds
         base = None
         out: list[Any] = []
         for f in fractions:
             todo = {m: k for m, k in r.items() if done is None or (key, arm_id(m, {**k, "steps_frac": f})) not in done}
-            if f != 1.0 and not todo and r_i > 0:
+            if f != 1.0 and not todo and r_key > 0:
                 continue          # nothing missing at this fraction (the baseline arms are in round 0)
             steps = max(1, round(setups[0].steps * f))
             sub = [replace(s, steps=steps) for s in setups]
@@ -239,7 +245,7 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                     break
             keep = []
             for x in rows:
-                if x.error is not None or (x.is_baseline and r_i > 0):
+                if x.error is not None or (x.is_baseline and r_key > 0):
                     continue
                 m = dict(x.metrics)
                 m["speedup"] = base.metrics["median_s"] / m["median_s"] if m.get("median_s") else None
@@ -251,7 +257,6 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                 x.knobs = {**x.knobs, "steps_frac": f} if not m["is_baseline"] else x.knobs
                 x.metrics = m
                 keep.append(x)
-            r_key = round_index[r_i] if round_index is not None else r_i
             _record(history, keep, workload, "diffusion", run_id, _round_key("sweep", str(key), r_key, todo, f))
             out += keep + [x for x in rows if x.error is not None]
         yield out

@@ -6,6 +6,8 @@ scikit-learn, so demos, tests and benchmarks run with no download.
     model = zoo.load("code-target")   # LlamaForCausalLM, eval mode, fp32
     tok = zoo.load_tokenizer()        # shared by every code-* model
     zoo.card("code-draft-small")["metrics"]
+    heads = zoo.load("code-target-medusa")   # Medusa heads for code-target (accelerando.llm.drafters.Medusa)
+    pipe = zoo.pipeline("digits-unet")       # a diffusers DDPMPipeline: the UNet with its training scheduler
 
 Every model directory loads with the library's own `from_pretrained(zoo.path(name))`.
 Heavy libraries (transformers, diffusers, safetensors) are imported only when a model is loaded.
@@ -21,9 +23,11 @@ _ROLES = {
     "code-draft-small": "draft",
     "code-draft-tiny": "draft",
     "code-long-target": "target",     # long context (2048-token training, 8192 positions): accelerando.zoo.long_context
+    "code-target-medusa": "medusa",
     "digits-unet": "unet",
     "digits-classifier": "classifier",
 }
+_WEIGHTS_CONFIG = {"medusa": "medusa.json"}       # the file that says a model is there (else config.json)
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -45,7 +49,7 @@ def path(name: str) -> str:
 
 def is_trained(name: str) -> bool:
     """True when the model's weights are present."""
-    return (Path(path(name)) / "config.json").exists()
+    return (Path(path(name)) / _WEIGHTS_CONFIG.get(_ROLES[_check(name)], "config.json")).exists()
 
 
 def card(name: str) -> dict[str, Any]:
@@ -58,7 +62,8 @@ def card(name: str) -> dict[str, Any]:
 
 
 def load(name: str, *, device: Any = "cpu") -> Any:
-    """The model, fp32, in eval mode: LlamaForCausalLM, UNet2DModel or DigitsClassifier."""
+    """The model, fp32, in eval mode: LlamaForCausalLM, UNet2DModel, DigitsClassifier, or Medusa
+    heads (attach them to their target with ``heads.attach(zoo.load("code-target"))``)."""
     role = _ROLES[_check(name)]
     p = path(name)
     if not is_trained(name):
@@ -70,6 +75,9 @@ def load(name: str, *, device: Any = "cpu") -> Any:
     elif role == "unet":
         from diffusers import UNet2DModel
         model = UNet2DModel.from_pretrained(p)
+    elif role == "medusa":
+        from accelerando.llm.drafters.medusa import Medusa
+        model = Medusa.load(p)
     else:
         from accelerando.zoo.classifier import load_classifier as _load
         model = _load(p)
@@ -90,6 +98,18 @@ def load_scheduler(name: str = "digits-unet") -> Any:
         raise ValueError(f"{name} is not a diffusion model")
     from diffusers import DDPMScheduler
     return DDPMScheduler.from_pretrained(path(name), subfolder="scheduler")
+
+
+def pipeline(name: str = "digits-unet", *, device: Any = "cpu") -> Any:
+    """A diffusers ``DDPMPipeline`` of a zoo UNet with the scheduler it was trained with; swap in a
+    faster sampler with ``pipe.scheduler = as_diffusers_scheduler("f-pndm", pipe.scheduler.config)``.
+    (The zoo folder holds the UNet at its top level, so ``UNet2DModel.from_pretrained(zoo.path(name))``
+    loads it; ``DDPMPipeline.from_pretrained`` wants a pipeline folder -- ``save_pretrained`` on
+    this pipeline writes one.)"""
+    if _ROLES[_check(name)] != "unet":
+        raise ValueError(f"{name} is not a diffusion model")
+    from diffusers import DDPMPipeline
+    return DDPMPipeline(unet=load(name, device=device), scheduler=load_scheduler(name)).to(device)
 
 
 def load_classifier(path_or_name: str | Path = "digits-classifier", *, device: Any = "cpu") -> Any:
@@ -137,6 +157,9 @@ def _metrics_text(c: dict[str, Any]) -> str:
         return "; ".join(parts)
     if c["role"] == "unet":
         return f"eps-MSE {m['heldout_eps_mse']:.4f} ({m['heldout_images']} images)"
+    if c["role"] == "medusa":
+        top1 = c.get("heldout_top1_accuracy") or []
+        return "held-out top-1 per head " + " / ".join(f"{a:.0%}" for a in top1)
     return f"accuracy {m['heldout_accuracy']:.1%} ({m['heldout_images']} images)"
 
 
@@ -150,12 +173,13 @@ def markdown_table() -> str:
         except FileNotFoundError:
             rows.append(f"| {n} | {_ROLES[n]} | - | - | - | - | not trained |")
             continue
-        data = "stdlib code + pydoc prose" if c["role"] in ("target", "draft") else "sklearn digits 16x16"
+        data = ("stdlib code + pydoc prose" if c["role"] in ("target", "draft", "medusa")
+                else "sklearn digits 16x16")
         rows.append(f"| {n} | {c['role']} | {c['parameters']:,} | {data} | {c['steps']} | "
                     f"{c['train_seconds'] / 60:.1f} min | {_metrics_text(c)} |")
     size = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file()) if MODELS_DIR.exists() else 0
     return "\n".join(rows) + f"\n\nAll files together: {size / 2 ** 20:.1f} MiB (fp32 safetensors).\n"
 
 
-__all__ = ["names", "markdown_table", "path", "card", "load", "load_tokenizer", "load_scheduler", "load_classifier",
+__all__ = ["names", "markdown_table", "path", "card", "load", "load_tokenizer", "load_scheduler", "pipeline", "load_classifier",
            "fid_features", "frechet_distance", "reference_digits", "is_trained", "MODELS_DIR"]

@@ -52,14 +52,14 @@ class DigitsClassifier(nn.Module):
         return self.head(self.features(x))
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from accelerando._io import save_safetensors
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.config)
         cfg["channels"] = list(cfg["channels"])
         (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(path / "model.safetensors"))
+        save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                         path / "model.safetensors")
 
 
 def load_classifier(path: str | Path, *, device: Any = "cpu") -> DigitsClassifier:

@@ -342,6 +342,7 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
 
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    tokenizer.padding_side = "left"        # decoder-only generation continues after the last column
     tokenizer.save_pretrained(str(out))
     metrics: dict[str, Any] = {}
     t_eval = time.time()
@@ -555,6 +556,15 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
             raise ValueError("steps must be >= 1")
         spec = type(spec)(**{**asdict(spec), "steps": steps, **({"restarts": ()} if isinstance(spec, LMSpec) else {})})
     out = Path(out_dir) if out_dir is not None else _default_dir(name)
+    card = _train(name, spec, seed=seed, out=out, progress=progress, max_train_bytes=max_train_bytes,
+                  eval_windows=eval_windows, resume_from=resume_from)
+    from accelerando._io import readable_modes
+    readable_modes(out)                 # save_pretrained's safetensors files are created 0600
+    return card
+
+
+def _train(name: str, spec: Any, *, seed: int, out: Path, progress: Callable[..., Any] | None,
+           max_train_bytes: int | None, eval_windows: int, resume_from: str | Path | None) -> dict[str, Any]:
     if isinstance(spec, LMSpec):
         target_dir = None
         if spec.role == "draft":

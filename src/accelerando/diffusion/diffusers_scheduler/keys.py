@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..api import SPECS, get_spec
 
 # the methods that implement one diffusers scheduler's algorithm
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -47,7 +46,8 @@ KEY_POLICY: dict[str, str] = {
                                                                       "squaredcos_cap_v2)",
     "trained_betas": "honoured",
     "rescale_betas_zero_snr": "honoured: zero terminal SNR, last alpha_bar 2**-24 (diffusers' DPM / UniPC value)",
-    "set_alpha_to_one": "honoured: the last step ends at alpha_bar 1, else at alphas_cumprod[0]",
+    "set_alpha_to_one": "honoured: the last step ends at alpha_bar 1, else at alphas_cumprod[0] (a sigma grid that "
+                        "already ends there takes no extra step)",
     "final_sigmas_type": "honoured: 'zero' = set_alpha_to_one=True, 'sigma_min' = False",
     "prediction_type": "honoured: epsilon, v_prediction, sample; flow_prediction refused",
     "timestep_spacing": "honoured: linspace, leading, trailing",
@@ -192,9 +192,5 @@ def check_model_keys(cfg: Any) -> None:
                 "step would have zero length")
 
 
-def all_methods() -> tuple[str, ...]:
-    return tuple(SPECS)
-
-
 __all__ = ["FAMILIES", "ALGORITHM_KEYS", "KEY_POLICY", "from_foreign_config", "method_knobs", "check_model_keys",
-           "family_of", "get_spec", "all_methods"]
+           "family_of"]

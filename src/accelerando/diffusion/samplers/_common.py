@@ -1,7 +1,7 @@
 """Shared pieces of every sampler: the time grid, the DDIM transfer (PNDM's phi), Adams weights.
 
 A sampler is a generator ``sampler(x, grid, *, start=0, **options)``: it yields ``Request(x, t, ab,
-point)`` model requests (``x, t = request`` unpacks the first two), is sent ``eps(x, t)`` back, and
+point)`` model requests (``x, t = request[:2]``; a plain ``(x, t)`` is accepted too), is sent ``eps(x, t)`` back, and
 returns the final sample. ``start=j`` begins at grid point j with no history (multistep orders ramp up
 again, warm-ups of points before j are skipped), so its requests are the tail of the full run's.
 ``accelerando.diffusion.api.sample`` drives it with an ``eps_fn``; the diffusers adapter drives the
@@ -205,7 +205,7 @@ def adams_weights_in_t(grid: "Grid", i: int, k: int) -> list[float]:
     return interp_weights_in_t(grid, i, [grid.t[i - j] for j in range(k)])
 
 
-def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int], var: str = "t") -> list[list[float]]:
+def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int]) -> list[list[float]]:
     """``adams_weights_in_t(grid, i, k)`` for every step i in ``steps`` with its k in ``ks``, computed for
     the whole grid at once (one vectorised pass instead of 8 schedule look-ups and k Lagrange bases per step)."""
     out: list[list[float]] = [[1.0] if k == 1 else [] for k in ks]
@@ -218,8 +218,6 @@ def adams_weights_in_t_steps(grid: "Grid", steps: range, ks: list[int], var: str
     s_q = (0.5 * (s0 + s1))[:, None] + (0.5 * (s1 - s0))[:, None] * _GL_X          # (n, 8)
     t_q = _times_of(grid.schedule, 1.0 / (1.0 + s_q * s_q))                         # (n, 8)
     t = np.array(grid.t, dtype=np.float64)
-    if var == "theta":     # the angle arctan(s) = arccos(sqrt(alpha_bar)): smooth at both ends, no float-time extension
-        t_q, t = np.arctan(s_q), np.arctan(s)
     for k in sorted({k for _, _, k in todo}):
         rows = [r for r, (_, _, kk) in enumerate(todo) if kk == k]
         nodes = t[idx[rows][:, None] - np.arange(k)[None]]                          # (m, k): t_i, t_{i-1}, ...

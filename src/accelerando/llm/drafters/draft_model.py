@@ -1,6 +1,6 @@
 """A smaller causal LM as drafter (Leviathan et al. 2023; Chen et al. 2023).
 
-The draft keeps its own KV cache (``HFCache``) across steps and rolls back exactly the rejected
+The draft keeps its own KV cache (``ctx.make_cache``: the engine's or transformers') across steps and rolls back exactly the rejected
 drafts: after proposing ``x_1..x_k`` it has fed the pending tokens and ``x_1..x_{k-1}``; when row b
 accepts ``n_b`` drafts it keeps ``min(n_b, k-1)`` of them, and its next *pending* input is the
 target's next token (plus ``x_k`` when all k were accepted, since ``x_k`` was never fed).
@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from accelerando.llm.cache import HFCache, check_supports_cache
-from accelerando.llm.drafters.base import Proposal, StepResult
-from accelerando.llm.sampling import SamplingConfig, checked_argmax, checked_probs
+from accelerando.llm.cache import check_supports_cache
+from accelerando.llm.drafters.adaptive import DraftLength
+from accelerando.llm.drafters.base import DraftContext, DraftInput, Drafter, Proposal, Verified
+from accelerando.llm.sampling import checked_argmax, checked_probs
 
 
 def vocab_size(model: Any) -> int:
@@ -48,41 +49,38 @@ def check_same_vocabulary(target: Any, draft: Any, target_tokenizer: Any = None,
                          "draft_tokenizer= so the tokenizers can be compared instead")
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """Drafts with a small causal LM. ``k``: drafts per step, ``"adaptive"`` (cost-aware, see
-    ``AdaptiveK``) or ``"heuristic"`` (transformers' +2/-1 rule)."""
+    ``AdaptiveK``; ``cost_ratio`` fixes its c) or ``"heuristic"`` (transformers' +2/-1 rule)."""
 
-    def __init__(self, model: Any, k: int | str = 4, *, k_max: int = 12, tokenizer: Any = None):
-        if isinstance(k, str):
-            if k not in ("adaptive", "heuristic"):
-                raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")
-        elif not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")
-        if k_max < 1:
-            raise ValueError("k_max must be >= 1")
+    def __init__(self, model: Any, k: int | str = 4, *, k_max: int = 12, tokenizer: Any = None,
+                 cost_ratio: float | None = None):
+        self.length = DraftLength(k, k_max, cost_ratio)
         self.model, self.k, self.k_max, self.tokenizer = model, k, k_max, tokenizer
-        self.state: HFCache | None = None
-        self.make_cache: Any = None          # set by the loop: HFCache or the engine's cache
+        self.max_nodes = self.length.cap + 1
+        self.state: Any = None
+
+    @property
+    def ctrl(self) -> Any:
+        return self.length.ctrl
 
     # -- set-up ---------------------------------------------------------------------------------
     def check_compatible(self, target: Any, tokenizer: Any = None) -> None:
         check_supports_cache(self.model, "draft model")
         check_same_vocabulary(target, self.model, tokenizer, self.tokenizer)
-        self.v_target = vocab_size(target)
 
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: torch.Tensor,
-              first_host: list[int]) -> None:
-        self.state = (self.make_cache or HFCache)(self.model, role="draft model")
-        if not hasattr(self, "v_target"):
-            self.v_target = vocab_size(self.model)
-        padded = not bool(attention_mask.all())     # one sync, once
-        self.state.forward(input_ids, attention_mask.bool() if padded else None)
-        self.pending = first[:, None]                                  # (B, W) fed at the next propose
+    def begin(self, ctx: DraftContext) -> None:
+        self.v_target = vocab_size(ctx.target)
+        self.sampling, self.generator = ctx.sampling, ctx.generator
+        self.state = ctx.make_cache(self.model, "draft model")
+        padded = not bool(ctx.attention_mask.all())     # one sync, once
+        self.state.forward(ctx.input_ids, ctx.attention_mask.bool() if padded else None)
+        self.pending = ctx.first[:, None]                              # (B, W) fed at the next propose
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.pending_dense = True                                      # host: every pending entry is real
 
     @property
-    def calls(self) -> int:
+    def draft_calls(self) -> int:
         return 0 if self.state is None else self.state.calls
 
     def _fit(self, logits: torch.Tensor) -> torch.Tensor:
@@ -95,13 +93,16 @@ class DraftModel:
         return logits
 
     # -- the step -------------------------------------------------------------------------------
-    def propose(self, k: int, sampling: SamplingConfig, generator: torch.Generator | None) -> Proposal:
-        st = self.state
+    def propose(self, x: DraftInput) -> Proposal:
+        k = self.length.choose(x.budget)
+        st, sampling = self.state, self.sampling
         B = self.pending.shape[0]
         self._start, self._width, self._k = st.mark(), self.pending.shape[1], k
         if k == 0:
-            return Proposal(tokens=self.pending.new_zeros(B, 0))
-        logits = st.forward(self.pending, None if self.pending_dense else self.pending_valid)
+            drafts = self.pending.new_zeros(B, 0)
+            self.length.drafted(drafts)
+            return Proposal.chain_of(x.root, drafts)
+        logits = st.forward(self.pending, None if self.pending_dense else self.pending_valid).logits
         last = self.pending_valid.long().sum(1) - 1                    # last real pending entry per row
         logits = logits.gather(1, last[:, None, None].expand(B, 1, logits.shape[-1])).squeeze(1)
         toks, qs, bad = [], [], torch.zeros(B, dtype=torch.bool, device=logits.device)
@@ -113,17 +114,19 @@ class DraftModel:
             else:
                 q, b = checked_probs(logits, sampling)
                 bad |= b
-                tok = torch.multinomial(q, 1, generator=generator).squeeze(1)
+                tok = torch.multinomial(q, 1, generator=self.generator).squeeze(1)
                 qs.append(q)
             toks.append(tok)
             if i < k - 1:
-                logits = st.forward(tok[:, None])[:, -1]
+                logits = st.forward(tok[:, None]).logits[:, -1]
         self._last_tokens = torch.stack(toks, 1)
-        return Proposal(tokens=self._last_tokens, q=torch.stack(qs, 1) if qs else None, draft_calls=k, bad=bad)
+        self.length.drafted(self._last_tokens)
+        return Proposal.chain_of(x.root, self._last_tokens, torch.stack(qs, 1) if qs else None, bad=bad)
 
-    def accept(self, step: StepResult) -> None:
+    def accept(self, step: Verified) -> None:
         k, W = self._k, self._width
-        n, nxt = step.n_accepted, step.next_tokens
+        n, nxt, n_host = step.n_accepted, step.next_tokens, step.n_host
+        self.length.update(k, n_host, step.active)
         if k == 0:   # nothing was fed: append the next token to each row's pending entries
             c = self.pending_valid.long().sum(1, keepdim=True)
             self.pending = torch.cat([self.pending, self.pending.new_zeros(len(nxt), 1)], 1).scatter(1, c, nxt[:, None])
@@ -131,12 +134,12 @@ class DraftModel:
                 1, c, torch.ones_like(c, dtype=torch.bool))
             return                   # a dense pending block stays dense: every row gained one real token
         keep = W + n.clamp(max=k - 1)                                  # pending + accepted drafts the draft has fed
-        self.state.rollback(self._start, keep, W + min(max(step.n_host), k - 1))
+        self.state.rollback(self._start, keep, W + min(max(n_host), k - 1))
         all_in = n == k                                                # x_k accepted but never fed
-        if max(step.n_host) == k:
+        if max(n_host) == k:
             self.pending = torch.stack([torch.where(all_in, self._last_tokens[:, -1], nxt), nxt], 1)
             self.pending_valid = torch.stack([torch.ones_like(all_in), all_in], 1)
-            self.pending_dense = min(step.n_host) == k
+            self.pending_dense = min(n_host) == k
         else:
             self.pending = nxt[:, None]
             self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)

@@ -25,6 +25,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
+from accelerando.llm.cache import StepHook
+from accelerando.llm.drafters.base import DraftContext, DraftInput, Drafter, Proposal, Verified
+from accelerando.llm.drafters.tree_draws import sample_tree_tokens
+from accelerando.llm.engine import transposed
 from accelerando.llm.tree import TokenTree
 from accelerando.llm.tree_verify import deepest_alive_node
 
@@ -95,7 +99,7 @@ class MedusaHead(nn.Module):
         return logits
 
 
-class Medusa(nn.Module):
+class Medusa(nn.Module, Drafter):
     """K Medusa heads for one target model; ``Medusa.load(path)`` / ``Medusa.train(...)`` make them."""
 
     def __init__(self, config: MedusaConfig):
@@ -117,7 +121,7 @@ class Medusa(nn.Module):
                 head.out.weight.data.copy_(lm_head.weight.data)
         return m.attach(target)
 
-    def check_compatible(self, target: Any) -> None:
+    def check_compatible(self, target: Any, tokenizer: Any = None) -> None:
         """Raise if these heads were trained for a model with another hidden size or vocabulary."""
         lm_head = target.get_output_embeddings()
         V, H = lm_head.weight.shape
@@ -171,7 +175,6 @@ class Medusa(nn.Module):
                 if hd0.out is not None:
                     out = torch.stack([hd.out.weight.t() for hd in self.heads]).contiguous()
                 else:       # the engine's transposed lm_head, shared (one copy in memory)
-                    from accelerando.llm.engine import transposed
                     out = transposed(lm_w)
                 low = None
                 if hd0.up is not None:
@@ -183,7 +186,7 @@ class Medusa(nn.Module):
 
     # --- drafting (the tree loop's drafter protocol) ------------------------------------------------
     needs_hidden = True
-    is_tree_drafter = True
+    batched = False             # one tree per step: the loop runs rows one at a time
     draft_calls = 0
     acceptance, epsilon, alpha = "exact", 0.09, 0.3
 
@@ -229,10 +232,11 @@ class Medusa(nn.Module):
         self._tree = tree
         return self
 
-    def begin(self, target: Any, input_ids: torch.Tensor, max_new_tokens: int = 0) -> None:
-        self.attach(target)
+    def begin(self, ctx: DraftContext) -> None:
+        self.attach(ctx.target)
+        self._sampling, self._generator = ctx.sampling, ctx.generator
 
-    def step_hook(self, sampling: Any, rule: str = "exact") -> Any:
+    def step_hook(self, sampling: Any) -> Any:
         """At temperature 0, a ``StepHook`` that runs the heads inside the target's compiled tree
         step (the real Medusa computes its heads in the tree forward too): the graph runs greedy
         verification (the node it accepts, the next token, the non-finite flag: the loop takes this
@@ -244,7 +248,6 @@ class Medusa(nn.Module):
         tree = self.tree
         if not sampling.greedy or len(tree) < 2:
             return None
-        from accelerando.llm.engine import StepHook
         W, b, out, low = self._stacked()
         cached = self.__dict__.get("_step_hook")            # one hook per (tree, stacked weights)
         if cached is None or cached[0] is not tree or cached[1] is not W:
@@ -257,35 +260,37 @@ class Medusa(nn.Module):
             cached = self.__dict__["_step_hook"] = (tree, W, StepHook(medusa_step_drafts, args, verdict=True))
         return cached[2]
 
+    def propose(self, x: DraftInput) -> Proposal:
+        return self.draft(x.root_host[0], hidden=None if x.hidden is None else x.hidden[0],
+                          drafts=None if x.hook is None else x.hook[0], sampling=self._sampling,
+                          generator=self._generator)
+
     @torch.no_grad()
-    def propose(self, root: int, hidden: torch.Tensor, sampling: Any, generator: torch.Generator | None = None,
-                rule: str = "exact"):
-        """Tokens for every tree node from the heads at ``hidden`` (the state that produced ``root``).
+    def draft(self, root: int, *, hidden: torch.Tensor | None = None, drafts: torch.Tensor | None = None,
+              sampling: Any, generator: torch.Generator | None = None) -> Proposal:
+        """The tree for one row from the heads at ``hidden`` (H,) (the state that produced ``root``),
+        or from ``drafts`` (N-1,), the tokens the step hook already drew inside the target's step.
 
         A node at depth d takes head d's pick: its rank-th top token (greedy / typical), or, for
         lossless sampling, children sampled without replacement from head d's processed
         distribution (the same q for every node of a depth: Medusa heads do not see the path).
-        ``hidden`` may instead hold the drafted tokens (N-1,) already (an integer tensor: the
-        ``step_hook`` output, computed inside the target's step).
         """
-        from accelerando.llm.tree_speculative import TreeProposal
-        from accelerando.llm.tree_verify import sample_tree_tokens
         tree = self.tree
-        if not hidden.is_floating_point():                                 # drafts from the step hook
-            return TreeProposal(tree, torch.cat([hidden.new_full((1,), int(root)), hidden]))
+        if drafts is not None:
+            return Proposal(tree, torch.cat([drafts.new_full((1,), int(root)), drafts])[None])
         logits = self.draft_logits(hidden)                                  # (K, V)
-        if sampling.greedy or rule == "typical":
+        if sampling.greedy or self.acceptance == "typical":
             head, rank, R = medusa_picks(tree, logits.device)               # built once per tree
             top = logits.topk(R, dim=-1).indices                            # (K, R)
             tokens = torch.cat([top.new_full((1,), int(root)), top[head, rank]])    # (N,) root first
-            return TreeProposal(tree, tokens)
+            return Proposal(tree, tokens[None])
         qd = sampling.probs(logits)                                         # (K, V)
         depth_idx = tree.depth_tensor(qd.device).clamp(max=self.config.n_heads - 1)
         q = qd[depth_idx]                                                   # (N, V): children of depth-d node <- head d
         tokens = sample_tree_tokens(tree, root, q, replacement=False, generator=generator)
-        return TreeProposal(tree, tokens, q, replacement=False)
+        return Proposal(tree, torch.tensor([tokens], device=q.device), q[None], replacement=False)
 
-    def accept(self, path: list[int], emitted: list[int]) -> None:
+    def accept(self, step: Verified) -> None:
         pass
 
     def sparse_tree(self, n_nodes: int) -> TokenTree:
@@ -296,11 +301,11 @@ class Medusa(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from accelerando._io import save_safetensors
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path / WEIGHTS_FILE))
+        save_safetensors(state, path / WEIGHTS_FILE)
         (path / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
         return path
 
@@ -337,6 +342,8 @@ class Medusa(nn.Module):
         position t+k+1 (soft labels from the frozen ``lm_head``) instead of the corpus token, and
         accuracies count agreement with the target's argmax -- what greedy verification accepts.
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         g = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         m = cls.for_target(target, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank)
@@ -479,15 +486,6 @@ def medusa_step_drafts(h: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
     drafts = top.permute(1, 0, 2).reshape(B, K * R)[:, idx]                             # (B, N-1)
     out = torch.cat([drafts, node[:, None], arg.gather(1, node[:, None]), bad.long()], 1)   # (B, N + 2)
     return out[:, None, :].expand(B, T, N + 2)
-
-
-ZOO_HEADS = "code-target-medusa"
-
-
-def zoo_heads_path(name: str = ZOO_HEADS) -> Path:
-    """Folder of Medusa heads shipped in the zoo (beside the zoo's models)."""
-    from accelerando import zoo
-    return Path(zoo.MODELS_DIR) / name
 
 
 def _model_id(target: Any) -> str:

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from accelerando.llm.drafters.base import Proposal, StepResult
-from accelerando.llm.sampling import SamplingConfig
+from accelerando.llm.drafters.adaptive import DraftLength
+from accelerando.llm.drafters.base import DraftContext, DraftInput, Drafter, Proposal, Verified
 
 
 def lookup(history: np.ndarray, ngram_sizes: Sequence[int], k: int) -> np.ndarray:
@@ -75,41 +75,40 @@ class NgramIndex:
         return []
 
 
-class PromptLookup:
+class PromptLookup(Drafter):
     """n-gram copy drafter. ``ngram_sizes``: n-gram lengths to match, tried in order;
-    ``k``: maximum drafts per step (int, ``"adaptive"`` or ``"heuristic"``)."""
+    ``k``: maximum drafts per step (int, ``"adaptive"`` or ``"heuristic"``). The adaptive
+    controller takes drafting as free (``cost_ratio=0``) unless told otherwise."""
 
-    def __init__(self, ngram_sizes: Sequence[int] = (3, 2, 1), k: int | str = 8, *, k_max: int = 16):
+    def __init__(self, ngram_sizes: Sequence[int] = (3, 2, 1), k: int | str = 8, *, k_max: int = 16,
+                 cost_ratio: float | None = 0.0):
         sizes = tuple(int(n) for n in ngram_sizes)
         if not sizes or min(sizes) < 1:
             raise ValueError(f"ngram_sizes must be a non-empty sequence of positive ints, got {ngram_sizes!r}")
-        if isinstance(k, str):
-            if k not in ("adaptive", "heuristic"):
-                raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")
-        elif not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")
+        self.length = DraftLength(k, k_max, cost_ratio)
         self.ngram_sizes, self.k, self.k_max = sizes, k, k_max
-        self.calls = 0          # no model calls
+        self.max_nodes = self.length.cap + 1
 
-    def check_compatible(self, target: Any, tokenizer: Any = None) -> None:
-        pass                    # copies the target's own tokens
-
-    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: torch.Tensor,
-              first_host: list[int]) -> None:
-        ids, mask = input_ids.tolist(), attention_mask.bool().tolist()
-        self.device = input_ids.device
-        self.index = [NgramIndex([t for t, m in zip(ids[b], mask[b]) if m] + [first_host[b]], self.ngram_sizes)
+    def begin(self, ctx: DraftContext) -> None:
+        ids, mask = ctx.input_ids.tolist(), ctx.attention_mask.bool().tolist()
+        self.device = ctx.input_ids.device
+        self.index = [NgramIndex([t for t, m in zip(ids[b], mask[b]) if m] + [ctx.first_host[b]], self.ngram_sizes)
                       for b in range(len(ids))]
 
-    def propose(self, k: int, sampling: SamplingConfig, generator: torch.Generator | None) -> Proposal:
+    def propose(self, x: DraftInput) -> Proposal:
+        k = self.length.choose(x.budget)
         found = [ix.lookup(k) if k > 0 else [] for ix in self.index]
         width = max(len(f) for f in found)
         # filler after a short proposal (never accepted: n_valid): its last token, or the context's
         rows = [f + [f[-1] if f else ix.tokens[-1]] * (width - len(f)) for f, ix in zip(found, self.index)]
-        n_valid = torch.tensor([len(f) for f in found], device=self.device)
-        return Proposal(tokens=torch.tensor(rows, dtype=torch.long, device=self.device).view(len(rows), width),
-                        q=None, n_valid=n_valid)
+        drafts = torch.tensor(rows, dtype=torch.long, device=self.device).view(len(rows), width)
+        n_valid = None if all(len(f) == width for f in found) else torch.tensor([len(f) for f in found],
+                                                                                device=self.device)
+        self._k = width                   # a lookup without a match proposes fewer than k
+        self.length.drafted(drafts)
+        return Proposal.chain_of(x.root, drafts, n_valid=n_valid)
 
-    def accept(self, step: StepResult) -> None:
+    def accept(self, step: Verified) -> None:
+        self.length.update(self._k, step.n_host, step.active)
         for ix, t in zip(self.index, step.new_tokens):
             ix.extend(t)

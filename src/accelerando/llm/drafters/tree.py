@@ -35,26 +35,27 @@ competes with later slots. What it must not do -- and does not -- is EAGLE-2's r
 of already drawn nodes at T > 0, whose kept siblings depend on their own values
 (``tests/test_llm_tree_shapes.py`` shows such a peeking rule failing the chi-square test).
 
-The draft model keeps its own KV cache and grows the tree level by level, one draft forward per
-level (per best-first round for "dynamic"). On the lean engine (Llama-family drafts) each level
-re-feeds the whole tree so far as one fixed-size tree block (a tiny draft pays per call, not per
-token, so this costs about one decode step and needs one compiled shape); with transformers
-(other drafts) only the new frontier is fed with a 4D tree mask. After verification the draft
-cache keeps the accepted path's entries and catches up on the rest next time.
+The draft model keeps its own KV cache (``ctx.make_cache``: the cache protocol the target uses,
+on the lean engine or transformers') and grows the tree level by level, one draft forward per
+level (per best-first round for "dynamic"): each level re-feeds the whole tree so far as one
+fixed-size tree block (a tiny draft pays per call, not per token, so this costs about one decode
+step and needs one compiled shape). After verification the draft cache keeps the accepted path's
+entries and catches up on the rest next time.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-import weakref
 from typing import Any, Sequence
 
 import torch
 
-from accelerando.llm.tree import TokenTree, check_tree_support, keep_accepted_path, tree_attention_mask
-from accelerando.llm.tree_verify import (DraftedTree, Expand, draft_tree, drafted_tree, sample_siblings,
-                                         stochastic_beam_tree)
+from accelerando.llm.drafters.base import DraftContext, DraftInput, Drafter, Proposal, Verified
+from accelerando.llm.drafters.tree_draws import (DraftedTree, Expand, draft_tree, drafted_tree, sample_siblings,
+                                                 stochastic_beam_tree)
+from accelerando.llm.engine import check_engine
+from accelerando.llm.tree import TokenTree, check_tree_support
 
 SHAPES = ("chains", "beam", "full", "sparse", "dynamic")
 
@@ -163,27 +164,23 @@ def best_first_tree(expand: Expand, root_token: int, nodes: int, *, width: int, 
     return drafted_tree(TokenTree(tuple(parents), tuple(ranks)), tokens, qs)
 
 
-_ENGINES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+def pad_size(n: int) -> int:
+    """Blocks are padded to a power of two (>= 4): few distinct compiled step shapes."""
+    return max(4, 1 << (n - 1).bit_length())
 
 
-def _draft_engine(model: Any, max_len: int, compile: bool):
-    """The draft's own engine (never the target's, even when draft and target are one model)."""
-    from accelerando.llm.engine import LEN_BUCKET, Engine
-    bucket = -(-max_len // LEN_BUCKET) * LEN_BUCKET
-    per_model = _ENGINES.setdefault(model, {})
-    if (bucket, compile) not in per_model:
-        per_model[(bucket, compile)] = Engine(model, batch_size=1, max_len=bucket, compile=compile)
-    return per_model[(bucket, compile)]
+class DraftTree(Drafter):
+    """A draft model proposing a token tree per step (see the module docstring for the shapes).
 
-
-class DraftTree:
-    needs_hidden = False
-    is_tree_drafter = True
+    ``engine``: where the draft's KV cache lives (``accelerando.llm.engine.ENGINES``); None: the
+    same as the target's (the ``engine=`` of ``speculative_generate``).
+    """
+    batched = False             # one tree per step: the loop runs rows one at a time
     acceptance = "exact"        # multi-draft trees are verified losslessly
 
     def __init__(self, draft_model: Any, *, width: int = 3, depth: int | None = None, replacement: bool = False,
                  shape: str = "chains", nodes: int | None = None, widths: Sequence[int] | None = None,
-                 backend: str = "auto", compile: bool | None = None):
+                 engine: str | None = None):
         if shape not in SHAPES:
             raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
         if shape == "sparse":
@@ -209,16 +206,13 @@ class DraftTree:
             raise ValueError("width and depth must be >= 1")
         if shape == "beam" and replacement:
             raise ValueError("stochastic beam search draws without replacement (replacement=False)")
-        if backend not in ("auto", "engine", "hf"):
-            raise ValueError(f"backend must be auto, engine or hf, got {backend!r}")
+        if engine is not None:
+            check_engine(engine)
         check_tree_support(draft_model)
-        if compile is None:   # follow the tree loop's default (tests set it to "engine-eager")
-            from accelerando.llm import tree_speculative
-            compile = tree_speculative.DEFAULT_BACKEND != "engine-eager"
-        self.backend, self.compile = backend, compile
         self.model, self.width, self.depth, self.replacement, self.shape = draft_model, width, depth, replacement, shape
-        self.nodes = nodes
+        self.nodes, self.engine = nodes, engine
         self.draft_calls = 0
+        self._blocks: dict[tuple, TokenTree] = {}
 
     @property
     def branching(self) -> list[int]:
@@ -228,94 +222,68 @@ class DraftTree:
 
     @property
     def max_nodes(self) -> int:
-        """Upper bound on the tree size (root included): the verifier pads every tree to it."""
+        """Upper bound on the tree size (root included)."""
         if self.shape in ("sparse", "dynamic"):
             return 1 + self.nodes
         if self.shape == "full":
             return sum(self.width ** d for d in range(self.depth + 1))
         return 1 + self.width * self.depth
 
-    def begin(self, target: Any, input_ids: torch.Tensor, max_new_tokens: int = 256) -> None:
-        from accelerando.llm.engine import unsupported_reason
-        vt = target.get_output_embeddings().weight.shape[0]
+    def begin(self, ctx: DraftContext) -> None:
+        vt = ctx.target.get_output_embeddings().weight.shape[0]
         vd = self.model.get_output_embeddings().weight.shape[0]
         if vt != vd:
             raise ValueError(f"draft vocabulary ({vd}) differs from the target's ({vt}): use a draft with the same tokenizer")
+        self.sampling, self.generator = ctx.sampling, ctx.generator
         self.draft_calls = 0
-        self.use_engine = self.backend == "engine" or (self.backend == "auto" and unsupported_reason(self.model) is None)
-        if self.use_engine:
-            # block = pending + the tree so far, padded to a fixed size: one compiled step shape. Every
-            # shape feeds all its nodes but the last-drawn ones, and an accepted path has at most one of
-            # those (its parent was fed), so at most one accepted token is pending
-            from accelerando.llm.tree_speculative import pad_size
-            self.block = pad_size(self.max_nodes + 1)
-            self.eng = _draft_engine(self.model, input_ids.shape[1] + max_new_tokens + 2 * self.block, self.compile)
-            self.eng.prefill(input_ids)
-            self.cache_len, self.pending = input_ids.shape[1], []
-        else:
-            from transformers import DynamicCache
-            self.cache = DynamicCache(config=self.model.config)
-            self.pending = input_ids[0].tolist()      # accepted tokens not yet in the draft cache
-            self.cache_len = 0
+        self.cache = ctx.make_cache(self.model, "draft tree", **({} if self.engine is None else {"engine": self.engine}))
+        self.cache.forward(ctx.input_ids)             # one row, unpadded
+        # each level re-feeds (pending + the tree so far) as one block padded to a fixed size: one
+        # compiled step shape (a tiny draft pays per call, not per token). Every shape feeds all its
+        # nodes but the last-drawn ones, and an accepted path has at most one of those (its parent
+        # was fed), so at most one accepted token is pending
+        self.block = pad_size(self.max_nodes + 1)
+        self.pending: list[int] = []                  # accepted tokens not yet in the draft cache
 
-    def _forward(self, ids: list[int], **kw: Any) -> torch.Tensor:
-        dev = next(self.model.parameters()).device
-        out = self.model(torch.tensor([ids], device=dev), past_key_values=self.cache, use_cache=True, **kw)
-        self.draft_calls += 1
-        return out.logits[0]
+    def _block_tree(self, m: int, tree: TokenTree) -> TokenTree:
+        """The pending chain (m nodes), the tree under its last node, then padding leaves under
+        node 0 (masked out: no real node sees them) up to ``self.block`` nodes; one object per shape."""
+        key = (m, tree.parents, tree.ranks)
+        b = self._blocks.get(key)
+        if b is None:
+            n = len(tree)
+            parents = list(range(-1, m - 1)) + [m - 1 if j == 0 else m + tree.parents[j] for j in range(n)]
+            ranks = [0] * m + list(tree.ranks)
+            pad = self.block - m - n
+            b = self._blocks[key] = TokenTree(tuple(parents + [0] * pad), tuple(ranks + [1 + self.block + i for i in range(pad)]))
+        return b
 
-    def _hf_expand(self, probs, state):
-        dev = next(self.model.parameters()).device
-
-        def expand(tree: TokenTree, tokens: list[int], frontier: list[int]) -> torch.Tensor:
-            if frontier == [0]:                     # catch up on accepted tokens, then the root: a plain chain
-                logits = self._forward(self.pending + [tokens[0]])[-1:]
-                self.cache_len += len(self.pending)
-                self.pending = []
-                state["fed"] = 1
-                return probs(logits)
-            n0, F = state["fed"], len(frontier)
-            assert frontier == list(range(n0, n0 + F)), "frontier nodes must be the next node indices"
-            anc = tree.ancestor_mask(dev)[frontier][:, : n0 + F]                       # (F, n0 + F)
-            pre = torch.ones(F, self.cache_len, dtype=torch.bool, device=dev)
-            allowed = torch.cat([pre, anc], 1)[None, None]
-            mask = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, torch.finfo(torch.float32).min)
-            pos = self.cache_len + tree.depth_tensor(dev)[frontier][None]
-            logits = self._forward([tokens[f] for f in frontier], attention_mask=mask, position_ids=pos)
-            state["fed"] = n0 + F
-            return probs(logits)
-        return expand
-
-    def _engine_expand(self, probs, state):
-        """Each level re-feeds (pending chain + tree so far) as one tree block after the cached prefix."""
-        dev, T, m = self.eng.device, self.block, len(self.pending)
+    def _expand(self, probs: Any):
+        dev, T, m = self.model.get_output_embeddings().weight.device, self.block, len(self.pending)
+        state = {"fed": 0, "written": False}
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
 
         def expand(tree: TokenTree, tokens: list[int], frontier: list[int]) -> torch.Tensor:
             n = len(tree)
             if m + n > T:
                 raise RuntimeError(f"draft block of {T} slots cannot hold {m} pending tokens + {n} tree nodes")
-            anc = torch.eye(T, dtype=torch.bool, device=dev)        # padding slots see themselves only
-            anc[:m, :m] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
-            anc[m:m + n, :m] = True
-            anc[m:m + n, m:m + n] = tree.ancestor_mask(dev)
-            ids = torch.zeros(1, T, dtype=torch.long, device=dev)
-            ids[0, :m + n] = torch.tensor(self.pending + tokens, device=dev)
-            token_mask = (torch.arange(T, device=dev) < m + n)[None]
-            self.eng.cache.rollback(self.cache_len)
-            logits = self.eng.step(ids, token_mask=token_mask, tree_mask=anc)[0]
+            if state["written"]:        # forget the previous level's block
+                self.cache.rollback(self.start, zero, 0)
+            ids = torch.tensor([self.pending + tokens + [0] * (T - m - n)], device=dev)
+            valid = (torch.arange(T, device=dev) < m + n)[None]
+            logits = self.cache.forward(ids, valid, tree=self._block_tree(m, tree)).logits[0]
             self.draft_calls += 1
-            state["fed"] = n
+            state.update(fed=n, written=True)
             return probs(logits[[m + f for f in frontier]])
-        return expand
+        return expand, state
 
     @torch.no_grad()
-    def propose(self, root: int, hidden: Any, sampling: Any, generator: torch.Generator | None = None,
-                rule: str = "exact"):
-        from accelerando.llm.tree_speculative import TreeProposal
-        deterministic = sampling.greedy or rule == "typical"
+    def propose(self, x: DraftInput) -> Proposal:
+        root, sampling, generator = x.root_host[0], self.sampling, self.generator
+        deterministic = sampling.greedy or self.acceptance == "typical"
         probs = (lambda lg: lg.float().softmax(-1)) if deterministic else sampling.probs
-        state = {"fed": 0}
-        expand = self._engine_expand(probs, state) if self.use_engine else self._hf_expand(probs, state)
+        self.start = self.cache.mark()
+        expand, state = self._expand(probs)
         if self.shape == "beam":
             d = stochastic_beam_tree(expand, root, self.width, self.depth, generator=generator,
                                      deterministic=deterministic)
@@ -330,18 +298,17 @@ class DraftTree:
                            deterministic=deterministic)
         self._fed = state["fed"]
         self._tokens = d.tokens
-        return TreeProposal(d.tree, d.tokens, None if deterministic else d.q, replacement=self.replacement)
+        dev = x.root.device
+        return Proposal(d.tree, torch.tensor([d.tokens], dtype=torch.long, device=dev),
+                        None if deterministic else d.q.to(dev)[None], replacement=self.replacement)
 
-    def accept(self, path: list[int], emitted: list[int]) -> None:
+    def accept(self, step: Verified) -> None:
+        """The last block held pending + nodes [0, fed): keep pending + the fed part of the path."""
+        path = step.paths[0]
         fed = [n for n in path if n < self._fed]                   # a prefix of the path (indices grow with depth)
-        dev = next(self.model.parameters()).device
-        if self.use_engine:   # the last block held pending + nodes [0, fed): keep pending + the fed path
-            m = len(self.pending)
-            keep = list(range(m)) + [m + n for n in fed]
-            self.eng.cache.rollback(self.cache_len)
-            self.eng.cache.keep_path(torch.tensor([keep], device=dev))
-            self.cache_len += len(keep)
-        else:
-            keep_accepted_path(self.cache, self.cache_len, torch.tensor(fed, device=dev))
-            self.cache_len += len(fed)
+        m = len(self.pending)
+        keep = list(range(m)) + [m + n for n in fed]
+        dev = step.node.device
+        self.cache.rollback(self.start, torch.tensor([len(keep)], device=dev), len(keep),
+                            path=torch.tensor([keep], device=dev))
         self.pending = [self._tokens[n] for n in path[len(fed):]]

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from accelerando.llm.cache import HFCache
-from accelerando.llm.drafters.draft_model import DraftModel
+from accelerando.llm.drafters.base import DraftContext
+from accelerando.llm.drafters.draft_model import DraftModel, vocab_size
 from accelerando.llm.kv.generate import prefill
 from accelerando.llm.kv.presses import RetrievalChunkPress, check_kv_model
 
@@ -35,16 +36,12 @@ class TriForce(DraftModel):
         check_kv_model(target, "TriForce")
         super().check_compatible(target, tokenizer)
 
-    def begin(self, input_ids: Any, attention_mask: torch.Tensor | None = None, first: torch.Tensor | None = None,
-              first_host: list[int] | None = None) -> None:
-        if hasattr(input_ids, "input_ids"):     # the drafter protocol's DraftContext
-            ctx = input_ids
-            input_ids, attention_mask, first = ctx.input_ids, ctx.attention_mask, ctx.first
+    def begin(self, ctx: DraftContext) -> None:
+        input_ids, attention_mask, first = ctx.input_ids, ctx.attention_mask, ctx.first
         if not bool(attention_mask.all()):      # one sync, once
             raise ValueError("TriForce needs unpadded prompts (rows of equal length, attention_mask all ones)")
-        if not hasattr(self, "v_target"):
-            from accelerando.llm.drafters.draft_model import vocab_size
-            self.v_target = vocab_size(self.model)
+        self.v_target = vocab_size(ctx.target)
+        self.sampling, self.generator = ctx.sampling, ctx.generator
         # the draft's own prefill (the loop keeps the target's cache to itself), then the press
         t0 = time.perf_counter()
         _, run = prefill(self.model, input_ids, press=self.press)

@@ -1,0 +1,150 @@
+"""Cheaper-forward-pass methods as bench / sweep arms.
+
+Lossy arms (quantised weights, CoreInfer, layer-skip decoding, quantised attention) run plain
+``generate`` on a transformed *copy* of the target (built once, not timed); the runner judges
+them against the baseline's tokens (greedy: 1 - token agreement is their quality loss, so
+``recommend --max-loss`` can weigh them). Lossless arms: self-speculation (the target's own skip
+view drafts, ``speculative_generate`` verifies) and its anchor, transformers'
+``assistant_early_exit``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any, Callable
+
+from accelerando.bench.methods import LLMOutput, LLMSetup, MethodEntry, NotApplicable, register
+
+
+def _transformed(s: LLMSetup, fn: Callable[[Any], Any]) -> Any:
+    try:
+        return fn(copy.deepcopy(s.target))
+    except ValueError as exc:      # e.g. a group size that does not divide this model's dims
+        raise NotApplicable(str(exc)) from None
+
+
+def _generate_on(s: LLMSetup, model: Any, engine: str = "hf") -> Callable[[], LLMOutput]:
+    from accelerando.llm.bench_methods import _hf_run, build_engine_generate
+    s2 = replace(s, target=model)
+    if engine in ("static", "engine", "auto"):
+        return build_engine_generate(s2)
+    if engine in ("static-eager", "engine-eager"):
+        return build_engine_generate(s2, compile=False)
+    return _hf_run(s2, {})
+
+
+def build_quant(s: LLMSetup, method: str = "int8", group_size: int = 64, bits: int | None = None,
+                packed: bool = True) -> Callable[[], LLMOutput]:
+    from accelerando.llm.compute.quant import QuantConfig, bits_per_weight, quantize_model
+    cfg = QuantConfig(method=method, group_size=int(group_size), bits=bits, packed=bool(packed))
+    model = _transformed(s, lambda m: quantize_model(m, cfg))
+    run = _generate_on(s, model)
+    bpw = bits_per_weight(model)
+
+    def go() -> LLMOutput:
+        out = run()
+        out.stats["bits_per_weight"] = bpw
+        return out
+    return go
+
+
+def build_torchao_int8(s: LLMSetup) -> Callable[[], LLMOutput]:
+    from accelerando.llm.compute.quant import torchao_int8
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise NotApplicable("torchao is not installed (pip install 'accelerando[quant]')") from None
+    return _generate_on(s, _transformed(s, torchao_int8))
+
+
+def build_coreinfer(s: LLMSetup, alpha: float = 0.4, beta: float = 0.2) -> Callable[[], LLMOutput]:
+    from accelerando.llm.compute.coreinfer import CoreInferConfig, apply_coreinfer, core_fraction
+    model = _transformed(s, lambda m: apply_coreinfer(m, CoreInferConfig(alpha=float(alpha), beta=float(beta))))
+    run = _generate_on(s, model)
+
+    def go() -> LLMOutput:
+        out = run()
+        out.stats["core_fraction"] = core_fraction(model)
+        return out
+    return go
+
+
+def _skip_cfg(exit_layer: int | None, skip: int | None):
+    from accelerando.llm.compute.layerskip import SkipConfig
+    try:
+        return SkipConfig(exit_layer=int(exit_layer)) if exit_layer is not None else SkipConfig(skip=int(skip or 0))
+    except ValueError as exc:
+        raise NotApplicable(str(exc)) from None
+
+
+def _view(s: LLMSetup, exit_layer: int | None, skip: int | None) -> Any:
+    from accelerando.llm.compute.layerskip import skip_view
+    try:
+        return skip_view(s.target, _skip_cfg(exit_layer, skip))
+    except ValueError as exc:
+        raise NotApplicable(str(exc)) from None
+
+
+def build_layer_skip(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1,
+                     engine: str = "hf") -> Callable[[], LLMOutput]:
+    """Lossy: decode with the skip view alone (early exit at ``exit_layer`` or Unified Layer
+    Skipping's balanced schedule of ``skip`` layers)."""
+    return _generate_on(s, _view(s, exit_layer, skip), engine)
+
+
+def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, k: int | str = 4,
+                    engine: str = "hf") -> Callable[[], LLMOutput]:
+    """Lossless self-speculation: the skip view drafts, the full target verifies."""
+    from accelerando.llm.bench_methods import _ours
+    from accelerando.llm.drafters.draft_model import DraftModel
+    view = _view(s, exit_layer, skip)
+    return _ours(s, lambda: DraftModel(view, k=k), engine)
+
+
+def build_hf_early_exit(s: LLMSetup, exit_layer: int = 2, k: int | None = None) -> Callable[[], LLMOutput]:
+    """The anchor: transformers' ``assistant_early_exit`` (batch 1 only)."""
+    from accelerando.llm.bench_methods import _hf_run
+    if s.input_ids.shape[0] != 1:
+        raise NotApplicable(f"assistant_early_exit runs batch 1 only (got batch {s.input_ids.shape[0]})")
+    n = s.target.config.num_hidden_layers
+    if not 1 <= int(exit_layer) < n:
+        raise NotApplicable(f"exit_layer {exit_layer} is not in 1..{n - 1}")
+    extra: dict[str, Any] = dict(assistant_early_exit=int(exit_layer))
+    if k is not None:
+        extra.update(num_assistant_tokens=int(k), num_assistant_tokens_schedule="constant",
+                     assistant_confidence_threshold=0.0)
+    return _hf_run(s, extra)
+
+
+def build_sage_attention(s: LLMSetup, pv: str = "fp8") -> Callable[[], LLMOutput]:
+    from accelerando.llm.compute.sage import use_sage_attention
+    return _generate_on(s, _transformed(s, lambda m: use_sage_attention(m, pv=pv)))
+
+
+register(MethodEntry("quant-int8", "llm", lambda s, **k: build_quant(s, method="int8", **k), lossless=False,
+                     description="weight-only int8 per channel (real kernel: _weight_int8pack_mm, bf16 activations)",
+                     default_knobs={"packed": True}))
+register(MethodEntry("quant-int4", "llm", lambda s, **k: build_quant(s, method="int4", **k), lossless=False,
+                     description="weight-only int4 RTN with group scale + zero (real kernel: _weight_int4pack_mm_for_cpu)",
+                     default_knobs={"group_size": 64, "packed": True}))
+register(MethodEntry("quant-bitmod", "llm", lambda s, **k: build_quant(s, method="bitmod", **k), lossless=False,
+                     description="BitMoD per-group 3/4-bit datatype mixture (simulated: dequantised weights)",
+                     default_knobs={"bits": 4, "group_size": 64, "packed": False}))
+register(MethodEntry("torchao-int8", "llm", build_torchao_int8, lossless=False,
+                     description="anchor: torchao Int8WeightOnlyConfig on the decoder linears"))
+register(MethodEntry("coreinfer", "llm", build_coreinfer, lossless=False,
+                     description="CoreInfer: sentence-level core neurons from the prefill, smaller MLP matmuls when decoding",
+                     default_knobs={"alpha": 0.4, "beta": 0.2}))
+register(MethodEntry("layer-skip", "llm", build_layer_skip, lossless=False,
+                     description="decode with a balanced skip schedule (Unified Layer Skipping) or an early exit, no verification",
+                     default_knobs={"skip": 1}))
+register(MethodEntry("self-spec", "llm", build_self_spec, lossless=True,
+                     description="self-speculative decoding: the target's own skip view drafts, the target verifies",
+                     default_knobs={"skip": 1, "k": 4}))
+register(MethodEntry("hf-early-exit", "llm", build_hf_early_exit, lossless=True,
+                     description="anchor: transformers assisted generation with assistant_early_exit (batch 1 only)",
+                     default_knobs={"exit_layer": 2}))
+register(MethodEntry("sage-attn", "llm", build_sage_attention, lossless=False,
+                     description="SageAttention2-style INT8 Q.K^T with K smoothing, FP8 P.V (CPU implementation)",
+                     default_knobs={"pv": "fp8"}))

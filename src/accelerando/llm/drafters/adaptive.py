@@ -1,0 +1,178 @@
+"""How many tokens a chain drafter proposes per step: fixed, transformers' heuristic, or cost-aware.
+
+``DraftLength`` is what ``DraftModel`` / ``PromptLookup`` hold: it picks k before a proposal,
+times the draft (propose) and the verification (propose's end to accept), and feeds the counts to
+its controller. A controller has ``choose() -> k`` and ``update(k, n_accepted_per_row, t_draft,
+t_target)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Expected tokens per verification with k drafts and per-token acceptance alpha:
+    (1 - alpha^(k+1)) / (1 - alpha)  (Leviathan et al., eq. 1)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def best_k(alpha: float, cost_ratio: float, k_max: int, k_min: int = 0) -> int:
+    """argmax_k expected_tokens(alpha, k) / (1 + k c): tokens per unit of time when a draft
+    token costs c target forwards (c = draft time per token / target verification time)."""
+    return max(range(k_min, k_max + 1), key=lambda k: (expected_tokens(alpha, k) / (1.0 + k * cost_ratio), -k))
+
+
+class FixedK:
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def update(self, k: int, n_host: list[int], t_draft: float, t_target: float) -> None:
+        pass
+
+
+class HeuristicK:
+    """transformers' ``num_assistant_tokens_schedule="heuristic"``: +2 if all drafts accepted, else -1."""
+
+    def __init__(self, k0: int = 5, k_max: int = 32):
+        self.k, self.k_max = k0, k_max
+
+    def choose(self) -> int:
+        return self.k
+
+    def update(self, k: int, n_host: list[int], t_draft: float, t_target: float) -> None:
+        if k == 0:
+            return
+        self.k = min(self.k_max, self.k + 2) if min(n_host) == k else max(1, self.k - 1)
+
+
+class AdaptiveK:
+    """Cost-aware draft length: k = argmax_k E(a, k) / (k c t + t_v(k)), k in [0, k_max], where
+    E(a, k) = (1 - a^(k+1)) / (1 - a) is the expected tokens of a step (Leviathan et al., eq. 1).
+
+    alpha: running (exponentially weighted) estimate of per-token acceptance from the truncated
+    geometric counts -- a step that accepted n of k drafts is n successes and (n < k) failures.
+    c: running estimate of (draft time per drafted token) / (the step's verification time), measured
+    with the wall clock; ``cost_ratio`` fixes c instead (e.g. 0 for prompt lookup).
+    t_v(k): the measured wall time of a step's verification and bookkeeping with k drafts (running
+    averages per k, linear in k between and beyond the measured ones; t = their mean over k > 0).
+    Until a plain step (k = 0) has been timed, t_v is taken as the same for every k, which is the
+    classic rule argmax E(a, k) / (1 + k c) (``best_k``). k = 0 -- plain decoding on the same
+    engine -- wins when drafting does not pay (a poor draft, or verification that costs more per
+    token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
+    one token anyway so alpha and the costs keep being measured.
+    """
+
+    def __init__(self, k_max: int = 12, *, k_min: int = 0, alpha0: float = 0.6, decay: float = 0.9,
+                 cost_ratio: float | None = None, c0: float = 0.2, probe_every: int = 8):
+        if not 0 <= k_min <= k_max or k_max < 1:
+            raise ValueError(f"need 0 <= k_min <= k_max and k_max >= 1, got {k_min}, {k_max}")
+        self.k_max, self.k_min, self.decay, self.fixed_c = k_max, k_min, decay, cost_ratio
+        self.succ, self.fail = 4.0 * alpha0, 4.0 * (1 - alpha0)     # a weak prior worth 4 drafts
+        self.c = c0 if cost_ratio is None else cost_ratio
+        self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
+        self.probe_every, self._idle = probe_every, 0
+        self.history: list[int] = []
+
+    @property
+    def alpha(self) -> float:
+        return self.succ / max(1e-9, self.succ + self.fail)
+
+    def verify_time(self, k: int) -> float | None:
+        """t_v(k): measured, else linear in k through the nearest measured ks (None: nothing yet)."""
+        pts = sorted(self.t_verify.items())
+        if not pts:
+            return None
+        if k in self.t_verify:
+            return self.t_verify[k]
+        if len(pts) == 1:
+            return pts[0][1]
+        lo = [p for p in pts if p[0] < k]
+        hi = [p for p in pts if p[0] > k]
+        (k0, t0), (k1, t1) = (lo[-1], hi[0]) if lo and hi else (pts[-2], pts[-1]) if lo else (pts[0], pts[1])
+        return max(min(t for _, t in pts) * 0.5, t0 + (t1 - t0) * (k - k0) / (k1 - k0))
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per unit of time with k drafts."""
+        a = min(self.alpha, 0.999)
+        drafted = [t for j, t in self.t_verify.items() if j > 0]
+        if 0 not in self.t_verify or not drafted:
+            return expected_tokens(a, k) / (1.0 + k * self.c)
+        t = sum(drafted) / len(drafted)
+        return expected_tokens(a, k) / (k * self.c * t + self.verify_time(k))
+
+    def choose(self) -> int:
+        k = max(range(self.k_min, self.k_max + 1), key=lambda j: (self.rate(j), -j))
+        if k == 0:
+            self._idle += 1
+            if self._idle >= self.probe_every:
+                k, self._idle = 1, 0
+        self.history.append(k)
+        return k
+
+    def update(self, k: int, n_host: list[int], t_draft: float, t_target: float) -> None:
+        if t_target > 0:
+            old = self.t_verify.get(k)
+            self.t_verify[k] = t_target if old is None else 0.7 * old + 0.3 * t_target
+        if k == 0:
+            return
+        s = float(sum(n_host))
+        f = float(sum(1 for n in n_host if n < k))
+        self.succ = self.decay * self.succ + s
+        self.fail = self.decay * self.fail + f
+        if self.fixed_c is None and t_target > 0:
+            c = (t_draft / k) / t_target
+            self.c = 0.7 * self.c + 0.3 * c
+
+
+def make_controller(k: int | str, k_max: int, cost_ratio: float | None = None):
+    if k == "adaptive":
+        return AdaptiveK(k_max, cost_ratio=cost_ratio)
+    if k == "heuristic":
+        return HeuristicK(min(5, k_max), k_max)
+    return FixedK(int(k))
+
+
+
+class DraftLength:
+    """k for each step of a chain drafter (``k``: an int, ``"adaptive"`` or ``"heuristic"``), with
+    the wall-clock timing the adaptive controller learns from. ``cost_ratio`` fixes its c."""
+
+    def __init__(self, k: int | str, k_max: int, cost_ratio: float | None = None):
+        check_k(k)
+        if k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {k_max}")
+        self.cap = k_max if isinstance(k, str) else k
+        self.ctrl = make_controller(k, self.cap, cost_ratio)
+        self._measure = isinstance(self.ctrl, AdaptiveK) and self.ctrl.fixed_c is None
+        self._t0 = self._t1 = 0.0
+
+    def choose(self, budget: int) -> int:
+        """k for this step (drafts past every row's budget are wasted); starts the draft clock."""
+        self._t0 = time.perf_counter()
+        return max(0, min(self.ctrl.choose(), budget - 1))
+
+    def drafted(self, tokens: torch.Tensor) -> None:
+        """The draft is done (tokens on device): stops the draft clock, starts the verification's."""
+        if self._measure and tokens.is_cuda:
+            torch.cuda.synchronize(tokens.device)   # unavoidable for a measured c on GPU: time the draft alone
+        self._t1 = time.perf_counter()
+
+    def update(self, k: int, n_host: list[int], active: list[bool]) -> None:
+        n = [h for h, a in zip(n_host, active) if a] or n_host
+        self.ctrl.update(k, n, self._t1 - self._t0, time.perf_counter() - self._t1)
+
+
+def check_k(k: int | str) -> None:
+    if isinstance(k, str):
+        if k not in ("adaptive", "heuristic"):
+            raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")
+    elif not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, 'adaptive' or 'heuristic', got {k!r}")

@@ -1,0 +1,301 @@
+"""Cheaper forward passes: weight quantisation (int8 / int4 RTN / BitMoD), CoreInfer, layer skipping
+and self-speculation, SageAttention-style attention. Exact where the method should be exact (all
+neurons kept == original, self-speculation greedy == generate, sampled distribution == target's by
+chi-square), error bounds where lossy, one-line errors on bad knobs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from accelerando.llm import speculative_generate
+from accelerando.llm.compute import coreinfer as C
+from accelerando.llm.compute import layerskip as L
+from accelerando.llm.compute import quant as Q
+from accelerando.llm.compute import sage as S
+from llm_models import one_thread, tiny_lm
+
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+# the eager lean engine, in either engine vocabulary (core renames static-eager -> engine-eager)
+EAGER = "engine-eager" if hasattr(__import__("accelerando.llm.engine").llm.engine, "ENGINES") else "static-eager"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm("llama", hidden=64, layers=4, seed=0, init_std=0.2)
+
+
+def _prompts(batch: int = 2, length: int = 10, vocab: int = 96):
+    ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for b in range(1, batch):
+        mask[b, : 2 * b] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _greedy(model, ids, mask, n=10):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
+
+# ----------------------------------------------------------------------------------- quantisation
+def test_quant_bad_knobs_are_one_line_errors(lm):
+    with pytest.raises(ValueError, match="method must be one of"):
+        Q.QuantConfig(method="int2")
+    with pytest.raises(ValueError, match="bitmod bits must be 3 or 4"):
+        Q.QuantConfig(method="bitmod", bits=5)
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
+        Q.QuantConfig(method="int4", bits=3)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        Q.QuantConfig(method="int4", group_size=0)
+    m = copy.deepcopy(lm)
+    before = m.model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.raises(ValueError, match="group_size 48 does not divide the input dimension 64"):
+        Q.quantize_model(m, Q.QuantConfig(method="bitmod", group_size=48))
+    assert torch.equal(m.model.layers[0].mlp.up_proj.weight, before)      # nothing changed on error
+
+
+def test_rtn_error_bounds():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    q, s = Q.int8_quantize(w)
+    assert (q.float() * s[:, None] - w).abs().le(s[:, None] / 2 + 1e-6).all()
+    q4, s4, z4 = Q.int4_quantize(w, 32)
+    deq = Q.int4_dequantize(q4, s4, z4, 32)
+    assert (deq - w).abs().reshape(32, 4, 32).le(s4[..., None] / 2 + 1e-5).all()
+    assert q4.min() >= 0 and q4.max() <= 15
+
+
+def test_bitmod_picks_the_best_datatype_per_group():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    for bits in (3, 4):
+        codes, ids, scales = Q.bitmod_quantize(w, 64, bits)
+        grids = Q.bitmod_datatypes(bits)
+        assert grids.shape == (4, 2 ** bits) and ids.max() <= 3 and codes.max() < 2 ** bits
+        deq = Q.bitmod_dequantize(codes, ids, scales, bits, 64).reshape(16, 4, 64)
+        err = ((deq - w.reshape(16, 4, 64)) ** 2).sum(-1)
+        wg = w.reshape(16, 4, 64)
+        for d, grid in enumerate(grids):          # no single datatype beats the chosen one on any group
+            s = (wg.abs().amax(-1) / grid.abs().max()).half().float()
+            one = grid[Q._nearest(wg / s[..., None], grid)] * s[..., None]
+            assert (err <= ((one - wg) ** 2).sum(-1) + 1e-6).all()
+        # each dequantised value lies on its group's grid
+        vals = deq / scales.float()[..., None]
+        assert torch.allclose(vals, grids[ids.long()].gather(-1, codes.reshape(16, 4, 64).long()), atol=1e-4)
+    # the paper's point: at the same group size BitMoD-4 beats symmetric INT4 RTN (Gaussian weights)
+    e_bm = (Q.fake_quantize(w, Q.QuantConfig(method="bitmod", group_size=64)) - w).pow(2).mean()
+    e_i4 = (Q.fake_quantize(w, Q.QuantConfig(method="int4-sym", group_size=64)) - w).pow(2).mean()
+    assert e_bm < e_i4
+
+
+@pytest.mark.parametrize("method,bits", [("int8", None), ("int4", None), ("bitmod", 4), ("bitmod", 3)])
+def test_packed_matches_simulated_and_reports_bits(lm, method, bits):
+    ids, mask = _prompts()
+    sim = Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method=method, group_size=32, bits=bits))
+    packed = Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method=method, group_size=32, bits=bits, packed=True))
+    with torch.no_grad():
+        a, b, ref = sim(ids, attention_mask=mask).logits, packed(ids, attention_mask=mask).logits, lm(ids, attention_mask=mask).logits
+    # bitmod's packed path dequantises to the same fp32 weights; int8 / int4 run bf16 activations
+    tol = 1e-4 if method == "bitmod" else 0.05 * ref.abs().max().item()
+    assert (a - b).abs().max() <= tol
+    assert (a - ref).abs().max() > 0                                  # lossy
+    nbits = {"int8": 8 + 16 / 64, "int4": 4 + 32 / 32, "bitmod": (bits or 4) + 18 / 32}[method]
+    # int8's scale is per output row: (8 N K + 16 N) / (N K) for every linear; in=64 or 128 here
+    got = Q.bits_per_weight(packed)
+    assert got == pytest.approx(Q.bits_per_weight(sim))
+    if method != "int8":
+        assert got == pytest.approx(nbits)
+    assert Q.bits_per_weight(lm) == 32
+
+
+def test_more_bits_less_error(lm):
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = lm(ids, attention_mask=mask).logits
+        err = {}
+        for name, cfg in [("int8", Q.QuantConfig(method="int8")), ("bitmod4", Q.QuantConfig(method="bitmod", group_size=32)),
+                          ("bitmod3", Q.QuantConfig(method="bitmod", group_size=32, bits=3))]:
+            out = Q.quantize_model(copy.deepcopy(lm), cfg)(ids, attention_mask=mask).logits
+            err[name] = (out - ref).pow(2).mean().item()
+    assert err["int8"] < err["bitmod4"] < err["bitmod3"]
+
+
+def test_torchao_anchor_when_installed(lm):
+    pytest.importorskip("torchao")
+    m = Q.torchao_int8(copy.deepcopy(lm))
+    ids, mask = _prompts()
+    with torch.no_grad():
+        ref = lm(ids, attention_mask=mask).logits
+        out = m(ids, attention_mask=mask).logits
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ----------------------------------------------------------------------------------- CoreInfer
+def test_coreinfer_with_every_neuron_is_the_original(lm):
+    ids, mask = _prompts(3)
+    m = C.apply_coreinfer(copy.deepcopy(lm), C.CoreInferConfig(alpha=1.0, beta=0.0))
+    assert torch.equal(_greedy(m, ids, mask), _greedy(lm, ids, mask))
+    assert C.core_fraction(m) == 1.0
+
+
+def test_coreinfer_decodes_with_a_smaller_matmul_equal_to_the_masked_mlp(lm):
+    ids, mask = _prompts(2)
+    m = C.apply_coreinfer(copy.deepcopy(lm), C.CoreInferConfig(alpha=0.3, beta=0.3))
+    with torch.no_grad():
+        m(ids, attention_mask=mask)                                    # prefill picks the core neurons
+    layer = m.model.layers[1].mlp
+    inner = layer.mlp
+    I = inner.down_proj.in_features
+    assert all(0 < n < I for n in layer.n_core) and C.core_fraction(m) < 1
+    assert layer._w[0].shape[-1] == 2 * max(layer.n_core)              # gathered weights, not a mask
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        got = layer(x)
+        a = inner.act_fn(inner.gate_proj(x)) * inner.up_proj(x)
+        keep = torch.zeros(2, 1, I)
+        for b, c in enumerate(layer.core):
+            keep[b, 0, c] = 1
+        want = inner.down_proj(a * keep)
+    assert torch.allclose(got, want, atol=1e-5)
+    # the core set ignores left padding: row 1's padded positions do not vote
+    a_full = inner.act_fn(inner.gate_proj(torch.randn(1, 4, 64))) * inner.up_proj(torch.randn(1, 4, 64))
+    m1 = C.core_neurons(a_full.repeat(2, 1, 1), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]), C.CoreInferConfig(0.3, 0.5))
+    m2 = C.core_neurons(a_full[:, 2:], None, C.CoreInferConfig(0.3, 0.5))
+    assert torch.equal(m1[1], m2[0])
+
+
+def test_coreinfer_bad_input():
+    with pytest.raises(ValueError, match="alpha must be in"):
+        C.CoreInferConfig(alpha=0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        C.CoreInferConfig(beta=1.5)
+    with pytest.raises(ValueError, match="CoreInfer supports gated"):
+        C.apply_coreinfer(_ungated())
+
+
+def _ungated():
+    m = tiny_lm("llama", hidden=32, layers=1)
+    m.model.layers[0].mlp = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    return m
+
+
+# ----------------------------------------------------------------------------------- layer skipping
+def test_skip_schedules_and_errors():
+    assert L.balanced_keep(4, 1) == (0, 1, 3) and L.balanced_keep(4, 2) == (0, 3)
+    assert L.balanced_keep(8, 3) == (0, 1, 3, 5, 7)
+    assert L.balanced_keep(8, 0) == tuple(range(8))
+    assert L.SkipConfig(speedup=2.0).kept_layers(8) == L.balanced_keep(8, 4)
+    assert L.SkipConfig(exit_layer=3).kept_layers(8) == (0, 1, 2)
+    with pytest.raises(ValueError, match="every one of the 4 layers"):
+        L.balanced_keep(4, 4)
+    with pytest.raises(ValueError, match="exceeds the 2 intermediate layers"):
+        L.SkipConfig(skip=3).kept_layers(4)
+    with pytest.raises(ValueError, match="keep is empty"):
+        L.SkipConfig(keep=())
+    with pytest.raises(ValueError, match="exit_layer must be >= 1"):
+        L.SkipConfig(exit_layer=0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        L.SkipConfig(exit_layer=1, skip=1)
+    with pytest.raises(ValueError, match="outside 0..3"):
+        L.SkipConfig(keep=(0, 4)).kept_layers(4)
+
+
+def test_skip_view_shares_weights_and_leaves_the_target_alone(lm):
+    v = L.skip_view(lm, L.SkipConfig(keep=(0, 2)))
+    assert len(v.model.layers) == 2 and len(lm.model.layers) == 4
+    assert v.model.layers[1].mlp.up_proj.weight is lm.model.layers[2].mlp.up_proj.weight
+    assert [l.self_attn.layer_idx for l in v.model.layers] == [0, 1]
+    assert [l.self_attn.layer_idx for l in lm.model.layers] == [0, 1, 2, 3]
+    ids, mask = _prompts(1)
+    ref = copy.deepcopy(lm)                                  # an independent truncation
+    ref.model.layers = torch.nn.ModuleList([ref.model.layers[0], ref.model.layers[2]])
+    ref.model.layers[1].self_attn.layer_idx = 1
+    ref.config.num_hidden_layers = 2
+    assert torch.equal(_greedy(v, ids, mask), _greedy(ref, ids, mask))
+
+
+@pytest.mark.parametrize("engine", ["hf", EAGER])
+@pytest.mark.parametrize("cfg", [L.SkipConfig(exit_layer=2), L.SkipConfig(skip=1)])
+def test_self_speculation_greedy_equals_generate(lm, cfg, engine):
+    ids, mask = _prompts(3)
+    out = speculative_generate(lm, ids, draft=L.self_speculative_draft(lm, cfg, k=3), attention_mask=mask,
+                               max_new_tokens=12, engine=engine)
+    assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
+    assert out.stats["accepted_tokens"] > 0
+
+
+def test_self_speculation_samples_the_target_distribution():
+    V, N = 8, 2000
+    target = tiny_lm("llama", vocab=V, layers=3, seed=3, init_std=0.5)
+    prompt = torch.arange(V)[None]
+    from accelerando.llm.sampling import SamplingConfig
+    sampling = SamplingConfig(temperature=1.0)
+    with torch.no_grad():
+        p1 = sampling.probs(target(prompt).logits[0, -1])
+        e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = sampling.probs(target(e2).logits[:, -1])
+    exact = (p1[:, None] * p2).flatten().double()
+    out = speculative_generate(target, prompt.repeat(N, 1), draft=L.self_speculative_draft(target, L.SkipConfig(skip=1), k=2),
+                               max_new_tokens=2, temperature=1.0, seed=0)
+    g = out.sequences[:, -2:]
+    obs = torch.bincount(g[:, 0] * V + g[:, 1], minlength=V * V).double()
+    keep = exact * N >= 5
+    o = torch.cat([obs[keep], obs[~keep].sum()[None]])
+    e = torch.cat([exact[keep], exact[~keep].sum()[None]]) * N
+    assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3
+
+
+# ----------------------------------------------------------------------------------- sage attention
+def test_sage_attention_is_close_and_falls_back_with_a_warning(lm):
+    ids, mask = _prompts(2, length=24)
+    m = S.use_sage_attention(copy.deepcopy(lm))
+    cos = S.attention_cosine(m, ids, mask)
+    assert len(cos) == 4 and min(cos) > 0.99
+    m4 = S.use_sage_attention(copy.deepcopy(lm), qk="int4")
+    assert min(S.attention_cosine(m4, ids, mask)) < min(cos)            # INT4 is coarser than INT8
+    q = torch.randn(1, 2, 5, 1100)
+    mod = type("M", (), {"training": False})()
+    with pytest.warns(UserWarning, match="head_dim 1100"):
+        out, _ = S.sage_attention_forward(mod, q, q, q, None, scaling=0.1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, scale=0.1).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="qk must be"):
+        S.SageConfig(qk="int2")
+    with pytest.raises(ValueError, match="pv must be"):
+        S.SageConfig(pv="bf16")
+
+
+def test_sage_attention_generates_like_the_original(lm):
+    ids, mask = _prompts(2, length=16)
+    m = S.use_sage_attention(copy.deepcopy(lm), pv="fp16")
+    with torch.no_grad():
+        a, b = m(ids, attention_mask=mask).logits, lm(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(a[valid], b[valid], dim=-1)
+    assert cos.min() > 0.99
+
+
+# ----------------------------------------------------------------------------------- bench arms
+def test_bench_arms_run_and_report_quality(lm):
+    from accelerando.bench.methods import LLMSetup
+    from accelerando.bench.runner import run_methods
+
+    class Tok:
+        pad_token_id = 0
+    ids, mask = _prompts(1)
+    s = LLMSetup(target=lm, tokenizer=Tok(), input_ids=ids, attention_mask=mask, max_new_tokens=8)
+    names = ["quant-int8", "quant-int4", "quant-bitmod", "coreinfer", "layer-skip", "self-spec", "hf-early-exit", "sage-attn"]
+    rows = run_methods(s, names, workload={"family": "llm"}, knobs={"quant-int4": {"group_size": 32},
+                       "quant-bitmod": {"group_size": 32}, "self-spec": {"exit_layer": 2, "k": 3}},
+                       repeats=1, warmup=0, score_perplexity=False)
+    by = {r.method: r for r in rows}
+    assert all(by[n].error is None for n in names), {n: by[n].error for n in names}
+    assert by["self-spec"].metrics["exact_match"] == 1.0 and by["self-spec"].metrics["lossless_verified"]
+    assert by["hf-early-exit"].metrics["exact_match"] == 1.0
+    assert 0 <= by["quant-bitmod"].metrics["token_agreement"] <= 1
+    assert lm.model.layers[0].mlp.__class__.__name__ == "LlamaMLP"       # the target itself is untouched
+    bad = run_methods(s, ["quant-bitmod"], workload={"family": "llm"}, knobs={"quant-bitmod": {"group_size": 48}},
+                      repeats=1, warmup=0, score_perplexity=False)
+    assert bad[-1].not_applicable and "does not divide" in bad[-1].error
