@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "vs full", "KV MiB held"], rows)]
             parts["C"] = "\n".join(md)
         if "D" in a.parts:
-            rows = triforce(model, tok, [1024] if q else [4096, 8192], 16 if q else 48, 1 if q else 2, 0.1, 4)
+            rows = triforce(model, tok, [1024] if q else [4096, 8100], 16 if q else 48, 1 if q else 2, 0.1, 4)
             md = [header]
             md += ["", "**D. TriForce** (the target with a 10% retrieval-chunk cache drafts k = 4 for the full "
                    "target; both on transformers' DynamicCache; wall time includes the target's prefill and the draft's own second prefill, which a shared "
