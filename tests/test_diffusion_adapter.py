@@ -4,7 +4,6 @@ slicing, set_begin_index, latents edited between steps, v-prediction, clipping),
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
 
 from accelerando.diffusion import METHODS, as_diffusers_scheduler, make_schedule, sample
@@ -479,3 +478,16 @@ def test_a_sigma_grid_ending_where_the_schedule_ends():
         as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, final_sigmas_type="sigma_min")
     with pytest.raises(ValueError, match="timesteps must"):
         as_diffusers_scheduler("ddim").set_timesteps(timesteps=[])
+
+
+def test_ddim_eta_one_equals_ddpm_scheduler_with_the_same_draws():
+    """DDIM with eta = 1 is DDPM's posterior step (mean and fixed_small variance): ddim-eta equals
+    DDPMScheduler in DDPMPipeline's loop, noise from the same generator, where DDPM steps land on the
+    grid (N divides T) and x0 is not clipped (DDPM clips inside its posterior mean, DDIM its x0)."""
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=T, clip_sample=False)
+    ours = as_diffusers_scheduler("ddim-eta", ref.config)
+    assert ours.config.timestep_spacing == "leading"
+    a = loop(ref, x0(), 10, seed=4)
+    b = loop(ours, x0(), 10, seed=4)
+    torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)

@@ -30,6 +30,7 @@ FAMILY_MODULES = (
     "accelerando.llm.kv.bench_methods",
     "accelerando.llm.compute.bench_methods",
     "accelerando.diffusion.bench_methods",
+    "accelerando.diffusion.dit.bench_methods",
 )
 
 
