@@ -222,17 +222,23 @@ def targets(saved: dict[str, Any]) -> list[str]:
         tag = f"{rows[0]['model']} @ {rows[0]['steps']} steps"
         ours = [r for r in rows if r["kind"] == "ours" and 0.4 <= r["skipped"] <= 0.6]
         hooks = [r for r in rows if r["kind"] == "diffusers"]
-        if ours and hooks:
+        half = [h for h in hooks if 0.4 <= h["skipped"] <= 0.6]
+        if ours and half:
             o = max(ours, key=lambda r: r["psnr"])
-            same_time = [h for h in hooks if h["speed16"] >= 0.95 * o["speed16"]]
-            pool = same_time or hooks
-            h = max(pool, key=lambda r: r["psnr"])
-            gap = o["psnr"] - h["psnr"]
-            out.append(f"- {tag}, about half the block evaluations: best ours {o['method']} ({o['skipped']:.0%} skipped, "
-                       f"{o['psnr']:.1f} dB, {o['speed16']:.2f}x) vs best diffusers hook "
-                       f"{'at the same or better batch-16 speed' if same_time else '(none as fast; best overall)'} "
-                       f"{h['method']} ({h['psnr']:.1f} dB, {h['speed16']:.2f}x): {gap:+.1f} dB, target >= +1 dB "
-                       f"**{'met' if gap >= 1.0 else 'not met'}**.")
+            same_time = [h for h in half if h["speed16"] >= 0.9 * o["speed16"]]   # within timing noise
+            best_half = max(half, key=lambda r: r["psnr"])
+            if same_time:
+                h = max(same_time, key=lambda r: r["psnr"])
+                gap = o["psnr"] - h["psnr"]
+                verdict = (f"vs the best diffusers hook at half the evaluations and as fast (within 10%), {h['method']} "
+                           f"({h['psnr']:.1f} dB, {h['speed16']:.2f}x): {gap:+.1f} dB, target >= +1 dB "
+                           f"**{'met' if gap >= 1.0 else 'not met'}**")
+            else:
+                verdict = "no diffusers hook at half the evaluations is as fast (target not testable as stated)"
+            out.append(f"- {tag}, about half the block evaluations: best ours {o['method']} ({o['skipped']:.0%} "
+                       f"skipped, {o['psnr']:.1f} dB, {o['speed16']:.2f}x at batch 16) {verdict}; the best hook at "
+                       f"half the evaluations regardless of time is {best_half['method']} ({best_half['psnr']:.1f} dB, "
+                       f"{best_half['speed16']:.2f}x).")
         caches = [r for r in rows if r["kind"] == "ours" and ("cache" in r["method"] or "HarmoniCa" in r["method"])]
         slow = [f"{r['method']} ({min(r['speed16'], r['speed1']):.2f}x)" for r in caches
                 if min(r["speed16"], r["speed1"]) < 1.0]
