@@ -28,7 +28,7 @@ def zoo_table() -> str:
     """One row per bundled model, from its card."""
     rows = ["| model | role | architecture | parameters | training | held-out metrics |", "|---|---|---|---|---|---|"]
     cards = [(p.parent.name, json.loads(p.read_text())) for p in MODELS.glob("*/card.json")]
-    roles = ["target", "draft", "medusa", "unet", "classifier"]
+    roles = ["target", "draft", "medusa", "unet", "dit", "classifier"]
     cards.sort(key=lambda nc: (roles.index(nc[1]["role"]) if nc[1]["role"] in roles else len(roles), nc[0]))
     for name, c in cards:
         m = c.get("metrics", {})
@@ -40,6 +40,14 @@ def zoo_table() -> str:
             arch = f"{c['architecture']}, {c['recipe']['num_layers']} layer(s) x {c['recipe']['hidden_size']}"
         elif c["role"] == "unet":
             held, arch = f"eps-prediction MSE {_fmt(m['heldout_eps_mse'])}", c["architecture"]
+        elif c["role"] == "dit":
+            held = (f"eps-prediction MSE {_fmt(m['heldout_eps_mse'])}; DDIM-25 samples: FD "
+                    f"{_fmt(m['cfg1_ddim25_frechet_distance'])}, class accuracy "
+                    f"{100 * m['cfg1_ddim25_class_accuracy']:.0f}% (guidance 1), FD "
+                    f"{_fmt(m['cfg2_ddim25_frechet_distance'])}, {100 * m['cfg2_ddim25_class_accuracy']:.0f}% (guidance 2)")
+            r = c["recipe"]
+            arch = (f"{c['architecture']}, {r['num_layers']} blocks x {r['num_heads'] * r['head_dim']}, patch 2, "
+                    f"{c['tokens']} tokens")
         elif c["role"] == "classifier":
             held, arch = f"accuracy {100 * m['heldout_accuracy']:.1f}%", c["architecture"]
         elif c["role"] == "medusa":

@@ -16,15 +16,6 @@ from accelerando.bench import methods as registry
 from accelerando.bench.methods import DiffusionOutput, LLMOutput, MethodEntry
 
 
-def one_thread():
-    """Generator for an autouse fixture: tiny models run far faster on one thread when the
-    machine's cores are shared (OpenMP threads wait on each other); restores the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fresh_registry(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_loaded", True)     # do not import the real families

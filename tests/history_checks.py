@@ -1,4 +1,5 @@
-"""Checks and fixtures shared by the SQLite and PostgreSQL history tests.
+"""Checks shared by the SQLite and PostgreSQL history tests (their fixtures ``store`` and
+``pg_store`` are in conftest.py).
 
 ``store``: a fresh, empty history location, once on SQLite (a file) and once on PostgreSQL (a new
 database on the server named by ``ACCELERANDO_TEST_POSTGRES_URL``, dropped afterwards). `./run test`
@@ -41,27 +42,6 @@ def new_postgres_db(admin_url: str):
             c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         eng.dispose()
     return admin.set(database=name).render_as_string(hide_password=False), drop
-
-
-@pytest.fixture
-def pg_store():
-    url, drop = new_postgres_db(postgres_url())
-    try:
-        yield url
-    finally:
-        drop()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "h.sqlite")
-    else:
-        url, drop = new_postgres_db(postgres_url())
-        try:
-            yield url
-        finally:
-            drop()
 
 
 def _writer(location, tag, n):

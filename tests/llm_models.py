@@ -49,11 +49,3 @@ def noisy_copy(model, noise: float, seed: int = 1):
             p.add_(torch.randn(p.shape, generator=g) * noise * p.std().clamp_min(1e-3))
     return d
 
-
-def one_thread():
-    """Generator body for an autouse fixture: tiny models run ~4x faster on one thread of this
-    shared 2-core machine (no oversubscription); the previous setting is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -10,11 +10,6 @@ import bench_fakes as F
 from accelerando.bench import metrics as M
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    yield from F.one_thread()
-
-
 def test_exact_match_and_agreement():
     ref = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8], [1, 2, 3, 0]])
     out = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8], [1, 2, 3, 0]])

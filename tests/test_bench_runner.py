@@ -13,20 +13,6 @@ from accelerando.bench.workloads import (DEFAULT_CODE_PROMPTS, DiffusionWorkload
                                          PromptsError, load_prompts)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    yield from F.one_thread()
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    F.fresh_registry(monkeypatch)
-    clock = F.FakeClock()
-    F.register_fake_llm(clock, base_s=2.0, fast_s=0.5)
-    F.register_fake_diffusion()
-    return clock
-
-
 @pytest.fixture(scope="module")
 def llm_setups():
     wl = LLMWorkload(model="tiny", prompts=("def f(x):\n", "import os\nprint("), batch_size=2,

@@ -20,11 +20,6 @@ from accelerando.diffusion import bench_methods as diffusion_methods
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    yield from F.one_thread()
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -36,16 +31,12 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture
-def env(monkeypatch, models, tmp_path):
-    """Fake methods, zoo names mapped to the tiny models, the fake schedule, a tmp history."""
-    F.fresh_registry(monkeypatch)
-    F.register_fake_llm()
-    F.register_fake_diffusion()
+def env(fakes, monkeypatch, models, tmp_path):
+    """Fake methods (conftest), zoo names mapped to the tiny models, a tmp history."""
     zoo_map = {"code-target": models["lm"], "code-draft-small": models["draft"], "digits-unet": models["unet"]}
     from accelerando import zoo
     real_path = zoo.path
     monkeypatch.setattr(zoo, "path", lambda n: str(zoo_map[n]) if n in zoo_map else real_path(n))
-    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
     monkeypatch.setattr(cli_demo, "_zoo_has", lambda n: n in zoo_map)
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)
     monkeypatch.delenv("ACCELERANDO_DEBUG", raising=False)
@@ -111,6 +102,14 @@ def test_demo_takeaway_names_the_fastest_at_no_loss():
     assert "spec, 1.80x" in lines[0]                       # not the lossy one, though it is faster
     assert "f-pndm with 10 model calls" in lines[1] and "ddim with 20" in lines[1]
     assert "2.0x faster" in lines[1] and "2.0x fewer model calls" in lines[1]
+    assert "gain is the fewer model calls" in lines[1]
+
+
+def test_demo_refuses_budgets_the_unet_lacks_before_running(env):
+    assert_one_line_error(invoke("demo", "--history", env, "--steps", "5,10", "--reference-steps", 5000),
+                          "1000 timesteps")
+    assert_one_line_error(invoke("demo", "--history", env, "--steps", "5,10", "--reference-steps", 10), "no finer")
+    assert not env.exists() or open_history(env).count() == 0
 
 
 def test_demo_degrades_without_methods_or_models(env, monkeypatch):
@@ -417,3 +416,15 @@ def test_medusa_train_on_a_random_spec_writes_readable_weights(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "h" / "medusa.safetensors").stat().st_mode & 0o777 == 0o644
     assert Medusa.load(tmp_path / "h").config.n_heads == 2
+
+
+def test_results_table_keeps_not_applicable_rows_short():
+    from rich.console import Console
+    from accelerando.bench.runner import RunRow
+    from accelerando.cli.tables import results_table
+    rows = [RunRow("prk", "diffusion", {}, error="n/a: prk needs at least 3 steps = 11 model calls: a Runge-Kutta "
+                   "step across a third or more of the interval is unstable", not_applicable=True)]
+    con = Console(width=200, record=True)
+    con.print(results_table("t", "diffusion", rows))
+    text = con.export_text()
+    assert "prk needs at least 3 steps = 11 model calls" in text and "Runge-Kutta" not in text

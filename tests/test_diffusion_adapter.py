@@ -4,7 +4,6 @@ slicing, set_begin_index, latents edited between steps, v-prediction, clipping),
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler
 
 from accelerando.diffusion import METHODS, as_diffusers_scheduler, make_schedule, sample
@@ -464,3 +463,31 @@ def test_start_j_asks_for_the_tail_of_the_full_run(method):
         tail = _requests(spec.fn(torch.zeros(1, dtype=torch.float64), grid, start=j, **knobs))
         assert [r[1] for r in tail] == [r[1] for r in full[entry[j]:]], (method, j)
         assert tail[0][3] == j
+
+
+def test_a_sigma_grid_ending_where_the_schedule_ends():
+    """SD 1.x's PNDM config (set_alpha_to_one=False) with Karras sigmas: the Karras grid already ends at
+    alphas_cumprod[0], so no zero-length step is added; diffusers' own final_sigmas_type="sigma_min" with a
+    sigma grid (a zero-length last step) is refused."""
+    s = as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, set_alpha_to_one=False)
+    s.set_timesteps(10)
+    assert len(s.timesteps) == 9 and s._grid.t[-1] == 0          # 10 Karras points = 9 steps, the last ends at t = 0
+    assert s._grid.ab[-1] == pytest.approx(float(s.schedule.alphas_cumprod[0]), rel=1e-6)
+    assert torch.isfinite(loop(s, x0(), 10)).all()
+    with pytest.raises(ValueError, match="final_sigmas_type"):
+        as_diffusers_scheduler("dpmpp-2m", None, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    with pytest.raises(ValueError, match="timesteps must"):
+        as_diffusers_scheduler("ddim").set_timesteps(timesteps=[])
+
+
+def test_ddim_eta_one_equals_ddpm_scheduler_with_the_same_draws():
+    """DDIM with eta = 1 is DDPM's posterior step (mean and fixed_small variance): ddim-eta equals
+    DDPMScheduler in DDPMPipeline's loop, noise from the same generator, where DDPM steps land on the
+    grid (N divides T) and x0 is not clipped (DDPM clips inside its posterior mean, DDIM its x0)."""
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler(num_train_timesteps=T, clip_sample=False)
+    ours = as_diffusers_scheduler("ddim-eta", ref.config)
+    assert ours.config.timestep_spacing == "leading"
+    a = loop(ref, x0(), 10, seed=4)
+    b = loop(ours, x0(), 10, seed=4)
+    torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-5)

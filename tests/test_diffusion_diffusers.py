@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
                        PNDMScheduler, UNet2DModel)
 

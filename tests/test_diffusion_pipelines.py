@@ -5,7 +5,6 @@ editing latents -- for every method; equal to diffusers' own schedulers where th
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler,
                        PNDMScheduler, UNet2DModel, UniPCMultistepScheduler)
 

@@ -5,7 +5,9 @@ Commands run through the `accelerando` CLI in this process (`./run X` is `accele
 `run` script says), with ACCELERANDO_HISTORY pointed at a temporary file. A command too long for a
 test is in README_SKIP with its reason and a cheaper equivalent that runs instead; a command that
 fails because of a known open bug is in README_XFAIL (strict: the test fails once the bug is fixed,
-so the entry must then be removed). docs/testing.md describes this.
+so the entry must then be removed); a case over ~20 s is marked slow through README_SLOW. As in
+every test (conftest.py), LLM decoding runs on the eager engine (ACCELERANDO_ENGINE=engine-eager):
+the same code without torch.compile. docs/testing.md describes this.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ README_SKIP = {
     "./run demo": ("runs every registered method on the zoo models: minutes",
                    "accelerando demo --family diffusion --steps 5 --samples 1 --reference-steps 10 --repeats 1"),
     "./run test": ("it is the test suite this test belongs to", None),
+}
+# text in a README case -> why it is marked slow (it runs in the full suite, not in `-m "not slow"`)
+README_SLOW = {
+    "accelerando bench digits-unet": "samples a 200-step reference for the quality column",
 }
 # command as written -> why it fails today (pytest.mark.xfail(strict=True))
 README_XFAIL: dict[str, str] = {}
@@ -53,15 +59,19 @@ def _commands(body: str) -> list[str]:
     return [line for line in lines if line]
 
 
+def _slow(code: str) -> list:
+    return [pytest.mark.slow] if any(s in code for s in README_SLOW) else []
+
+
 def _cases():
     cases = []
     for lang, line, body in _blocks(README.read_text()):
         if lang == "python":
-            cases.append(pytest.param("python", body, id=f"python-line-{line}"))
+            cases.append(pytest.param("python", body, id=f"python-line-{line}", marks=_slow(body)))
         elif lang in ("bash", "sh", "shell", "console"):
             for cmd in _commands(body):
                 marks = [pytest.mark.xfail(strict=True, reason=README_XFAIL[cmd])] if cmd in README_XFAIL else []
-                cases.append(pytest.param("command", cmd, id=cmd, marks=marks))
+                cases.append(pytest.param("command", cmd, id=cmd, marks=marks + _slow(cmd)))
         else:
             raise AssertionError(f"README.md line {line}: code block of unknown language {lang!r} (use python or bash)")
     return cases

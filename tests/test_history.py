@@ -11,7 +11,7 @@ import pytest
 
 from accelerando.bench import history as H
 from accelerando.bench.history import HistoryError, Measurement, open_history
-from history_checks import FIXED, assert_concurrent_writers_lose_nothing, store  # noqa: F401 (fixture)
+from history_checks import FIXED, assert_concurrent_writers_lose_nothing
 
 
 def m(method="base", family="llm", model="tiny", value=1.0, **kw):

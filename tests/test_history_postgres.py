@@ -13,7 +13,7 @@ import time
 import pytest
 
 from accelerando.bench.history import HistoryError, Measurement, open_history
-from history_checks import FIXED, pg_store, postgres_url  # noqa: F401 (fixture)
+from history_checks import FIXED, postgres_url
 
 
 def _m(method, **kw):

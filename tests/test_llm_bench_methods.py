@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from accelerando.bench.methods import LLMSetup, get_method
-from llm_models import noisy_copy, one_thread, tiny_lm
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+from llm_models import noisy_copy, tiny_lm
 
 
 class _Tok:

@@ -16,9 +16,8 @@ from accelerando.llm.compute import coreinfer as C
 from accelerando.llm.compute import layerskip as L
 from accelerando.llm.compute import quant as Q
 from accelerando.llm.compute import sage as S
-from llm_models import one_thread, tiny_lm
+from llm_models import tiny_lm
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 # the eager lean engine, in either engine vocabulary (core renames static-eager -> engine-eager)
 EAGER = "engine-eager" if hasattr(__import__("accelerando.llm.engine").llm.engine, "ENGINES") else "static-eager"
 

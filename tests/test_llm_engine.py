@@ -4,11 +4,11 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 from accelerando.llm import engine
 from accelerando.llm.static_cache import StaticKVCache
 
-transformers = pytest.importorskip("transformers")
 
 V = 96
 
@@ -74,6 +74,7 @@ def test_eos_stops_rows_like_hf():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.slow
 def test_compiled_steps_equal_hf_generate_for_two_same_depth_models():
     # same layer count, different widths: each engine must get its own compiled graphs
     for model in (_tiny("qwen2"), _tiny("llama", seed=3, hidden=48)):

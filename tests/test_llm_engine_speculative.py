@@ -12,9 +12,7 @@ from scipy.stats import chisquare
 
 from accelerando.llm import DraftModel, PromptLookup, SamplingConfig, speculative_generate
 from accelerando.llm.engine import Engine
-from llm_models import noisy_copy, one_thread, tiny_lm
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+from llm_models import noisy_copy, tiny_lm
 
 
 def _prompts(batch: int, vocab: int = 96, length: int = 12, seed: int = 0):

@@ -9,9 +9,8 @@ import torch
 
 from accelerando import zoo
 from accelerando.llm import DraftModel, PromptLookup, engine, speculative_generate
-from llm_models import one_thread, tiny_lm
+from llm_models import tiny_lm
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 TEXTS = ["def add(a, b):\n    return", "import os\nfor name in os.listdir(path):\n    if name.endswith('.py'):"]
 
 

@@ -7,13 +7,9 @@ import pytest
 import torch
 
 from accelerando.llm.drafters.prompt_lookup import NgramIndex, lookup
-from llm_models import one_thread
 from accelerando.llm.sampling import (NonFiniteLogitsError, SamplingConfig, bad_rows, check_finite, checked_argmax,
                                       checked_probs, process_logits)
 from accelerando.llm.speculative import AdaptiveK, HeuristicK, best_k, expected_tokens
-
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8),

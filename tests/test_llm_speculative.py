@@ -9,9 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from accelerando.llm import DraftModel, NonFiniteLogitsError, PromptLookup, SamplingConfig, speculative_generate
-from llm_models import ARCHS, noisy_copy, one_thread, tiny_lm
-
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
+from llm_models import ARCHS, noisy_copy, tiny_lm
 
 
 @pytest.fixture(autouse=True)

@@ -64,6 +64,7 @@ def _peeking_tree(g):
     return DraftedTree(TokenTree(tuple(parents), tuple(ranks)), tokens, q)
 
 
+@pytest.mark.slow
 def test_peeking_rule_is_detected():
     assert _pvalue(_peeking_tree, False, seed=11, n=8000) < ALPHA_SIG
 
@@ -160,6 +161,7 @@ def test_self_draft_accepts_the_whole_main_path(models, shape, draft_backend):
     assert st["accepted_tokens"] == sum(main_depths)
 
 
+@pytest.mark.slow
 def test_dynamic_sampling_is_lossless_end_to_end():
     """First two sampled tokens follow the target's joint distribution (chi-square, vocab 6, T=1)."""
     from accelerando.llm.drafters import DraftTree

@@ -7,7 +7,17 @@ from accelerando.llm.drafters import DraftTree, Medusa
 from tree_checks import end_to_end_pair_pvalue, tiny_llama, tree_generate
 
 
-TARGET, DRAFT = tiny_llama(0), tiny_llama(1, layers=1)
+IDS = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+TARGET = DRAFT = REF = None      # the models and greedy reference, built once per module by _models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models(llama_pair):
+    """Build the models when the module's tests run, not at import (collection stays cheap);
+    the tests below read them as module globals."""
+    global TARGET, DRAFT, REF
+    TARGET, DRAFT = llama_pair
+    REF = TARGET.generate(IDS, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 @pytest.fixture(autouse=True)
@@ -15,8 +25,6 @@ def _eager_engine(monkeypatch):
     """No torch.compile in tests (seconds per graph on 2 cores): the same engine code, eager."""
     from accelerando.llm import engine
     monkeypatch.setattr(engine, "DEFAULT_ENGINE", "engine-eager")
-IDS = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
-REF = TARGET.generate(IDS, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 @pytest.mark.parametrize("make", [
@@ -119,6 +127,7 @@ def test_root_only_drafter_is_plain_decoding():
     assert out.shape == (1, IDS.shape[1] + 5)
 
 
+@pytest.mark.slow
 def test_tree_steps_padded_to_a_compiled_width(monkeypatch):
     """The compiled engine pads a tree step to a bucket width (padding nodes masked); run that
     padding eagerly: still == generate, and a self-draft is still fully accepted."""

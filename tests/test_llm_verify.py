@@ -7,11 +7,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from llm_models import one_thread
 from accelerando.llm.tree_verify import residual
 from tree_checks import greedy_accept, speculative_accept
 
-_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 SIGNIFICANCE = 1e-3      # a correct rule fails a test with this probability (seeds are fixed, so never)
 V, M, N = 5, 3, 30000    # vocabulary, tokens compared, samples

@@ -6,6 +6,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from accelerando.select.evaluate import Case, cross_validate, evaluate, summarize
 from accelerando.select.features import (FEATURES, feature_names, ngram_repetition, prompt_stats,
@@ -65,7 +66,6 @@ def test_every_feature_is_documented_and_settings_are_read():
 
 
 def test_llm_facts_on_a_random_init_model():
-    torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
     from accelerando.select.features import llm_facts
     torch.manual_seed(0)
@@ -101,7 +101,6 @@ def _tiny_llama(hidden, layers, seed):
 
 
 def test_continuation_probe_scores_the_targets_own_greedy_output():
-    torch = pytest.importorskip("torch")
     from accelerando.llm.drafters.prompt_lookup import lookup
     from accelerando.select.features import continuation_probe
     target, draft = _tiny_llama(32, 2, 0), _tiny_llama(16, 1, 1)
@@ -145,7 +144,6 @@ def test_prompt_stats_repetition_at_several_n():
 
 
 def test_lookup_acceptance_and_target_markov_by_hand():
-    torch = pytest.importorskip("torch")
     from accelerando.select.features import lookup_acceptance, target_markov
     toks = [0, 1, 2, 0, 1, 2]
     # a target that predicts "the token after t is t + 1 mod 3": the lookup's copies are right
@@ -165,6 +163,7 @@ def test_lookup_acceptance_and_target_markov_by_hand():
     assert math.isnan(target_markov([0, 1, 2], cyc[:3]))   # no token occurs twice
 
 
+@pytest.mark.slow
 def test_target_markov_feature_separates_winners():
     """Prompt lookup wins exactly when the target's outputs cycle (target_markov high), whatever
     the prompt's own repetition: a selector that sees target_markov learns it, the SBS cannot."""
@@ -331,7 +330,6 @@ def test_arm_ids_survive_a_json_round_trip():
 
 
 def test_acceptance_rate_is_the_overlap_of_the_distributions():
-    torch = pytest.importorskip("torch")
     from accelerando.select.features import acceptance_rate
     a = torch.log(torch.tensor([[[0.5, 0.5, 0.0 + 1e-30]], [[0.1, 0.2, 0.7]]]))
     b = torch.log(torch.tensor([[[0.5, 0.0 + 1e-30, 0.5]], [[0.1, 0.7, 0.2]]]))
@@ -343,7 +341,6 @@ def test_acceptance_rate_is_the_overlap_of_the_distributions():
 
 
 def test_early_exit_drafts_agree_more_with_smaller_later_layers():
-    torch = pytest.importorskip("torch")
     from accelerando.select.features import acceptance_rate
     from accelerando.select.sweep import rand_llm
     ids = torch.randint(2, 90, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 import bench_fakes as F
 from accelerando import cli
-from accelerando.bench import runner as R
 from accelerando.bench.history import Measurement, open_history
 from accelerando.select import recommend as RC
 from accelerando.select.table import Constraint
@@ -21,17 +20,8 @@ LM = "rand-llama-h32-l1-v100-s0"
 DRAFT = "rand-llama-h32-l1-v100-s1"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    yield from F.one_thread()
-
-
 @pytest.fixture
-def env(monkeypatch, tmp_path):
-    F.fresh_registry(monkeypatch)
-    F.register_fake_llm()
-    F.register_fake_diffusion()
-    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
+def env(fakes, monkeypatch, tmp_path):
     monkeypatch.setattr(RC, "BUNDLED", tmp_path / "none.jsonl.gz")     # no bundled data in these tests
     monkeypatch.setattr(RC, "load_bundled", lambda path=None: [])
     monkeypatch.delenv("ACCELERANDO_HISTORY", raising=False)

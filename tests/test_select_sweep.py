@@ -15,19 +15,6 @@ from accelerando.select.features import ngram_repetition
 from accelerando.select.table import build_table
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    yield from F.one_thread()
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    F.fresh_registry(monkeypatch)
-    F.register_fake_llm()
-    F.register_fake_diffusion()
-    monkeypatch.setattr(R, "_diffusion_api", lambda: F.fake_make_schedule)
-
-
 def test_prompts_domains_differ_in_repetition():
     rng = random.Random(0)
     tok = S.char_tokenizer()

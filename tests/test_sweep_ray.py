@@ -35,6 +35,7 @@ def cluster():
     old = os.environ.get("PYTHONPATH")
     src = str(TESTS.parent / "src")
     os.environ["PYTHONPATH"] = os.pathsep.join([src, str(TESTS)] + ([old] if old else []))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield
@@ -132,3 +133,5 @@ def test_ray_sweep_survives_a_killed_worker_and_equals_serial(cluster, tmp_path,
     assert sorted(ray_rows) == sorted(_keys(serial))                    # nothing lost: the same rows
     # the killed attempt stored the cell's first round (its report died with it); the retry added the rest
     assert rep.rows < len(ray_rows)
+    with open_history(path) as h:             # each row names the core its cell was pinned to
+        assert all(r.metrics["cpu_core"] in os.sched_getaffinity(0) for r in h.rows())

@@ -12,7 +12,7 @@ from accelerando import zoo
 from accelerando.zoo import data as zoo_data
 from accelerando.zoo import train as zoo_train
 
-LMS = ("code-target", "code-draft-small", "code-draft-tiny")
+LMS = ("code-target", "code-draft-small", "code-draft-tiny", "code-long-target")
 REL = 1e-3
 
 
@@ -25,7 +25,8 @@ def _need(name: str) -> None:
 
 def test_names_and_paths():
     assert set(zoo.names()) == {"code-target", "code-draft-small", "code-draft-tiny", "code-target-medusa",
-                                "digits-unet", "digits-classifier"}
+                                "code-long-target",
+                                "digits-unet", "digits-classifier", "digits-dit", "digits-dit-32"}
     for n in zoo.names():
         assert zoo.path(n).endswith(f"zoo/models/{n}")
 
@@ -47,9 +48,11 @@ def test_card_fields(name):
     for key in ("role", "family", "parameters", "data", "steps", "seed", "metrics", "train_seconds",
                 "eval_slice"):
         assert key in c, key
-    assert c["role"] in {"target", "draft", "unet", "classifier"}
+    assert c["role"] in {"target", "draft", "unet", "classifier", "dit"}
     assert c["role"] == {"code-target": "target", "code-draft-small": "draft", "code-draft-tiny": "draft",
-                         "digits-unet": "unet", "digits-classifier": "classifier"}[name]
+                         "code-long-target": "target",
+                         "digits-unet": "unet", "digits-classifier": "classifier", "digits-dit": "dit",
+                         "digits-dit-32": "dit"}[name]
     assert (zoo.MODELS_DIR / name / "README.md").exists()
     # the parameter count on the card is the loaded model's
     assert c["parameters"] == sum(p.numel() for p in zoo.load(name).parameters())
@@ -224,6 +227,20 @@ def test_unet_slice_metric_matches_card():
     sl = card["eval_slice"]
     mse = zoo_train.unet_eval(unet, x_ho[: sl["images"]], seed=sl["seed"])
     assert mse == pytest.approx(sl["eps_mse"], rel=REL)
+
+
+@pytest.mark.parametrize("name", ["digits-dit", "digits-dit-32"])
+def test_dit_slice_metric_matches_card(name):
+    _need(name)
+    card = zoo.card(name)
+    model = zoo.load(name)
+    assert type(model).__name__ == "DiTTransformer2DModel" and model.config.patch_size == 2
+    assert model.config.sample_size == card["sample_size"] and model.config.num_embeds_ada_norm == 10
+    _, _, x_ho, y_ho = zoo_data.digits_arrays(card["sample_size"])
+    sl = card["eval_slice"]
+    mse = zoo_train.unet_eval(model, x_ho[: sl["images"]], seed=sl["seed"], labels=y_ho[: sl["images"]])
+    assert mse == pytest.approx(sl["eps_mse"], rel=REL)
+    assert zoo.load_scheduler(name).config.num_train_timesteps == 1000
 
 
 def test_classifier_slice_and_features():

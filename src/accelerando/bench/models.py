@@ -149,15 +149,25 @@ def load_unet(name: str | ModelRef, *, device: Any = "cpu") -> LoadedUNet:
     cls = getattr(diffusers, cls_name, None)
     if cls is None:
         raise ModelError(f"diffusers has no model class {cls_name}")
+    n_train, prediction = load_unet_config(ref)
+    sub = {"subfolder": "unet"} if (d / "unet" / "config.json").exists() else {}
+    return LoadedUNet(cls.from_pretrained(d, **sub).to(device).eval(), n_train, prediction, ref)
+
+
+def load_unet_config(name: str | ModelRef) -> tuple[int, str]:
+    """(training timesteps, prediction type) of a diffusion model, without loading its weights."""
+    ref = name if isinstance(name, ModelRef) else resolve(name)
+    _want(ref, "diffusion")
     n_train, prediction = 1000, "epsilon"
-    for sc in (d / "scheduler" / "scheduler_config.json", d / "scheduler_config.json"):
+    if ref.path is None:
+        return n_train, prediction
+    for sc in (ref.path / "scheduler" / "scheduler_config.json", ref.path / "scheduler_config.json"):
         if sc.exists():
             cfg = json.loads(sc.read_text())
             n_train = int(cfg.get("num_train_timesteps", n_train))
             prediction = str(cfg.get("prediction_type", prediction))
             break
-    sub = {"subfolder": "unet"} if (d / "unet" / "config.json").exists() else {}
-    return LoadedUNet(cls.from_pretrained(d, **sub).to(device).eval(), n_train, prediction, ref)
+    return n_train, prediction
 
 
 class ModelCache:

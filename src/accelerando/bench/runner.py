@@ -426,6 +426,9 @@ def _diffusion_api():
 
 def unet_eps_fn(unet: Any, *, prediction_type: str = "epsilon", schedule: Any = None) -> Callable[[Any, Any], Any]:
     """eps(x, t) from a diffusers UNet (through ``accelerando.diffusion.models`` when present)."""
+    if type(unet).__name__ == "DiTTransformer2DModel":    # class-conditional: sample i gets label i mod 10
+        from accelerando.diffusion.dit import DiTDenoiser
+        return DiTDenoiser(unet)
     try:
         from accelerando.diffusion.models import eps_fn_from_unet
     except ImportError:

@@ -34,6 +34,7 @@ def _root(ctx: typer.Context,
 
 def _mount(app: typer.Typer) -> None:
     from accelerando.cli import bench, demo, history, report, zoo
+    from accelerando.diffusion.dit import cli as dit_cli
     from accelerando.llm import medusa_cli
     from accelerando.select import cli as select_cli
 
@@ -46,6 +47,7 @@ def _mount(app: typer.Typer) -> None:
     app.add_typer(zoo.app, name="zoo")
     app.add_typer(select_cli.select_app, name="select")
     app.add_typer(medusa_cli.app, name="medusa")
+    app.add_typer(dit_cli.app, name="dit")
 
 
 _mount(app)

@@ -64,6 +64,12 @@ class bar:
     def total(self, n: int) -> None:
         self.p.update(self.task, total=n)
 
+    def at(self, done: int, n: int, label: str = "", *, line: bool = True) -> None:
+        """``done`` of ``n`` finished; in a log, a plain line only where ``line``."""
+        self.p.update(self.task, total=n, completed=done, description=f"{self.what}: {label}" if label else self.what)
+        if self.lines and line:
+            self._line(f"[{done}/{n}] {self.what}: {label}")
+
     def __call__(self, i: int, n: int, label: str = "", eta: float | None = None) -> None:
         """Sweep-style: item ``i`` of ``n`` (0-based) starts (or, for Ray, has finished)."""
         self.p.update(self.task, total=n, completed=i, description=f"{self.what}: {label}" if label else self.what)

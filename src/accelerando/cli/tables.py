@@ -52,6 +52,7 @@ def _vs_ref(m: dict[str, Any]) -> str:
 
 
 def results_table(title: str, family: str, rows: list[Any], label: str = ""):
+    from rich.markup import escape
     from rich.table import Table
     with_ref = any(_num(r.metrics.get("speedup_vs_reference")) for r in rows)
     t = Table(title=title, title_justify="left")
@@ -63,8 +64,12 @@ def results_table(title: str, family: str, rows: list[Any], label: str = ""):
     for r in rows:
         name = r.method + (" (baseline)" if r.is_baseline else "")
         if r.error:
-            status = "[yellow]n/a[/yellow]" if getattr(r, "not_applicable", False) else "[red]failed[/red]"
-            t.add_row(name, "-", "-", "-", *(("-",) if with_ref else ()), status, r.error[:120])
+            na = getattr(r, "not_applicable", False)
+            status = "[yellow]n/a[/yellow]" if na else "[red]failed[/red]"
+            # n/a: its first clause ("prk needs at least 3 steps = 11 model calls"); failed: the
+            # start of the message (the caller lists the full messages below the table)
+            note = r.error.removeprefix("n/a: ").split(": ")[0] if na else r.error[:120]
+            t.add_row(name, "-", "-", "-", *(("-",) if with_ref else ()), status, escape(note))
             continue
         m = r.metrics
         t.add_row(name, _fmt(m.get("median_s")), _fmt(m.get("iqr_s"), 2),

@@ -120,7 +120,22 @@ class BelowMinimumError(ValueError):
     """Fewer steps (or model calls) than the method's warm-up plus one step of its main scheme."""
 
 
+# Extension point: methods defined outside this table register themselves with ``register_method``;
+# a name prefix maps to the module that does so on import (loaded on first use of such a name).
+EXTENSIONS: dict[str, str] = {"usf-": "accelerando.diffusion.usf"}
+
+
+def register_method(spec: SamplerSpec) -> None:
+    """Add (or replace) a sampling method, e.g. a searched USF schedule."""
+    SPECS[spec.name] = spec
+
+
 def get_spec(method: str) -> SamplerSpec:
+    if method not in SPECS:
+        for prefix, module in EXTENSIONS.items():
+            if method.startswith(prefix):
+                import importlib
+                importlib.import_module(module).register()
     try:
         return SPECS[method]
     except KeyError:

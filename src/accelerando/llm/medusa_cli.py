@@ -88,7 +88,7 @@ def self_generated_rows(model: Any, tok: Any, *, n_per_kind: int = 200, prompt_l
 def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n_layers: int = 1,
                 projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
                 lr: float = 1e-3, max_tokens: int = 400_000, tree_nodes: int = 32, seed: int = 0,
-                data_desc: str = "", log_every: int = 0, distill: bool = False,
+                data_desc: str = "", log_every: int = 0, distill: bool = False, progress: Any = None,
                 self_generated: int = 0) -> dict[str, Any]:
     """Train, measure held-out accuracies, pick the sparse tree, save heads + card.json; returns the card."""
     import torch
@@ -113,7 +113,7 @@ def train_heads(target: str, texts: list[str], out: Path, *, n_heads: int = 4, n
         ids = tok(sep.join(texts), return_tensors="pt").input_ids[0][:max_tokens]
     heads = Medusa.train(model, ids, n_heads=n_heads, n_layers=n_layers, projection=projection, rank=rank,
                          steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                         log_every=log_every, distill=distill, seq_len=seq_len)
+                         log_every=log_every, distill=distill, seq_len=seq_len, progress=progress)
     heads.config.base_model = target
     elapsed = time.perf_counter() - t0
     heads.save(out)
@@ -160,7 +160,11 @@ def train_cmd(
     if self_generated and data:
         raise typer.BadParameter("--self-generated draws its prompts from the zoo corpus; drop --data")
     texts, desc = load_texts(data)
-    card = train_heads(target, texts, out, n_heads=heads, n_layers=layers, projection=projection, rank=rank,
-                       steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
-                       data_desc=desc, log_every=50, distill=distill, self_generated=self_generated)
+    from accelerando.cli.progress import bar
+    with bar(steps, "medusa train") as b:
+        def progress(i: int, n: int) -> None:
+            b.at(i, n, f"step {i}/{n}", line=i % 50 == 0 or i == n)
+        card = train_heads(target, texts, out, n_heads=heads, n_layers=layers, projection=projection, rank=rank,
+                           steps=steps, batch_tokens=batch_tokens, lr=lr, tree_nodes=tree_nodes, seed=seed,
+                           data_desc=desc, distill=distill, self_generated=self_generated, progress=progress)
     typer.echo(f"saved {card['parameters']} parameters to {out}; held-out top-1 per head: {card['heldout_top1_accuracy']}")

@@ -89,6 +89,9 @@ def sweep(
     ray = ray or ray_address is not None
     if ray and retime:
         raise CLIError("--ray runs a sweep; --retime runs in this process (interleaved rounds need one machine)")
+    if ray and max_minutes:
+        raise CLIError("--max-minutes applies to a sweep in this process; with --ray every workload is queued at "
+                       "once (stop it with Ctrl-C: a rerun resumes from the history)")
 
     if retime:
         _retime(ctx, history, S, llm, diffusion, seed, rounds, max_minutes, device, bundle, console,
@@ -134,7 +137,9 @@ def _ray_sweep(S, wls, h, location, methods, repeats, reference_steps, device, a
     except ImportError:
         raise CLIError("--ray needs Ray: pip install 'accelerando[ray]'") from None
     from .ray_sweep import cluster_nodes, ray_sweep
+    import os
     import ray as _ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not _ray.is_initialized():
         kw = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
         try:

@@ -5,7 +5,7 @@ speed-up is a ratio to the baseline measured in the same round on the same core 
 a workload would divide times taken on different machines). The cells run as Ray tasks, each
 reserving one CPU (``num_cpus=1``) and pinning itself to one core of its node that no other cell
 holds (an exclusive lock file per core, ``claim_core``), with one torch thread: two timing cells
-never share a core. Ray's own processes are not pinned; on a node that must also run other work,
+never share a core. Each row records its core (``metrics["cpu_core"]``). Ray's own processes are not pinned; on a node that must also run other work,
 start Ray with ``--num-cpus`` below the core count.
 
 Faults: a cell writes each round's rows in one transaction, each row with a deterministic row key
@@ -64,7 +64,8 @@ def run_cell(wl: Any, history: str, options: dict[str, Any], setup: Callable[[],
     torch.set_num_threads(1)
     try:
         with open_history(history) as h:
-            part = sweep_cell(wl, history=h, cache=ModelCache(options.get("device", "cpu")), **options)
+            part = sweep_cell(wl, history=h, cache=ModelCache(options.get("device", "cpu")),
+                              note={"cpu_core": core} if core is not None else None, **options)
         part.stopped_early = False
         return part
     finally:
@@ -84,6 +85,7 @@ def ray_sweep(workloads: Sequence[Any], *, history: str, address: str | None = N
     starts a local one with ``num_cpus`` CPUs (default: all). An already initialised Ray session
     is used as it is. ``setup`` runs in the worker before each cell (tests register fake methods
     with it). ``progress(i, n, label, eta_s)`` is called as cells finish."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # no phoning home from a benchmark
     import ray
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}

@@ -162,7 +162,8 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
     from accelerando.bench.workloads import DiffusionWorkload
     rng = random.Random(seed + 1)
     zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
-    zoo = ["digits-unet"] if "digits-unet" in zoo_names else []
+    # zoo models join only --zoo grids (the bundled history was swept on random models alone)
+    zoo = [z for z in ("digits-unet", "digits-dit") if z in zoo_names]
     models = zoo + ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
     wide_models = models + ["rand-unet-c24x48-i12-s3"]
     out = []
@@ -213,7 +214,8 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                               workload: dict[str, Any], reference: Any, history: Any, repeats: int, warmup: int,
                               done: set[tuple[str, str]] | None = None,
                               fractions: Sequence[float] = STEP_FRACTIONS,
-                              round_index: Sequence[int] | None = None) -> Iterable[list[Any]]:
+                              round_index: Sequence[int] | None = None,
+                              note: dict[str, Any] | None = None) -> Iterable[list[Any]]:
     """Run each round at every step fraction; yield the rows of each round (all fractions).
 
     The full-budget baseline is measured first in every round (``run_methods`` does that); its
@@ -257,7 +259,7 @@ def diffusion_fraction_rounds(setups: Sequence[Any], rounds: Sequence[dict[str, 
                 x.knobs = {**x.knobs, "steps_frac": f} if not m["is_baseline"] else x.knobs
                 x.metrics = m
                 keep.append(x)
-            _record(history, keep, workload, "diffusion", run_id, _round_key("sweep", str(key), r_key, todo, f))
+            _record(history, keep, workload, "diffusion", run_id, _round_key("sweep", str(key), r_key, todo, f), note)
             out += keep + [x for x in rows if x.error is not None]
         yield out
 
@@ -292,12 +294,13 @@ def _label_of(wl: Any) -> str:
 def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[str, str]] | None = None,
                methods: Sequence[str] | None = None, knob_grid: dict[str, list[dict[str, Any]]] | None = None,
                repeats: int = 2, warmup: int = 1, reference_steps: int = 100, device: str = "cpu",
-               mem_bw_gbs: float | None = None) -> SweepReport:
+               mem_bw_gbs: float | None = None, note: dict[str, Any] | None = None) -> SweepReport:
     """One workload of the sweep (a cell: every method round of the workload, because a
     speed-up is against the baseline measured in the same round, in the same process): measure
     its features, run the rounds not in ``done`` (a set of (sweep_key, arm id); read from
     ``history`` when None, updated here), record each round's rows in ``history`` with row keys
-    (``row_key``) in one transaction. Returns this cell's counts."""
+    (``row_key``) in one transaction; ``note`` is added to every row's metrics (e.g. the core a
+    Ray cell was pinned to). Returns this cell's counts."""
     from accelerando.bench.runner import (build_diffusion_setups, build_llm_setups, diffusion_reference,
                                           llm_workload_facts, run_methods)
     from .features import diffusion_facts, memory_bandwidth_gbs, setup_facts
@@ -338,7 +341,7 @@ def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[st
     if wl.family == "diffusion":
         rounds_rows = diffusion_fraction_rounds(setups, [t for _, t in rounds], workload=wkey, reference=ref,
                                                 history=history, repeats=repeats, warmup=warmup, done=done,
-                                                round_index=[i for i, _ in rounds])
+                                                round_index=[i for i, _ in rounds], note=note)
     else:
         def llm_rounds() -> Iterator[list[Any]]:
             for r_i, r in rounds:
@@ -346,7 +349,7 @@ def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[st
                 rows = run_methods(setups, list(r), workload=wkey, knobs=r, repeats=repeats, warmup=warmup,
                                    history=None, reference=ref, run_id=run_id)
                 _record(history, [x for x in rows if x.error is None], wkey, "llm", run_id,
-                        _round_key("sweep", key, r_i, r))
+                        _round_key("sweep", key, r_i, r), note)
                 yield rows
         rounds_rows = llm_rounds()
     for rows in rounds_rows:
@@ -360,13 +363,13 @@ def sweep_cell(wl: Any, *, history: Any, cache: "ModelCache", done: set[tuple[st
 
 
 def _record(history: Any, rows: list[Any], workload: dict[str, Any], family: str, run_id: str,
-            keys: Callable[[str, dict[str, Any]], str]) -> None:
+            keys: Callable[[str, dict[str, Any]], str], note: dict[str, Any] | None = None) -> None:
     """Rows of one round into the history, one transaction, each with its row key."""
     from accelerando.bench.history import Measurement
     if history is None or not rows:
         return
     ids = history.record_many([Measurement(workload=dict(workload), method=x.method, knobs=x.knobs,
-                                           metrics=x.metrics, seed=int(workload.get("seed", 0)), family=family,
+                                           metrics={**x.metrics, **(note or {})}, seed=int(workload.get("seed", 0)), family=family,
                                            run_id=run_id, row_key=keys(x.method, x.knobs)) for x in rows])
     for x, i in zip(rows, ids):
         x.measurement_id = i

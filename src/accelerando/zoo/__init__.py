@@ -22,9 +22,12 @@ _ROLES = {
     "code-target": "target",
     "code-draft-small": "draft",
     "code-draft-tiny": "draft",
+    "code-long-target": "target",     # long context (2048-token training, 8192 positions): accelerando.zoo.long_context
     "code-target-medusa": "medusa",
     "digits-unet": "unet",
     "digits-classifier": "classifier",
+    "digits-dit": "dit",
+    "digits-dit-32": "dit",
 }
 _WEIGHTS_CONFIG = {"medusa": "medusa.json"}       # the file that says a model is there (else config.json)
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -74,6 +77,9 @@ def load(name: str, *, device: Any = "cpu") -> Any:
     elif role == "unet":
         from diffusers import UNet2DModel
         model = UNet2DModel.from_pretrained(p)
+    elif role == "dit":
+        from diffusers import DiTTransformer2DModel
+        model = DiTTransformer2DModel.from_pretrained(p)
     elif role == "medusa":
         from accelerando.llm.drafters.medusa import Medusa
         model = Medusa.load(p)
@@ -93,7 +99,7 @@ def load_tokenizer(name: str = "code-target") -> Any:
 
 def load_scheduler(name: str = "digits-unet") -> Any:
     """The DDPMScheduler the UNet was trained with (1000 steps, linear betas 1e-4..0.02, epsilon)."""
-    if _ROLES[_check(name)] != "unet":
+    if _ROLES[_check(name)] not in ("unet", "dit"):
         raise ValueError(f"{name} is not a diffusion model")
     from diffusers import DDPMScheduler
     return DDPMScheduler.from_pretrained(path(name), subfolder="scheduler")
@@ -156,6 +162,10 @@ def _metrics_text(c: dict[str, Any]) -> str:
         return "; ".join(parts)
     if c["role"] == "unet":
         return f"eps-MSE {m['heldout_eps_mse']:.4f} ({m['heldout_images']} images)"
+    if c["role"] == "dit":
+        return (f"eps-MSE {m['heldout_eps_mse']:.4f}; DDIM-25 FD {m.get('cfg1_ddim25_frechet_distance', '-')} / "
+                f"class acc {m.get('cfg1_ddim25_class_accuracy', '-')} (cfg 1), "
+                f"{m.get('cfg2_ddim25_frechet_distance', '-')} / {m.get('cfg2_ddim25_class_accuracy', '-')} (cfg 2)")
     if c["role"] == "medusa":
         top1 = c.get("heldout_top1_accuracy") or []
         return "held-out top-1 per head " + " / ".join(f"{a:.0%}" for a in top1)
@@ -173,7 +183,7 @@ def markdown_table() -> str:
             rows.append(f"| {n} | {_ROLES[n]} | - | - | - | - | not trained |")
             continue
         data = ("stdlib code + pydoc prose" if c["role"] in ("target", "draft", "medusa")
-                else "sklearn digits 16x16")
+                else f"sklearn digits {c.get('sample_size', 16)}x{c.get('sample_size', 16)}")
         rows.append(f"| {n} | {c['role']} | {c['parameters']:,} | {data} | {c['steps']} | "
                     f"{c['train_seconds'] / 60:.1f} min | {_metrics_text(c)} |")
     size = sum(f.stat().st_size for f in MODELS_DIR.rglob("*") if f.is_file()) if MODELS_DIR.exists() else 0

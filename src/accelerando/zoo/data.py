@@ -123,9 +123,9 @@ def corpus_stats() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- digits
 
-def digits_arrays() -> tuple[Any, Any, Any, Any]:
+def digits_arrays(size: int = 16) -> tuple[Any, Any, Any, Any]:
     """scikit-learn's 8x8 digits as (x_train, y_train, x_heldout, y_heldout): float32 images
-    (N, 1, 16, 16) upsampled bilinearly and scaled to [-1, 1], int64 labels. Held-out: every sample
+    (N, 1, size, size) upsampled bilinearly and scaled to [-1, 1], int64 labels. Held-out: every sample
     whose index hashes into the held-out ~HELDOUT_PERCENT*3 % (about 15%)."""
     import numpy as np
     import torch
@@ -134,7 +134,7 @@ def digits_arrays() -> tuple[Any, Any, Any, Any]:
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0            # (N,1,8,8) in [0,1]
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x * 2.0 - 1.0).clamp(-1.0, 1.0)
     y = torch.tensor(d.target, dtype=torch.int64)
     held = np.array([int.from_bytes(hashlib.sha256(f"digit:{i}".encode()).digest()[:8], "big") % 100 < 15

@@ -73,6 +73,20 @@ class UNetSpec:
 
 
 @dataclass(frozen=True)
+class DiTSpec:
+    """A class-conditional pixel-space DiT (diffusers `DiTTransformer2DModel`, patch size 2)."""
+    steps: int
+    sample_size: int = 16
+    num_layers: int = 6
+    num_heads: int = 4
+    head_dim: int = 16
+    lr: float = 2e-3
+    batch_size: int = 32
+    label_dropout: float = 0.1          # labels -> the null class (index 10) for classifier-free guidance
+    num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
 class ClassifierSpec:
     steps: int
     lr: float = 3e-3
@@ -87,6 +101,8 @@ SPECS: dict[str, Any] = {
                               embed_from_teacher=True),
     "digits-unet": UNetSpec(steps=600),
     "digits-classifier": ClassifierSpec(steps=300),
+    "digits-dit": DiTSpec(steps=1500),
+    "digits-dit-32": DiTSpec(steps=400, sample_size=32, batch_size=16),
 }
 TARGET = "code-target"
 EVAL_SLICE_WINDOWS = 4          # the fixed held-out slice whose metric tests reproduce
@@ -402,8 +418,9 @@ def ddpm_scheduler(num_train_timesteps: int = 1000) -> Any:
 
 @torch.no_grad()
 def unet_eval(unet: Any, x0: torch.Tensor, *, seed: int = 1234, num_train_timesteps: int = 1000,
-              batch_size: int = 128) -> float:
-    """Held-out eps-prediction MSE at seeded timesteps and noise (one draw per image)."""
+              batch_size: int = 128, labels: torch.Tensor | None = None) -> float:
+    """Held-out eps-prediction MSE at seeded timesteps and noise (one draw per image); `labels`:
+    class labels of a class-conditional model (a DiT)."""
     sched = ddpm_scheduler(num_train_timesteps)
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, num_train_timesteps, (len(x0),), generator=g)
@@ -413,52 +430,73 @@ def unet_eval(unet: Any, x0: torch.Tensor, *, seed: int = 1234, num_train_timest
     unet.eval()
     se = 0.0
     for s in range(0, len(x0), batch_size):
-        pred = unet(xt[s: s + batch_size], t[s: s + batch_size]).sample
+        kw = {} if labels is None else {"class_labels": labels[s: s + batch_size]}
+        pred = unet(xt[s: s + batch_size], t[s: s + batch_size], **kw).sample
         se += float(((pred - noise[s: s + batch_size]) ** 2).sum())
     return se / noise.numel()
 
 
-def _train_unet(name: str, spec: UNetSpec, *, seed: int, out: Path, progress: Any) -> dict[str, Any]:
-    x_tr, _, x_ho, _ = zoo_data.digits_arrays()
-    torch.manual_seed(seed)
-    unet = build_unet(spec).float()
-    sched = ddpm_scheduler(spec.num_train_timesteps)
-    ac_all = sched.alphas_cumprod.float()
-    n_params = sum(p.numel() for p in unet.parameters())
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.0)
+def _denoiser_loop(name: str, model: Any, forward: Callable[..., Any], x_tr: torch.Tensor, y_tr: torch.Tensor, *,
+                   steps: int, lr: float, batch_size: int, num_train_timesteps: int, seed: int, progress: Any,
+                   label_dropout: float | None = None, max_shift: int = 1) -> tuple[dict[str, Any], list[str], float]:
+    """eps-prediction training (DDPM loss) with AdamW, warmup + cosine and an EMA of the weights.
+    `forward(model, xt, t, y)` -> eps; `label_dropout` (class-conditional models) replaces labels by
+    the null class `10` with that probability, for classifier-free guidance. Returns (EMA state, log,
+    seconds)."""
+    ac_all = ddpm_scheduler(num_train_timesteps).alphas_cumprod.float()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ema_decay = 0.995
     log: list[str] = []
     t0 = time.time()
-    unet.train()
-    warmup = max(1, min(100, spec.steps // 10))
-    for step in range(spec.steps):
-        idx = torch.randint(0, len(x_tr), (spec.batch_size,), generator=gen)
-        x0 = zoo_data.shift_augment(x_tr[idx], gen)
-        t = torch.randint(0, spec.num_train_timesteps, (spec.batch_size,), generator=gen)
+    model.train()
+    warmup = max(1, min(100, steps // 10))
+    for step in range(steps):
+        idx = torch.randint(0, len(x_tr), (batch_size,), generator=gen)
+        x0 = zoo_data.shift_augment(x_tr[idx], gen, max_shift)
+        t = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        y = None
+        if label_dropout is not None:
+            drop = torch.rand(batch_size, generator=gen) < label_dropout
+            y = torch.where(drop, torch.full_like(y_tr[idx], 10), y_tr[idx])
         ac = ac_all[t].view(-1, 1, 1, 1)
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         for g in opt.param_groups:
-            g["lr"] = _cosine_lr(step, spec.steps, spec.lr, warmup)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+            g["lr"] = _cosine_lr(step, steps, lr, warmup)
+        loss = F.mse_loss(forward(model, xt, t, y), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
             d = min(ema_decay, (step + 1) / (step + 10))
-            for k, v in unet.state_dict().items():
+            for k, v in model.state_dict().items():
                 if v.dtype.is_floating_point:
                     ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
                 else:
                     ema[k].copy_(v)
-        if step % 100 == 0 or step == spec.steps - 1:
-            msg = f"step {step + 1}/{spec.steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)"
+        if step % 100 == 0 or step == steps - 1:
+            msg = f"step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)"
             log.append(msg)
             _log(progress, f"[{name}] {msg}")
-    train_seconds = time.time() - t0
+    return ema, log, time.time() - t0
+
+
+def _unet_forward(model: Any, xt: torch.Tensor, t: torch.Tensor, y: Any) -> torch.Tensor:
+    return model(xt, t).sample
+
+
+def _train_unet(name: str, spec: UNetSpec, *, seed: int, out: Path, progress: Any) -> dict[str, Any]:
+    x_tr, y_tr, x_ho, _ = zoo_data.digits_arrays()
+    torch.manual_seed(seed)
+    unet = build_unet(spec).float()
+    n_params = sum(p.numel() for p in unet.parameters())
+    ema, log, train_seconds = _denoiser_loop(name, unet, _unet_forward, x_tr, y_tr, steps=spec.steps, lr=spec.lr,
+                                             batch_size=spec.batch_size, seed=seed, progress=progress,
+                                             num_train_timesteps=spec.num_train_timesteps)
+    ema_decay = 0.995
     unet.load_state_dict(ema)
     unet.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -478,6 +516,108 @@ def _train_unet(name: str, spec: UNetSpec, *, seed: int, out: Path, progress: An
         eval_slice={"images": 32, "seed": 1234, "eps_mse": slice_mse}, train_seconds=train_seconds,
         summary="Epsilon-prediction UNet for 1x16x16 digits with a 1000-step linear-beta DDPM schedule "
                 "(weights are the EMA).",
+        log=log)
+    _write_card(out, card)
+    return card
+
+
+def build_dit(spec: DiTSpec | None = None) -> Any:
+    """diffusers' DiTTransformer2DModel for 1-channel digits: eps output only (no learned sigma),
+    10 classes + a null class. The per-block label embedders' own dropout is switched off: the
+    training loop drops labels itself, once per image (diffusers' embedders would each drop
+    independently, so blocks would disagree about the label)."""
+    from diffusers import DiTTransformer2DModel
+    spec = spec or SPECS["digits-dit"]
+    model = DiTTransformer2DModel(num_attention_heads=spec.num_heads, attention_head_dim=spec.head_dim,
+                                  in_channels=1, out_channels=1, num_layers=spec.num_layers,
+                                  sample_size=spec.sample_size, patch_size=2, num_embeds_ada_norm=10,
+                                  norm_num_groups=1)
+    for m in model.modules():
+        if type(m).__name__ == "LabelEmbedding":
+            m.dropout_prob = 0.0
+    return model
+
+
+def _dit_forward(model: Any, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(xt, t, class_labels=y).sample
+
+
+def dit_eps_fn(model: Any, labels: torch.Tensor, *, guidance: float = 1.0) -> Callable[..., torch.Tensor]:
+    """eps(x, t) of a class-conditional zoo DiT with classifier-free guidance
+    eps_u + w (eps_c - eps_u) (Ho & Salimans 2022); w = 1 is the conditional model alone."""
+    null = torch.full_like(labels, 10)
+
+    @torch.no_grad()
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
+        if guidance == 1.0:
+            return model(x, t, class_labels=labels).sample
+        out = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+        e_c, e_u = out.chunk(2)
+        return e_u + guidance * (e_c - e_u)
+    return eps
+
+
+@torch.no_grad()
+def dit_sample_metrics(model: Any, *, n_per_class: int = 10, steps: int = 25, guidance: float = 1.0,
+                       seed: int = 0, classifier: Any = None) -> dict[str, float]:
+    """Fréchet distance (zoo classifier's features) to the held-out digits and the classifier's
+    accuracy on the requested classes, of DDIM samples of a class-conditional DiT (32x32 samples
+    are average-pooled to the classifier's 16x16)."""
+    from accelerando import zoo
+    from accelerando.diffusion.api import sample
+    clf = classifier if classifier is not None else zoo.load_classifier()
+    size = model.config.sample_size
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    x_T = torch.randn(len(labels), 1, size, size, generator=torch.Generator().manual_seed(seed))
+    x0 = sample(dit_eps_fn(model, labels, guidance=guidance), x_T, method="ddim", steps=steps).clamp(-1, 1)
+    x16 = F.avg_pool2d(x0, size // 16) if size > 16 else x0
+    fd = zoo.frechet_distance(zoo.fid_features(x16, classifier=clf), zoo.fid_features(zoo.reference_digits(), classifier=clf))
+    acc = float((clf(x16).argmax(-1) == labels).float().mean())
+    return {"frechet_distance": round(fd, 4), "class_accuracy": round(acc, 4)}
+
+
+def _train_dit(name: str, spec: DiTSpec, *, seed: int, out: Path, progress: Any) -> dict[str, Any]:
+    x_tr, y_tr, x_ho, y_ho = zoo_data.digits_arrays(spec.sample_size)
+    torch.manual_seed(seed)
+    model = build_dit(spec).float()
+    n_params = sum(p.numel() for p in model.parameters())
+    ema, log, train_seconds = _denoiser_loop(name, model, _dit_forward, x_tr, y_tr, steps=spec.steps, lr=spec.lr,
+                                             batch_size=spec.batch_size, seed=seed, progress=progress,
+                                             num_train_timesteps=spec.num_train_timesteps,
+                                             label_dropout=spec.label_dropout, max_shift=spec.sample_size // 16)
+    model.load_state_dict(ema)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    ddpm_scheduler(spec.num_train_timesteps).save_pretrained(str(out / "scheduler"))
+    mse = unet_eval(model, x_ho, labels=y_ho)
+    slice_mse = unet_eval(model, x_ho[:32], labels=y_ho[:32])
+    t_eval = time.time()
+    metrics: dict[str, Any] = {"heldout_eps_mse": round(mse, 6), "heldout_images": len(x_ho)}
+    for w in (1.0, 2.0):
+        m = dit_sample_metrics(model, guidance=w, seed=seed)
+        metrics[f"cfg{w:g}_ddim25_frechet_distance"] = m["frechet_distance"]
+        metrics[f"cfg{w:g}_ddim25_class_accuracy"] = m["class_accuracy"]
+    _log(progress, f"[{name}] {metrics} ({time.time() - t_eval:.0f}s)")
+    card = _card(
+        name, "dit", "ddpm", "DiTTransformer2DModel", n_params=n_params, seed=seed, steps=spec.steps,
+        data=f"scikit-learn load_digits (8x8 -> {spec.sample_size}x{spec.sample_size} bilinear, [-1,1], "
+             f"+-{spec.sample_size // 16}px shifts), ~15% held out by index hash",
+        prediction_type="epsilon", sample_size=spec.sample_size, in_channels=1, patch_size=2,
+        tokens=(spec.sample_size // 2) ** 2, num_classes=10, null_class=10,
+        scheduler={"num_train_timesteps": spec.num_train_timesteps, "beta_schedule": "linear",
+                   "beta_start": 1e-4, "beta_end": 0.02},
+        recipe={**asdict(spec), "optimizer": "AdamW", "ema_decay": 0.995, "schedule": "warmup+cosine to 0.1"},
+        metrics=metrics, eval_slice={"images": 32, "seed": 1234, "eps_mse": slice_mse,
+                                     "labels": "held-out labels"},
+        sample_metrics_note="100 DDIM-25 samples (10 per class, seed = model seed), Fréchet distance in the "
+                            "digits-classifier's feature space to the held-out digits (32x32 average-pooled to "
+                            "16x16), class accuracy = the classifier agrees with the requested class",
+        train_seconds=train_seconds,
+        summary=f"Class-conditional epsilon-prediction DiT (patch 2, {(spec.sample_size // 2) ** 2} tokens) for "
+                f"1x{spec.sample_size}x{spec.sample_size} digits, 1000-step linear-beta DDPM schedule; label "
+                "10 is the null class for classifier-free guidance (weights are the EMA).",
         log=log)
     _write_card(out, card)
     return card
@@ -576,6 +716,8 @@ def _train(name: str, spec: Any, *, seed: int, out: Path, progress: Callable[...
                          resume_from=Path(resume_from) if resume_from is not None else None)
     if isinstance(spec, UNetSpec):
         return _train_unet(name, spec, seed=seed, out=out, progress=progress)
+    if isinstance(spec, DiTSpec):
+        return _train_dit(name, spec, seed=seed, out=out, progress=progress)
     return _train_classifier(name, spec, seed=seed, out=out, progress=progress)
 
 

@@ -46,7 +46,8 @@ KEY_POLICY: dict[str, str] = {
                                                                       "squaredcos_cap_v2)",
     "trained_betas": "honoured",
     "rescale_betas_zero_snr": "honoured: zero terminal SNR, last alpha_bar 2**-24 (diffusers' DPM / UniPC value)",
-    "set_alpha_to_one": "honoured: the last step ends at alpha_bar 1, else at alphas_cumprod[0]",
+    "set_alpha_to_one": "honoured: the last step ends at alpha_bar 1, else at alphas_cumprod[0] (a sigma grid that "
+                        "already ends there takes no extra step)",
     "final_sigmas_type": "honoured: 'zero' = set_alpha_to_one=True, 'sigma_min' = False",
     "prediction_type": "honoured: epsilon, v_prediction, sample; flow_prediction refused",
     "timestep_spacing": "honoured: linspace, leading, trailing",

@@ -80,6 +80,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
                         else clip_x0(clip_sample_range) if clip_sample else None)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.tensor([], dtype=torch.long)
+        self._times: list[float] = []
         self.sigmas = torch.tensor([], dtype=torch.float32)
         self._grid: Grid | None = None
         self._begin_index: int | None = None
@@ -99,8 +100,11 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
             kind = "karras" if cfg.use_karras_sigmas else "exponential" if cfg.use_exponential_sigmas else "lu"
             ts, sig = sigma_spacing(self.schedule, kind, num_inference_steps, sigma_min=cfg.sigma_min,
                                     sigma_max=cfg.sigma_max)
-            grid = Grid(tuple(ts) + (-1.0,), tuple(1.0 / (1.0 + s * s) for s in sig) + (self.schedule.final_alpha_bar,),
-                        self.schedule, cfg.float_t)
+            abs_ = [1.0 / (1.0 + s * s) for s in sig]
+            end = self.schedule.final_alpha_bar
+            if abs_[-1] < end * (1 - 1e-6):      # else the grid already ends there (sigma_min = sigma(t = 0))
+                ts, abs_ = ts + [-1.0], abs_ + [end]
+            grid = Grid(tuple(ts), tuple(abs_), self.schedule, cfg.float_t)
         else:
             self._check_steps(num_inference_steps)
             grid = make_grid(self.schedule, num_inference_steps, cfg.timestep_spacing, float_t=cfg.float_t,
@@ -116,6 +120,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         self._entry_point = [r[3] for r in reqs]
         dtype = torch.long if all(float(t).is_integer() for t in times) else torch.float32
         self.timesteps = torch.tensor(times, dtype=torch.float64).to(dtype).to(device)
+        self._times = [float(t) for t in self.timesteps.cpu().tolist()]    # host copy: no device sync per step
         self.sigmas = torch.tensor([s_of(a) for a in self._entry_ab] + [s_of(grid.ab[-1])], dtype=torch.float32)
         self._begin_index = None
         self._reset_run()
@@ -126,7 +131,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
     def _custom_grid(self, timesteps: list[int]) -> Grid:
         ts = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
         T = self.schedule.num_train_timesteps
-        if any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > T - 1:
+        if not ts or any(b >= a for a, b in zip(ts, ts[1:])) or ts[-1] < 0 or ts[0] > T - 1:
             raise ValueError(f"timesteps must decrease strictly within [0, {T - 1}], got {ts}")
         if self.schedule.alpha_bar(ts[-1]) < self.schedule.final_alpha_bar:
             ts.append(-1.0)
@@ -175,7 +180,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         """The entry of ``timestep``: where it appears more than once (a stage and the grid point after it),
         the grid point's entry."""
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
-        hits = [i for i, v in enumerate(self.timesteps.tolist()) if abs(v - t) < 1e-4]
+        hits = [i for i, v in enumerate(self._times) if abs(v - t) < 1e-4]
         if not hits:
             raise ValueError(f"timestep {t:g} is not in this scheduler's timesteps; call set_timesteps first")
         points = [i for i in hits if self._entry_point[i] is not None]
@@ -204,8 +209,8 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         n = len(self.timesteps)
         if i >= n:
             raise ValueError(f"all {n} entries of timesteps were stepped; call set_timesteps again")
-        t_i = float(self.timesteps[i])
-        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        t_i = self._times[i]
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])     # one sync if the pipeline keeps t on the device
         if abs(t - t_i) > 1e-4:
             raise ValueError(f"step() got timestep {t:g} but entry {i} of timesteps is {t_i:g}; pass "
                              "scheduler.timesteps in order (after set_begin_index for a sliced list)")
@@ -257,7 +262,7 @@ class AccelerandoScheduler(SchedulerMixin, ConfigMixin):
         ts = torch.as_tensor(timesteps).reshape(-1)
         idx = self._step_index if self._step_index is not None else self._begin_index
         if (idx is not None and idx < len(self.timesteps) and self._grid is not None
-                and bool((ts.double().cpu() - float(self.timesteps[idx])).abs().max() < 1e-4)):
+                and bool((ts.double().cpu() - self._times[idx]).abs().max() < 1e-4)):
             abs_ = [self._entry_ab[idx]] * len(ts)
         else:
             abs_ = [self.schedule.alpha_bar(float(t)) for t in ts.tolist()]

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -330,7 +330,8 @@ class Medusa(nn.Module, Drafter):
               projection: str = "shared", rank: int = 32, steps: int = 300, batch_tokens: int = 2048,
               lr: float = 1e-3, decay: float = 0.8, seq_len: int = 256, heldout_fraction: float = 0.1,
               top_k: int = 10, tree_nodes: int = 32, seed: int = 0, log_every: int = 0,
-              time_limit_s: float | None = None, distill: bool = False) -> "Medusa":
+              time_limit_s: float | None = None, distill: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> "Medusa":
         """Medusa-1: train heads on a frozen ``target`` over a 1D stream of token ids.
 
         Hidden states are computed once (the backbone is frozen), then heads train on random
@@ -380,6 +381,8 @@ class Medusa(nn.Module, Drafter):
             loss.backward()
             opt.step()
             sched.step()
+            if progress is not None:        # (steps done, steps): a CLI progress bar
+                progress(step + 1, steps)
             if log_every and (step % log_every == 0 or step == steps - 1):
                 print(f"medusa step {step} loss {loss.item():.4f}", flush=True)
             if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:

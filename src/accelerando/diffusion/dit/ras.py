@@ -1,0 +1,102 @@
+"""Region-Adaptive Sampling (Liu et al. 2025, "Region-Adaptive Sampling for Diffusion Transformers").
+
+Per step only the tokens in the model's current focus go through the DiT; the others keep the noise
+they were given last time. Focus is read off the previous output: the per-token spread (std, or L2
+norm) of the predicted noise, times a starvation factor ``exp(starvation * steps since the token was
+last updated)`` so no region is left behind. Active tokens attend over every token: the keys and
+values of the others come from their cached normalised inputs (RAS's attention KV cache). The first
+``warmup`` steps and every ``full_every``-th step after them run the full model (error reset).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .core import block_forward, embed, final_layer, patchify, unpatchify
+from .denoiser import Counts
+
+CRITERIA = ("std", "l2")
+
+
+@dataclass(frozen=True)
+class RASConfig:
+    ratio: float = 0.5                 # fraction of tokens updated per RAS step, in (0, 1]
+    warmup: int = 4                    # full steps at the start (>= 1)
+    full_every: int = 0                # a full step every k RAS steps (0 = never)
+    criterion: str = "std"             # per-token focus score of the previous noise output
+    starvation: float = 0.25           # score *= exp(starvation * staleness)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"region ratio must be in (0, 1], got {self.ratio}")
+        if self.warmup < 1:
+            raise ValueError(f"RAS warmup must be >= 1 full step, got {self.warmup}")
+        if self.full_every < 0:
+            raise ValueError(f"full_every must be >= 0, got {self.full_every}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.starvation < 0:
+            raise ValueError(f"starvation must be >= 0, got {self.starvation}")
+
+
+class RegionAdaptive:
+    """State per trajectory: last noise patches (B, N, P), staleness (B, N), per-block KV inputs."""
+
+    def __init__(self, config: RASConfig | None = None, **kw: Any) -> None:
+        self.config = config if config is not None else RASConfig(**kw)
+        self.reset()
+
+    def reset(self) -> None:
+        self.eps_patches: torch.Tensor | None = None
+        self.stale: torch.Tensor | None = None
+        self.kv: list[torch.Tensor] = []
+
+    def _full_step(self, step: int, x: torch.Tensor) -> bool:
+        c = self.config
+        if c.ratio == 1.0 or step < c.warmup or self.eps_patches is None or self.eps_patches.shape[0] != x.shape[0]:
+            return True
+        return c.full_every > 0 and (step - c.warmup) % c.full_every == c.full_every - 1
+
+    def focus(self, n_active: int) -> torch.Tensor:
+        """Indices (B, k) of the tokens to update: top-k of score * exp(starvation * staleness)."""
+        e = self.eps_patches
+        score = e.std(-1) if self.config.criterion == "std" else e.norm(dim=-1)
+        score = score * torch.exp(self.config.starvation * self.stale)
+        return score.topk(n_active, dim=-1).indices
+
+    def forward(self, model: Any, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, step: int,
+                counts: Counts) -> torch.Tensor:
+        h = embed(model, x)                                                    # (B, N, D)
+        b, n, d = h.shape
+        blocks = model.transformer_blocks
+        if self._full_step(step, x):
+            self.kv = []
+            for blk in blocks:
+                h = block_forward(blk, h, t, y, kv_input=lambda nh: self.kv.append(nh) or nh)
+            self.eps_patches = final_layer(model, h, t, y)
+            self.stale = torch.zeros(b, n, device=x.device)
+            counts.add(blocks=len(blocks), tokens=n, model=model, batch=b)
+            return unpatchify(model, self.eps_patches)
+        k = max(1, math.ceil(self.config.ratio * n))
+        idx = self.focus(k)                                                    # (B, k)
+        gather = idx[..., None].expand(b, k, d)
+        h = h.gather(1, gather)                                                # (B, k, D)
+        for i, blk in enumerate(blocks):
+            def kv_input(nh: torch.Tensor, i: int = i) -> torch.Tensor:
+                self.kv[i] = self.kv[i].scatter(1, gather, nh)   # active tokens fresh, the rest cached
+                return self.kv[i]
+            h = block_forward(blk, h, t, y, kv_input=kv_input)
+        out = final_layer(model, h, t, y)                                      # (B, k, P)
+        self.eps_patches = self.eps_patches.scatter(1, idx[..., None].expand(b, k, out.shape[-1]), out)
+        self.stale = (self.stale + 1).scatter(1, idx, 0.0)
+        counts.add(blocks=len(blocks), tokens=k, model=model, batch=b)
+        return unpatchify(model, self.eps_patches)
+
+
+def patch_noise(model: Any, eps: torch.Tensor) -> torch.Tensor:
+    """A noise image as the (B, N, P) patches RAS scores (for inspection and tests)."""
+    return patchify(model, eps)

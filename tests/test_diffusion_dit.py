@@ -1,0 +1,183 @@
+"""DiT acceleration: exactness at the no-op settings, counted skips, one-line errors (tiny random DiTs)."""
+import pytest
+import torch
+
+from accelerando.diffusion import sample
+from accelerando.diffusion.dit import (BlockCache, BlockCacheConfig, DiTDenoiser, RASConfig, RegionAdaptive,
+                                       ToMeConfig, TokenMerging, full_forward)
+from accelerando.diffusion.dit.tome import Merge, dst_mask
+
+
+def tiny_dit(size=8, layers=3, seed=0):
+    from diffusers import DiTTransformer2DModel
+    torch.manual_seed(seed)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                              num_layers=layers, sample_size=size, patch_size=2, num_embeds_ada_norm=10,
+                              norm_num_groups=1)
+    # random adaLN weights so every block matters (diffusers' init is not zero here, but be sure)
+    return m.eval()
+
+
+def run(model, method, *, steps=6, guidance=1.0, seed=1, b=2):
+    x = torch.randn(b, 1, model.config.sample_size, model.config.sample_size,
+                    generator=torch.Generator().manual_seed(seed))
+    eps = DiTDenoiser(model, torch.arange(b) % 10, guidance=guidance, method=method)
+    return sample(eps, x, method="ddim", steps=steps), eps.counts
+
+
+def test_split_forward_equals_model():
+    m = tiny_dit()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 3]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        assert torch.equal(full_forward(m, x, t, y), m(x, t, class_labels=y).sample)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_noop_settings_equal_full_compute(guidance):
+    m = tiny_dit()
+    ref, c0 = run(m, None, guidance=guidance)
+    assert c0.skipped_fraction == 0.0
+    for method in (BlockCache(policy="threshold", threshold=0.0), BlockCache(policy="static", interval=1),
+                   RegionAdaptive(ratio=1.0), TokenMerging(ratio=0.0)):
+        out, c = run(m, method, guidance=guidance)
+        assert torch.equal(out, ref), type(method).__name__
+        assert c.skipped_fraction == 0.0
+
+
+def test_block_cache_counts_skips():
+    m = tiny_dit(layers=4)
+    _, c = run(m, BlockCache(policy="static", interval=2), steps=6)
+    # steps 0, 2, 4 run all 4 blocks; 1, 3, 5 none
+    assert c.skipped_fraction == pytest.approx(0.5)
+    router = torch.zeros(6, 4, dtype=torch.bool)
+    router[:, 0] = True
+    _, c = run(m, BlockCache(policy="router", router=router), steps=6)
+    # step 0 is warm-up (all 4), then 1 of 4 blocks on 5 steps
+    assert c.skipped_fraction == pytest.approx(1 - (4 + 5) / 24)
+    out, c = run(m, BlockCache(policy="threshold", threshold=1.0), steps=6)
+    assert c.skipped_fraction > 0 and torch.isfinite(out).all()
+
+
+def test_ras_counts_and_changes_only_by_reuse():
+    m = tiny_dit(size=8)           # 16 tokens
+    ref, _ = run(m, None, steps=8)
+    out, c = run(m, RegionAdaptive(ratio=0.25, warmup=2), steps=8)
+    # 2 full steps, 6 steps at 4 of 16 tokens
+    assert c.skipped_fraction == pytest.approx(1 - (2 * 16 + 6 * 4) / (8 * 16))
+    assert not torch.equal(out, ref) and torch.isfinite(out).all()
+
+
+def test_ras_focus_prefers_high_score_and_starved_tokens():
+    r = RegionAdaptive(ratio=0.5, starvation=0.0)
+    r.eps_patches = torch.zeros(1, 4, 3)
+    r.eps_patches[0, 2] = torch.tensor([1.0, -1.0, 0.0])
+    r.stale = torch.zeros(1, 4)
+    assert 2 in r.focus(1)[0].tolist()
+    r = RegionAdaptive(ratio=0.5, starvation=10.0)
+    r.eps_patches, r.stale = torch.zeros(1, 4, 3), torch.tensor([[0.0, 0.0, 0.0, 3.0]])
+    r.eps_patches[0, :, 0] = 1.0
+    r.eps_patches[0, 3, 0] = 0.5
+    assert r.focus(1)[0].tolist() == [3]
+
+
+def test_tome_merge_unmerge_roundtrip_and_mean():
+    x = torch.randn(2, 16, 5)
+    dst = dst_mask(4, 2)
+    m = Merge(x, dst, r=0)
+    assert torch.equal(m.unmerge(m(x)), x)
+    m = Merge(x, dst, r=6)
+    y = m(x)
+    assert y.shape == (2, 10, 5)
+    back = m.unmerge(y)
+    # every merged source gets exactly its destination's value
+    for b in range(2):
+        for s, d in zip(m.merged_src[b].tolist(), m.into[b].tolist()):
+            assert torch.equal(back[b, m.src_idx[s]], back[b, m.dst_idx[d]])
+    # a destination holds the mean of itself and the sources merged into it
+    b, d = 0, int(m.into[0, 0])
+    group = [x[b, m.dst_idx[d]]] + [x[b, m.src_idx[s]] for s, dd in zip(m.merged_src[b].tolist(),
+                                                                         m.into[b].tolist()) if dd == d]
+    assert torch.allclose(back[b, m.dst_idx[d]], torch.stack(group).mean(0), atol=1e-6)
+
+
+def test_tome_counts():
+    m = tiny_dit(size=8)
+    out, c = run(m, TokenMerging(ratio=0.5), steps=3)
+    # 16 tokens: 4 destinations, 12 sources, 6 merged away per block
+    assert c.skipped_fraction == pytest.approx(6 / 16)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("make, msg", [
+    (lambda: BlockCacheConfig(threshold=1.5), "threshold"),
+    (lambda: BlockCacheConfig(threshold=-0.1), "threshold"),
+    (lambda: RASConfig(ratio=0.0), "region ratio"),
+    (lambda: ToMeConfig(ratio=1.5), "merge ratio"),
+    (lambda: BlockCacheConfig(policy="router"), "router"),
+])
+def test_bad_knobs_one_line_errors(make, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        make()
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_model_class():
+    from diffusers import UNet2DModel
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    with pytest.raises(TypeError, match="unsupported model class UNet2DModel") as e:
+        DiTDenoiser(unet, torch.tensor([0]))
+    assert "\n" not in str(e.value)
+
+
+def test_harmonica_soft_gates_one_is_full_and_router_trains(tmp_path):
+    from accelerando.diffusion.dit.core import full_forward
+    from accelerando.diffusion.dit.harmonica import (HarmoniCaConfig, harmonica_cache, load_router, router_table,
+                                                     save_router, soft_forward, train_router)
+    m = tiny_dit(layers=3)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
+    residual = [torch.randn(2, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        assert torch.equal(soft_forward(m, x, t, y, torch.ones(3), residual), full_forward(m, x, t, y))
+    cfg = HarmoniCaConfig(steps=4, iterations=2, batch_size=2, lambda_every=1, lambda_batch=2, beta=0.5)
+    res = train_router(m, cfg, generator=torch.Generator().manual_seed(0))
+    assert res["logits"].shape == (4, 3) and len(res["log"]) == 2
+    assert (res["logits"] < cfg.init).any()          # the compute term pushed some gates down
+    table = router_table(res["logits"], keep=0.5)
+    assert table.shape == (4, 3) and table[0].all() and int(table.sum()) == 6
+    save_router(tmp_path / "r.json", res, model_name="tiny")
+    logits, cfg2 = load_router(tmp_path / "r.json")
+    assert torch.equal(logits, res["logits"]) and cfg2 == cfg
+    _, c = run(m, harmonica_cache(logits, keep=0.5), steps=4)
+    assert c.skipped_fraction == pytest.approx(0.5)
+
+
+def test_psnr_ssim():
+    from accelerando.diffusion.dit.quality import psnr, ssim
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 16, 16, generator=g) * 2 - 1
+    assert psnr(x, x) == float("inf") and ssim(x, x) == pytest.approx(1.0)
+    noise = 0.1 * torch.randn(x.shape, generator=g)
+    # PSNR of additive noise: 10 log10(4 / mse)
+    mse = float((noise.double() ** 2).flatten(1).mean(1).log10().neg().mul(10).add(10 * torch.log10(torch.tensor(4.0))).mean())
+    assert psnr(x + noise, x) == pytest.approx(mse)
+    assert ssim(x + noise, x) > ssim(x + 5 * noise, x) > -1
+
+
+def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
+    from accelerando.bench.methods import DiffusionSetup, NotApplicable, get_method
+    from accelerando.bench.runner import unet_eps_fn
+    from accelerando.diffusion import make_schedule
+    m = tiny_dit(layers=4)
+    eps = unet_eps_fn(m)
+    assert isinstance(eps, DiTDenoiser)
+    setup = DiffusionSetup(eps_fn=eps, schedule=make_schedule("linear", 1000), x_T=torch.randn(2, 1, 8, 8), steps=6)
+    ref = sample(eps, setup.x_T, method="ddim", steps=6)
+    out = get_method("dit-cache-static").build(setup, interval=1)()
+    assert torch.equal(out.x0, ref) and out.stats["skipped_fraction"] == 0.0
+    out = get_method("dit-ras").build(setup)()
+    assert out.nfe == 6 and out.stats["skipped_fraction"] > 0
+    with pytest.raises(NotApplicable, match="needs a DiT workload"):
+        get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
+                                                    x_T=setup.x_T, steps=6))
