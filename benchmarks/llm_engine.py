@@ -272,7 +272,7 @@ def random_models(args) -> str:
                      "-", "yes" if torch.equal(out, ref) else "NO"])
         rows.append([name, f"{n_params:.0f}M", "transformers generate", "1.00x", f"{warm / hf_warm:.2f}x",
                      f"{N / hf_warm:.0f}", f"{hf_cold:.1f}", "-", "-", "yes"])
-        if name not in SPEC_ON:
+        if name not in args.spec_on:
             continue
         draft = _truncated_draft(target, 2)
         for label, make in ((f"engine + prompt lookup (k=adaptive, k_max={args.k_max})",
@@ -306,6 +306,7 @@ def main() -> None:
     ap.add_argument("--random", action="store_true",
                     help="the random ~15M / ~60M Llama models instead (section llm_engine_random; --threads 1)")
     ap.add_argument("--k-max", type=int, default=7, help="adaptive k cap for --random (7: steps up to 8 wide)")
+    ap.add_argument("--spec-on", nargs="*", default=list(SPEC_ON), help="--random models that also get speculation rows")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, [1]
@@ -353,7 +354,7 @@ def _write_random(args, table: str, wall: float) -> None:
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     md = (f"### The engine on models it was not tuned for (random-initialised Llama family)\n\n"
           f"`python benchmarks/llm_engine.py --random --threads {args.threads} --new-tokens {args.new_tokens} "
-          f"--repeats {args.repeats}` ({wall:.0f} s) -- {machine_line()}; load average at the end {load} (a shared "
+          f"--repeats {args.repeats} --spec-on {' '.join(args.spec_on)}` ({wall:.0f} s) -- {machine_line()}; load average at the end {load} (a shared "
           f"2-core machine: modest sizes, noisy). Batch 1, greedy, a {args.prompt_len}-token random prompt whose second "
           f"half repeats the first, {args.new_tokens} new tokens. Shapes: {RANDOM_SHAPES}. Warm = median of "
           f"{args.repeats} calls after a warm-up; cold = the first call in the process (compiles every graph the "

@@ -169,3 +169,17 @@ def test_kvpress_anchor_ratio_one_is_full_cache_and_bad_name():
     assert st["kv_bytes_prefill"] == st["kv_bytes_full"] // 2
     with pytest.raises(ValueError, match="unknown kvpress anchor 'nope'"):
         KVPressAnchor("nope")
+
+
+def test_chunked_attention_probs_match_dense_reference():
+    from accelerando.llm.kv.attention import attention_probs
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 300, 8, generator=g), torch.randn(1, 2, 300, 8, generator=g)
+    kk = k.repeat_interleave(2, 1)                                      # GQA: 2 query heads per kv head
+    ref = ((q @ kk.transpose(-1, -2)) * 0.3).masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1),
+                                                          float("-inf")).softmax(-1)
+    for s, p in attention_probs(q, k, scaling=0.3, q_offset=0, chunk=64):
+        assert torch.allclose(p, ref[:, :, s: s + 64, : p.shape[-1]], atol=1e-6)
+        assert float(ref[:, :, s: s + 64, p.shape[-1]:].sum()) == 0.0       # what a chunk skips is masked
+    (s, p), = attention_probs(q[:, :, -10:], k, scaling=0.3, q_offset=290)   # SnapKV's window
+    assert torch.allclose(p, ref[:, :, 290:], atol=1e-6)

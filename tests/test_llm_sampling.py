@@ -136,3 +136,19 @@ def test_adaptive_k_drops_to_plain_decoding_when_verification_costs_more_than_it
     assert poor.rate(0) > max(poor.rate(k) for k in range(1, 9))
     good = fed(0.95, 3.0)
     assert good.choose() > 0 and good.rate(good.choose()) > good.rate(0)
+
+
+def test_adaptive_k_probes_less_often_while_drafting_does_not_pay():
+    ctl = AdaptiveK(8, cost_ratio=0.0, probe_every=2)
+    ctl.update(0, [0], 0.0, 1.0)                                        # a timed plain step
+    gaps, last = [], 0
+    for step in range(1, 200):
+        k = ctl.choose()
+        if k:                                                           # a probe: rejected, and dearer
+            gaps.append(step - last)
+            last = step
+            ctl.update(k, [0], 0.0, 3.0)
+        else:
+            ctl.update(0, [0], 0.0, 1.0)
+    probes = gaps[gaps.index(2):]                                        # after the prior's first drafting steps
+    assert probes[:5] == [2, 4, 8, 16, 32] and max(gaps) == 64 and len(gaps) < 15

@@ -12,7 +12,7 @@ from accelerando import zoo
 from accelerando.zoo import data as zoo_data
 from accelerando.zoo import train as zoo_train
 
-LMS = ("code-target", "code-draft-small", "code-draft-tiny")
+LMS = ("code-target", "code-draft-small", "code-draft-tiny", "code-long-target")
 REL = 1e-3
 
 
@@ -25,6 +25,7 @@ def _need(name: str) -> None:
 
 def test_names_and_paths():
     assert set(zoo.names()) == {"code-target", "code-draft-small", "code-draft-tiny", "code-target-medusa",
+                                "code-long-target",
                                 "digits-unet", "digits-classifier", "digits-dit", "digits-dit-32"}
     for n in zoo.names():
         assert zoo.path(n).endswith(f"zoo/models/{n}")
@@ -49,6 +50,7 @@ def test_card_fields(name):
         assert key in c, key
     assert c["role"] in {"target", "draft", "unet", "classifier", "dit"}
     assert c["role"] == {"code-target": "target", "code-draft-small": "draft", "code-draft-tiny": "draft",
+                         "code-long-target": "target",
                          "digits-unet": "unet", "digits-classifier": "classifier", "digits-dit": "dit",
                          "digits-dit-32": "dit"}[name]
     assert (zoo.MODELS_DIR / name / "README.md").exists()

@@ -27,6 +27,7 @@ class NotApplicable(ValueError):
 FAMILY_MODULES = (
     "accelerando.llm.bench_methods",
     "accelerando.llm.tree_bench_methods",
+    "accelerando.llm.kv.bench_methods",
     "accelerando.llm.compute.bench_methods",
     "accelerando.diffusion.bench_methods",
     "accelerando.diffusion.dit.bench_methods",

@@ -22,6 +22,7 @@ _ROLES = {
     "code-target": "target",
     "code-draft-small": "draft",
     "code-draft-tiny": "draft",
+    "code-long-target": "target",     # long context (2048-token training, 8192 positions): accelerando.zoo.long_context
     "code-target-medusa": "medusa",
     "digits-unet": "unet",
     "digits-classifier": "classifier",

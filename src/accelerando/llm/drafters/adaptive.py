@@ -67,7 +67,8 @@ class AdaptiveK:
     classic rule argmax E(a, k) / (1 + k c) (``best_k``). k = 0 -- plain decoding on the same
     engine -- wins when drafting does not pay (a poor draft, or verification that costs more per
     token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
-    one token anyway so alpha and the costs keep being measured.
+    one token anyway so alpha and the costs keep being measured (half as often after each probe that
+    leaves k = 0 best, down to every 64th step; back to ``probe_every`` once drafting pays again).
     """
 
     def __init__(self, k_max: int = 12, *, k_min: int = 0, alpha0: float = 0.6, decay: float = 0.9,
@@ -79,6 +80,7 @@ class AdaptiveK:
         self.c = c0 if cost_ratio is None else cost_ratio
         self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
         self.probe_every, self._idle = probe_every, 0
+        self._base_probe, self._probing = probe_every, False
         self.history: list[int] = []
 
     @property
@@ -108,12 +110,15 @@ class AdaptiveK:
         t = sum(drafted) / len(drafted)
         return expected_tokens(a, k) / (k * self.c * t + self.verify_time(k))
 
+    def _best(self) -> int:
+        return max(range(self.k_min, self.k_max + 1), key=lambda j: (self.rate(j), -j))
+
     def choose(self) -> int:
-        k = max(range(self.k_min, self.k_max + 1), key=lambda j: (self.rate(j), -j))
+        k, self._probing = self._best(), False
         if k == 0:
             self._idle += 1
             if self._idle >= self.probe_every:
-                k, self._idle = 1, 0
+                k, self._idle, self._probing = 1, 0, True
         self.history.append(k)
         return k
 
@@ -130,6 +135,8 @@ class AdaptiveK:
         if self.fixed_c is None and t_target > 0:
             c = (t_draft / k) / t_target
             self.c = 0.7 * self.c + 0.3 * c
+        if self._probing:   # a probe that changes nothing: probe half as often (up to every 64th step)
+            self.probe_every = min(64, 2 * self.probe_every) if self._best() == 0 else self._base_probe
 
 
 def make_controller(k: int | str, k_max: int, cost_ratio: float | None = None):

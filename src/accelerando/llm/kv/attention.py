@@ -56,17 +56,19 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, *, scaling: float, q_offset: int,
                     chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
-    """Causal softmax(q K^T) in chunks of queries: yields (start, probs (B, H, c, L)); query i sits
-    at key position ``q_offset + i``. Chunked so an 8k prefill never holds an (L, L) matrix."""
+    """Causal softmax(q K^T) in chunks of queries: yields (start, probs (B, H, c, L_s)); query i sits
+    at key position ``q_offset + i``, and a chunk only scores the keys it can see (L_s = last
+    visible key + 1), so an 8k prefill never holds an (L, L) matrix and skips the masked half."""
     groups = query.shape[1] // key.shape[1]
     k = repeat_kv(key, groups).float()
-    L = key.shape[2]
-    cols = torch.arange(L, device=key.device)
     for s in range(0, query.shape[2], chunk):
         q = query[:, :, s: s + chunk].float()
-        logits = (q @ k.transpose(-1, -2)) * scaling                             # (B, H, c, L)
-        rows = q_offset + s + torch.arange(q.shape[2], device=key.device)
-        logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+        c = q.shape[2]
+        visible = q_offset + s + c                                                 # keys 0 .. visible-1
+        logits = (q @ k[:, :, :visible].transpose(-1, -2)) * scaling              # (B, H, c, L_s)
+        # row r sees keys <= q_offset + s + r: the last c - 1 - r columns of the chunk are masked
+        mask = torch.ones(c, c, dtype=torch.bool, device=key.device).triu(1)
+        logits[..., visible - c:].masked_fill_(mask, float("-inf"))
         yield s, logits.softmax(-1)
 
 

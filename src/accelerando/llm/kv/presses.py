@@ -188,7 +188,9 @@ class H2OPress(Press):
 
     def observe(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         n = key.shape[2]
-        acc = sum(p.sum(2) for _, p in attention_probs(query, key, scaling=scaling, q_offset=n - query.shape[2]))
+        acc = query.new_zeros(query.shape[0], query.shape[1], n, dtype=torch.float32)
+        for _, p in attention_probs(query, key, scaling=scaling, q_offset=n - query.shape[2]):
+            acc[..., : p.shape[-1]] += p.sum(2)
         self.scores[layer] = group_mean(acc, key.shape[1])
 
     def select(self, layer: int, keys: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ A sample is a haystack of real code (the zoo's corpus) of ``n`` tokens with need
 chosen depths, then a query whose answer is the needle's value (RULER: Hsieh et al., 2024,
 "RULER: What's the Real Context Size of Your Long-Context Language Models?"):
 
-- ``passkey``: one needle ``pass_key = "48213"``; query ``pass_key == "`` -> ``48213``.
+- ``passkey``: one needle ``pass_key = "48213"``; query: the needle's prefix again
+  (``pass_key = "``) -> ``48213`` (associative recall: find the key, copy its value).
 - ``multikey``: ``k`` needles ``key_abcd = "48213"`` with distinct names, one queried (the others
   are distractors, the needle-in-a-haystack multi-key variant).
 
@@ -76,7 +77,7 @@ class HaystackBuilder:
         needles = [self._ids(f'\n{nm} = "{v}"\n') for nm, v in zip(names, values)]
         order = torch.randperm(k, generator=gen).tolist()
         queried = order[: max(1, min(n_queries, k))] if task != "passkey" else [0] * max(1, n_queries)
-        q_pre = [self._ids(f'\nassert {names[i]} == "') for i in queried]
+        q_pre = [self._ids(f'\n{names[i]} = "') for i in queried]
         q_ans = [self._ids(values[i]) for i in queried]
         q_post = self._ids('"\n')
         # prompt = [eos] + haystack(with needles) + q_pre[0]; later queries follow answer 0
@@ -122,11 +123,13 @@ class HaystackBuilder:
                             answer_text=values[queried[0]], depth=d, task=task)
         return ids, spans, s
 
-    def training_sequence(self, seq_len: int, *, gen: torch.Generator) -> torch.Tensor:
-        """``seq_len + 1`` ids: a multi-query retrieval sample (1-6 keys, every key queried, needle
-        depths uniform), padded/cut with haystack so every sequence has the same length."""
-        task = "passkey" if _randint(gen, 0, 4) == 0 else "multikey"
-        k = _randint(gen, 1, 7)
+    def training_sequence(self, seq_len: int, *, gen: torch.Generator, max_keys: int | None = None) -> torch.Tensor:
+        """``seq_len + 1`` ids: a multi-query retrieval sample (1 to ``max_keys`` keys, default seq_len // 48;
+        every key queried, needle depths uniform), padded/cut with haystack so every
+        sequence has the same length. Many keys per sequence make copying a dense training signal
+        (as in multi-query associative recall)."""
+        task = "passkey" if _randint(gen, 0, 8) == 0 else "multikey"
+        k = _randint(gen, 1, (max_keys or max(2, seq_len // 48)) + 1)
         # leave room for the queries after the prompt
         q_room = 14 * k + 8
         ids, _, _ = self.sample(task, seq_len + 1 - q_room, gen=gen, n_keys=k,

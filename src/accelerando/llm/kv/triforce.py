@@ -10,6 +10,7 @@ retrieval-cache draft).
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ class TriForce(DraftModel):
         self.v_target = vocab_size(ctx.target)
         self.sampling, self.generator = ctx.sampling, ctx.generator
         # the draft's own prefill (the loop keeps the target's cache to itself), then the press
+        t0 = time.perf_counter()
         _, run = prefill(self.model, input_ids, press=self.press)
+        self.prefill_s = time.perf_counter() - t0
         st = HFCache(self.model, role="TriForce draft")
         B, n = input_ids.shape
         st.cache = run.cache

@@ -1,0 +1,281 @@
+"""KV-cache selection and compression on the long-context zoo target, next to kvpress.
+
+    python benchmarks/llm_kvcache.py                 # full run, writes BENCHMARKS.md
+    python benchmarks/llm_kvcache.py --quick --no-write
+
+Measured in one run, same model, same prompts:
+  A. retrieval exact match (multi-key needles in held-out code haystacks) by context length and depth
+  B. long held-out code (context = the trained length): teacher-forced KL(full || method) and
+     perplexity over the continuation, greedy-continuation token match with the full cache
+  C. cost: prefill time, decode tokens/s, KV bytes held after the prefill (decode-time methods keep
+     the full cache: they are marked "masked")
+  D. TriForce (lossless) vs plain decoding with the full cache
+Ours: StreamingLLM, SnapKV, H2O, Elastic Cache (prefill presses), TokenSelect, Recycled Attention
+(decode-time). Anchor: kvpress's SnapKV, StreamingLLM, Knorm, ExpectedAttention, TOVA presses.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from accelerando.bench.report import machine_line, markdown_table, write_section
+from accelerando.llm.kv.dynamic import RecycledAttention, TokenSelect
+from accelerando.llm.kv.generate import kv_continuation_logits, kv_generate
+from accelerando.llm.kv.presses import ElasticCachePress, H2OPress, SnapKVPress, StreamingLLMPress
+from accelerando.llm.kv.tasks import HaystackBuilder, corpus_filler
+
+DEPTHS = (0.1, 0.5, 0.9)
+
+
+def methods(ratio: float, *, anchor: bool = True) -> dict[str, dict[str, Any]]:
+    """name -> kv_generate kwargs (fresh objects: presses keep per-call state)."""
+    out: dict[str, dict[str, Any]] = {
+        "streaming": {"press": StreamingLLMPress(ratio=ratio)},
+        "snapkv": {"press": SnapKVPress(ratio=ratio)},
+        "h2o": {"press": H2OPress(ratio=ratio)},
+        "elastic": {"press": ElasticCachePress(ratio=ratio)},
+        "tokenselect": {"policy": TokenSelect(ratio=ratio)},
+        "recycled": {"policy": RecycledAttention(ratio=ratio)},
+    }
+    if anchor:
+        try:
+            from accelerando.llm.kv.anchor import KVPRESS_PRESSES, KVPressAnchor
+            for name in KVPRESS_PRESSES:
+                out[name] = {"press": KVPressAnchor(name, ratio=ratio)}
+        except ModuleNotFoundError:
+            pass
+    return out
+
+
+def load(model_dir: str | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from accelerando import zoo
+    path = model_dir or zoo.path("code-long-target")
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.model_max_length = 1 << 20
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------- A
+def retrieval(model: Any, tok: Any, lengths: list[int], ratios: list[float], per_cell: int,
+              anchor: bool) -> tuple[dict, list]:
+    """EM[(method, ratio)][length] and the per-depth EM of every method at each length."""
+    b = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
+    samples = {n: [] for n in lengths}
+    for n in lengths:
+        for d in DEPTHS:
+            g = torch.Generator().manual_seed(7 + n + int(100 * d))
+            samples[n] += [(d, b.sample("multikey", n, gen=g, depth=d, n_keys=4)[2]) for _ in range(per_cell)]
+    arms = [("full", 1.0, {})] + [(name, r, kw) for r in ratios for name, kw in methods(r, anchor=anchor).items()]
+    em: dict = {}
+    by_depth: list = []
+    for i, (name, r, kw) in enumerate(arms):
+        if i == 1 and max(em[("full", 1.0, n)] for n in lengths) < 0.9:
+            print("A: full-cache exact match < 0.9 at every length: the task is too hard for this model; "
+                  "the methods' retrieval is not measured")
+            break
+        for n in lengths:
+            hits = {d: [] for d in DEPTHS}
+            for d, s in samples[n]:
+                try:
+                    out, _ = kv_generate(model, s.prompt[None], max_new_tokens=len(s.answer), **kw)
+                    hits[d].append(int(torch.equal(out[0, len(s.prompt):], s.answer)))
+                except (ValueError, AssertionError) as exc:        # a window that does not fit
+                    hits[d].append(float("nan"))
+                    print(f"  {name} r={r} n={n}: {exc}")
+            allh = [h for v in hits.values() for h in v]
+            em[(name, r, n)] = sum(allh) / len(allh)
+            by_depth.append((name, r, n, {d: sum(v) / len(v) for d, v in hits.items()}))
+        print(f"A {name} r={r}: " + ", ".join(f"{n}:{em[(name, r, n)]:.2f}" for n in lengths), flush=True)
+    return em, by_depth
+
+
+# ------------------------------------------------------------------------------------------- B
+def code_quality(model: Any, tok: Any, ctx: int, cont: int, gen: int, windows: int, ratios: list[float],
+                 anchor: bool) -> dict:
+    stream = corpus_filler(tok, "heldout")
+    starts = [int(i * (len(stream) - ctx - cont - 1) / max(1, windows - 1)) for i in range(windows)]
+    res: dict = {}
+    full_logits, full_gen = [], []
+    for s in starts:
+        c, y = stream[s: s + ctx][None], stream[s + ctx: s + ctx + cont][None]
+        full_logits.append(kv_continuation_logits(model, c, y).float())
+        full_gen.append(kv_generate(model, c, max_new_tokens=gen)[0][0, ctx:])
+    for r in ratios:
+        for name, kw0 in methods(r, anchor=anchor).items():
+            kl, nll, match = [], [], []
+            for i, s in enumerate(starts):
+                kw = methods(r, anchor=anchor)[name]
+                c, y = stream[s: s + ctx][None], stream[s + ctx: s + ctx + cont][None]
+                lg = kv_continuation_logits(model, c, y, **kw).float()
+                lp, lq = F.log_softmax(full_logits[i], -1), F.log_softmax(lg, -1)
+                kl.append(float((lp.exp() * (lp - lq)).sum(-1).mean()))
+                nll.append(float(F.cross_entropy(lg[0], y[0])))
+                out = kv_generate(model, c, max_new_tokens=gen, **methods(r, anchor=anchor)[name])[0][0, ctx:]
+                match.append(float((out == full_gen[i]).float().mean()))
+            res[(name, r)] = (statistics.mean(kl), float(torch.tensor(nll).mean().exp()), statistics.mean(match))
+            print(f"B {name} r={r}: KL {res[(name, r)][0]:.4f} ppl {res[(name, r)][1]:.2f} match {res[(name, r)][2]:.2f}", flush=True)
+    res[("full", 1.0)] = (0.0, float(torch.tensor([float(F.cross_entropy(fl[0], stream[s + ctx: s + ctx + cont]))
+                                                   for fl, s in zip(full_logits, starts)]).mean().exp()), 1.0)
+    return res
+
+
+# ------------------------------------------------------------------------------------------- C
+def speed(model: Any, tok: Any, cells: list[tuple[int, int]], ratio: float, new: int, repeats: int,
+          anchor: bool) -> list:
+    stream = corpus_filler(tok, "heldout")
+    rows = []
+    for n, batch in cells:
+        ids = torch.stack([stream[i * 997: i * 997 + n] for i in range(batch)])
+        arms = [("full", {})] + [(k, v) for k, v in methods(ratio, anchor=anchor).items()
+                                 if k in ("streaming", "snapkv", "h2o", "tokenselect", "recycled", "kvpress-snapkv")]
+        stats: dict = {name: [] for name, _ in arms}
+        for _ in range(repeats):          # interleaved rounds: load drifts hit every method alike
+            for name, _ in arms:
+                kw = dict(methods(ratio, anchor=anchor).get(name, {}))
+                _, st = kv_generate(model, ids, max_new_tokens=new, **kw)
+                stats[name].append(st)
+        base = statistics.median(batch * (new - 1) / s["decode_s"] for s in stats["full"])
+        for name, _ in arms:
+            st = stats[name]
+            tps = statistics.median(batch * (new - 1) / s["decode_s"] for s in st)
+            pre = statistics.median(s["prefill_s"] for s in st)
+            held = st[0]["kv_bytes_prefill"] / 2 ** 20
+            rows.append([n, batch, name, ratio if name != "full" else 1.0, f"{pre:.2f}", f"{tps:.1f}",
+                         f"{tps / base:.2f}x", f"{held:.1f}" + (" (full cache, masked)" if st[0]["kv_bytes_masked"] else "")])
+            print("C", rows[-1], flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- D
+def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, ratio: float, k: int) -> list:
+    from accelerando.llm.kv.triforce import TriForce
+    from accelerando.llm.speculative import speculative_generate
+    stream = corpus_filler(tok, "heldout")
+    rows = []
+    for n in lengths:
+        ids = stream[5000: 5000 + n][None]
+        t_plain, t_tri, t_pre, acc, same = [], [], [], [], True
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ref, _ = kv_generate(model, ids, max_new_tokens=new)
+            t_plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            drafter = TriForce(model, k=k, ratio=ratio)
+            out = speculative_generate(model, ids, draft=drafter, max_new_tokens=new, engine="hf")   # same cache as plain
+            t_tri.append(time.perf_counter() - t0)
+            t_pre.append(drafter.prefill_s)
+            acc.append(out.stats["acceptance_rate"])
+            same &= torch.equal(out.sequences, ref)
+        tp, tt, pre = statistics.median(t_plain), statistics.median(t_tri), statistics.median(t_pre)
+        rows.append([n, new, ratio, k, f"{tp:.2f}", f"{tt:.2f}", f"{tp / tt:.2f}x", f"{tp / (tt - pre):.2f}x",
+                     f"{statistics.mean(acc):.2f}", "yes" if same else "NO"])
+        print("D", rows[-1], flush=True)
+    return rows
+
+
+SECTION = "## KV-cache selection and compression vs kvpress (issue 18)"
+
+
+def write_parts(parts: dict[str, str], took: str) -> None:
+    """Each part owns its own marked block (llm_kvcache, llm_kvcache_B, ...), created in order."""
+    from accelerando.bench.report import BENCHMARKS_MD
+    names = {p: "llm_kvcache" if p == "A" else f"llm_kvcache_{p}" for p in "ABCD"}
+    text = BENCHMARKS_MD.read_text()
+    for p in "ABCD":       # create missing blocks in order, so parts run separately still read A..D
+        if f"<!-- BEGIN {names[p]} -->" not in text:
+            write_section(names[p], (SECTION + "\n\n" if p == "A" else "") + f"(part {p} not run yet)")
+            text = BENCHMARKS_MD.read_text()
+    for p, body in parts.items():
+        write_section(names[p], (SECTION + "\n\n" if p == "A" else "") + body + f"\n\n(this run: {took})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir (default: the zoo's code-long-target)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    ap.add_argument("--no-write", action="store_true", help="print the tables, do not write BENCHMARKS.md")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", default="ABCD")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, tok = load(a.model)
+    q = a.quick
+    lengths = [512, 1024] if q else [1024, 2048, 4096]
+    ratios = [0.25, 0.5]
+    t0 = time.time()
+    md: list[str] = []
+    parts: dict[str, str] = {}
+    header = (f"Command: `python benchmarks/llm_kvcache.py{' --quick' if q else ''} --parts {a.parts}`. Machine: "
+              f"{machine_line()} (2 cores shared with other jobs: absolute times are noisy, ratios within one "
+              f"part compare). Model: {a.model or 'zoo `code-long-target`'} (trained at 2048 tokens). Greedy decoding.")
+    with torch.no_grad():
+        if "A" in a.parts:
+            em, by_depth = retrieval(model, tok, lengths, ratios, 1, anchor=True)
+            names = ["full"] + list(methods(0.25).keys())
+            rows = []
+            for name in names:
+                for r in ([1.0] if name == "full" else ratios):
+                    if (name, r, lengths[0]) not in em:
+                        continue
+                    full = [em[("full", 1.0, n)] for n in lengths]
+                    vals = [em[(name, r, n)] for n in lengths]
+                    rows.append([name, r] + [f"{v:.2f}" for v in vals] +
+                                [f"{sum(vals) / max(1e-9, sum(full)):.2f}"])
+            md = [header]
+            md += ["", f"**A. Retrieval exact match** (multi-key: 4 needles `key_xxxx = \"5 digits\"` in held-out "
+                   f"code, one queried; depths {DEPTHS}, one sample per depth: {len(DEPTHS)} per length -- CPU time)",
+                   "", markdown_table(["method", "kept ratio"] + [f"EM @ {n}" for n in lengths] + ["vs full (sum)"], rows)]
+            drow = [[nm, r, n] + [f"{v[d]:.2f}" for d in DEPTHS] for nm, r, n, v in by_depth
+                    if nm in ("full", "snapkv", "kvpress-snapkv", "tokenselect", "streaming") and n == lengths[-1]]
+            if len(em) == len(lengths):
+                md += ["", "Full-cache exact match is below 0.9 at every length: the model does not solve the task "
+                       "(the issue's bar for measuring anything), so the methods' retrieval is not measured."]
+            md += ["", f"By depth at {lengths[-1]} tokens:", "",
+                   markdown_table(["method", "kept ratio", "length"] + [f"depth {d}" for d in DEPTHS], drow)]
+            parts["A"] = "\n".join(md)
+        if "B" in a.parts:
+            ctx = 512 if q else 2048
+            res = code_quality(model, tok, ctx, 32 if q else 64, 16 if q else 32, 1 if q else 2, ratios, anchor=True)
+            rows = [[nm, r, f"{v[0]:.4f}", f"{v[1]:.2f}", f"{v[2]:.2f}"] for (nm, r), v in res.items()]
+            rows.sort(key=lambda x: (x[1] != 1.0, x[1], x[0]))
+            md = [header]
+            md += ["", f"**B. Long held-out code** (context {ctx} tokens; teacher-forced over the next "
+                   f"{32 if q else 64}; greedy continuation of {16 if q else 32} tokens compared with the full cache's)",
+                   "", markdown_table(["method", "kept ratio", "KL(full || method) nats/token", "perplexity",
+                                       "greedy match"], rows)]
+            parts["B"] = "\n".join(md)
+        if "C" in a.parts:
+            cells = [(512, 1), (1024, 1)] if q else [(1024, 1), (4096, 1), (8192, 1), (2048, 4)]
+            rows = speed(model, tok, cells, 0.25, 8 if q else 16, 1 if q else 2, anchor=True)
+            md = [header]
+            md += ["", "**C. Cost at 25% kept** (prefill includes the press; decode tokens/s over "
+                   f"{8 if q else 16} new tokens, median of {1 if q else 2} interleaved rounds (CPU time: batch 4 only at 2048); KV MiB held after "
+                   "the prefill, all layers)", "",
+                   markdown_table(["context", "batch", "method", "kept ratio", "prefill s", "decode tok/s",
+                                   "vs full", "KV MiB held"], rows)]
+            parts["C"] = "\n".join(md)
+        if "D" in a.parts:
+            rows = triforce(model, tok, [1024] if q else [4096, 8100], 16 if q else 48, 1 if q else 2, 0.1, 4)
+            md = [header]
+            md += ["", "**D. TriForce** (the target with a 10% retrieval-chunk cache drafts k = 4 for the full "
+                   "target; both on transformers' DynamicCache; wall time includes the target's prefill and the draft's own second prefill, which a shared "
+                   "cache would save: the next column subtracts it)", "",
+                   markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
+                                   "speed-up", "speed-up without the draft's own prefill", "acceptance",
+                                   "greedy == plain"], rows)]
+            parts["D"] = "\n".join(md)
+    print("\n".join(md))
+    if not a.no_write:
+        write_parts(parts, f"{time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The synthetic retrieval tasks: exact lengths, needle at the requested depth, answer recoverable."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accelerando import zoo
+from accelerando.llm.kv.tasks import HaystackBuilder
+
+
+@pytest.fixture(scope="module")
+def builder():
+    tok = zoo.load_tokenizer()
+    text = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 200
+    return tok, HaystackBuilder(tok, torch.tensor(tok(text)["input_ids"]))
+
+
+@pytest.mark.parametrize("task", ["passkey", "multikey"])
+def test_sample_length_depth_and_answer(builder, task):
+    tok, b = builder
+    for depth in (0.0, 0.5, 1.0):
+        ids, spans, s = b.sample(task, 1000, gen=torch.Generator().manual_seed(1), depth=depth, n_keys=4)
+        assert len(s.prompt) == 1000 and s.prompt[0] == tok.eos_token_id
+        assert abs(s.depth - depth) < 0.06        # other needles shift it a little
+        text = tok.decode(s.prompt)
+        assert tok.decode(s.answer) == s.answer_text and len(s.answer_text) == 5
+        name = text.rsplit("\n", 1)[1].split(" = ")[0]          # the queried key
+        assert f'{name} = "{s.answer_text}"' in text                # its needle is in the haystack
+        assert ids[spans[0][0]: spans[0][1]] == s.answer.tolist()
+
+
+def test_training_sequence_and_bad_input(builder):
+    _, b = builder
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert b.training_sequence(256, gen=g).shape == (257,)
+    with pytest.raises(ValueError, match="task must be one of"):
+        b.sample("nope", 100, gen=g)
+    with pytest.raises(ValueError, match="depth must be in"):
+        b.sample("passkey", 100, gen=g, depth=1.5)
+    with pytest.raises(ValueError, match="too short"):
+        b.sample("multikey", 20, gen=g, n_keys=6)
