@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from accelerando.llm.cache import cache_kwarg
 from accelerando.llm.tree import (TokenTree, check_tree_support, keep_accepted_path,
                                   tree_attention_mask, tree_position_ids)
 
@@ -74,10 +75,10 @@ def test_hf_tree_forward_matches_paths(model_type):
     toks = torch.randint(0, 64, (1, len(t)), generator=g)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(prefix, past_key_values=cache, use_cache=True)
+        model(prefix, **{cache_kwarg(model): cache}, use_cache=True)
         L = prefix.shape[1]
         out = model(toks, attention_mask=tree_attention_mask(t, torch.ones(1, L)),
-                    position_ids=tree_position_ids(t, torch.tensor([L])), past_key_values=cache,
+                    position_ids=tree_position_ids(t, torch.tensor([L])), **{cache_kwarg(model): cache},
                     use_cache=True).logits[0]
         for i in range(len(t)):
             ref = model(torch.cat([prefix, toks[:, t.path_to(i)]], 1)).logits[0, -1]
@@ -86,7 +87,7 @@ def test_hf_tree_forward_matches_paths(model_type):
         keep_accepted_path(cache, L, torch.tensor([0, 1, 4]))
         assert cache.get_seq_length() == L + 3
         nxt = torch.tensor([[5]])
-        got = model(nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        got = model(nxt, **{cache_kwarg(model): cache}, use_cache=True).logits[0, -1]
         ref = model(torch.cat([prefix, toks[:, [0, 1, 4]], nxt], 1)).logits[0, -1]
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 

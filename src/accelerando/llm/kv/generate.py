@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from accelerando.llm.cache import cache_kwarg
 from accelerando.llm.kv.attention import kv_attention_enabled
 from accelerando.llm.kv.presses import Press, check_kv_model, kv_bytes
 from accelerando.llm.sampling import SamplingConfig, pick
@@ -78,7 +79,7 @@ def prefill(model: Any, input_ids: torch.Tensor, *, press: Press | None = None, 
     t0 = time.perf_counter()
     pctx = press.prefill_context(model) if press is not None else contextlib.nullcontext()
     with kv_attention_enabled(model), pctx:
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, kv_state=state).logits[:, -1]
+        logits = model(input_ids=input_ids, **{cache_kwarg(model): cache}, use_cache=True, kv_state=state).logits[:, -1]
     full = _full_bytes(model, input_ids)   # computed: kvpress shrinks the cache inside the prefill
     if press is not None:
         press.compress(cache)
@@ -94,7 +95,7 @@ def step(model: Any, run: KVRun, ids: torch.Tensor) -> torch.Tensor:
     B, T = ids.shape
     pos = torch.arange(run.position, run.position + T, device=ids.device).expand(B, T)
     with kv_attention_enabled(model):
-        out = model(input_ids=ids, position_ids=pos, past_key_values=run.cache, use_cache=True,
+        out = model(input_ids=ids, position_ids=pos, **{cache_kwarg(model): run.cache}, use_cache=True,
                     kv_state=run.state).logits
     run.position += T
     return out
