@@ -32,6 +32,16 @@ MAX_WORKLOADS = 24          # Pareto panels per family (the most recent workload
 MAX_LINES = 8               # methods per line plot (the most measured)
 
 
+
+def _save(fig, out, title: str, rect=None) -> None:
+    """Title, lay out, write and close one figure (every plot of the report ends this way)."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(**({"rect": rect} if rect is not None else {}))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
 def _get(r: Any, name: str) -> Any:
     return r.get(name) if isinstance(r, dict) else getattr(r, name, None)
 
@@ -118,10 +128,8 @@ def plot_pareto(table: Any, family: str, out: Path, *, max_workloads: int = MAX_
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=6, loc="best")
-    fig.suptitle(f"{family}: speed vs quality per workload (better: right and down)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.4 * rows)))
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(fig, out, f"{family}: speed vs quality per workload (better: right and down)",
+          rect=(0, 0, 1, 1 - 0.35 / (3.4 * rows)))
     return out, len(wids) - len(shown)
 
 
@@ -166,10 +174,7 @@ def plot_diffusion_error(rows: Sequence[Any], out: Path) -> Path | None:
         ax.set_xlabel("model calls (NFE)", fontsize=8)
         ax.set_ylabel("RMSE to the reference", fontsize=8)
         ax.legend(fontsize=6)
-    fig.suptitle("diffusion: error vs model calls (median over workloads)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(fig, out, "diffusion: error vs model calls (median over workloads)")
     return out
 
 
@@ -200,10 +205,7 @@ def plot_llm_throughput(rows: Sequence[Any], out: Path) -> Path | None:
         ax.set_yscale("log")
         if pts:
             ax.legend(fontsize=6)
-    fig.suptitle("LLM: throughput vs batch and context (median over rows)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(fig, out, "LLM: throughput vs batch and context (median over rows)")
     return out
 
 
