@@ -39,9 +39,15 @@ def test_noop_settings_equal_full_compute(guidance):
     assert c0.skipped_fraction == 0.0
     for method in (BlockCache(policy="threshold", threshold=0.0), BlockCache(policy="static", interval=1),
                    RegionAdaptive(ratio=1.0), TokenMerging(ratio=0.0)):
+        assert method.is_noop()          # the denoiser calls the plain model: no overhead at all
         out, c = run(m, method, guidance=guidance)
         assert torch.equal(out, ref), type(method).__name__
         assert c.skipped_fraction == 0.0
+        method.is_noop = lambda: False   # and the method's own path at that setting is exact too
+        out, c = run(m, method, guidance=guidance)
+        assert torch.equal(out, ref), type(method).__name__
+        assert c.skipped_fraction == 0.0
+    assert not BlockCache(policy="static", interval=2).is_noop() and not RegionAdaptive(ratio=0.5).is_noop()
 
 
 def test_block_cache_counts_skips():
@@ -65,6 +71,28 @@ def test_ras_counts_and_changes_only_by_reuse():
     # 2 full steps, 6 steps at 4 of 16 tokens
     assert c.skipped_fraction == pytest.approx(1 - (2 * 16 + 6 * 4) / (8 * 16))
     assert not torch.equal(out, ref) and torch.isfinite(out).all()
+
+
+def test_attention_steps_equal_diffusers_attention():
+    from accelerando.diffusion.dit.core import attention
+    m = tiny_dit()
+    attn = m.transformer_blocks[0].attn1
+    nh = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(attn, nh), attn(nh))
+
+
+def test_ras_all_tokens_active_equals_full_compute_and_full_steps_count():
+    # every token active on a RAS step: the cached-K/V path (gather, scatter, attention rows) must give
+    # the full model's output up to float rounding, whatever order the focus put the tokens in
+    m = tiny_dit(size=8)
+    ref, _ = run(m, None, steps=6, guidance=1.5)
+    out, c = run(m, RegionAdaptive(ratio=0.999, warmup=1), steps=6, guidance=1.5)
+    assert c.skipped_fraction == 0.0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # full steps: warm-up 0-1, error reset 4, dense 6-7 (of 8): 5 full + 3 steps at 4 of 16 tokens
+    _, c = run(m, RegionAdaptive(ratio=0.25, warmup=2, reset_steps=(4,), dense_from=6), steps=8)
+    assert c.skipped_fraction == pytest.approx(1 - (5 * 16 + 3 * 4) / (8 * 16))
 
 
 def test_ras_focus_prefers_high_score_and_starved_tokens():
@@ -112,6 +140,8 @@ def test_tome_counts():
     (lambda: BlockCacheConfig(threshold=1.5), "threshold"),
     (lambda: BlockCacheConfig(threshold=-0.1), "threshold"),
     (lambda: RASConfig(ratio=0.0), "region ratio"),
+    (lambda: RASConfig(dense_from=0), "dense_from"),
+    (lambda: RASConfig(reset_steps=(-1,)), "reset_steps"),
     (lambda: ToMeConfig(ratio=1.5), "merge ratio"),
     (lambda: BlockCacheConfig(policy="router"), "router"),
 ])
