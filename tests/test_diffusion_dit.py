@@ -211,3 +211,26 @@ def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
     with pytest.raises(NotApplicable, match="needs a DiT workload"):
         get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
                                                     x_T=setup.x_T, steps=6))
+
+
+def test_demo_runs_the_dit_arms_on_the_zoo_dit(tmp_path):
+    """`accelerando demo` runs the DiT arms on the zoo DiT (rows, not n/a on the UNet)."""
+    import io
+    from rich.console import Console
+    from accelerando import zoo
+    from accelerando.bench.history import open_history
+    from accelerando.bench.methods import all_methods
+    from accelerando.cli import demo as D
+    if not zoo.is_trained("digits-dit"):
+        pytest.skip("zoo DiT not trained")
+    arms = D._dit_arms()
+    assert {"dit-cache-static", "dit-ras", "dit-tome", "dit-diffusers-fbc"} <= arms
+    methods = [m for m in all_methods("diffusion") if m.is_baseline or m.name in arms]
+    collected: list = []
+    with open_history(tmp_path / "h.sqlite") as h:
+        D._demo_dit(Console(file=io.StringIO()), h, methods, 3, 2, 6, 1, "cpu", collected)
+        assert h.count() == len(methods)
+    title, fam, rows = collected[0]
+    assert fam == "dit" and "digits-dit" in title
+    assert {r.method for r in rows} == {m.name for m in methods} and not any(r.error for r in rows)
+    assert any(line.startswith("DiT:") for line in D.takeaway(collected))
