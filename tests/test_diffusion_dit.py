@@ -234,3 +234,23 @@ def test_demo_runs_the_dit_arms_on_the_zoo_dit(tmp_path):
     assert fam == "dit" and "digits-dit" in title
     assert {r.method for r in rows} == {m.name for m in methods} and not any(r.error for r in rows)
     assert any(line.startswith("DiT:") for line in D.takeaway(collected))
+
+
+def test_harmonica_step_loss_is_in_x_space():
+    """SDT's step loss is on x_{t-1} (the paper): a DDIM step scales an eps error by c_s, far larger at
+    the high-noise steps; weights have mean 1 (beta keeps its scale); loss_space='eps' is uniform."""
+    from accelerando.diffusion.dit.harmonica import HarmoniCaConfig, _grid, step_weights
+    from accelerando.diffusion.samplers._common import transfer
+    cfg = HarmoniCaConfig(steps=10)
+    w = step_weights(cfg)
+    assert w.shape == (10,) and float(w.mean()) == pytest.approx(1.0)
+    # proportional to the squared change of the DDIM step's output per unit eps change (the sampler's own step)
+    grid, x, e = _grid(cfg), torch.zeros(1), torch.zeros(1)
+    ab = list(grid.ab) + [1.0]
+    c2 = torch.tensor([float(transfer(x, e + 1, ab[i], ab[i + 1]) - transfer(x, e, ab[i], ab[i + 1])) ** 2
+                       for i in range(10)])
+    torch.testing.assert_close(w, c2 / c2.mean())
+    assert w[0] > 5 * w[-2] and bool((w[:-1].diff() < 0).all())
+    assert torch.equal(step_weights(HarmoniCaConfig(steps=10, loss_space="eps")), torch.ones(10))
+    with pytest.raises(ValueError, match="loss_space"):
+        HarmoniCaConfig(loss_space="z")
