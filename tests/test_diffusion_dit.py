@@ -108,6 +108,25 @@ def test_ras_focus_prefers_high_score_and_starved_tokens():
     assert r.focus(1)[0].tolist() == [3]
 
 
+def test_ras_delta_criterion_tracks_where_the_noise_moved():
+    m = tiny_dit(size=8)
+    r = RegionAdaptive(ratio=0.25, warmup=2, criterion="delta", starvation=0.0)
+    eps = DiTDenoiser(m, torch.arange(2) % 10, method=r)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    prev = None
+    for i, t in enumerate((999, 900, 800)):
+        before = None if r.eps_patches is None else r.eps_patches.clone()
+        eps(x, torch.tensor(t))
+        if before is not None:
+            moved = (r.eps_patches - before).norm(dim=-1)
+            changed = moved > 0                     # full step: every token; RAS step: the 4 active ones
+            torch.testing.assert_close(r.delta[changed], moved[changed])
+            assert int(changed.sum()) == (2 * 16 if i < 2 else 2 * 4)
+            if i == 2:
+                assert torch.equal(r.delta[~changed], prev[~changed])   # the others keep their last change
+        prev = r.delta.clone()
+
+
 def test_tome_merge_unmerge_roundtrip_and_mean():
     x = torch.randn(2, 16, 5)
     dst = dst_mask(4, 2)
