@@ -48,16 +48,19 @@ def guidance_of(name: str) -> float:
 
 
 def ras_settings(steps: int) -> list[tuple[str, dict[str, Any]]]:
-    """RAS arms: the previous run's setting (no full steps after warm-up) and the paper's schedule
-    (warm-up, an error-reset step half-way, the last ~1/7 of the steps dense) at three ratios."""
+    """RAS arms: the first run's setting (warm-up, then no full step: the largest error), the paper's
+    error resets as a full step every 3rd / 2nd step (the quality lever on these models), its schedule
+    with one reset half-way and dense final steps, and the 'delta' focus criterion."""
     warm = 3 if steps <= 20 else 6
     dense = steps - max(2, steps // 7)
-    paper = {"warmup": warm + 1, "reset_steps": (steps // 2,), "dense_from": dense}
     return [("RAS r=0.5", {"ratio": 0.5, "warmup": warm}),
-            ("RAS r=0.25", {"ratio": 0.25, "warmup": warm}),
-            (f"RAS r=0.5 reset+dense{dense}", {"ratio": 0.5, **paper}),
-            (f"RAS r=0.25 reset+dense{dense}", {"ratio": 0.25, **paper}),
-            (f"RAS r=0.75 reset+dense{dense}", {"ratio": 0.75, **paper})]
+            ("RAS r=0.5 full/3", {"ratio": 0.5, "warmup": warm, "full_every": 3}),
+            ("RAS r=0.5 full/2", {"ratio": 0.5, "warmup": warm, "full_every": 2}),
+            ("RAS r=0.25 full/2", {"ratio": 0.25, "warmup": warm, "full_every": 2}),
+            ("RAS r=0.75 full/3", {"ratio": 0.75, "warmup": warm, "full_every": 3}),
+            (f"RAS r=0.5 reset{steps // 2}+dense{dense}", {"ratio": 0.5, "warmup": warm + 1,
+                                                          "reset_steps": (steps // 2,), "dense_from": dense}),
+            ("RAS r=0.5 full/3 delta", {"ratio": 0.5, "warmup": warm, "full_every": 3, "criterion": "delta"})]
 
 
 def router_for(model: Any, name: str, steps: int, guidance: float, args: Any) -> torch.Tensor | None:
