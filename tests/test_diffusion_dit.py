@@ -227,6 +227,13 @@ def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
     assert torch.equal(out.x0, ref) and out.stats["skipped_fraction"] == 0.0
     out = get_method("dit-ras").build(setup)()
     assert out.nfe == 6 and out.stats["skipped_fraction"] > 0
+    # an arm's method object serves every timed run: each run is a fresh trajectory (state reset)
+    for arm in ("dit-ras", "dit-cache-threshold", "dit-diffusers-fbc", "dit-diffusers-taylorseer"):
+        run_arm = get_method(arm).build(setup)
+        a, b = run_arm(), run_arm()
+        assert torch.equal(a.x0, b.x0) and a.stats == b.stats, arm
+    with pytest.raises(ValueError, match="region ratio"):
+        get_method("dit-ras").build(setup, ratio=0.0)          # bad knobs fail at build, not mid-run
     with pytest.raises(NotApplicable, match="needs a DiT workload"):
         get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
                                                     x_T=setup.x_T, steps=6))

@@ -54,10 +54,12 @@ def _build(name: str) -> Callable[..., Callable[[], DiffusionOutput]]:
         base = setup.eps_fn
         if not isinstance(base, DiTDenoiser):
             raise NotApplicable(f"{name} needs a DiT workload (diffusers DiTTransformer2DModel)")
-        factory = make(**{**defaults, **knobs})
+        # one method object for all runs (a new trajectory resets it): a diffusers hook copies and hooks
+        # the model once, in the untimed warm-up run, not inside every timed one; bad knobs fail here
+        method = make(**{**defaults, **knobs})()
 
         def run() -> DiffusionOutput:
-            eps = DiTDenoiser(base.model, base.labels, guidance=base.guidance, method=factory())
+            eps = DiTDenoiser(base.model, base.labels, guidance=base.guidance, method=method)
             g = torch.Generator(device=setup.x_T.device).manual_seed(setup.seed)
             x0, info = sample_with_info(eps, setup.x_T, schedule=setup.schedule, method="ddim", steps=setup.steps,
                                         spacing=setup.spacing, generator=g)

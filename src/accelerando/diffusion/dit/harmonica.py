@@ -49,8 +49,11 @@ class HarmoniCaConfig:
     warmup: int = 1                    # first steps run every block (a cache must exist)
     init: float = 2.0                  # initial logit (sigmoid(2) = 0.88: start near full compute)
     loss_space: str = "x"              # "x": the step output x_{t-1} (the paper); "eps": the noise prediction
+    proxy: str = "alone"               # IEPO's lambda: "alone" (the paper) or "leave-out" (see iepo_lambda)
 
     def __post_init__(self) -> None:
+        if self.proxy not in ("alone", "leave-out"):
+            raise ValueError(f"proxy must be 'alone' or 'leave-out', got {self.proxy!r}")
         if self.loss_space not in ("x", "eps"):
             raise ValueError(f"loss_space must be 'x' or 'eps', got {self.loss_space!r}")
         if self.steps < 2 or self.iterations < 1 or self.batch_size < 1 or self.lambda_batch < 1:
@@ -146,15 +149,17 @@ def _inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float) 
 
 @torch.no_grad()
 def iepo_lambda(model: Any, logits: torch.Tensor, cfg: HarmoniCaConfig, *, generator: torch.Generator) -> torch.Tensor:
-    """lambda_s (steps,): final-image MSE against full compute when the hard router acts at step s
-    only, normalised to mean 1 (the image-error proxy of IEPO)."""
+    """lambda_s (steps,), normalised to mean 1: the image-error proxy of IEPO. ``proxy="alone"``: the
+    final-image MSE against full compute when the hard router acts at step s only (the paper's proxy);
+    ``"leave-out"``: how much the final image of the whole router moves when step s alone computes
+    fully, which also sees how skips at consecutive steps compound."""
     size = model.config.sample_size
     x_T = torch.randn(cfg.lambda_batch, 1, size, size, generator=generator)
     y = torch.randint(0, 10, (cfg.lambda_batch,), generator=generator)
     table = router_table(logits.detach(), warmup=cfg.warmup)
 
-    def run(only: int | None) -> torch.Tensor:
-        cache = BlockCache(BlockCacheConfig(policy="router", router=_only_row(table, only), warmup=cfg.warmup))
+    def run(router: torch.Tensor) -> torch.Tensor:
+        cache = BlockCache(BlockCacheConfig(policy="router", router=router, warmup=cfg.warmup))
         from .denoiser import Counts
         counts = Counts()
 
@@ -162,8 +167,12 @@ def iepo_lambda(model: Any, logits: torch.Tensor, cfg: HarmoniCaConfig, *, gener
             xi, ti, yi = _inputs(x, t, y, cfg.guidance)
             return _cfg_eps(cache.forward(model, xi, ti, yi, step=s, counts=counts), cfg.guidance)
         return _trajectory(model, x_T, y, cfg, step_eps)
-    ref = run(None)
-    lam = torch.stack([F.mse_loss(run(s), ref) for s in range(cfg.steps)])
+    if cfg.proxy == "alone":
+        ref = run(_only_row(table, None))
+        lam = torch.stack([F.mse_loss(run(_only_row(table, s)), ref) for s in range(cfg.steps)])
+    else:
+        ref = run(table)
+        lam = torch.stack([F.mse_loss(run(_full_row(table, s)), ref) for s in range(cfg.steps)])
     return lam / lam.mean().clamp_min(1e-12) + 1e-3
 
 
@@ -171,6 +180,12 @@ def _only_row(table: torch.Tensor, only: int | None) -> torch.Tensor:
     out = torch.ones_like(table)
     if only is not None:
         out[only] = table[only]
+    return out
+
+
+def _full_row(table: torch.Tensor, s: int) -> torch.Tensor:
+    out = table.clone()
+    out[s] = True
     return out
 
 
