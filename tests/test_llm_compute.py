@@ -76,10 +76,16 @@ def test_bitmod_picks_the_best_datatype_per_group():
         deq = Q.bitmod_dequantize(codes, ids, scales, bits, 64).reshape(16, 4, 64)
         err = ((deq - w.reshape(16, 4, 64)) ** 2).sum(-1)
         wg = w.reshape(16, 4, 64)
-        for d, grid in enumerate(grids):          # no single datatype beats the chosen one on any group
-            s = (wg.abs().amax(-1) / grid.abs().max()).half().float()
-            one = grid[Q._nearest(wg / s[..., None], grid)] * s[..., None]
-            assert (err <= ((one - wg) ** 2).sum(-1) + 1e-6).all()
+        hi, lo = wg.amax(-1).clamp(min=0), wg.amin(-1).clamp(max=0)
+        for d, grid in enumerate(grids):          # no (datatype, candidate scale) beats the chosen one on any group
+            fit = torch.maximum(hi / grid.max(), lo / grid.min())    # the grid's ends reach the group's ends
+            assert (fit * grid.max() >= hi - 1e-6).all() and (fit * grid.min() <= lo + 1e-6).all()
+            for r in Q.CLIP_RATIOS:
+                s = (fit * r).half().float()
+                one = grid[(wg / s[..., None] - grid[:, None, None, None]).abs().argmin(0)] * s[..., None]
+                assert (err <= ((one - wg) ** 2).sum(-1) + 1e-5).all()
+        plain = Q.bitmod_dequantize(*Q.bitmod_quantize(w, 64, bits, scale_search=False), bits, 64)
+        assert err.sum() <= ((plain - w) ** 2).sum() + 1e-6          # searching the scale never hurts
         # each dequantised value lies on its group's grid
         vals = deq / scales.float()[..., None]
         assert torch.allclose(vals, grids[ids.long()].gather(-1, codes.reshape(16, 4, 64).long()), atol=1e-4)
