@@ -63,18 +63,20 @@ def ras_settings(steps: int) -> list[tuple[str, dict[str, Any]]]:
             ("RAS r=0.5 full/3 delta", {"ratio": 0.5, "warmup": warm, "full_every": 3, "criterion": "delta"})]
 
 
-def router_for(model: Any, name: str, steps: int, guidance: float, args: Any) -> torch.Tensor | None:
+def router_for(model: Any, name: str, steps: int, guidance: float, args: Any, proxy: str) -> torch.Tensor | None:
     """HarmoniCa router logits for (model, steps): trained here (SDT + IEPO) or read from --routers."""
     from accelerando.diffusion.dit.harmonica import load_router, save_router
-    path = Path(args.routers) / f"harmonica-{name}-{SAMPLER}-{steps}.json" if args.routers else None
+    path = (Path(args.routers) / f"harmonica-{name}-{SAMPLER}-{steps}-{proxy}.json"
+            if args.routers else None)
     if path is not None and path.exists():
         return load_router(path)[0]
     if args.router_iterations <= 0:
         return None
     t0 = time.perf_counter()
     res = train_router(model, HarmoniCaConfig(steps=steps, method=SAMPLER, iterations=args.router_iterations,
-                                              batch_size=4, lambda_every=max(1, args.router_iterations // 3),
-                                              lambda_batch=2, guidance=guidance, beta=args.router_beta),
+                                              batch_size=4, lambda_every=max(1, args.router_iterations // 2),
+                                              lambda_batch=2, guidance=guidance, beta=args.router_beta,
+                                              proxy=proxy),
                        generator=torch.Generator().manual_seed(0), progress=lambda m: print(f"  router {m}"))
     print(f"  router for {name} @ {steps} steps trained in {time.perf_counter() - t0:.0f}s", flush=True)
     if path is not None:
@@ -90,10 +92,14 @@ def arms(model: Any, name: str, steps: int, guidance: float, args: Any) -> list[
     out += [("cache static k=2", "ours", lambda: BlockCache(policy="static", interval=2)),
             ("cache threshold 0.1", "ours", lambda: BlockCache(policy="threshold", threshold=0.1)),
             ("cache threshold 0.2", "ours", lambda: BlockCache(policy="threshold", threshold=0.2))]
-    logits = router_for(model, name, steps, guidance, args)
-    if logits is not None:
+    for proxy in args.router_proxy:
+        logits = router_for(model, name, steps, guidance, args, proxy)
+        if logits is None:
+            continue
+        tag = "" if proxy == "alone" else " (leave-out proxy)"
         for keep in (0.5, 0.7):
-            out.append((f"HarmoniCa keep {keep}", "ours", lambda keep=keep: harmonica_cache(logits, keep=keep)))
+            out.append((f"HarmoniCa keep {keep}{tag}", "ours",
+                        lambda keep=keep, logits=logits: harmonica_cache(logits, keep=keep)))
     out += [(label, "ours", lambda kw=kw: RegionAdaptive(**kw)) for label, kw in ras_settings(steps)]
     out += [("ToMe r=0.5", "ours", lambda: TokenMerging(ratio=0.5))]
     out += [("diffusers FirstBlockCache 0.1", "diffusers", lambda: DiffusersCache("first-block", threshold=0.1)),
@@ -362,6 +368,8 @@ def main() -> None:
     ap.add_argument("--reps1", type=int, default=3, help="batch-1 repeats per method")
     ap.add_argument("--router-iterations", type=int, default=30)
     ap.add_argument("--router-beta", type=float, default=0.02)
+    ap.add_argument("--router-proxy", nargs="+", choices=["alone", "leave-out"], default=["alone"],
+                    help="HarmoniCa's image-error proxy (see harmonica.iepo_lambda): a router per proxy")
     ap.add_argument("--routers", default=None,
                     help="folder of HarmoniCa routers: used when there, else trained and saved there")
     ap.add_argument("--no-history", action="store_true")

@@ -227,7 +227,7 @@ def train_router(model: Any, config: HarmoniCaConfig | None = None, *, generator
             return student.detach()
         _trajectory(model, x_T, y, cfg, step_eps)
         msg = (f"iteration {it + 1}/{cfg.iterations} mean step loss {sum(losses) / len(losses):.5f} "
-               f"mean gate {float(torch.sigmoid(logits[cfg.warmup:]).mean()):.3f}")
+               f"mean gate {float(torch.sigmoid(logits.detach()[cfg.warmup:]).mean()):.3f}")
         log.append(msg)
         if progress is not None:
             progress(msg)
