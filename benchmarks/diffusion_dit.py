@@ -192,21 +192,25 @@ def record_history(results: list[dict[str, Any]]) -> int:
 
 
 NOTES = [
-    "- Scope of this run (shared 2-core CPU, ~30 min left for it): 20 steps only (the issue asks 20 and 50; the "
-    "50-step cell was stopped for time), 32 images (16x16) / 16 images (32x32) per cell; HarmoniCa's router was "
-    "trained with only 4 SDT iterations and on the 16x16 model only; the 32x32 DiT had 400 training steps.",
-    "- Quality is against full compute from the same x_T and labels (PSNR / SSIM, images in [-1, 1]; "
-    "`inf` = identical); FD and class accuracy are in the digits-classifier's feature space against the "
-    "held-out digits (32x32 samples average-pooled to 16x16). With this few samples FD is biased upwards; "
-    "compare rows, not with other tables.",
+    "- Scope: one shared 2-core CPU on which four other engineers' jobs ran at the same time (load average ~8), "
+    "torch on 1 thread; every cell's methods are interleaved, so the ratios are comparable within a table, the "
+    "absolute times are not. Images per cell and batch-1 repeats are in each table's title; FD from a few dozen "
+    "images is biased upwards (compare rows of one table, not tables).",
+    "- *PSNR vs full* / SSIM: against full compute from the same x_T and labels (images in [-1, 1]; `inf` = "
+    "identical). *PSNR vs ref*: against a converged reference from the same x_T (DPM-Solver++(3M), 100 steps); "
+    "*dB lost* = full compute's PSNR vs ref minus the method's: what the method costs relative to the sampler's "
+    "own error at this budget (the issue's '<= 0.5 dB loss'). FD and class accuracy are in the digits-classifier's "
+    "feature space against the held-out digits (32x32 samples average-pooled to 16x16).",
     "- *skipped* = token-block evaluations not run / those full compute runs, counted while sampling (diffusers "
     "hooks: counted by the attention and MLP projections that actually ran; an attention-only skip is half a block).",
-    "- Wall times are medians per trajectory on a shared, heavily loaded 2-core CPU (1 torch thread): ratios "
-    "within a row set are what to read; batch 16 is the median over the quality batches (methods interleaved), "
-    "batch 1 over interleaved repeats.",
+    "- Batch 16 time: median over the quality batches; batch 1: median over interleaved repeats. Each method object "
+    "is made once per cell and reset by every trajectory (a diffusers hook copies and hooks the model once, "
+    "outside the timed runs).",
     "- Threshold caches (ours and FirstBlockCache, MagCache) decide per batch: a batch of 16 skips a block only when "
     "the whole batch allows it, so their skip fraction and quality differ between batch 1 and 16; the quality "
     "columns are from batch 16.",
+    "- HarmoniCa rows: routers trained by `train_router` (SDT on the step output x_{t-1}, IEPO) for that model and "
+    "step count with the iterations in the command; `keep` = the fraction of (step, block) evaluations kept.",
 ]
 
 
