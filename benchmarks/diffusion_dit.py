@@ -371,7 +371,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96, help="images per quality cell (multiple of 16)")
     ap.add_argument("--reps1", type=int, default=3, help="batch-1 repeats per method")
     ap.add_argument("--router-iterations", type=int, default=30)
-    ap.add_argument("--router-beta", type=float, default=0.02)
+    ap.add_argument("--router-beta", type=float, default=0.002)
     ap.add_argument("--router-proxy", nargs="+", choices=["alone", "leave-out"], default=["alone"],
                     help="HarmoniCa's image-error proxy (see harmonica.iepo_lambda): a router per proxy")
     ap.add_argument("--routers", default=None,

@@ -42,7 +42,7 @@ class HarmoniCaConfig:
     iterations: int = 30               # SDT trajectories
     batch_size: int = 8
     lr: float = 0.1                    # Adam on the router logits
-    beta: float = 0.02                 # weight of the compute term mean(sigmoid(R))
+    beta: float = 0.002                # weight of the compute term mean(sigmoid(R)) (0.02 floors the early steps)
     lambda_every: int = 10             # IEPO: refresh lambda every k iterations (0 = uniform lambda)
     lambda_batch: int = 4              # images per IEPO refresh
     guidance: float = 1.0
