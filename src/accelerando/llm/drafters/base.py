@@ -11,7 +11,8 @@ per row whose root is the last emitted token; a chain of k drafts is the tree of
   plain_steps(budget) -> int            before propose: plain decoding steps wanted first (0: none);
   accept_plain(tokens, host, seconds)   the loop then ran them (no verification) and reports them
 
-Drafters never see the target's cache; the loop never sees a drafter's state. A drafter that
+Drafters leave the target's cache alone (the one exception: a self-speculative draft made of the
+target's own layers shares it, ``DraftContext.target_cache``); the loop never sees a drafter's state. A drafter that
 keeps a KV cache opens it with ``ctx.make_cache(model, role)``: the same cache protocol
 (``accelerando.llm.cache.DecodeCache``) the target uses, on the lean engine or transformers'.
 Subclass ``Drafter`` for the defaults (all class attributes, so ``nn.Module`` drafters mix it in).
@@ -40,6 +41,10 @@ class DraftContext:
     sampling: SamplingConfig
     generator: torch.Generator | None
     make_cache: Callable[..., Any]     # make_cache(model, role) -> a DecodeCache for this decode
+    # the target's own DecodeCache: only for a draft made of the target's layers (the K/V it writes
+    # past the target's length are the target's own or overwritten by the verification forward);
+    # such a drafter restores the target's lengths before propose returns
+    target_cache: Any = None
 
 
 @dataclass
