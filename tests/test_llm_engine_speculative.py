@@ -185,7 +185,7 @@ def test_a_useless_draft_backs_off_to_runs_of_plain_steps():
     assert torch.equal(out.sequences, ref)
     probes = [i for i, k in enumerate(d.ctrl.history) if k]
     assert d.ctrl.history[0] == 0 and max(d.ctrl.history) == 1          # a timed plain step, then 1-token probes
-    assert len(probes) <= 5 and all(b - a >= 8 for a, b in zip(probes, probes[1:]))
+    assert len(probes) <= 8 and probes[-1] - probes[-2] >= 16              # ever rarer (timings decide the first)
     assert out.stats["drafted_tokens"] == len(probes) and out.stats["target_calls"] == 80
     assert d.state.stats.shapes <= {f"B1xT{CATCH_UP}xL128-last", "B1xT2xL128", "B1xT1xL128"}
 
