@@ -60,7 +60,9 @@ class SelfDraft(DraftModel):
             raise ValueError("SelfDraft needs a skip view of the target (accelerando.llm.compute.layerskip.skip_view)")
         super().__init__(view, k=k, k_max=k_max)
         self.keep = keep
-        self._engines: dict[int, tuple[Any, Any]] = {}   # id(target cache) -> (its cache, the view's engine)
+        # id(target engine) -> (its cache, the view's engine); kept on the view, so every drafter
+        # made from one view (a benchmark makes one per run) reuses the compiled steps
+        self._engines: dict[int, tuple[Any, Any]] = view.__dict__.setdefault("_accelerando_self_engines", {})
         self.shared = False
         self._calls = 0
 
