@@ -156,7 +156,7 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     rows = [[t] for t in first_host]
     done = [t in eos or max_new_tokens <= 1 for t in first_host]
     drafter.begin(DraftContext(target, input_ids, attention_mask, first, first_host, max_new_tokens, sampling,
-                               generator, make_cache))
+                               generator, make_cache, tgt))
     x = DraftInput(first, first_host, 0, hidden)
     while not all(done):
         x.budget = max(max_new_tokens - len(r) for r, d in zip(rows, done) if not d)

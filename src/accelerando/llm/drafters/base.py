@@ -9,7 +9,8 @@ per row whose root is the last emitted token; a chain of k drafts is the tree of
   propose(x: DraftInput) -> Proposal    every step: the tree to verify
   accept(step: Verified)                after verification: keep the accepted path (own cache, history)
 
-Drafters never see the target's cache; the loop never sees a drafter's state. A drafter that
+Drafters do not touch the target's cache (``begin`` may read it: TriForce builds its partial
+cache from the target's prefill); the loop never sees a drafter's state. A drafter that
 keeps a KV cache opens it with ``ctx.make_cache(model, role)``: the same cache protocol
 (``accelerando.llm.cache.DecodeCache``) the target uses, on the lean engine or transformers'.
 Subclass ``Drafter`` for the defaults (all class attributes, so ``nn.Module`` drafters mix it in).
@@ -38,6 +39,7 @@ class DraftContext:
     sampling: SamplingConfig
     generator: torch.Generator | None
     make_cache: Callable[..., Any]     # make_cache(model, role) -> a DecodeCache for this decode
+    target_cache: Any = None           # the target's DecodeCache right after the prefill (read only)
 
 
 @dataclass
