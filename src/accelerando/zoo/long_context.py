@@ -12,6 +12,7 @@ cheap at 256 tokens; the longer phases only extend it).
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,42 +35,62 @@ class Phase:
     early stop once held-out exact match at `spec.seq_len` reaches `stop_em` on two evaluations."""
     spec: zt.LMSpec
     task_fraction: float = 0.8
+    copy_fraction: float = 0.0                  # rows of a random segment repeated (induction training)
     answer_weight: float = 1.0
+    answer_only: bool = False                   # loss on answer / copied tokens only (head on those only)
     eval_every: int = 100
     stop_em: float = 1.01                       # > 1: never stop early
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.task_fraction <= 1.0:
-            raise ValueError(f"task_fraction must be in [0, 1], got {self.task_fraction}")
+        if not 0.0 <= self.task_fraction + self.copy_fraction <= 1.0 or min(self.task_fraction, self.copy_fraction) < 0:
+            raise ValueError(f"task_fraction + copy_fraction must be in [0, 1], got {self.task_fraction} + {self.copy_fraction}")
         if self.answer_weight < 0 or self.eval_every < 1:
             raise ValueError("answer_weight must be >= 0 and eval_every >= 1")
 
 
 def _spec(seq_len: int, steps: int, lr: float, batch_size: int) -> zt.LMSpec:
-    return zt.LMSpec("target", 128, 4, 4, 256, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+    return zt.LMSpec("target", 64, 2, 4, 128, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                      max_position_embeddings=MAX_POSITIONS)
 
 
-# Induction heads (copy after a matching key) appear after a phase transition; it is cheap at 256
-# tokens with mostly retrieval rows, then each longer phase only has to extend it.
+# Copying (an induction head: match the key, copy what followed it) appears after a plateau, which
+# is cheap to cross at 128 tokens on retrieval rows and repeated random segments with the loss on
+# the answers / copies only; the longer phases then extend it to 2048 tokens next to code LM rows.
+# (A 4-layer, 128-wide model on 256-token rows was still on the plateau after 460 steps: 10x the
+# cost per step of this one.)
 PHASES = (
-    Phase(_spec(256, 2000, 3e-3, 8), task_fraction=0.85, eval_every=100, stop_em=0.95),
-    Phase(_spec(512, 300, 1e-3, 8), task_fraction=0.6, eval_every=100, stop_em=0.95),
-    Phase(_spec(1024, 150, 7e-4, 4), task_fraction=0.6, eval_every=50, stop_em=0.95),
-    Phase(_spec(TRAINED_LEN, 150, 5e-4, 2), task_fraction=0.6, eval_every=50),
+    Phase(_spec(128, 3000, 4e-3, 16), task_fraction=0.5, copy_fraction=0.5, answer_only=True, eval_every=100,
+          stop_em=0.95),
+    Phase(_spec(512, 300, 2e-3, 8), task_fraction=0.6, copy_fraction=0.1, eval_every=100, stop_em=0.95),
+    Phase(_spec(1024, 200, 1.5e-3, 4), task_fraction=0.6, copy_fraction=0.1, eval_every=50, stop_em=0.95),
+    Phase(_spec(TRAINED_LEN, 200, 1e-3, 2), task_fraction=0.6, copy_fraction=0.1, eval_every=50),
 )
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float):
-    """batches(gen) -> ((batch, seq_len + 1) ids, same-shape answer mask): code windows and
-    retrieval sequences, mixed per row."""
+def copy_sequence(seq_len: int, vocab: int, *, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), ``seq_len + 1`` long: a random segment of 16-64 tokens repeated; the mask marks
+    every token an induction head can predict (all but the first segment)."""
+    n = int(torch.randint(16, 65, (1,), generator=gen))
+    seg = torch.randint(1, vocab, (n,), generator=gen)
+    ids = seg.repeat(seq_len // n + 2)[: seq_len + 1]
+    mask = torch.arange(seq_len + 1) >= n + 1
+    return ids, mask
+
+
+def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float,
+                  copy_fraction: float = 0.0):
+    """batches(gen) -> ((batch, seq_len + 1) ids, same-shape answer mask): retrieval sequences,
+    repeated random segments and code windows, mixed per row."""
     def batches(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         rows, masks = [], []
         for _ in range(spec.batch_size):
-            if float(torch.rand((), generator=gen)) < task_fraction:
+            u = float(torch.rand((), generator=gen))
+            if u < task_fraction:
                 ids, m = builder.training_sequence(spec.seq_len, gen=gen)
+            elif u < task_fraction + copy_fraction:
+                ids, m = copy_sequence(spec.seq_len, spec.vocab_size, gen=gen)
             else:
                 s = int(torch.randint(0, len(stream) - spec.seq_len - 1, (1,), generator=gen))
                 ids, m = stream[s: s + spec.seq_len + 1], torch.zeros(spec.seq_len + 1, dtype=torch.bool)
@@ -94,9 +115,14 @@ def _run_phase(model: Any, phase: Phase, batches: Any, held: Any, *, seed: int, 
         x, y, m = batch[:, :-1], batch[:, 1:], mask[:, 1:]
         for g in opt.param_groups:
             g["lr"] = zt._cosine_lr(step, spec.steps, spec.lr, warmup)
-        ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
-        ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
-        loss = ce.mean() + phase.answer_weight * ans
+        if phase.answer_only:    # the LM head only where there is a loss: most of a step's work saved
+            h = model.model(input_ids=x).last_hidden_state[m]
+            ans = F.cross_entropy(model.lm_head(h), y[m])
+            ce, loss = ans, ans
+        else:
+            ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
+            ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
+            loss = ce.mean() + phase.answer_weight * ans
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,7 +169,8 @@ def retrieval_table(model: Any, builder: Any, *, lengths=EVAL_LENGTHS, depths=EV
 
 
 def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phases=PHASES,
-                      progress: Any = None, eval_per_cell: int = 4, skip_phases: int = 0) -> dict[str, Any]:
+                      progress: Any = None, eval_per_cell: int = 4, skip_phases: int = 0,
+                      prior_log: list[str] | None = None) -> dict[str, Any]:
     """Train `code-long-target` (tokenizer shared with code-target) and write it with its card.
     skip_phases: continue from the checkpoint in `out_dir` written after that many phases (each
     phase depends only on the previous weights: fresh optimizer, own seed)."""
@@ -161,7 +188,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
     torch.manual_seed(seed)
     model = LlamaForCausalLM(zt._lm_config(phases[-1].spec, tok)).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log: list[str] = []
+    log: list[str] = list(prior_log or [])
     if skip_phases:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
@@ -171,13 +198,15 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
     for c, ph in enumerate(phases):
         if c < skip_phases:
             continue
-        _run_phase(model, ph, mixed_batches(ph.spec, stream, builder, task_fraction=ph.task_fraction), held,
+        _run_phase(model, ph, mixed_batches(ph.spec, stream, builder, task_fraction=ph.task_fraction,
+                                            copy_fraction=ph.copy_fraction), held,
                    seed=seed + 1000 * c, log=log, progress=progress,
                    label=f"phase {c + 1}/{len(phases)} (T={ph.spec.seq_len}) ")
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
-    train_seconds = time.time() - t0
+    prior_s = [float(x) for ln in (prior_log or []) for x in re.findall(r"\((\d+)s\)$", ln)]
+    train_seconds = time.time() - t0 + (max(prior_s) if prior_s else 0.0)   # + the earlier phases' time
     metrics: dict[str, Any] = {}
     for kind in zoo_data.KINDS:
         x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
@@ -200,8 +229,9 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         trained_length=last.seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
         recipe={"num_layers": last.num_layers, "hidden_size": last.hidden_size, "num_heads": last.num_heads,
-                "phases": [{**asdict(p.spec), "task_fraction": p.task_fraction, "answer_weight": p.answer_weight,
-                            "stop_em": p.stop_em} for p in phases],
+                "phases": [{**asdict(p.spec), "task_fraction": p.task_fraction, "copy_fraction": p.copy_fraction,
+                            "answer_weight": p.answer_weight, "answer_only": p.answer_only, "stop_em": p.stop_em}
+                           for p in phases],
                 "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1 per phase, early stop on "
                 "held-out exact match", "loss": "mean CE + answer_weight * mean CE of the answer tokens"},
         metrics=metrics,
@@ -226,13 +256,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (smoke runs)")
     p.add_argument("--skip-phases", type=int, default=0, help="resume from --out's checkpoint after N phases")
     p.add_argument("--only-phases", type=int, default=None, help="run only the first N phases (pilots)")
+    p.add_argument("--prior-log", type=Path, default=None,
+                   help="with --skip-phases: the earlier phases' progress log, kept in the card's log")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     phases = tuple(replace(p, spec=replace(p.spec, steps=max(1, int(p.spec.steps * a.scale)))) for p in PHASES)
     if a.only_phases is not None:
         phases = phases[: a.only_phases]
+    prior = None
+    if a.prior_log is not None:
+        tag = f"[{NAME}] "
+        prior = [ln.strip()[len(tag):] for ln in a.prior_log.read_text().splitlines() if ln.startswith(tag)]
     train_long_target(out_dir=a.out, seed=a.seed, phases=phases, eval_per_cell=4 if a.scale >= 1 else 1,
-                      skip_phases=a.skip_phases)
+                      skip_phases=a.skip_phases, prior_log=prior)
 
 
 if __name__ == "__main__":
