@@ -4,16 +4,19 @@ A sample is a haystack of real code (the zoo's corpus) of ``n`` tokens with need
 chosen depths, then a query whose answer is the needle's value (RULER: Hsieh et al., 2024,
 "RULER: What's the Real Context Size of Your Long-Context Language Models?"):
 
-- ``passkey``: one needle line ``#@ passkey 48213``; query: the needle's prefix again
-  (``#@ passkey``) -> `` 48213`` (associative recall: find the key, copy its value).
-- ``multikey``: ``k`` needles ``#@ <name> 48213`` with distinct names, one queried (the others
+- ``passkey``: one needle line ``#@ passkey lemon river``; query: the needle's prefix again
+  (``#@ passkey``) -> `` lemon river`` (associative recall: find the key, copy its value).
+- ``multikey``: ``k`` needles ``#@ <key> <value>`` with distinct keys, one queried (the others
   are distractors, the needle-in-a-haystack multi-key variant).
 
 The format is chosen so that a tiny model can learn it: a distinctive marker (``#@``, rare in
-code), a key that is one token of the tokenizer's vocabulary (``<name>`` is drawn from its
-single-token lowercase words) and the value right after the key, so that one induction step
-(match the key, copy what followed it) answers the query. Needles are tokenised piece by piece, so
-the answer's ids are exactly the ids that followed the key in the haystack.
+code), keys and value words that are single tokens of the tokenizer's vocabulary (its lowercase
+words that the haystack rarely holds) and the value right after the key, so that induction (match
+the key, copy what followed it; then match the copied word, copy the next) answers the query.
+Values are words, not digits: digit tokens recur in every value, so copying the second of them
+by its predecessor is ambiguous (a 2-layer model trained at 128 tokens found the first token 95%
+of the time and the whole 5-digit value 45%). Needles are tokenised piece by piece, so the
+answer's ids are exactly the ids that followed the key in the haystack.
 
 Everything is token-level (exact lengths) and seeded by a ``torch.Generator``.
 """
@@ -42,8 +45,7 @@ def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi, (1,), generator=gen))
 
 
-def _value(gen: torch.Generator) -> str:
-    return "".join(str(_randint(gen, 0, 10)) for _ in range(5))
+VALUE_WORDS = 2
 
 
 MARKER = "\n#@"
@@ -70,9 +72,21 @@ class HaystackBuilder:
         self.tok = tokenizer
         self.filler = filler
         self.eos = tokenizer.eos_token_id
-        self.names = key_names(tokenizer)
+        # keys the haystack rarely holds (< 1 per 2048 tokens): a key met in the code too would be ambiguous
+        freq = torch.bincount(filler, minlength=len(tokenizer)).double() * 2048 / len(filler)
+        self.names = [w for w in key_names(tokenizer)
+                      if freq[tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))[0]] < 1.0]
         if len(self.names) < 16:
             raise ValueError(f"the tokenizer has only {len(self.names)} single-token words for keys (need 16)")
+
+    def _value(self, gen: torch.Generator, *, avoid: list[str]) -> str:
+        """Two distinct key-vocabulary words, none of them a key (``"lemon river"``)."""
+        out: list[str] = []
+        while len(out) < VALUE_WORDS:
+            w = self.names[_randint(gen, 0, len(self.names))]
+            if w not in out and w not in avoid:
+                out.append(w)
+        return "".join(out)[1:]
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -92,7 +106,7 @@ class HaystackBuilder:
             nm = PASSKEY if task == "passkey" else self.names[_randint(gen, 0, len(self.names))]
             if nm not in names:
                 names.append(nm)
-        values = [_value(gen) for _ in range(k)]
+        values = [self._value(gen, avoid=names) for _ in range(k)]
         key_ids = [self._ids(MARKER + nm) for nm in names]
         val_ids = [self._ids(" " + v) for v in values]
         q_post = self._ids("\n")
