@@ -39,9 +39,15 @@ def test_noop_settings_equal_full_compute(guidance):
     assert c0.skipped_fraction == 0.0
     for method in (BlockCache(policy="threshold", threshold=0.0), BlockCache(policy="static", interval=1),
                    RegionAdaptive(ratio=1.0), TokenMerging(ratio=0.0)):
+        assert method.is_noop()          # the denoiser calls the plain model: no overhead at all
         out, c = run(m, method, guidance=guidance)
         assert torch.equal(out, ref), type(method).__name__
         assert c.skipped_fraction == 0.0
+        method.is_noop = lambda: False   # and the method's own path at that setting is exact too
+        out, c = run(m, method, guidance=guidance)
+        assert torch.equal(out, ref), type(method).__name__
+        assert c.skipped_fraction == 0.0
+    assert not BlockCache(policy="static", interval=2).is_noop() and not RegionAdaptive(ratio=0.5).is_noop()
 
 
 def test_block_cache_counts_skips():
@@ -65,6 +71,28 @@ def test_ras_counts_and_changes_only_by_reuse():
     # 2 full steps, 6 steps at 4 of 16 tokens
     assert c.skipped_fraction == pytest.approx(1 - (2 * 16 + 6 * 4) / (8 * 16))
     assert not torch.equal(out, ref) and torch.isfinite(out).all()
+
+
+def test_attention_steps_equal_diffusers_attention():
+    from accelerando.diffusion.dit.core import attention
+    m = tiny_dit()
+    attn = m.transformer_blocks[0].attn1
+    nh = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(attention(attn, nh), attn(nh))
+
+
+def test_ras_all_tokens_active_equals_full_compute_and_full_steps_count():
+    # every token active on a RAS step: the cached-K/V path (gather, scatter, attention rows) must give
+    # the full model's output up to float rounding, whatever order the focus put the tokens in
+    m = tiny_dit(size=8)
+    ref, _ = run(m, None, steps=6, guidance=1.5)
+    out, c = run(m, RegionAdaptive(ratio=0.999, warmup=1), steps=6, guidance=1.5)
+    assert c.skipped_fraction == 0.0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # full steps: warm-up 0-1, error reset 4, dense 6-7 (of 8): 5 full + 3 steps at 4 of 16 tokens
+    _, c = run(m, RegionAdaptive(ratio=0.25, warmup=2, reset_steps=(4,), dense_from=6), steps=8)
+    assert c.skipped_fraction == pytest.approx(1 - (5 * 16 + 3 * 4) / (8 * 16))
 
 
 def test_ras_focus_prefers_high_score_and_starved_tokens():
@@ -112,6 +140,8 @@ def test_tome_counts():
     (lambda: BlockCacheConfig(threshold=1.5), "threshold"),
     (lambda: BlockCacheConfig(threshold=-0.1), "threshold"),
     (lambda: RASConfig(ratio=0.0), "region ratio"),
+    (lambda: RASConfig(dense_from=0), "dense_from"),
+    (lambda: RASConfig(reset_steps=(-1,)), "reset_steps"),
     (lambda: ToMeConfig(ratio=1.5), "merge ratio"),
     (lambda: BlockCacheConfig(policy="router"), "router"),
 ])
@@ -181,3 +211,26 @@ def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
     with pytest.raises(NotApplicable, match="needs a DiT workload"):
         get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
                                                     x_T=setup.x_T, steps=6))
+
+
+def test_demo_runs_the_dit_arms_on_the_zoo_dit(tmp_path):
+    """`accelerando demo` runs the DiT arms on the zoo DiT (rows, not n/a on the UNet)."""
+    import io
+    from rich.console import Console
+    from accelerando import zoo
+    from accelerando.bench.history import open_history
+    from accelerando.bench.methods import all_methods
+    from accelerando.cli import demo as D
+    if not zoo.is_trained("digits-dit"):
+        pytest.skip("zoo DiT not trained")
+    arms = D._dit_arms()
+    assert {"dit-cache-static", "dit-ras", "dit-tome", "dit-diffusers-fbc"} <= arms
+    methods = [m for m in all_methods("diffusion") if m.is_baseline or m.name in arms]
+    collected: list = []
+    with open_history(tmp_path / "h.sqlite") as h:
+        D._demo_dit(Console(file=io.StringIO()), h, methods, 3, 2, 6, 1, "cpu", collected)
+        assert h.count() == len(methods)
+    title, fam, rows = collected[0]
+    assert fam == "dit" and "digits-dit" in title
+    assert {r.method for r in rows} == {m.name for m in methods} and not any(r.error for r in rows)
+    assert any(line.startswith("DiT:") for line in D.takeaway(collected))

@@ -38,6 +38,14 @@ def test_mag_calibrates_then_fires():
 def test_hook_bad_input():
     with pytest.raises(ValueError, match="unknown diffusers hook 'nope'"):
         DiffusersCache("nope")
+    # out-of-range knobs fail when the method is made, in one line naming the knob
+    for kind, knobs, msg in [("first-block", {"threshold": 1.5}, "first-block cache threshold must be in"),
+                             ("mag", {"threshold": -0.1, "mag_ratios": [1.0]}, "mag cache threshold must be in"),
+                             ("taylorseer", {"interval": 0}, "taylorseer hook: interval must be >= 1"),
+                             ("pab", {"skip": 0}, "pab hook: skip must be >= 1")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            DiffusersCache(kind, steps=4, **knobs)
+        assert "\n" not in str(e.value)
     from diffusers import UNet2DModel
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),

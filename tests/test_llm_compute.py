@@ -76,10 +76,16 @@ def test_bitmod_picks_the_best_datatype_per_group():
         deq = Q.bitmod_dequantize(codes, ids, scales, bits, 64).reshape(16, 4, 64)
         err = ((deq - w.reshape(16, 4, 64)) ** 2).sum(-1)
         wg = w.reshape(16, 4, 64)
-        for d, grid in enumerate(grids):          # no single datatype beats the chosen one on any group
-            s = (wg.abs().amax(-1) / grid.abs().max()).half().float()
-            one = grid[Q._nearest(wg / s[..., None], grid)] * s[..., None]
-            assert (err <= ((one - wg) ** 2).sum(-1) + 1e-6).all()
+        hi, lo = wg.amax(-1).clamp(min=0), wg.amin(-1).clamp(max=0)
+        for d, grid in enumerate(grids):          # no (datatype, candidate scale) beats the chosen one on any group
+            fit = torch.maximum(hi / grid.max(), lo / grid.min())    # the grid's ends reach the group's ends
+            assert (fit * grid.max() >= hi - 1e-6).all() and (fit * grid.min() <= lo + 1e-6).all()
+            for r in Q.CLIP_RATIOS:
+                s = (fit * r).half().float()
+                one = grid[(wg / s[..., None] - grid[:, None, None, None]).abs().argmin(0)] * s[..., None]
+                assert (err <= ((one - wg) ** 2).sum(-1) + 1e-5).all()
+        plain = Q.bitmod_dequantize(*Q.bitmod_quantize(w, 64, bits, scale_search=False), bits, 64)
+        assert err.sum() <= ((plain - w) ** 2).sum() + 1e-6          # searching the scale never hurts
         # each dequantised value lies on its group's grid
         vals = deq / scales.float()[..., None]
         assert torch.allclose(vals, grids[ids.long()].gather(-1, codes.reshape(16, 4, 64).long()), atol=1e-4)
@@ -223,6 +229,59 @@ def test_self_speculation_greedy_equals_generate(lm, cfg, engine):
                                max_new_tokens=12, engine=engine)
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
     assert out.stats["accepted_tokens"] > 0
+
+
+def test_self_draft_shares_the_target_cache_on_the_engine_and_falls_back_on_hf(lm):
+    from accelerando.llm.compute.selfspec import SelfDraft
+    ids, mask = _prompts(2)
+    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
+    assert isinstance(d, SelfDraft)
+    out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
+    assert d.shared and d.state is None and out.stats["draft_calls"] > 0     # no cache of its own
+    assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
+    d2 = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
+    with pytest.warns(UserWarning, match="keeps its own KV cache"):
+        out2 = speculative_generate(lm, ids, draft=d2, attention_mask=mask, max_new_tokens=12, engine="hf")
+    assert not d2.shared and torch.equal(out2.sequences, out.sequences)
+    with pytest.raises(ValueError, match="needs a skip view"):
+        SelfDraft(lm)
+
+
+def test_exit_head_starts_as_the_plain_exit_trains_and_stays_lossless(lm):
+    from accelerando.llm.compute.exit_head import ExitHead
+    ids, mask = _prompts(1, length=12)
+    head = ExitHead(lm.config.hidden_size, 2)
+    with torch.no_grad():   # zero-initialised: exactly the plain early exit
+        a = L.skip_view(lm, L.SkipConfig(exit_layer=2), exit_head=head)(ids).logits
+        b = L.skip_view(lm, L.SkipConfig(exit_layer=2))(ids).logits
+    assert torch.equal(a, b)
+    stream = torch.randint(3, 96, (2048,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():   # train on the target's own greedy continuations: learnable agreement
+        stream = _greedy(lm, stream[:8][None], torch.ones(1, 8, dtype=torch.long), 248)[0].repeat(8)
+    head = ExitHead.fit(lm, stream, exit_layer=2, steps=60, batch_tokens=256, seq_len=64)
+    assert head.info["heldout_top1_agreement"] >= head.info["heldout_top1_agreement_untrained"]
+    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, exit_head=head)
+    ids, mask = _prompts(3)
+    out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
+    assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
+    with pytest.raises(ValueError, match="trained for exit_layer 2"):
+        L.skip_view(lm, L.SkipConfig(exit_layer=3), exit_head=head)
+    with pytest.raises(ValueError, match="exit_layer must be in 1..3"):
+        ExitHead.fit(lm, stream, exit_layer=4)
+
+
+def test_searched_schedule_keeps_the_most_agreeing_layers(lm):
+    ids, _ = _prompts(2, length=16)
+    keep = L.search_schedule(lm, ids, 2)
+    assert len(keep) == 2 and list(keep) == sorted(keep)
+    with torch.no_grad():
+        ref = lm(ids).logits.argmax(-1)
+        agree = lambda k: (L.skip_view(lm, L.SkipConfig(keep=k))(ids).logits.argmax(-1) == ref).float().mean()  # noqa: E731
+    keep3 = L.search_schedule(lm, ids, 3)        # one drop from 4 layers: the search is exhaustive
+    assert set(keep) < set(keep3)
+    assert agree(keep3) == max(agree(tuple(i for i in range(4) if i != j)) for j in range(4))
+    with pytest.raises(ValueError, match="n_keep must be in 1..4"):
+        L.search_schedule(lm, ids, 0)
 
 
 def test_self_speculation_samples_the_target_distribution():

@@ -13,6 +13,16 @@ from .tables import Progress as _Progress, _counts_text, _num, _quality_text, _v
 DEMO_LLM = "code-target"
 DEMO_DRAFTS = ("code-draft-small", "code-draft-tiny")
 DEMO_UNET = "digits-unet"
+DEMO_DIT = "digits-dit"          # the DiT arms (caches, RAS, ToMe, diffusers' hooks) act inside a DiT
+
+
+def _dit_arms() -> set[str]:
+    """Names of the arms that apply to DiT workloads only (run on DEMO_DIT, not as n/a rows on the UNet)."""
+    try:
+        from accelerando.diffusion.dit.bench_methods import ARMS
+    except ImportError:
+        return set()
+    return set(ARMS)
 
 
 def _zoo_has(name: str) -> bool:
@@ -69,7 +79,9 @@ def demo(
     """Run the baseline and every registered method on the bundled zoo models; print speed-up and quality per method and store every row in the history.
 
     LLM: code-target with its drafts on two held-out code prompts, greedy, batch 1.
-    Diffusion: digits-unet, a few samples, a few NFE budgets, RMSE to a many-step reference.
+    Diffusion: digits-unet, a few samples, a few NFE budgets, RMSE to a many-step reference; the
+    DiT arms (block caches, Region-Adaptive Sampling, token merging, diffusers' cache hooks) on
+    digits-dit at the largest budget against DDIM at that budget.
     """
     from accelerando.bench.methods import all_methods
     if family not in ("llm", "diffusion", "all"):
@@ -163,6 +175,19 @@ def takeaway(collected: list[tuple[str, str, list[Any]]]) -> list[str]:
                            "is the fewer model calls: at equal calls the samplers cost about the same.")
         else:
             out.append("diffusion: no baseline row with a reference error; nothing to compare.")
+    dit = [r for _, fam, rows in collected if fam == "dit" for r in rows if not r.error]
+    base = next((r for r in dit if r.is_baseline and _num(r.metrics.get("rmse_vs_reference"))), None)
+    if base is not None:
+        # within 10% of full compute's own error to the reference: a loss one cannot see at this budget
+        ok = [r for r in dit if not r.is_baseline and _num(r.metrics.get("rmse_vs_reference"))
+              and _num(r.metrics.get("speedup")) and r.metrics["rmse_vs_reference"] <= 1.1 * base.metrics["rmse_vs_reference"]]
+        best = max(ok, key=lambda r: r.metrics["speedup"], default=None)
+        if best is not None and best.metrics["speedup"] > 1:
+            out.append(f"DiT: {best.method} is {best.metrics['speedup']:.2f}x faster than full compute at the same "
+                       f"{base.metrics['nfe']} steps, RMSE to the reference {best.metrics['rmse_vs_reference']:.3g} vs "
+                       f"{base.metrics['rmse_vs_reference']:.3g}.")
+        else:
+            out.append("DiT: no arm was faster than full compute while keeping its error to the reference within 10%.")
     out.append("Every row is in the history (`accelerando history list`); "
                "`accelerando recommend MODEL` picks a method for your own workload.")
     return out
@@ -247,6 +272,9 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
     if any(m.is_baseline for m in methods):
         with console.status(f"computing the {reference_steps}-step reference samples"):
             reference, reference_s = timed_diffusion_reference(base_setups, steps=reference_steps)
+    dit_arms = _dit_arms()
+    dit_methods = [m for m in methods if m.is_baseline or m.name in dit_arms]
+    methods = [m for m in methods if m.name not in dit_arms]
     with _Progress(len(methods) * len(budgets), console) as prog:
         tables = []
         for n in budgets:
@@ -262,4 +290,33 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
             collected.append((title, "diffusion", rows))
     for t in tables:
         console.print(t)
+    if len(dit_methods) > 1:
+        _demo_dit(console, hist, dit_methods, max(budgets), samples, reference_steps, repeats, device, collected)
+
+
+def _demo_dit(console, hist, methods, steps, samples, reference_steps, repeats, device, collected) -> None:
+    """The DiT arms on the zoo DiT at one budget: DDIM full compute is the baseline they skip work of."""
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, run_methods, timed_diffusion_reference
+    from accelerando.bench.workloads import DiffusionWorkload
+    if not _zoo_has(DEMO_DIT):
+        console.print(f"[yellow]diffusion: zoo model {DEMO_DIT} is not available — its DiT arms skipped[/yellow]")
+        return
+    wl = DiffusionWorkload(DEMO_DIT, steps=steps, batch=samples)
+    try:
+        with console.status("loading the zoo DiT"):
+            setups = build_diffusion_setups(wl, device=device)
+        with console.status(f"computing the {reference_steps}-step DiT reference samples"):
+            reference, reference_s = timed_diffusion_reference(setups, steps=reference_steps)
+    except RunnerError as exc:
+        console.print(f"[yellow]diffusion: {exc} — DiT arms skipped[/yellow]")
+        return
+    with _Progress(len(methods), console) as prog:
+        prog.prefix = f"DiT {steps} steps: "
+        rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
+                           repeats=repeats, warmup=1, history=hist, reference=reference,
+                           reference_s=reference_s, progress=prog)
+    title = (f"diffusion: {DEMO_DIT} (DiT arms skip work inside the model at the same {steps} DDIM steps), "
+             f"{samples} samples (reference: {reference_steps} steps)")
+    console.print(results_table(title, "diffusion", rows))
+    collected.append((title, "dit", rows))
 

@@ -215,7 +215,11 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
     The first ``GRID_FIXED`` entries (the bundled history's first rounds) draw budgets from 5 / 8 /
     10 / 15 / 25 and cycle three random UNets; later entries widen both (budgets 5-30, a fourth UNet
     shape) so that a held-out workload is not just another seed of a setting already measured. The
-    first entries never change when ``n`` grows (their sweep keys are in the bundled history)."""
+    first entries never change when ``n`` grows (their sweep keys are in the bundled history).
+    Entries from ``GRID_DIT`` on are DiT workloads on the zoo DiTs (``digits-dit``, 16x16, and
+    ``digits-dit-32``, 32x32: there are no random DiTs, and caching or region skipping on random
+    weights says nothing), budgets 10-50, for the DiT arms (caches, RAS, ToMe, diffusers' hooks)
+    next to the samplers; without trained zoo DiTs they continue the UNet entries."""
     from accelerando.bench.workloads import DiffusionWorkload
     rng = random.Random(seed + 1)
     zoo_names = _zoo_names() if zoo_names is None else list(zoo_names)
@@ -223,8 +227,15 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
     zoo = [z for z in ("digits-unet", "digits-dit") if z in zoo_names]
     models = zoo + ["rand-unet-c8x16-i8-s0", "rand-unet-c16x32-i16-s1", "rand-unet-c32x64-i16-s2"]
     wide_models = models + ["rand-unet-c24x48-i12-s3"]
+    dits = [z for z in GRID_DIT_MODELS if z in _zoo_names()]
+    dit_rng = random.Random(seed + 2)       # its own stream: the UNet entries' draws stay as they were
     out = []
     for i in range(n):
+        if i >= GRID_DIT and dits:
+            out.append(DiffusionWorkload(model=dits[(i - GRID_DIT) % len(dits)], steps=dit_rng.choice(GRID_STEPS_DIT),
+                                         spacing=dit_rng.choice(["trailing", "trailing", "linspace"]),
+                                         batch=dit_rng.choice([1, 1, 2, 4]), seed=i))
+            continue
         fixed = i < GRID_FIXED
         ms = models if fixed else wide_models
         out.append(DiffusionWorkload(model=ms[i % len(ms)],
@@ -237,6 +248,9 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
 GRID_FIXED = 60                                   # diffusion_grid entries swept with the narrow choices
 GRID_STEPS = (5, 8, 10, 15, 25)
 GRID_STEPS_WIDE = (5, 6, 8, 10, 12, 15, 20, 25, 30)
+GRID_DIT = 90                                     # diffusion_grid entries from here on are DiT workloads
+GRID_DIT_MODELS = ("digits-dit", "digits-dit-32")
+GRID_STEPS_DIT = (10, 20, 20, 50)
 
 
 # ----------------------------------------------------------------------------- running

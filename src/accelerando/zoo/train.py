@@ -438,11 +438,12 @@ def unet_eval(unet: Any, x0: torch.Tensor, *, seed: int = 1234, num_train_timest
 
 def _denoiser_loop(name: str, model: Any, forward: Callable[..., Any], x_tr: torch.Tensor, y_tr: torch.Tensor, *,
                    steps: int, lr: float, batch_size: int, num_train_timesteps: int, seed: int, progress: Any,
-                   label_dropout: float | None = None, max_shift: int = 1) -> tuple[dict[str, Any], list[str], float]:
+                   label_dropout: float | None = None, max_shift: int = 1,
+                   warmup: int | None = None) -> tuple[dict[str, Any], list[str], float]:
     """eps-prediction training (DDPM loss) with AdamW, warmup + cosine and an EMA of the weights.
     `forward(model, xt, t, y)` -> eps; `label_dropout` (class-conditional models) replaces labels by
     the null class `10` with that probability, for classifier-free guidance. Returns (EMA state, log,
-    seconds)."""
+    seconds). `warmup`: linear warmup steps (default min(100, steps / 10))."""
     ac_all = ddpm_scheduler(num_train_timesteps).alphas_cumprod.float()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -451,7 +452,7 @@ def _denoiser_loop(name: str, model: Any, forward: Callable[..., Any], x_tr: tor
     log: list[str] = []
     t0 = time.time()
     model.train()
-    warmup = max(1, min(100, steps // 10))
+    warmup = warmup if warmup is not None else max(1, min(100, steps // 10))
     for step in range(steps):
         idx = torch.randint(0, len(x_tr), (batch_size,), generator=gen)
         x0 = zoo_data.shift_augment(x_tr[idx], gen, max_shift)
@@ -577,15 +578,32 @@ def dit_sample_metrics(model: Any, *, n_per_class: int = 10, steps: int = 25, gu
     return {"frechet_distance": round(fd, 4), "class_accuracy": round(acc, 4)}
 
 
-def _train_dit(name: str, spec: DiTSpec, *, seed: int, out: Path, progress: Any) -> dict[str, Any]:
+def _train_dit(name: str, spec: DiTSpec, *, seed: int, out: Path, progress: Any,
+               resume_from: Path | None = None) -> dict[str, Any]:
+    """Train a zoo DiT; `resume_from`: a trained DiT directory of this recipe and seed whose (EMA)
+    weights training continues from for `spec.steps` more steps (a fresh warmup + cosine cycle, the
+    data stream seeded with seed + the steps already done so batches do not repeat)."""
     x_tr, y_tr, x_ho, y_ho = zoo_data.digits_arrays(spec.sample_size)
     torch.manual_seed(seed)
     model = build_dit(spec).float()
     n_params = sum(p.numel() for p in model.parameters())
+    done, prev_log, prev_seconds, cycles = 0, [], 0.0, [spec.steps]
+    if resume_from is not None:
+        from safetensors.torch import load_file
+        prev = json.loads((resume_from / "card.json").read_text())
+        if prev.get("recipe", {}).get("sample_size") != spec.sample_size or prev.get("seed") != seed:
+            raise ValueError(f"resume_from {resume_from} is not a {name} of this recipe with seed {seed}")
+        model.load_state_dict(load_file(str(resume_from / "diffusion_pytorch_model.safetensors")))
+        done, prev_log, prev_seconds = int(prev["steps"]), list(prev.get("log", [])), float(prev["train_seconds"])
+        cycles = list(prev.get("recipe", {}).get("cycles", [done])) + [spec.steps]
     ema, log, train_seconds = _denoiser_loop(name, model, _dit_forward, x_tr, y_tr, steps=spec.steps, lr=spec.lr,
-                                             batch_size=spec.batch_size, seed=seed, progress=progress,
+                                             batch_size=spec.batch_size, seed=seed + done, progress=progress,
                                              num_train_timesteps=spec.num_train_timesteps,
                                              label_dropout=spec.label_dropout, max_shift=spec.sample_size // 16)
+    if done:
+        log = prev_log + [f"-- continued from step {done} (EMA weights), new cycle of {spec.steps} steps --"] + log
+        train_seconds += prev_seconds
+    total_steps = done + spec.steps
     model.load_state_dict(ema)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -596,22 +614,24 @@ def _train_dit(name: str, spec: DiTSpec, *, seed: int, out: Path, progress: Any)
     t_eval = time.time()
     metrics: dict[str, Any] = {"heldout_eps_mse": round(mse, 6), "heldout_images": len(x_ho)}
     for w in (1.0, 2.0):
-        m = dit_sample_metrics(model, guidance=w, seed=seed)
+        m = dit_sample_metrics(model, guidance=w, seed=seed, n_per_class=20)
         metrics[f"cfg{w:g}_ddim25_frechet_distance"] = m["frechet_distance"]
         metrics[f"cfg{w:g}_ddim25_class_accuracy"] = m["class_accuracy"]
     _log(progress, f"[{name}] {metrics} ({time.time() - t_eval:.0f}s)")
     card = _card(
-        name, "dit", "ddpm", "DiTTransformer2DModel", n_params=n_params, seed=seed, steps=spec.steps,
+        name, "dit", "ddpm", "DiTTransformer2DModel", n_params=n_params, seed=seed, steps=total_steps,
         data=f"scikit-learn load_digits (8x8 -> {spec.sample_size}x{spec.sample_size} bilinear, [-1,1], "
              f"+-{spec.sample_size // 16}px shifts), ~15% held out by index hash",
         prediction_type="epsilon", sample_size=spec.sample_size, in_channels=1, patch_size=2,
         tokens=(spec.sample_size // 2) ** 2, num_classes=10, null_class=10,
         scheduler={"num_train_timesteps": spec.num_train_timesteps, "beta_schedule": "linear",
                    "beta_start": 1e-4, "beta_end": 0.02},
-        recipe={**asdict(spec), "optimizer": "AdamW", "ema_decay": 0.995, "schedule": "warmup+cosine to 0.1"},
+        recipe={**asdict(spec), "steps": total_steps, "cycles": cycles, "optimizer": "AdamW", "ema_decay": 0.995,
+                "schedule": "warmup+cosine to 0.1 per cycle" if len(cycles) > 1 else "warmup+cosine to 0.1"},
+        classifier_free_guidance=True,
         metrics=metrics, eval_slice={"images": 32, "seed": 1234, "eps_mse": slice_mse,
                                      "labels": "held-out labels"},
-        sample_metrics_note="100 DDIM-25 samples (10 per class, seed = model seed), Fréchet distance in the "
+        sample_metrics_note="200 DDIM-25 samples (20 per class, seed = model seed), Fréchet distance in the "
                             "digits-classifier's feature space to the held-out digits (32x32 average-pooled to "
                             "16x16), class accuracy = the classifier agrees with the requested class",
         train_seconds=train_seconds,
@@ -686,7 +706,8 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
     zoo folder). Drafts need `code-target` in `out_dir`'s parent folder or in the package's zoo.
     max_train_bytes, eval_windows: LMs only, train on a prefix of the corpus and measure on fewer
     held-out windows per kind (quick smoke runs; the card records both). resume_from: an LM
-    directory holding this recipe's first cycle; training continues with the remaining cycles.
+    directory holding this recipe's first cycle; training continues with the remaining cycles;
+    a DiT directory: training continues from its weights for `steps` more steps.
     """
     if name not in SPECS:
         raise KeyError(f"unknown zoo model {name!r}; valid: {', '.join(SPECS)}")
@@ -717,7 +738,8 @@ def _train(name: str, spec: Any, *, seed: int, out: Path, progress: Callable[...
     if isinstance(spec, UNetSpec):
         return _train_unet(name, spec, seed=seed, out=out, progress=progress)
     if isinstance(spec, DiTSpec):
-        return _train_dit(name, spec, seed=seed, out=out, progress=progress)
+        return _train_dit(name, spec, seed=seed, out=out, progress=progress,
+                          resume_from=Path(resume_from) if resume_from is not None else None)
     return _train_classifier(name, spec, seed=seed, out=out, progress=progress)
 
 
@@ -729,12 +751,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out-root", type=Path, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="continue training from this trained model directory (LM: cycle 1; DiT: its weights, "
+                        "--steps more steps)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     names = list(SPECS) if a.names == ["all"] else a.names
     for n in names:
         out = a.out_root / n if a.out_root is not None else None
-        train(n, seed=a.seed, steps=a.steps, out_dir=out)
+        train(n, seed=a.seed, steps=a.steps, out_dir=out, resume_from=a.resume_from)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ class BlockCache:
         self.residual: list[torch.Tensor | None] = []
         self.ref_input: list[torch.Tensor | None] = []
 
+    def is_noop(self) -> bool:
+        """True when the policy would run every block at every step (interval 1, threshold 0, an
+        all-True router): the denoiser then calls the plain model, so the cache costs nothing."""
+        c = self.config
+        return ((c.policy == "static" and c.interval == 1) or (c.policy == "threshold" and c.threshold == 0.0)
+                or (c.policy == "router" and bool(torch.as_tensor(c.router).all())))
+
     def _run(self, i: int, h: torch.Tensor, step: int) -> bool:
         c = self.config
         if step < c.warmup or self.residual[i] is None or self.residual[i].shape != h.shape:

@@ -39,21 +39,37 @@ def modulation(block: Any, t: torch.Tensor, y: torch.Tensor, dtype: torch.dtype)
     return emb.chunk(6, dim=1)
 
 
+def attention(attn: Any, n_h: torch.Tensor, *,
+              kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """Self-attention of a diffusers ``Attention`` (no mask, no q/k norm) on tokens (B, n, D), the
+    steps of its default processor; equals ``attn(n_h)``. ``kv(k, v)`` -> the keys and values (B, m, D)
+    the queries attend over, given the tokens' own (Region-Adaptive Sampling: the active tokens'
+    fresh K/V written into the cached K/V of all tokens)."""
+    b = n_h.shape[0]
+    q, k, v = attn.to_q(n_h), attn.to_k(n_h), attn.to_v(n_h)
+    if kv is not None:
+        k, v = kv(k, v)
+    hd = k.shape[-1] // attn.heads
+    q, k, v = (z.view(b, -1, attn.heads, hd).transpose(1, 2) for z in (q, k, v))     # (B, heads, n, hd)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, -1, attn.heads * hd)))
+
+
 def block_forward(block: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                  kv_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                   merge: Any = None) -> torch.Tensor:
     """One DiT block on tokens h (B, n, D); equals ``block(h, timestep=t, class_labels=y)``.
 
-    ``kv_input(n_h)``: the normalised tokens keys/values are computed from, given the query tokens'
-    own (Region-Adaptive Sampling: active tokens fresh, the others cached). ``merge``: a token merge
-    with ``merge(x) -> (B, n', D)`` and ``merge.unmerge(x') -> (B, n, D)`` around attention and MLP (ToMe).
+    ``kv(k, v)``: the keys and values attention uses, given the tokens' own (see ``attention``).
+    ``merge``: a token merge with ``merge(x) -> (B, n', D)`` and ``merge.unmerge(x') -> (B, n, D)``
+    around attention and MLP (ToMe).
     """
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation(block, t, y, h.dtype)
     n_h = block.norm1.norm(h) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     if merge is not None:
         a = merge.unmerge(block.attn1(merge(n_h)))
-    elif kv_input is not None:
-        a = block.attn1(n_h, encoder_hidden_states=kv_input(n_h))
+    elif kv is not None:
+        a = attention(block.attn1, n_h, kv=kv)
     else:
         a = block.attn1(n_h)
     h = gate_msa.unsqueeze(1) * a + h

@@ -57,6 +57,7 @@ class DiTDenoiser:
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.null_class = int(model.config.num_embeds_ada_norm if null_class is None else null_class)
         self.counts = Counts()
+        self._noop = bool(getattr(method, "is_noop", lambda: False)())
         self.reset()
 
     def reset(self) -> None:
@@ -80,7 +81,8 @@ class DiTDenoiser:
         if cfg:
             # [uncond, cond], diffusers' order (FasterCache relies on it)
             x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(y, self.null_class), y])
-        if self.method is None:
+        if self.method is None or self._noop:
+            # a method set to skip nothing adds only its bookkeeping: run the plain model instead
             out = self.model(x, t, class_labels=y).sample
             self.counts.add(blocks=len(self.model.transformer_blocks), tokens=out.shape[-1] * out.shape[-2]
                             / self.model.patch_size ** 2, model=self.model, batch=x.shape[0])

@@ -36,6 +36,9 @@ def _config(kind: str, knobs: dict[str, Any], timestep: Callable[[], float], ste
         if not 0.0 <= thr <= 1.0:
             raise ValueError(f"first-block cache threshold must be in [0, 1], got {thr}")
         return H.FirstBlockCacheConfig(threshold=thr)
+    for knob in ("interval", "skip", "uncond_skip", "max_skip"):
+        if knob in knobs and int(knobs[knob]) < 1:
+            raise ValueError(f"{kind} hook: {knob} must be >= 1, got {knobs[knob]}")
     if kind == "taylorseer":
         return H.TaylorSeerCacheConfig(cache_interval=knobs.get("interval", 2), max_order=knobs.get("order", 1),
                                        disable_cache_before_step=knobs.get("warmup", 2),
@@ -55,6 +58,8 @@ def _config(kind: str, knobs: dict[str, Any], timestep: Callable[[], float], ste
                                    _unconditional_conditional_input_kwargs_identifiers=[
                                        "hidden_states", "timestep", "class_labels"])
     if kind == "mag":
+        if not 0.0 <= knobs.get("threshold", 0.06) <= 1.0:
+            raise ValueError(f"mag cache threshold must be in [0, 1], got {knobs['threshold']}")
         if knobs.get("mag_ratios") is None:
             raise ValueError("the mag hook needs mag_ratios= (get them with calibrate_mag_ratios)")
         return H.MagCacheConfig(threshold=knobs.get("threshold", 0.06), max_skip_steps=knobs.get("max_skip", 3),
@@ -81,6 +86,7 @@ class DiffusersCache:
         if kind == "mag" and not steps:
             raise ValueError("the mag hook needs steps= (the number of model calls per trajectory)")
         self.kind, self.knobs, self.steps = kind, dict(knobs), steps
+        _config(kind, self.knobs, lambda: 0.0, steps)        # bad knobs fail here, in one line, not mid-run
         self._src: Any = None
         self.model: Any = None
         self._t = 1000.0

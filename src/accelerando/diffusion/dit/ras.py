@@ -4,8 +4,11 @@ Per step only the tokens in the model's current focus go through the DiT; the ot
 they were given last time. Focus is read off the previous output: the per-token spread (std, or L2
 norm) of the predicted noise, times a starvation factor ``exp(starvation * steps since the token was
 last updated)`` so no region is left behind. Active tokens attend over every token: the keys and
-values of the others come from their cached normalised inputs (RAS's attention KV cache). The first
-``warmup`` steps and every ``full_every``-th step after them run the full model (error reset).
+values of the others are the ones cached when they were last computed (RAS's attention KV cache), so
+a RAS step computes Q/K/V, attention rows and MLP for the active tokens only. Full steps (the whole
+model, all caches refreshed): the first ``warmup`` steps, the paper's error-reset steps
+(``reset_steps``, and every ``full_every``-th RAS step), and every step from ``dense_from`` on (the
+paper's scheduler end step: the last, detail-refining steps run dense).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class RASConfig:
     ratio: float = 0.5                 # fraction of tokens updated per RAS step, in (0, 1]
     warmup: int = 4                    # full steps at the start (>= 1)
     full_every: int = 0                # a full step every k RAS steps (0 = never)
+    reset_steps: tuple[int, ...] = ()  # step indices (0-based) that run full: the paper's error reset
+    dense_from: int | None = None      # every step >= this index runs full (None: none)
     criterion: str = "std"             # per-token focus score of the previous noise output
     starvation: float = 0.25           # score *= exp(starvation * staleness)
 
@@ -37,6 +42,11 @@ class RASConfig:
             raise ValueError(f"RAS warmup must be >= 1 full step, got {self.warmup}")
         if self.full_every < 0:
             raise ValueError(f"full_every must be >= 0, got {self.full_every}")
+        object.__setattr__(self, "reset_steps", tuple(int(i) for i in self.reset_steps))
+        if any(i < 0 for i in self.reset_steps):
+            raise ValueError(f"reset_steps must be step indices >= 0, got {self.reset_steps}")
+        if self.dense_from is not None and self.dense_from < 1:
+            raise ValueError(f"dense_from must be a step index >= 1 or None, got {self.dense_from}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.starvation < 0:
@@ -44,7 +54,8 @@ class RASConfig:
 
 
 class RegionAdaptive:
-    """State per trajectory: last noise patches (B, N, P), staleness (B, N), per-block KV inputs."""
+    """State per trajectory: last noise patches (B, N, P), staleness (B, N), per-block keys and values
+    (B, N, D) each."""
 
     def __init__(self, config: RASConfig | None = None, **kw: Any) -> None:
         self.config = config if config is not None else RASConfig(**kw)
@@ -53,11 +64,16 @@ class RegionAdaptive:
     def reset(self) -> None:
         self.eps_patches: torch.Tensor | None = None
         self.stale: torch.Tensor | None = None
-        self.kv: list[torch.Tensor] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def is_noop(self) -> bool:
+        return self.config.ratio == 1.0
 
     def _full_step(self, step: int, x: torch.Tensor) -> bool:
         c = self.config
         if c.ratio == 1.0 or step < c.warmup or self.eps_patches is None or self.eps_patches.shape[0] != x.shape[0]:
+            return True
+        if step in c.reset_steps or (c.dense_from is not None and step >= c.dense_from):
             return True
         return c.full_every > 0 and (step - c.warmup) % c.full_every == c.full_every - 1
 
@@ -76,7 +92,7 @@ class RegionAdaptive:
         if self._full_step(step, x):
             self.kv = []
             for blk in blocks:
-                h = block_forward(blk, h, t, y, kv_input=lambda nh: self.kv.append(nh) or nh)
+                h = block_forward(blk, h, t, y, kv=lambda k, v: self.kv.append((k, v)) or (k, v))
             self.eps_patches = final_layer(model, h, t, y)
             self.stale = torch.zeros(b, n, device=x.device)
             counts.add(blocks=len(blocks), tokens=n, model=model, batch=b)
@@ -86,10 +102,11 @@ class RegionAdaptive:
         gather = idx[..., None].expand(b, k, d)
         h = h.gather(1, gather)                                                # (B, k, D)
         for i, blk in enumerate(blocks):
-            def kv_input(nh: torch.Tensor, i: int = i) -> torch.Tensor:
-                self.kv[i] = self.kv[i].scatter(1, gather, nh)   # active tokens fresh, the rest cached
-                return self.kv[i]
-            h = block_forward(blk, h, t, y, kv_input=kv_input)
+            def kv(k_new: torch.Tensor, v_new: torch.Tensor, i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
+                k_all, v_all = self.kv[i]          # active tokens' K/V fresh, the others' as last computed
+                at = idx[..., None].expand(b, k, k_new.shape[-1])
+                return k_all.scatter_(1, at, k_new), v_all.scatter_(1, at, v_new)
+            h = block_forward(blk, h, t, y, kv=kv)
         out = final_layer(model, h, t, y)                                      # (B, k, P)
         self.eps_patches = self.eps_patches.scatter(1, idx[..., None].expand(b, k, out.shape[-1]), out)
         self.stale = (self.stale + 1).scatter(1, idx, 0.0)

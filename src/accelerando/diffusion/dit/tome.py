@@ -101,6 +101,9 @@ class TokenMerging:
     def reset(self) -> None:
         pass
 
+    def is_noop(self) -> bool:
+        return self.config.ratio == 0.0
+
     def forward(self, model: Any, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, step: int,
                 counts: Counts) -> torch.Tensor:
         h = embed(model, x)

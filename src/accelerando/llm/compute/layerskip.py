@@ -21,6 +21,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 
@@ -93,8 +94,9 @@ def _renumbered(layer: nn.Module, idx: int) -> nn.Module:
     return twin
 
 
-def skip_view(model: Any, cfg: SkipConfig) -> Any:
-    """A causal LM that runs only the kept layers of ``model`` (shared parameters, own config)."""
+def skip_view(model: Any, cfg: SkipConfig, *, exit_head: nn.Module | None = None) -> Any:
+    """A causal LM that runs only the kept layers of ``model`` (shared parameters, own config).
+    ``exit_head`` (an ``ExitHead`` trained for this early exit) runs before the final norm."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers"):
         raise ValueError(f"{type(model).__name__} has no .model.layers: layer skipping needs a decoder-only model "
@@ -111,6 +113,11 @@ def skip_view(model: Any, cfg: SkipConfig) -> Any:
     vbase._modules = dict(base._modules)
     vbase.config = view.config
     vbase.layers = nn.ModuleList([_renumbered(base.layers[i], j) for j, i in enumerate(keep)])
+    if exit_head is not None:
+        if keep != tuple(range(len(keep))) or getattr(exit_head, "exit_layer", len(keep)) != len(keep):
+            raise ValueError(f"this exit head was trained for exit_layer {getattr(exit_head, 'exit_layer', '?')}, "
+                             f"not for the kept layers {list(keep)}")
+        vbase.norm = nn.Sequential(exit_head, base.norm)
     view.model = vbase
     if hasattr(model, "generation_config"):
         view.generation_config = copy.deepcopy(model.generation_config)
@@ -123,8 +130,32 @@ def kept_layers(model: Any) -> tuple[int, ...] | None:
     return getattr(model, "_accelerando_kept_layers", None)
 
 
-def self_speculative_draft(target: Any, cfg: SkipConfig, *, k: int | str = 4, k_max: int = 12) -> Any:
+def self_speculative_draft(target: Any, cfg: SkipConfig, *, k: int | str = 4, k_max: int = 12,
+                           exit_head: nn.Module | None = None, shared_cache: bool = True) -> Any:
     """A drafter for ``speculative_generate(target, ..., draft=...)`` whose draft model is the
-    target's own skip view (lossless: the target verifies every token)."""
+    target's own skip view (lossless: the target verifies every token). ``shared_cache``: on the
+    lean engine the draft reads and writes the target's KV cache (``selfspec.SelfDraft``); else
+    (or on transformers' cache) it keeps its own."""
+    from accelerando.llm.compute.selfspec import SelfDraft
     from accelerando.llm.drafters.draft_model import DraftModel
-    return DraftModel(skip_view(target, cfg), k=k, k_max=k_max)
+    view = skip_view(target, cfg, exit_head=exit_head)
+    return SelfDraft(view, k=k, k_max=k_max) if shared_cache else DraftModel(view, k=k, k_max=k_max)
+
+
+@torch.no_grad()
+def search_schedule(model: Any, token_ids: torch.Tensor, n_keep: int) -> tuple[int, ...]:
+    """A trained (searched) input-independent skip schedule: starting from every layer, drop one
+    layer at a time -- the one whose removal keeps the skip view's teacher-forced top-1 agreement
+    with ``model`` highest on ``token_ids`` (B, T) -- until ``n_keep`` remain (greedy backward
+    selection, as Draft & Verify / SWIFT choose their skipped layers; here judged by greedy
+    acceptance). Returns the kept layer indices."""
+    n = len(model.model.layers)
+    if not 1 <= n_keep <= n:
+        raise ValueError(f"n_keep must be in 1..{n}, got {n_keep}")
+    ref = model(token_ids).logits.argmax(-1)
+    keep = tuple(range(n))
+    while len(keep) > n_keep:
+        def score(k: tuple[int, ...]) -> float:
+            return (skip_view(model, SkipConfig(keep=k))(token_ids).logits.argmax(-1) == ref).float().mean().item()
+        keep = max((tuple(i for i in keep if i != j) for j in keep), key=score)
+    return keep

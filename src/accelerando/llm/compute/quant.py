@@ -6,7 +6,8 @@ signed low-bit float (FP3 = {0, ±1, ±2, ±4}, FP4 = E2M1 x 2 = {0, ±1, ±2, �
 a redundant negative zero; BitMoD re-purposes it as one *special value*, either extra resolution
 (ER: ±3 for FP3, ±10 for FP4) or extra asymmetry (EA: ±6 / ±16), on the positive or the negative
 side -- four datatypes per bit width. Each group of ``group_size`` weights (one output row, a run
-of input columns) picks the datatype with the least squared error, scale = max|w| / max|values|.
+of input columns) picks the datatype -- and, with ``scale_search``, the scale -- of least squared
+error (the paper picks the datatype per group by quantisation error).
 Stored: ``bits`` per weight + a 2-bit datatype id + an fp16 scale per group.
 
 Two execution paths per method, and which one is real:
@@ -58,6 +59,7 @@ class QuantConfig:
     group_size: int = 64
     bits: int | None = None          # None: 8 for int8, 4 otherwise
     packed: bool = False
+    scale_search: bool = True        # bitmod: choose each group's scale by error too (see bitmod_quantize)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -120,27 +122,36 @@ def _nearest(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids, right=False)
 
 
-def bitmod_quantize(w: torch.Tensor, group_size: int, bits: int = 4
+CLIP_RATIOS = tuple(1 - 0.025 * i for i in range(13))   # 1.0 .. 0.7: scale candidates (x the range-fitting scale)
+
+
+def bitmod_quantize(w: torch.Tensor, group_size: int, bits: int = 4, *, scale_search: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BitMoD per-group datatype search: codes (N, K) uint8 (index into the group's grid),
-    datatype ids (N, G) uint8, scales (N, G) fp16. Each group takes the datatype of least MSE."""
+    """BitMoD per-group datatype choice: codes (N, K) uint8 (index into the group's grid),
+    datatype ids (N, G) uint8, scales (N, G) fp16; each group takes the (datatype, scale) pair of
+    least squared error. A datatype's range-fitting scale maps the group's largest weight onto the
+    grid's largest value and its smallest onto the grid's smallest (whichever needs the larger
+    scale: an extra-asymmetry grid reaches further on one side); ``scale_search`` also tries that
+    scale shrunk by ``CLIP_RATIOS`` (clipping the extremes), else only the range-fitting one."""
     grids = bitmod_datatypes(bits).to(w.device, torch.float32)            # (4, 2**bits)
     wg = _groups(w.float(), group_size)                                    # (N, G, gs)
-    amax = wg.abs().amax(-1)                                               # (N, G)
-    best_err = torch.full_like(amax, float("inf"))
+    hi, lo = wg.amax(-1).clamp(min=0), wg.amin(-1).clamp(max=0)            # (N, G)
+    best_err = torch.full_like(hi, float("inf"))
     codes = torch.zeros(wg.shape, dtype=torch.uint8, device=w.device)
-    dtype_id = torch.zeros(amax.shape, dtype=torch.uint8, device=w.device)
-    scales = torch.zeros_like(amax)
+    dtype_id = torch.zeros(hi.shape, dtype=torch.uint8, device=w.device)
+    scales = torch.zeros_like(hi)
     for d, grid in enumerate(grids):
-        # fp16 scale, as stored: the error is judged with the scale the dequantiser will see
-        s = (amax / grid.abs().max()).clamp(min=1e-8).half().float()
-        c = _nearest(wg / s[..., None], grid)
-        err = ((grid[c] * s[..., None] - wg) ** 2).sum(-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        codes = torch.where(better[..., None], c.to(torch.uint8), codes)
-        dtype_id = torch.where(better, torch.full_like(dtype_id, d), dtype_id)
-        scales = torch.where(better, s, scales)
+        fit = torch.maximum(hi / grid.max(), lo / grid.min())
+        for r in CLIP_RATIOS if scale_search else (1.0,):
+            # fp16 scale, as stored: the error is judged with the scale the dequantiser will see
+            s = (fit * r).clamp(min=1e-8).half().float()
+            c = _nearest(wg / s[..., None], grid)
+            err = ((grid[c] * s[..., None] - wg) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            codes = torch.where(better[..., None], c.to(torch.uint8), codes)
+            dtype_id = torch.where(better, torch.full_like(dtype_id, d), dtype_id)
+            scales = torch.where(better, s, scales)
     return codes.reshape(w.shape), dtype_id, scales.half()
 
 
@@ -163,7 +174,8 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
         return int4_dequantize(*int4_quantize(w32, cfg.group_size), cfg.group_size)
     if cfg.method == "int4-sym":
         return int4_sym_fake(w32, cfg.group_size)
-    return bitmod_dequantize(*bitmod_quantize(w32, cfg.group_size, cfg.bits), cfg.bits, cfg.group_size)
+    return bitmod_dequantize(*bitmod_quantize(w32, cfg.group_size, cfg.bits, scale_search=cfg.scale_search),
+                             cfg.bits, cfg.group_size)
 
 
 # ------------------------------------------------------------------------------ packed modules
@@ -217,11 +229,11 @@ class BitMoDLinear(_Packed):
     """BitMoD codes packed two per byte (3-bit codes also take a nibble: no 3-bit CPU layout) +
     2-bit datatype ids packed four per byte + fp16 group scales; dequantise, then ``F.linear``."""
 
-    def __init__(self, linear: nn.Linear, group_size: int, bits: int):
+    def __init__(self, linear: nn.Linear, group_size: int, bits: int, scale_search: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size, self.bits = group_size, bits
-        codes, ids, scales = bitmod_quantize(linear.weight.detach().float(), group_size, bits)
+        codes, ids, scales = bitmod_quantize(linear.weight.detach().float(), group_size, bits, scale_search=scale_search)
         codes = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2))              # even width
         self.register_buffer("codes", codes[:, 0::2] | (codes[:, 1::2] << 4))
         flat = torch.nn.functional.pad(ids.flatten(), (0, (-ids.numel()) % 4))
@@ -285,7 +297,7 @@ def quantize_model(model: Any, cfg: QuantConfig) -> Any:
         elif cfg.method == "int4":
             new = Int4Linear(lin, cfg.group_size)
         else:
-            new = BitMoDLinear(lin, cfg.group_size, cfg.bits)
+            new = BitMoDLinear(lin, cfg.group_size, cfg.bits, cfg.scale_search)
         setattr(parent, name, new)
     model._accelerando_quant = cfg
     return model

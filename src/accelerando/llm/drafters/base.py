@@ -9,8 +9,9 @@ per row whose root is the last emitted token; a chain of k drafts is the tree of
   propose(x: DraftInput) -> Proposal    every step: the tree to verify
   accept(step: Verified)                after verification: keep the accepted path (own cache, history)
 
-Drafters do not touch the target's cache (``begin`` may read it: TriForce builds its partial
-cache from the target's prefill); the loop never sees a drafter's state. A drafter that
+Drafters leave the target's cache alone (the exceptions read or share it through
+``DraftContext.target_cache``: a self-speculative draft made of the target's own layers shares it,
+TriForce cuts its partial cache from the target's prefill at ``begin``); the loop never sees a drafter's state. A drafter that
 keeps a KV cache opens it with ``ctx.make_cache(model, role)``: the same cache protocol
 (``accelerando.llm.cache.DecodeCache``) the target uses, on the lean engine or transformers'.
 Subclass ``Drafter`` for the defaults (all class attributes, so ``nn.Module`` drafters mix it in).
@@ -39,7 +40,11 @@ class DraftContext:
     sampling: SamplingConfig
     generator: torch.Generator | None
     make_cache: Callable[..., Any]     # make_cache(model, role) -> a DecodeCache for this decode
-    target_cache: Any = None           # the target's DecodeCache right after the prefill (read only)
+    # the target's own DecodeCache: only for a draft made of the target's layers (the K/V it writes
+    # past the target's length are the target's own or overwritten by the verification forward);
+    # such a drafter restores the target's lengths before propose returns
+    # (TriForce only reads it, at begin)
+    target_cache: Any = None
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""Self-speculation with a shared KV cache: the draft is the target's own kept layers (an early exit,
+optionally with a trained ``ExitHead``, or a skip schedule) and reads and writes the *target's*
+static KV cache on the lean engine (LayerSkip, Elhoushi et al. 2024, section 4: the draft's early
+layers' K/V of accepted tokens are the target's own, so the draft needs no prefill, no cache of
+its own and no catch-up forward after a rejection).
+
+Per step: the draft writes its layers' K/V for the root and its first k-1 drafts at the slots
+just past the target's length, then restores the target's length; the target's verification
+forward writes *every* layer's K/V at those same slots (the same values for an early exit's
+layers; a skip schedule's approximate ones are overwritten), so the target only ever attends to
+its own K/V and decoding stays lossless. Not done here: LayerSkip's reuse of the draft's
+early-layer *computation* in verification (the verify forward recomputes every layer).
+
+Fallback (stated): when the target is not on the lean engine (transformers' cache, an unsupported
+architecture) the draft keeps its own cache, exactly like ``DraftModel``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from accelerando.llm.drafters.base import DraftContext, DraftInput, Proposal, Verified
+from accelerando.llm.drafters.draft_model import DraftModel, vocab_size
+from accelerando.llm.sampling import checked_argmax, checked_probs
+from accelerando.llm.static_cache import StaticKVCache
+
+
+class SharedKV(StaticKVCache):
+    """The target's ``StaticKVCache`` as its kept layers see it: layer j is the target's layer
+    ``keep[j]``; ``valid`` and ``lengths`` are the target's own tensors (no copy)."""
+
+    def __init__(self, cache: StaticKVCache, keep: tuple[int, ...]):
+        nn.Module.__init__(self)
+        self.target = cache
+        self.layers = nn.ModuleList([cache.layers[i] for i in keep])
+        self.register_buffer("valid", cache.valid, persistent=False)
+        self.register_buffer("lengths", cache.lengths, persistent=False)
+
+
+def _pick(logits: torch.Tensor, sampling: Any, generator: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(token (B,), processed q (B, V) or None when greedy, non-finite flag (B,))."""
+    if sampling.greedy:
+        tok, bad = checked_argmax(logits)
+        return tok, None, bad
+    q, bad = checked_probs(logits, sampling)
+    return torch.multinomial(q, 1, generator=generator).squeeze(1), q, bad
+
+
+class SelfDraft(DraftModel):
+    """A skip view of the target (``layerskip.skip_view``) drafting on the target's own KV cache."""
+
+    def __init__(self, view: Any, k: int | str = 4, *, k_max: int = 12):
+        from accelerando.llm.compute.layerskip import kept_layers
+        keep = kept_layers(view)
+        if keep is None:
+            raise ValueError("SelfDraft needs a skip view of the target (accelerando.llm.compute.layerskip.skip_view)")
+        super().__init__(view, k=k, k_max=k_max)
+        self.keep = keep
+        self._engines: dict[int, tuple[Any, Any]] = {}   # id(target cache) -> (its cache, the view's engine)
+        self.shared = False
+        self._calls = 0
+
+    def begin(self, ctx: DraftContext) -> None:
+        from accelerando.llm.engine import Engine
+        tc = ctx.target_cache
+        self.shared = isinstance(tc, Engine) and getattr(self.model, "_accelerando_skip_of", None) is ctx.target
+        if not self.shared:
+            warnings.warn("self-speculation: the target is not on the lean engine, so the draft keeps its own "
+                          "KV cache (no sharing)", stacklevel=2)
+            super().begin(ctx)
+            return
+        self.v_target = vocab_size(ctx.target)
+        self.sampling, self.generator = ctx.sampling, ctx.generator
+        self.target_engine = tc
+        self.engine = self._view_engine(tc)
+        self.state = None
+
+    def _view_engine(self, tc: Any) -> Any:
+        """The view's engine, its steps compiled once per target cache (a pooled target engine
+        keeps its cache, so the steps are reused across decodes); its cache is the target's."""
+        from accelerando.llm.engine import Engine
+        ent = self._engines.get(id(tc))
+        if ent is None or ent[0] is not tc.cache:
+            eng = Engine(self.model, batch_size=tc.batch_size, max_len=tc.max_len, compile=tc.compiled, role="self-draft")
+            eng.cache = SharedKV(tc.cache, self.keep)     # its own (unused) cache is dropped
+            ent = self._engines[id(tc)] = (tc.cache, eng)
+        ent[1].decoder.refresh_fused()
+        return ent[1]
+
+    @property
+    def draft_calls(self) -> int:
+        return self._calls if self.shared else super().draft_calls
+
+    def propose(self, x: DraftInput) -> Proposal:
+        if not self.shared:
+            return super().propose(x)
+        tc = self.target_engine
+        # the target's pointer is at most its host bound; the drafts must stay inside the buffer
+        k = min(self.length.choose(x.budget), max(0, tc.max_len - tc._bound - 1))
+        self._k = k
+        B = x.root.shape[0]
+        if k == 0:
+            drafts = x.root.new_zeros(B, 0)
+            self.length.drafted(drafts)
+            return Proposal.chain_of(x.root, drafts)
+        kv = self.engine.cache
+        lengths0 = kv.lengths.clone()
+        tok, toks, qs = x.root, [], []
+        bad = torch.zeros(B, dtype=torch.bool, device=x.root.device)
+        for _ in range(k):   # k forwards on the target's cache, no host sync
+            logits = self._fit(self.engine.step(tok[:, None]).logits[:, -1].float())
+            tok, q, b = _pick(logits, self.sampling, self.generator)
+            bad |= b
+            toks.append(tok)
+            if q is not None:
+                qs.append(q)
+        kv.lengths.copy_(lengths0)     # the target verifies from its own length (and rewrites these slots)
+        self._calls += k
+        drafts = torch.stack(toks, 1)
+        self.length.drafted(drafts)
+        return Proposal.chain_of(x.root, drafts, torch.stack(qs, 1) if qs else None, bad=bad)
+
+    def accept(self, step: Verified) -> None:
+        if not self.shared:
+            super().accept(step)
+            return
+        self.length.update(self._k, step.n_host, step.active)    # nothing to roll back: the cache is the target's
