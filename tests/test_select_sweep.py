@@ -40,7 +40,7 @@ def test_grids_have_distinct_workloads():
     assert {w.steps for w in wide[S.GRID_FIXED:]} - set(S.GRID_STEPS) and \
         len({w.model for w in wide[S.GRID_FIXED:]}) == 4
     # from GRID_DIT on: DiT workloads on the zoo DiTs; the first 90 entries are unchanged by them
-    dit = S.diffusion_grid(S.GRID_DIT + 6, zoo_names=[])
+    dit = S.diffusion_grid(S.GRID_DIT + 2 * S.GRID_DIT_BLOCK, zoo_names=[])
     assert [S.sweep_key(w) for w in dit[:90]] == [S.sweep_key(w) for w in wide]
     if set(S.GRID_DIT_MODELS) <= set(S._zoo_names()):
         assert {w.model for w in dit[S.GRID_DIT:]} == set(S.GRID_DIT_MODELS)

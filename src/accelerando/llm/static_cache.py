@@ -96,7 +96,7 @@ class StaticKVCache(torch.nn.Module):
 
     def advance(self, n: int | torch.Tensor) -> None:
         """Accept ``n`` (int or per-row (B,) tensor) freshly written slots."""
-        self.lengths += n
+        self.lengths.add_(n)         # in place: no nn.Module attribute assignment per step
 
     def rollback(self, lengths: int | torch.Tensor) -> None:
         """Keep only the first ``lengths`` slots of each row (int or (B,) tensor); no copy."""
@@ -133,7 +133,7 @@ class StaticKVCache(torch.nn.Module):
             for buf in (*self.k, *self.v):
                 buf.scatter_(2, dst_idx, buf.gather(2, src_idx))         # gather reads all before scatter writes
             self.valid.scatter_(1, dst, self.valid.gather(1, src))
-            self.lengths += P
+            self.lengths.add_(P)
             return
         keep = (torch.arange(P, device=path.device)[None, :] < n_keep[:, None])   # (B, P)
         m = keep[:, None, :, None]
@@ -142,4 +142,4 @@ class StaticKVCache(torch.nn.Module):
             buf.scatter_(2, dst_idx, torch.where(m, moved, buf.gather(2, dst_idx)))
         moved_valid = self.valid.gather(1, src)
         self.valid.scatter_(1, dst, torch.where(keep, moved_valid, self.valid.gather(1, dst)))
-        self.lengths += n_keep
+        self.lengths.add_(n_keep)

@@ -232,7 +232,9 @@ def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | Non
     out = []
     for i in range(n):
         if i >= GRID_DIT and dits:
-            out.append(DiffusionWorkload(model=dits[(i - GRID_DIT) % len(dits)], steps=dit_rng.choice(GRID_STEPS_DIT),
+            # blocks of GRID_DIT_BLOCK workloads per model: one model's entries can be swept alone
+            out.append(DiffusionWorkload(model=dits[(i - GRID_DIT) // GRID_DIT_BLOCK % len(dits)],
+                                         steps=dit_rng.choice(GRID_STEPS_DIT),
                                          spacing=dit_rng.choice(["trailing", "trailing", "linspace"]),
                                          batch=dit_rng.choice([1, 1, 2, 4]), seed=i))
             continue
@@ -250,6 +252,7 @@ GRID_STEPS = (5, 8, 10, 15, 25)
 GRID_STEPS_WIDE = (5, 6, 8, 10, 12, 15, 20, 25, 30)
 GRID_DIT = 90                                     # diffusion_grid entries from here on are DiT workloads
 GRID_DIT_MODELS = ("digits-dit", "digits-dit-32")
+GRID_DIT_BLOCK = 6
 GRID_STEPS_DIT = (10, 20, 20, 50)
 
 
