@@ -108,6 +108,25 @@ def test_ras_focus_prefers_high_score_and_starved_tokens():
     assert r.focus(1)[0].tolist() == [3]
 
 
+def test_ras_delta_criterion_tracks_where_the_noise_moved():
+    m = tiny_dit(size=8)
+    r = RegionAdaptive(ratio=0.25, warmup=2, criterion="delta", starvation=0.0)
+    eps = DiTDenoiser(m, torch.arange(2) % 10, method=r)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    prev = None
+    for i, t in enumerate((999, 900, 800)):
+        before = None if r.eps_patches is None else r.eps_patches.clone()
+        eps(x, torch.tensor(t))
+        if before is not None:
+            moved = (r.eps_patches - before).norm(dim=-1)
+            changed = moved > 0                     # full step: every token; RAS step: the 4 active ones
+            torch.testing.assert_close(r.delta[changed], moved[changed])
+            assert int(changed.sum()) == (2 * 16 if i < 2 else 2 * 4)
+            if i == 2:
+                assert torch.equal(r.delta[~changed], prev[~changed])   # the others keep their last change
+        prev = r.delta.clone()
+
+
 def test_tome_merge_unmerge_roundtrip_and_mean():
     x = torch.randn(2, 16, 5)
     dst = dst_mask(4, 2)
@@ -208,6 +227,13 @@ def test_bench_arms_on_a_dit_workload_and_not_elsewhere():
     assert torch.equal(out.x0, ref) and out.stats["skipped_fraction"] == 0.0
     out = get_method("dit-ras").build(setup)()
     assert out.nfe == 6 and out.stats["skipped_fraction"] > 0
+    # an arm's method object serves every timed run: each run is a fresh trajectory (state reset)
+    for arm in ("dit-ras", "dit-cache-threshold", "dit-diffusers-fbc", "dit-diffusers-taylorseer"):
+        run_arm = get_method(arm).build(setup)
+        a, b = run_arm(), run_arm()
+        assert torch.equal(a.x0, b.x0) and a.stats == b.stats, arm
+    with pytest.raises(ValueError, match="region ratio"):
+        get_method("dit-ras").build(setup, ratio=0.0)          # bad knobs fail at build, not mid-run
     with pytest.raises(NotApplicable, match="needs a DiT workload"):
         get_method("dit-tome").build(DiffusionSetup(eps_fn=lambda x, t: x, schedule=setup.schedule,
                                                     x_T=setup.x_T, steps=6))
@@ -234,3 +260,23 @@ def test_demo_runs_the_dit_arms_on_the_zoo_dit(tmp_path):
     assert fam == "dit" and "digits-dit" in title
     assert {r.method for r in rows} == {m.name for m in methods} and not any(r.error for r in rows)
     assert any(line.startswith("DiT:") for line in D.takeaway(collected))
+
+
+def test_harmonica_step_loss_is_in_x_space():
+    """SDT's step loss is on x_{t-1} (the paper): a DDIM step scales an eps error by c_s, far larger at
+    the high-noise steps; weights have mean 1 (beta keeps its scale); loss_space='eps' is uniform."""
+    from accelerando.diffusion.dit.harmonica import HarmoniCaConfig, _grid, step_weights
+    from accelerando.diffusion.samplers._common import transfer
+    cfg = HarmoniCaConfig(steps=10)
+    w = step_weights(cfg)
+    assert w.shape == (10,) and float(w.mean()) == pytest.approx(1.0)
+    # proportional to the squared change of the DDIM step's output per unit eps change (the sampler's own step)
+    grid, x, e = _grid(cfg), torch.zeros(1), torch.zeros(1)
+    ab = list(grid.ab) + [1.0]
+    c2 = torch.tensor([float(transfer(x, e + 1, ab[i], ab[i + 1]) - transfer(x, e, ab[i], ab[i + 1])) ** 2
+                       for i in range(10)])
+    torch.testing.assert_close(w, c2 / c2.mean())
+    assert w[0] > 5 * w[-2] and bool((w[:-1].diff() < 0).all())
+    assert torch.equal(step_weights(HarmoniCaConfig(steps=10, loss_space="eps")), torch.ones(10))
+    with pytest.raises(ValueError, match="loss_space"):
+        HarmoniCaConfig(loss_space="z")

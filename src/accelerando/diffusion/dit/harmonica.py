@@ -7,10 +7,16 @@ Training, as in the paper:
   *with* the cache, so the cache it learns on is the one inference sees; at each step the student
   (soft gates ``g = sigmoid(R[s])``: ``g * block(h) + (1 - g) * (h + r_cached)``) is matched to the
   full model at the same x_s, and the trajectory continues from the student's output.
+- The step loss is on the step's *output* x_{t-1}, as in the paper, not on the noise prediction:
+  one DDIM step maps an eps error d to c_s d with c_s = sqrt(1 - a_{s+1}) - sqrt(a_{s+1})
+  sqrt(1 - a_s) / sqrt(a_s), so ||x_{t-1} student - teacher||^2 = c_s^2 ||d||^2. c_s^2 is ~20x larger
+  at the first (high-noise) steps than at the last, where an eps loss would rate them alike: trained on
+  eps, the router learns to skip every block of the early steps (``loss_space="eps"`` keeps that).
+  The weights are normalised to mean 1 so ``beta`` keeps its scale.
 - Image-Error Proxy-Guided Objective (IEPO): the step loss is weighted by ``lambda_s``, the error of
   the *final image* when the current (hard) router acts at step s alone, refreshed every few
-  iterations, plus ``beta * mean(g)`` for compute. Here L = sum_s lambda_s ||eps_student - eps_full||^2
-  + beta * mean(g) (notation: the paper's Gamma is ``logits``, its lambda^(t) is ``lam``).
+  iterations, plus ``beta * mean(g)`` for compute. Here L = sum_s lambda_s c_s^2 ||eps_student -
+  eps_full||^2 + beta * mean(g) (notation: the paper's Gamma is ``logits``, its lambda^(t) is ``lam``).
 At inference the router is a bool table: ``sigmoid(R) > 0.5``, or the top ``keep`` fraction of R for
 an exact block budget; it runs through ``BlockCache(policy="router")``.
 """
@@ -42,8 +48,14 @@ class HarmoniCaConfig:
     guidance: float = 1.0
     warmup: int = 1                    # first steps run every block (a cache must exist)
     init: float = 2.0                  # initial logit (sigmoid(2) = 0.88: start near full compute)
+    loss_space: str = "x"              # "x": the step output x_{t-1} (the paper); "eps": the noise prediction
+    proxy: str = "alone"               # IEPO's lambda: "alone" (the paper) or "leave-out" (see iepo_lambda)
 
     def __post_init__(self) -> None:
+        if self.proxy not in ("alone", "leave-out"):
+            raise ValueError(f"proxy must be 'alone' or 'leave-out', got {self.proxy!r}")
+        if self.loss_space not in ("x", "eps"):
+            raise ValueError(f"loss_space must be 'x' or 'eps', got {self.loss_space!r}")
         if self.steps < 2 or self.iterations < 1 or self.batch_size < 1 or self.lambda_batch < 1:
             raise ValueError("steps >= 2, iterations >= 1, batch_size >= 1 and lambda_batch >= 1 are required")
         if self.lr <= 0 or self.beta < 0 or self.lambda_every < 0 or self.warmup < 1 or self.guidance < 0:
@@ -89,12 +101,28 @@ def soft_forward(model: Any, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, 
     return unpatchify(model, final_layer(model, h, t, y))
 
 
-def _trajectory(model: Any, x_T: torch.Tensor, y: torch.Tensor, cfg: HarmoniCaConfig,
-                step_eps: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    from accelerando.diffusion.api import drive, get_spec, make_sampler
+def _grid(cfg: HarmoniCaConfig) -> Any:
+    from accelerando.diffusion.api import get_spec
     from accelerando.diffusion.samplers._common import make_grid
     from accelerando.diffusion.schedules import make_schedule
-    grid = make_grid(make_schedule("linear", 1000), cfg.steps, "trailing", drop_zero=get_spec(cfg.method).drop_zero)
+    return make_grid(make_schedule("linear", 1000), cfg.steps, "trailing", drop_zero=get_spec(cfg.method).drop_zero)
+
+
+def step_weights(cfg: HarmoniCaConfig) -> torch.Tensor:
+    """(steps,) weights of the step losses: c_s^2 of a DDIM step (eps error -> x_{t-1} error), mean 1;
+    ones for ``loss_space="eps"``."""
+    if cfg.loss_space == "eps":
+        return torch.ones(cfg.steps)
+    ab = list(_grid(cfg).ab) + [1.0]
+    c = [(1 - ab[i + 1]) ** 0.5 - (ab[i + 1] * (1 - ab[i]) / ab[i]) ** 0.5 for i in range(cfg.steps)]
+    w = torch.tensor(c, dtype=torch.float32) ** 2
+    return w / w.mean()
+
+
+def _trajectory(model: Any, x_T: torch.Tensor, y: torch.Tensor, cfg: HarmoniCaConfig,
+                step_eps: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    from accelerando.diffusion.api import drive, make_sampler
+    grid = _grid(cfg)
     state = {"s": 0}
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -121,15 +149,17 @@ def _inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float) 
 
 @torch.no_grad()
 def iepo_lambda(model: Any, logits: torch.Tensor, cfg: HarmoniCaConfig, *, generator: torch.Generator) -> torch.Tensor:
-    """lambda_s (steps,): final-image MSE against full compute when the hard router acts at step s
-    only, normalised to mean 1 (the image-error proxy of IEPO)."""
+    """lambda_s (steps,), normalised to mean 1: the image-error proxy of IEPO. ``proxy="alone"``: the
+    final-image MSE against full compute when the hard router acts at step s only (the paper's proxy);
+    ``"leave-out"``: how much the final image of the whole router moves when step s alone computes
+    fully, which also sees how skips at consecutive steps compound."""
     size = model.config.sample_size
     x_T = torch.randn(cfg.lambda_batch, 1, size, size, generator=generator)
     y = torch.randint(0, 10, (cfg.lambda_batch,), generator=generator)
     table = router_table(logits.detach(), warmup=cfg.warmup)
 
-    def run(only: int | None) -> torch.Tensor:
-        cache = BlockCache(BlockCacheConfig(policy="router", router=_only_row(table, only), warmup=cfg.warmup))
+    def run(router: torch.Tensor) -> torch.Tensor:
+        cache = BlockCache(BlockCacheConfig(policy="router", router=router, warmup=cfg.warmup))
         from .denoiser import Counts
         counts = Counts()
 
@@ -137,8 +167,12 @@ def iepo_lambda(model: Any, logits: torch.Tensor, cfg: HarmoniCaConfig, *, gener
             xi, ti, yi = _inputs(x, t, y, cfg.guidance)
             return _cfg_eps(cache.forward(model, xi, ti, yi, step=s, counts=counts), cfg.guidance)
         return _trajectory(model, x_T, y, cfg, step_eps)
-    ref = run(None)
-    lam = torch.stack([F.mse_loss(run(s), ref) for s in range(cfg.steps)])
+    if cfg.proxy == "alone":
+        ref = run(_only_row(table, None))
+        lam = torch.stack([F.mse_loss(run(_only_row(table, s)), ref) for s in range(cfg.steps)])
+    else:
+        ref = run(table)
+        lam = torch.stack([F.mse_loss(run(_full_row(table, s)), ref) for s in range(cfg.steps)])
     return lam / lam.mean().clamp_min(1e-12) + 1e-3
 
 
@@ -146,6 +180,12 @@ def _only_row(table: torch.Tensor, only: int | None) -> torch.Tensor:
     out = torch.ones_like(table)
     if only is not None:
         out[only] = table[only]
+    return out
+
+
+def _full_row(table: torch.Tensor, s: int) -> torch.Tensor:
+    out = table.clone()
+    out[s] = True
     return out
 
 
@@ -161,6 +201,7 @@ def train_router(model: Any, config: HarmoniCaConfig | None = None, *, generator
     for p in model.parameters():
         p.requires_grad_(False)
     lam = torch.ones(cfg.steps)
+    xw = step_weights(cfg)
     size = model.config.sample_size
     log: list[str] = []
     for it in range(cfg.iterations):
@@ -178,11 +219,11 @@ def train_router(model: Any, config: HarmoniCaConfig | None = None, *, generator
             gates = torch.sigmoid(logits[s]) if s >= cfg.warmup else torch.ones(n_blocks)
             with torch.enable_grad():
                 student = _cfg_eps(soft_forward(model, xi, ti, yi, gates, residual), cfg.guidance)
-                loss = lam[s] * F.mse_loss(student, teacher) + cfg.beta * torch.sigmoid(logits[s]).mean()
+                loss = lam[s] * xw[s] * F.mse_loss(student, teacher) + cfg.beta * torch.sigmoid(logits[s]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             return student.detach()
         _trajectory(model, x_T, y, cfg, step_eps)
         msg = (f"iteration {it + 1}/{cfg.iterations} mean step loss {sum(losses) / len(losses):.5f} "
@@ -215,4 +256,4 @@ def fraction_run(table: torch.Tensor) -> float:
 
 
 __all__ = ["HarmoniCaConfig", "train_router", "router_table", "harmonica_cache", "save_router", "load_router",
-           "iepo_lambda", "soft_forward", "fraction_run"]
+           "iepo_lambda", "soft_forward", "fraction_run", "step_weights"]

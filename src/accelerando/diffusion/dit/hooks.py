@@ -96,6 +96,13 @@ class DiffusersCache:
         x = args[0]
         self._units += 0.5 * x.shape[0] * x.shape[1]          # half a block: attention or MLP, per token
 
+    def prepare(self, model: Any) -> "DiffusersCache":
+        """Copy and hook ``model`` now (otherwise at the first call): keeps that one-off cost out of a
+        timed trajectory. Later trajectories reuse the hooked copy after ``reset()``."""
+        if self._src is not model:
+            self._build(model)
+        return self
+
     def _build(self, model: Any) -> None:
         check_dit(model, who=f"diffusers {self.kind} hook")
         self._src, self.model = model, copy.deepcopy(model)

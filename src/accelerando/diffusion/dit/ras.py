@@ -22,7 +22,7 @@ import torch
 from .core import block_forward, embed, final_layer, patchify, unpatchify
 from .denoiser import Counts
 
-CRITERIA = ("std", "l2")
+CRITERIA = ("std", "l2", "delta")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class RASConfig:
     full_every: int = 0                # a full step every k RAS steps (0 = never)
     reset_steps: tuple[int, ...] = ()  # step indices (0-based) that run full: the paper's error reset
     dense_from: int | None = None      # every step >= this index runs full (None: none)
-    criterion: str = "std"             # per-token focus score of the previous noise output
+    criterion: str = "std"             # per-token focus score: std / l2 of the previous noise output (the
+                                       # paper), or "delta": how much it changed when last computed
     starvation: float = 0.25           # score *= exp(starvation * staleness)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,7 @@ class RegionAdaptive:
     def reset(self) -> None:
         self.eps_patches: torch.Tensor | None = None
         self.stale: torch.Tensor | None = None
+        self.delta: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def is_noop(self) -> bool:
@@ -79,8 +81,8 @@ class RegionAdaptive:
 
     def focus(self, n_active: int) -> torch.Tensor:
         """Indices (B, k) of the tokens to update: top-k of score * exp(starvation * staleness)."""
-        e = self.eps_patches
-        score = e.std(-1) if self.config.criterion == "std" else e.norm(dim=-1)
+        e, crit = self.eps_patches, self.config.criterion
+        score = e.std(-1) if crit == "std" else self.delta if crit == "delta" else e.norm(dim=-1)
         score = score * torch.exp(self.config.starvation * self.stale)
         return score.topk(n_active, dim=-1).indices
 
@@ -93,7 +95,11 @@ class RegionAdaptive:
             self.kv = []
             for blk in blocks:
                 h = block_forward(blk, h, t, y, kv=lambda k, v: self.kv.append((k, v)) or (k, v))
-            self.eps_patches = final_layer(model, h, t, y)
+            new = final_layer(model, h, t, y)
+            # "delta": where the noise prediction still moves, the region is still being decided
+            self.delta = (new - self.eps_patches).norm(dim=-1) if self.eps_patches is not None and \
+                self.eps_patches.shape == new.shape else new.norm(dim=-1)
+            self.eps_patches = new
             self.stale = torch.zeros(b, n, device=x.device)
             counts.add(blocks=len(blocks), tokens=n, model=model, batch=b)
             return unpatchify(model, self.eps_patches)
@@ -108,7 +114,9 @@ class RegionAdaptive:
                 return k_all.scatter_(1, at, k_new), v_all.scatter_(1, at, v_new)
             h = block_forward(blk, h, t, y, kv=kv)
         out = final_layer(model, h, t, y)                                      # (B, k, P)
-        self.eps_patches = self.eps_patches.scatter(1, idx[..., None].expand(b, k, out.shape[-1]), out)
+        at = idx[..., None].expand(b, k, out.shape[-1])
+        self.delta = self.delta.scatter(1, idx, (out - self.eps_patches.gather(1, at)).norm(dim=-1))
+        self.eps_patches = self.eps_patches.scatter(1, at, out)
         self.stale = (self.stale + 1).scatter(1, idx, 0.0)
         counts.add(blocks=len(blocks), tokens=k, model=model, batch=b)
         return unpatchify(model, self.eps_patches)
