@@ -239,6 +239,9 @@ def test_self_draft_shares_the_target_cache_on_the_engine_and_falls_back_on_hf(l
     out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
     assert d.shared and d.state is None and out.stats["draft_calls"] > 0     # no cache of its own
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
+    ad = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=1), k="adaptive")      # may take plain runs
+    out_a = speculative_generate(lm, ids, draft=ad, attention_mask=mask, max_new_tokens=24, engine=EAGER)
+    assert ad.shared and torch.equal(out_a.sequences, _greedy(lm, ids, mask, 24))
     d2 = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
     with pytest.warns(UserWarning, match="keeps its own KV cache"):
         out2 = speculative_generate(lm, ids, draft=d2, attention_mask=mask, max_new_tokens=12, engine="hf")
