@@ -190,7 +190,7 @@ class LeanDecoder(torch.nn.Module):
         L, D = valid.shape[1], self.head_dim
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
         valid.scatter_(1, slots, token_mask)
-        pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0)                          # (B, T)
+        pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0) + cache.pos_shift[:, None]   # (B, T)
         if tree_mask is not None:   # a node's position is the block start + its depth in the tree
             pos = pos[:, :1] + (tree_mask.expand(B, T, T).sum(-1) - 1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)                  # (B, 1, T, D)
