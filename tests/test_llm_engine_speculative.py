@@ -167,3 +167,38 @@ def test_adaptive_drafters_take_plain_steps_and_stay_lossless():
         out = speculative_generate(target, ids, draft=d, max_new_tokens=40, engine="engine-eager")
         assert torch.equal(out.sequences, ref), type(d).__name__
         assert 0 in d.length.ctrl.t_verify
+
+
+def test_a_useless_draft_backs_off_to_runs_of_plain_steps():
+    """Issue 22: a draft that never agrees costs a few one-token probes. The adaptive drafter asks
+    the loop for runs of plain steps (no draft work per token: the controller's idle steps until
+    the next probe, probes ever rarer), the draft catches up on a run's tokens in CATCH_UP-wide
+    chunks computing the last logits only (one step shape whatever the run's length), and the
+    output is still generate's."""
+    from accelerando.llm.drafters.draft_model import CATCH_UP
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    unrelated = tiny_lm("llama", seed=5, init_std=0.3)
+    ids = torch.arange(3, 15)[None]
+    ref = target.generate(ids, do_sample=False, max_new_tokens=80)
+    d = DraftModel(unrelated, k="adaptive", k_max=7)
+    out = speculative_generate(target, ids, draft=d, max_new_tokens=80, engine="engine-eager")
+    assert torch.equal(out.sequences, ref)
+    probes = [i for i, k in enumerate(d.ctrl.history) if k]
+    assert d.ctrl.history[0] == 0 and max(d.ctrl.history) == 1          # a timed plain step, then 1-token probes
+    assert len(probes) <= 8 and probes[-1] - probes[-2] >= 16              # ever rarer (timings decide the first)
+    assert out.stats["drafted_tokens"] == len(probes) and out.stats["target_calls"] == 80
+    assert d.state.stats.shapes <= {f"B1xT{CATCH_UP}xL128-last", "B1xT2xL128", "B1xT1xL128"}
+
+
+def test_prompt_lookup_without_matches_runs_plain_steps():
+    """No n-gram repeats: prompt lookup proposes nothing, so the loop takes plain steps (runs that
+    grow with the streak of misses), never a verification of a lone root; == generate."""
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    ids = torch.arange(3, 15)[None]
+    ref = target.generate(ids, do_sample=False, max_new_tokens=30)
+    for k in (4, "adaptive"):
+        p = PromptLookup(ngram_sizes=(25,), k=k)
+        out = speculative_generate(target, ids, draft=p, max_new_tokens=30, engine="engine-eager")
+        assert torch.equal(out.sequences, ref), k
+        assert out.stats["drafted_tokens"] == 0 and out.stats["mean_k"] == 0
+        assert p._misses < 29                                             # later misses came in runs

@@ -183,3 +183,31 @@ def test_chunked_attention_probs_match_dense_reference():
         assert float(ref[:, :, s: s + 64, p.shape[-1]:].sum()) == 0.0       # what a chunk skips is masked
     (s, p), = attention_probs(q[:, :, -10:], k, scaling=0.3, q_offset=290)   # SnapKV's window
     assert torch.allclose(p, ref[:, :, 290:], atol=1e-6)
+
+
+@pytest.mark.parametrize("press", [StreamingLLMPress(ratio=0.5), SnapKVPress(ratio=0.5, window=8),
+                                   H2OPress(ratio=0.25), ElasticCachePress(ratio=0.5)], ids=repr)
+def test_presses_on_the_lean_engine_match_transformers(press):
+    """The pressed cache moved into the engine's static cache (physically smaller, positions
+    shifted to the true ones): the same greedy tokens as decoding the pressed DynamicCache, and
+    ratio 1 equals plain generate."""
+    m = tiny_lm("llama", init_std=0.2, ctx=512)
+    ids = torch.randint(1, 96, (2, 300), generator=torch.Generator().manual_seed(0))
+    hf, _ = kv_generate(m, ids, max_new_tokens=NEW, press=press)
+    eng, st = kv_generate(m, ids, max_new_tokens=NEW, press=press, engine="engine-eager")
+    assert torch.equal(eng, hf)
+    assert st["kv_slots_engine"] < 300 and st["kv_bytes_prefill"] < st["kv_bytes_full"]
+    ref = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False)
+    full, _ = kv_generate(m, ids, max_new_tokens=NEW, press=type(press)(ratio=1.0), engine="engine-eager")
+    assert torch.equal(full, ref)
+
+
+def test_engine_bad_input():
+    m, ids, _ = _setup()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        kv_generate(m, ids, press=StreamingLLMPress(ratio=0.5), engine="vllm")
+    with pytest.raises(ValueError, match="prefill presses only"):
+        kv_generate(m, ids, policy=TokenSelect(ratio=0.5), engine="engine-eager")
+    g = tiny_lm("gpt2", init_std=0.2, ctx=256)
+    with pytest.raises(TypeError, match="engine= cannot run GPT2LMHeadModel"):
+        kv_generate(g, ids, press=StreamingLLMPress(ratio=0.5), engine="engine-eager")

@@ -23,17 +23,30 @@ def test_sample_length_depth_and_answer(builder, task):
         assert len(s.prompt) == 1000 and s.prompt[0] == tok.eos_token_id
         assert abs(s.depth - depth) < 0.06        # other needles shift it a little
         text = tok.decode(s.prompt)
-        assert tok.decode(s.answer) == s.answer_text and len(s.answer_text) == 5
-        name = text.rsplit("\n", 1)[1].split(" = ")[0]          # the queried key
-        assert f'{name} = "{s.answer_text}"' in text                # its needle is in the haystack
+        assert tok.decode(s.answer) == " " + s.answer_text and len(s.answer) == 2     # two one-token words
+        query = text.rsplit("\n", 1)[1]                          # "#@ <key>"
+        assert query.startswith("#@ ") and f"\n{query} {s.answer_text}\n" in text   # its needle is in the haystack
         assert ids[spans[0][0]: spans[0][1]] == s.answer.tolist()
+        # the answer's ids follow the key's ids in the haystack exactly (one induction step finds them)
+        p, a = s.prompt.tolist(), s.answer.tolist()
+        key = p[-len(tok(query, add_special_tokens=False)["input_ids"]) - 1:]
+        hits = [i for i in range(len(p) - len(key) - len(a)) if p[i: i + len(key)] == key]
+        assert any(p[i + len(key): i + len(key) + len(a)] == a for i in hits)
+
+
+def test_keys_are_single_tokens(builder):
+    tok, b = builder
+    assert len(b.names) >= 16
+    for w in b.names[:50]:
+        assert tok(w, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(tok.tokenize(w))[0]]
 
 
 def test_training_sequence_and_bad_input(builder):
     _, b = builder
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        assert b.training_sequence(256, gen=g).shape == (257,)
+        ids, mask = b.training_sequence(256, gen=g)
+        assert ids.shape == mask.shape == (257,) and 0 < int(mask.sum()) < 257
     with pytest.raises(ValueError, match="task must be one of"):
         b.sample("nope", 100, gen=g)
     with pytest.raises(ValueError, match="depth must be in"):

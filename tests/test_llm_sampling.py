@@ -106,7 +106,9 @@ def test_adaptive_k_tracks_acceptance_and_cost():
                 n += 1
             ctl.update(k, [n], t_draft=0.1 * k, t_target=1.0)   # c = 0.1
         assert abs(ctl.alpha - true_alpha) < 0.2 and abs(ctl.c - 0.1) < 1e-6
-        assert ctl.choose() == best_k(ctl.alpha, ctl.c, 16)
+        # slow start: k <= 2 (longest accepted run) + 1; here runs of 4 were seen -> k <= 9
+        assert ctl.ramp == (9 if true_alpha == 0.9 else ctl.ramp) and ctl.ramp <= 9
+        assert ctl.choose() == best_k(ctl.alpha, ctl.c, min(16, ctl.ramp))
     slow = AdaptiveK(8, cost_ratio=5.0, probe_every=4)              # drafting never pays: plain decoding,
     assert [slow.choose() for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]   # with a probe every 4th step
     h = HeuristicK(5, 32)
@@ -136,6 +138,29 @@ def test_adaptive_k_drops_to_plain_decoding_when_verification_costs_more_than_it
     assert poor.rate(0) > max(poor.rate(k) for k in range(1, 9))
     good = fed(0.95, 3.0)
     assert good.choose() > 0 and good.rate(good.choose()) > good.rate(0)
+
+
+def test_adaptive_k_asks_for_a_timed_plain_step_then_runs_of_plain_steps():
+    """Issue 22: before drafting, one plain step is timed (not assumed); while k = 0 is best the
+    loop is asked for the whole run of plain steps up to the next probe; drafting starts at k = 1
+    and widens only with accepted runs (k <= 2 n + 1)."""
+    ctl = AdaptiveK(8, cost_ratio=0.0, probe_every=4)
+    assert ctl.plain_run() == 1
+    ctl.update_plain(1, 1.0)
+    assert ctl.plain_run() == 0 and ctl.choose() == 1                   # slow start: one draft first
+    ctl.update(1, [1], 0.0, 1.0)
+    assert ctl.ramp == 3 and ctl.choose() == 3
+    slow = AdaptiveK(8, cost_ratio=0.0, probe_every=4)
+    slow.update_plain(1, 1.0)
+    slow.choose()
+    for _ in range(3):
+        slow.update(1, [0], 0.0, 3.0)                                   # rejected and dearer than plain
+    assert slow._best() == 0 and slow.plain_run() == 4                  # a run up to the next probe
+    slow.update_plain(4, 4.0)
+    assert slow.plain_run() == 0 and slow.choose() == 1                 # the probe
+    assert AdaptiveK(8, k_min=1).plain_run() == 0
+    with pytest.raises(ValueError, match="probe_every"):
+        AdaptiveK(8, probe_every=0)
 
 
 def test_adaptive_k_probes_less_often_while_drafting_does_not_pay():

@@ -641,3 +641,23 @@ def test_qkernel_cv_held_out_keeps_the_budget_where_the_features_decide():
     summ, _ = evaluate(t, ["qkernel-cv"], constraint=Constraint(0.0))
     by = {s.policy: s for s in summ}
     assert by["qkernel-cv"].violation_rate == 0.0 and by["qkernel-cv"].closed_gap > 0.9
+
+
+def test_recommend_offers_long_context_methods_only_on_long_prompts():
+    """A method registered with ``min_prompt_tokens`` (the KV-cache arms: n/a under 256 tokens) is
+    not a candidate for a shorter prompt, whatever the history says of it elsewhere."""
+    from accelerando.bench.methods import all_methods
+    from accelerando.select.recommend import _applicable, _registered
+    reg = _registered()
+    assert reg["kv-snapkv"].min_prompt_tokens == 256 and reg["spec-prompt-lookup"].min_prompt_tokens == 0
+    assert {e.name for e in all_methods("llm") if e.min_prompt_tokens} >= {"kv-streaming", "kv-snapkv", "kv-h2o",
+                                                                          "kv-triforce", "kv-tokenselect"}
+    rows = []
+    for i, n in enumerate((100, 2000)):
+        wl = {"family": "llm", "model": f"m{i}", "features": {"prompt_len": float(n)}}
+        rows += [_row(wl, "generate", 1.0, base=True, run=str(i)),
+                 _row(wl, "kv-snapkv", 1.6, lossless=False, loss=0.05, run=str(i), knobs={"ratio": 0.25})]
+    t = build_table(rows)
+    arm = next(a for a in t.arms if t.arms[a].method == "kv-snapkv")
+    assert not _applicable(t, arm, {"family": "llm", "features": {"prompt_len": 120.0}}, reg)
+    assert _applicable(t, arm, {"family": "llm", "features": {"prompt_len": 2048.0}}, reg)

@@ -325,3 +325,17 @@ def test_retime_covers_an_arm_swept_after_the_last_retiming(monkeypatch, tmp_pat
         assert all(m.metrics["rounds"] == 2 for m in again)
         t = build_table(old + h.rows() + [later])
     assert t.speedup[(w, "fake-lossy")] == pytest.approx(1.0) and t.speedup[(w, "fake-exact[k=2]")] == pytest.approx(4.0)
+
+
+def test_llm_grid_long_context_entries_follow_the_fixed_ones():
+    """Past the bundled history's first LLM_GRID_FIXED entries (unchanged), every other workload
+    is long context: batch 1, prompts of >= 512 tokens, where the KV-cache arms apply."""
+    base = S.llm_grid(S.LLM_GRID_FIXED, zoo_names=[])
+    grown = S.llm_grid(S.LLM_GRID_FIXED + 6, zoo_names=[])
+    assert [S.sweep_key(w) for w in grown[:S.LLM_GRID_FIXED]] == [S.sweep_key(w) for w in base]
+    long = grown[S.LLM_GRID_FIXED::2]
+    assert len(long) == 3 and all(w.domain == "long-code" and w.batch_size == 1 for w in long)
+    assert all(len(w.prompts[0]) >= 512 for w in long)
+    assert len({S.sweep_key(w) for w in grown}) == len(grown)
+    assert {m for r in S.method_rounds("llm", ["kv-snapkv", "kv-triforce"]) for m in r} == {"kv-snapkv", "kv-triforce"}
+    assert [r["kv-snapkv"]["ratio"] for r in S.method_rounds("llm", ["kv-snapkv"])] == [0.25, 0.5]

@@ -85,6 +85,7 @@ class MethodEntry:
     description: str = ""
     default_knobs: dict[str, Any] = field(default_factory=dict)
     is_baseline: bool = False
+    min_prompt_tokens: int = 0          # n/a on shorter prompts (long-context methods): not offered there
 
 
 _REGISTRY: dict[str, MethodEntry] = {}

@@ -81,7 +81,7 @@ class DecodeCache(Protocol):
     calls: int
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False, hook: StepHook | None = None) -> CacheStep: ...
+                hidden: bool = False, hook: StepHook | None = None, last: bool = False) -> CacheStep: ...
 
     def mark(self) -> int: ...
 
@@ -167,9 +167,10 @@ class HFCache:
         return 0 if self.valid is None else self.valid.shape[1]
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False, hook: StepHook | None = None) -> CacheStep:
+                hidden: bool = False, hook: StepHook | None = None, last: bool = False) -> CacheStep:
         """Append ``ids`` (B, T); invalid entries become holes. Returns the logits (B, T, V), with
-        ``hidden`` or ``hook`` the final hidden states too (a hook never runs here).
+        ``hidden`` or ``hook`` the final hidden states too (a hook never runs here); ``last``:
+        only the last column's logits are wanted (B, 1, V).
 
         ``valid=None`` means every entry is real; pass a mask only when some are not (the cache
         then stops taking the mask-free fast path for good). ``tree``: the T entries are the nodes
@@ -205,6 +206,8 @@ class HFCache:
             h = base(ids, **kw).last_hidden_state
             out = CacheStep(self.model.get_output_embeddings()(h), h)
         else:
+            if last:
+                kw["logits_to_keep"] = 1
             out = CacheStep(self.model(input_ids=ids, **kw).logits)
         self.calls += 1
         if self.cache.get_seq_length() != before + T:

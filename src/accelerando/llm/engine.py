@@ -190,7 +190,7 @@ class LeanDecoder(torch.nn.Module):
         L, D = valid.shape[1], self.head_dim
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
         valid.scatter_(1, slots, token_mask)
-        pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0)                          # (B, T)
+        pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0) + cache.pos_shift[:, None]   # (B, T)
         if tree_mask is not None:   # a node's position is the block start + its depth in the tree
             pos = pos[:, :1] + (tree_mask.expand(B, T, T).sum(-1) - 1)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)                  # (B, 1, T, D)
@@ -451,30 +451,35 @@ class Engine:
         return self._bound
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None, *, tree: Any = None,
-                hidden: bool = False, hook: StepHook | None = None) -> CacheStep:
+                hidden: bool = False, hook: StepHook | None = None, last: bool = False) -> CacheStep:
         """Append ``ids`` (B, T) (see ``DecodeCache``); the first call is the (eager) prefill, whose
-        ``hidden`` holds the raw states when a hook is asked for."""
+        ``hidden`` holds the raw states when a hook is asked for. ``last``: logits of the last
+        column only (B, 1, V), e.g. a draft catching up on tokens it did not see."""
         self.calls += 1
         B, T = ids.shape
         mask = None if valid is None else valid.bool()
         if not self._started:
             self._started, self._bound = True, T
-            return self.prefill(ids, mask, last_only=False, return_hidden=hidden or hook is not None)
+            return self.prefill(ids, mask, last_only=last, return_hidden=hidden or hook is not None)
         width = _step_bucket(T) if self.compiled else T
         if self._bound + width > self.max_len:
             self._make_room(width)
         self._bound += T
         tree_mask = None if tree is None else tree.padded_mask(width, self.device)   # built once per tree and width
         want = dict(return_hidden=hidden, hook=hook)
+        if last and tree is None and hook is None and not hidden:
+            want["last_only"] = True
         if width == T:
             return self.step(ids, token_mask=mask, tree_mask=tree_mask, **want)
         pad = width - T                      # pad to a compiled width; the padding is masked, then forgotten
         if mask is None:
             mask = self._all_valid(ids.shape)
+        want.pop("last_only", None)          # the last column would be padding: slice afterwards
         out = self.step(torch.cat([ids, ids.new_zeros(B, pad)], 1),
                         token_mask=torch.cat([mask, mask.new_zeros(B, pad)], 1), tree_mask=tree_mask, **want)
-        self.cache.lengths -= pad
-        return CacheStep(*(None if o is None else o[:, :T] for o in (out.logits, out.hidden, out.hook)))
+        self.cache.lengths.sub_(pad)
+        lo = T - 1 if last else 0
+        return CacheStep(*(None if o is None else o[:, lo:T] for o in (out.logits, out.hidden, out.hook)))
 
     def _make_room(self, width: int) -> None:
         """The host bound (a sum of per-step maxima over rows) ran past the buffer: read the real

@@ -31,7 +31,8 @@ from accelerando.llm.drafters.adaptive import AdaptiveK, HeuristicK, best_k, exp
 from accelerando.llm.drafters.base import DraftContext, DraftInput, Proposal, Verified
 from accelerando.llm.drafters.draft_model import DraftModel
 from accelerando.llm.engine import check_engine, open_cache
-from accelerando.llm.sampling import NonFiniteLogitsError, SamplingConfig, checked_probs, non_finite_message
+from accelerando.llm.sampling import (NonFiniteLogitsError, SamplingConfig, checked_argmax, checked_probs,
+                                     non_finite_message)
 from accelerando.llm.tree_verify import verify
 
 
@@ -79,6 +80,18 @@ class Stats:
                 self.drafted_tokens += d
                 self.accepted_tokens += n
                 self.accept_hist[n] = self.accept_hist.get(n, 0) + 1
+
+    def plain(self, m: int, active: list[bool]) -> None:
+        """``m`` plain decoding steps (one token each, nothing drafted)."""
+        self.target_calls += m
+        self.steps += m
+        self.k_used += [0] * m
+        self.nodes_verified += m
+        for b, a in enumerate(active):
+            if a:
+                self.row_calls += m
+                self.calls_per_row[self._first + b] += m
+                self.accept_hist[0] = self.accept_hist.get(0, 0) + m
 
     def as_dict(self, wall: float) -> dict[str, Any]:
         return dict(target_calls=self.target_calls, draft_calls=self.draft_calls, steps=self.steps,
@@ -137,6 +150,24 @@ def keep_path(tgt: Any, start: int, prop: Proposal, node: torch.Tensor, paths: l
     return n
 
 
+def plain_run(tgt: Any, root: torch.Tensor, m: int, sampling: SamplingConfig,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` plain decoding steps on the target's cache from ``root`` (B,) (in no cache yet), no
+    host sync: the tokens (B, m) (the last is the next root) and a non-finite flag per row (B,)."""
+    toks, bad = [], torch.zeros_like(root, dtype=torch.bool)
+    tok = root
+    for _ in range(m):
+        logits = tgt.forward(tok[:, None]).logits[:, -1]
+        if sampling.greedy:
+            tok, b = checked_argmax(logits)
+        else:
+            p, b = checked_probs(logits, sampling)
+            tok = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        bad |= b
+        toks.append(tok)
+    return torch.stack(toks, 1), bad
+
+
 def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, drafter: Any, *,
             sampling: SamplingConfig, generator: torch.Generator | None, max_new_tokens: int, eos: list[int],
             engine: str, st: Stats) -> list[list[int]]:
@@ -160,6 +191,22 @@ def _decode(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     x = DraftInput(first, first_host, 0, hidden)
     while not all(done):
         x.budget = max(max_new_tokens - len(r) for r, d in zip(rows, done) if not d)
+        m = drafter.plain_steps(x.budget)
+        if m > 0:   # the drafter backs off: plain decoding, nothing drafted or verified
+            t0 = time.perf_counter()
+            toks, bad = plain_run(tgt, x.root, m, sampling, generator)
+            host = torch.cat([toks, bad[:, None].long()], 1).tolist()          # sync: tokens for control flow
+            if any(h.pop() for h in host):
+                raise NonFiniteLogitsError(non_finite_message("target", int(bad.sum())))
+            active = [not d for d in done]
+            drafter.accept_plain(toks, host, time.perf_counter() - t0)
+            st.plain(m, active)
+            x = DraftInput(toks[:, -1], [h[-1] for h in host], 0)
+            for b in range(B):
+                if not done[b]:
+                    rows[b].extend(host[b])
+                    done[b] = len(rows[b]) >= max_new_tokens or any(t in eos for t in host[b])
+            continue
         start = tgt.mark()
         # -- propose ----------------------------------------------------------------------------------
         prop = drafter.propose(x)

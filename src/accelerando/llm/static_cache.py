@@ -5,6 +5,8 @@ Layout (one tensor per layer: a compiled step then mutates each buffer in place,
     k[i], v[i]  (B, H_kv, L_max, D)          keys already rotated (RoPE) at their own position
     valid    (B, L_max) bool                 slot holds a real token (False: left padding, holes)
     lengths  (B,) long                       slots written so far = the next write slot, per row
+    pos_shift (B,) long                      added to every position id (0; a pressed cache's kept
+                                             tokens stand for a longer text: accelerando.llm.kv)
 
 Every forward writes its T new tokens at slots ``lengths[b] + t`` and may only attend to slots
 ``<= `` its own, so whatever lies beyond ``lengths`` (rejected drafts) is never read: rolling back
@@ -52,9 +54,10 @@ class StaticKVCache(torch.nn.Module):
         self.layers = torch.nn.ModuleList([LayerKV(shape, dtype, device) for _ in range(n_layers)])
         self.register_buffer("valid", torch.zeros(batch, max_len, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("lengths", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos_shift", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
         if torch.device(device).type == "cuda":
             # CUDA graphs replay fixed addresses: the buffers must never be reallocated.
-            for t in (*self.k, *self.v, self.valid, self.lengths):
+            for t in (*self.k, *self.v, self.valid, self.lengths, self.pos_shift):
                 torch._dynamo.mark_static_address(t)
 
     @classmethod
@@ -85,6 +88,7 @@ class StaticKVCache(torch.nn.Module):
         """Forget everything (the buffers keep their addresses)."""
         self.lengths.zero_()
         self.valid.zero_()
+        self.pos_shift.zero_()
 
     def get_seq_length(self) -> int:
         """Longest row, in slots (host sync)."""
@@ -92,7 +96,7 @@ class StaticKVCache(torch.nn.Module):
 
     def advance(self, n: int | torch.Tensor) -> None:
         """Accept ``n`` (int or per-row (B,) tensor) freshly written slots."""
-        self.lengths += n
+        self.lengths.add_(n)         # in place: no nn.Module attribute assignment per step
 
     def rollback(self, lengths: int | torch.Tensor) -> None:
         """Keep only the first ``lengths`` slots of each row (int or (B,) tensor); no copy."""
@@ -129,7 +133,7 @@ class StaticKVCache(torch.nn.Module):
             for buf in (*self.k, *self.v):
                 buf.scatter_(2, dst_idx, buf.gather(2, src_idx))         # gather reads all before scatter writes
             self.valid.scatter_(1, dst, self.valid.gather(1, src))
-            self.lengths += P
+            self.lengths.add_(P)
             return
         keep = (torch.arange(P, device=path.device)[None, :] < n_keep[:, None])   # (B, P)
         m = keep[:, None, :, None]
@@ -138,4 +142,4 @@ class StaticKVCache(torch.nn.Module):
             buf.scatter_(2, dst_idx, torch.where(m, moved, buf.gather(2, dst_idx)))
         moved_valid = self.valid.gather(1, src)
         self.valid.scatter_(1, dst, torch.where(keep, moved_valid, self.valid.gather(1, dst)))
-        self.lengths += n_keep
+        self.lengths.add_(n_keep)

@@ -36,6 +36,8 @@ def sweep(
     ctx: typer.Context,
     llm: Annotated[int, typer.Option(help="Number of LLM workloads in the grid.")] = 60,
     diffusion: Annotated[int, typer.Option(help="Number of diffusion workloads in the grid.")] = 30,
+    llm_start: Annotated[int, typer.Option(min=0, help="Sweep the LLM grid from this entry on (0-based; e.g. 60 "
+                                           "with --llm 76 --zoo: past the bundled entries, half long context).")] = 0,
     diffusion_start: Annotated[int, typer.Option(min=0, help="Sweep the diffusion grid from this entry on (0-based; "
                                                  "e.g. 90 with --diffusion 102: the DiT workloads alone).")] = 0,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated method names (default: all registered).")] = None,
@@ -86,7 +88,7 @@ def sweep(
     torch.set_num_threads(max(1, threads))
     quiet_hf()
     zoo_names = None if zoo else []
-    wls = S.llm_grid(llm, seed=seed, zoo_names=zoo_names) + \
+    wls = S.llm_grid(llm, seed=seed, zoo_names=zoo_names)[llm_start:] + \
         S.diffusion_grid(diffusion, seed=seed, zoo_names=zoo_names)[diffusion_start:]
     console = err_console() if json_out else _console()
     ray = ray or ray_address is not None

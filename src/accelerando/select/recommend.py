@@ -261,7 +261,8 @@ def _refused_below(table: PerfTable, arm: str, steps: float) -> bool:
 
 
 def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any], reg: Mapping[str, Any]) -> bool:
-    """Methods that need a draft model are not offered to a workload without one; a diffusion arm
+    """Methods that need a draft model are not offered to a workload without one, long-context
+    methods (``min_prompt_tokens``) not to a shorter prompt; a diffusion arm
     is not offered where the history shows it cannot run (``_refused_below``): a model of its
     quality or speed there would be extrapolating to a run that cannot happen."""
     a = table.arms[arm]
@@ -272,6 +273,11 @@ def _applicable(table: PerfTable, arm: str, key: Mapping[str, Any], reg: Mapping
         if key.get("steps") is None or not isinstance(frac, (int, float)):
             return True
         return not _refused_below(table, arm, float(key["steps"]) * float(frac))
+    e = reg.get(a.method)
+    prompt_len = (key.get("features") or {}).get("prompt_len")
+    if e is not None and getattr(e, "min_prompt_tokens", 0) and prompt_len is not None \
+            and float(prompt_len) < e.min_prompt_tokens:
+        return False          # a long-context method: n/a on this prompt
     if key.get("drafts"):
         return True
     return not needs_draft(a.method, reg)

@@ -35,10 +35,14 @@ KNOB_GRID: dict[str, list[dict[str, Any]]] = {
     "spec-draft": [{"k": 2}, {"k": 4}, {"k": "adaptive"}],
     "spec-prompt-lookup": [{"k": 4}, {"k": 8}],
     # cheaper forward passes (llm/compute): lossless self-speculation and lossy transforms
-    "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}],
+    "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}, {"exit_layer": 2, "k": 3, "exit_head": True}],
     "coreinfer": [{"alpha": 0.4, "beta": 0.2}, {"alpha": 0.6, "beta": 0.3}],
     "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32}],
     "quant-int4": [{"group_size": 32}],
+    # long context (llm/kv): the kept ratio; n/a on prompts under 256 tokens
+    **{m: [{"ratio": 0.25}, {"ratio": 0.5}] for m in ("kv-streaming", "kv-snapkv", "kv-h2o", "kv-elastic",
+                                                      "kv-tokenselect", "kv-recycled")},
+    "kv-triforce": [{"ratio": 0.1, "k": 4}],
 }
 
 # Diffusion: each sampler also runs on a fraction of the workload's NFE budget. The question a
@@ -140,7 +144,11 @@ def llm_grid(n: int = 60, *, seed: int = 0, zoo_names: Sequence[str] | None = No
         pairs.append((target, (target + draft if draft.startswith("@") else draft,)))
     out = []
     domains = ("code", "prose", "repetitive", "random")
+    long_rng = random.Random(seed + 18)
     for i in range(n):
+        if i >= LLM_GRID_FIXED and (i - LLM_GRID_FIXED) % 2 == 0:     # past the bundled entries: half long context
+            out.append(long_context_workload((i - LLM_GRID_FIXED) // 2, rng=long_rng, zoo_names=zoo_names))
+            continue
         model, drafts = pairs[i % len(pairs)] if i < len(pairs) else rng.choice(pairs)
         domain = domains[i % 4]
         length = rng.choice([48, 96, 192])
@@ -150,6 +158,55 @@ def llm_grid(n: int = 60, *, seed: int = 0, zoo_names: Sequence[str] | None = No
                                max_new_tokens=rng.choice([16, 32]), temperature=rng.choice([0.0, 0.0, 0.7, 1.0]),
                                seed=i, prompts=tuple(prompts)))
     return out
+
+
+LLM_GRID_FIXED = 60                               # llm_grid entries of the bundled history's sweeps: unchanged
+LONG_MODEL = "code-long-target"
+
+
+def long_context_workload(j: int, *, rng: random.Random, zoo_names: Sequence[str]) -> Any:
+    """The j-th long-context workload (the KV-cache methods' territory, issue 18): batch 1 (the
+    methods need unpadded rows), greedy or T=0.7, 512-2048 prompt tokens. With the zoo's
+    ``code-long-target``: held-out code or a multi-key retrieval haystack (``llm.kv.tasks``);
+    without it a random Llama reading 512-1000 characters of code (char tokens)."""
+    from accelerando.bench.workloads import LLMWorkload
+    temperature = rng.choice([0.0, 0.0, 0.7])
+    new = rng.choice([16, 32])
+    if LONG_MODEL in zoo_names:
+        n = rng.choice([512, 1024, 2048])
+        domain = "retrieval" if j % 2 == 0 else "long-code"
+        return LLMWorkload(model=LONG_MODEL, domain=domain, max_new_tokens=new, temperature=temperature,
+                           seed=1000 + j, prompts=(long_prompt(domain, tokens=n, rng=rng),))
+    n = rng.choice([512, 768, 1000])
+    return LLMWorkload(model=f"rand-llama-h128-l4-v128-s{j % 3}", domain="long-code", max_new_tokens=new,
+                       temperature=temperature, seed=1000 + j, prompts=tuple(make_prompts("code", n=1, length=n, rng=rng)))
+
+
+_LONG: list[Any] = []
+
+
+def _long_filler() -> tuple[Any, Any]:
+    """(tokenizer, held-out code token stream) of the long-context model, loaded once."""
+    if not _LONG:
+        from accelerando import zoo
+        from accelerando.llm.kv.tasks import corpus_filler
+        tok = zoo.load_tokenizer(LONG_MODEL)
+        _LONG.extend([tok, corpus_filler(tok, "heldout")])
+    return _LONG[0], _LONG[1]
+
+
+def long_prompt(domain: str, *, tokens: int, rng: random.Random) -> str:
+    """A prompt of about ``tokens`` tokens of the long-context zoo model: a window of held-out code
+    ("long-code") or a 4-key retrieval haystack whose query ends the prompt ("retrieval")."""
+    import torch
+    from accelerando.llm.kv.tasks import HaystackBuilder
+    tok, filler = _long_filler()
+    if domain == "retrieval":
+        g = torch.Generator().manual_seed(rng.randrange(1 << 30))
+        s = HaystackBuilder(tok, filler).sample("multikey", tokens, gen=g, depth=rng.random(), n_keys=4)[2]
+        return tok.decode(s.prompt[1:])            # without the leading EOS (the text's own)
+    start = rng.randrange(0, len(filler) - tokens - 1)
+    return tok.decode(filler[start: start + tokens])
 
 
 def diffusion_grid(n: int = 30, *, seed: int = 0, zoo_names: Sequence[str] | None = None) -> list[Any]:

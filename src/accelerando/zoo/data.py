@@ -95,6 +95,47 @@ def prose_corpus(split: str = "train") -> list[str]:
     return texts("prose", split)
 
 
+# Installed third-party packages whose source is Python code NOT in the zoo's training corpus
+# (the corpus is the standard library): the drafts' out-of-corpus agreement is measured on them.
+FOREIGN_PACKAGES = ("click", "jinja2", "packaging", "requests", "pluggy", "filelock", "tqdm", "rich")
+FOREIGN_CAP_BYTES = 150_000
+
+
+@lru_cache(maxsize=1)
+def _foreign_documents() -> tuple[tuple[str, str], ...]:
+    import importlib.util
+    files: list[tuple[str, Path]] = []
+    for pkg in FOREIGN_PACKAGES:
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        for p in sorted(root.rglob("*.py")):
+            rel = p.relative_to(root)
+            # generated data tables (unicode widths, IDNA tables) are not code
+            if not _SKIP_DIRS.intersection(rel.parts[:-1]) and "data" not in rel.as_posix():
+                files.append((f"{pkg}/{p.relative_to(root).as_posix()}", p))
+    files.sort(key=lambda item: hashlib.sha256(("order:" + item[0]).encode()).hexdigest())
+    docs, total = [], 0
+    for rel, p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) < 2_000 or len(text) > MAX_FILE_BYTES or total + len(text) > FOREIGN_CAP_BYTES:
+            continue
+        docs.append((rel, text))
+        total += len(text)
+    return tuple(sorted(docs))
+
+
+def foreign_code() -> list[tuple[str, str]]:
+    """(name, text) of Python files from installed third-party packages (`FOREIGN_PACKAGES`, those
+    present), capped at FOREIGN_CAP_BYTES: code from outside the training corpus, for evaluation
+    only. Which files depends on the installed versions; the model cards record the names."""
+    return list(_foreign_documents())
+
+
 def heldout_prompts(kind: str = "code", *, n: int = 8, chars: int = 200) -> list[str]:
     """Deterministic prompts cut from held-out documents: the first `chars` characters of each
     document (cut at a line end when one is near), for the first `n` held-out documents."""

@@ -2,17 +2,19 @@
 tokens (positions up to 8192) on the code corpus mixed with synthetic retrieval tasks
 (`accelerando.llm.kv.tasks`), so a tiny model can actually retrieve a needle from a long context.
 
-Reuses the zoo trainer (`train._lm_cycle`, `_stream`, `lm_eval`, cards) with a batch function that
-mixes code windows and retrieval sequences; three cosine cycles: 512 tokens (code + retrieval,
-cheap), 2048 tokens (the trained length), then a retrieval-heavy cycle at 512. The synthetic
-retrieval task was not learned (exact match 0, see the card's notes).
+Reuses the zoo trainer's pieces (`_stream`, `_lm_config`, `lm_eval`, cards) with its own phase loop:
+a curriculum of cosine cycles at 256 -> 512 -> 1024 -> 2048 tokens, most rows synthetic multi-query
+retrieval with the answer tokens' CE weighted up, each phase logging held-out exact match and the
+short ones stopping early once it is reached (copying appears after a phase transition, which is
+cheap at 256 tokens; the longer phases only extend it).
 
     python -m accelerando.zoo.long_context [--out DIR] [--seed 0]
 """
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,71 +26,151 @@ from accelerando.zoo import train as zt
 NAME = "code-long-target"
 TRAINED_LEN = 2048
 MAX_POSITIONS = 8192
-# phase 1 (short, cheap) then phase 2 (the trained length); each its own cosine cycle
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One cosine cycle of the curriculum: `spec` (architecture, steps, lr, batch, seq_len), the share
+    of rows that are retrieval sequences, the extra weight of the answer tokens' mean CE, and an
+    early stop once held-out exact match at `spec.seq_len` reaches `stop_em` on two evaluations."""
+    spec: zt.LMSpec
+    task_fraction: float = 0.8
+    copy_fraction: float = 0.0                  # rows of a random segment repeated (induction training)
+    answer_weight: float = 1.0
+    answer_only: bool = False                   # loss on answer / copied tokens only (head on those only)
+    eval_every: int = 100
+    stop_em: float = 1.01                       # > 1: never stop early
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.task_fraction + self.copy_fraction <= 1.0 or min(self.task_fraction, self.copy_fraction) < 0:
+            raise ValueError(f"task_fraction + copy_fraction must be in [0, 1], got {self.task_fraction} + {self.copy_fraction}")
+        if self.answer_weight < 0 or self.eval_every < 1:
+            raise ValueError("answer_weight must be >= 0 and eval_every >= 1")
+
+
+def _spec(seq_len: int, steps: int, lr: float, batch_size: int) -> zt.LMSpec:
+    return zt.LMSpec("target", 64, 2, 4, 128, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                     max_position_embeddings=MAX_POSITIONS)
+
+
+# Copying (an induction head: match the key, copy what followed it) appears after a plateau, which
+# is cheap to cross at 128 tokens on retrieval rows and repeated random segments with the loss on
+# the answers / copies only; the longer phases then extend it to 2048 tokens next to code LM rows.
+# (A 4-layer, 128-wide model on 256-token rows was still on the plateau after 460 steps: 10x the
+# cost per step of this one.)
 PHASES = (
-    zt.LMSpec("target", 96, 3, 3, 256, steps=350, lr=3e-3, batch_size=8, seq_len=512,
-              max_position_embeddings=MAX_POSITIONS),
-    zt.LMSpec("target", 96, 3, 3, 256, steps=150, lr=1.5e-3, batch_size=2, seq_len=TRAINED_LEN,
-              max_position_embeddings=MAX_POSITIONS),
-    # retrieval curriculum: copying had not emerged after the two mixed phases
-    zt.LMSpec("target", 96, 3, 3, 256, steps=300, lr=2e-3, batch_size=4, seq_len=512,
-              max_position_embeddings=MAX_POSITIONS),
+    Phase(_spec(128, 3000, 4e-3, 16), task_fraction=0.5, copy_fraction=0.5, answer_only=True, eval_every=100,
+          stop_em=0.95),
+    Phase(_spec(512, 300, 2e-3, 8), task_fraction=0.6, copy_fraction=0.1, eval_every=100, stop_em=0.95),
+    Phase(_spec(1024, 200, 1.5e-3, 4), task_fraction=0.6, copy_fraction=0.1, eval_every=50, stop_em=0.95),
+    Phase(_spec(TRAINED_LEN, 200, 1e-3, 2), task_fraction=0.6, copy_fraction=0.1, eval_every=50),
 )
-TASK_FRACTIONS = (0.5, 0.5, 0.9)   # share of each phase's rows that are retrieval sequences
-# share that are repeated random-token segments (induction-head training); tried after phase 3 at
-# 0.5 for 350 steps of T=256 without the loss falling, and stopped: not part of the shipped model
-COPY_FRACTIONS = (0.0, 0.0, 0.0)
-EVAL_LENGTHS = (512, 1024, 2048, 4096)
+EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def copy_sequence(seq_len: int, vocab: int, *, gen: torch.Generator) -> torch.Tensor:
-    """``seq_len + 1`` ids: a random segment of 8-64 tokens repeated (induction-head training)."""
-    n = int(torch.randint(8, 65, (1,), generator=gen))
+def copy_sequence(seq_len: int, vocab: int, *, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), ``seq_len + 1`` long: a random segment of 16-64 tokens repeated; the mask marks
+    every token an induction head can predict (all but the first segment)."""
+    n = int(torch.randint(16, 65, (1,), generator=gen))
     seg = torch.randint(1, vocab, (n,), generator=gen)
-    return seg.repeat(seq_len // n + 2)[: seq_len + 1]
+    ids = seg.repeat(seq_len // n + 2)[: seq_len + 1]
+    mask = torch.arange(seq_len + 1) >= n + 1
+    return ids, mask
 
 
-def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float = 0.5,
+def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_fraction: float,
                   copy_fraction: float = 0.0):
-    """batches(gen) -> (batch, seq_len + 1): code windows, retrieval and copy sequences, mixed per row."""
-    def batches(gen: torch.Generator) -> torch.Tensor:
-        rows = []
+    """batches(gen) -> ((batch, seq_len + 1) ids, same-shape answer mask): retrieval sequences,
+    repeated random segments and code windows, mixed per row."""
+    def batches(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, masks = [], []
         for _ in range(spec.batch_size):
             u = float(torch.rand((), generator=gen))
-            if u < copy_fraction:
-                rows.append(copy_sequence(spec.seq_len, spec.vocab_size, gen=gen))
-            elif u < copy_fraction + task_fraction:
-                rows.append(builder.training_sequence(spec.seq_len, gen=gen))
+            if u < task_fraction:
+                ids, m = builder.training_sequence(spec.seq_len, gen=gen)
+            elif u < task_fraction + copy_fraction:
+                ids, m = copy_sequence(spec.seq_len, spec.vocab_size, gen=gen)
             else:
                 s = int(torch.randint(0, len(stream) - spec.seq_len - 1, (1,), generator=gen))
-                rows.append(stream[s: s + spec.seq_len + 1])
-        return torch.stack(rows)
+                ids, m = stream[s: s + spec.seq_len + 1], torch.zeros(spec.seq_len + 1, dtype=torch.bool)
+            rows.append(ids)
+            masks.append(m)
+        return torch.stack(rows), torch.stack(masks)
     return batches
+
+
+def _run_phase(model: Any, phase: Phase, batches: Any, held: Any, *, seed: int, log: list[str],
+               progress: Any, label: str) -> None:
+    """AdamW, warmup + cosine; loss = mean CE + answer_weight * mean CE over answer tokens."""
+    import torch.nn.functional as F
+    spec = phase.spec
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    warmup = max(1, min(50, spec.steps // 10))
+    t0, hits = time.time(), 0
+    for step in range(spec.steps):
+        model.train()
+        batch, mask = batches(gen)
+        x, y, m = batch[:, :-1], batch[:, 1:], mask[:, 1:]
+        for g in opt.param_groups:
+            g["lr"] = zt._cosine_lr(step, spec.steps, spec.lr, warmup)
+        if phase.answer_only:    # the LM head only where there is a loss: most of a step's work saved
+            h = model.model(input_ids=x).last_hidden_state[m]
+            ans = F.cross_entropy(model.lm_head(h), y[m])
+            ce, loss = ans, ans
+        else:
+            ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
+            ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
+            loss = ce.mean() + phase.answer_weight * ans
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = step == spec.steps - 1
+        if step % 20 == 0 or last:
+            msg = (f"{label}step {step + 1}/{spec.steps} ce {ce.mean().item():.3f} answer ce {ans.item():.3f} "
+                   f"({time.time() - t0:.0f}s)")
+            log.append(msg)
+            zt._log(progress, f"[{NAME}] {msg}")
+        if (step + 1) % phase.eval_every == 0 or last:
+            model.eval()
+            em = retrieval_table(model, held, lengths=(spec.seq_len,), per_cell=4, seed=seed + step)
+            em_n = em[str(spec.seq_len)]
+            log.append(f"{label}step {step + 1}: held-out exact match at {spec.seq_len} tokens {em_n:.2f}")
+            zt._log(progress, f"[{NAME}] {log[-1]}")
+            hits = hits + 1 if em_n >= phase.stop_em else 0
+            if hits >= 2:
+                log.append(f"{label}stopped early at step {step + 1} (exact match >= {phase.stop_em} twice)")
+                break
+    model.eval()
 
 
 @torch.no_grad()
 def retrieval_table(model: Any, builder: Any, *, lengths=EVAL_LENGTHS, depths=EVAL_DEPTHS,
-                    per_cell: int = 2, seed: int = 1234, task: str = "multikey") -> dict[str, Any]:
+                    per_cell: int = 2, seed: int = 1234, task: str = "multikey",
+                    by_depth: bool = False) -> dict[str, Any]:
     """Full-cache exact match (teacher-forced argmax over the answer == greedy decoding of it) by
-    context length and needle depth, on held-out filler."""
-    from accelerando.llm.kv.tasks import RetrievalSample  # noqa: F401  (type of builder.sample)
+    context length (and needle depth with `by_depth`), 4-key needles on held-out filler."""
     out: dict[str, Any] = {}
     for n in lengths:
-        hits = []
+        cells: dict[str, float] = {}
         for d in depths:
             g = torch.Generator().manual_seed(seed + n + int(d * 1000))
+            hits = []
             for _ in range(per_cell):
                 _, _, s = builder.sample(task, n, gen=g, depth=d, n_keys=4)
                 ids = torch.cat([s.prompt, s.answer])[None]
                 pred = model(input_ids=ids).logits[0, len(s.prompt) - 1: -1].argmax(-1)
                 hits.append(int(torch.equal(pred, s.answer)))
-        out[str(n)] = sum(hits) / len(hits)
+            cells[str(d)] = sum(hits) / len(hits)
+        out[str(n)] = cells if by_depth else sum(cells.values()) / len(cells)
     return out
 
 
 def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phases=PHASES,
-                      progress: Any = None, eval_per_cell: int = 2, skip_phases: int = 0) -> dict[str, Any]:
+                      progress: Any = None, eval_per_cell: int = 4, skip_phases: int = 0,
+                      prior_log: list[str] | None = None) -> dict[str, Any]:
     """Train `code-long-target` (tokenizer shared with code-target) and write it with its card.
     skip_phases: continue from the checkpoint in `out_dir` written after that many phases (each
     phase depends only on the previous weights: fresh optimizer, own seed)."""
@@ -102,62 +184,64 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
     train_texts = zoo_data.texts("code", "train") + zoo_data.texts("prose", "train")
     stream = zt._stream(tok, train_texts)
     builder = HaystackBuilder(tok, corpus_filler(tok, "train"))
+    held = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(zt._lm_config(phases[-1], tok)).float()
+    model = LlamaForCausalLM(zt._lm_config(phases[-1].spec, tok)).float()
     n_params = sum(p.numel() for p in model.parameters())
-    log: list[str] = []
+    log: list[str] = list(prior_log or [])
     if skip_phases:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
         model.tie_weights()
         log.append(f"resumed after phase {skip_phases} from {out.name}/model.safetensors")
     t0 = time.time()
-    for c, spec in enumerate(phases):
+    for c, ph in enumerate(phases):
         if c < skip_phases:
             continue
-        zt._lm_cycle(NAME, model, None, stream, spec, n_steps=spec.steps, seed=seed + 1000 * c, log=log,
-                     progress=progress, label=f"phase {c + 1}/{len(phases)} (T={spec.seq_len}) ",
-                     batches=mixed_batches(spec, stream, builder, task_fraction=TASK_FRACTIONS[c],
-                                          copy_fraction=COPY_FRACTIONS[c]))
-        if c + 1 < len(phases):
-            held_c = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
-            em = retrieval_table(model, held_c, lengths=(512,), per_cell=1)
-            log.append(f"after phase {c + 1}: retrieval exact match at 512 tokens {em['512']:.2f}")
-            zt._log(progress, f"[{NAME}] {log[-1]}")
+        _run_phase(model, ph, mixed_batches(ph.spec, stream, builder, task_fraction=ph.task_fraction,
+                                            copy_fraction=ph.copy_fraction), held,
+                   seed=seed + 1000 * c, log=log, progress=progress,
+                   label=f"phase {c + 1}/{len(phases)} (T={ph.spec.seq_len}) ")
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
-    train_seconds = time.time() - t0
+    prior_s = [float(x) for ln in (prior_log or []) for x in re.findall(r"\((\d+)s\)$", ln)]
+    train_seconds = time.time() - t0 + (max(prior_s) if prior_s else 0.0)   # + the earlier phases' time
     metrics: dict[str, Any] = {}
     for kind in zoo_data.KINDS:
         x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
         m = zt.lm_eval(model, x, y, nb)
         metrics[f"heldout_{kind}_bits_per_byte"] = round(m["bits_per_byte"], 5)
         metrics[f"heldout_{kind}_nats_per_token"] = round(m["loss_nats_per_token"], 5)
-    held = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
     metrics["retrieval_exact_match_by_length"] = retrieval_table(model, held, per_cell=eval_per_cell)
+    metrics["retrieval_exact_match_by_depth_at_trained_length"] = retrieval_table(
+        model, held, lengths=(TRAINED_LEN,), per_cell=eval_per_cell, by_depth=True)
     zt._log(progress, f"[{NAME}] eval {metrics}")
     xs, ys, nbs = zt.heldout_windows(tok, "code", max_windows=zt.EVAL_SLICE_WINDOWS)
     sl = zt.lm_eval(model, xs, ys, nbs)
+    last = phases[-1].spec
     card = zt._card(
         NAME, "target", "llama", "LlamaForCausalLM", n_params=n_params, seed=seed,
-        steps=sum(p.steps for p in phases),
-        data="Python stdlib source + pydoc topics (as code-target), half of each batch replaced by "
-             "synthetic retrieval sequences (accelerando.llm.kv.tasks: passkey / multi-key needles in "
-             "code haystacks, every needle queried)",
-        trained_length=phases[-1].seq_len, max_position_embeddings=MAX_POSITIONS,
+        steps=sum(p.spec.steps for p in phases),
+        data="Python stdlib source + pydoc topics (as code-target), most rows replaced by synthetic "
+             "multi-query retrieval sequences (accelerando.llm.kv.tasks: passkey / multi-key needles "
+             "`#@ <key> <5 digits>` in code haystacks, every needle queried)",
+        trained_length=last.seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
-        recipe={"num_layers": phases[-1].num_layers, "hidden_size": phases[-1].hidden_size,
-                "num_heads": phases[-1].num_heads, "phases": [asdict(p) for p in phases], "task_fractions": TASK_FRACTIONS, "copy_fractions": COPY_FRACTIONS,
-                "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1 per phase", "loss": "CE"},
+        recipe={"num_layers": last.num_layers, "hidden_size": last.hidden_size, "num_heads": last.num_heads,
+                "phases": [{**asdict(p.spec), "task_fraction": p.task_fraction, "copy_fraction": p.copy_fraction,
+                            "answer_weight": p.answer_weight, "answer_only": p.answer_only, "stop_em": p.stop_em}
+                           for p in phases],
+                "optimizer": "AdamW(0.9,0.95)", "schedule": "warmup+cosine to 0.1 per phase, early stop on "
+                "held-out exact match", "loss": "mean CE + answer_weight * mean CE of the answer tokens"},
         metrics=metrics,
         eval_slice={"kind": "code", "windows": zt.EVAL_SLICE_WINDOWS, "seq_len": zt.SEQ_LEN,
                     "loss_nats_per_token": sl["loss_nats_per_token"], "bits_per_byte": sl["bits_per_byte"]},
         train_seconds=train_seconds,
-        summary=(f"Long-context target causal LM, {n_params:,} parameters, trained at "
-                 f"{phases[-1].seq_len} tokens (RoPE, {MAX_POSITIONS} positions) on code + synthetic "
-                 "retrieval; the KV-cache methods' model. Retrieval exact match (full cache, multi-key, "
-                 "held-out haystacks) by context length is in metrics."),
+        summary=(f"Long-context target causal LM, {n_params:,} parameters, trained up to "
+                 f"{last.seq_len} tokens (RoPE, {MAX_POSITIONS} positions) on code + synthetic "
+                 "retrieval; the KV-cache methods' model. Retrieval exact match (full cache, 4-key "
+                 "needles, held-out haystacks) by context length and depth is in metrics."),
         log=log)
     zt._write_card(out, card)
     return card
@@ -171,14 +255,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="multiply every phase's steps (smoke runs)")
     p.add_argument("--skip-phases", type=int, default=0, help="resume from --out's checkpoint after N phases")
-    p.add_argument("--last-phase-steps", type=int, default=None, help="override the last phase's steps")
+    p.add_argument("--only-phases", type=int, default=None, help="run only the first N phases (pilots)")
+    p.add_argument("--prior-log", type=Path, default=None,
+                   help="with --skip-phases: the earlier phases' progress log, kept in the card's log")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    phases = tuple(replace(s, steps=max(1, int(s.steps * a.scale))) for s in PHASES)
-    if a.last_phase_steps is not None:
-        phases = phases[:-1] + (replace(phases[-1], steps=a.last_phase_steps),)
-    train_long_target(out_dir=a.out, seed=a.seed, phases=phases, eval_per_cell=2 if a.scale >= 1 else 1,
-                      skip_phases=a.skip_phases)
+    phases = tuple(replace(p, spec=replace(p.spec, steps=max(1, int(p.spec.steps * a.scale)))) for p in PHASES)
+    if a.only_phases is not None:
+        phases = phases[: a.only_phases]
+    prior = None
+    if a.prior_log is not None:
+        tag = f"[{NAME}] "
+        prior = [ln.strip()[len(tag):] for ln in a.prior_log.read_text().splitlines() if ln.startswith(tag)]
+    train_long_target(out_dir=a.out, seed=a.seed, phases=phases, eval_per_cell=4 if a.scale >= 1 else 1,
+                      skip_phases=a.skip_phases, prior_log=prior)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,14 @@ class LMSpec:
     restarts: tuple[int, ...] = ()
     # drafts: start the (tied) embedding from the target's, projected on its top principal axes
     embed_from_teacher: bool = False
+    # drafts' refinement (the `restarts` cycles): their KL weight and peak LR (default: the first
+    # cycle's), code windows only, and the share of each batch made of code-target's own sampled
+    # continuations of code prompts (sequence-level distillation, Kim & Rush 2016), all under
+    # logit distillation KL(target || draft) at every position.
+    refine_kl_weight: float | None = None
+    refine_lr: float | None = None
+    refine_code_only: bool = False
+    teacher_text: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -61,6 +69,12 @@ class LMSpec:
             raise ValueError("steps, lr, batch_size must be positive and seq_len >= 2")
         if any(n < 1 for n in self.restarts):
             raise ValueError("restart cycles need >= 1 step each")
+        if self.refine_kl_weight is not None and not 0.0 <= self.refine_kl_weight <= 1.0:
+            raise ValueError("refine_kl_weight must be in [0, 1]")
+        if self.refine_lr is not None and self.refine_lr <= 0:
+            raise ValueError("refine_lr must be positive")
+        if not 0.0 <= self.teacher_text <= 1.0:
+            raise ValueError("teacher_text must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -96,9 +110,11 @@ class ClassifierSpec:
 SPECS: dict[str, Any] = {
     "code-target": LMSpec("target", 192, 4, 4, 512, steps=3000, lr=3e-3, batch_size=8),
     "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=1500, lr=4e-3, batch_size=8, kl_weight=0.8,
-                               embed_from_teacher=True),
+                               embed_from_teacher=True, restarts=(300,), refine_kl_weight=1.0,
+                               refine_lr=2e-3, refine_code_only=True, teacher_text=0.5),
     "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=1500, lr=5e-3, batch_size=8, kl_weight=0.8,
-                              embed_from_teacher=True),
+                              embed_from_teacher=True, restarts=(300,), refine_kl_weight=1.0,
+                              refine_lr=3e-3, refine_code_only=True, teacher_text=0.5),
     "digits-unet": UNetSpec(steps=600),
     "digits-classifier": ClassifierSpec(steps=300),
     "digits-dit": DiTSpec(steps=1500),
@@ -195,15 +211,34 @@ def _stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def foreign_windows(tokenizer: Any, *, seq_len: int = SEQ_LEN,
+                    max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`heldout_windows` over code from outside the corpus (`zoo.data.foreign_code`)."""
+    return _windows(tokenizer, [t for _, t in zoo_data.foreign_code()], seq_len=seq_len, max_windows=max_windows)
+
+
+def foreign_code_note() -> dict[str, Any]:
+    """What the drafts' out-of-corpus agreement was measured on (recorded in their cards)."""
+    docs = zoo_data.foreign_code()
+    return {"what": "Python source of installed third-party packages (not the stdlib the corpus comes from)",
+            "packages": list(zoo_data.FOREIGN_PACKAGES), "files": [n for n, _ in docs],
+            "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
+
+
 def heldout_windows(tokenizer: Any, kind: str, *, seq_len: int = SEQ_LEN,
                     max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Held-out documents of `kind` as (inputs, targets) windows of `seq_len` (targets -100 where
     padded) and the UTF-8 byte count of the targets they cover. Each document starts from EOS and
     is cut into non-overlapping windows."""
+    return _windows(tokenizer, zoo_data.texts(kind, "heldout"), seq_len=seq_len, max_windows=max_windows)
+
+
+def _windows(tokenizer: Any, texts: list[str], *, seq_len: int,
+             max_windows: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     eos = tokenizer.eos_token_id
     inputs, targets = [], []
     n_bytes = 0
-    for text in zoo_data.texts(kind, "heldout"):
+    for text in texts:
         ids = [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]
         for s in range(0, len(ids) - 1, seq_len):
             if max_windows is not None and len(inputs) >= max_windows:
@@ -305,6 +340,47 @@ def _lm_cycle(name: str, model: Any, teacher: Any, stream: torch.Tensor, spec: L
     model.eval()
 
 
+@torch.no_grad()
+def teacher_continuations(teacher: Any, stream: torch.Tensor, *, n: int, seq_len: int, prompt_len: int = 32,
+                          temperature: float = 0.7, batch_size: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len + 1) token windows: `prompt_len` tokens of `stream` at seeded random starts, then
+    the teacher's own sampled continuation (temperature `temperature`, no early stop)."""
+    from accelerando.llm.cache import cache_kwarg
+    kw = cache_kwarg(teacher)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(0, n, batch_size):
+        m = min(batch_size, n - b)
+        starts = torch.randint(0, len(stream) - prompt_len, (m,), generator=gen)
+        ids = torch.stack([stream[s: s + prompt_len] for s in starts.tolist()])
+        res = teacher(input_ids=ids, use_cache=True)
+        cache = getattr(res, "cache", None) or res.past_key_values
+        while ids.shape[1] < seq_len + 1:
+            probs = torch.softmax(res.logits[:, -1].float() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=gen)
+            ids = torch.cat([ids, nxt], 1)
+            if ids.shape[1] == seq_len + 1:
+                break
+            res = teacher(input_ids=nxt, use_cache=True, **{kw: cache})
+            cache = getattr(res, "cache", None) or res.past_key_values
+        out.append(ids)
+    return torch.cat(out)
+
+
+def _mixed_batches(stream: torch.Tensor, pool: torch.Tensor, spec: LMSpec) -> Callable[[torch.Generator], torch.Tensor]:
+    """Batches of `spec.batch_size` windows: a `spec.teacher_text` share drawn from `pool` (teacher
+    continuations), the rest random windows of `stream`."""
+    n_pool = round(spec.batch_size * spec.teacher_text) if len(pool) else 0
+
+    def batches(gen: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size - n_pool,), generator=gen)
+        rows = [stream[s: s + spec.seq_len + 1] for s in starts.tolist()]
+        if n_pool:
+            rows += list(pool[torch.randint(0, len(pool), (n_pool,), generator=gen)])
+        return torch.stack(rows)
+    return batches
+
+
 def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
               max_train_bytes: int | None, target_dir: Path | None,
               eval_windows: int = EVAL_MAX_WINDOWS, resume_from: Path | None = None) -> dict[str, Any]:
@@ -359,8 +435,22 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
         log.extend(prev["log"])
     t_train = time.time()
     for c in range(first, len(cycles)):
-        _lm_cycle(name, model, teacher, stream, spec, n_steps=cycles[c], seed=seed + 1000 * c, log=log,
-                  progress=progress, label=f"cycle {c + 1}/{len(cycles)} " if len(cycles) > 1 else "")
+        cyc_spec, batches = spec, None
+        if c > 0 and teacher is not None:          # a draft's refinement cycle
+            from dataclasses import replace
+            cyc_spec = replace(spec, kl_weight=spec.kl_weight if spec.refine_kl_weight is None else spec.refine_kl_weight,
+                               lr=spec.lr if spec.refine_lr is None else spec.refine_lr)
+            cyc_stream = _stream(tokenizer, [t for t in train_texts if t in set(code)]) if spec.refine_code_only else stream
+            pool = torch.empty(0, spec.seq_len + 1, dtype=torch.long)
+            if spec.teacher_text > 0:
+                n_pool = max(64, round(cycles[c] * spec.batch_size * spec.teacher_text / 6))
+                t_pool = time.time()
+                pool = teacher_continuations(teacher, cyc_stream, n=n_pool, seq_len=spec.seq_len, seed=seed + 1000 * c + 7)
+                _log(progress, f"[{name}] {n_pool} teacher continuations in {time.time() - t_pool:.0f}s")
+            batches = _mixed_batches(cyc_stream, pool, cyc_spec)
+        _lm_cycle(name, model, teacher, stream, cyc_spec, n_steps=cycles[c], seed=seed + 1000 * c, log=log,
+                  progress=progress, label=f"cycle {c + 1}/{len(cycles)} " if len(cycles) > 1 else "",
+                  batches=batches)
     train_seconds = time.time() - t_train + prev_seconds
 
     out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +467,11 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
         metrics[f"heldout_{kind}_tokens"] = m["tokens"]
         if "agreement" in m:
             metrics["heldout_code_agreement_with_target"] = round(m["agreement"], 5)
+    if teacher is not None:
+        xf, yf, nbf = foreign_windows(tokenizer, max_windows=eval_windows)
+        m = lm_eval(model, xf, yf, nbf, reference=teacher)
+        metrics["foreign_code_agreement_with_target"] = round(m["agreement"], 5)
+        metrics["foreign_code_tokens"] = m["tokens"]
     xs, ys, nbs = heldout_windows(tokenizer, "code", max_windows=EVAL_SLICE_WINDOWS)
     sl = lm_eval(model, xs, ys, nbs, reference=teacher)
     slice_ = {"kind": "code", "windows": EVAL_SLICE_WINDOWS, "seq_len": SEQ_LEN,
@@ -401,6 +496,7 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
         log=log)
     if teacher is not None:
         card["distilled_from"] = TARGET
+        card["foreign_code"] = foreign_code_note()
     _write_card(out, card)
     return card
 

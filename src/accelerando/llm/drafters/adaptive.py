@@ -69,14 +69,24 @@ class AdaptiveK:
     token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
     one token anyway so alpha and the costs keep being measured (half as often after each probe that
     leaves k = 0 best, down to every 64th step; back to ``probe_every`` once drafting pays again).
+
+    Never losing to plain decoding (issue 22) is mostly about the first steps and the idle ones:
+    ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
+    assumed) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
+    the loop then takes as plain decoding with no drafter work per token. Drafting starts slowly:
+    k <= 2 n + 1 for the longest run of n accepted drafts seen so far (k = 1 first), so a draft
+    that never agrees costs a few one-token probes, not k_max-wide steps.
     """
 
     def __init__(self, k_max: int = 12, *, k_min: int = 0, alpha0: float = 0.6, decay: float = 0.9,
                  cost_ratio: float | None = None, c0: float = 0.2, probe_every: int = 8):
         if not 0 <= k_min <= k_max or k_max < 1:
             raise ValueError(f"need 0 <= k_min <= k_max and k_max >= 1, got {k_min}, {k_max}")
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.k_max, self.k_min, self.decay, self.fixed_c = k_max, k_min, decay, cost_ratio
-        self.succ, self.fail = 4.0 * alpha0, 4.0 * (1 - alpha0)     # a weak prior worth 4 drafts
+        self.succ, self.fail = 2.0 * alpha0, 2.0 * (1 - alpha0)     # a weak prior worth 2 drafts
+        self.ramp = 1                                                 # slow start: k <= 2 (longest accepted run) + 1
         self.c = c0 if cost_ratio is None else cost_ratio
         self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
         self.probe_every, self._idle = probe_every, 0
@@ -111,7 +121,28 @@ class AdaptiveK:
         return expected_tokens(a, k) / (k * self.c * t + self.verify_time(k))
 
     def _best(self) -> int:
-        return max(range(self.k_min, self.k_max + 1), key=lambda j: (self.rate(j), -j))
+        hi = max(self.k_min, min(self.k_max, self.ramp))
+        return max(range(self.k_min, hi + 1), key=lambda j: (self.rate(j), -j))
+
+    def plain_run(self) -> int:
+        """Plain steps the loop should take now, before the next ``choose`` (0: draft now): one
+        to time a plain step first, else, while k = 0 is best, those left until the next probe."""
+        if self.k_min > 0:
+            return 0
+        if 0 not in self.t_verify:
+            return 1
+        if self._best() > 0:
+            return 0
+        return max(0, self.probe_every - self._idle)
+
+    def update_plain(self, n: int, seconds: float) -> None:
+        """``n`` plain steps ran in ``seconds`` (loop included), as asked by ``plain_run``."""
+        if n > 0:
+            t = seconds / n
+            old = self.t_verify.get(0)
+            self.t_verify[0] = t if old is None else 0.7 * old + 0.3 * t
+            self._idle += n
+            self.history += [0] * n
 
     def choose(self) -> int:
         k, self._probing = self._best(), False
@@ -119,6 +150,8 @@ class AdaptiveK:
             self._idle += 1
             if self._idle >= self.probe_every:
                 k, self._idle, self._probing = 1, 0, True
+        else:
+            self._idle = 0
         self.history.append(k)
         return k
 
@@ -135,6 +168,7 @@ class AdaptiveK:
         if self.fixed_c is None and t_target > 0:
             c = (t_draft / k) / t_target
             self.c = 0.7 * self.c + 0.3 * c
+        self.ramp = max(self.ramp, 2 * max(n_host, default=0) + 1)
         if self._probing:   # a probe that changes nothing: probe half as often (up to every 64th step)
             self.probe_every = min(64, 2 * self.probe_every) if self._best() == 0 else self._base_probe
 
@@ -165,6 +199,17 @@ class DraftLength:
         """k for this step (drafts past every row's budget are wasted); starts the draft clock."""
         self._t0 = time.perf_counter()
         return max(0, min(self.ctrl.choose(), budget - 1))
+
+    def plain_steps(self, budget: int) -> int:
+        """Plain decoding steps the loop should take before the next proposal (see
+        ``AdaptiveK.plain_run``; 0 for fixed and heuristic k)."""
+        if not isinstance(self.ctrl, AdaptiveK):
+            return 0
+        return min(self.ctrl.plain_run(), budget)
+
+    def plain_done(self, n: int, seconds: float) -> None:
+        if isinstance(self.ctrl, AdaptiveK):
+            self.ctrl.update_plain(n, seconds)
 
     def drafted(self, tokens: torch.Tensor) -> None:
         """The draft is done (tokens on device): stops the draft clock, starts the verification's."""

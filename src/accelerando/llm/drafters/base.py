@@ -8,9 +8,12 @@ per row whose root is the last emitted token; a chain of k drafts is the tree of
   begin(ctx: DraftContext)              once, after the target's prefill
   propose(x: DraftInput) -> Proposal    every step: the tree to verify
   accept(step: Verified)                after verification: keep the accepted path (own cache, history)
+  plain_steps(budget) -> int            before propose: plain decoding steps wanted first (0: none);
+  accept_plain(tokens, host, seconds)   the loop then ran them (no verification) and reports them
 
-Drafters leave the target's cache alone (the one exception: a self-speculative draft made of the
-target's own layers shares it, ``DraftContext.target_cache``); the loop never sees a drafter's state. A drafter that
+Drafters leave the target's cache alone (the exceptions read or share it through
+``DraftContext.target_cache``: a self-speculative draft made of the target's own layers shares it,
+TriForce cuts its partial cache from the target's prefill at ``begin``); the loop never sees a drafter's state. A drafter that
 keeps a KV cache opens it with ``ctx.make_cache(model, role)``: the same cache protocol
 (``accelerando.llm.cache.DecodeCache``) the target uses, on the lean engine or transformers'.
 Subclass ``Drafter`` for the defaults (all class attributes, so ``nn.Module`` drafters mix it in).
@@ -42,6 +45,7 @@ class DraftContext:
     # the target's own DecodeCache: only for a draft made of the target's layers (the K/V it writes
     # past the target's length are the target's own or overwritten by the verification forward);
     # such a drafter restores the target's lengths before propose returns
+    # (TriForce only reads it, at begin)
     target_cache: Any = None
 
 
@@ -147,6 +151,16 @@ class Drafter:
         raise NotImplementedError
 
     def accept(self, step: Verified) -> None:
+        raise NotImplementedError
+
+    def plain_steps(self, budget: int) -> int:
+        """How many plain decoding steps (the target alone, one token each) the loop should take
+        before the next ``propose``, at most ``budget``: an adaptive drafter backing off. 0: none."""
+        return 0
+
+    def accept_plain(self, tokens: torch.Tensor, host: list[list[int]], seconds: float) -> None:
+        """The loop took ``plain_steps`` plain steps: ``tokens`` (B, m) emitted (device; ``host``
+        the same lists), in ``seconds`` of wall time. The last column is the next root."""
         raise NotImplementedError
 
 

@@ -49,6 +49,9 @@ def check_same_vocabulary(target: Any, draft: Any, target_tokenizer: Any = None,
                          "draft_tokenizer= so the tokenizers can be compared instead")
 
 
+CATCH_UP = 16       # chunk width when the draft catches up after plain steps (one compiled width)
+
+
 class DraftModel(Drafter):
     """Drafts with a small causal LM. ``k``: drafts per step, ``"adaptive"`` (cost-aware, see
     ``AdaptiveK``; ``cost_ratio`` fixes its c) or ``"heuristic"`` (transformers' +2/-1 rule)."""
@@ -102,9 +105,7 @@ class DraftModel(Drafter):
             drafts = self.pending.new_zeros(B, 0)
             self.length.drafted(drafts)
             return Proposal.chain_of(x.root, drafts)
-        logits = st.forward(self.pending, None if self.pending_dense else self.pending_valid).logits
-        last = self.pending_valid.long().sum(1) - 1                    # last real pending entry per row
-        logits = logits.gather(1, last[:, None, None].expand(B, 1, logits.shape[-1])).squeeze(1)
+        logits = self._feed_pending()
         toks, qs, bad = [], [], torch.zeros(B, dtype=torch.bool, device=logits.device)
         for i in range(k):   # k forwards, no host sync: each draft stays on device
             logits = self._fit(logits.float())
@@ -122,6 +123,44 @@ class DraftModel(Drafter):
         self._last_tokens = torch.stack(toks, 1)
         self.length.drafted(self._last_tokens)
         return Proposal.chain_of(x.root, self._last_tokens, torch.stack(qs, 1) if qs else None, bad=bad)
+
+    def _feed_pending(self) -> torch.Tensor:
+        """Feed the pending entries; returns the logits after each row's last real one (B, V).
+
+        After a run of plain steps the block is long: each row's real entries are moved to its end
+        and the block goes in chunks of ``CATCH_UP`` columns (holes on the left), one compiled width
+        whatever the run's length, computing only the last column's logits (``last=True``)."""
+        st, pending, valid = self.state, self.pending, self.pending_valid
+        B, W = pending.shape
+        if W <= 2:
+            logits = st.forward(pending, None if self.pending_dense else valid).logits
+            last = valid.long().sum(1) - 1                             # last real pending entry per row
+            return logits.gather(1, last[:, None, None].expand(B, 1, logits.shape[-1])).squeeze(1)
+        pad = -W % CATCH_UP
+        if not self.pending_dense:   # rows hold a prefix of real entries: right-align them
+            cols = torch.arange(W, device=pending.device)[None, :]
+            shift = W - valid.long().sum(1, keepdim=True)                               # (B, 1)
+            pending, valid = pending.gather(1, (cols - shift).clamp(min=0)), cols >= shift
+        ids = torch.cat([pending.new_zeros(B, pad), pending], 1)                          # (B, W + pad)
+        ok = torch.cat([valid.new_zeros(B, pad), valid], 1)
+        for s in range(0, W + pad, CATCH_UP):
+            holes = not self.pending_dense or (s == 0 and pad > 0)
+            logits = st.forward(ids[:, s: s + CATCH_UP], ok[:, s: s + CATCH_UP] if holes else None, last=True).logits
+        self._width = W + pad
+        return logits[:, -1]
+
+    def plain_steps(self, budget: int) -> int:
+        return self.length.plain_steps(budget)
+
+    def accept_plain(self, tokens: torch.Tensor, host: list[list[int]], seconds: float) -> None:
+        """Plain steps ran: their tokens join the pending block (fed at the next proposal)."""
+        m = tokens.shape[1]
+        self.length.plain_done(m, seconds)
+        c = self.pending_valid.long().sum(1, keepdim=True) + torch.arange(m, device=tokens.device)[None, :]
+        B = len(host)
+        self.pending = torch.cat([self.pending, self.pending.new_zeros(B, m)], 1).scatter(1, c, tokens)
+        self.pending_valid = torch.cat([self.pending_valid, self.pending_valid.new_zeros(B, m)], 1).scatter(
+            1, c, torch.ones_like(c, dtype=torch.bool))
 
     def accept(self, step: Verified) -> None:
         k, W = self._k, self._width

@@ -92,6 +92,7 @@ class PromptLookup(Drafter):
     def begin(self, ctx: DraftContext) -> None:
         ids, mask = ctx.input_ids.tolist(), ctx.attention_mask.bool().tolist()
         self.device = ctx.input_ids.device
+        self._misses = 0                  # consecutive steps without a match
         self.index = [NgramIndex([t for t, m in zip(ids[b], mask[b]) if m] + [ctx.first_host[b]], self.ngram_sizes)
                       for b in range(len(ids))]
 
@@ -111,4 +112,22 @@ class PromptLookup(Drafter):
     def accept(self, step: Verified) -> None:
         self.length.update(self._k, step.n_host, step.active)
         for ix, t in zip(self.index, step.new_tokens):
+            ix.extend(t)
+
+    def plain_steps(self, budget: int) -> int:
+        """The controller's plain run, else plain steps when no row finds a match: one at first,
+        then runs growing with the streak of misses (2 after 4, 4 after 8, 8 after 12), since
+        text that has not repeated for a while rarely starts to at the very next token."""
+        m = self.length.plain_steps(budget)
+        if m:
+            return m
+        if any(ix.lookup(self.length.cap) for ix in self.index):
+            self._misses = 0
+            return 0
+        self._misses += 1
+        return min(budget, 1 << min(3, (self._misses - 1) // 4))
+
+    def accept_plain(self, tokens: torch.Tensor, host: list[list[int]], seconds: float) -> None:
+        self.length.plain_done(len(host[0]), seconds)
+        for ix, t in zip(self.index, host):
             ix.extend(t)

@@ -117,14 +117,14 @@ _POLICY_ARMS = {"kv-tokenselect": ("TokenSelect", "TokenSelect: per-query top-k 
 for _name, (_cls, _desc) in _PRESS_ARMS.items():
     register(MethodEntry(_name, "llm", _press_builder(_cls), lossless=False,
                          description=f"{_desc} (prefill press, lossy; memory held = ratio)",
-                         default_knobs={"ratio": 0.25}))
+                         default_knobs={"ratio": 0.25}, min_prompt_tokens=MIN_CONTEXT))
 for _name, (_cls, _desc) in _POLICY_ARMS.items():
     register(MethodEntry(_name, "llm", _policy_builder(_cls), lossless=False,
                          description=f"{_desc} (decode-time, lossy; full cache stays in memory)",
-                         default_knobs={"ratio": 0.25}))
+                         default_knobs={"ratio": 0.25}, min_prompt_tokens=MIN_CONTEXT))
 register(MethodEntry("kvpress", "llm", build_kvpress, lossless=False,
                      description="anchor: an NVIDIA kvpress press (press=kvpress-snapkv|-streaming|-knorm|-expected|-tova)",
-                     default_knobs={"press": "kvpress-snapkv", "ratio": 0.25}))
+                     default_knobs={"press": "kvpress-snapkv", "ratio": 0.25}, min_prompt_tokens=MIN_CONTEXT))
 register(MethodEntry("kv-triforce", "llm", build_triforce, lossless=True,
                      description="TriForce: target with a retrieval-chunk KV cache drafts for the full target (lossless)",
-                     default_knobs={"ratio": 0.1, "chunk": 8, "k": 4}))
+                     default_knobs={"ratio": 0.1, "chunk": 8, "k": 4}, min_prompt_tokens=MIN_CONTEXT))

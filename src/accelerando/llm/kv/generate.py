@@ -101,17 +101,56 @@ def step(model: Any, run: KVRun, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def engine_cache(model: Any, run: KVRun, *, max_new_tokens: int, compile: bool = False) -> Any:
+    """The lean engine (``accelerando.llm.engine``) holding the pressed cache of ``run``: a static
+    cache of the kept columns + room for ``max_new_tokens`` (physically smaller: its steps attend
+    over fewer slots), position ids shifted so new tokens keep their true positions."""
+    from accelerando.llm.engine import Engine, length_bucket, unsupported_reason
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise TypeError(f"engine= cannot run {type(model).__name__}: {reason} (use engine='hf')")
+    B = run.cache.layers[0].keys.shape[0]
+    m, n = run.cache.get_seq_length(), run.position
+    size = length_bucket(m + max_new_tokens + 1)
+    # pooled per size, so a long request does not leave a later short one a larger (slower) cache
+    eng = Engine.open(model, batch_size=B, max_len=size, compile=compile, role=f"kv press {size}")
+    if eng.decoder.cos.shape[0] < n + max_new_tokens:          # rotary tables up to the true positions
+        eng.decoder.set_max_len(length_bucket(n + max_new_tokens))
+    c = eng.cache
+    with torch.no_grad():
+        for dst, src in zip(c.layers, run.cache.layers):
+            dst.k[:, :, :m] = src.keys
+            dst.v[:, :, :m] = src.values
+        c.valid[:, :m] = True
+        c.lengths.fill_(m)
+        c.pos_shift.fill_(n - m)
+    return eng
+
+
+ENGINES = ("hf", "engine", "engine-eager")
+
+
 @torch.no_grad()
 def kv_generate(model: Any, input_ids: torch.Tensor, *, press: Press | None = None, policy: Any = None,
                 max_new_tokens: int = 32, sampling: SamplingConfig | None = None,
-                generator: torch.Generator | None = None,
-                eos_token_id: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                engine: str = "hf") -> tuple[torch.Tensor, dict[str, Any]]:
     """Generate with a pressed prefill cache and / or a decode-time selection policy. Returns
-    (sequences (B, n + new), stats: prefill_s, decode_s, kv bytes full / held, tokens)."""
+    (sequences (B, n + new), stats: prefill_s, decode_s, kv bytes full / held, tokens).
+    ``engine``: "hf" decodes on transformers' DynamicCache; "engine" / "engine-eager" moves the
+    pressed cache into the lean engine's static cache (compiled / eager steps; prefill presses only)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "hf" and policy is not None:
+        raise ValueError(f"engine={engine!r} runs prefill presses only; {policy!r} selects at decode time: use engine='hf'")
     sampling = sampling or SamplingConfig()
     logits, run = prefill(model, input_ids, press=press, policy=policy)
+    eng = None
+    if engine != "hf":
+        eng = engine_cache(model, run, max_new_tokens=max_new_tokens, compile=engine == "engine")
+        run.stats["kv_slots_engine"] = eng.max_len
     out = [pick(logits, sampling, generator)]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     t0 = time.perf_counter()
@@ -120,7 +159,10 @@ def kv_generate(model: Any, input_ids: torch.Tensor, *, press: Press | None = No
             done |= out[-1] == eos_token_id
             if bool(done.all()):            # host sync: stopping is control flow
                 break
-        logits = step(model, run, out[-1][:, None])[:, -1]
+        if eng is None:
+            logits = step(model, run, out[-1][:, None])[:, -1]
+        else:
+            logits = eng.step(out[-1][:, None], last_only=True).logits[:, -1]
         nxt = pick(logits, sampling, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)

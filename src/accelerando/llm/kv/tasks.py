@@ -4,10 +4,19 @@ A sample is a haystack of real code (the zoo's corpus) of ``n`` tokens with need
 chosen depths, then a query whose answer is the needle's value (RULER: Hsieh et al., 2024,
 "RULER: What's the Real Context Size of Your Long-Context Language Models?"):
 
-- ``passkey``: one needle ``pass_key = "48213"``; query: the needle's prefix again
-  (``pass_key = "``) -> ``48213`` (associative recall: find the key, copy its value).
-- ``multikey``: ``k`` needles ``key_abcd = "48213"`` with distinct names, one queried (the others
+- ``passkey``: one needle line ``#@ passkey lemon river``; query: the needle's prefix again
+  (``#@ passkey``) -> `` lemon river`` (associative recall: find the key, copy its value).
+- ``multikey``: ``k`` needles ``#@ <key> <value>`` with distinct keys, one queried (the others
   are distractors, the needle-in-a-haystack multi-key variant).
+
+The format is chosen so that a tiny model can learn it: a distinctive marker (``#@``, rare in
+code), keys and value words that are single tokens of the tokenizer's vocabulary (its lowercase
+words that the haystack rarely holds) and the value right after the key, so that induction (match
+the key, copy what followed it; then match the copied word, copy the next) answers the query.
+Values are words, not digits: digit tokens recur in every value, so copying the second of them
+by its predecessor is ambiguous (a 2-layer model trained at 128 tokens found the first token 95%
+of the time and the whole 5-digit value 45%). Needles are tokenised piece by piece, so the
+answer's ids are exactly the ids that followed the key in the haystack.
 
 Everything is token-level (exact lengths) and seeded by a ``torch.Generator``.
 """
@@ -19,7 +28,6 @@ from typing import Any
 import torch
 
 TASKS = ("passkey", "multikey")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True)
@@ -37,12 +45,22 @@ def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi, (1,), generator=gen))
 
 
-def _value(gen: torch.Generator) -> str:
-    return "".join(str(_randint(gen, 0, 10)) for _ in range(5))
+VALUE_WORDS = 2
 
 
-def _name(gen: torch.Generator) -> str:
-    return "".join(_LETTERS[_randint(gen, 0, 26)] for _ in range(4))
+MARKER = "\n#@"
+PASSKEY = " passkey"
+
+
+def key_names(tokenizer: Any) -> list[str]:
+    """The tokenizer's single-token lowercase words (`` name``, >= 4 letters): the multi-key keys."""
+    out = []
+    for i in sorted(tokenizer.get_vocab().values()):
+        w = tokenizer.decode([i])
+        if (len(w) >= 5 and w[0] == " " and w[1:].isascii() and w[1:].isalpha() and w[1:].islower()
+                and tokenizer(w, add_special_tokens=False)["input_ids"] == [i]):
+            out.append(w)
+    return out
 
 
 class HaystackBuilder:
@@ -54,6 +72,21 @@ class HaystackBuilder:
         self.tok = tokenizer
         self.filler = filler
         self.eos = tokenizer.eos_token_id
+        # keys the haystack rarely holds (< 1 per 2048 tokens): a key met in the code too would be ambiguous
+        freq = torch.bincount(filler, minlength=len(tokenizer)).double() * 2048 / len(filler)
+        self.names = [w for w in key_names(tokenizer)
+                      if freq[tokenizer.convert_tokens_to_ids(tokenizer.tokenize(w))[0]] < 1.0]
+        if len(self.names) < 16:
+            raise ValueError(f"the tokenizer has only {len(self.names)} single-token words for keys (need 16)")
+
+    def _value(self, gen: torch.Generator, *, avoid: list[str]) -> str:
+        """Two distinct key-vocabulary words, none of them a key (``"lemon river"``)."""
+        out: list[str] = []
+        while len(out) < VALUE_WORDS:
+            w = self.names[_randint(gen, 0, len(self.names))]
+            if w not in out and w not in avoid:
+                out.append(w)
+        return "".join(out)[1:]
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -70,19 +103,20 @@ class HaystackBuilder:
         k = 1 if task == "passkey" else max(1, n_keys)
         names: list[str] = []
         while len(names) < k:
-            nm = "pass_key" if task == "passkey" else "key_" + _name(gen)
+            nm = PASSKEY if task == "passkey" else self.names[_randint(gen, 0, len(self.names))]
             if nm not in names:
                 names.append(nm)
-        values = [_value(gen) for _ in range(k)]
-        needles = [self._ids(f'\n{nm} = "{v}"\n') for nm, v in zip(names, values)]
+        values = [self._value(gen, avoid=names) for _ in range(k)]
+        key_ids = [self._ids(MARKER + nm) for nm in names]
+        val_ids = [self._ids(" " + v) for v in values]
+        q_post = self._ids("\n")
+        needles = [k_ + v_ + q_post for k_, v_ in zip(key_ids, val_ids)]
         order = torch.randperm(k, generator=gen).tolist()
         queried = order[: max(1, min(n_queries, k))] if task != "passkey" else [0] * max(1, n_queries)
-        q_pre = [self._ids(f'\n{names[i]} = "') for i in queried]
-        q_ans = [self._ids(values[i]) for i in queried]
-        q_post = self._ids('"\n')
+        q_pre = [key_ids[i] for i in queried]
+        q_ans = [val_ids[i] for i in queried]
         # prompt = [eos] + haystack(with needles) + q_pre[0]; later queries follow answer 0
         tail = len(q_pre[0])
-        extra = sum(len(p) + len(a) + len(q_post) for p, a in zip(q_pre[1:], q_ans[1:]))
         n_hay = n - 1 - tail - sum(len(x) for x in needles)
         if n_hay < 8:
             raise ValueError(f"context n={n} too short for task {task!r}")
@@ -117,27 +151,29 @@ class HaystackBuilder:
             spans.append((len(ids), len(ids) + len(a)))
             ids.extend(a)
             ids.extend(q_post)
-        del extra
         d = pos_of[queried[0]] / max(1, prompt_len)
         s = RetrievalSample(prompt=torch.tensor(ids[:prompt_len]), answer=torch.tensor(q_ans[0]),
                             answer_text=values[queried[0]], depth=d, task=task)
         return ids, spans, s
 
-    def training_sequence(self, seq_len: int, *, gen: torch.Generator, max_keys: int | None = None) -> torch.Tensor:
-        """``seq_len + 1`` ids: a multi-query retrieval sample (1 to ``max_keys`` keys, default seq_len // 48;
-        every key queried, needle depths uniform), padded/cut with haystack so every
-        sequence has the same length. Many keys per sequence make copying a dense training signal
-        (as in multi-query associative recall)."""
+    def training_sequence(self, seq_len: int, *, gen: torch.Generator,
+                          max_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, answer_mask), each ``seq_len + 1`` long: a multi-query retrieval sample (1 to
+        ``max_keys`` keys, default seq_len // 40; every key queried, needle depths uniform), padded
+        with haystack to the same length; ``answer_mask`` marks the answer tokens (training weights
+        them up: multi-query associative recall makes copying a dense signal)."""
         task = "passkey" if _randint(gen, 0, 8) == 0 else "multikey"
-        k = _randint(gen, 1, (max_keys or max(2, seq_len // 48)) + 1)
-        # leave room for the queries after the prompt
-        q_room = 14 * k + 8
-        ids, _, _ = self.sample(task, seq_len + 1 - q_room, gen=gen, n_keys=k,
-                                n_queries=1 if task == "passkey" else k)
+        k = _randint(gen, 1, (max_keys or max(2, seq_len // 40)) + 1)
+        q_room = 12 * k + 8                      # room for the queries after the prompt
+        ids, spans, _ = self.sample(task, seq_len + 1 - q_room, gen=gen, n_keys=k,
+                                    n_queries=1 if task == "passkey" else k)
         if len(ids) < seq_len + 1:
             s = _randint(gen, 0, len(self.filler) - seq_len)
             ids = ids + [self.eos] + self.filler[s: s + seq_len + 1 - len(ids) - 1].tolist()
-        return torch.tensor(ids[: seq_len + 1])
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        for a, b in spans:
+            mask[a:b] = True
+        return torch.tensor(ids[: seq_len + 1]), mask[: seq_len + 1]
 
 
 @torch.no_grad()
