@@ -151,9 +151,10 @@ BIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_at
            num_key_value_heads=8, vocab_size=2048)
 
 
-def memory_bound_speed(args) -> list[dict[str, Any]]:
+def memory_bound_speed(args, engine_int8: bool = False) -> list[dict[str, Any]]:
     """The weight-only kernels where weights dominate a step: a random-init Llama of BIG's shape
-    (54M parameters in the decoder linears); speed only (random weights have no quality to keep)."""
+    (54M parameters in the decoder linears); speed only (random weights have no quality to keep).
+    ``engine_int8``: only the plain engine against int8 inside the engine's compiled step."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**BIG, max_position_embeddings=512, pad_token_id=0)).eval()
@@ -162,6 +163,14 @@ def memory_bound_speed(args) -> list[dict[str, Any]]:
     for batch in (1, 4):
         s = LLMSetup(target=model, tokenizer=None, input_ids=ids[:batch], attention_mask=torch.ones_like(ids[:batch]),
                      max_new_tokens=32, eos_token_id=None)
+        if engine_int8:
+            rows += timed_rows({
+                "transformers generate (baseline)": (get_method("generate").build(s), True),
+                "lean engine generate (compiled)": (get_method("engine-generate").build(s), True),
+                "int8 weight-only (ours, packed, generate)": (get_method("quant-int8").build(s), False),
+                "int8 weight-only (ours, packed, lean engine)": (get_method("quant-int8").build(s, engine="static"), False)},
+                batch, 32, args.rounds)
+            continue
         fns: dict[str, tuple[Callable, bool]] = {
             "transformers generate (baseline)": (get_method("generate").build(s), True),
             "lean engine generate (compiled)": (get_method("engine-generate").build(s), True),
@@ -184,12 +193,37 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--heldout", action="store_true",
                     help="only the whole-held-out-set perplexity table (section llm_compute_heldout)")
+    ap.add_argument("--int8-engine", action="store_true",
+                    help="only int8 inside the lean engine vs the fp32 engine (section llm_compute_int8_engine)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.windows, args.rounds = 16, 2, 1
     torch.set_num_threads(args.threads)
+    if args.int8_engine:
+        rows = memory_bound_speed(args, engine_int8=True)
+        d = load(2, 128, args.prompt_len)
+        for batch in (1, 4):
+            s = setup(d, batch, args.new_tokens)
+            rows += timed_rows({
+                "zoo target: transformers generate (baseline)": (get_method("generate").build(s), True),
+                "zoo target: lean engine generate (compiled)": (get_method("engine-generate").build(s), True),
+                "zoo target: int8 weight-only (ours, packed, lean engine)": (get_method("quant-int8").build(s, engine="static"), False)},
+                batch, d.prompts.shape[1], args.rounds)
+        md = ("### (f) int8 weight-only inside the lean engine's compiled step\n\n"
+              f"`python benchmarks/llm_compute.py --int8-engine` -- {machine_line()}. The engine fuses the int8 "
+              "projections (q/k/v, gate/up) and calls `_weight_int8pack_mm` inside its compiled step. Models: the "
+              f"random-init Llama of (c) {BIG} (32-token prompts, 32 new tokens) and the zoo target ({args.new_tokens} "
+              f"new tokens); {args.rounds} interleaved rounds, ratios are medians of per-round ratios.\n\n"
+              + markdown_table(["method", "batch", "tokens/s", "vs generate", "vs engine", "match"],
+                               [[r["method"], r["batch"], round(r["tps"], 1), f"{r['vs_generate']:.2f}x",
+                                 f"{r['vs_engine']:.2f}x", ("yes" if r["exact"] else "NO") if r["lossless"]
+                                 else f"{r['agree']:.2f}"] for r in rows]) + "\n")
+        print(md)
+        if not (args.quick or args.dry):
+            write_section("llm_compute_int8_engine", md)
+        return
     if args.heldout:
         md = heldout_table(args)
         print(md)
