@@ -219,7 +219,10 @@ def main() -> None:
               + markdown_table(["method", "batch", "tokens/s", "vs generate", "vs engine", "match"],
                                [[r["method"], r["batch"], round(r["tps"], 1), f"{r['vs_generate']:.2f}x",
                                  f"{r['vs_engine']:.2f}x", ("yes" if r["exact"] else "NO") if r["lossless"]
-                                 else f"{r['agree']:.2f}"] for r in rows]) + "\n")
+                                 else f"{r['agree']:.2f}"] for r in rows]) + "\n\n"
+              + "\n".join(f"- {r['method']}, batch {r['batch']}: {r['vs_engine']:.2f}x the fp32 engine "
+                          f"(int8 >= 1.3x: **{'met' if r['vs_engine'] >= 1.3 else 'not met'}**)"
+                          for r in rows if r["method"].endswith("(ours, packed, lean engine)")) + "\n")
         print(md)
         if not (args.quick or args.dry):
             write_section("llm_compute_int8_engine", md)
