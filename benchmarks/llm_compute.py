@@ -477,7 +477,9 @@ def render(args, d: Data, quality: dict, speed: list[dict], big: list[dict], cos
     return (
         f"## Cheaper forward passes (issue 19)\n\n"
         f"`python benchmarks/llm_compute.py` -- {machine_line()}; load average at the end {load_avg} (shared machine). "
-        f"Model: zoo `code-target` (Llama, 4 layers, hidden 192, 2.2M parameters, fp32). No GPU in this run.\n\n"
+        f"Model: zoo `code-target` (Llama, 4 layers, hidden 192, 2.2M parameters, fp32). No GPU in this run. "
+        f"The torchao anchor rows ran with torchao 0.18 installed (`pip install --no-deps`) in a separate venv layered "
+        f"on the project's, used only by this benchmark (installed, transformers imports it on every model load).\n\n"
         f"### (a) Quality gate (teacher-forced decoding, {d.windows['code'].shape[0]} held-out windows per domain: "
         f"64-token prefix, 64 decoded tokens; original perplexity code {ppl0['code'] or 0:.2f}, prose {ppl0['prose'] or 0:.2f})\n\n"
         f"Greedy match: 4 held-out code prompts, {args.new_tokens} new tokens, fraction of positions equal to the original's. "
