@@ -64,6 +64,8 @@ PHASES = (
     Phase(_spec(512, 300, 2e-3, 8), task_fraction=0.6, copy_fraction=0.1, eval_every=100, stop_em=0.95),
     Phase(_spec(1024, 200, 1.5e-3, 4), task_fraction=0.6, copy_fraction=0.1, eval_every=50, stop_em=0.95),
     Phase(_spec(TRAINED_LEN, 200, 1e-3, 2), task_fraction=0.6, copy_fraction=0.1, eval_every=50),
+    # retrieval at 2048 was at 0.25-0.6 after phase 4's 200 steps: a longer, retrieval-heavier cycle
+    Phase(_spec(TRAINED_LEN, 600, 1e-3, 2), task_fraction=0.8, copy_fraction=0.1, eval_every=50, stop_em=0.95),
 )
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
