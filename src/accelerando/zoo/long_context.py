@@ -207,8 +207,12 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
-    prior_s = [float(x) for ln in (prior_log or []) for x in re.findall(r"\((\d+)s\)$", ln)]
-    train_seconds = time.time() - t0 + (max(prior_s) if prior_s else 0.0)   # + the earlier phases' time
+    prior_s: dict[str, float] = {}       # the earlier phases' time: each phase's last elapsed count
+    for ln in prior_log or []:
+        m = re.match(r"(phase \d+)/\d+ .*\((\d+)s\)$", ln)
+        if m:
+            prior_s[m.group(1)] = max(prior_s.get(m.group(1), 0.0), float(m.group(2)))
+    train_seconds = time.time() - t0 + sum(prior_s.values())
     metrics: dict[str, Any] = {}
     for kind in zoo_data.KINDS:
         x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
