@@ -189,7 +189,10 @@ def speculative_methods(w: Workload, batch: int, new_tokens: int, k: int = 3) ->
     table: dict[str, Callable] = {}
     for name, d in w.drafts.items():
         table[f"engine + draft model {name} (k={k})"] = spec(lambda d=d: DraftModel(d, k=k), [d])
+        table[f"engine + draft model {name} (k=adaptive, k_max=7)"] = spec(
+            lambda d=d: DraftModel(d, k="adaptive", k_max=7), [d])
     table[f"engine + prompt lookup (k<={k})"] = spec(lambda: PromptLookup(k=k), [])
+    table["engine + prompt lookup (k=adaptive, k_max=7)"] = spec(lambda: PromptLookup(k="adaptive", k_max=7), [])
     first = next(iter(w.drafts))
     if batch == 1:   # the tree loop runs one sequence at a time
         table[f"engine + draft tree {first} (2 chains x 3)"] = _tree_method(w, first, new_tokens)
@@ -227,71 +230,105 @@ RANDOM_SHAPES = {
 SPEC_ON = ("rand-15m", "rand-60m")      # speculation rows (the others: plain decoding only, fewer compiles)
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
-    """(first call s: cold, median of ``repeats`` calls after one more warm-up s: warm, last result)."""
+def _matmul_ms(eng) -> tuple[float, float]:
+    """(weights MB one decode step reads through its matmuls, ms for those matmuls alone at batch 1):
+    x @ W over the engine's own fused, transposed weights, the floor a step cannot go below."""
+    ws = [b for n, b in eng.decoder.named_buffers() if n.startswith(("wqkv", "wo", "wgu", "wd", "lm_head_t"))]
+    xs = {w.shape[0]: torch.randn(1, w.shape[0]) for w in ws}
+    for w in ws:                                            # touch every weight once (page faults)
+        xs[w.shape[0]] @ w
     t0 = time.perf_counter()
-    out = fn()
-    cold = time.perf_counter() - t0
-    fn()
-    times = []
-    for _ in range(repeats):
+    for w in ws:
+        xs[w.shape[0]] @ w
+    return sum(w.numel() * w.element_size() for w in ws) / 1e6, (time.perf_counter() - t0) * 1e3
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int, extra: Callable[[], Any] | None = None):
+    """Cold (first call of each, in order), one more warm-up each, then ``rounds`` rounds in which every
+    method runs once (round-robin, so load changes hit all methods alike). Returns (cold s per method,
+    per-round seconds per method, last outputs, per-round results of ``extra``)."""
+    cold, outs = {}, {}
+    for k, f in fns.items():
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return cold, statistics.median(times), out
+        outs[k] = f()
+        cold[k] = time.perf_counter() - t0
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    extras = []
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = f()
+            times[k].append(time.perf_counter() - t0)
+        if extra is not None:
+            extras.append(extra())
+    return cold, times, outs, extras
+
+
+def _ratio(num: list[float], den: list[float]) -> float:
+    """Median of the per-round ratios num / den (times: > 1 means den is faster)."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def random_models(args) -> str:
     """Plain decoding (transformers vs engine, with the engine's per-step split into forward and
-    loop) and adaptive speculation on the engine, cold and warm, on the random models."""
-    rows, notes = [], []
+    loop, and the matmuls-only floor) and adaptive speculation on the engine, cold and warm
+    (interleaved rounds), on the random models."""
+    from accelerando.llm import DraftModel, PromptLookup, speculative_generate
+    rows = []
     for name, shape in RANDOM_SHAPES.items():
-        from accelerando.llm import DraftModel, PromptLookup, speculative_generate
         target = _random_llama(0, **shape, max_position_embeddings=1024)
         n_params = sum(p.numel() for p in target.parameters()) / 1e6
         g = torch.Generator().manual_seed(0)
-        P = args.prompt_len
+        P, N = args.prompt_len, args.new_tokens
         ids = torch.randint(3, shape["vocab_size"], (1, P), generator=g)
         ids[:, P // 2:] = ids[:, : P - P // 2]                            # repetition for prompt lookup
-        N = args.new_tokens
         kw = dict(max_new_tokens=N, pad_token_id=0)
-        hf = lambda: target.generate(ids, do_sample=False, **kw)        # noqa: E731
-        hf_cold, hf_warm, ref = _timed(hf, args.repeats)
+        eng = eng_mod.Engine.open(target, batch_size=1, max_len=P + N, role="target")
+        split = []
 
         def plain():
-            eng = eng_mod.Engine.open(target, batch_size=1, max_len=P + N, role="target")
             f0, c0 = eng.stats.forward_s, eng.stats.forward_calls
             t0 = time.perf_counter()
             out = eng_mod.generate(target, ids, max_new_tokens=N, pad_token_id=0, eos_token_id=[])
             wall = time.perf_counter() - t0
             calls = eng.stats.forward_calls - c0
-            return out, (eng.stats.forward_s - f0) / calls, wall / calls
-        cold, warm, (out, fwd, per_call) = _timed(plain, args.repeats)
-        rows.append([name, f"{n_params:.0f}M", "engine plain (compiled)", f"{hf_warm / warm:.2f}x", "1.00x",
-                     f"{N / warm:.0f}", f"{cold:.1f} / {hf_cold:.1f}", f"{fwd * 1e3:.2f} / {(per_call - fwd) * 1e3:.2f}",
-                     "-", "yes" if torch.equal(out, ref) else "NO"])
-        rows.append([name, f"{n_params:.0f}M", "transformers generate", "1.00x", f"{warm / hf_warm:.2f}x",
-                     f"{N / hf_warm:.0f}", f"{hf_cold:.1f}", "-", "-", "yes"])
-        if name not in args.spec_on:
-            continue
-        draft = _truncated_draft(target, 2)
-        for label, make in ((f"engine + prompt lookup (k=adaptive, k_max={args.k_max})",
-                             lambda: PromptLookup(k="adaptive", k_max=args.k_max)),
-                            (f"engine + draft: first 2 layers (k=adaptive, k_max={args.k_max})",
-                             lambda: DraftModel(draft, k="adaptive", k_max=args.k_max)),
-                            ("engine + draft: first 2 layers (k=3)", lambda: DraftModel(draft, k=3))):
-            spec = lambda make=make: speculative_generate(target, ids, draft=make(), engine="engine",   # noqa: E731
-                                                         eos_token_id=[], **kw)
-            s_cold, s_warm, o = _timed(spec, args.repeats)
-            st = o.stats
-            rows.append([name, f"{n_params:.0f}M", label, f"{hf_warm / s_warm:.2f}x", f"{warm / s_warm:.2f}x",
-                         f"{N / s_warm:.0f}", f"{s_cold:.1f}", "-",
-                         f"{st['acceptance_rate']:.2f} / {st['mean_k']:.1f}",
-                         "yes" if torch.equal(o.sequences, ref) else "NO"])
-        print("\n".join(" | ".join(map(str, r)) for r in rows[-5:]), flush=True)
+            split.append(((eng.stats.forward_s - f0) / calls, wall / calls))
+            return out
+
+        fns = {"transformers generate": lambda: target.generate(ids, do_sample=False, **kw),
+               "engine plain (compiled)": plain}
+        if name in args.spec_on:
+            draft = _truncated_draft(target, 2)
+            spec = lambda make: (lambda: speculative_generate(target, ids, draft=make(), engine="engine",  # noqa: E731
+                                                              eos_token_id=[], **kw))
+            fns[f"engine + prompt lookup (k=adaptive, k_max={args.k_max})"] = spec(
+                lambda: PromptLookup(k="adaptive", k_max=args.k_max))
+            fns[f"engine + draft: first 2 layers (k=adaptive, k_max={args.k_max})"] = spec(
+                lambda: DraftModel(draft, k="adaptive", k_max=args.k_max))
+        cold, times, outs, mm = _interleaved(fns, args.repeats, extra=lambda: _matmul_ms(eng))
+        ref = outs["transformers generate"]
+        hf, pl = times["transformers generate"], times["engine plain (compiled)"]
+        fwd = statistics.median(f for f, _ in split[-args.repeats:])
+        per_call = statistics.median(c for _, c in split[-args.repeats:])
+        mb, mm_ms = mm[0][0], statistics.median(m for _, m in mm)
+        for label, t in times.items():
+            o = outs[label]
+            seqs = o if torch.is_tensor(o) else o.sequences
+            st = None if torch.is_tensor(o) else o.stats
+            is_plain = label == "engine plain (compiled)"
+            rows.append([name, f"{n_params:.0f}M", label, f"{_ratio(hf, t):.2f}x", f"{_ratio(pl, t):.2f}x",
+                         f"{N / statistics.median(t):.0f}", f"{cold[label]:.1f}",
+                         f"{fwd * 1e3:.1f} / {(per_call - fwd) * 1e3:.1f} (matmuls alone {mm_ms:.1f}; {mb:.0f} MB)"
+                         if is_plain else "-",
+                         "-" if st is None else f"{st['acceptance_rate']:.2f} / {st['mean_k']:.2f}",
+                         "yes" if torch.equal(seqs, ref) else "NO"])
+        print("\n".join(" | ".join(map(str, r)) for r in rows[-len(fns):]), flush=True)
+        del eng
     return markdown_table(["model", "params", "method", "vs transformers (warm)", "vs engine plain (warm)",
-                           "tokens/s (warm)", "cold s (first call; engine / transformers)",
-                           "engine per step ms (forward / loop)", "acceptance / mean k", "same tokens"], rows)
+                           "tokens/s (warm)", "cold s (first call)",
+                           "engine per step ms: forward / loop", "acceptance / mean k", "same tokens"], rows)
 
 
 def main() -> None:
@@ -299,7 +336,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (--random: interleaved rounds)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny run, writes nothing")
     ap.add_argument("--dry", action="store_true", help="full run, print the table, write nothing")
@@ -354,14 +391,19 @@ def _write_random(args, table: str, wall: float) -> None:
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
     md = (f"### The engine on models it was not tuned for (random-initialised Llama family)\n\n"
           f"`python benchmarks/llm_engine.py --random --threads {args.threads} --new-tokens {args.new_tokens} "
-          f"--repeats {args.repeats} --spec-on {' '.join(args.spec_on)}` ({wall:.0f} s) -- {machine_line()}; load average at the end {load} (a shared "
-          f"2-core machine: modest sizes, noisy). Batch 1, greedy, a {args.prompt_len}-token random prompt whose second "
-          f"half repeats the first, {args.new_tokens} new tokens. Shapes: {RANDOM_SHAPES}. Warm = median of "
-          f"{args.repeats} calls after a warm-up; cold = the first call in the process (compiles every graph the "
-          f"method needs that an earlier row did not; inductor's on-disk cache may already hold them). Per-step "
-          f"split: time inside the engine's forward per call vs the rest of the decode loop per call. The draft is "
-          f"the target's first 2 layers (random weights: little agreement), prompt lookup copies the repeated half. "
-          f"Speculative rows run on the same engine as plain decoding (`engine=\"engine\"`).\n\n{table}\n")
+          f"--repeats {args.repeats} --spec-on {' '.join(args.spec_on)}` ({wall:.0f} s) -- {machine_line()}; load "
+          f"average at the end {load} (a shared 2-core machine: other jobs ran on both cores). Batch 1, greedy, a "
+          f"{args.prompt_len}-token random prompt whose second half repeats the first, {args.new_tokens} new tokens. "
+          f"Shapes: {RANDOM_SHAPES}. Cold = the first call of each method in the process, in table order "
+          f"(compiles every graph the method needs that an earlier row did not; inductor's on-disk cache may "
+          f"already hold them). Warm: after one more warm-up call each, {args.repeats} interleaved rounds (every "
+          f"method once per round, round-robin); a ratio is the median of the per-round ratios, so a load change "
+          f"during the run hits every method alike. Per-step split of the engine's plain decoding: time inside "
+          f"the compiled forward per call vs the rest of the decode loop per call, next to the step's matmuls "
+          f"alone (x @ W over the engine's own weights, batch 1, measured in each round: the floor a step cannot "
+          f"go below on this CPU, and the weight bytes a step reads). The draft is the target's first 2 layers "
+          f"(random weights: it never agrees); prompt lookup copies the repeated half. Speculative rows run on "
+          f"the same engine as plain decoding (`engine=\"engine\"`).\n\n{table}\n")
     write_section("llm_engine_random", md)
 
 

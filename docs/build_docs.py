@@ -41,6 +41,9 @@ def zoo_table() -> str:
                          f"{c['trained_length']} tokens (full cache)")
             if "heldout_code_agreement_with_target" in m:
                 held += f"; greedy agreement with code-target {100 * m['heldout_code_agreement_with_target']:.1f}%"
+                if "foreign_code_agreement_with_target" in m:
+                    held += (f" (held-out stdlib), {100 * m['foreign_code_agreement_with_target']:.1f}% "
+                             f"(other packages' code)")
             arch = f"{c['architecture']}, {c['recipe']['num_layers']} layer(s) x {c['recipe']['hidden_size']}"
         elif c["role"] == "unet":
             held, arch = f"eps-prediction MSE {_fmt(m['heldout_eps_mse'])}", c["architecture"]

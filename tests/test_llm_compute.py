@@ -115,6 +115,18 @@ def test_packed_matches_simulated_and_reports_bits(lm, method, bits):
     assert Q.bits_per_weight(lm) == 32
 
 
+def test_packed_int8_runs_inside_the_lean_engine(lm):
+    """The engine fuses packed int8 projections and multiplies them with the same kernel:
+    greedy tokens equal the quantised model's own ``generate``."""
+    from accelerando.llm import engine as E
+    m = Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method="int8", packed=True))
+    ids, mask = _prompts(2)
+    got = E.generate(m, ids, attention_mask=mask, max_new_tokens=10, compile=False)
+    assert torch.equal(got, _greedy(m, ids, mask))
+    dec = E.Engine(m, batch_size=2, max_len=64, compile=False).decoder
+    assert dec.wqkv0.dtype == torch.int8 and dec.sqkv0 is not None and dec.sd3 is not None
+
+
 def test_more_bits_less_error(lm):
     ids, mask = _prompts()
     with torch.no_grad():
@@ -239,6 +251,9 @@ def test_self_draft_shares_the_target_cache_on_the_engine_and_falls_back_on_hf(l
     out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
     assert d.shared and d.state is None and out.stats["draft_calls"] > 0     # no cache of its own
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
+    ad = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=1), k="adaptive")      # may take plain runs
+    out_a = speculative_generate(lm, ids, draft=ad, attention_mask=mask, max_new_tokens=24, engine=EAGER)
+    assert ad.shared and torch.equal(out_a.sequences, _greedy(lm, ids, mask, 24))
     d2 = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
     with pytest.warns(UserWarning, match="keeps its own KV cache"):
         out2 = speculative_generate(lm, ids, draft=d2, attention_mask=mask, max_new_tokens=12, engine="hf")
@@ -357,3 +372,32 @@ def test_bench_arms_run_and_report_quality(lm):
     bad = run_methods(s, ["quant-bitmod"], workload={"family": "llm"}, knobs={"quant-bitmod": {"group_size": 48}},
                       repeats=1, warmup=0, score_perplexity=False)
     assert bad[-1].not_applicable and "does not divide" in bad[-1].error
+
+
+# ----------------------------------------------------------------------------------- the selector
+def test_recommend_picks_a_compute_arm_only_within_max_loss():
+    """The compute arms in a history: lossless self-speculation when no loss is allowed, the lossy
+    arm whose measured loss fits the budget otherwise -- never one that breaks it."""
+    import accelerando.llm.compute.bench_methods  # noqa: F401  (registers the arms)
+    from accelerando.select import recommend as RC
+    from accelerando.select.table import Constraint
+
+    def row(wl, method, speedup, run, *, lossless=True, loss=None, base=False, knobs=None):
+        m = {"speedup": speedup, "lossless": lossless, "is_baseline": base}
+        if loss is not None:
+            m["quality_loss"] = loss
+        return {"workload": wl, "method": method, "knobs": knobs or {}, "metrics": m, "run_id": run}
+    rows = []
+    for i in range(12):
+        wl = {"family": "llm", "model": f"m{i % 4}", "temperature": 0.0, "batch_size": 1, "max_new_tokens": 32,
+              "drafts": [], "prompts_digest": f"p{i}", "features": {"log_params": 6.0 + 0.1 * i}}
+        rows += [row(wl, "generate", 1.0, f"r{i}", base=True),
+                 row(wl, "self-spec", 1.2, f"r{i}", knobs={"exit_layer": 2, "k": 3}),
+                 row(wl, "quant-int8", 1.4, f"r{i}", lossless=False, loss=0.03),
+                 row(wl, "quant-bitmod", 1.8, f"r{i}", lossless=False, loss=0.4, knobs={"bits": 3, "group_size": 32})]
+    key = {"family": "llm", "temperature": 0.0, "batch_size": 1, "drafts": [], "features": {"log_params": 6.5}}
+    losses = {"self-spec": 0.0, "quant-int8": 0.03, "quant-bitmod": 0.4, "generate": 0.0}
+    for budget, want in [(None, "self-spec"), (0.05, "quant-int8"), (0.5, "quant-bitmod")]:
+        rec = RC.recommend(key, rows, constraint=Constraint(budget), hardware={})
+        assert rec.choice.arm.split("[")[0] == want
+        assert losses[want] <= (budget or 0.0)

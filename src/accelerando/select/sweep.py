@@ -35,7 +35,7 @@ KNOB_GRID: dict[str, list[dict[str, Any]]] = {
     "spec-draft": [{"k": 2}, {"k": 4}, {"k": "adaptive"}],
     "spec-prompt-lookup": [{"k": 4}, {"k": 8}],
     # cheaper forward passes (llm/compute): lossless self-speculation and lossy transforms
-    "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}],
+    "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}, {"exit_layer": 2, "k": 3, "exit_head": True}],
     "coreinfer": [{"alpha": 0.4, "beta": 0.2}, {"alpha": 0.6, "beta": 0.3}],
     "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32}],
     "quant-int4": [{"group_size": 32}],

@@ -210,6 +210,14 @@ def foreign_windows(tokenizer: Any, *, seq_len: int = SEQ_LEN,
     return _windows(tokenizer, [t for _, t in zoo_data.foreign_code()], seq_len=seq_len, max_windows=max_windows)
 
 
+def foreign_code_note() -> dict[str, Any]:
+    """What the drafts' out-of-corpus agreement was measured on (recorded in their cards)."""
+    docs = zoo_data.foreign_code()
+    return {"what": "Python source of installed third-party packages (not the stdlib the corpus comes from)",
+            "packages": list(zoo_data.FOREIGN_PACKAGES), "files": [n for n, _ in docs],
+            "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
+
+
 def heldout_windows(tokenizer: Any, kind: str, *, seq_len: int = SEQ_LEN,
                     max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Held-out documents of `kind` as (inputs, targets) windows of `seq_len` (targets -100 where
@@ -481,6 +489,7 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
         log=log)
     if teacher is not None:
         card["distilled_from"] = TARGET
+        card["foreign_code"] = foreign_code_note()
     _write_card(out, card)
     return card
 

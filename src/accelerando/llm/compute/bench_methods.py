@@ -35,11 +35,15 @@ def _generate_on(s: LLMSetup, model: Any, engine: str = "hf") -> Callable[[], LL
 
 
 def build_quant(s: LLMSetup, method: str = "int8", group_size: int = 64, bits: int | None = None,
-                packed: bool = True) -> Callable[[], LLMOutput]:
+                packed: bool = True, engine: str = "hf") -> Callable[[], LLMOutput]:
+    """``engine``: "hf" (``generate``) or the lean engine ("static" / "engine": compiled), which
+    runs packed int8 linears with the same kernel inside its fused step (other formats: fp32)."""
     from accelerando.llm.compute.quant import QuantConfig, bits_per_weight, quantize_model
     cfg = QuantConfig(method=method, group_size=int(group_size), bits=bits, packed=bool(packed))
+    if engine != "hf" and cfg.packed and cfg.method != "int8":
+        raise NotApplicable(f"the lean engine runs packed int8 only, not packed {cfg.method}")
     model = _transformed(s, lambda m: quantize_model(m, cfg))
-    run = _generate_on(s, model)
+    run = _generate_on(s, model, engine)
     bpw = bits_per_weight(model)
 
     def go() -> LLMOutput:
@@ -70,36 +74,53 @@ def build_coreinfer(s: LLMSetup, alpha: float = 0.4, beta: float = 0.2) -> Calla
     return go
 
 
-def _skip_cfg(exit_layer: int | None, skip: int | None):
+def _skip_cfg(exit_layer: int | None, skip: int | None, keep: str | None = None):
     from accelerando.llm.compute.layerskip import SkipConfig
     try:
+        if keep is not None:
+            return SkipConfig(keep=tuple(int(i) for i in str(keep).replace("-", ",").split(",")))
         return SkipConfig(exit_layer=int(exit_layer)) if exit_layer is not None else SkipConfig(skip=int(skip or 0))
     except ValueError as exc:
         raise NotApplicable(str(exc)) from None
 
 
-def _view(s: LLMSetup, exit_layer: int | None, skip: int | None) -> Any:
+def _view(s: LLMSetup, exit_layer: int | None, skip: int | None, keep: str | None = None,
+          exit_head: bool = False) -> Any:
     from accelerando.llm.compute.layerskip import skip_view
+    head = None
+    if exit_head:
+        from accelerando.llm.compute.exit_head import exit_head_for
+        if exit_layer is None:
+            raise NotApplicable("exit_head needs exit_layer (a head is trained for one early exit)")
+        try:
+            head = exit_head_for(s.target, int(exit_layer))
+        except FileNotFoundError as exc:
+            raise NotApplicable(str(exc)) from None
     try:
-        return skip_view(s.target, _skip_cfg(exit_layer, skip))
+        return skip_view(s.target, _skip_cfg(exit_layer, skip, keep), exit_head=head)
     except ValueError as exc:
         raise NotApplicable(str(exc)) from None
 
 
-def build_layer_skip(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1,
-                     engine: str = "hf") -> Callable[[], LLMOutput]:
-    """Lossy: decode with the skip view alone (early exit at ``exit_layer`` or Unified Layer
-    Skipping's balanced schedule of ``skip`` layers)."""
-    return _generate_on(s, _view(s, exit_layer, skip), engine)
+def build_layer_skip(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, keep: str | None = None,
+                     exit_head: bool = False, engine: str = "hf") -> Callable[[], LLMOutput]:
+    """Lossy: decode with the skip view alone (early exit at ``exit_layer``, optionally through its
+    trained ``exit_head``; Unified Layer Skipping's balanced schedule of ``skip`` layers; or the
+    layers ``keep``, e.g. "0,1,3")."""
+    return _generate_on(s, _view(s, exit_layer, skip, keep, bool(exit_head)), engine)
 
 
-def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, k: int | str = 4,
+def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, keep: str | None = None,
+                    k: int | str = 4, exit_head: bool = False, shared: bool = True,
                     engine: str = "hf") -> Callable[[], LLMOutput]:
-    """Lossless self-speculation: the skip view drafts, the full target verifies."""
+    """Lossless self-speculation: the skip view drafts (on the target's own KV cache when the
+    target runs on the lean engine and ``shared``), the full target verifies."""
     from accelerando.llm.bench_methods import _ours
+    from accelerando.llm.compute.selfspec import SelfDraft
     from accelerando.llm.drafters.draft_model import DraftModel
-    view = _view(s, exit_layer, skip)
-    return _ours(s, lambda: DraftModel(view, k=k), engine)
+    view = _view(s, exit_layer, skip, keep, bool(exit_head))
+    make = SelfDraft if shared and engine != "hf" else DraftModel
+    return _ours(s, lambda: make(view, k=k), engine)
 
 
 def build_hf_early_exit(s: LLMSetup, exit_layer: int = 2, k: int | None = None) -> Callable[[], LLMOutput]:
@@ -140,7 +161,7 @@ register(MethodEntry("layer-skip", "llm", build_layer_skip, lossless=False,
                      description="decode with a balanced skip schedule (Unified Layer Skipping) or an early exit, no verification",
                      default_knobs={"skip": 1}))
 register(MethodEntry("self-spec", "llm", build_self_spec, lossless=True,
-                     description="self-speculative decoding: the target's own skip view drafts, the target verifies",
+                     description="self-speculative decoding: the target's own skip view drafts (on its KV cache), the target verifies",
                      default_knobs={"skip": 1, "k": 4}))
 register(MethodEntry("hf-early-exit", "llm", build_hf_early_exit, lossless=True,
                      description="anchor: transformers assisted generation with assistant_early_exit (batch 1 only)",

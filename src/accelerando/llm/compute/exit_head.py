@@ -113,6 +113,15 @@ class ExitHead(nn.Module):
         return head
 
 
+def exit_head_for(target: Any, exit_layer: int) -> ExitHead:
+    """The exit head trained for ``target``, stored in ``<its directory>/exit_heads`` (the zoo
+    target ships heads for exits 1-3); FileNotFoundError names what is missing."""
+    src = getattr(target, "name_or_path", None) or getattr(target.config, "_name_or_path", "")
+    if not src:
+        raise FileNotFoundError("the target was not loaded from a directory, so it has no exit_heads/")
+    return ExitHead.load(Path(src) / "exit_heads", exit_layer)
+
+
 @torch.no_grad()
 def exit_states(target: Any, token_ids: torch.Tensor, exit_layer: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden state after layer ``exit_layer``, the target's final normed state), one row per

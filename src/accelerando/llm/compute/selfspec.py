@@ -31,14 +31,14 @@ from accelerando.llm.static_cache import StaticKVCache
 
 class SharedKV(StaticKVCache):
     """The target's ``StaticKVCache`` as its kept layers see it: layer j is the target's layer
-    ``keep[j]``; ``valid`` and ``lengths`` are the target's own tensors (no copy)."""
+    ``keep[j]``; its per-row buffers (``valid``, ``lengths``, ...) are the target's own tensors."""
 
     def __init__(self, cache: StaticKVCache, keep: tuple[int, ...]):
         nn.Module.__init__(self)
         self.target = cache
         self.layers = nn.ModuleList([cache.layers[i] for i in keep])
-        self.register_buffer("valid", cache.valid, persistent=False)
-        self.register_buffer("lengths", cache.lengths, persistent=False)
+        for name, buf in cache.named_buffers(recurse=False):     # valid, lengths, pos_shift, ...: the same tensors
+            self.register_buffer(name, buf, persistent=False)
 
 
 def _pick(logits: torch.Tensor, sampling: Any, generator: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -60,7 +60,9 @@ class SelfDraft(DraftModel):
             raise ValueError("SelfDraft needs a skip view of the target (accelerando.llm.compute.layerskip.skip_view)")
         super().__init__(view, k=k, k_max=k_max)
         self.keep = keep
-        self._engines: dict[int, tuple[Any, Any]] = {}   # id(target cache) -> (its cache, the view's engine)
+        # id(target engine) -> (its cache, the view's engine); kept on the view, so every drafter
+        # made from one view (a benchmark makes one per run) reuses the compiled steps
+        self._engines: dict[int, tuple[Any, Any]] = view.__dict__.setdefault("_accelerando_self_engines", {})
         self.shared = False
         self._calls = 0
 
@@ -123,6 +125,13 @@ class SelfDraft(DraftModel):
         drafts = torch.stack(toks, 1)
         self.length.drafted(drafts)
         return Proposal.chain_of(x.root, drafts, torch.stack(qs, 1) if qs else None, bad=bad)
+
+    def accept_plain(self, tokens: torch.Tensor, host: list[list[int]], seconds: float) -> None:
+        """Plain steps ran on the target, so their K/V are already in the shared cache."""
+        if not self.shared:
+            super().accept_plain(tokens, host, seconds)
+            return
+        self.length.plain_done(tokens.shape[1], seconds)
 
     def accept(self, step: Verified) -> None:
         if not self.shared:

@@ -74,7 +74,7 @@ class AdaptiveK:
     ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
     assumed) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
     the loop then takes as plain decoding with no drafter work per token. Drafting starts slowly:
-    k <= 2 (n + 1) for the longest run of n accepted drafts seen so far (k = 1 first), so a draft
+    k <= 2 n + 1 for the longest run of n accepted drafts seen so far (k = 1 first), so a draft
     that never agrees costs a few one-token probes, not k_max-wide steps.
     """
 
@@ -86,7 +86,7 @@ class AdaptiveK:
             raise ValueError(f"probe_every must be >= 1, got {probe_every}")
         self.k_max, self.k_min, self.decay, self.fixed_c = k_max, k_min, decay, cost_ratio
         self.succ, self.fail = 2.0 * alpha0, 2.0 * (1 - alpha0)     # a weak prior worth 2 drafts
-        self.ramp = 1                                                 # slow start: k <= 2 (longest accepted run + 1)
+        self.ramp = 1                                                 # slow start: k <= 2 (longest accepted run) + 1
         self.c = c0 if cost_ratio is None else cost_ratio
         self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
         self.probe_every, self._idle = probe_every, 0
@@ -168,7 +168,7 @@ class AdaptiveK:
         if self.fixed_c is None and t_target > 0:
             c = (t_draft / k) / t_target
             self.c = 0.7 * self.c + 0.3 * c
-        self.ramp = max(self.ramp, 2 * (max(n_host, default=0) + 1))
+        self.ramp = max(self.ramp, 2 * max(n_host, default=0) + 1)
         if self._probing:   # a probe that changes nothing: probe half as often (up to every 64th step)
             self.probe_every = min(64, 2 * self.probe_every) if self._best() == 0 else self._base_probe
 
