@@ -231,7 +231,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         steps=sum(p.spec.steps for p in phases),
         data="Python stdlib source + pydoc topics (as code-target), most rows replaced by synthetic "
              "multi-query retrieval sequences (accelerando.llm.kv.tasks: passkey / multi-key needles "
-             "`#@ <key> <5 digits>` in code haystacks, every needle queried)",
+             "`#@ <key> <two words>` in code haystacks, every needle queried) and repeated random segments",
         trained_length=last.seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
         recipe={"num_layers": last.num_layers, "hidden_size": last.hidden_size, "num_heads": last.num_heads,
