@@ -376,6 +376,26 @@ class Engine:
         self._mark_bound = -1
         self._mark_lengths: torch.Tensor | None = None
 
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> None:
+        """Start from a given cache instead of a prefill: per-layer keys / values (B, H_kv, m, D),
+        already rotated, standing for ``position`` tokens (a pressed cache: m < position); the next
+        token goes to slot m at position ``position`` (``StaticKVCache.pos_shift``)."""
+        m = keys[0].shape[2]
+        if m + 1 > self.max_len:
+            raise ValueError(f"a prefix of {m} slots does not fit a cache of {self.max_len}")
+        self.reset()
+        if self.decoder.cos.shape[0] < position + self.max_len - m:     # rotary tables up to the true positions
+            self.decoder.set_max_len(length_bucket(position + self.max_len - m))
+        c = self.cache
+        with torch.no_grad():
+            for layer, k, v in zip(c.layers, keys, values):
+                layer.k[:, :, :m] = k
+                layer.v[:, :, :m] = v
+            c.valid[:, :m] = True
+            c.lengths.fill_(m)
+            c.pos_shift.fill_(position - m)
+        self._started, self._bound, self.calls = True, m, 1
+
     # -- prefill and step: the one forward -----------------------------------------------------------
     def _compiled(self, hook: StepHook | None):
         key = None if hook is None else hook.key()
