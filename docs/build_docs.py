@@ -35,6 +35,10 @@ def zoo_table() -> str:
         if c["role"] in ("target", "draft"):
             held = (f"code {_fmt(m['heldout_code_bits_per_byte'])} bits/byte, "
                     f"prose {_fmt(m['heldout_prose_bits_per_byte'])} bits/byte")
+            em = m.get("retrieval_exact_match_by_length") or {}
+            if str(c.get("trained_length")) in em:
+                held += (f"; retrieval exact match {100 * em[str(c['trained_length'])]:.0f}% at "
+                         f"{c['trained_length']} tokens (full cache)")
             if "heldout_code_agreement_with_target" in m:
                 held += f"; greedy agreement with code-target {100 * m['heldout_code_agreement_with_target']:.1f}%"
                 if "foreign_code_agreement_with_target" in m:

@@ -280,3 +280,17 @@ def test_harmonica_step_loss_is_in_x_space():
     assert torch.equal(step_weights(HarmoniCaConfig(steps=10, loss_space="eps")), torch.ones(10))
     with pytest.raises(ValueError, match="loss_space"):
         HarmoniCaConfig(loss_space="z")
+
+
+def test_harmonica_leave_out_proxy():
+    """'leave-out' lambda: computing step s fully under the current router; all-True router -> no change."""
+    from accelerando.diffusion.dit.harmonica import HarmoniCaConfig, iepo_lambda
+    m = tiny_dit(layers=2)
+    cfg = HarmoniCaConfig(steps=4, lambda_batch=1, proxy="leave-out")
+    lam = iepo_lambda(m, torch.full((4, 2), 5.0), cfg, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lam, torch.full((4,), 1e-3))          # nothing skipped: every step's change is 0
+    logits = torch.tensor([[5.0, 5.0], [-5.0, -5.0], [-5.0, -5.0], [5.0, 5.0]])
+    lam = iepo_lambda(m, logits, cfg, generator=torch.Generator().manual_seed(0))
+    assert float(lam.mean()) == pytest.approx(1.0 + 1e-3) and lam[1] > 0.01 and lam[0] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="proxy"):
+        HarmoniCaConfig(proxy="both")

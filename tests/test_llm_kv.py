@@ -211,3 +211,17 @@ def test_engine_bad_input():
     g = tiny_lm("gpt2", init_std=0.2, ctx=256)
     with pytest.raises(TypeError, match="engine= cannot run GPT2LMHeadModel"):
         kv_generate(g, ids, press=StreamingLLMPress(ratio=0.5), engine="engine-eager")
+
+
+def test_sliding_window_architecture_one_line_error():
+    """A press on sliding-window attention layers (Mistral with a window) would cut a cache the
+    model already windows: refused, naming the architecture."""
+    import transformers as tf
+    cfg = tf.MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    m = tf.MistralForCausalLM(cfg).eval()
+    ids = torch.randint(1, 96, (1, 40))
+    for meth in (dict(press=SnapKVPress(ratio=0.5, window=8)), dict(policy=TokenSelect(ratio=0.5))):
+        with pytest.raises(TypeError, match="does not support MistralForCausalLM: sliding-window") as e:
+            kv_generate(m, ids, max_new_tokens=2, **meth)
+        assert "\n" not in str(e.value)

@@ -83,8 +83,12 @@ def test_draft_cache_is_cut_from_the_targets_prefill(engine):
     out = speculative_generate(m, ids, draft=d, max_new_tokens=12, engine=engine)
     assert torch.equal(out.sequences, ref) and d.shared_prefill
     _, full = prefill(m, ids)
-    for ld, lf in zip(d.state.cache.layers, full.cache.layers):
-        kd = ld.keys[:, :, : 4 * 8 - 4]                       # the prompt part: 4 chunks, the last partial
+    # on the engine the draft decodes on its own small static cache (the prompt part in slots 0..27)
+    layers = [(l.k if engine != "hf" else l.keys) for l in d.state.cache.layers]
+    if engine != "hf":
+        assert int(d.state.cache.pos_shift[0]) == 100 - 28     # 28 slots kept stand for the 100-token prompt
+    for kd_all, lf in zip(layers, full.cache.layers):
+        kd = kd_all[:, :, : 4 * 8 - 4]                        # the prompt part: 4 chunks, the last partial
         B, H, m_, D = kd.shape
         # every kept column is one of the target's prompt columns (chunk-aligned runs of 8)
         dist = torch.cdist(kd.reshape(B * H, m_, D), lf.keys.reshape(B * H, -1, D))

@@ -70,10 +70,21 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return (p.view(B, H // rep, rep * T, -1) @ v).view(B, H, T, D)
 
 
-def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` with the weight stored transposed (in, out)."""
-    y = x @ w_t
+def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the weight stored transposed (in, out); with row scales ``s``, ``w_t`` is
+    int8 (out, in) weight-only quantised (``compute.quant.Int8Linear``): torch's int8 kernel."""
+    if s is not None:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w_t, s)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    else:
+        y = x @ w_t
     return y if b is None else y + b
+
+
+def _weight(mod: Any) -> torch.Tensor:
+    """A projection's weight: ``nn.Linear``'s, or an int8 module's dequantised (``qweight``, ``scales``)."""
+    w = getattr(mod, "weight", None)
+    return w if w is not None else mod.qweight.float() * mod.scales.float()[:, None]
 
 
 _TRANSPOSED: dict[int, tuple] = {}
@@ -156,7 +167,8 @@ class LeanDecoder(torch.nn.Module):
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
             for mod in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-                out += [mod.weight] + ([mod.bias] if mod.bias is not None else [])
+                w = getattr(mod, "weight", None)
+                out += [mod.qweight if w is None else w] + ([mod.bias] if mod.bias is not None else [])
         return out
 
     def refresh_fused(self) -> None:
@@ -167,19 +179,26 @@ class LeanDecoder(torch.nn.Module):
         key = tuple((t.data_ptr(), t._version) for t in src)
         if key == self._fused_key:
             return
-        cat_t = lambda ws: torch.cat(ws).t().contiguous()                              # noqa: E731
         cat_b = lambda bs: None if bs[0] is None else torch.cat(bs).contiguous()      # noqa: E731
+
+        def fused(name: str, mods: tuple) -> None:
+            """w{name}: the projections' weights fused along out and transposed; int8 (out, in)
+            + row scales s{name} when every one of them is int8 weight-only (``qweight``)."""
+            int8 = all(getattr(mod, "qweight", None) is not None and mod.qweight.dtype == torch.int8 for mod in mods)
+            w = torch.cat([mod.qweight for mod in mods]) if int8 else torch.cat([_weight(mod) for mod in mods]).t()
+            self.register_buffer(f"w{name}", w.contiguous(), persistent=False)
+            self.register_buffer(f"s{name}", torch.cat([mod.scales for mod in mods]) if int8 else None, persistent=False)
         with torch.no_grad():
             self.register_buffer("lm_head_t", transposed(self.lm_head.weight), persistent=False)
             for i, layer in enumerate(self.layers):
                 a, m = layer.self_attn, layer.mlp
                 qkv = (a.q_proj, a.k_proj, a.v_proj)
-                self.register_buffer(f"wqkv{i}", cat_t([l.weight for l in qkv]), persistent=False)
+                fused(f"qkv{i}", qkv)
                 self.register_buffer(f"bqkv{i}", cat_b([l.bias for l in qkv]), persistent=False)
-                self.register_buffer(f"wo{i}", a.o_proj.weight.t().contiguous(), persistent=False)
-                self.register_buffer(f"wgu{i}", cat_t([m.gate_proj.weight, m.up_proj.weight]), persistent=False)
+                fused(f"o{i}", (a.o_proj,))
+                fused(f"gu{i}", (m.gate_proj, m.up_proj))
                 self.register_buffer(f"bgu{i}", cat_b([m.gate_proj.bias, m.up_proj.bias]), persistent=False)
-                self.register_buffer(f"wd{i}", m.down_proj.weight.t().contiguous(), persistent=False)
+                fused(f"d{i}", (m.down_proj,))
         self._fused_key = key
 
     def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache,
@@ -212,7 +231,7 @@ class LeanDecoder(torch.nn.Module):
         nq, nkv = self.n_heads * D, self.n_kv_heads * D
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _linear_t(layer.input_layernorm(h), getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"))
+            qkv = _linear_t(layer.input_layernorm(h), getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"), getattr(self, f"sqkv{i}"))
             q, kn, vn = qkv.split([nq, nkv, nkv], dim=-1)                                   # (B, T, nq + 2 nkv)
             q = q.reshape(B, T, -1, D).transpose(1, 2)                                      # (B, H, T, D)
             kn, vn = kn.reshape(B, T, -1, D), vn.reshape(B, T, -1, D)                      # (B, T, Hkv, D)
@@ -220,10 +239,10 @@ class LeanDecoder(torch.nn.Module):
             kn = kn * cos.transpose(1, 2) + _rotate_half(kn) * sin.transpose(1, 2)
             k_all, v_all = cache.layers[i].update(slots, kn, vn)
             o = _attention(q, k_all, v_all, masks[self.windows[i]], attn.scaling, rep)      # (B, H, T, D)
-            h = h + _linear_t(o.transpose(1, 2).reshape(B, T, -1), getattr(self, f"wo{i}"), attn.o_proj.bias)
-            gu = _linear_t(layer.post_attention_layernorm(h), getattr(self, f"wgu{i}"), getattr(self, f"bgu{i}"))
+            h = h + _linear_t(o.transpose(1, 2).reshape(B, T, -1), getattr(self, f"wo{i}"), attn.o_proj.bias, getattr(self, f"so{i}"))
+            gu = _linear_t(layer.post_attention_layernorm(h), getattr(self, f"wgu{i}"), getattr(self, f"bgu{i}"), getattr(self, f"sgu{i}"))
             g, u = gu.chunk(2, dim=-1)                                                        # (B, T, I) each
-            h = h + _linear_t(mlp.act_fn(g) * u, getattr(self, f"wd{i}"), mlp.down_proj.bias)
+            h = h + _linear_t(mlp.act_fn(g) * u, getattr(self, f"wd{i}"), mlp.down_proj.bias, getattr(self, f"sd{i}"))
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
@@ -356,6 +375,26 @@ class Engine:
         self._bound = 0                      # host upper bound of every row's pointer (no device sync)
         self._mark_bound = -1
         self._mark_lengths: torch.Tensor | None = None
+
+    def load_prefix(self, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> None:
+        """Start from a given cache instead of a prefill: per-layer keys / values (B, H_kv, m, D),
+        already rotated, standing for ``position`` tokens (a pressed cache: m < position); the next
+        token goes to slot m at position ``position`` (``StaticKVCache.pos_shift``)."""
+        m = keys[0].shape[2]
+        if m + 1 > self.max_len:
+            raise ValueError(f"a prefix of {m} slots does not fit a cache of {self.max_len}")
+        self.reset()
+        if self.decoder.cos.shape[0] < position + self.max_len - m:     # rotary tables up to the true positions
+            self.decoder.set_max_len(length_bucket(position + self.max_len - m))
+        c = self.cache
+        with torch.no_grad():
+            for layer, k, v in zip(c.layers, keys, values):
+                layer.k[:, :, :m] = k
+                layer.v[:, :, :m] = v
+            c.valid[:, :m] = True
+            c.lengths.fill_(m)
+            c.pos_shift.fill_(position - m)
+        self._started, self._bound, self.calls = True, m, 1
 
     # -- prefill and step: the one forward -----------------------------------------------------------
     def _compiled(self, hook: StepHook | None):

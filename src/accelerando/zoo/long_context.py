@@ -64,6 +64,8 @@ PHASES = (
     Phase(_spec(512, 300, 2e-3, 8), task_fraction=0.6, copy_fraction=0.1, eval_every=100, stop_em=0.95),
     Phase(_spec(1024, 200, 1.5e-3, 4), task_fraction=0.6, copy_fraction=0.1, eval_every=50, stop_em=0.95),
     Phase(_spec(TRAINED_LEN, 200, 1e-3, 2), task_fraction=0.6, copy_fraction=0.1, eval_every=50),
+    # retrieval at 2048 was at 0.25-0.6 after phase 4's 200 steps: a longer, retrieval-heavier cycle
+    Phase(_spec(TRAINED_LEN, 600, 1e-3, 2), task_fraction=0.8, copy_fraction=0.1, eval_every=50, stop_em=0.95),
 )
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 EVAL_DEPTHS = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -205,8 +207,12 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out))          # checkpoint after every phase
         tok.save_pretrained(str(out))
-    prior_s = [float(x) for ln in (prior_log or []) for x in re.findall(r"\((\d+)s\)$", ln)]
-    train_seconds = time.time() - t0 + (max(prior_s) if prior_s else 0.0)   # + the earlier phases' time
+    prior_s: dict[str, float] = {}       # the earlier phases' time: each phase's last elapsed count
+    for ln in prior_log or []:
+        m = re.match(r"(phase \d+)/\d+ .*\((\d+)s\)$", ln)
+        if m:
+            prior_s[m.group(1)] = max(prior_s.get(m.group(1), 0.0), float(m.group(2)))
+    train_seconds = time.time() - t0 + sum(prior_s.values())
     metrics: dict[str, Any] = {}
     for kind in zoo_data.KINDS:
         x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
@@ -225,7 +231,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         steps=sum(p.spec.steps for p in phases),
         data="Python stdlib source + pydoc topics (as code-target), most rows replaced by synthetic "
              "multi-query retrieval sequences (accelerando.llm.kv.tasks: passkey / multi-key needles "
-             "`#@ <key> <5 digits>` in code haystacks, every needle queried)",
+             "`#@ <key> <two words>` in code haystacks, every needle queried) and repeated random segments",
         trained_length=last.seq_len, max_position_embeddings=MAX_POSITIONS,
         tokenizer={"type": "byte-level BPE (code-target's)", "vocab_size": len(tok)},
         recipe={"num_layers": last.num_layers, "hidden_size": last.hidden_size, "num_heads": last.num_heads,

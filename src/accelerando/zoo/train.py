@@ -165,8 +165,15 @@ def _write_card(out: Path, card: dict[str, Any]) -> None:
         lines.append(f"| {k} | `{json.dumps(v, sort_keys=True)}` |")
     if card.get("log"):
         lines += ["", "## Training log (every few steps)", "", "```"] + list(card["log"]) + ["```"]
-    lines += ["", f"Reproduce: `accelerando zoo train {card['name']} --seed {card['seed']}` "
-              f"(or `python -m accelerando.zoo.train {card['name']}`).", ""]
+    cycles = card.get("recipe", {}).get("cycles") or []
+    if len(cycles) > 1:        # trained in cycles, each continuing from the last one's weights
+        cmds = [f"`python -m accelerando.zoo.train {card['name']} --seed {card['seed']} --steps {cycles[0]} "
+                f"--threads 1`"] + [f"`python -m accelerando.zoo.train {card['name']} --seed {card['seed']} "
+                                    f"--steps {c} --threads 1 --resume-from <that directory>`" for c in cycles[1:]]
+        lines += ["", "Reproduce: " + ", then ".join(cmds) + ".", ""]
+    else:
+        lines += ["", f"Reproduce: `accelerando zoo train {card['name']} --seed {card['seed']}` "
+                  f"(or `python -m accelerando.zoo.train {card['name']}`).", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 

@@ -18,7 +18,7 @@ def train_router_cmd(
     method: Annotated[str, typer.Option(help="Sampler (one model call per step: ddim, dpm++2m, ...).")] = "ddim",
     iterations: Annotated[int, typer.Option(min=1, help="Step-wise denoising training trajectories.")] = 30,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the compute term mean(sigmoid(router)).")] = 0.02,
+    beta: Annotated[float, typer.Option(min=0.0, help="Weight of the compute term mean(sigmoid(router)).")] = 0.002,
     lr: Annotated[float, typer.Option(min=1e-6)] = 0.1,
     lambda_every: Annotated[int, typer.Option(min=0, help="Refresh the image-error proxy weights every k "
                                                          "iterations (0: uniform).")] = 10,

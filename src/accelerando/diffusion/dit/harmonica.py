@@ -42,7 +42,7 @@ class HarmoniCaConfig:
     iterations: int = 30               # SDT trajectories
     batch_size: int = 8
     lr: float = 0.1                    # Adam on the router logits
-    beta: float = 0.02                 # weight of the compute term mean(sigmoid(R))
+    beta: float = 0.002                # weight of the compute term mean(sigmoid(R)) (0.02 floors the early steps)
     lambda_every: int = 10             # IEPO: refresh lambda every k iterations (0 = uniform lambda)
     lambda_batch: int = 4              # images per IEPO refresh
     guidance: float = 1.0
@@ -227,7 +227,7 @@ def train_router(model: Any, config: HarmoniCaConfig | None = None, *, generator
             return student.detach()
         _trajectory(model, x_T, y, cfg, step_eps)
         msg = (f"iteration {it + 1}/{cfg.iterations} mean step loss {sum(losses) / len(losses):.5f} "
-               f"mean gate {float(torch.sigmoid(logits[cfg.warmup:]).mean()):.3f}")
+               f"mean gate {float(torch.sigmoid(logits.detach()[cfg.warmup:]).mean()):.3f}")
         log.append(msg)
         if progress is not None:
             progress(msg)

@@ -35,11 +35,15 @@ def _generate_on(s: LLMSetup, model: Any, engine: str = "hf") -> Callable[[], LL
 
 
 def build_quant(s: LLMSetup, method: str = "int8", group_size: int = 64, bits: int | None = None,
-                packed: bool = True) -> Callable[[], LLMOutput]:
+                packed: bool = True, engine: str = "hf") -> Callable[[], LLMOutput]:
+    """``engine``: "hf" (``generate``) or the lean engine ("static" / "engine": compiled), which
+    runs packed int8 linears with the same kernel inside its fused step (other formats: fp32)."""
     from accelerando.llm.compute.quant import QuantConfig, bits_per_weight, quantize_model
     cfg = QuantConfig(method=method, group_size=int(group_size), bits=bits, packed=bool(packed))
+    if engine != "hf" and cfg.packed and cfg.method != "int8":
+        raise NotApplicable(f"the lean engine runs packed int8 only, not packed {cfg.method}")
     model = _transformed(s, lambda m: quantize_model(m, cfg))
-    run = _generate_on(s, model)
+    run = _generate_on(s, model, engine)
     bpw = bits_per_weight(model)
 
     def go() -> LLMOutput:

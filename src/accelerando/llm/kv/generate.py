@@ -101,29 +101,20 @@ def step(model: Any, run: KVRun, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def engine_cache(model: Any, run: KVRun, *, max_new_tokens: int, compile: bool = False) -> Any:
-    """The lean engine (``accelerando.llm.engine``) holding the pressed cache of ``run``: a static
-    cache of the kept columns + room for ``max_new_tokens`` (physically smaller: its steps attend
-    over fewer slots), position ids shifted so new tokens keep their true positions."""
+def engine_cache(model: Any, cache: Any, position: int, *, room: int, compile: bool = False,
+                 role: str = "kv press") -> Any:
+    """The lean engine (``accelerando.llm.engine``) holding a pressed DynamicCache ``cache`` that
+    stands for ``position`` tokens: a static cache of the kept columns + ``room`` slots (physically
+    smaller: its steps attend over fewer slots), new tokens at their true positions."""
     from accelerando.llm.engine import Engine, length_bucket, unsupported_reason
     reason = unsupported_reason(model)
     if reason is not None:
         raise TypeError(f"engine= cannot run {type(model).__name__}: {reason} (use engine='hf')")
-    B = run.cache.layers[0].keys.shape[0]
-    m, n = run.cache.get_seq_length(), run.position
-    size = length_bucket(m + max_new_tokens + 1)
+    B = cache.layers[0].keys.shape[0]
+    size = length_bucket(cache.get_seq_length() + room + 1)
     # pooled per size, so a long request does not leave a later short one a larger (slower) cache
-    eng = Engine.open(model, batch_size=B, max_len=size, compile=compile, role=f"kv press {size}")
-    if eng.decoder.cos.shape[0] < n + max_new_tokens:          # rotary tables up to the true positions
-        eng.decoder.set_max_len(length_bucket(n + max_new_tokens))
-    c = eng.cache
-    with torch.no_grad():
-        for dst, src in zip(c.layers, run.cache.layers):
-            dst.k[:, :, :m] = src.keys
-            dst.v[:, :, :m] = src.values
-        c.valid[:, :m] = True
-        c.lengths.fill_(m)
-        c.pos_shift.fill_(n - m)
+    eng = Engine.open(model, batch_size=B, max_len=size, compile=compile, role=f"{role} {size}")
+    eng.load_prefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], position)
     return eng
 
 
@@ -149,7 +140,7 @@ def kv_generate(model: Any, input_ids: torch.Tensor, *, press: Press | None = No
     logits, run = prefill(model, input_ids, press=press, policy=policy)
     eng = None
     if engine != "hf":
-        eng = engine_cache(model, run, max_new_tokens=max_new_tokens, compile=engine == "engine")
+        eng = engine_cache(model, run.cache, run.position, room=max_new_tokens, compile=engine == "engine")
         run.stats["kv_slots_engine"] = eng.max_len
     out = [pick(logits, sampling, generator)]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

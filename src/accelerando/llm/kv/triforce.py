@@ -24,7 +24,7 @@ from accelerando.llm.cache import HFCache, cache_kwarg
 from accelerando.llm.drafters.base import DraftContext
 from accelerando.llm.drafters.draft_model import DraftModel, vocab_size
 from accelerando.llm.kv.attention import kv_attention_enabled
-from accelerando.llm.kv.generate import KVState, prefill
+from accelerando.llm.kv.generate import KVState, engine_cache, prefill
 from accelerando.llm.kv.presses import RetrievalChunkPress, check_kv_model
 
 
@@ -68,11 +68,16 @@ class TriForce(DraftModel):
         else:      # a target cache it cannot read: the draft's own prefill, then the press
             cache, self.shared_prefill = prefill(self.model, input_ids, press=self.press)[1].cache, False
         self.prefill_s = time.perf_counter() - t0
-        st = HFCache(self.model, role="TriForce draft")
-        st.cache = cache
-        st.valid = torch.ones(B, cache.get_seq_length(), dtype=torch.bool, device=input_ids.device)
-        st.lengths = torch.full((B,), n, dtype=torch.long, device=input_ids.device)   # true positions
-        st.calls = 1
+        eng = getattr(ctx.target_cache, "compiled", None)
+        if eng is not None:     # the target decodes on the lean engine: so does the draft, on a small static cache
+            st = engine_cache(self.model, cache, n, room=ctx.max_new_tokens + 2 * self.max_nodes + 2,
+                              compile=eng, role="TriForce draft")
+        else:
+            st = HFCache(self.model, role="TriForce draft")
+            st.cache = cache
+            st.valid = torch.ones(B, cache.get_seq_length(), dtype=torch.bool, device=input_ids.device)
+            st.lengths = torch.full((B,), n, dtype=torch.long, device=input_ids.device)   # true positions
+            st.calls = 1
         self.state = st
         self.kv_bytes_draft = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
         self.pending = first[:, None]
