@@ -112,7 +112,8 @@ def prefill(tgt: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, sam
             generator: torch.Generator | None, hidden: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The target reads the prompt; returns (first token (B,), bad (B,), last hidden state (B, H) | None)."""
     padded = not bool(attention_mask.all())     # one sync, once: a dense prompt needs no attention mask
-    out = tgt.forward(input_ids, attention_mask.bool() if padded else None, hidden=hidden)
+    # only the last position's logits are used: a vocabulary-wide projection of the whole prompt is waste
+    out = tgt.forward(input_ids, attention_mask.bool() if padded else None, hidden=hidden, last=True)
     last = out.logits[:, -1]
     p, bad = checked_probs(last, sampling)
     tok = last.argmax(-1) if sampling.greedy else torch.multinomial(p, 1, generator=generator).squeeze(1)

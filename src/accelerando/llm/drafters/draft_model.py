@@ -77,7 +77,7 @@ class DraftModel(Drafter):
         self.sampling, self.generator = ctx.sampling, ctx.generator
         self.state = ctx.make_cache(self.model, "draft model")
         padded = not bool(ctx.attention_mask.all())     # one sync, once
-        self.state.forward(ctx.input_ids, ctx.attention_mask.bool() if padded else None)
+        self.state.forward(ctx.input_ids, ctx.attention_mask.bool() if padded else None, last=True)   # logits unused
         self.pending = ctx.first[:, None]                              # (B, W) fed at the next propose
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.pending_dense = True                                      # host: every pending entry is real
