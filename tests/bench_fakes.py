@@ -17,6 +17,9 @@ from accelerando.bench.methods import DiffusionOutput, LLMOutput, MethodEntry
 
 
 def fresh_registry(monkeypatch):
+    # import (and so register) the real families first: a family module first imported while the
+    # fake registry is in place would register into it and be lost for every later test
+    registry._load_families()
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_loaded", True)     # do not import the real families
 

@@ -126,10 +126,6 @@ def skip_view(model: Any, cfg: SkipConfig, *, exit_head: nn.Module | None = None
     return view
 
 
-def kept_layers(model: Any) -> tuple[int, ...] | None:
-    return getattr(model, "_accelerando_kept_layers", None)
-
-
 def self_speculative_draft(target: Any, cfg: SkipConfig, *, k: int | str = 4, k_max: int = 12,
                            exit_head: nn.Module | None = None, shared_cache: bool = True) -> Any:
     """A drafter for ``speculative_generate(target, ..., draft=...)`` whose draft model is the

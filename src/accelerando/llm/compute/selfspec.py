@@ -50,11 +50,16 @@ def _pick(logits: torch.Tensor, sampling: Any, generator: Any) -> tuple[torch.Te
     return torch.multinomial(q, 1, generator=generator).squeeze(1), q, bad
 
 
+def kept_layers(model: Any) -> tuple[int, ...] | None:
+    """The layers a skip view (``layerskip.skip_view``, which marks its views) keeps; None for a
+    model that is not one. Read here, not imported from layerskip, which imports this module."""
+    return getattr(model, "_accelerando_kept_layers", None)
+
+
 class SelfDraft(DraftModel):
     """A skip view of the target (``layerskip.skip_view``) drafting on the target's own KV cache."""
 
     def __init__(self, view: Any, k: int | str = 4, *, k_max: int = 12):
-        from accelerando.llm.compute.layerskip import kept_layers
         keep = kept_layers(view)
         if keep is None:
             raise ValueError("SelfDraft needs a skip view of the target (accelerando.llm.compute.layerskip.skip_view)")
