@@ -252,7 +252,7 @@ def _demo_llm(console, hist, methods, max_new_tokens, repeats, device, collected
 
 def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, repeats, device,
                     collected) -> None:
-    from accelerando.bench.runner import RunnerError, build_diffusion_setups, run_methods, timed_diffusion_reference
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, timed_diffusion_reference
     from accelerando.bench.workloads import DiffusionWorkload
     if not methods:
         console.print("[yellow]diffusion: no methods registered yet — skipped[/yellow]")
@@ -281,9 +281,7 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
             wl = DiffusionWorkload(DEMO_UNET, steps=n, batch=samples)
             setups = [replace(s, steps=n) for s in base_setups]
             prog.prefix = f"diffusion {n} steps: "
-            rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
-                               repeats=repeats, warmup=1, history=hist, reference=reference,
-                               reference_s=reference_s, progress=prog)
+            rows = _measure(setups, methods, wl, reference, reference_s, reference_steps, repeats, hist, prog)
             title = (f"diffusion: {DEMO_UNET}, {samples} samples, {n} steps "
                      f"(reference: {reference_steps} steps)")
             tables.append(results_table(title, "diffusion", rows))
@@ -294,9 +292,17 @@ def _demo_diffusion(console, hist, methods, budgets, samples, reference_steps, r
         _demo_dit(console, hist, dit_methods, max(budgets), samples, reference_steps, repeats, device, collected)
 
 
+def _measure(setups, methods, wl, reference, reference_s, reference_steps, repeats, hist, prog):
+    """One diffusion table's rows: every method on ``setups``, errors against ``reference``, into the history."""
+    from accelerando.bench.runner import run_methods
+    return run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
+                       repeats=repeats, warmup=1, history=hist, reference=reference,
+                       reference_s=reference_s, progress=prog)
+
+
 def _demo_dit(console, hist, methods, steps, samples, reference_steps, repeats, device, collected) -> None:
     """The DiT arms on the zoo DiT at one budget: DDIM full compute is the baseline they skip work of."""
-    from accelerando.bench.runner import RunnerError, build_diffusion_setups, run_methods, timed_diffusion_reference
+    from accelerando.bench.runner import RunnerError, build_diffusion_setups, timed_diffusion_reference
     from accelerando.bench.workloads import DiffusionWorkload
     if not _zoo_has(DEMO_DIT):
         console.print(f"[yellow]diffusion: zoo model {DEMO_DIT} is not available — its DiT arms skipped[/yellow]")
@@ -312,9 +318,7 @@ def _demo_dit(console, hist, methods, steps, samples, reference_steps, repeats, 
         return
     with _Progress(len(methods), console) as prog:
         prog.prefix = f"DiT {steps} steps: "
-        rows = run_methods(setups, methods, workload={**wl.key(), "reference_steps": reference_steps},
-                           repeats=repeats, warmup=1, history=hist, reference=reference,
-                           reference_s=reference_s, progress=prog)
+        rows = _measure(setups, methods, wl, reference, reference_s, reference_steps, repeats, hist, prog)
     title = (f"diffusion: {DEMO_DIT} (DiT arms skip work inside the model at the same {steps} DDIM steps), "
              f"{samples} samples (reference: {reference_steps} steps)")
     console.print(results_table(title, "diffusion", rows))
