@@ -7,11 +7,14 @@ per-block skipping as in Delta-DiT, Chen et al. 2024). Which blocks run at a ste
   last ran; threshold 0 runs every block, exactly the full model;
 - ``router``: a (steps, blocks) boolean table, e.g. HarmoniCa's learned router (``harmonica.py``).
 
-A skipped block adds either its last residual (``order=0``, FORA) or a *forecast* of the residual at
-the current timestep: the polynomial through the residuals of its last ``order + 1`` runs, in Newton's
-divided-difference form over the model's timestep t (TaylorSeer, Liu et al. 2025, "From Reusing to
+A skipped block adds either its last residual (``order=0``, FORA) or a *forecast* (``order`` 1, 2):
+its attention and MLP outputs before the adaLN-Zero gates, a and f, are each extrapolated to the
+current timestep by the polynomial through their values at the block's last ``order + 1`` runs
+(Newton's divided differences over the model's timestep t), and added with the current step's own
+gates, ``h + gate_msa(t) a_hat + gate_mlp(t) f_hat`` (TaylorSeer, Liu et al. 2025, "From Reusing to
 Forecasting: Accelerating Diffusion Models with TaylorSeers": a Taylor expansion whose derivatives
-are finite differences; here at block level and for unevenly spaced runs).
+are finite differences, there per attention / MLP module; here per block, for unevenly spaced runs,
+with the exact gates, which cost two small matrix products on (t, y) alone).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .core import block_forward, embed, final_layer, unpatchify
+from .core import block_forward, block_forward_parts, embed, final_layer, gates, unpatchify
 from .denoiser import Counts
 
 POLICIES = ("static", "threshold", "router")
@@ -34,7 +37,7 @@ class BlockCacheConfig:
     interval: int = 2                  # static policy: all blocks run every `interval` steps (>= 1)
     warmup: int = 1                    # the first `warmup` steps run every block (>= 1: a cache must exist)
     router: Any = None                 # router policy: bool tensor (steps, blocks), True = run
-    order: int = 0                     # skipped block: 0 reuses its residual; 1, 2 forecast it (TaylorSeer)
+    order: int = 0                     # skipped block: 0 reuses its residual; 1, 2 forecast its outputs (TaylorSeer)
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -68,8 +71,8 @@ def newton_forecast(ts: list[float], rs: list[torch.Tensor], t: float) -> torch.
 
 class BlockCache:
     """Run each block or add its cached residual ``r_i = block_i(h) - h``, reused or forecast (state:
-    the residuals of the last ``order + 1`` runs and one reference input per block, reset per
-    trajectory)."""
+    per block the last residual, the (t, a, f) of its last ``order + 1`` runs and one reference input,
+    reset per trajectory)."""
 
     def __init__(self, config: BlockCacheConfig | None = None, **kw: Any) -> None:
         self.config = config if config is not None else BlockCacheConfig(**kw)
@@ -78,14 +81,13 @@ class BlockCache:
     def reset(self) -> None:
         self.residual: list[torch.Tensor | None] = []
         self.ref_input: list[torch.Tensor | None] = []
-        self.history: list[list[tuple[float, torch.Tensor]]] = []     # per block: (t, residual), oldest first
+        self.history: list[list[tuple[float, torch.Tensor, torch.Tensor]]] = []   # per block: (t, a, f), oldest first
 
-    def cached(self, i: int, t: float) -> torch.Tensor:
-        """Block i's residual for timestep t: the last one (order 0) or the forecast through its last runs."""
+    def forecast(self, i: int, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's ungated attention and MLP outputs (a, f) extrapolated to timestep t."""
         hist = self.history[i]
-        if self.config.order == 0 or len(hist) == 1:
-            return self.residual[i]
-        return newton_forecast([p[0] for p in hist], [p[1] for p in hist], t)
+        ts = [p[0] for p in hist]
+        return newton_forecast(ts, [p[1] for p in hist], t), newton_forecast(ts, [p[2] for p in hist], t)
 
     def is_noop(self) -> bool:
         """True when the policy would run every block at every step (interval 1, threshold 0, an
@@ -118,16 +120,22 @@ class BlockCache:
         t0 = float(t[0]) if self.config.order else 0.0     # one host sync per call (the forecast's time)
         for i, blk in enumerate(blocks):
             if self._run(i, h, step):
-                out = block_forward(blk, h, t, y)
-                self.residual[i], self.ref_input[i] = out - h, h
                 if self.config.order:
+                    out, a, f = block_forward_parts(blk, h, t, y)
                     hist = self.history[i]
                     if hist and hist[0][1].shape != out.shape:
                         hist.clear()
-                    hist.append((t0, self.residual[i]))
+                    hist.append((t0, a, f))
                     del hist[:-(self.config.order + 1)]
+                else:
+                    out = block_forward(blk, h, t, y)
+                self.residual[i], self.ref_input[i] = out - h, h
                 h, ran = out, ran + 1
+            elif self.config.order:
+                a, f = self.forecast(i, t0)
+                g_msa, g_mlp = gates(blk, t, y, h.dtype)
+                h = g_mlp.unsqueeze(1) * f + (g_msa.unsqueeze(1) * a + h)
             else:
-                h = h + self.cached(i, t0)
+                h = h + self.residual[i]
         counts.add(blocks=ran, tokens=h.shape[1], model=model, batch=x.shape[0])
         return unpatchify(model, final_layer(model, h, t, y))
