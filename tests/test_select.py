@@ -515,7 +515,7 @@ def test_arm_kernel_is_a_local_line_in_log_budget_per_arm_and_grid():
     # cell; an arm never seen: the mean of every cell
     assert got == pytest.approx([0.3, 0.5, 0.2, -0.5, (0.1 + 0.3 + 9.0 - 0.5) / 4])
     # with a ridge on the slope and the other grid weighted in: by hand
-    k = ArmKernel(h_steps=0.5, other_grid=0.02, ridge=0.01).fit(X, y)
+    k = ArmKernel(h_steps=0.5, other_grid=0.02, ridge=0.01).fit(X, y)      # all cells one architecture
     w = [math.exp(-2.0), 1.0, 0.02 * math.exp(-2.0)]        # query: trailing, 16 steps, same model
     d, v = [-1.0, 0.0, -1.0], [0.1, 0.3, 9.0]
     sw = sum(w)

@@ -124,14 +124,14 @@ class ArmKernel:
     prediction for a query is a weighted local-linear fit in log2 budget over the training cells of
     the *same arm*, with Gaussian weights in log2 budget (bandwidth ``h_steps``) and model size
     (``h_model``), a weight ``other_grid`` for a cell on another timestep spacing and ``other_arch``
-    for a cell of the other denoiser architecture (a DiT's error at half the budget says little
-    about a UNet's), and a ridge ``ridge`` on the slope (so one budget alone gives a flat,
+    for a cell of the other denoiser architecture (default 1e-6, a last fallback: a DiT's error at
+    half the budget says little about a UNet's, less than the same denoiser's on another spacing), and a ridge ``ridge`` on the slope (so one budget alone gives a flat,
     nearest-budget answer); an arm never seen: the mean of all."""
 
     COLUMNS = 6
 
     def __init__(self, *, h_steps: float = 0.5, h_model: float = 0.6, other_grid: float = 0.02,
-                 other_arch: float = 0.02, ridge: float = 0.01):
+                 other_arch: float = 1e-6, ridge: float = 0.01):
         if min(h_steps, h_model) <= 0 or not 0 <= other_grid <= 1 or not 0 <= other_arch <= 1 or ridge < 0:
             raise ValueError("ArmKernel needs h_steps, h_model > 0, 0 <= other_grid, other_arch <= 1, ridge >= 0")
         self.h_steps, self.h_model, self.other_grid, self.ridge = h_steps, h_model, other_grid, ridge
