@@ -9,6 +9,10 @@ a RAS step computes Q/K/V, attention rows and MLP for the active tokens only. Fu
 model, all caches refreshed): the first ``warmup`` steps, the paper's error-reset steps
 (``reset_steps``, and every ``full_every``-th RAS step), and every step from ``dense_from`` on (the
 paper's scheduler end step: the last, detail-refining steps run dense).
+
+``forecast=True`` (ours): a token left out of a step returns, instead of its last noise, the line
+through its last two computed noise values extrapolated to the current timestep (a first-order
+TaylorSeer forecast, Liu et al. 2025, per token and with each token's own times).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class RASConfig:
     criterion: str = "std"             # per-token focus score: std / l2 of the previous noise output (the
                                        # paper), or "delta": how much it changed when last computed
     starvation: float = 0.25           # score *= exp(starvation * staleness)
+    forecast: bool = False             # tokens left out: extrapolate their noise linearly in t, not reuse it
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -67,6 +72,32 @@ class RegionAdaptive:
         self.stale: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # forecast: each token's previous noise and the timesteps of its last two computations (B, N)
+        self.eps_prev: torch.Tensor | None = None
+        self.t_last: torch.Tensor | None = None
+        self.t_prev: torch.Tensor | None = None
+
+    def _remember(self, t: torch.Tensor, new: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Shift (noise, time) of the tokens just computed (all if ``idx`` is None) into the forecast history."""
+        tt = t.to(new.dtype)[:, None].expand(new.shape[0], new.shape[1])     # (B, N) or (B, k)
+        if idx is None or self.eps_prev is None:
+            full = self.eps_prev is not None and self.eps_prev.shape == new.shape and idx is None
+            self.eps_prev = self.eps_patches if full else new
+            self.t_prev = self.t_last if full else tt.clone()
+            self.t_last = tt.clone()
+            return
+        at = idx[..., None].expand(*idx.shape, new.shape[-1])
+        self.eps_prev = self.eps_prev.scatter(1, at, self.eps_patches.gather(1, at))
+        self.t_prev = self.t_prev.scatter(1, idx, self.t_last.gather(1, idx))
+        self.t_last = self.t_last.scatter(1, idx, tt)
+
+    def _predict(self, t: torch.Tensor) -> torch.Tensor:
+        """Every token's noise at t: the line through its last two values (its last value where they
+        share a timestep)."""
+        e1, e0 = self.eps_patches, self.eps_prev
+        dt = self.t_last - self.t_prev
+        slope = torch.where(dt != 0, (t.to(e1.dtype)[:, None] - self.t_last) / torch.where(dt != 0, dt, 1.0), 0.0)
+        return e1 + slope[..., None] * (e1 - e0)
 
     def is_noop(self) -> bool:
         return self.config.ratio == 1.0
@@ -99,6 +130,8 @@ class RegionAdaptive:
             # "delta": where the noise prediction still moves, the region is still being decided
             self.delta = (new - self.eps_patches).norm(dim=-1) if self.eps_patches is not None and \
                 self.eps_patches.shape == new.shape else new.norm(dim=-1)
+            if self.config.forecast:
+                self._remember(t, new, None)
             self.eps_patches = new
             self.stale = torch.zeros(b, n, device=x.device)
             counts.add(blocks=len(blocks), tokens=n, model=model, batch=b)
@@ -116,10 +149,12 @@ class RegionAdaptive:
         out = final_layer(model, h, t, y)                                      # (B, k, P)
         at = idx[..., None].expand(b, k, out.shape[-1])
         self.delta = self.delta.scatter(1, idx, (out - self.eps_patches.gather(1, at)).norm(dim=-1))
+        if self.config.forecast:
+            self._remember(t, out, idx)
         self.eps_patches = self.eps_patches.scatter(1, at, out)
         self.stale = (self.stale + 1).scatter(1, idx, 0.0)
         counts.add(blocks=len(blocks), tokens=k, model=model, batch=b)
-        return unpatchify(model, self.eps_patches)
+        return unpatchify(model, self._predict(t) if self.config.forecast else self.eps_patches)
 
 
 def patch_noise(model: Any, eps: torch.Tensor) -> torch.Tensor:
