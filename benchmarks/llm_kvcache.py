@@ -16,6 +16,7 @@ Ours: StreamingLLM, SnapKV, H2O, Elastic Cache (prefill presses), TokenSelect, R
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from typing import Any
@@ -178,6 +179,7 @@ def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, r
         ids = stream[5000: 5000 + n][None]
         t_plain, t_fill, t_tri, t_pre, acc, same, shared = [], [], {k: [] for k in ks}, {k: [] for k in ks}, \
             {k: [] for k in ks}, {k: True for k in ks}, True
+        tps = {k: [] for k in ks}
         for _ in range(repeats):          # interleaved: plain, the prefill alone, TriForce at each k
             t0 = time.perf_counter()
             ref, _ = kv_generate(model, ids, max_new_tokens=new)
@@ -192,6 +194,7 @@ def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, r
                 t_tri[k].append(time.perf_counter() - t0)
                 t_pre[k].append(drafter.prefill_s)
                 acc[k].append(out.stats["acceptance_rate"])
+                tps[k].append(out.stats["tokens_per_step"])
                 same[k] &= torch.equal(out.sequences, ref)
                 shared &= drafter.shared_prefill
         tp, tf = statistics.median(t_plain), statistics.median(t_fill)
@@ -199,9 +202,120 @@ def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, r
             tt, pre = statistics.median(t_tri[k]), statistics.median(t_pre[k])
             rows.append([n, new, ratio, k, f"{tp:.2f}", f"{tt:.2f}", f"{tp / tt:.2f}x", f"{tf:.2f}",
                          f"{(tp - tf) / max(1e-9, tt - tf):.2f}x", f"{pre:.3f}", "yes" if shared else "no",
-                         f"{statistics.mean(acc[k]):.2f}", "yes" if same[k] else "NO"])
+                         f"{statistics.mean(acc[k]):.2f}", f"{statistics.mean(tps[k]):.2f}", "yes" if same[k] else "NO"])
             print("D", rows[-1], flush=True)
     return rows
+
+
+def widened(model: Any, *, hidden: int = 512, heads: int = 8, head_dim: int = 64, intermediate: int = 1024) -> Any:
+    """``model`` (a Llama, MHA) zero-padded into a wider Llama that computes the same function: the
+    trained heads keep their RoPE frequencies (dim pair j -> j * head_dim / hd), the norms and the
+    query scale absorb the wider RMS and head_dim, every other weight is zero. Its steps cost what
+    the wide model's do (the extra heads' zero keys and values are stored and read), its tokens are
+    the trained model's: timing where the KV cache dominates, with a trained model's acceptance."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.config
+    d, h, hd, I = c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size
+    assert c.num_key_value_heads == h and head_dim % hd == 0 and hidden >= d and heads >= h
+    cfg = LlamaConfig(**{**c.to_dict(), "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": heads,
+                         "head_dim": head_dim, "intermediate_size": intermediate,
+                         "rms_norm_eps": c.rms_norm_eps * d / hidden})   # the same eps on the d live dims
+    big = LlamaForCausalLM(cfg).float().eval()
+    f = head_dim // hd
+    # trained head dim j -> big dim f*j (first half) / f*(j-hd/2)+head_dim/2 (second half): same RoPE frequency
+    idx = torch.tensor([f * j if j < hd // 2 else f * (j - hd // 2) + head_dim // 2 for j in range(hd)])
+    rows = torch.cat([hh * head_dim + idx for hh in range(h)])          # big q/k/v output rows for the trained heads
+    sd, new = model.state_dict(), {k: torch.zeros_like(v) for k, v in big.state_dict().items()}
+    g = math.sqrt(hidden / d)          # RMSNorm over `hidden` dims, d of them non-zero
+    sq = math.sqrt(head_dim / hd)      # 1/sqrt(head_dim) scaling instead of 1/sqrt(hd)
+    for k, v in sd.items():
+        t = new[k]
+        if k.endswith("embed_tokens.weight") or k == "lm_head.weight":
+            t[:, :d] = v
+        elif "norm" in k:
+            t[:d] = v / g
+        elif k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            t[rows, :d] = v * (sq if "q_proj" in k else 1.0)
+        elif k.endswith("o_proj.weight"):
+            t[:d, rows] = v
+        elif k.endswith(("gate_proj.weight", "up_proj.weight")):
+            t[:I, :d] = v
+        elif k.endswith("down_proj.weight"):
+            t[:d, :I] = v
+        else:
+            raise KeyError(k)
+    big.load_state_dict(new, strict=False)
+    big.tie_weights()
+    return big
+
+
+def _step_cost(model: Any, cache: Any, keep: int, t: int, repeats: int) -> float:
+    """Median seconds of one forward of ``t`` tokens over the first ``keep`` columns of ``cache``
+    (what a step costs depends on how many columns it reads, not on which)."""
+    from accelerando.llm.cache import cache_kwarg
+    from transformers import DynamicCache
+    view = DynamicCache(config=model.config)
+    for i, layer in enumerate(cache.layers):
+        view.update(layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone(), i)
+    ids = torch.ones(1, t, dtype=torch.long)
+    pos = torch.arange(keep, keep + t)[None]
+    ts = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model(input_ids=ids, position_ids=pos, **{cache_kwarg(model): view}, use_cache=True)
+        ts.append(time.perf_counter() - t0)
+        view.crop(-t)           # drop the t columns this call appended
+    return statistics.median(ts[1:])
+
+
+def triforce_costs(model: Any, lengths: list[int], ratio: float, ks: list[int], repeats: int) -> dict:
+    """Per-call costs on transformers' cache at each context: a full-cache target step (1 token),
+    a verification (k + 1 tokens), a draft step over the ``ratio`` retrieval cache."""
+    from accelerando.llm.kv.generate import prefill
+    out = {}
+    for n in lengths:
+        ids = torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        cache = prefill(model, ids)[1].cache
+        keep = int(round(ratio * n))
+        out[n] = {"target": _step_cost(model, cache, n, 1, repeats), "draft": _step_cost(model, cache, keep, 1, repeats),
+                  **{f"verify{k}": _step_cost(model, cache, n, k + 1, repeats) for k in ks}}
+        print("D costs", n, {a: round(b * 1e3, 2) for a, b in out[n].items()}, flush=True)
+    return out
+
+
+def tiny_draft_cost(window: int, repeats: int) -> float:
+    """One decode step of the zoo's ``code-draft-tiny`` over a ``window``-token cache (a StreamingLLM
+    cache's size): what a third TriForce level's draft step would cost here."""
+    from transformers import AutoModelForCausalLM
+    from accelerando import zoo
+    from accelerando.llm.kv.generate import prefill
+    tiny = AutoModelForCausalLM.from_pretrained(zoo.path("code-draft-tiny")).float().eval()
+    ids = torch.randint(1, tiny.config.vocab_size, (1, window), generator=torch.Generator().manual_seed(0))
+    return _step_cost(tiny, prefill(tiny, ids)[1].cache, window, 1, repeats)
+
+
+@torch.no_grad()
+def tiny_agreement(model: Any, tok: Any, n: int, window: int, cont: int = 64, windows: int = 4) -> float:
+    """Teacher-forced greedy agreement of ``code-draft-tiny`` reading a StreamingLLM cache (the first
+    4 tokens + the last ``window - 4``, positions within the cache) with ``model`` reading all ``n``
+    tokens, over ``cont`` held-out code tokens: a third level's acceptance (greedy) per draft token."""
+    from transformers import AutoModelForCausalLM
+    from accelerando import zoo
+    tiny = AutoModelForCausalLM.from_pretrained(zoo.path("code-draft-tiny")).float().eval()
+    s = corpus_filler(tok, "heldout")
+    agree = []
+    for st in [int(i * (len(s) - n - cont - 1) / max(1, windows - 1)) for i in range(windows)]:
+        ids = s[st: st + n + cont][None]
+        ref = model(input_ids=ids).logits[0, n - 1: n + cont - 1].argmax(-1)
+        win = torch.cat([ids[:, :4], ids[:, n - window + 4: n + cont]], 1)
+        agree.append(float((tiny(input_ids=win).logits[0, window - 1: window + cont - 1].argmax(-1) == ref).float().mean()))
+    return statistics.mean(agree)
+
+
+def projected(costs: dict, k: int, tokens_per_step: float) -> float:
+    """Decode speed-up of a draft/verify loop from its per-call costs and its tokens per step
+    (Leviathan et al., 2023: tokens per step / (k draft steps + one verification), in target steps)."""
+    return costs["target"] * tokens_per_step / (k * costs["draft"] + costs[f"verify{k}"])
 
 
 SECTION = "## KV-cache selection and compression vs kvpress (issue 18)"
@@ -227,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables, do not write BENCHMARKS.md")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parts", default="ABCD")
-    ap.add_argument("--per-cell", type=int, default=2, help="A: retrieval samples per (length, depth)")
+    ap.add_argument("--per-cell", type=int, default=6, help="A: retrieval samples per (length, depth)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -269,21 +383,22 @@ def main(argv: list[str] | None = None) -> None:
             parts["A"] = "\n".join(md)
         if "B" in a.parts:
             ctx = 512 if q else 2048
-            res = code_quality(model, tok, ctx, 32 if q else 64, 16 if q else 32, 1 if q else 2, ratios, anchor=True)
+            res = code_quality(model, tok, ctx, 32 if q else 64, 16 if q else 32, 1 if q else 4, ratios, anchor=True)
             rows = [[nm, r, f"{v[0]:.4f}", f"{v[1]:.2f}", f"{v[2]:.2f}"] for (nm, r), v in res.items()]
             rows.sort(key=lambda x: (x[1] != 1.0, x[1], x[0]))
             md = [header]
             md += ["", f"**B. Long held-out code** (context {ctx} tokens; teacher-forced over the next "
-                   f"{32 if q else 64}; greedy continuation of {16 if q else 32} tokens compared with the full cache's)",
+                   f"{32 if q else 64}; greedy continuation of {16 if q else 32} tokens compared with the full cache's; "
+                   f"{1 if q else 4} windows spread over the held-out split, means)",
                    "", markdown_table(["method", "kept ratio", "KL(full || method) nats/token", "perplexity",
                                        "greedy match"], rows)]
             parts["B"] = "\n".join(md)
         if "C" in a.parts:
-            cells = [(512, 1), (1024, 1)] if q else [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (2048, 4)]
+            cells = [(512, 1), (1024, 1)] if q else [(n, b) for b in (1, 4) for n in (1024, 2048, 4096, 8192)]
             rows = speed(model, tok, cells, 0.25, 8 if q else 16, 1 if q else 3, anchor=True)
             md = [header]
             md += ["", "**C. Cost at 25% kept** (prefill includes the press; decode tokens/s over "
-                   f"{8 if q else 16} new tokens, median of {1 if q else 3} interleaved rounds (CPU time: batch 4 only at 2048); "
+                   f"{8 if q else 16} new tokens (per row), median of {1 if q else 3} interleaved rounds; "
                    "`vs full` is against the full cache on the same backend, `vs transformers full` against "
                    "transformers' full DynamicCache; the lean engine runs eager steps (no compile) over a static "
                    "cache sized to what is kept; KV MiB held after the prefill, all layers)", "",
@@ -291,17 +406,62 @@ def main(argv: list[str] | None = None) -> None:
                                    "vs full", "vs transformers full", "KV MiB held"], rows)]
             parts["C"] = "\n".join(md)
         if "D" in a.parts:
-            rows = triforce(model, tok, [1024] if q else [4096, 8100], 16 if q else 48, 1 if q else 3, 0.1,
-                            [4] if q else [4, 6])
+            ks, ratio, new, reps = ([3] if q else [3, 4, 6]), 0.1, (16 if q else 64), (1 if q else 3)
+            lens = [1024] if q else [4096, 8100]
+            lens_l = lens
+            rows = triforce(model, tok, lens, new, reps, ratio, ks)
+            costs = triforce_costs(model, lens, ratio, ks, 5)
+            tiny = tiny_draft_cost(256, 5)
+            tiny_acc = tiny_agreement(model, tok, lens[-1], 256, windows=1 if q else 4)
+            large = widened(model)
+            probe = corpus_filler(tok, "heldout")[:512][None]
+            gap = float((large(input_ids=probe).logits - model(input_ids=probe).logits).abs().max())
+            kv_x = (large.config.num_key_value_heads * large.config.head_dim) / (
+                model.config.num_key_value_heads * model.config.head_dim)
+            rows_l = triforce(large, tok, lens_l, new, reps, ratio, ks)
+            costs_l = triforce_costs(large, lens_l, ratio, ks, 5)
+            crow = []
+            for name, rs, cs in (("code-long-target (trained)", rows, costs), ("code-long-target widened to 512", rows_l, costs_l)):
+                for r in rs:
+                    n, k = r[0], r[3]
+                    c = cs[n]
+                    crow.append([name, n, k, f"{c['target'] * 1e3:.2f}", f"{c['draft'] * 1e3:.2f}",
+                                 f"{c[f'verify{k}'] * 1e3:.2f}", f"{c['draft'] / c['target']:.2f}", r[12],
+                                 f"{projected(c, k, float(r[12])):.2f}x", r[8]])
             md = [header]
-            md += ["", "**D. TriForce** (the target with a 10% retrieval-chunk cache drafts k tokens for the full "
+            md += ["", f"**D. TriForce** (the target with a {ratio:.0%} retrieval-chunk cache drafts k tokens for the full "
                    "target; both on transformers' DynamicCache; wall time includes the prompt's prefill, `decode "
                    "only` subtracts it (timed alone, median) from both; the draft's cache is cut from the target's "
                    "prefill: its set-up is one forward of the first token over the full cache; median of "
-                   f"{1 if q else 3} interleaved rounds)", "",
+                   f"{reps} interleaved rounds; {new} new tokens; tokens/step = accepted drafts + 1 per verification)", "",
                    markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
                                    "speed-up", "prefill s", "speed-up, decode only", "draft set-up s", "prefill shared",
-                                   "acceptance", "greedy == plain"], rows)]
+                                   "acceptance", "tokens/step", "greedy == plain"], rows),
+                   "", f"Where the KV cache dominates the step: `code-long-target` zero-padded into a Llama 512 wide "
+                   f"(8 heads of 64, MLP 1024, {sum(p.numel() for p in large.parameters()) / 1e6:.1f}M parameters, "
+                   f"{kv_x:.0f}x the KV bytes per token; `widened` in this script). It computes the trained model's "
+                   f"function (max logit difference {gap:.1e} over 512 held-out tokens), so its acceptance is a "
+                   "trained model's, and each of its steps costs what a 512-wide model's does (the zero heads' "
+                   "keys and values are stored and read):", "",
+                   markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
+                                   "speed-up", "prefill s", "speed-up, decode only", "draft set-up s", "prefill shared",
+                                   "acceptance", "tokens/step", "greedy == plain"], rows_l),
+                   "", "Per-call costs (ms, median of 5, transformers' cache) and the decode speed-up they imply: "
+                   "tokens/step x target step / (k draft steps + one verification of k + 1 tokens), next to the "
+                   "measured decode-only speed-up:", "",
+                   markdown_table(["model", "context", "k", "target step ms", "draft step ms", "verify ms",
+                                   "draft / target", "tokens/step", "projected", "measured decode only"], crow),
+                   "", f"Third level (a tiny draft with a StreamingLLM cache drafting for the retrieval-cache draft): "
+                   f"a step of `code-draft-tiny` (1 layer x 64) over a 256-token cache costs {tiny * 1e3:.2f} ms "
+                   f"against the trained model's retrieval-draft step of "
+                   + " / ".join(f"{costs[n]['draft'] * 1e3:.2f} ms at {n}" for n in lens)
+                   + ": on this CPU a step of any of these tiny models is mostly fixed per-call work, so a third "
+                   "level would replace draft steps with steps costing "
+                   + " / ".join(f"{tiny / costs[n]['draft']:.0%}" for n in lens)
+                   + f" as much, but its greedy agreement with the trained model (teacher-forced over held-out code at "
+                   f"{lens[-1]} tokens) is {tiny_acc:.2f}: about {1 / (1 - tiny_acc):.2f} tokens per middle-level "
+                   "forward even if the tiny steps were free, so it cannot pay here (the zoo's drafts were distilled "
+                   "from `code-target`, not from this model); not built."]
             parts["D"] = "\n".join(md)
     print("\n".join(md))
     if not a.no_write:

@@ -96,3 +96,28 @@ def test_draft_cache_is_cut_from_the_targets_prefill(engine):
         assert float(dist.min(-1).values.max()) < 1e-2      # cdist rounding; other columns are ~1 apart
         assert torch.equal(j[:, :8], torch.arange(8).expand(B * H, 8))           # the first chunk stays
         assert bool((j[:, 8:24].view(B * H, 2, 8).diff(dim=-1) == 1).all())     # whole chunks
+
+
+def test_benchmark_widened_model_computes_the_same_function():
+    """benchmarks/llm_kvcache.py times TriForce on a trained model zero-padded into a wider one:
+    its logits (so its acceptance) must be the trained model's."""
+    import importlib.util
+    from pathlib import Path
+
+    import transformers as tf
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_kvcache.py"
+    spec = importlib.util.spec_from_file_location("bench_llm_kvcache", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch.manual_seed(0)
+    small = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                                               max_position_embeddings=256)).eval()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.normal_(0, 0.3)      # sharp logits, non-trivial norms
+    big = bench.widened(small, hidden=96, heads=6, head_dim=16, intermediate=80)
+    assert big.config.hidden_size == 96 and big.config.num_key_value_heads == 6
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(big(input_ids=ids).logits, small(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -531,6 +531,35 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
     return len(todo), changed
 
 
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and math.isnan(v)) or v == "nan"
+
+
+def refresh_diffusion_facts(rows: list[dict[str, Any]], *, names: Sequence[str],
+                            device: str = "cpu") -> tuple[int, int]:
+    """Add the denoiser facts ``names`` (``features.diffusion_model_facts``: size, depth, width,
+    architecture) to the stored diffusion workloads of bundled-style ``rows`` (dicts, changed in
+    place), loading each row's model once; facts a row already has are kept unless unknown (NaN).
+    No method runs and no timing changes. Returns (models loaded, rows changed)."""
+    from .features import diffusion_model_facts
+    cache = ModelCache(device)
+    by_model: dict[str, dict[str, float]] = {}
+    changed = 0
+    for r in rows:
+        wl = r.get("workload") or {}
+        if wl.get("family") != "diffusion" or not wl.get("model"):
+            continue
+        if wl["model"] not in by_model:
+            by_model[wl["model"]] = diffusion_model_facts(cache.unet(wl["model"]).unet)
+        facts = by_model[wl["model"]]
+        feats = wl.setdefault("features", {})
+        new = {n: facts[n] for n in names if n in facts and _missing(feats.get(n)) and not _missing(facts[n])}
+        if new:
+            feats.update(new)
+            changed += 1
+    return len(by_model), changed
+
+
 # ----------------------------------------------------------------------------- re-timing
 
 @dataclass
