@@ -43,6 +43,28 @@ def _headed(e: int) -> Callable[[Any], Any]:
     return lambda m: L.skip_view(m, L.SkipConfig(exit_layer=e), exit_head=exit_head_for(m, e))
 
 
+MIXED = f"BitMoD mixed 3/4-bit <= 4.00 bits g{GROUP} (6-bit scales, Fisher-weighted, simulated)"
+
+
+def calibration_ids(n: int = 32, win: int = 256) -> torch.Tensor:
+    """Calibration text for the mixed BitMoD allocation: ``n`` windows of the zoo's *train* split
+    (half code, half prose); every quality number is on the held-out split."""
+    from accelerando import zoo
+    from accelerando.zoo import data
+    tok = zoo.load_tokenizer("code-target")
+    rows = []
+    for kind in ("code", "prose"):
+        ids = torch.tensor(tok("\n".join(data.texts(kind, "train"))).input_ids)
+        rows += [ids[i * win: (i + 1) * win] for i in range(0, 4 * n, 4)][: n // 2]
+    return torch.stack(rows)
+
+
+def _mixed(m: Any) -> Any:
+    """BitMoD with a per-group choice of 3- or 4-bit datatypes, stored bits <= 4.00 per weight."""
+    return Q.quantize_model(m, Q.QuantConfig(method="bitmod", group_size=GROUP, budget=4.0, scale_bits=6),
+                            calibration=calibration_ids())
+
+
 def lossy_transforms() -> dict[str, tuple[Callable[[Any], Any], str, dict]]:
     """name -> (transform of a model copy, registry method for timing, its knobs)."""
     def q(method, **kw):
@@ -60,6 +82,7 @@ def lossy_transforms() -> dict[str, tuple[Callable[[Any], Any], str, dict]]:
                                                           "quant-bitmod", {"bits": 4, "group_size": GROUP, "packed": True}),
         f"BitMoD 3-bit g{GROUP} (simulated)": (q("bitmod", group_size=GROUP, bits=3), "quant-bitmod",
                                                {"bits": 3, "group_size": GROUP, "packed": False}),
+        MIXED: (_mixed, "quant-bitmod", {"bits": None, "budget": 4.0, "scale_bits": 6, "group_size": GROUP, "packed": False}),
         "CoreInfer a=0.4 b=0.2": (lambda m: C.apply_coreinfer(m, C.CoreInferConfig(0.4, 0.2)), "coreinfer",
                                   {"alpha": 0.4, "beta": 0.2}),
         "CoreInfer a=0.6 b=0.3": (lambda m: C.apply_coreinfer(m, C.CoreInferConfig(0.6, 0.3)), "coreinfer",
@@ -391,20 +414,28 @@ def heldout_table(args) -> str:
         print(rows[-1], flush=True)
     n = {k: w.numel() for k, w in d.windows.items()}
     by = {r[0]: r for r in rows}
-    i4 = by.get(f"int4 RTN asym g{GROUP} (packed)")
     verdict = []
-    for name in (f"BitMoD 4-bit g{GROUP} (simulated)", f"BitMoD 3-bit g{GROUP} (simulated)"):
-        bm = by.get(name)
-        if bm and i4 and bm[2].endswith("%") and i4[2].endswith("%"):
-            val = lambda x: float(x.rstrip("%"))  # noqa: E731
-            better = val(bm[2]) < val(i4[2]) and val(bm[3]) < val(i4[3])
-            verdict.append(f"- {name} ({bm[1]} bits/weight) vs asymmetric int4 RTN at group {GROUP} ({i4[1]} bits/weight, "
-                           f"scale + zero per group): perplexity change smaller on both domains: "
-                           f"**{'met' if better else 'not met'}** (code {bm[2]} vs {i4[2]}, prose {bm[3]} vs {i4[3]})")
+    for rtn, what, meta in ((f"int4 RTN asym g{GROUP} (packed)", "asymmetric int4 RTN", "fp16 scale + zero per group"),
+                            (f"int4 RTN sym g{GROUP} (simulated)", "symmetric int4 RTN", "fp16 scale per group")):
+        i4 = by.get(rtn)
+        for name in (MIXED, f"BitMoD 4-bit g{GROUP} (simulated)", f"BitMoD 3-bit g{GROUP} (simulated)"):
+            bm = by.get(name)
+            if bm and i4 and bm[2].endswith("%") and i4[2].endswith("%"):
+                val = lambda x: float(x.rstrip("%"))  # noqa: E731
+                better = val(bm[2]) < val(i4[2]) and val(bm[3]) < val(i4[3])
+                verdict.append(f"- {name} ({bm[1]} bits/weight) vs {what} at group {GROUP} ({i4[1]} bits/weight, {meta}): "
+                               f"perplexity change smaller on both domains: **{'met' if better else 'not met'}** "
+                               f"(code {bm[2]} vs {i4[2]}, prose {bm[3]} vs {i4[3]})")
     return (f"### (d) Perplexity change over every held-out token (zoo `code-target`)\n\n"
             f"`python benchmarks/llm_compute.py --heldout` -- {machine_line()}. Teacher-forced full forwards over "
             f"256-token windows: {n['code']} code tokens (original perplexity {math.exp(base['code']):.2f}), "
-            f"{n['prose']} prose tokens ({math.exp(base['prose']):.2f}). CoreInfer changes decode steps only: see (a).\n\n"
+            f"{n['prose']} prose tokens ({math.exp(base['prose']):.2f}). CoreInfer changes decode steps only: see (a). "
+            f"Bits/weight count every stored bit over the decoder linears: int4 RTN asym = 4-bit codes + fp16 scale "
+            f"+ fp16 zero per group of {GROUP} (4.50), sym = codes + fp16 scale (4.25); BitMoD 3/4-bit = codes + 2-bit "
+            f"datatype id + fp16 scale per group; {MIXED.split(' (')[0]}: per group a 3-bit datatype id (4 datatypes x "
+            f"2 widths), 3- or 4-bit codes and a 6-bit scale code, per output row an fp16 scale; which groups get 4 bits "
+            f"is chosen greedily by sensitivity-weighted error drop (diagonal Fisher on 32 train-split windows) until "
+            f"the budget is spent.\n\n"
             + markdown_table(["method", "bits/weight stored", "ppl change code", "ppl change prose"], rows) + "\n\n"
             + "\n".join(verdict) + "\n")
 
@@ -504,7 +535,8 @@ def render(args, d: Data, quality: dict, speed: list[dict], big: list[dict], cos
         f"- int8: int8 weights + per-row scales through `torch.ops.aten._weight_int8pack_mm` (activations cast to bf16); "
         f"torchao's `Int8WeightOnlyConfig` is the anchor. int4 RTN: tinygemm-packed nibbles through "
         f"`_weight_int4pack_mm_for_cpu`. torchao's int4 needs CUDA / mslk and does not run on this CPU.\n"
-        f"- BitMoD: the packed module stores the codes (two per byte), 2-bit datatype ids and fp16 group scales, "
+        f"- BitMoD: the packed module stores bit streams -- codes at their group's width (3 or 4 bits), datatype ids "
+        f"(2 bits; 3 when mixed), group scales (fp16, or 6-bit codes under an fp16 row scale) -- counted bit for bit, "
         f"but a CPU has no bit-serial datapath: its forward dequantises and multiplies in fp32, so it is slower, not faster. "
         f"Quality numbers are exact for the format.\n"
         f"- SageAttention: the INT8 product is computed exactly (integer-valued fp32 matmul) and FP8 rounding by torch's float8 casts, "

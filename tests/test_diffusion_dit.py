@@ -95,6 +95,92 @@ def test_ras_all_tokens_active_equals_full_compute_and_full_steps_count():
     assert c.skipped_fraction == pytest.approx(1 - (5 * 16 + 3 * 4) / (8 * 16))
 
 
+def test_newton_forecast_is_exact_on_polynomials_of_its_order():
+    from accelerando.diffusion.dit.cache import newton_forecast
+    ts = [950.0, 900.0, 720.0]                                   # uneven, as a router leaves them
+    a, b, c = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    line = [a + b * t for t in ts]
+    quad = [a + b * t + c * t * t / 1e3 for t in ts]
+    torch.testing.assert_close(newton_forecast(ts[1:], line[1:], 500.0), a + b * 500.0)
+    torch.testing.assert_close(newton_forecast(ts, quad, 500.0), a + b * 500.0 + c * 250.0, rtol=1e-4, atol=1e-4)
+    assert torch.equal(newton_forecast(ts[:1], line[:1], 500.0), line[0])
+
+
+def test_forecast_cache_adds_the_extrapolated_residual():
+    m = tiny_dit(layers=2)
+    cache = BlockCache(policy="static", interval=2, order=1)
+    x, y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    from accelerando.diffusion.dit.denoiser import Counts
+    with torch.no_grad():
+        for step, t in enumerate((900.0, 800.0, 700.0)):             # runs, skips, runs
+            cache.forward(m, x, torch.full((2,), t), y, step=step, counts=Counts())
+        hist = cache.history[1]
+        assert [p[0] for p in hist] == [900.0, 700.0]
+        (t0, a0, f0), (t1, a1, f1) = hist
+        # a skipped step at t = 600: the ungated attention / MLP outputs on the line through the two runs
+        a, f = cache.forecast(1, 600.0)
+        torch.testing.assert_close(a, a1 + (600.0 - t1) * (a1 - a0) / (t1 - t0))
+        torch.testing.assert_close(f, f1 + (600.0 - t1) * (f1 - f0) / (t1 - t0))
+        # and a run's a, f rebuild its output with that step's gates
+        from accelerando.diffusion.dit.core import block_forward, block_forward_parts, gates
+        h, tt = torch.randn(2, 16, 16), torch.full((2,), 321.0)
+        out, a, f = block_forward_parts(m.transformer_blocks[0], h, tt, y)
+        g1, g2 = gates(m.transformer_blocks[0], tt, y, h.dtype)
+        torch.testing.assert_close(out, h + g1[:, None] * a + g2[:, None] * f)
+        assert torch.equal(out, block_forward(m.transformer_blocks[0], h, tt, y))
+    ref, _ = run(m, None, steps=6)
+    outs = {o: run(m, BlockCache(policy="static", interval=2, order=o), steps=6) for o in (0, 1, 2)}
+    assert all(c.skipped_fraction == pytest.approx(0.5) for _, c in outs.values())
+    assert not torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[1][0], outs[2][0])
+    every = BlockCache(policy="router", router=torch.ones(6, 2, dtype=torch.bool), order=2)
+    every.is_noop = lambda: False                                  # the forecast path itself, never used
+    assert torch.equal(run(m, every, steps=6)[0], ref)
+
+
+def test_step_search_moves_computed_steps_while_the_final_image_improves():
+    from accelerando.diffusion.dit.stepsearch import (StepSearchConfig, forecast_cache, moves, search_steps,
+                                                      uniform_steps)
+    assert uniform_steps(6, 0.5).tolist() == [True, False, True, False, True, False]
+    assert uniform_steps(5, 0.4).tolist() == [True, False, True, False, False]
+    assert sorted(c.nonzero().flatten().tolist() for c in moves(uniform_steps(6, 0.5))) == [
+        [0, 1, 4], [0, 2, 3], [0, 2, 5], [0, 3, 4]]
+    m = tiny_dit(layers=2)
+    cfg = StepSearchConfig(steps=6, keep=0.5, order=1, batch=2, rounds=3)
+    computed = search_steps(m, cfg, generator=torch.Generator().manual_seed(3))
+    assert computed.dtype == torch.bool and computed[0] and int(computed.sum()) == 3
+    # independently: the same calibration draw; the result beats (or is) the uniform start and no single
+    # move improves it, unless the rounds ran out
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (2,), generator=g)
+    ref = sample(DiTDenoiser(m, y), x, method="ddim", steps=6).clamp(-1, 1)
+
+    def err(c):
+        out = sample(DiTDenoiser(m, y, method=forecast_cache(c, 2, order=1)), x, method="ddim", steps=6)
+        return float(((out.clamp(-1, 1) - ref) ** 2).mean())
+    e = err(computed)
+    assert e <= err(uniform_steps(6, 0.5))
+    assert all(err(c) >= e for c in moves(computed))
+    _, c = run(m, forecast_cache(computed, 2, order=1), steps=6)
+    assert c.skipped_fraction == pytest.approx(0.5)
+
+
+def test_ras_forecast_extrapolates_left_out_tokens_and_is_exact_when_all_are_active():
+    m = tiny_dit(size=8)
+    ref, _ = run(m, None, steps=6, guidance=1.5)
+    out, _ = run(m, RegionAdaptive(ratio=0.999, warmup=1, forecast=True), steps=6, guidance=1.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    r = RegionAdaptive(ratio=0.5, forecast=True)
+    r.eps_patches, r.eps_prev = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 1.0)
+    r.t_last, r.t_prev = torch.tensor([[800.0, 700.0]]), torch.tensor([[900.0, 700.0]])
+    pred = r._predict(torch.tensor([700.0]))
+    # token 0: the line through (900, 1) and (800, 2) at 700 -> 3; token 1: computed at 700 -> itself
+    assert torch.equal(pred, torch.tensor([[[3.0] * 3, [2.0] * 3]]))
+    plain, _ = run(m, RegionAdaptive(ratio=0.5, warmup=2), steps=6)
+    fc, c = run(m, RegionAdaptive(ratio=0.5, warmup=2, forecast=True), steps=6)
+    assert not torch.equal(plain, fc) and c.skipped_fraction > 0
+
+
 def test_ras_focus_prefers_high_score_and_starved_tokens():
     r = RegionAdaptive(ratio=0.5, starvation=0.0)
     r.eps_patches = torch.zeros(1, 4, 3)
@@ -163,6 +249,7 @@ def test_tome_counts():
     (lambda: RASConfig(reset_steps=(-1,)), "reset_steps"),
     (lambda: ToMeConfig(ratio=1.5), "merge ratio"),
     (lambda: BlockCacheConfig(policy="router"), "router"),
+    (lambda: BlockCacheConfig(order=3), "forecast order"),
 ])
 def test_bad_knobs_one_line_errors(make, msg):
     with pytest.raises(ValueError, match=msg) as e:

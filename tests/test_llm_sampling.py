@@ -176,4 +176,4 @@ def test_adaptive_k_probes_less_often_while_drafting_does_not_pay():
         else:
             ctl.update(0, [0], 0.0, 1.0)
     probes = gaps[gaps.index(2):]                                        # after the prior's first drafting steps
-    assert probes[:5] == [2, 4, 8, 16, 32] and max(gaps) == 64 and len(gaps) < 15
+    assert probes[:4] == [2, 8, 32, 64] and max(gaps) == 64 and len(gaps) < 12

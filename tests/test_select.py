@@ -503,28 +503,36 @@ def test_structural_speed_model_is_the_step_ratio_times_a_learned_per_sampler_fa
 
 def test_arm_kernel_is_a_local_line_in_log_budget_per_arm_and_grid():
     from accelerando.select.models import ArmKernel
-    # rows: [arm, trailing, linspace, log2 budget, log10 params]
-    X = [[0, 1, 0, 3.0, 5.0], [0, 1, 0, 4.0, 5.0],          # arm 0 on trailing: 0.1 at 8 steps, 0.3 at 16
-         [0, 0, 0, 3.0, 5.0],                               # arm 0 on leading: far off, weighted 0 here
-         [1, 1, 0, 3.0, 5.0]]                               # arm 1: one cell
+    # rows: [arm, trailing, linspace, log2 budget, log10 params, transformer]
+    X = [[0, 1, 0, 3.0, 5.0, 0], [0, 1, 0, 4.0, 5.0, 0],          # arm 0 on trailing: 0.1 at 8 steps, 0.3 at 16
+         [0, 0, 0, 3.0, 5.0, 0],                               # arm 0 on leading: far off, weighted 0 here
+         [1, 1, 0, 3.0, 5.0, 0]]                               # arm 1: one cell
     y = [0.1, 0.3, 9.0, -0.5]
     k = ArmKernel(other_grid=0.0, ridge=0.0).fit(X, y)
-    got = k.predict([[0, 1, 0, 4.0, 5.0], [0, 1, 0, 5.0, 5.0], [0, 1, 0, 3.5, 7.0], [1, 1, 0, 4.0, 5.0],
-                     [7, 1, 0, 3.0, 5.0]])
+    got = k.predict([[0, 1, 0, 4.0, 5.0, 0], [0, 1, 0, 5.0, 5.0, 0], [0, 1, 0, 3.5, 7.0, 0], [1, 1, 0, 4.0, 5.0, 0],
+                     [7, 1, 0, 3.0, 5.0, 0]])
     # two budgets, no ridge: the line through both, wherever the weights put the query; one cell: that
     # cell; an arm never seen: the mean of every cell
     assert got == pytest.approx([0.3, 0.5, 0.2, -0.5, (0.1 + 0.3 + 9.0 - 0.5) / 4])
     # with a ridge on the slope and the other grid weighted in: by hand
-    k = ArmKernel(h_steps=0.5, other_grid=0.02, ridge=0.01).fit(X, y)
+    k = ArmKernel(h_steps=0.5, other_grid=0.02, ridge=0.01).fit(X, y)      # all cells one architecture
     w = [math.exp(-2.0), 1.0, 0.02 * math.exp(-2.0)]        # query: trailing, 16 steps, same model
     d, v = [-1.0, 0.0, -1.0], [0.1, 0.3, 9.0]
     sw = sum(w)
     md, my = sum(a * b for a, b in zip(w, d)) / sw, sum(a * b for a, b in zip(w, v)) / sw
     slope = sum(a * (b - md) * (c - my) for a, b, c in zip(w, d, v)) / (
         sum(a * (b - md) ** 2 for a, b in zip(w, d)) + 0.01 * sw)
-    assert k.predict([[0, 1, 0, 4.0, 5.0]])[0] == pytest.approx(my - slope * md, rel=1e-6)
+    assert k.predict([[0, 1, 0, 4.0, 5.0, 0]])[0] == pytest.approx(my - slope * md, rel=1e-6)
+    # a cell of the other architecture (a DiT's, transformer = 1) counts only with weight other_arch
+    Xd = X + [[0, 1, 0, 4.0, 5.0, 1]]
+    k = ArmKernel(other_grid=0.0, other_arch=0.0, ridge=0.0).fit(Xd, y + [5.0])
+    assert k.predict([[0, 1, 0, 4.0, 5.0, 0], [0, 1, 0, 4.0, 5.0, 1]]) == pytest.approx([0.3, 5.0])
+    k = ArmKernel(other_grid=0.0, other_arch=0.5, ridge=0.0, h_steps=1e-3).fit(Xd, y + [5.0])
+    assert k.predict([[0, 1, 0, 4.0, 5.0, 0]])[0] == pytest.approx((0.3 + 0.5 * 5.0) / 1.5)
     with pytest.raises(ValueError):
         ArmKernel(h_steps=0.0)
+    with pytest.raises(ValueError):
+        ArmKernel(other_arch=1.5)
 
 
 def _kernel_history():
@@ -661,3 +669,39 @@ def test_recommend_offers_long_context_methods_only_on_long_prompts():
     arm = next(a for a in t.arms if t.arms[a].method == "kv-snapkv")
     assert not _applicable(t, arm, {"family": "llm", "features": {"prompt_len": 120.0}}, reg)
     assert _applicable(t, arm, {"family": "llm", "features": {"prompt_len": 2048.0}}, reg)
+
+
+def test_diffusion_model_facts_tell_a_dit_from_a_unet_and_refresh_fills_old_rows(monkeypatch):
+    from diffusers import DiTTransformer2DModel
+    from accelerando.bench.models import rand_unet
+    from accelerando.select import sweep
+    from accelerando.select.features import diffusion_model_facts
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                norm_num_groups=1)
+    unet = rand_unet("rand-unet-c8x16-i8-s0")
+    fd, fu = diffusion_model_facts(dit), diffusion_model_facts(unet)
+    assert fd["transformer"] == 1.0 and fu["transformer"] == 0.0
+    assert fd["hidden"] == 16.0 and fd["n_layers"] == 2.0 and fu["hidden"] == 16.0
+    feats = workload_features({"family": "diffusion", "steps": 8, "features": fd})
+    assert feats["transformer"] == 1.0
+
+    class FakeCache:                                     # the refresh loads each model once
+        loads: list = []
+
+        def __init__(self, device):
+            pass
+
+        def unet(self, name):
+            FakeCache.loads.append(name)
+            return type("L", (), {"unet": {"d": dit, "u": unet}[name]})()
+
+    rows = [{"workload": {"family": "diffusion", "model": m, "features": {"hidden": "nan", "n_layers": 9.0}}}
+            for m in ("d", "u", "d")] + [{"workload": {"family": "llm", "model": "x"}}]
+    monkeypatch.setattr(sweep, "ModelCache", FakeCache)
+    n_models, changed = sweep.refresh_diffusion_facts(rows, names=["transformer", "hidden", "n_layers"])
+    assert (n_models, changed, sorted(FakeCache.loads)) == (2, 3, ["d", "u"])
+    assert [r["workload"]["features"]["transformer"] for r in rows[:3]] == [1.0, 0.0, 1.0]
+    assert rows[0]["workload"]["features"]["hidden"] == 16.0       # a stored NaN is filled
+    assert rows[0]["workload"]["features"]["n_layers"] == 9.0      # a stored fact is kept
+    assert "features" not in rows[3]["workload"]                   # LLM rows untouched

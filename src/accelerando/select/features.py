@@ -95,6 +95,10 @@ FEATURES: dict[str, tuple[str, str]] = {
                            "multistep solvers, large budgets make every solver accurate"),
     "log_steps": ("diffusion", "log2 of the NFE budget"),
     "image_size": ("diffusion", "pixels per side: cost per NFE"),
+    "transformer": ("diffusion", "1 when the denoiser is a transformer over image patches (a DiT), 0 for a "
+                                 "convolutional UNet: block caching (HarmoniCa, diffusers' hooks), region-"
+                                 "adaptive sampling and token merging act on transformer blocks only, and "
+                                 "the two architectures respond differently to the same solver and budget"),
     "channels": ("diffusion", "image channels"),
     "spacing_trailing": ("diffusion", "1 for trailing timestep spacing (reaches t = T-1), which "
                                       "changes the error of few-step samplers"),
@@ -198,6 +202,9 @@ def model_stats(model: Any) -> dict[str, float]:
     cfg = getattr(model, "config", {}) or {}
     layers = _cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers")
     hidden = _cfg_get(cfg, "hidden_size", "n_embd", "d_model")
+    if hidden is None and _cfg_get(cfg, "attention_head_dim", "num_attention_heads") is not None \
+            and _cfg_get(cfg, "patch_size") is not None:          # diffusers DiT: heads x head width
+        hidden = (_cfg_get(cfg, "num_attention_heads") or 0) * (_cfg_get(cfg, "attention_head_dim") or 0) or None
     if hidden is None:     # diffusers UNet: widest block
         boc = _cfg_get(cfg, "block_out_channels")
         hidden = max(boc) if boc else None
@@ -421,10 +428,24 @@ def target_top1(logits: Any, *, temperature: float = 0.0, mask: Any = None) -> f
     return float(p.mean())
 
 
+def is_patch_transformer(model: Any) -> bool:
+    """True for a denoiser that runs transformer blocks over image patches (diffusers' DiT, PixArt,
+    SD3 / Flux transformers: a ``patch_size`` in the config and no UNet block channels)."""
+    cfg = getattr(model, "config", {}) or {}
+    return _cfg_get(cfg, "patch_size") is not None and _cfg_get(cfg, "block_out_channels") is None
+
+
+def diffusion_model_facts(model: Any) -> dict[str, float]:
+    """The facts of a diffusion workload that come from the denoiser alone (no timing): size, depth,
+    width and the architecture (``transformer``)."""
+    return {**model_stats(model), "transformer": float(is_patch_transformer(model))}
+
+
 def diffusion_facts(*, eps_fn: Any, model: Any, x_T: Any, repeats: int = 3) -> dict[str, float]:
-    """Facts about a diffusion workload: model size and one timed eps evaluation (one NFE)."""
+    """Facts about a diffusion workload: the denoiser's (``diffusion_model_facts``) and one timed
+    eps evaluation (one NFE)."""
     import torch
-    facts = model_stats(model) if model is not None else {}
+    facts = diffusion_model_facts(model) if model is not None else {}
     t = torch.full((x_T.shape[0],), 500, dtype=torch.long)
     with torch.no_grad():
         facts["log_fwd_ms"] = math.log10(max(forward_latency_ms(lambda: eps_fn(x_T, t), repeats=repeats), 1e-6))

@@ -120,17 +120,22 @@ class ArmKernel:
     """Per-arm kernel regression of quality over (grid, budget, model): a sampler's error at a budget
     is close to its error at a nearby budget on the same timestep grid and a similar denoiser.
 
-    Rows are ``[arm index, trailing, linspace, log2 budget, log10 params]``. The prediction for a
-    query is a weighted local-linear fit in log2 budget over the training cells of the *same arm*,
-    with Gaussian weights in log2 budget (bandwidth ``h_steps``) and model size (``h_model``), a
-    weight ``other_grid`` for a cell on another timestep spacing, and a ridge ``ridge`` on the slope
-    (so one budget alone gives a flat, nearest-budget answer); an arm never seen: the mean of all."""
+    Rows are ``[arm index, trailing, linspace, log2 budget, log10 params, transformer]``. The
+    prediction for a query is a weighted local-linear fit in log2 budget over the training cells of
+    the *same arm*, with Gaussian weights in log2 budget (bandwidth ``h_steps``) and model size
+    (``h_model``), a weight ``other_grid`` for a cell on another timestep spacing and ``other_arch``
+    for a cell of the other denoiser architecture (default 1e-6, a last fallback: a DiT's error at
+    half the budget says little about a UNet's, less than the same denoiser's on another spacing), and a ridge ``ridge`` on the slope (so one budget alone gives a flat,
+    nearest-budget answer); an arm never seen: the mean of all."""
+
+    COLUMNS = 6
 
     def __init__(self, *, h_steps: float = 0.5, h_model: float = 0.6, other_grid: float = 0.02,
-                 ridge: float = 0.01):
-        if min(h_steps, h_model) <= 0 or not 0 <= other_grid <= 1 or ridge < 0:
-            raise ValueError("ArmKernel needs h_steps, h_model > 0, 0 <= other_grid <= 1, ridge >= 0")
+                 other_arch: float = 1e-6, ridge: float = 0.01):
+        if min(h_steps, h_model) <= 0 or not 0 <= other_grid <= 1 or not 0 <= other_arch <= 1 or ridge < 0:
+            raise ValueError("ArmKernel needs h_steps, h_model > 0, 0 <= other_grid, other_arch <= 1, ridge >= 0")
         self.h_steps, self.h_model, self.other_grid, self.ridge = h_steps, h_model, other_grid, ridge
+        self.other_arch = other_arch
 
     def fit(self, X: np.ndarray, y: np.ndarray) -> "ArmKernel":
         X, y = np.asarray(X, float), np.asarray(y, float)
@@ -139,7 +144,7 @@ class ArmKernel:
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, float).reshape(-1, 5)
+        X = np.asarray(X, float).reshape(-1, self.COLUMNS)
         out = np.full(len(X), self.pooled)
         for a in np.unique(X[:, 0]):
             if a not in self.by_arm:
@@ -150,7 +155,8 @@ class ArmKernel:
             d = Xa[None, :, 3] - Q[:, None, 3]                      # log2 budget offsets (query x cell)
             w = np.exp(-0.5 * (d / self.h_steps) ** 2 - 0.5 * ((Xa[None, :, 4] - Q[:, None, 4]) / self.h_model) ** 2)
             same = (Xa[None, :, 1] == Q[:, None, 1]) & (Xa[None, :, 2] == Q[:, None, 2])
-            w = w * np.where(same, 1.0, self.other_grid) + 1e-12
+            arch = Xa[None, :, 5] == Q[:, None, 5]                  # NaN (unknown) matches nothing
+            w = w * np.where(same, 1.0, self.other_grid) * np.where(arch, 1.0, self.other_arch) + 1e-12
             sw = w.sum(1)
             md, my = (w * d).sum(1) / sw, (w * ya[None]).sum(1) / sw
             dc = d - md[:, None]
@@ -263,10 +269,11 @@ class QualityMargin(Selector):
 
     def _rows(self, fam: FamilyData, i: int | None, x: np.ndarray, arms: list[str]) -> np.ndarray:
         if self.quality == "kernel":
-            # (arm, grid, log2 budget, model size): what a solver's error depends on (ArmKernel)
+            # (arm, grid, log2 budget, model size, architecture): what a solver's error depends on
             g = {n: float(x[j]) for j, n in enumerate(fam.names)}
             return np.array([[fam.fit.arm_index[a], g.get("spacing_trailing", 0.0), g.get("spacing_linspace", 0.0),
-                              math.log2(max(1.0, g.get("steps", 1.0))), g.get("log_params", 0.0)] for a in arms])
+                              math.log2(max(1.0, g.get("steps", 1.0))), g.get("log_params", 0.0),
+                              g.get("transformer", 0.0)] for a in arms])
         z = fam.Z[i] if i is not None else (x - fam.mu) / fam.sd
         steps = x[fam.fit.steps_col] if fam.fit.steps_col is not None else math.nan
         return np.array([np.concatenate([z, fam.fit.enc(a), [fam.fit.nfe(steps, a)]]) for a in arms])

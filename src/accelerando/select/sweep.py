@@ -37,7 +37,8 @@ KNOB_GRID: dict[str, list[dict[str, Any]]] = {
     # cheaper forward passes (llm/compute): lossless self-speculation and lossy transforms
     "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}, {"exit_layer": 2, "k": 3, "exit_head": True}],
     "coreinfer": [{"alpha": 0.4, "beta": 0.2}, {"alpha": 0.6, "beta": 0.3}],
-    "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32}],
+    "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32},
+                     {"bits": None, "budget": 4.0, "scale_bits": 6, "group_size": 32}],
     "quant-int4": [{"group_size": 32}],
     # long context (llm/kv): the kept ratio; n/a on prompts under 256 tokens
     **{m: [{"ratio": 0.25}, {"ratio": 0.5}] for m in ("kv-streaming", "kv-snapkv", "kv-h2o", "kv-elastic",
@@ -528,6 +529,35 @@ def refresh_llm_facts(rows: list[dict[str, Any]], workloads: Iterable[Any], *, n
                 feats.update(new)
                 changed += 1
     return len(todo), changed
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and math.isnan(v)) or v == "nan"
+
+
+def refresh_diffusion_facts(rows: list[dict[str, Any]], *, names: Sequence[str],
+                            device: str = "cpu") -> tuple[int, int]:
+    """Add the denoiser facts ``names`` (``features.diffusion_model_facts``: size, depth, width,
+    architecture) to the stored diffusion workloads of bundled-style ``rows`` (dicts, changed in
+    place), loading each row's model once; facts a row already has are kept unless unknown (NaN).
+    No method runs and no timing changes. Returns (models loaded, rows changed)."""
+    from .features import diffusion_model_facts
+    cache = ModelCache(device)
+    by_model: dict[str, dict[str, float]] = {}
+    changed = 0
+    for r in rows:
+        wl = r.get("workload") or {}
+        if wl.get("family") != "diffusion" or not wl.get("model"):
+            continue
+        if wl["model"] not in by_model:
+            by_model[wl["model"]] = diffusion_model_facts(cache.unet(wl["model"]).unet)
+        facts = by_model[wl["model"]]
+        feats = wl.setdefault("features", {})
+        new = {n: facts[n] for n in names if n in facts and _missing(feats.get(n)) and not _missing(facts[n])}
+        if new:
+            feats.update(new)
+            changed += 1
+    return len(by_model), changed
 
 
 # ----------------------------------------------------------------------------- re-timing

@@ -55,10 +55,12 @@ def attention(attn: Any, n_h: torch.Tensor, *,
     return attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, -1, attn.heads * hd)))
 
 
-def block_forward(block: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
-                  kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  merge: Any = None) -> torch.Tensor:
-    """One DiT block on tokens h (B, n, D); equals ``block(h, timestep=t, class_labels=y)``.
+def block_forward_parts(block: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                        kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        merge: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DiT block on tokens h (B, n, D) -> (output, a, f): the output equals
+    ``block(h, timestep=t, class_labels=y)`` and is ``h + gate_msa * a + gate_mlp * f`` with a, f the
+    attention and MLP outputs before their adaLN-Zero gates (B, n, D) each.
 
     ``kv(k, v)``: the keys and values attention uses, given the tokens' own (see ``attention``).
     ``merge``: a token merge with ``merge(x) -> (B, n', D)`` and ``merge.unmerge(x') -> (B, n, D)``
@@ -75,7 +77,21 @@ def block_forward(block: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     h = gate_msa.unsqueeze(1) * a + h
     m = block.norm3(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     f = merge.unmerge(block.ff(merge(m))) if merge is not None else block.ff(m)
-    return gate_mlp.unsqueeze(1) * f + h
+    return gate_mlp.unsqueeze(1) * f + h, a, f
+
+
+def block_forward(block: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                  kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  merge: Any = None) -> torch.Tensor:
+    """One DiT block on tokens h (B, n, D); equals ``block(h, timestep=t, class_labels=y)`` (see
+    ``block_forward_parts`` for ``kv`` and ``merge``)."""
+    return block_forward_parts(block, h, t, y, kv=kv, merge=merge)[0]
+
+
+def gates(block: Any, t: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's adaLN-Zero gates (gate_msa, gate_mlp), each (B, D): cheap, they depend on (t, y) only."""
+    m = modulation(block, t, y, dtype)
+    return m[2], m[5]
 
 
 def final_layer(model: Any, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@ a RAS step computes Q/K/V, attention rows and MLP for the active tokens only. Fu
 model, all caches refreshed): the first ``warmup`` steps, the paper's error-reset steps
 (``reset_steps``, and every ``full_every``-th RAS step), and every step from ``dense_from`` on (the
 paper's scheduler end step: the last, detail-refining steps run dense).
+
+``forecast=True`` (ours): a token left out of a step returns, instead of its last noise, the line
+through its last two computed noise values extrapolated to the current timestep (a first-order
+TaylorSeer forecast, Liu et al. 2025, per token and with each token's own times), at most one such
+span ahead; ``forecast_kv=True`` extrapolates the cached keys and values the active tokens attend
+over the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ class RASConfig:
     criterion: str = "std"             # per-token focus score: std / l2 of the previous noise output (the
                                        # paper), or "delta": how much it changed when last computed
     starvation: float = 0.25           # score *= exp(starvation * staleness)
+    forecast: bool = False             # tokens left out: extrapolate their noise linearly in t, not reuse it
+    forecast_kv: bool = False          # ... and their cached keys / values (needs forecast)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
@@ -50,6 +58,8 @@ class RASConfig:
             raise ValueError(f"dense_from must be a step index >= 1 or None, got {self.dense_from}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.forecast_kv and not self.forecast:
+            raise ValueError("forecast_kv=True needs forecast=True")
         if self.starvation < 0:
             raise ValueError(f"starvation must be >= 0, got {self.starvation}")
 
@@ -67,6 +77,38 @@ class RegionAdaptive:
         self.stale: torch.Tensor | None = None
         self.delta: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # forecast: each token's previous noise and the timesteps of its last two computations (B, N)
+        self.eps_prev: torch.Tensor | None = None
+        self.t_last: torch.Tensor | None = None
+        self.t_prev: torch.Tensor | None = None
+        self.kv_prev: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _remember(self, t: torch.Tensor, new: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Shift (noise, time) of the tokens just computed (all if ``idx`` is None) into the forecast history."""
+        tt = t.to(new.dtype)[:, None].expand(new.shape[0], new.shape[1])     # (B, N) or (B, k)
+        if idx is None or self.eps_prev is None:
+            full = self.eps_prev is not None and self.eps_prev.shape == new.shape and idx is None
+            self.eps_prev = self.eps_patches if full else new
+            self.t_prev = self.t_last if full else tt.clone()
+            self.t_last = tt.clone()
+            return
+        at = idx[..., None].expand(*idx.shape, new.shape[-1])
+        self.eps_prev = self.eps_prev.scatter(1, at, self.eps_patches.gather(1, at))
+        self.t_prev = self.t_prev.scatter(1, idx, self.t_last.gather(1, idx))
+        self.t_last = self.t_last.scatter(1, idx, tt)
+
+    def _slope(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N): how far t lies past each token's last computation, in units of its last span (0 where
+        the two share a timestep; at most 1: no further ahead than the span the line was fitted on)."""
+        dt = self.t_last - self.t_prev
+        ahead = (t.to(dt.dtype)[:, None] - self.t_last) / torch.where(dt != 0, dt, 1.0)
+        return torch.where(dt != 0, ahead, 0.0).clamp(0.0, 1.0)
+
+    def _predict(self, t: torch.Tensor) -> torch.Tensor:
+        """Every token's noise at t: the line through its last two values (its last value where they
+        share a timestep)."""
+        e1, e0 = self.eps_patches, self.eps_prev
+        return e1 + self._slope(t)[..., None] * (e1 - e0)
 
     def is_noop(self) -> bool:
         return self.config.ratio == 1.0
@@ -92,13 +134,18 @@ class RegionAdaptive:
         b, n, d = h.shape
         blocks = model.transformer_blocks
         if self._full_step(step, x):
-            self.kv = []
+            old_kv, self.kv = self.kv, []
             for blk in blocks:
                 h = block_forward(blk, h, t, y, kv=lambda k, v: self.kv.append((k, v)) or (k, v))
+            if self.config.forecast_kv:
+                same = bool(old_kv) and old_kv[0][0].shape == self.kv[0][0].shape
+                self.kv_prev = old_kv if same else [(k.clone(), v.clone()) for k, v in self.kv]
             new = final_layer(model, h, t, y)
             # "delta": where the noise prediction still moves, the region is still being decided
             self.delta = (new - self.eps_patches).norm(dim=-1) if self.eps_patches is not None and \
                 self.eps_patches.shape == new.shape else new.norm(dim=-1)
+            if self.config.forecast:
+                self._remember(t, new, None)
             self.eps_patches = new
             self.stale = torch.zeros(b, n, device=x.device)
             counts.add(blocks=len(blocks), tokens=n, model=model, batch=b)
@@ -107,19 +154,29 @@ class RegionAdaptive:
         idx = self.focus(k)                                                    # (B, k)
         gather = idx[..., None].expand(b, k, d)
         h = h.gather(1, gather)                                                # (B, k, D)
+        ahead = self._slope(t).scatter(1, idx, 0.0)[..., None] if self.config.forecast_kv else None   # (B, N, 1)
         for i, blk in enumerate(blocks):
             def kv(k_new: torch.Tensor, v_new: torch.Tensor, i: int = i) -> tuple[torch.Tensor, torch.Tensor]:
                 k_all, v_all = self.kv[i]          # active tokens' K/V fresh, the others' as last computed
                 at = idx[..., None].expand(b, k, k_new.shape[-1])
-                return k_all.scatter_(1, at, k_new), v_all.scatter_(1, at, v_new)
+                if ahead is None:
+                    return k_all.scatter_(1, at, k_new), v_all.scatter_(1, at, v_new)
+                k_prev, v_prev = self.kv_prev[i]
+                k_prev.scatter_(1, at, k_all.gather(1, at))
+                v_prev.scatter_(1, at, v_all.gather(1, at))
+                k_all.scatter_(1, at, k_new)
+                v_all.scatter_(1, at, v_new)
+                return k_all + ahead * (k_all - k_prev), v_all + ahead * (v_all - v_prev)
             h = block_forward(blk, h, t, y, kv=kv)
         out = final_layer(model, h, t, y)                                      # (B, k, P)
         at = idx[..., None].expand(b, k, out.shape[-1])
         self.delta = self.delta.scatter(1, idx, (out - self.eps_patches.gather(1, at)).norm(dim=-1))
+        if self.config.forecast:
+            self._remember(t, out, idx)
         self.eps_patches = self.eps_patches.scatter(1, at, out)
         self.stale = (self.stale + 1).scatter(1, idx, 0.0)
         counts.add(blocks=len(blocks), tokens=k, model=model, batch=b)
-        return unpatchify(model, self.eps_patches)
+        return unpatchify(model, self._predict(t) if self.config.forecast else self.eps_patches)
 
 
 def patch_noise(model: Any, eps: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,9 @@ class AdaptiveK:
     classic rule argmax E(a, k) / (1 + k c) (``best_k``). k = 0 -- plain decoding on the same
     engine -- wins when drafting does not pay (a poor draft, or verification that costs more per
     token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
-    one token anyway so alpha and the costs keep being measured (half as often after each probe that
-    leaves k = 0 best, down to every 64th step; back to ``probe_every`` once drafting pays again).
+    one token anyway so alpha and the costs keep being measured (a quarter as often after each probe
+    that leaves k = 0 best, down to every 64th step; back to ``probe_every`` once drafting pays again:
+    on a 64-token reply a useless draft costs 3 probes, not 5).
 
     Never losing to plain decoding (issue 22) is mostly about the first steps and the idle ones:
     ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
@@ -169,8 +170,8 @@ class AdaptiveK:
             c = (t_draft / k) / t_target
             self.c = 0.7 * self.c + 0.3 * c
         self.ramp = max(self.ramp, 2 * max(n_host, default=0) + 1)
-        if self._probing:   # a probe that changes nothing: probe half as often (up to every 64th step)
-            self.probe_every = min(64, 2 * self.probe_every) if self._best() == 0 else self._base_probe
+        if self._probing:   # a probe that changes nothing: probe a quarter as often (up to every 64th step)
+            self.probe_every = min(64, 4 * self.probe_every) if self._best() == 0 else self._base_probe
 
 
 def make_controller(k: int | str, k_max: int, cost_ratio: float | None = None):
