@@ -8,8 +8,11 @@ Per step: the draft writes its layers' K/V for the root and its first k-1 drafts
 just past the target's length, then restores the target's length; the target's verification
 forward writes *every* layer's K/V at those same slots (the same values for an early exit's
 layers; a skip schedule's approximate ones are overwritten), so the target only ever attends to
-its own K/V and decoding stays lossless. Not done here: LayerSkip's reuse of the draft's
-early-layer *computation* in verification (the verify forward recomputes every layer).
+its own K/V and decoding stays lossless. ``fused=True`` (greedy, fixed k, CPU engine): the k draft
+steps run as one compiled call (``_draft_chain``), so the per-call fixed cost that dominates a
+step of a small model is paid once per step, not k times. Not done here: LayerSkip's reuse of the
+draft's early-layer *computation* in verification (the verify forward recomputes every layer;
+estimated in BENCHMARKS.md (b2) to lift the ceiling by about a tenth on the zoo target).
 
 Fallback (stated): when the target is not on the lean engine (transformers' cache, an unsupported
 architecture) the draft keeps its own cache, exactly like ``DraftModel``.
