@@ -63,8 +63,17 @@ def ras_settings(steps: int) -> list[tuple[str, dict[str, Any]]]:
             (f"RAS r=0.5 reset{steps // 2}+dense{dense}", {"ratio": 0.5, "warmup": warm + 1,
                                                           "reset_steps": (steps // 2,), "dense_from": dense}),
             ("RAS r=0.5 full/3 delta", {"ratio": 0.5, "warmup": warm, "full_every": 3, "criterion": "delta"}),
-            ("RAS r=0.5 full/3 forecast", {"ratio": 0.5, "warmup": warm, "full_every": 3, "forecast": True}),
-            ("RAS r=0.25 full/2 forecast", {"ratio": 0.25, "warmup": warm, "full_every": 2, "forecast": True})]
+            # ours: round-robin focus (starvation 10: every token every 1/ratio steps), the left-out tokens' noise
+            # and cached K/V forecast linearly, the last 1-2 steps dense
+            ("RAS r=0.25 full/2 forecast", {"ratio": 0.25, "warmup": warm, "full_every": 2, "forecast": True,
+                                            "forecast_kv": True}),
+            (f"RAS r=0.5 rr forecast dense{steps - 1}", {"ratio": 0.5, "warmup": warm, "starvation": 10.0,
+                                                         "forecast": True, "forecast_kv": True, "dense_from": steps - 1}),
+            (f"RAS r=0.5 rr forecast dense{steps - 2}", {"ratio": 0.5, "warmup": warm, "starvation": 10.0,
+                                                         "forecast": True, "forecast_kv": True, "dense_from": steps - 2}),
+            (f"RAS r=0.375 rr forecast dense{steps - 2}", {"ratio": 0.375, "warmup": warm, "starvation": 10.0,
+                                                           "forecast": True, "forecast_kv": True,
+                                                           "dense_from": steps - 2})]
 
 
 def searched_steps(model: Any, name: str, steps: int, guidance: float, args: Any, keep: float) -> torch.Tensor:
@@ -266,7 +275,8 @@ NOTES = [
     "attention and MLP outputs (order 2 in t, with the step's own adaLN gates); *cache forecast searched 0.5*: the same "
     "forecast on the half of the steps a local search picked by the final-image error on 8 calibration images "
     "(seed 7, not the evaluated images; `stepsearch.search_steps`). *RAS ... forecast*: tokens left out extrapolate "
-    "their noise linearly in t instead of reusing it.",
+    "their noise and their cached keys / values linearly in t instead of reusing them; *rr*: round-robin focus "
+    "(starvation 10: a token left out waits at most 1/ratio steps); *denseN*: steps >= N run full.",
     "- digits-dit-32 runs at guidance 1 since its retraining (the card's FD is lower at 1 than at 2; the earlier table "
     "was at 2). Its HarmoniCa routers and the searched steps were trained / searched at guidance 2 and are used as they "
     "are.",
