@@ -132,6 +132,9 @@ def arms(model: Any, name: str, steps: int, guidance: float, args: Any) -> list[
             ("cache threshold 0.1", "ours", lambda: BlockCache(policy="threshold", threshold=0.1)),
             ("cache threshold 0.2", "ours", lambda: BlockCache(policy="threshold", threshold=0.2))]
     n_blocks = len(model.transformer_blocks)
+    last = torch.zeros(steps, dtype=torch.bool)          # step 0 and every 2nd step back from the last one
+    last[[0] + list(range(steps - 1, 0, -2))] = True
+    out.append(("cache forecast k=2 to last step", "ours", lambda: forecast_cache(last, n_blocks, order=2)))
     for keep in (k for k in args.search_keep if want(f"cache forecast searched {k}")):
         computed = searched_steps(model, name, steps, guidance, args, keep)
         out.append((f"cache forecast searched {keep}", "ours",
@@ -277,7 +280,9 @@ NOTES = [
     "- *cache static k=2 forecast*: the static cache (all blocks every 2nd step) whose skipped blocks forecast their "
     "attention and MLP outputs (order 2 in t, with the step's own adaLN gates); *cache forecast searched 0.5*: the same "
     "forecast on the half of the steps a local search picked by the final-image error on 8 calibration images "
-    "(seed 7, not the evaluated images; `stepsearch.search_steps`). *RAS ... forecast*: tokens left out extrapolate "
+    "(seed 7, not the evaluated images; `stepsearch.search_steps`); *cache forecast k=2 to last step*: the same "
+    "forecast on step 0 and every 2nd step counted back from the last (the last step computed, as TaylorSeer's "
+    "schedule does at 50 steps). *RAS ... forecast*: tokens left out extrapolate "
     "their noise and their cached keys / values linearly in t instead of reusing them; *rr*: round-robin focus "
     "(starvation 10: a token left out waits at most 1/ratio steps); *denseN*: steps >= N run full.",
     "- digits-dit-32 runs at guidance 1 since its retraining (the card's FD is lower at 1 than at 2; the earlier table "
