@@ -395,6 +395,10 @@ def targets(saved: dict[str, Any]) -> list[str]:
                     out.append(f"- {tag}, batch {b}, RAS >= 1.5x at <= 0.5 dB lost: **met** by {r['method']} "
                                f"({r[f'speed{b}']:.2f}x, {r['db_loss']:+.2f} dB lost to the converged reference, "
                                f"{r['psnr']:.1f} dB same-seed PSNR vs full compute).")
+                elif [r for r in ras if r["db_loss"] <= 0.5]:
+                    r = max((r for r in ras if r["db_loss"] <= 0.5), key=lambda r: r[f"speed{b}"])
+                    out.append(f"- {tag}, batch {b}, RAS >= 1.5x at <= 0.5 dB lost: **not met**; the fastest RAS row "
+                               f"within 0.5 dB is {r['method']} ({r[f'speed{b}']:.2f}x, {r['db_loss']:+.2f} dB lost).")
                 elif ras:
                     least = min(ras, key=lambda r: r["db_loss"])
                     fast = max(ras, key=lambda r: r[f"speed{b}"])
