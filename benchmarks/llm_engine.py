@@ -94,6 +94,8 @@ class Row:
     equal: bool
     compile_s: float
     split: dict[str, float]
+    vs_plain: float | None = None          # --interleave: median of per-round ratios to engine plain
+    vs_hf: float | None = None             # ... and to transformers' generate
 
 
 def _timer():
@@ -114,6 +116,28 @@ def run_method(name: str, fn: Callable[[], tuple[torch.Tensor, dict]], ref: torc
     compile_s = max(first - timing.median_s, 0.0) if stats.get("compiled") else 0.0
     return Row(name, batch, timing.median_s, new, int(stats.get("target_calls", 0)), equal, compile_s,
                stats.get("split", {})), seqs
+
+
+def interleaved_rows(args, w: Workload, batch: int) -> list[Row]:
+    """The zoo methods (``--only``: names containing one of these strings, plus the two baselines)
+    in interleaved rounds (``_interleaved``): every ratio is a median of per-round ratios."""
+    fns = methods(w, batch, args.new_tokens)
+    keep = ("transformers generate (default)", "engine plain (compiled)")
+    if args.only:
+        fns = {k: f for k, f in fns.items() if k in keep or any(o in k for o in args.only)}
+    cold, times, outs, _ = _interleaved(fns, args.repeats)
+    hf, plain, P = times[keep[0]], times[keep[1]], w.prompts.shape[1]
+    ref = outs[keep[0]][0]
+    rows = []
+    for name, t in times.items():
+        seqs, stats = outs[name]
+        med = statistics.median(t)
+        rows.append(Row(name, batch, med, (seqs.shape[1] - P) * batch, int(stats.get("target_calls", 0)),
+                        bool(torch.equal(seqs, ref)), max(cold[name] - med, 0.0) if stats.get("compiled") else 0.0,
+                        stats.get("split", {}), _ratio(plain, t), _ratio(hf, t)))
+        print(f"B={batch} {name:60s} {rows[-1].new_tokens / med:8.1f} tok/s  vs plain {rows[-1].vs_plain:.2f}x  "
+              f"equal={rows[-1].equal}", flush=True)
+    return rows
 
 
 def methods(w: Workload, batch: int, new_tokens: int) -> dict[str, Callable[[], tuple[torch.Tensor, dict]]]:
@@ -278,6 +302,8 @@ def random_models(args) -> str:
     from accelerando.llm import DraftModel, PromptLookup, speculative_generate
     rows = []
     for name, shape in RANDOM_SHAPES.items():
+        if args.models and name not in args.models:
+            continue
         target = _random_llama(0, **shape, max_position_embeddings=1024)
         n_params = sum(p.numel() for p in target.parameters()) / 1e6
         g = torch.Generator().manual_seed(0)
@@ -344,6 +370,12 @@ def main() -> None:
                     help="the random ~15M / ~60M Llama models instead (section llm_engine_random; --threads 1)")
     ap.add_argument("--k-max", type=int, default=7, help="adaptive k cap for --random (7: steps up to 8 wide)")
     ap.add_argument("--spec-on", nargs="*", default=list(SPEC_ON), help="--random models that also get speculation rows")
+    ap.add_argument("--interleave", action="store_true",
+                    help="zoo: run the methods in interleaved rounds (--repeats of them); ratios are per-round medians")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="zoo --interleave: only methods whose name contains one of these (plus the two baselines)")
+    ap.add_argument("--models", nargs="*", choices=list(RANDOM_SHAPES), default=None,
+                    help="--random: only these models (run the others in another locked run; --dry prints the table)")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.batches = 16, 1, [1]
@@ -359,6 +391,9 @@ def main() -> None:
     P = w.prompts.shape[1]
     rows: list[Row] = []
     for batch in args.batches:
+        if args.interleave:
+            rows += interleaved_rows(args, w, batch)
+            continue
         ref = None
         for name, fn in methods(w, batch, args.new_tokens).items():
             row, seqs = run_method(name, fn, ref, batch, args.repeats, P)
@@ -374,17 +409,21 @@ def main() -> None:
 
 def _table(rows: list[Row]) -> str:
     base = {r.batch: r for r in rows if r.method.startswith("transformers generate")}
+    inter = any(r.vs_plain is not None for r in rows)
     out = []
     for r in rows:
         tps = r.new_tokens / r.median_s
         b = base[r.batch]
         split = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r.split.items()) or "-"
-        out.append([r.method, r.batch, round(tps, 1), f"{tps / (b.new_tokens / b.median_s):.2f}x",
-                    round(r.new_tokens / r.batch / max(r.target_calls, 1), 2), split,
-                    f"{r.compile_s:.1f}" if r.compile_s else "-", "yes" if r.equal else "NO"])
-    return markdown_table(["method", "batch", "tokens/s", "vs transformers default",
-                           "tokens per target call", "per-step ms (draft / verify / rest)",
-                           "compile s", "same tokens"], out)
+        vs_hf = r.vs_hf if r.vs_hf is not None else tps / (b.new_tokens / b.median_s)
+        out.append([r.method, r.batch, round(tps, 1), f"{vs_hf:.2f}x"]
+                   + ([f"{r.vs_plain:.2f}x"] if inter else [])
+                   + [round(r.new_tokens / r.batch / max(r.target_calls, 1), 2), split,
+                      f"{r.compile_s:.1f}" if r.compile_s else "-", "yes" if r.equal else "NO"])
+    return markdown_table(["method", "batch", "tokens/s", "vs transformers default"]
+                          + (["vs engine plain"] if inter else [])
+                          + ["tokens per target call", "per-step ms (draft / verify / rest)",
+                             "compile s", "same tokens"], out)
 
 
 def _write_random(args, table: str, wall: float) -> None:

@@ -401,3 +401,72 @@ def test_recommend_picks_a_compute_arm_only_within_max_loss():
         rec = RC.recommend(key, rows, constraint=Constraint(budget), hardware={})
         assert rec.choice.arm.split("[")[0] == want
         assert losses[want] <= (budget or 0.0)
+
+
+# ----------------------------------------------------------------------- BitMoD under a bit budget
+def test_bit_fields_pack_and_unpack_exactly():
+    g = torch.Generator().manual_seed(3)
+    widths = torch.randint(2, 9, (200,), generator=g)
+    vals = (torch.rand(200, generator=g) * (2 ** widths)).long()
+    buf = Q.pack_fields(vals, widths)
+    assert buf.dtype == torch.uint8 and buf.numel() == -(-int(widths.sum()) // 8)      # no bit wasted but the last byte's
+    assert torch.equal(Q.unpack_fields(buf, widths, 200), vals)
+    assert torch.equal(Q.unpack_fields(Q.pack_fields(vals % 8, 3), 3, 200), vals % 8)
+
+
+def test_bitmod_budget_mixes_widths_under_the_budget_and_packs_exactly(lm):
+    ids, mask = _prompts()
+    err = {}
+    for budget, sb in ((3.6, 6), (4.2, 6), (4.0, 16)):
+        cfg = Q.QuantConfig(method="bitmod", group_size=32, budget=budget, scale_bits=sb)
+        sim = Q.quantize_model(copy.deepcopy(lm), cfg, calibration=ids)
+        packed = Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method="bitmod", group_size=32, budget=budget,
+                                                                   scale_bits=sb, packed=True), calibration=ids)
+        got = Q.bits_per_weight(packed)
+        assert got == pytest.approx(Q.bits_per_weight(sim))
+        # at most one group's upgrade (32 bits) short of the budget, never over it
+        n_w = sum(m.in_features * m.out_features for m in packed.modules() if isinstance(m, Q.BitMoDLinear))
+        assert budget - 32 / n_w <= got <= budget
+        mods = [m for m in packed.modules() if isinstance(m, Q.BitMoDLinear)]
+        # every stored bit is counted: the buffers hold the format plus < 1 byte of padding per stream
+        for m in mods:
+            assert 0 <= m.buffer_bits() - m.stored_bits() < 8 * 4
+            _, dt, _ = m.unpacked()
+            assert dt.max() <= 7
+        with torch.no_grad():
+            a, b = sim(ids, attention_mask=mask).logits, packed(ids, attention_mask=mask).logits
+        assert (a - b).abs().max() <= 1e-4
+        with torch.no_grad():
+            err[budget, sb] = (a - lm(ids, attention_mask=mask).logits).pow(2).mean().item()
+    assert err[3.6, 6] > err[4.2, 6]                              # more bits, less error
+    with pytest.raises(ValueError, match="bitmod budget 3.1 is below this format's minimum"):
+        Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method="bitmod", group_size=32, budget=3.1))
+
+
+def test_bitmod_budget_bad_knobs_are_one_line_errors(lm):
+    with pytest.raises(ValueError, match="give bits or budget, not both"):
+        Q.QuantConfig(method="bitmod", bits=4, budget=4.0)
+    with pytest.raises(ValueError, match="budget is a bitmod knob"):
+        Q.QuantConfig(method="int4", budget=4.0)
+    with pytest.raises(ValueError, match="bitmod budget must be in"):
+        Q.QuantConfig(method="bitmod", budget=2.5)
+    with pytest.raises(ValueError, match="scale_bits must be 16"):
+        Q.QuantConfig(method="bitmod", scale_bits=12)
+    with pytest.raises(ValueError, match="sensitivity must be"):
+        Q.QuantConfig(method="bitmod", budget=4.0, sensitivity="hessian")
+    with pytest.raises(ValueError, match="calibration is used by a bitmod budget only"):
+        Q.quantize_model(copy.deepcopy(lm), Q.QuantConfig(method="int8"), calibration=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="allocated over a whole model"):
+        Q.fake_quantize(torch.randn(4, 64), Q.QuantConfig(method="bitmod", group_size=32, budget=4.0))
+
+
+def test_bitmod_allocation_upgrades_the_groups_with_the_largest_error_drop():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(4))
+    w[:2] *= 10                                       # two rows with 100x the squared error at either width
+    c = Q.bitmod_candidates(w, 32)
+    four, = Q.bitmod_allocate([c], 32, 3.2 + (3 + 16) / 32, 16)     # the all-3-bit cost + 0.2 bits / weight
+    n_up = int(0.2 * w.numel() // 32)
+    assert int(four.sum()) == n_up
+    gain = (c.err3 - c.err4).flatten()
+    assert gain[four.flatten()].min() >= gain[~four.flatten()].max()
+    assert four[:2].sum() == min(n_up, 8)

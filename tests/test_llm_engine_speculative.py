@@ -172,9 +172,10 @@ def test_adaptive_drafters_take_plain_steps_and_stay_lossless():
 def test_a_useless_draft_backs_off_to_runs_of_plain_steps(monkeypatch):
     """Issue 22: a draft that never agrees costs a few one-token probes. The adaptive drafter asks
     the loop for runs of plain steps (no draft work per token: the controller's idle steps until
-    the next probe, probes ever rarer), the draft catches up on a run's tokens in CATCH_UP-wide
-    chunks computing the last logits only (one step shape whatever the run's length), and the
-    output is still generate's."""
+    the next probe, probes ever rarer), the draft reads the prompt only at its first probe and
+    after a run reads only its last CATCH_UP tokens, in one forward computing the last logits
+    (one step shape, one draft call per probe whatever the run's length), and the output is still
+    generate's."""
     from accelerando.llm.drafters.draft_model import CATCH_UP
     import itertools
     import types
@@ -195,7 +196,28 @@ def test_a_useless_draft_backs_off_to_runs_of_plain_steps(monkeypatch):
     assert d.ctrl.history[0] == 0 and max(d.ctrl.history) == 1          # a timed plain step, then 1-token probes
     assert len(probes) <= 8 and probes[-1] - probes[-2] >= 16              # ever rarer
     assert out.stats["drafted_tokens"] == len(probes) and out.stats["target_calls"] == 80
-    assert d.state.stats.shapes <= {f"B1xT{CATCH_UP}xL128-last", "B1xT2xL128", "B1xT1xL128"}
+    assert out.stats["draft_calls"] == len(probes)                       # no eager prefill, one call per probe
+    assert d.state.stats.shapes == {f"B1xT{CATCH_UP}xL128-last"}
+
+
+@pytest.mark.parametrize("engine", ["engine-eager", "hf"])
+def test_a_draft_that_skips_tokens_stays_lossless(engine):
+    """Issue 22's bounded catch-up: after plain runs the draft reads only the last ``window``
+    tokens (its cache has holes, rows of a padded batch differ): greedy output is still generate's,
+    and the draft (the target itself) still agrees once it drafts."""
+    target = tiny_lm("llama", seed=0, init_std=0.3)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9]])
+    mask = (torch.arange(7)[None] >= torch.tensor([[2], [0]])).long()
+    ref = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=0)
+    d = DraftModel(target, k=3, window=2)
+    runs = iter([0, 5, 0, 0, 9, 0, 3] + [0] * 40)
+    d.plain_steps = lambda budget: min(next(runs), budget)           # force plain runs between drafts
+    out = speculative_generate(target, ids, attention_mask=mask, draft=d, max_new_tokens=40, engine=engine,
+                               pad_token_id=0)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats["accepted_tokens"] > 0
+    with pytest.raises(ValueError, match="window"):
+        DraftModel(target, window=1)
 
 
 def test_prompt_lookup_without_matches_runs_plain_steps():

@@ -336,3 +336,22 @@ def test_project_embedding_keeps_geometry():
     gram, gram_p = emb @ emb.T, p @ p.T
     scale = (gram_p.diagonal() / gram.diagonal()).mean()
     assert torch.allclose(gram_p, gram * scale, rtol=1e-3, atol=1e-3 * float(gram.abs().max()))
+
+
+def test_distillation_extra_code_is_disjoint_from_the_foreign_evaluation_set():
+    """The drafts' refinement may read other packages' code (labelled by the target's logits);
+    the out-of-corpus evaluation packages must never be among them."""
+    from accelerando.zoo import data
+    foreign = {n.split("/")[0] for n, _ in data.foreign_code()}
+    extra = {n.split("/")[0] for n, _ in data.extra_code()}
+    assert not foreign & extra and not set(data.FOREIGN_PACKAGES) & set(data.EXTRA_CODE_PACKAGES)
+    assert sum(len(t) for _, t in data.extra_code()) <= data.EXTRA_CODE_CAP_BYTES
+    spec = zoo_train.LMSpec("draft", 32, 1, 2, 64, steps=2, lr=1e-3, batch_size=8, seq_len=4, restarts=(3,),
+                            teacher_text=0.5, refine_extra_code=(0.25,))
+    stream, extra = torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)
+    pool = torch.full((5, 5), 2, dtype=torch.long)
+    batch = zoo_train._mixed_batches(stream, pool, spec, extra, 0.25)(torch.Generator().manual_seed(0))
+    assert [int((batch[:, 0] == v).sum()) for v in (0, 2, 1)] == [2, 4, 2]     # corpus, teacher, extra rows
+    with pytest.raises(ValueError, match="refine_extra_code"):
+        zoo_train.LMSpec("draft", 32, 1, 2, 64, steps=2, lr=1e-3, restarts=(3,), teacher_text=0.5,
+                         refine_extra_code=(0.75,))

@@ -37,7 +37,8 @@ KNOB_GRID: dict[str, list[dict[str, Any]]] = {
     # cheaper forward passes (llm/compute): lossless self-speculation and lossy transforms
     "self-spec": [{"exit_layer": 1, "k": 3}, {"skip": 1, "k": 3}, {"exit_layer": 2, "k": 3, "exit_head": True}],
     "coreinfer": [{"alpha": 0.4, "beta": 0.2}, {"alpha": 0.6, "beta": 0.3}],
-    "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32}],
+    "quant-bitmod": [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 32},
+                     {"bits": None, "budget": 4.0, "scale_bits": 6, "group_size": 32}],
     "quant-int4": [{"group_size": 32}],
     # long context (llm/kv): the kept ratio; n/a on prompts under 256 tokens
     **{m: [{"ratio": 0.25}, {"ratio": 0.5}] for m in ("kv-streaming", "kv-snapkv", "kv-h2o", "kv-elastic",

@@ -101,11 +101,21 @@ FOREIGN_PACKAGES = ("click", "jinja2", "packaging", "requests", "pluggy", "filel
 FOREIGN_CAP_BYTES = 150_000
 
 
-@lru_cache(maxsize=1)
-def _foreign_documents() -> tuple[tuple[str, str], ...]:
+# Other installed packages' source, for the drafts' logit distillation only (the target labels it;
+# never an evaluation set): disjoint from FOREIGN_PACKAGES, so the out-of-corpus figure stays held out.
+EXTRA_CODE_PACKAGES = ("networkx", "attr", "anyio", "jsonschema", "markdown_it", "fsspec", "joblib", "dateutil",
+                       "cachetools", "h11", "mdurl", "narwhals")
+EXTRA_CODE_CAP_BYTES = 1_500_000
+assert not set(EXTRA_CODE_PACKAGES) & set(FOREIGN_PACKAGES), "distillation code must not overlap the held-out set"
+
+
+@lru_cache(maxsize=None)
+def _package_documents(packages: tuple[str, ...], cap: int) -> tuple[tuple[str, str], ...]:
+    """(package/relative path, text) of the installed ``packages``' Python files (those present),
+    in a fixed hash order, files of 2 KB .. MAX_FILE_BYTES, up to ``cap`` characters in all."""
     import importlib.util
     files: list[tuple[str, Path]] = []
-    for pkg in FOREIGN_PACKAGES:
+    for pkg in packages:
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
             continue
@@ -122,11 +132,22 @@ def _foreign_documents() -> tuple[tuple[str, str], ...]:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if len(text) < 2_000 or len(text) > MAX_FILE_BYTES or total + len(text) > FOREIGN_CAP_BYTES:
+        if len(text) < 2_000 or len(text) > MAX_FILE_BYTES or total + len(text) > cap:
             continue
         docs.append((rel, text))
         total += len(text)
     return tuple(sorted(docs))
+
+
+def _foreign_documents() -> tuple[tuple[str, str], ...]:
+    return _package_documents(FOREIGN_PACKAGES, FOREIGN_CAP_BYTES)
+
+
+def extra_code() -> list[tuple[str, str]]:
+    """(name, text) of Python files from installed packages in `EXTRA_CODE_PACKAGES` (disjoint from
+    `FOREIGN_PACKAGES`), capped at EXTRA_CODE_CAP_BYTES: unlabelled code for the drafts' logit
+    distillation (the target supplies the labels), never for evaluation."""
+    return list(_package_documents(EXTRA_CODE_PACKAGES, EXTRA_CODE_CAP_BYTES))
 
 
 def foreign_code() -> list[tuple[str, str]]:

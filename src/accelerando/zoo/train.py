@@ -53,6 +53,10 @@ class LMSpec:
     refine_lr: float | None = None
     refine_code_only: bool = False
     teacher_text: float = 0.0
+    # drafts: per refinement cycle, the share of each batch made of other installed packages' code
+    # (`zoo.data.extra_code`, disjoint from the out-of-corpus evaluation set), labelled by the
+    # target's logits only (the refinement's KL weight should be 1: that code is not corpus text)
+    refine_extra_code: tuple[float, ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -75,6 +79,9 @@ class LMSpec:
             raise ValueError("refine_lr must be positive")
         if not 0.0 <= self.teacher_text <= 1.0:
             raise ValueError("teacher_text must be in [0, 1]")
+        if len(self.refine_extra_code) > len(self.restarts) or any(
+                not 0.0 <= e or e + self.teacher_text > 1.0 for e in self.refine_extra_code):
+            raise ValueError("refine_extra_code: one share per restart cycle, each >= 0 and <= 1 - teacher_text")
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,9 @@ class ClassifierSpec:
 SPECS: dict[str, Any] = {
     "code-target": LMSpec("target", 192, 4, 4, 512, steps=3000, lr=3e-3, batch_size=8),
     "code-draft-small": LMSpec("draft", 128, 2, 2, 344, steps=1500, lr=4e-3, batch_size=8, kl_weight=0.8,
-                               embed_from_teacher=True, restarts=(300,), refine_kl_weight=1.0,
-                               refine_lr=2e-3, refine_code_only=True, teacher_text=0.5),
+                               embed_from_teacher=True, restarts=(300, 400, 1200), refine_kl_weight=1.0,
+                               refine_lr=2e-3, refine_code_only=True, teacher_text=0.5,
+                               refine_extra_code=(0.0, 0.375, 0.375)),
     "code-draft-tiny": LMSpec("draft", 64, 1, 1, 172, steps=1500, lr=5e-3, batch_size=8, kl_weight=0.8,
                               embed_from_teacher=True, restarts=(300,), refine_kl_weight=1.0,
                               refine_lr=3e-3, refine_code_only=True, teacher_text=0.5),
@@ -367,16 +375,23 @@ def teacher_continuations(teacher: Any, stream: torch.Tensor, *, n: int, seq_len
     return torch.cat(out)
 
 
-def _mixed_batches(stream: torch.Tensor, pool: torch.Tensor, spec: LMSpec) -> Callable[[torch.Generator], torch.Tensor]:
+def _mixed_batches(stream: torch.Tensor, pool: torch.Tensor, spec: LMSpec, extra: torch.Tensor | None = None,
+                   extra_share: float = 0.0) -> Callable[[torch.Generator], torch.Tensor]:
     """Batches of `spec.batch_size` windows: a `spec.teacher_text` share drawn from `pool` (teacher
-    continuations), the rest random windows of `stream`."""
+    continuations), an `extra_share` of random windows of `extra`, the rest random windows of `stream`."""
     n_pool = round(spec.batch_size * spec.teacher_text) if len(pool) else 0
+    n_extra = round(spec.batch_size * extra_share) if extra is not None else 0
+
+    def windows(src: torch.Tensor, n: int, gen: torch.Generator) -> list[torch.Tensor]:
+        starts = torch.randint(0, len(src) - spec.seq_len - 1, (n,), generator=gen)
+        return [src[s: s + spec.seq_len + 1] for s in starts.tolist()]
 
     def batches(gen: torch.Generator) -> torch.Tensor:
-        starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size - n_pool,), generator=gen)
-        rows = [stream[s: s + spec.seq_len + 1] for s in starts.tolist()]
+        rows = windows(stream, spec.batch_size - n_pool - n_extra, gen)
         if n_pool:
             rows += list(pool[torch.randint(0, len(pool), (n_pool,), generator=gen)])
+        if n_extra:
+            rows += windows(extra, n_extra, gen)
         return torch.stack(rows)
     return batches
 
@@ -425,13 +440,15 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
     if resume_from is not None:
         # Continue a saved run of the same recipe after its first cycle: exactly what a fresh run
         # computes, since each cycle only depends on the previous weights (fresh optimizer, own RNG).
+        # A saved run that did more cycles (its recipe's cycles a prefix of this one's) resumes after them.
         prev = json.loads((resume_from / "card.json").read_text())
-        if prev["seed"] != seed or prev["recipe"]["steps"] != spec.steps:
-            raise ValueError(f"{resume_from} is not cycle 1 of this recipe/seed")
+        done = (prev["recipe"]["steps"],) + tuple(prev["recipe"].get("restarts", ()))
+        if prev["seed"] != seed or done != cycles[: len(done)] or len(done) >= len(cycles):
+            raise ValueError(f"{resume_from} ran cycles {done}; not a first part of this recipe's {cycles} (seed {seed})")
         from safetensors.torch import load_file
         model.load_state_dict(load_file(str(resume_from / "model.safetensors")), strict=False)
         model.tie_weights()
-        first, prev_seconds = 1, float(prev["train_seconds"])
+        first, prev_seconds = len(done), float(prev["train_seconds"])
         log.extend(prev["log"])
     t_train = time.time()
     for c in range(first, len(cycles)):
@@ -447,7 +464,11 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
                 t_pool = time.time()
                 pool = teacher_continuations(teacher, cyc_stream, n=n_pool, seq_len=spec.seq_len, seed=seed + 1000 * c + 7)
                 _log(progress, f"[{name}] {n_pool} teacher continuations in {time.time() - t_pool:.0f}s")
-            batches = _mixed_batches(cyc_stream, pool, cyc_spec)
+            share = spec.refine_extra_code[c - 1] if c - 1 < len(spec.refine_extra_code) else 0.0
+            extra = _stream(tokenizer, [t for _, t in zoo_data.extra_code()]) if share > 0 else None
+            if extra is not None:
+                _log(progress, f"[{name}] extra code for distillation: {len(extra):,} tokens ({share:.0%} of each batch)")
+            batches = _mixed_batches(cyc_stream, pool, cyc_spec, extra, share)
         _lm_cycle(name, model, teacher, stream, cyc_spec, n_steps=cycles[c], seed=seed + 1000 * c, log=log,
                   progress=progress, label=f"cycle {c + 1}/{len(cycles)} " if len(cycles) > 1 else "",
                   batches=batches)
@@ -497,6 +518,14 @@ def _train_lm(name: str, spec: LMSpec, *, seed: int, out: Path, progress: Any,
     if teacher is not None:
         card["distilled_from"] = TARGET
         card["foreign_code"] = foreign_code_note()
+        if any(spec.refine_extra_code):
+            extra = zoo_data.extra_code()
+            card["distillation_extra_code"] = {
+                "what": "other installed packages' Python source, labelled by code-target's logits (KL only), "
+                        "in the refinement cycles with a share > 0; disjoint from the foreign_code evaluation set",
+                "packages": sorted({n.split("/")[0] for n, _ in extra}), "files": len(extra),
+                "bytes": sum(len(t.encode("utf-8")) for _, t in extra),
+                "share_per_refinement_cycle": list(spec.refine_extra_code)}
     _write_card(out, card)
     return card
 
@@ -818,7 +847,7 @@ def train(name: str, *, seed: int = 0, steps: int | None = None, out_dir: str | 
     if steps is not None:
         if steps < 1:
             raise ValueError("steps must be >= 1")
-        spec = type(spec)(**{**asdict(spec), "steps": steps, **({"restarts": ()} if isinstance(spec, LMSpec) else {})})
+        spec = type(spec)(**{**asdict(spec), "steps": steps, **({"restarts": (), "refine_extra_code": ()} if isinstance(spec, LMSpec) else {})})
     out = Path(out_dir) if out_dir is not None else _default_dir(name)
     card = _train(name, spec, seed=seed, out=out, progress=progress, max_train_bytes=max_train_bytes,
                   eval_windows=eval_windows, resume_from=resume_from)

@@ -35,14 +35,21 @@ def _generate_on(s: LLMSetup, model: Any, engine: str = "hf") -> Callable[[], LL
 
 
 def build_quant(s: LLMSetup, method: str = "int8", group_size: int = 64, bits: int | None = None,
-                packed: bool = True, engine: str = "hf") -> Callable[[], LLMOutput]:
+                packed: bool = True, engine: str = "hf", budget: float | None = None,
+                scale_bits: int = 16) -> Callable[[], LLMOutput]:
     """``engine``: "hf" (``generate``) or the lean engine ("static" / "engine": compiled), which
-    runs packed int8 linears with the same kernel inside its fused step (other formats: fp32)."""
+    runs packed int8 linears with the same kernel inside its fused step (other formats: fp32).
+    bitmod ``budget`` (mixed 3/4-bit groups): calibrated (Fisher-weighted) on the workload's prompts."""
     from accelerando.llm.compute.quant import QuantConfig, bits_per_weight, quantize_model
-    cfg = QuantConfig(method=method, group_size=int(group_size), bits=bits, packed=bool(packed))
+    try:
+        cfg = QuantConfig(method=method, group_size=int(group_size), bits=bits, packed=bool(packed),
+                          budget=None if budget is None else float(budget), scale_bits=int(scale_bits))
+    except ValueError as exc:
+        raise NotApplicable(str(exc)) from None
     if engine != "hf" and cfg.packed and cfg.method != "int8":
         raise NotApplicable(f"the lean engine runs packed int8 only, not packed {cfg.method}")
-    model = _transformed(s, lambda m: quantize_model(m, cfg))
+    calib = s.input_ids if cfg.budget is not None else None
+    model = _transformed(s, lambda m: quantize_model(m, cfg, calibration=calib))
     run = _generate_on(s, model, engine)
     bpw = bits_per_weight(model)
 

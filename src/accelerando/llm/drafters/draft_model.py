@@ -4,6 +4,12 @@ The draft keeps its own KV cache (``ctx.make_cache``: the engine's or transforme
 drafts: after proposing ``x_1..x_k`` it has fed the pending tokens and ``x_1..x_{k-1}``; when row b
 accepts ``n_b`` drafts it keeps ``min(n_b, k-1)`` of them, and its next *pending* input is the
 target's next token (plus ``x_k`` when all k were accepted, since ``x_k`` was never fed).
+
+Backing off costs the draft nothing per token (issue 22): it reads the prompt only at its first
+proposal (a drafter that never drafts never prefills), and after a run of plain steps it reads
+only the last ``window`` tokens it missed, in one forward, whatever the run's length. The draft's
+cache then lacks the tokens before them (their positions close up): its later proposals see a
+context with a hole, which can only lower acceptance, never change the output.
 """
 
 from __future__ import annotations
@@ -49,19 +55,32 @@ def check_same_vocabulary(target: Any, draft: Any, target_tokenizer: Any = None,
                          "draft_tokenizer= so the tokenizers can be compared instead")
 
 
-CATCH_UP = 16       # chunk width when the draft catches up after plain steps (one compiled width)
+CATCH_UP = 16       # default catch-up window after plain steps (one compiled width, one forward)
+
+
+def last_real(block: torch.Tensor, valid: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's last (up to) ``n`` real entries of a block whose real entries are a prefix of the
+    row, kept as a prefix: (B, n) tokens and validity."""
+    count = valid.long().sum(1, keepdim=True)                                           # (B, 1)
+    cols = torch.arange(n, device=block.device)[None, :]
+    idx = (cols + (count - n).clamp(min=0)).clamp(max=block.shape[1] - 1)
+    return block.gather(1, idx), cols < count.clamp(max=n)
 
 
 class DraftModel(Drafter):
     """Drafts with a small causal LM. ``k``: drafts per step, ``"adaptive"`` (cost-aware, see
-    ``AdaptiveK``; ``cost_ratio`` fixes its c) or ``"heuristic"`` (transformers' +2/-1 rule)."""
+    ``AdaptiveK``; ``cost_ratio`` fixes its c) or ``"heuristic"`` (transformers' +2/-1 rule).
+    ``window``: after plain steps the draft reads only the last ``window`` tokens it missed."""
 
     def __init__(self, model: Any, k: int | str = 4, *, k_max: int = 12, tokenizer: Any = None,
-                 cost_ratio: float | None = None):
+                 cost_ratio: float | None = None, window: int = CATCH_UP):
+        if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+            raise ValueError(f"window must be an int >= 2, got {window!r}")
         self.length = DraftLength(k, k_max, cost_ratio)
-        self.model, self.k, self.k_max, self.tokenizer = model, k, k_max, tokenizer
+        self.model, self.k, self.k_max, self.tokenizer, self.window = model, k, k_max, tokenizer, window
         self.max_nodes = self.length.cap + 1
         self.state: Any = None
+        self._prompt: tuple | None = None      # set by begin: the prompt the draft has not read yet
 
     @property
     def ctrl(self) -> Any:
@@ -76,8 +95,9 @@ class DraftModel(Drafter):
         self.v_target = vocab_size(ctx.target)
         self.sampling, self.generator = ctx.sampling, ctx.generator
         self.state = ctx.make_cache(self.model, "draft model")
-        padded = not bool(ctx.attention_mask.all())     # one sync, once
-        self.state.forward(ctx.input_ids, ctx.attention_mask.bool() if padded else None, last=True)   # logits unused
+        # the prompt is read at the first proposal, with the pending tokens (a draft that never
+        # drafts never reads it)
+        self._prompt = (ctx.input_ids, ctx.attention_mask.bool())
         self.pending = ctx.first[:, None]                              # (B, W) fed at the next propose
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.pending_dense = True                                      # host: every pending entry is real
@@ -132,6 +152,18 @@ class DraftModel(Drafter):
         whatever the run's length, computing only the last column's logits (``last=True``)."""
         st, pending, valid = self.state, self.pending, self.pending_valid
         B, W = pending.shape
+        if self._prompt is not None:   # the first proposal: prompt + pending in one (eager) prefill
+            ids, mask = self._prompt
+            self._prompt = None
+            if not self.pending_dense:   # right-align each row's real entries: the last column is real
+                cols = torch.arange(W, device=pending.device)[None, :]
+                shift = W - valid.long().sum(1, keepdim=True)
+                pending, valid = pending.gather(1, (cols - shift).clamp(min=0)), cols >= shift
+            ids, mask = torch.cat([ids, pending], 1), torch.cat([mask, valid.bool()], 1)
+            dense = bool(mask.all())                   # one sync, once
+            logits = st.forward(ids, None if dense else mask, last=True).logits
+            self._width = ids.shape[1]                 # columns appended since mark(): prompt + pending
+            return logits[:, -1]
         if W <= 2:
             logits = st.forward(pending, None if self.pending_dense else valid).logits
             last = valid.long().sum(1) - 1                             # last real pending entry per row
@@ -153,7 +185,8 @@ class DraftModel(Drafter):
         return self.length.plain_steps(budget)
 
     def accept_plain(self, tokens: torch.Tensor, host: list[list[int]], seconds: float) -> None:
-        """Plain steps ran: their tokens join the pending block (fed at the next proposal)."""
+        """Plain steps ran: their tokens join the pending block (fed at the next proposal), of which
+        only each row's last ``window`` entries are kept (the draft will not read more)."""
         m = tokens.shape[1]
         self.length.plain_done(m, seconds)
         c = self.pending_valid.long().sum(1, keepdim=True) + torch.arange(m, device=tokens.device)[None, :]
@@ -161,6 +194,11 @@ class DraftModel(Drafter):
         self.pending = torch.cat([self.pending, self.pending.new_zeros(B, m)], 1).scatter(1, c, tokens)
         self.pending_valid = torch.cat([self.pending_valid, self.pending_valid.new_zeros(B, m)], 1).scatter(
             1, c, torch.ones_like(c, dtype=torch.bool))
+        self._bound_pending()
+
+    def _bound_pending(self) -> None:
+        if self.pending.shape[1] > self.window:
+            self.pending, self.pending_valid = last_real(self.pending, self.pending_valid, self.window)
 
     def accept(self, step: Verified) -> None:
         k, W = self._k, self._width
@@ -171,6 +209,7 @@ class DraftModel(Drafter):
             self.pending = torch.cat([self.pending, self.pending.new_zeros(len(nxt), 1)], 1).scatter(1, c, nxt[:, None])
             self.pending_valid = torch.cat([self.pending_valid, self.pending_valid.new_zeros(len(nxt), 1)], 1).scatter(
                 1, c, torch.ones_like(c, dtype=torch.bool))
+            self._bound_pending()
             return                   # a dense pending block stays dense: every row gained one real token
         keep = W + n.clamp(max=k - 1)                                  # pending + accepted drafts the draft has fed
         self.state.rollback(self._start, keep, W + min(max(n_host), k - 1))

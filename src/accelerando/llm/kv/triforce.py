@@ -79,6 +79,7 @@ class TriForce(DraftModel):
             st.lengths = torch.full((B,), n, dtype=torch.long, device=input_ids.device)   # true positions
             st.calls = 1
         self.state = st
+        self._prompt = None          # DraftModel reads the prompt at its first proposal; this cache holds it already
         self.kv_bytes_draft = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
         self.pending = first[:, None]
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
