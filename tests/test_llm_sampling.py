@@ -176,4 +176,6 @@ def test_adaptive_k_probes_less_often_while_drafting_does_not_pay():
         else:
             ctl.update(0, [0], 0.0, 1.0)
     probes = gaps[gaps.index(2):]                                        # after the prior's first drafting steps
-    assert probes[:4] == [2, 8, 32, 64] and max(gaps) == 64 and len(gaps) < 12
+    # a probe costs 3 plain steps (2 more than the step it replaces): at most 3% of the time goes
+    # to probing, so after the first re-probe the gap is >= 2 / 0.03 steps, capped at 128
+    assert probes[0] == 2 and probes[1] == 67 and set(probes[2:]) == {128} and len(gaps) < 8

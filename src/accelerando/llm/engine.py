@@ -500,6 +500,11 @@ class Engine:
         if not self._started:
             self._started, self._bound = True, T
             return self.prefill(ids, mask, last_only=last, return_hidden=hidden or hook is not None)
+        if T == 1 and mask is None and tree is None and not hidden and hook is None:   # a plain decoding step
+            if self._bound + 1 > self.max_len:
+                self._make_room(1)
+            self._bound += 1
+            return self.step(ids)
         width = _step_bucket(T) if self.compiled else T
         if self._bound + width > self.max_len:
             self._make_room(width)

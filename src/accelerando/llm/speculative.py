@@ -155,17 +155,19 @@ def plain_run(tgt: Any, root: torch.Tensor, m: int, sampling: SamplingConfig,
               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``m`` plain decoding steps on the target's cache from ``root`` (B,) (in no cache yet), no
     host sync: the tokens (B, m) (the last is the next root) and a non-finite flag per row (B,)."""
-    toks, bad = [], torch.zeros_like(root, dtype=torch.bool)
+    toks, checks = [], []
     tok = root
     for _ in range(m):
         logits = tgt.forward(tok[:, None]).logits[:, -1]
-        if sampling.greedy:
-            tok, b = checked_argmax(logits)
+        if sampling.greedy:   # the max is finite iff the row is (``checked_argmax``): checked once, at the end
+            top, tok = logits.max(-1)
+            checks.append(top)
         else:
             p, b = checked_probs(logits, sampling)
             tok = torch.multinomial(p, 1, generator=generator).squeeze(1)
-        bad |= b
+            checks.append(b)
         toks.append(tok)
+    bad = (~torch.stack(checks, 1).isfinite()).any(1) if sampling.greedy else torch.stack(checks, 1).any(1)
     return torch.stack(toks, 1), bad
 
 

@@ -8,6 +8,7 @@ t_target)``.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -68,8 +69,8 @@ class AdaptiveK:
     engine -- wins when drafting does not pay (a poor draft, or verification that costs more per
     token than it returns, as for wide steps on a CPU); every ``probe_every``-th such step drafts
     one token anyway so alpha and the costs keep being measured (a quarter as often after each probe
-    that leaves k = 0 best, down to every 64th step; back to ``probe_every`` once drafting pays again:
-    on a 64-token reply a useless draft costs 3 probes, not 5).
+    that leaves k = 0 best, and rarely enough that the probes' measured extra cost stays ~3% of
+    plain decoding's time, down to every 128th step; back to ``probe_every`` once drafting pays).
 
     Never losing to plain decoding (issue 22) is mostly about the first steps and the idle ones:
     ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
@@ -170,8 +171,20 @@ class AdaptiveK:
             c = (t_draft / k) / t_target
             self.c = 0.7 * self.c + 0.3 * c
         self.ramp = max(self.ramp, 2 * max(n_host, default=0) + 1)
-        if self._probing:   # a probe that changes nothing: probe a quarter as often (up to every 64th step)
-            self.probe_every = min(64, 4 * self.probe_every) if self._best() == 0 else self._base_probe
+        if self._probing:   # a probe that changes nothing: probe at most a quarter as often
+            self.probe_every = self._next_probe(t_draft + t_target) if self._best() == 0 else self._base_probe
+
+    PROBE_SHARE = 0.03      # a useless draft's probes may cost this share of plain decoding's time
+    MAX_PROBE_EVERY = 128
+
+    def _next_probe(self, t_probe: float) -> int:
+        """Plain steps until the next probe: 4x the last interval, and at least enough that a
+        probe's extra cost over the plain step it replaces is ``PROBE_SHARE`` of the interval's
+        time (a draft forward and a 2-wide verification can cost several plain steps on a CPU);
+        at most ``MAX_PROBE_EVERY``."""
+        t0 = self.t_verify.get(0)
+        need = 0 if not t0 else math.ceil(max(0.0, t_probe - t0) / (self.PROBE_SHARE * t0))
+        return min(self.MAX_PROBE_EVERY, max(4 * self.probe_every, need))
 
 
 def make_controller(k: int | str, k_max: int, cost_ratio: float | None = None):

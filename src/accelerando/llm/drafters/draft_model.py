@@ -80,6 +80,7 @@ class DraftModel(Drafter):
         self.model, self.k, self.k_max, self.tokenizer, self.window = model, k, k_max, tokenizer, window
         self.max_nodes = self.length.cap + 1
         self.state: Any = None
+        self._prompt: tuple | None = None      # set by begin: the prompt the draft has not read yet
 
     @property
     def ctrl(self) -> Any:
@@ -96,7 +97,7 @@ class DraftModel(Drafter):
         self.state = ctx.make_cache(self.model, "draft model")
         # the prompt is read at the first proposal, with the pending tokens (a draft that never
         # drafts never reads it)
-        self._prompt: tuple | None = (ctx.input_ids, ctx.attention_mask.bool())
+        self._prompt = (ctx.input_ids, ctx.attention_mask.bool())
         self.pending = ctx.first[:, None]                              # (B, W) fed at the next propose
         self.pending_valid = torch.ones_like(self.pending, dtype=torch.bool)
         self.pending_dense = True                                      # host: every pending entry is real
