@@ -39,10 +39,14 @@ def _prompts(batch: int, length: int = 9, seed: int = 1):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
-def test_prefill_logits_equal_hf_forward(kind):
+@pytest.mark.parametrize("chunk", [engine.PREFILL_CHUNK, 4, 3])
+def test_prefill_logits_equal_hf_forward(kind, chunk):
+    # chunk < prompt: the prefill runs in chunks of queries, each over the slots written so far
+    # (row 2's first chunk is all padding; the Mistral window of 6 spans chunks)
     model = _tiny(kind)
     ids, mask = _prompts(3)
     eng = engine.Engine(model, batch_size=3, max_len=32, compile=False)
+    eng.prefill_chunk = chunk
     out = eng.prefill(ids, mask, last_only=False, return_hidden=True)
     hidden, ours = out.hidden, out.logits
     with torch.no_grad():
@@ -60,6 +64,14 @@ def test_greedy_generate_equals_hf_generate(kind, batch):
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0)
     out = engine.generate(model, ids, mask, max_new_tokens=14, compile=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_chunked_prefill_then_decode_equals_hf_generate(monkeypatch):
+    monkeypatch.setattr(engine.Engine, "prefill_chunk", 4)     # a 9-token prompt in 3 chunks
+    model = _tiny("mistral")
+    ids, mask = _prompts(3)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(engine.generate(model, ids, mask, max_new_tokens=10, compile=False, pad_token_id=0), ref)
 
 
 def test_eos_stops_rows_like_hf():
