@@ -63,8 +63,25 @@ def ras_settings(steps: int) -> list[tuple[str, dict[str, Any]]]:
             (f"RAS r=0.5 reset{steps // 2}+dense{dense}", {"ratio": 0.5, "warmup": warm + 1,
                                                           "reset_steps": (steps // 2,), "dense_from": dense}),
             ("RAS r=0.5 full/3 delta", {"ratio": 0.5, "warmup": warm, "full_every": 3, "criterion": "delta"}),
-            ("RAS r=0.5 full/3 forecast", {"ratio": 0.5, "warmup": warm, "full_every": 3, "forecast": True}),
-            ("RAS r=0.25 full/2 forecast", {"ratio": 0.25, "warmup": warm, "full_every": 2, "forecast": True})]
+            # ours: round-robin focus (starvation 10: every token every 1/ratio steps), the left-out tokens' noise
+            # and cached K/V forecast linearly, the last 1-2 steps dense
+            ("RAS r=0.25 full/2 forecast", {"ratio": 0.25, "warmup": warm, "full_every": 2, "forecast": True,
+                                            "forecast_kv": True}),
+            (f"RAS r=0.5 rr forecast dense{steps - 1}", {"ratio": 0.5, "warmup": warm, "starvation": 10.0,
+                                                         "forecast": True, "forecast_kv": True, "dense_from": steps - 1}),
+            (f"RAS r=0.25 full/2 forecast dense{steps - 1}", {"ratio": 0.25, "warmup": warm, "full_every": 2,
+                                                              "forecast": True, "forecast_kv": True,
+                                                              "dense_from": steps - 1}),
+            (f"RAS r=0.5 rr forecast dense{steps - 3}", {"ratio": 0.5, "warmup": warm, "starvation": 10.0,
+                                                         "forecast": True, "forecast_kv": True, "dense_from": steps - 3}),
+            (f"RAS r=0.5 rr forecast w{warm - 1} dense{steps - 1}", {"ratio": 0.5, "warmup": warm - 1,
+                                                                      "starvation": 10.0, "forecast": True,
+                                                                      "forecast_kv": True, "dense_from": steps - 1}),
+            (f"RAS r=0.5 rr forecast dense{steps - 2}", {"ratio": 0.5, "warmup": warm, "starvation": 10.0,
+                                                         "forecast": True, "forecast_kv": True, "dense_from": steps - 2}),
+            (f"RAS r=0.375 rr forecast dense{steps - 2}", {"ratio": 0.375, "warmup": warm, "starvation": 10.0,
+                                                           "forecast": True, "forecast_kv": True,
+                                                           "dense_from": steps - 2})]
 
 
 def searched_steps(model: Any, name: str, steps: int, guidance: float, args: Any, keep: float) -> torch.Tensor:
@@ -120,6 +137,9 @@ def arms(model: Any, name: str, steps: int, guidance: float, args: Any) -> list[
             ("cache threshold 0.1", "ours", lambda: BlockCache(policy="threshold", threshold=0.1)),
             ("cache threshold 0.2", "ours", lambda: BlockCache(policy="threshold", threshold=0.2))]
     n_blocks = len(model.transformer_blocks)
+    last = torch.zeros(steps, dtype=torch.bool)          # step 0 and every 2nd step back from the last one
+    last[[0] + list(range(steps - 1, 0, -2))] = True
+    out.append(("cache forecast k=2 to last step", "ours", lambda: forecast_cache(last, n_blocks, order=2)))
     for keep in (k for k in args.search_keep if want(f"cache forecast searched {k}")):
         computed = searched_steps(model, name, steps, guidance, args, keep)
         out.append((f"cache forecast searched {keep}", "ours",
@@ -265,8 +285,11 @@ NOTES = [
     "- *cache static k=2 forecast*: the static cache (all blocks every 2nd step) whose skipped blocks forecast their "
     "attention and MLP outputs (order 2 in t, with the step's own adaLN gates); *cache forecast searched 0.5*: the same "
     "forecast on the half of the steps a local search picked by the final-image error on 8 calibration images "
-    "(seed 7, not the evaluated images; `stepsearch.search_steps`). *RAS ... forecast*: tokens left out extrapolate "
-    "their noise linearly in t instead of reusing it.",
+    "(seed 7, not the evaluated images; `stepsearch.search_steps`); *cache forecast k=2 to last step*: the same "
+    "forecast on step 0 and every 2nd step counted back from the last (the last step computed, as TaylorSeer's "
+    "schedule does at 50 steps). *RAS ... forecast*: tokens left out extrapolate "
+    "their noise and their cached keys / values linearly in t instead of reusing them; *rr*: round-robin focus "
+    "(starvation 10: a token left out waits at most 1/ratio steps); *denseN*: steps >= N run full.",
     "- digits-dit-32 runs at guidance 1 since its retraining (the card's FD is lower at 1 than at 2; the earlier table "
     "was at 2). Its HarmoniCa routers and the searched steps were trained / searched at guidance 2 and are used as they "
     "are.",
@@ -377,6 +400,10 @@ def targets(saved: dict[str, Any]) -> list[str]:
                     out.append(f"- {tag}, batch {b}, RAS >= 1.5x at <= 0.5 dB lost: **met** by {r['method']} "
                                f"({r[f'speed{b}']:.2f}x, {r['db_loss']:+.2f} dB lost to the converged reference, "
                                f"{r['psnr']:.1f} dB same-seed PSNR vs full compute).")
+                elif [r for r in ras if r["db_loss"] <= 0.5]:
+                    r = max((r for r in ras if r["db_loss"] <= 0.5), key=lambda r: r[f"speed{b}"])
+                    out.append(f"- {tag}, batch {b}, RAS >= 1.5x at <= 0.5 dB lost: **not met**; the fastest RAS row "
+                               f"within 0.5 dB is {r['method']} ({r[f'speed{b}']:.2f}x, {r['db_loss']:+.2f} dB lost).")
                 elif ras:
                     least = min(ras, key=lambda r: r["db_loss"])
                     fast = max(ras, key=lambda r: r[f"speed{b}"])

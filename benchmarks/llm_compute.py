@@ -241,6 +241,8 @@ def main() -> None:
                     help="only int8 inside the lean engine vs the fp32 engine (section llm_compute_int8_engine)")
     ap.add_argument("--lock", default=None, help="a lock file (e.g. /tmp/accel-bench.lock) each timed part holds, "
                     "so a shared machine times one thing at a time while the untimed quality work runs outside it")
+    ap.add_argument("--selfspec", action="store_true",
+                    help="only self-speculation, step-by-step vs fused drafts (section llm_compute_selfspec)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry", action="store_true")
     args = ap.parse_args()
@@ -274,6 +276,12 @@ def main() -> None:
         print(md)
         if not (args.quick or args.dry):
             write_section("llm_compute_int8_engine", md)
+        return
+    if args.selfspec:
+        md = selfspec_table(args)
+        print(md)
+        if not (args.quick or args.dry):
+            write_section("llm_compute_selfspec", md)
         return
     if args.heldout:
         md = heldout_table(args)
@@ -429,6 +437,50 @@ def _nll(model: Any, windows: torch.Tensor, chunk: int = 16) -> float:
         logits = model(w).logits[:, :-1].float()
         tot += torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
     return tot / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def selfspec_table(args) -> str:
+    """Self-speculation with the draft's k steps fused into one compiled call vs step by step, against
+    plain ``generate`` and the compiled engine, batch 1 and 4, interleaved rounds."""
+    d = load(2, 128, args.prompt_len)
+    e = dict(engine="static")
+    rows: list[dict[str, Any]] = []
+    for batch in (1, 4):
+        s = setup(d, batch, args.new_tokens)
+        fns: dict[str, tuple[Callable, bool]] = {
+            "transformers generate (baseline)": (get_method("generate").build(s), True),
+            "lean engine generate (compiled)": (get_method("engine-generate").build(s), True)}
+        for label, knobs in (("exit 2 + head", {"exit_layer": 2, "exit_head": True}),
+                             ("exit 1 + head", {"exit_layer": 1, "exit_head": True}),
+                             ("ULS skip 1", {"skip": 1})):
+            for k in ((1, 2, 3) if label == "exit 2 + head" else (2,)):
+                for fused in ((False, True) if label == "exit 2 + head" else (True,)):
+                    name = f"self-spec {label}, k={k}, {'fused draft' if fused else 'step-by-step draft'}"
+                    fns[name] = (get_method("self-spec").build(s, k=k, fused=fused, **knobs, **e), True)
+        if batch == 1:
+            fns["assistant_early_exit=2, k=3 (transformers, anchor)"] = (
+                get_method("hf-early-exit").build(s, exit_layer=2, k=3), True)
+        rows += timed_rows(fns, batch, d.prompts.shape[1], args.rounds)
+    best = max((r for r in rows if r["batch"] == 1 and r["method"].startswith("self-spec") and r["exact"]),
+               key=lambda r: r["vs_engine"])
+    ae = next((r for r in rows if r["method"].startswith("assistant_early_exit")), None)
+    e2 = next((r for r in rows if r["batch"] == 1 and r["method"] == "self-spec exit 2 + head, k=3, fused draft"), None)
+    lines = [f"- self-speculation >= 1.3x the plain engine at batch 1, lossless: **{'met' if best['vs_engine'] >= 1.3 and best['exact'] else 'not met'}** "
+             f"(best {best['method']}: {best['vs_engine']:.2f}x, acceptance {best['acceptance'] or 0:.2f}, exact tokens)"]
+    if ae and e2:
+        lines.append(f"- >= 10% faster than `assistant_early_exit` at the same exit layer (2, k=3): "
+                     f"**{'met' if ae['s'] / e2['s'] >= 1.1 else 'not met'}** ({ae['s'] / e2['s']:.2f}x)")
+    return ("### (g) Self-speculation: fused vs step-by-step drafting\n\n"
+            f"`python benchmarks/llm_compute.py --selfspec --lock /tmp/accel-bench.lock` -- {machine_line()}. Zoo target, "
+            f"greedy, {args.new_tokens} new tokens, {args.rounds} interleaved rounds (ratios: medians of per-round "
+            "ratios); every self-speculation row drafts on the target's own KV cache (`SelfDraft`). \"fused draft\" "
+            "= the k greedy draft steps run as one compiled call (`selfspec._draft_chain`), \"step-by-step\" = k "
+            "engine steps (the previous implementation).\n\n"
+            + markdown_table(["method", "batch", "tokens/s", "vs generate", "vs engine", "same tokens", "draft acceptance"],
+                             [[r["method"], r["batch"], round(r["tps"], 1), f"{r['vs_generate']:.2f}x",
+                               f"{r['vs_engine']:.2f}x", "yes" if r["exact"] else "NO",
+                               "-" if r.get("acceptance") is None else f"{r['acceptance']:.2f}"] for r in rows])
+            + "\n\n" + "\n".join(lines) + "\n")
 
 
 def heldout_table(args) -> str:

@@ -168,17 +168,22 @@ def test_step_search_moves_computed_steps_while_the_final_image_improves():
 def test_ras_forecast_extrapolates_left_out_tokens_and_is_exact_when_all_are_active():
     m = tiny_dit(size=8)
     ref, _ = run(m, None, steps=6, guidance=1.5)
-    out, _ = run(m, RegionAdaptive(ratio=0.999, warmup=1, forecast=True), steps=6, guidance=1.5)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for kv in (False, True):
+        out, _ = run(m, RegionAdaptive(ratio=0.999, warmup=1, forecast=True, forecast_kv=kv), steps=6, guidance=1.5)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     r = RegionAdaptive(ratio=0.5, forecast=True)
     r.eps_patches, r.eps_prev = torch.full((1, 2, 3), 2.0), torch.full((1, 2, 3), 1.0)
     r.t_last, r.t_prev = torch.tensor([[800.0, 700.0]]), torch.tensor([[900.0, 700.0]])
     pred = r._predict(torch.tensor([700.0]))
     # token 0: the line through (900, 1) and (800, 2) at 700 -> 3; token 1: computed at 700 -> itself
     assert torch.equal(pred, torch.tensor([[[3.0] * 3, [2.0] * 3]]))
+    # the line is followed at most one fitted span ahead: token 0 at 600 stays at 3
+    assert torch.equal(r._predict(torch.tensor([600.0]))[0, 0], torch.full((3,), 3.0))
     plain, _ = run(m, RegionAdaptive(ratio=0.5, warmup=2), steps=6)
     fc, c = run(m, RegionAdaptive(ratio=0.5, warmup=2, forecast=True), steps=6)
-    assert not torch.equal(plain, fc) and c.skipped_fraction > 0
+    fkv, ckv = run(m, RegionAdaptive(ratio=0.5, warmup=2, forecast=True, forecast_kv=True), steps=6)
+    assert not torch.equal(plain, fc) and not torch.equal(fc, fkv)
+    assert c.skipped_fraction == ckv.skipped_fraction > 0
 
 
 def test_ras_focus_prefers_high_score_and_starved_tokens():
@@ -250,6 +255,7 @@ def test_tome_counts():
     (lambda: ToMeConfig(ratio=1.5), "merge ratio"),
     (lambda: BlockCacheConfig(policy="router"), "router"),
     (lambda: BlockCacheConfig(order=3), "forecast order"),
+    (lambda: RASConfig(forecast_kv=True), "forecast_kv"),
 ])
 def test_bad_knobs_one_line_errors(make, msg):
     with pytest.raises(ValueError, match=msg) as e:

@@ -470,3 +470,19 @@ def test_bitmod_allocation_upgrades_the_groups_with_the_largest_error_drop():
     gain = (c.err3 - c.err4).flatten()
     assert gain[four.flatten()].min() >= gain[~four.flatten()].max()
     assert four[:2].sum() == min(n_up, 8)
+
+
+def test_fused_self_draft_chain_drafts_the_same_tokens(lm):
+    """The fused draft (k greedy steps in one call) is the same draft: same tokens as generate,
+    and the same drafts / acceptance as the step-by-step SelfDraft; sampling falls back to steps."""
+    ids, mask = _prompts(2)
+    outs = {}
+    for fused in (False, True):
+        d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=fused)
+        outs[fused] = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=16, engine=EAGER)
+        assert d.shared and (d._chain is not None) == fused
+    assert torch.equal(outs[True].sequences, _greedy(lm, ids, mask, 16))
+    assert outs[True].stats["acceptance_histogram"] == outs[False].stats["acceptance_histogram"]
+    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=True)
+    speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=4, engine=EAGER, temperature=1.0, seed=0)
+    assert d._chain is None

@@ -81,7 +81,8 @@ class RegionAdaptive:
         self.eps_prev: torch.Tensor | None = None
         self.t_last: torch.Tensor | None = None
         self.t_prev: torch.Tensor | None = None
-        self.kv_prev: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # forecast_kv: per block, each token's last change of its keys / values (B, N, D) each
+        self.kv_diff: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _remember(self, t: torch.Tensor, new: torch.Tensor, idx: torch.Tensor | None) -> None:
         """Shift (noise, time) of the tokens just computed (all if ``idx`` is None) into the forecast history."""
@@ -139,7 +140,8 @@ class RegionAdaptive:
                 h = block_forward(blk, h, t, y, kv=lambda k, v: self.kv.append((k, v)) or (k, v))
             if self.config.forecast_kv:
                 same = bool(old_kv) and old_kv[0][0].shape == self.kv[0][0].shape
-                self.kv_prev = old_kv if same else [(k.clone(), v.clone()) for k, v in self.kv]
+                self.kv_diff = ([(k - k0, v - v0) for (k, v), (k0, v0) in zip(self.kv, old_kv)] if same else
+                                [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in self.kv])
             new = final_layer(model, h, t, y)
             # "delta": where the noise prediction still moves, the region is still being decided
             self.delta = (new - self.eps_patches).norm(dim=-1) if self.eps_patches is not None and \
@@ -161,12 +163,14 @@ class RegionAdaptive:
                 at = idx[..., None].expand(b, k, k_new.shape[-1])
                 if ahead is None:
                     return k_all.scatter_(1, at, k_new), v_all.scatter_(1, at, v_new)
-                k_prev, v_prev = self.kv_prev[i]
-                k_prev.scatter_(1, at, k_all.gather(1, at))
-                v_prev.scatter_(1, at, v_all.gather(1, at))
+                # the active tokens' change since they last ran replaces their stored one; one fused
+                # multiply-add over all tokens then moves the others along their last change
+                dk, dv = self.kv_diff[i]
+                dk.scatter_(1, at, k_new - k_all.gather(1, at))
+                dv.scatter_(1, at, v_new - v_all.gather(1, at))
                 k_all.scatter_(1, at, k_new)
                 v_all.scatter_(1, at, v_new)
-                return k_all + ahead * (k_all - k_prev), v_all + ahead * (v_all - v_prev)
+                return torch.addcmul(k_all, ahead, dk), torch.addcmul(v_all, ahead, dv)
             h = block_forward(blk, h, t, y, kv=kv)
         out = final_layer(model, h, t, y)                                      # (B, k, P)
         at = idx[..., None].expand(b, k, out.shape[-1])

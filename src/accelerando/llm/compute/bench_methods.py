@@ -119,15 +119,16 @@ def build_layer_skip(s: LLMSetup, exit_layer: int | None = None, skip: int | Non
 
 def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, keep: str | None = None,
                     k: int | str = 4, exit_head: bool = False, shared: bool = True,
-                    engine: str = "hf") -> Callable[[], LLMOutput]:
+                    engine: str = "hf", fused: bool = False) -> Callable[[], LLMOutput]:
     """Lossless self-speculation: the skip view drafts (on the target's own KV cache when the
     target runs on the lean engine and ``shared``), the full target verifies."""
     from accelerando.llm.bench_methods import _ours
     from accelerando.llm.compute.selfspec import SelfDraft
     from accelerando.llm.drafters.draft_model import DraftModel
     view = _view(s, exit_layer, skip, keep, bool(exit_head))
-    make = SelfDraft if shared and engine != "hf" else DraftModel
-    return _ours(s, lambda: make(view, k=k), engine)
+    if shared and engine != "hf":
+        return _ours(s, lambda: SelfDraft(view, k=k, fused=bool(fused)), engine)
+    return _ours(s, lambda: DraftModel(view, k=k), engine)
 
 
 def build_hf_early_exit(s: LLMSetup, exit_layer: int = 2, k: int | None = None) -> Callable[[], LLMOutput]:

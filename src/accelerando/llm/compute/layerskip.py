@@ -127,15 +127,16 @@ def skip_view(model: Any, cfg: SkipConfig, *, exit_head: nn.Module | None = None
 
 
 def self_speculative_draft(target: Any, cfg: SkipConfig, *, k: int | str = 4, k_max: int = 12,
-                           exit_head: nn.Module | None = None, shared_cache: bool = True) -> Any:
+                           exit_head: nn.Module | None = None, shared_cache: bool = True, fused: bool = False) -> Any:
     """A drafter for ``speculative_generate(target, ..., draft=...)`` whose draft model is the
     target's own skip view (lossless: the target verifies every token). ``shared_cache``: on the
     lean engine the draft reads and writes the target's KV cache (``selfspec.SelfDraft``); else
-    (or on transformers' cache) it keeps its own."""
+    (or on transformers' cache) it keeps its own. ``fused``: greedy, fixed k, on a CPU engine, the
+    k draft steps run as one (compiled) call."""
     from accelerando.llm.compute.selfspec import SelfDraft
     from accelerando.llm.drafters.draft_model import DraftModel
     view = skip_view(target, cfg, exit_head=exit_head)
-    return SelfDraft(view, k=k, k_max=k_max) if shared_cache else DraftModel(view, k=k, k_max=k_max)
+    return SelfDraft(view, k=k, k_max=k_max, fused=fused) if shared_cache else DraftModel(view, k=k, k_max=k_max)
 
 
 @torch.no_grad()

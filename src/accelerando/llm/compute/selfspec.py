@@ -8,8 +8,11 @@ Per step: the draft writes its layers' K/V for the root and its first k-1 drafts
 just past the target's length, then restores the target's length; the target's verification
 forward writes *every* layer's K/V at those same slots (the same values for an early exit's
 layers; a skip schedule's approximate ones are overwritten), so the target only ever attends to
-its own K/V and decoding stays lossless. Not done here: LayerSkip's reuse of the draft's
-early-layer *computation* in verification (the verify forward recomputes every layer).
+its own K/V and decoding stays lossless. ``fused=True`` (greedy, fixed k, CPU engine): the k draft
+steps run as one compiled call (``_draft_chain``), so the per-call fixed cost that dominates a
+step of a small model is paid once per step, not k times. Not done here: LayerSkip's reuse of the
+draft's early-layer *computation* in verification (the verify forward recomputes every layer;
+estimated in BENCHMARKS.md (b2) to lift the ceiling by about a tenth on the zoo target).
 
 Fallback (stated): when the target is not on the lean engine (transformers' cache, an unsupported
 architecture) the draft keeps its own cache, exactly like ``DraftModel``.
@@ -17,6 +20,7 @@ architecture) the draft keeps its own cache, exactly like ``DraftModel``.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -50,6 +54,33 @@ def _pick(logits: torch.Tensor, sampling: Any, generator: Any) -> tuple[torch.Te
     return torch.multinomial(q, 1, generator=generator).squeeze(1), q, bad
 
 
+def _draft_chain(decoder: Any, tok: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache, k: int):
+    """k greedy draft steps in one call (one compiled graph per k instead of k calls, each paying
+    the call's fixed cost): each step writes the kept layers' K/V at ``cache.lengths`` and advances
+    it; returns (drafts (B, k), non-finite flag (B,)). Same tokens as k ``Engine.step`` calls +
+    ``checked_argmax`` (ties to the first index, max propagates NaN / inf)."""
+    toks = []
+    bad = torch.zeros_like(tok, dtype=torch.bool)
+    for _ in range(k):
+        logits = decoder(tok[:, None], token_mask, cache)[0]
+        cache.lengths.add_(1)
+        top, tok = logits[:, -1].max(-1)
+        bad = bad | ~top.isfinite()
+        toks.append(tok)
+    return torch.stack(toks, 1), bad
+
+
+def _chain_fn(compiled: bool):
+    """``_draft_chain`` with a code object of its own (compiled graphs are kept per code object and
+    the module guards are skipped, as in the engine), compiled like the engine's CPU step."""
+    fn = types.FunctionType(_draft_chain.__code__.replace(), _draft_chain.__globals__, "_draft_chain")
+    if not compiled:
+        return fn
+    return torch.compile(fn, fullgraph=True, dynamic=False,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                  "cpp_wrapper": True})
+
+
 def kept_layers(model: Any) -> tuple[int, ...] | None:
     """The layers a skip view (``layerskip.skip_view``, which marks its views) keeps; None for a
     model that is not one. Read here, not imported from layerskip, which imports this module."""
@@ -59,7 +90,7 @@ def kept_layers(model: Any) -> tuple[int, ...] | None:
 class SelfDraft(DraftModel):
     """A skip view of the target (``layerskip.skip_view``) drafting on the target's own KV cache."""
 
-    def __init__(self, view: Any, k: int | str = 4, *, k_max: int = 12):
+    def __init__(self, view: Any, k: int | str = 4, *, k_max: int = 12, fused: bool = False):
         keep = kept_layers(view)
         if keep is None:
             raise ValueError("SelfDraft needs a skip view of the target (accelerando.llm.compute.layerskip.skip_view)")
@@ -70,6 +101,8 @@ class SelfDraft(DraftModel):
         self._engines: dict[int, tuple[Any, Any]] = view.__dict__.setdefault("_accelerando_self_engines", {})
         self.shared = False
         self._calls = 0
+        # fused: greedy drafts of a fixed k in one call per step (``_draft_chain``) on CPU engines
+        self.fused = bool(fused) and isinstance(k, int)
 
     def begin(self, ctx: DraftContext) -> None:
         from accelerando.llm.engine import Engine
@@ -85,6 +118,12 @@ class SelfDraft(DraftModel):
         self.target_engine = tc
         self.engine = self._view_engine(tc)
         self.state = None
+        self._chain = None
+        if self.fused and self.sampling.greedy and tc.device.type == "cpu":
+            key = ("chain", id(self.engine))
+            if key not in self._engines:      # one compiled chain per view engine, kept on the view
+                self._engines[key] = (None, _chain_fn(tc.compiled))
+            self._chain = self._engines[key][1]
 
     def _view_engine(self, tc: Any) -> Any:
         """The view's engine, its steps compiled once per target cache (a pooled target engine
@@ -116,6 +155,14 @@ class SelfDraft(DraftModel):
             return Proposal.chain_of(x.root, drafts)
         kv = self.engine.cache
         lengths0 = kv.lengths.clone()
+        if self._chain is not None:
+            eng = self.engine
+            with torch.no_grad():
+                drafts, bad = self._chain(eng.decoder, x.root, eng._all_valid((B, 1)), kv, k)
+            kv.lengths.copy_(lengths0)
+            self._calls += k
+            self.length.drafted(drafts)
+            return Proposal.chain_of(x.root, drafts, None, bad=bad)
         tok, toks, qs = x.root, [], []
         bad = torch.zeros(B, dtype=torch.bool, device=x.root.device)
         for _ in range(k):   # k forwards on the target's cache, no host sync
