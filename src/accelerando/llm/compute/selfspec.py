@@ -12,7 +12,7 @@ its own K/V and decoding stays lossless. ``fused=True`` (greedy, fixed k, CPU en
 steps run as one compiled call (``_draft_chain``), so the per-call fixed cost that dominates a
 step of a small model is paid once per step, not k times. Not done here: LayerSkip's reuse of the
 draft's early-layer *computation* in verification (the verify forward recomputes every layer;
-estimated in BENCHMARKS.md (b2) to lift the ceiling by about a tenth on the zoo target).
+BENCHMARKS.md (b2) estimates what it would lift the step-cost ceiling to on the zoo target).
 
 Fallback (stated): when the target is not on the lean engine (transformers' cache, an unsupported
 architecture) the draft keeps its own cache, exactly like ``DraftModel``.
