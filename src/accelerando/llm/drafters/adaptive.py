@@ -74,9 +74,14 @@ class AdaptiveK:
     that leaves k = 0 best, and rarely enough that the probes' measured extra cost stays ~3% of
     plain decoding's time, down to every 128th step; back to ``probe_every`` once drafting pays).
 
+    t_v(k) and c are medians of their last ``WINDOW`` readings, not running means: one step of a
+    sub-millisecond model is noisy (a hiccup, a compile) and a single reading used to decide 20-60
+    losing drafting steps. Drafting must beat plain decoding's measured rate by ``MARGIN`` (10%).
+
     Never losing to plain decoding (issue 22) is mostly about the first steps and the idle ones:
-    ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
-    assumed) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
+    ``plain_run`` asks the loop for a run of ``FIRST_PLAIN`` plain steps before any drafting (so
+    t_v(0) is measured, not assumed, as k = 0 then runs: one plain step alone pays a host sync and
+    overstated t_v(0) by ~1.7x) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
     the loop then takes as plain decoding with no drafter work per token. Drafting starts slowly:
     k <= 2 n + 1 for the longest run of n accepted drafts seen so far (k = 1 first), so a draft
     that never agrees costs a few one-token probes, not k_max-wide steps.
