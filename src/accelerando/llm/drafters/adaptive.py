@@ -9,7 +9,9 @@ t_target)``.
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 
 import torch
 
@@ -72,9 +74,14 @@ class AdaptiveK:
     that leaves k = 0 best, and rarely enough that the probes' measured extra cost stays ~3% of
     plain decoding's time, down to every 128th step; back to ``probe_every`` once drafting pays).
 
+    t_v(k) and c are medians of their last ``WINDOW`` readings, not running means: one step of a
+    sub-millisecond model is noisy (a hiccup, a compile) and a single reading used to decide 20-60
+    losing drafting steps. Drafting must beat plain decoding's measured rate by ``MARGIN`` (10%).
+
     Never losing to plain decoding (issue 22) is mostly about the first steps and the idle ones:
-    ``plain_run`` asks the loop for one plain step before any drafting (so t_v(0) is measured, not
-    assumed) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
+    ``plain_run`` asks the loop for a run of ``FIRST_PLAIN`` plain steps before any drafting (so
+    t_v(0) is measured, not assumed, as k = 0 then runs: one plain step alone pays a host sync and
+    overstated t_v(0) by ~1.7x) and, while k = 0 is best, for the whole run of plain steps up to the next probe, which
     the loop then takes as plain decoding with no drafter work per token. Drafting starts slowly:
     k <= 2 n + 1 for the longest run of n accepted drafts seen so far (k = 1 first), so a draft
     that never agrees costs a few one-token probes, not k_max-wide steps.
@@ -90,7 +97,9 @@ class AdaptiveK:
         self.succ, self.fail = 2.0 * alpha0, 2.0 * (1 - alpha0)     # a weak prior worth 2 drafts
         self.ramp = 1                                                 # slow start: k <= 2 (longest accepted run) + 1
         self.c = c0 if cost_ratio is None else cost_ratio
-        self.t_verify: dict[int, float] = {}                          # k -> running mean of t_v(k)
+        self._c_seen: deque[float] = deque(maxlen=self.WINDOW)        # recent c readings (median: c)
+        self.t_verify: dict[int, float] = {}                          # k -> median of recent t_v(k) readings
+        self._t_seen: dict[int, deque[float]] = {}
         self.probe_every, self._idle = probe_every, 0
         self._base_probe, self._probing = probe_every, False
         self.history: list[int] = []
@@ -122,9 +131,22 @@ class AdaptiveK:
         t = sum(drafted) / len(drafted)
         return expected_tokens(a, k) / (k * self.c * t + self.verify_time(k))
 
+    WINDOW = 9          # t_v(k) and c are medians of this many recent readings (one reading is noise)
+    MARGIN = 0.1        # drafting must beat plain decoding's measured rate by this share
+    FIRST_PLAIN = 4     # plain steps timed before any drafting: a run, as k = 0 then runs
+
     def _best(self) -> int:
         hi = max(self.k_min, min(self.k_max, self.ramp))
-        return max(range(self.k_min, hi + 1), key=lambda j: (self.rate(j), -j))
+        k = max(range(self.k_min, hi + 1), key=lambda j: (self.rate(j), -j))
+        measured = 0 in self.t_verify and any(j > 0 for j in self.t_verify)
+        if k > 0 and self.k_min == 0 and measured and self.rate(k) < (1.0 + self.MARGIN) * self.rate(0):
+            return 0     # hysteresis: a gain within the timing noise is no gain
+        return k
+
+    def _record(self, k: int, t: float) -> None:
+        seen = self._t_seen.setdefault(k, deque(maxlen=self.WINDOW))
+        seen.append(t)
+        self.t_verify[k] = statistics.median(seen)
 
     def plain_run(self) -> int:
         """Plain steps the loop should take now, before the next ``choose`` (0: draft now): one
@@ -132,7 +154,7 @@ class AdaptiveK:
         if self.k_min > 0:
             return 0
         if 0 not in self.t_verify:
-            return 1
+            return min(self.FIRST_PLAIN, self.probe_every)
         if self._best() > 0:
             return 0
         return max(0, self.probe_every - self._idle)
@@ -140,9 +162,7 @@ class AdaptiveK:
     def update_plain(self, n: int, seconds: float) -> None:
         """``n`` plain steps ran in ``seconds`` (loop included), as asked by ``plain_run``."""
         if n > 0:
-            t = seconds / n
-            old = self.t_verify.get(0)
-            self.t_verify[0] = t if old is None else 0.7 * old + 0.3 * t
+            self._record(0, seconds / n)
             self._idle += n
             self.history += [0] * n
 
@@ -159,8 +179,7 @@ class AdaptiveK:
 
     def update(self, k: int, n_host: list[int], t_draft: float, t_target: float) -> None:
         if t_target > 0:
-            old = self.t_verify.get(k)
-            self.t_verify[k] = t_target if old is None else 0.7 * old + 0.3 * t_target
+            self._record(k, t_target)
         if k == 0:
             return
         s = float(sum(n_host))
@@ -168,8 +187,8 @@ class AdaptiveK:
         self.succ = self.decay * self.succ + s
         self.fail = self.decay * self.fail + f
         if self.fixed_c is None and t_target > 0:
-            c = (t_draft / k) / t_target
-            self.c = 0.7 * self.c + 0.3 * c
+            self._c_seen.append((t_draft / k) / t_target)
+            self.c = statistics.median(self._c_seen)
         self.ramp = max(self.ramp, 2 * max(n_host, default=0) + 1)
         if self._probing:   # a probe that changes nothing: probe at most a quarter as often
             self.probe_every = self._next_probe(t_draft + t_target) if self._best() == 0 else self._base_probe
