@@ -141,12 +141,13 @@ def test_adaptive_k_drops_to_plain_decoding_when_verification_costs_more_than_it
 
 
 def test_adaptive_k_asks_for_a_timed_plain_step_then_runs_of_plain_steps():
-    """Issue 22: before drafting, one plain step is timed (not assumed); while k = 0 is best the
-    loop is asked for the whole run of plain steps up to the next probe; drafting starts at k = 1
-    and widens only with accepted runs (k <= 2 n + 1)."""
+    """Issue 22: before drafting, a run of plain steps is timed (not assumed; a lone step would
+    carry a host sync of its own); while k = 0 is best the loop is asked for the whole run of plain
+    steps up to the next probe; drafting starts at k = 1 and widens only with accepted runs (k <= 2 n + 1)."""
     ctl = AdaptiveK(8, cost_ratio=0.0, probe_every=4)
-    assert ctl.plain_run() == 1
-    ctl.update_plain(1, 1.0)
+    assert ctl.plain_run() == AdaptiveK.FIRST_PLAIN == 4
+    assert AdaptiveK(8, cost_ratio=0.0, probe_every=2).plain_run() == 2     # never past the first probe
+    ctl.update_plain(4, 4.0)
     assert ctl.plain_run() == 0 and ctl.choose() == 1                   # slow start: one draft first
     ctl.update(1, [1], 0.0, 1.0)
     assert ctl.ramp == 3 and ctl.choose() == 3
