@@ -277,18 +277,14 @@ def main() -> None:
         if not (args.quick or args.dry):
             write_section("llm_compute_int8_engine", md)
         return
-    if args.selfspec:
-        md = selfspec_table(args)
-        print(md)
-        if not (args.quick or args.dry):
-            write_section("llm_compute_selfspec", md)
-        return
-    if args.heldout:
-        md = heldout_table(args)
-        print(md)
-        if not (args.quick or args.dry):
-            write_section("llm_compute_heldout", md)
-        return
+    for wanted, table, section in ((args.selfspec, selfspec_table, "llm_compute_selfspec"),
+                                   (args.heldout, heldout_table, "llm_compute_heldout")):
+        if wanted:
+            md = table(args)
+            print(md)
+            if not (args.quick or args.dry):
+                write_section(section, md)
+            return
     d = load(args.windows, 128, args.prompt_len)
     P = d.prompts.shape[1]
 
