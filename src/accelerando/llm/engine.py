@@ -295,7 +295,7 @@ ENGINES = ("auto", "engine", "engine-eager", "hf")
 DEFAULT_ENGINE = os.environ.get("ACCELERANDO_ENGINE", "auto")
 STEP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)   # compiled step widths; narrower steps are padded up
 MIN_LEN = 128                                  # smallest cache; larger ones are powers of two
-PREFILL_CHUNK = 512                            # prompt tokens per prefill forward (bounds its score tensor)
+PREFILL_CHUNK = 512                            # prompt tokens per prefill forward (bounds its T x slots mask)
 
 
 def length_bucket(n: int) -> int:

@@ -202,8 +202,7 @@ def model_stats(model: Any) -> dict[str, float]:
     cfg = getattr(model, "config", {}) or {}
     layers = _cfg_get(cfg, "num_hidden_layers", "n_layer", "num_layers")
     hidden = _cfg_get(cfg, "hidden_size", "n_embd", "d_model")
-    if hidden is None and _cfg_get(cfg, "attention_head_dim", "num_attention_heads") is not None \
-            and _cfg_get(cfg, "patch_size") is not None:          # diffusers DiT: heads x head width
+    if hidden is None and is_patch_transformer(model):      # diffusers DiT: heads x head width
         hidden = (_cfg_get(cfg, "num_attention_heads") or 0) * (_cfg_get(cfg, "attention_head_dim") or 0) or None
     if hidden is None:     # diffusers UNet: widest block
         boc = _cfg_get(cfg, "block_out_channels")
