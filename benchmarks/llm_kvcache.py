@@ -166,45 +166,134 @@ def speed(model: Any, tok: Any, cells: list[tuple[int, int]], ratio: float, new:
 
 
 # ------------------------------------------------------------------------------------------- D
-def triforce(model: Any, tok: Any, lengths: list[int], new: int, repeats: int, ratio: float, ks: list[int]) -> list:
-    """TriForce vs plain decoding, both on transformers' DynamicCache; the draft's retrieval cache
-    is cut from the target's prefill (``TriForce.shared_prefill``), its set-up time is reported.
-    ``decode only`` subtracts the prompt's prefill (timed alone, the same for both) from both."""
-    from accelerando.llm.kv.generate import prefill
+BACKENDS = {"hf": "transformers", "engine": "lean engine"}
+
+
+def triforce(model: Any, tok: Any, lengths: list[int], new: int, rounds: int, ratio: float, ks: list,
+             backends: list[str], temps: list[float]) -> list:
+    """TriForce vs plain decoding on the same backend (transformers' DynamicCache or the lean engine,
+    compiled), greedy and sampled, in interleaved rounds (a warm-up round first: compiles).
+    Decode only: plain = ``plain``'s loop after the prefill; TriForce = from its drafter's ``begin``
+    (right after the target's prefill; the draft's set-up included) to the end. End to end: each
+    call's wall time. Sampled runs use seed = the round for both (lossless in distribution: the
+    tests' chi-square; greedy: token equality, checked here every round)."""
     from accelerando.llm.kv.triforce import TriForce
+    from accelerando.llm.sampling import SamplingConfig
     from accelerando.llm.speculative import speculative_generate
     stream = corpus_filler(tok, "heldout")
     rows = []
+    max_k = max([k for k in ks if isinstance(k, int)] + [12])
     for n in lengths:
         ids = stream[5000: 5000 + n][None]
-        t_plain, t_fill, t_tri, t_pre, acc, same, shared = [], [], {k: [] for k in ks}, {k: [] for k in ks}, \
-            {k: [] for k in ks}, {k: True for k in ks}, True
-        tps = {k: [] for k in ks}
-        for _ in range(repeats):          # interleaved: plain, the prefill alone, TriForce at each k
-            t0 = time.perf_counter()
-            ref, _ = kv_generate(model, ids, max_new_tokens=new)
-            t_plain.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            prefill(model, ids)
-            t_fill.append(time.perf_counter() - t0)
-            for k in ks:
-                t0 = time.perf_counter()
-                drafter = TriForce(model, k=k, ratio=ratio)
-                out = speculative_generate(model, ids, draft=drafter, max_new_tokens=new, engine="hf")  # same cache as plain
-                t_tri[k].append(time.perf_counter() - t0)
-                t_pre[k].append(drafter.prefill_s)
-                acc[k].append(out.stats["acceptance_rate"])
-                tps[k].append(out.stats["tokens_per_step"])
-                same[k] &= torch.equal(out.sequences, ref)
-                shared &= drafter.shared_prefill
-        tp, tf = statistics.median(t_plain), statistics.median(t_fill)
-        for k in ks:
-            tt, pre = statistics.median(t_tri[k]), statistics.median(t_pre[k])
-            rows.append([n, new, ratio, k, f"{tp:.2f}", f"{tt:.2f}", f"{tp / tt:.2f}x", f"{tf:.2f}",
-                         f"{(tp - tf) / max(1e-9, tt - tf):.2f}x", f"{pre:.3f}", "yes" if shared else "no",
-                         f"{statistics.mean(acc[k]):.2f}", f"{statistics.mean(tps[k]):.2f}", "yes" if same[k] else "NO"])
-            print("D", rows[-1], flush=True)
+        for be in backends:
+            for temp in temps:
+                arms = ["plain"] + list(ks)
+                rec: dict = {a: [] for a in arms}
+                same = {k: True for k in ks}
+                for rnd in range(rounds + 1):          # round 0: warm-up (compiles), not recorded
+                    for arm in arms:
+                        t0 = time.perf_counter()
+                        if arm == "plain":      # the loop TriForce's target runs, on the same pooled cache
+                            ref, r = plain(model, ids, new, be, SamplingConfig(temp), torch.Generator().manual_seed(rnd),
+                                           max_nodes=TriForce(model, k=max_k).max_nodes)
+                        else:
+                            d = TriForce(model, k=arm, ratio=ratio)
+                            out = speculative_generate(model, ids, draft=d, max_new_tokens=new, engine=be,
+                                                       temperature=temp, seed=rnd, eos_token_id=[])
+                            t1 = time.perf_counter()
+                            s = out.stats
+                            r = {"e2e": t1 - t0, "dec": t1 - d.decode_t0, "acc": s["acceptance_rate"],
+                                 "tps": (s["accepted_tokens"] + s["steps"]) / max(1, s["steps"]),
+                                 "steps": s["steps"], "k": s["mean_k"], "setup": d.prefill_s}
+                            if temp == 0:
+                                same[arm] &= torch.equal(out.sequences, ref)
+                        if rnd:
+                            rec[arm].append(r)
+                med = lambda a, key: statistics.median(x[key] for x in rec[a])  # noqa: E731
+                for k in ks:
+                    ratio_dec = statistics.median(p["dec"] / t["dec"] for p, t in zip(rec["plain"], rec[k]))
+                    ratio_e2e = statistics.median(p["e2e"] / t["e2e"] for p, t in zip(rec["plain"], rec[k]))
+                    rows.append([n, new, BACKENDS[be], "greedy" if temp == 0 else f"T={temp:g}", ratio, k,
+                                 f"{med('plain', 'dec') * 1e3 / (new - 1):.2f}",
+                                 f"{med(k, 'dec') * 1e3 / med(k, 'steps'):.2f}", f"{med(k, 'k'):.1f}",
+                                 f"{statistics.mean(x['acc'] for x in rec[k]):.2f}",
+                                 f"{statistics.mean(x['tps'] for x in rec[k]):.2f}",
+                                 f"{ratio_dec:.2f}x", f"{ratio_e2e:.2f}x",
+                                 ("yes" if same[k] else "NO") if temp == 0 else "(distribution: tests)"])
+                    print("D", rows[-1], flush=True)
     return rows
+
+
+@torch.no_grad()
+def plain(model: Any, ids: torch.Tensor, new: int, backend: str, sampling: Any, generator: Any, *,
+          max_nodes: int) -> tuple[torch.Tensor, dict]:
+    """Plain decoding through the speculative loop's own pieces (``open_cache`` sized as for a
+    drafter of ``max_nodes`` nodes, so the engine is the pooled one TriForce's target uses;
+    ``plain_run``): (sequences, {"e2e": s, "dec": s after the prefill and first token})."""
+    from accelerando.llm.engine import open_cache
+    from accelerando.llm.sampling import pick
+    from accelerando.llm.speculative import plain_run
+    t0 = time.perf_counter()
+    n = ids.shape[1]
+    tgt = open_cache(model, engine=backend, batch_size=1, max_len=n + new + max_nodes + 1, max_step=max_nodes + 1,
+                     role="target")
+    first = pick(tgt.forward(ids, last=True).logits[:, -1], sampling, generator)
+    first.tolist()                    # the speculative loop's first sync, at the same place
+    t1 = time.perf_counter()
+    toks, _ = plain_run(tgt, first, new - 1, sampling, generator)
+    toks.tolist()
+    t2 = time.perf_counter()
+    return torch.cat([ids, first[:, None], toks], 1), {"e2e": t2 - t0, "dec": t2 - t1}
+
+
+def _call_cost(cache: Any, t: int, repeats: int) -> float:
+    """Median seconds of appending ``t`` tokens to a decode cache (``DecodeCache``: transformers'
+    or the engine's), each call rolled back (a warm-up call first: a compiled width compiles)."""
+    ts = []
+    x = torch.ones(1, t, dtype=torch.long)
+    for _ in range(repeats + 1):
+        start = cache.mark()
+        t0 = time.perf_counter()
+        cache.forward(x)
+        ts.append(time.perf_counter() - t0)
+        cache.rollback(start, torch.zeros(1, dtype=torch.long), 0)
+    return statistics.median(ts[1:])
+
+
+@torch.no_grad()
+def triforce_costs(model: Any, tok: Any, lengths: list[int], new: int, ratio: float, ks: list[int],
+                   backends: list[str], repeats: int) -> dict:
+    """Per-call costs at each context and backend, on caches sized as in the runs: a full-cache
+    target step (1 token), a verification of k + 1 tokens, a draft step over the ``ratio``
+    retrieval cache (the engine: the same pooled engines and compiled widths as TriForce's)."""
+    from transformers import DynamicCache
+    from accelerando.llm.engine import open_cache
+    from accelerando.llm.kv.generate import engine_cache
+    from accelerando.llm.kv.triforce import TriForce
+    stream = corpus_filler(tok, "heldout")
+    out = {}
+    for n in lengths:
+        ids = stream[5000: 5000 + n][None]
+        keep = int(round(ratio * n))
+        for be in backends:
+            nodes = TriForce(model, k=max(ks)).max_nodes
+            tgt = open_cache(model, engine=be, batch_size=1, max_len=n + new + nodes + 1, max_step=nodes + 1,
+                             role="target")
+            tgt.forward(ids, last=True)
+            if be == "hf":
+                drf = open_cache(model, engine="hf", batch_size=1, max_len=keep + new, role="draft")
+                drf.forward(ids[:, :keep], last=True)
+            else:
+                view = DynamicCache(config=model.config)
+                for i, layer in enumerate(tgt.cache.layers):
+                    view.update(layer.k[:, :, :keep].clone(), layer.v[:, :, :keep].clone(), i)
+                drf = engine_cache(model, view, n, room=new + 2 * nodes + 2, compile=True, role="TriForce draft")
+            out[(n, be)] = {"target": _call_cost(tgt, 1, repeats), "draft": _call_cost(drf, 1, repeats),
+                            **{f"verify{k}": _call_cost(tgt, k + 1, repeats) for k in ks},
+                            "slots": (getattr(tgt, "max_len", n), getattr(drf, "max_len", keep))}
+            print("D costs", n, be, {a: (round(b * 1e3, 3) if isinstance(b, float) else b)
+                                     for a, b in out[(n, be)].items()}, flush=True)
+    return out
 
 
 def widened(model: Any, *, hidden: int = 512, heads: int = 8, head_dim: int = 64, intermediate: int = 1024) -> Any:
@@ -249,49 +338,18 @@ def widened(model: Any, *, hidden: int = 512, heads: int = 8, head_dim: int = 64
     return big
 
 
-def _step_cost(model: Any, cache: Any, keep: int, t: int, repeats: int) -> float:
-    """Median seconds of one forward of ``t`` tokens over the first ``keep`` columns of ``cache``
-    (what a step costs depends on how many columns it reads, not on which)."""
-    from accelerando.llm.cache import cache_kwarg
-    from transformers import DynamicCache
-    view = DynamicCache(config=model.config)
-    for i, layer in enumerate(cache.layers):
-        view.update(layer.keys[:, :, :keep].clone(), layer.values[:, :, :keep].clone(), i)
-    ids = torch.ones(1, t, dtype=torch.long)
-    pos = torch.arange(keep, keep + t)[None]
-    ts = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        model(input_ids=ids, position_ids=pos, **{cache_kwarg(model): view}, use_cache=True)
-        ts.append(time.perf_counter() - t0)
-        view.crop(-t)           # drop the t columns this call appended
-    return statistics.median(ts[1:])
-
-
-def triforce_costs(model: Any, lengths: list[int], ratio: float, ks: list[int], repeats: int) -> dict:
-    """Per-call costs on transformers' cache at each context: a full-cache target step (1 token),
-    a verification (k + 1 tokens), a draft step over the ``ratio`` retrieval cache."""
-    from accelerando.llm.kv.generate import prefill
-    out = {}
-    for n in lengths:
-        ids = torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
-        cache = prefill(model, ids)[1].cache
-        keep = int(round(ratio * n))
-        out[n] = {"target": _step_cost(model, cache, n, 1, repeats), "draft": _step_cost(model, cache, keep, 1, repeats),
-                  **{f"verify{k}": _step_cost(model, cache, n, k + 1, repeats) for k in ks}}
-        print("D costs", n, {a: round(b * 1e3, 2) for a, b in out[n].items()}, flush=True)
-    return out
-
-
-def tiny_draft_cost(window: int, repeats: int) -> float:
+def tiny_draft_cost(window: int, backend: str, repeats: int) -> float:
     """One decode step of the zoo's ``code-draft-tiny`` over a ``window``-token cache (a StreamingLLM
-    cache's size): what a third TriForce level's draft step would cost here."""
+    cache's size) on ``backend``: what a third TriForce level's draft step would cost here."""
     from transformers import AutoModelForCausalLM
     from accelerando import zoo
-    from accelerando.llm.kv.generate import prefill
+    from accelerando.llm.engine import open_cache
     tiny = AutoModelForCausalLM.from_pretrained(zoo.path("code-draft-tiny")).float().eval()
     ids = torch.randint(1, tiny.config.vocab_size, (1, window), generator=torch.Generator().manual_seed(0))
-    return _step_cost(tiny, prefill(tiny, ids)[1].cache, window, 1, repeats)
+    c = open_cache(tiny, engine=backend, batch_size=1, max_len=window + 64, role="third level")
+    with torch.no_grad():
+        c.forward(ids, last=True)
+        return _call_cost(c, 1, repeats)
 
 
 @torch.no_grad()
@@ -406,70 +464,54 @@ def main(argv: list[str] | None = None) -> None:
                                    "vs full", "vs transformers full", "KV MiB held"], rows)]
             parts["C"] = "\n".join(md)
         if "D" in a.parts:
-            ks, ratio, new, reps = ([3] if q else [3, 4, 6]), 0.1, (16 if q else 64), (1 if q else 3)
-            lens = [1024] if q else [2048, 4096, 8100]
-            lens_l = lens
-            rows = triforce(model, tok, lens, new, reps, ratio, ks)
-            costs = triforce_costs(model, lens, ratio, ks, 5)
-            tiny = tiny_draft_cost(256, 5)
-            tiny_acc = tiny_agreement(model, tok, lens[0], 256, windows=1 if q else 4)
-            large = widened(model)
-            probe = corpus_filler(tok, "heldout")[:512][None]
-            gap = float((large(input_ids=probe).logits - model(input_ids=probe).logits).abs().max())
-            kv_x = (large.config.num_key_value_heads * large.config.head_dim) / (
-                model.config.num_key_value_heads * model.config.head_dim)
-            rows_l = triforce(large, tok, lens_l, new, reps, ratio, ks)
-            costs_l = triforce_costs(large, lens_l, ratio, ks, 5)
-            crow, ref_n = [], lens[0]       # the trained length: where the model's own text is not degenerate
-            ref_tps = {(r[3]): float(r[12]) for r in rows if r[0] == ref_n}
-            for name, rs, cs in (("code-long-target (trained)", rows, costs), ("code-long-target widened to 512", rows_l, costs_l)):
-                for r in rs:
-                    n, k = r[0], r[3]
-                    c = cs[n]
-                    crow.append([name, n, k, f"{c['target'] * 1e3:.2f}", f"{c['draft'] * 1e3:.2f}",
-                                 f"{c[f'verify{k}'] * 1e3:.2f}", f"{c['draft'] / c['target']:.2f}", r[12],
-                                 f"{projected(c, k, float(r[12])):.2f}x", r[8], f"{ref_tps[k]:.2f}",
-                                 f"{projected(c, k, ref_tps[k]):.2f}x"])
-            md = [header]
-            md += ["", f"**D. TriForce** (the target with a {ratio:.0%} retrieval-chunk cache drafts k tokens for the full "
-                   "target; both on transformers' DynamicCache; wall time includes the prompt's prefill, `decode "
-                   "only` subtracts it (timed alone, median) from both; the draft's cache is cut from the target's "
-                   "prefill: its set-up is one forward of the first token over the full cache; median of "
-                   f"{reps} interleaved rounds; {new} new tokens; tokens/step = accepted drafts + 1 per verification)", "",
-                   markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
-                                   "speed-up", "prefill s", "speed-up, decode only", "draft set-up s", "prefill shared",
-                                   "acceptance", "tokens/step", "greedy == plain"], rows),
-                   "", f"Where the KV cache dominates the step: `code-long-target` zero-padded into a Llama 512 wide "
-                   f"(8 heads of 64, MLP 1024, {sum(p.numel() for p in large.parameters()) / 1e6:.1f}M parameters, "
-                   f"{kv_x:.0f}x the KV bytes per token; `widened` in this script). It computes the trained model's "
-                   f"function (max logit difference {gap:.1e} over 512 held-out tokens), so its acceptance is a "
-                   "trained model's, and each of its steps costs what a 512-wide model's does (the zero heads' "
-                   "keys and values are stored and read):", "",
-                   markdown_table(["context", "new tokens", "draft cache ratio", "k", "plain s", "TriForce s",
-                                   "speed-up", "prefill s", "speed-up, decode only", "draft set-up s", "prefill shared",
-                                   "acceptance", "tokens/step", "greedy == plain"], rows_l),
-                   "", "Per-call costs (ms, median of 5, transformers' cache) and the decode speed-up they imply: "
-                   "tokens/step x target step / (k draft steps + one verification of k + 1 tokens), next to the "
-                   "measured decode-only speed-up:", "",
-                   markdown_table(["model", "context", "k", "target step ms", "draft step ms", "verify ms",
-                                   "draft / target", "tokens/step", "projected", "measured decode only",
-                                   f"tokens/step at {ref_n}", f"projected with {ref_n}'s tokens/step"], crow),
-                   "", "The model's greedy continuation of held-out code falls into a loop at every length (a repeated "
-                   "`_opt` at 2048, newlines at 4096, one character at 8100; a 2-layer model, 2.4 bits/byte on code): a "
-                   "loop is as easy for the partial cache as for the full one, so these acceptances (0.5-1.0) overstate "
-                   f"what real text would give. The last columns price each context's steps with the {ref_n}-token "
-                   "run's tokens per step.",
-                   "", f"Third level (a tiny draft with a StreamingLLM cache drafting for the retrieval-cache draft): "
-                   f"a step of `code-draft-tiny` (1 layer x 64) over a 256-token cache costs {tiny * 1e3:.2f} ms "
-                   f"against the trained model's retrieval-draft step of "
-                   + " / ".join(f"{costs[n]['draft'] * 1e3:.2f} ms at {n}" for n in lens)
-                   + ": on this CPU a step of any of these tiny models is mostly fixed per-call work, so a third "
-                   "level would replace draft steps with steps costing "
-                   + " / ".join(f"{tiny / costs[n]['draft']:.0%}" for n in lens)
-                   + f" as much, but its greedy agreement with the trained model (teacher-forced over held-out code at "
-                   f"{lens[0]} tokens) is {tiny_acc:.2f}: about {1 / (1 - tiny_acc):.2f} tokens per middle-level "
-                   "forward even if the tiny steps were free, so it cannot pay here (the zoo's drafts were distilled "
-                   "from `code-target`, not from this model); not built."]
+            ks, ratio, new, reps = ([3, "adaptive"] if q else [3, 7, "adaptive"]), 0.1, (32 if q else 256), (1 if q else 3)
+            lens = [1024] if q else [4096, 7680]       # 7680 + 256 new + a step's slots fit 8192: one cache bucket
+            backends, temps = ["engine", "hf"], [0.0, 1.0]
+            fixed = [k for k in ks if isinstance(k, int)]
+            rows = triforce(model, tok, lens, new, reps, ratio, ks, backends, temps)
+            costs = triforce_costs(model, tok, lens, new, ratio, fixed, backends, 9)
+            tiny = {be: tiny_draft_cost(256, be, 9) for be in backends}
+            tiny_acc = tiny_agreement(model, tok, 2048, 256, windows=1 if q else 4)
+            crow = []
+            for r in rows:
+                n, be, k = r[0], {v: b for b, v in BACKENDS.items()}[r[2]], r[5]
+                if not isinstance(k, int):
+                    continue
+                c = costs[(n, be)]
+                parts_ms = k * c["draft"] + c[f"verify{k}"]
+                crow.append([n, r[2], r[3], k, f"{c['slots'][0]} / {c['slots'][1]}", f"{c['target'] * 1e3:.2f}",
+                             f"{c['draft'] * 1e3:.2f}", f"{c[f'verify{k}'] * 1e3:.2f}",
+                             f"{c[f'verify{k}'] / c['target']:.2f}", f"{parts_ms * 1e3:.2f}", r[7],
+                             f"{float(r[7]) - parts_ms * 1e3:.2f}", r[10],
+                             f"{projected(c, k, float(r[10])):.2f}x", r[11]])
+            md = [header.replace("Greedy decoding.", "Greedy and sampled (temperature 1) decoding.")]
+            md += ["", f"**D. TriForce** (the target with a {ratio:.0%} retrieval-chunk cache, cut from its own prefill, "
+                   f"drafts k tokens for the full-cache target; {new} new tokens, EOS off; plain = the same loop's plain "
+                   "steps on the same cache (`plain` in this script); on transformers' DynamicCache and on the lean "
+                   "engine (compiled steps, static caches: the target's sized to the context, the draft's to what it "
+                   "keeps); `adaptive` = k chosen every step from measured costs and acceptance (`AdaptiveK`, k = 0: "
+                   "plain steps); decode only = from the end of the prefill (the draft's set-up included) to the last "
+                   f"token; speed-ups are medians of per-round ratios over {reps} interleaved rounds after a warm-up "
+                   "round; sampled runs seed both with the round; tokens/round = accepted drafts + 1)", "",
+                   markdown_table(["context", "new tokens", "backend", "sampling", "draft cache ratio", "k",
+                                   "plain ms/token", "TriForce ms/round", "mean k", "acceptance", "tokens/round",
+                                   "speed-up, decode only", "speed-up, end to end", "greedy == plain"], rows),
+                   "", "What a round costs (ms; per-call medians of 9 on caches sized as in the runs: a target step, "
+                   "a draft step, a verification of k + 1 tokens; `loop` = the measured round minus k draft steps and "
+                   "one verification: the speculative loop's own work per round); `projected` = tokens/round x target "
+                   "step / (k draft steps + verification), i.e. with no loop cost at all:", "",
+                   markdown_table(["context", "backend", "sampling", "k", "slots target / draft", "target step",
+                                   "draft step", "verify k+1", "verify / step", "k drafts + verify", "measured round",
+                                   "loop", "tokens/round", "projected", "measured decode only"], crow),
+                   "", "Third level (a tiny draft with a StreamingLLM cache drafting for the retrieval-cache draft): a "
+                   "step of `code-draft-tiny` (1 layer x 64) over a 256-token cache costs "
+                   + " / ".join(f"{tiny[be] * 1e3:.2f} ms on {BACKENDS[be]}" for be in backends)
+                   + ", against the retrieval draft's "
+                   + " / ".join(f"{costs[(n, be)]['draft'] * 1e3:.2f}" for n in lens for be in backends)
+                   + f" ms ({', '.join(f'{n} {BACKENDS[be]}' for n in lens for be in backends)}); its greedy "
+                   f"agreement with this model (teacher-forced over held-out code at 2048 tokens) is {tiny_acc:.2f}: "
+                   f"about {1 / (1 - tiny_acc):.2f} tokens per middle-level forward even if its steps were free, so it "
+                   "cannot pay here (the zoo's drafts were distilled from `code-target`, not from this model); not built."]
             parts["D"] = "\n".join(md)
     print("\n".join(md))
     if not a.no_write:

@@ -6,6 +6,7 @@ chi-square), error bounds where lossy, one-line errors on bad knobs."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -486,3 +487,118 @@ def test_fused_self_draft_chain_drafts_the_same_tokens(lm):
     d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=True)
     speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=4, engine=EAGER, temperature=1.0, seed=0)
     assert d._chain is None
+
+
+# ------------------------------------------------------------- LayerSkip reuse: one call per round
+def test_lean_decoder_runs_layers_in_pieces_like_one_forward(lm):
+    """The engine hook ``reuse_generate`` builds on: prepare + run_layers(0, E) + run_layers(E, L)
+    is the one forward (same logits, same K/V written)."""
+    from accelerando.llm.engine import Engine
+    ids, mask = _prompts(2)
+    engs = [Engine(lm, batch_size=2, max_len=32, compile=False, role=f"pieces-{i}") for i in range(2)]
+    for e in engs:
+        e.prefill(ids, mask)
+    x = torch.tensor([[5, 7, 9], [11, 13, 15]])
+    ref = engs[0].step(x).logits
+    dec, c = engs[1].decoder, engs[1].cache
+    with torch.no_grad():
+        block = dec.prepare(x, torch.ones_like(x, dtype=torch.bool), c)
+        h = dec.run_layers(dec.run_layers(dec.embed(x), 0, 2, block, c), 2, 4, block, c)
+        got = dec.norm(h) @ dec.lm_head_t
+    assert torch.allclose(got, ref, atol=1e-5)
+    for a, b in zip(engs[0].cache.layers, c.layers):
+        assert torch.allclose(a.k, b.k, atol=1e-6) and torch.allclose(a.v, b.v, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,exit_layer", [(1, 2), (3, 1), (2, 3)])
+def test_reuse_generate_greedy_equals_generate_and_drafts_like_self_draft(lm, k, exit_layer):
+    """LayerSkip reuse (verification = the late layers on the draft's states, one call per round) is
+    lossless at batch 3 with left padding; its drafts are the early exit's: on the rounds both
+    paths run with k drafts (the speculative loop shortens the last ones to the budget) they
+    accept the same tokens."""
+    from accelerando.llm.compute.selfspec import reuse_generate
+    ids, mask = _prompts(3)
+    st: dict = {}
+    out = reuse_generate(lm, ids, mask, exit_layer=exit_layer, k=k, max_new_tokens=16, compile=False, stats=st)
+    assert torch.equal(out, _greedy(lm, ids, mask, 16))
+    ref = speculative_generate(lm, ids, draft=L.self_speculative_draft(lm, L.SkipConfig(exit_layer=exit_layer), k=k),
+                               attention_mask=mask, max_new_tokens=16, engine=EAGER)
+    hist = ref.stats["acceptance_histogram"]
+    assert st["accepted_tokens"] >= ref.stats["accepted_tokens"] > 0 and st["steps"] <= ref.stats["steps"]
+    assert st["accepted_tokens"] <= ref.stats["accepted_tokens"] + 3 * k and sum(hist.values()) > 0
+
+
+def test_reuse_generate_with_an_exit_head_stops_at_eos_and_rejects_bad_knobs(lm, monkeypatch):
+    from accelerando.llm import engine as E
+    from accelerando.llm.compute.exit_head import ExitHead
+    from accelerando.llm.compute.selfspec import reuse_generate
+    ids, mask = _prompts(2)
+    head = ExitHead(lm.config.hidden_size, 2)
+    with torch.no_grad():
+        head.block.linear.weight.normal_(0, 0.05)
+    ref = _greedy(lm, ids, mask, 12)
+    eos = int(ref[0, ids.shape[1] + 4])           # row 0 stops there; generate pads it afterwards
+    want = lm.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    got = reuse_generate(lm, ids, mask, exit_layer=2, exit_head=head, k=2, max_new_tokens=12, eos_token_id=eos,
+                         pad_token_id=0, compile=False)
+    assert torch.equal(got, want)
+    for kw, msg in ((dict(exit_layer=0), "exit_layer must be an int in 1..3"), (dict(exit_layer=4), "in 1..3"),
+                    (dict(exit_layer=2, k=0), "k \\(drafts per round\\) must be"),
+                    (dict(exit_layer=3, exit_head=head), "trained for exit_layer 2")):
+        with pytest.raises(ValueError, match=msg):
+            reuse_generate(lm, ids, mask, max_new_tokens=4, **kw)
+    from accelerando.bench.methods import LLMSetup, NotApplicable
+    from accelerando.llm.compute.bench_methods import build_self_spec
+    s = LLMSetup(target=lm, tokenizer=None, input_ids=ids, attention_mask=mask, max_new_tokens=12)
+    arm = build_self_spec(s, exit_layer=2, k=2, reuse=True, engine="engine-eager")()    # the sweep arm
+    assert torch.equal(arm.sequences, ref) and arm.stats["steps"] > 0
+    with pytest.raises(NotApplicable, match="needs an early exit"):
+        build_self_spec(s, skip=1, k=2, reuse=True, engine="engine-eager")
+    assert build_self_spec(replace(s, temperature=1.0), exit_layer=2, k=2, reuse=True, engine="engine-eager")().stats["steps"]
+    monkeypatch.setattr(E, "unsupported_reason", lambda m: "pretend")       # the stated fallback
+    with pytest.warns(UserWarning, match="falling back to speculative_generate"):
+        out = reuse_generate(lm, ids, mask, exit_layer=2, k=2, max_new_tokens=12)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+def test_reuse_generate_compiled_is_lossless(lm):
+    """The compiled round (one graph per k and exit; ~20-40 s to compile on CPU)."""
+    from accelerando.llm.compute.selfspec import reuse_generate
+    ids, mask = _prompts(2)
+    out = reuse_generate(lm, ids, mask, exit_layer=2, k=2, max_new_tokens=16, compile=True)
+    assert torch.equal(out, _greedy(lm, ids, mask, 16))
+
+
+@pytest.mark.parametrize("warp", [dict(temperature=1.0), dict(temperature=0.8, top_k=5)])
+def test_reuse_generate_samples_the_target_distribution(warp):
+    """Sampling with reuse (the chain rule on device, the round's uniforms drawn outside the call):
+    the joint distribution of two sampled tokens is the target's, by chi-square."""
+    from accelerando.llm.compute.selfspec import reuse_generate
+    from accelerando.llm.sampling import SamplingConfig
+    V, N = 8, 2000
+    target = tiny_lm("llama", vocab=V, layers=3, seed=3, init_std=0.5)
+    prompt = torch.arange(V)[None]
+    sampling = SamplingConfig(**warp)
+    with torch.no_grad():
+        p1 = sampling.probs(target(prompt).logits[0, -1])
+        e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = sampling.probs(target(e2).logits[:, -1])
+        e3 = torch.cat([e2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+        p3 = sampling.probs(target(e3).logits[:, -1])                        # (V * V, V): given (t1, t2)
+    joint12 = (p1[:, None] * p2).flatten()
+    st: dict = {}
+    out = reuse_generate(target, prompt.repeat(N, 1), exit_layer=2, k=2, max_new_tokens=3, seed=0, compile=False,
+                         stats=st, **warp)
+    assert st["accepted_tokens"] > 0
+    g = out[:, -3:]
+    # tokens 1-2 jointly (a draft position and the bonus / residual), token 3 marginally (deeper drafts)
+    for obs, exact in ((torch.bincount(g[:, 0] * V + g[:, 1], minlength=V * V), joint12),
+                       (torch.bincount(g[:, 2], minlength=V), (joint12[:, None] * p3).sum(0))):
+        obs, exact = obs.double(), exact.double()
+        keep = exact * N >= 5
+        o, e = obs[keep], exact[keep] * N
+        if exact[~keep].sum() > 0:           # the rare cells pooled; cells top-k removed must stay empty
+            o, e = torch.cat([o, obs[~keep].sum()[None]]), torch.cat([e, exact[~keep].sum()[None] * N])
+        assert obs[exact == 0].sum() == 0
+        assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3

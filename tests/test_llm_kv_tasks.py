@@ -53,3 +53,23 @@ def test_training_sequence_and_bad_input(builder):
         b.sample("passkey", 100, gen=g, depth=1.5)
     with pytest.raises(ValueError, match="too short"):
         b.sample("multikey", 20, gen=g, n_keys=6)
+
+
+def test_grow_appends_layers_that_leave_the_function_unchanged():
+    """The long-context model's last cycle grows it by zero-output layers: same logits at step 0,
+    and the new layers train (their other weights are random, not zero)."""
+    from llm_models import tiny_lm
+
+    from accelerando.zoo.long_context import Anneal, grow
+    m = tiny_lm("llama", init_std=0.3).eval()
+    big = grow(m, 1).eval()
+    ids = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert big.config.num_hidden_layers == m.config.num_hidden_layers + 1
+    assert torch.allclose(big(input_ids=ids).logits, m(input_ids=ids).logits, atol=1e-6)
+    new = big.model.layers[-1]
+    assert new.self_attn.q_proj.weight.abs().sum() > 0 and new.mlp.down_proj.weight.abs().sum() == 0
+    assert grow(m, 0) is m
+    with pytest.raises(ValueError, match="grow_layers"):
+        Anneal(grow_layers=-1)
+    with pytest.raises(ValueError, match="steps"):
+        Anneal(steps=0)

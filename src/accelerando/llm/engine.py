@@ -228,14 +228,13 @@ class LeanDecoder(torch.nn.Module):
                 fused(f"d{i}", (m.down_proj,))
         self._fused_key = key
 
-    def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache,
-                tree_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False,
-                head: tuple | None = None, kv_len: int | None = None):
-        """``kv_len``: attend to the first ``kv_len`` cache slots only (the prefill's, which fills the
-        cache from slot 0: the slots past its chunk are empty, and scoring them cost O(T x max_len))."""
+    def prepare(self, input_ids: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache,
+                tree_mask: torch.Tensor | None = None, kv_len: int | None = None) -> tuple:
+        """The block of T tokens at slots ``cache.lengths + t``: marks their ``valid`` slots and returns
+        (slots (B, T), cos, sin (B, 1, T, D), {window: mask (B, 1, T, L)}) for ``run_layers``."""
         B, T = input_ids.shape
         valid, lengths = cache.valid, cache.lengths
-        L, D = (valid.shape[1] if kv_len is None else kv_len), self.head_dim
+        L = valid.shape[1] if kv_len is None else kv_len
         slots = lengths[:, None] + torch.arange(T, device=input_ids.device)[None, :]      # (B, T)
         valid.scatter_(1, slots, token_mask)
         pos = (valid.cumsum(1) - 1).gather(1, slots).clamp(min=0) + cache.pos_shift[:, None]   # (B, T)
@@ -254,11 +253,20 @@ class LeanDecoder(torch.nn.Module):
             m = allowed if w is None else allowed & (j[None, None, :] > slots[:, :, None] - w)
             # a padding query sees itself, so no row is fully masked (which would give NaN)
             masks[w] = (m | diag)[:, None]                                                  # (B, 1, T, L)
+        return slots, cos, sin, masks
 
-        h = self.embed(input_ids)
+    def run_layers(self, h: torch.Tensor, lo: int, hi: int, block: tuple, cache: StaticKVCache,
+                   kv_len: int | None = None) -> torch.Tensor:
+        """Decoder layers ``lo..hi-1`` on hidden states ``h`` (B, T, hidden) of the block ``prepare``
+        returned, writing those layers' K/V at its slots; returns the layer-``hi`` states (not
+        normed). Layers can run in pieces: LayerSkip's verification reuses the draft's states."""
+        slots, cos, sin, masks = block
+        B, T = slots.shape
+        D = self.head_dim
         rep = self.n_heads // self.n_kv_heads
         nq, nkv = self.n_heads * D, self.n_kv_heads * D
-        for i, layer in enumerate(self.layers):
+        for i in range(lo, hi):
+            layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _linear_t(layer.input_layernorm(h), getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"), getattr(self, f"sqkv{i}"),
                             getattr(self, f"vqkv{i}"))
@@ -279,6 +287,15 @@ class LeanDecoder(torch.nn.Module):
             g, u = gu.chunk(2, dim=-1)                                                        # (B, T, I) each
             h = h + _linear_t(mlp.act_fn(g) * u, getattr(self, f"wd{i}"), mlp.down_proj.bias, getattr(self, f"sd{i}"),
                               getattr(self, f"vd{i}"))
+        return h
+
+    def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache,
+                tree_mask: torch.Tensor | None = None, last_only: bool = False, return_hidden: bool = False,
+                head: tuple | None = None, kv_len: int | None = None):
+        """``kv_len``: attend to the first ``kv_len`` cache slots only (the prefill's, which fills the
+        cache from slot 0: the slots past its chunk are empty, and scoring them cost O(T x max_len))."""
+        block = self.prepare(input_ids, token_mask, cache, tree_mask, kv_len)
+        h = self.run_layers(self.embed(input_ids), 0, len(self.layers), block, cache, kv_len)
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]

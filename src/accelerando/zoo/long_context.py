@@ -258,6 +258,171 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
     return card
 
 
+@dataclass(frozen=True)
+class Anneal:
+    """The last cycle, from the saved weights: `grow_layers` new decoder layers appended with their
+    o_proj and down_proj zero (the model is unchanged at step 0: each new block adds 0 to the
+    residual stream), then `steps` at `seq_len` with the lr annealed to 0 (cosine), held-out exact
+    match on one fixed set of `eval_samples` every `eval_every` steps, the best checkpoint kept."""
+    steps: int = 700
+    lr: float = 4e-4
+    batch_size: int = 4
+    seq_len: int = TRAINED_LEN
+    task_fraction: float = 0.9
+    copy_fraction: float = 0.05
+    answer_weight: float = 2.0
+    grow_layers: int = 1
+    eval_every: int = 50
+    eval_samples: int = 100
+    max_cpu_minutes: float = 45.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.eval_every < 1:
+            raise ValueError("steps, lr, batch_size and eval_every must be positive")
+        if self.grow_layers < 0 or self.eval_samples < len(EVAL_DEPTHS):
+            raise ValueError(f"grow_layers must be >= 0 and eval_samples >= {len(EVAL_DEPTHS)}")
+
+
+def grow(model: Any, n_new: int) -> Any:
+    """`model` with `n_new` decoder layers appended, each adding exactly 0 at initialisation
+    (function-preserving growth: zero output projections, as in Net2Net-style deepening)."""
+    from transformers import LlamaForCausalLM
+    if n_new == 0:
+        return model
+    cfg = replace_config(model.config, num_hidden_layers=model.config.num_hidden_layers + n_new)
+    big = LlamaForCausalLM(cfg).float()
+    missing, unexpected = big.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("model.layers.") for k in missing if "lm_head" not in k):
+        raise ValueError(f"grow: state dict mismatch ({unexpected[:3]}, {missing[:3]})")
+    for layer in big.model.layers[-n_new:]:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    big.tie_weights()
+    return big
+
+
+def replace_config(config: Any, **changes: Any) -> Any:
+    c = config.__class__.from_dict(config.to_dict())
+    for k, v in changes.items():
+        setattr(c, k, v)
+    return c
+
+
+def anneal_long_target(*, src_dir: str | Path | None = None, out_dir: str | Path, plan: Anneal = Anneal(),
+                       seed: int = 7, progress: Any = None) -> dict[str, Any]:
+    """Run `plan` on the model in `src_dir` (default: the zoo's) and write the best checkpoint and a
+    card to `out_dir`; the card's training time adds this run's CPU seconds to the source card's."""
+    import json
+    import math
+
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from accelerando.llm.kv.tasks import HaystackBuilder, corpus_filler
+
+    src = Path(src_dir) if src_dir is not None else zt._default_dir(NAME)
+    out = Path(out_dir)
+    prior = json.loads((src / "card.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(src))
+    model = grow(LlamaForCausalLM.from_pretrained(str(src)).float(), plan.grow_layers)
+    stream = zt._stream(tok, zoo_data.texts("code", "train") + zoo_data.texts("prose", "train"))
+    builder = HaystackBuilder(tok, corpus_filler(tok, "train"))
+    held = HaystackBuilder(tok, corpus_filler(tok, "heldout"))
+    spec = replace(_spec(plan.seq_len, plan.steps, plan.lr, plan.batch_size),
+                   num_layers=model.config.num_hidden_layers)
+    batches = mixed_batches(spec, stream, builder, task_fraction=plan.task_fraction,
+                            copy_fraction=plan.copy_fraction)
+    per_cell = plan.eval_samples // len(EVAL_DEPTHS)
+    log = list(prior.get("log", [])) + [f"anneal: from {src.name} grown by {plan.grow_layers} layer(s) "
+                                        f"(zero o_proj/down_proj), {asdict(plan)}"]
+    zt._log(progress, f"[{NAME}] {log[-1]}")
+
+    def evaluate() -> float:      # one fixed held-out set (seed 777), so evaluations compare like with like
+        model.eval()
+        return retrieval_table(model, held, lengths=(plan.seq_len,), per_cell=per_cell, seed=777)[str(plan.seq_len)]
+
+    best = evaluate()
+    best_step, best_state = 0, {k: v.clone() for k, v in model.state_dict().items()}
+    log.append(f"anneal step 0: held-out exact match at {plan.seq_len} ({per_cell * len(EVAL_DEPTHS)} samples) {best:.3f}")
+    zt._log(progress, f"[{NAME}] {log[-1]}")
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    warmup = 30
+    c0 = time.process_time()
+    for step in range(plan.steps):
+        model.train()
+        batch, mask = batches(gen)
+        x, y, m = batch[:, :-1], batch[:, 1:], mask[:, 1:]
+        frac = max(0.0, step - warmup) / max(1, plan.steps - warmup)
+        lr = plan.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
+        ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
+        loss = ce.mean() + plan.answer_weight * ans
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        cpu_min = (time.process_time() - c0) / 60
+        if step % 20 == 0:
+            log.append(f"anneal step {step + 1}/{plan.steps} lr {lr:.2e} ce {ce.mean().item():.3f} "
+                       f"answer ce {ans.item():.3f} ({cpu_min:.1f} CPU min)")
+            zt._log(progress, f"[{NAME}] {log[-1]}")
+        last = step == plan.steps - 1 or cpu_min >= plan.max_cpu_minutes
+        if (step + 1) % plan.eval_every == 0 or last:
+            em = evaluate()
+            log.append(f"anneal step {step + 1}: held-out exact match {em:.3f} (best {max(em, best):.3f})")
+            zt._log(progress, f"[{NAME}] {log[-1]}")
+            if em >= best:
+                best, best_step = em, step + 1
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                model.save_pretrained(str(out))
+                tok.save_pretrained(str(out))
+        if last:
+            break
+    anneal_cpu_s = time.process_time() - c0
+    model.load_state_dict(best_state)
+    model.eval()
+    log.append(f"anneal: kept step {best_step} (selection set {best:.3f}); {anneal_cpu_s / 60:.1f} CPU min")
+    zt._log(progress, f"[{NAME}] {log[-1]}")
+    # the card's numbers come from fresh samples (seed 1234), not the set the checkpoint was chosen on
+    metrics: dict[str, Any] = {}
+    for kind in zoo_data.KINDS:
+        xw, yw, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
+        r = zt.lm_eval(model, xw, yw, nb)
+        metrics[f"heldout_{kind}_bits_per_byte"] = round(r["bits_per_byte"], 5)
+        metrics[f"heldout_{kind}_nats_per_token"] = round(r["loss_nats_per_token"], 5)
+    em_len = retrieval_table(model, held, lengths=(1024, TRAINED_LEN, 4096), per_cell=per_cell)
+    em_len.update(retrieval_table(model, held, lengths=(8192,), per_cell=2))
+    metrics["retrieval_exact_match_by_length"] = em_len
+    metrics["retrieval_samples_per_length"] = {"1024": per_cell * 5, "2048": per_cell * 5, "4096": per_cell * 5,
+                                               "8192": 10}
+    metrics["retrieval_exact_match_by_depth_at_trained_length"] = retrieval_table(
+        model, held, lengths=(TRAINED_LEN,), per_cell=per_cell, by_depth=True)
+    zt._log(progress, f"[{NAME}] eval {metrics}")
+    xs, ys, nbs = zt.heldout_windows(tok, "code", max_windows=zt.EVAL_SLICE_WINDOWS)
+    sl = zt.lm_eval(model, xs, ys, nbs)
+    n_params = sum(p.numel() for p in model.parameters())
+    recipe = dict(prior["recipe"])
+    recipe.update(num_layers=model.config.num_hidden_layers, anneal={**asdict(plan), "seed": seed,
+                  "kept_step": best_step, "schedule": "warmup 30 + cosine to 0", "cpu_seconds": round(anneal_cpu_s)})
+    card = {**prior, "parameters": n_params, "steps": prior["steps"] + best_step, "recipe": recipe,
+            "metrics": metrics, "eval_slice": {**prior["eval_slice"], "loss_nats_per_token": sl["loss_nats_per_token"],
+                                              "bits_per_byte": sl["bits_per_byte"]},
+            "train_seconds": round(prior["train_seconds"] + anneal_cpu_s, 1),
+            "summary": (f"Long-context target causal LM, {n_params:,} parameters, {model.config.num_hidden_layers} "
+                        f"layers, trained up to {TRAINED_LEN} tokens (RoPE, {MAX_POSITIONS} positions) on code + "
+                        "synthetic retrieval (a curriculum, then grown by a zero-initialised layer and annealed "
+                        "at 2048); the KV-cache methods' model. Retrieval exact match (full cache, 4-key needles, "
+                        "held-out haystacks, fresh samples) by context length and depth is in metrics."),
+            "log": log}
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    zt._write_card(out, card)
+    return card
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     p = argparse.ArgumentParser(description=f"Train the zoo's {NAME}.")
@@ -269,8 +434,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only-phases", type=int, default=None, help="run only the first N phases (pilots)")
     p.add_argument("--prior-log", type=Path, default=None,
                    help="with --skip-phases: the earlier phases' progress log, kept in the card's log")
+    p.add_argument("--anneal", action="store_true",
+                   help="run the final Anneal cycle (grow + cosine to 0 at 2048, best of held-out evals) "
+                        "on the zoo's model, writing to --out")
+    p.add_argument("--anneal-steps", type=int, default=Anneal.steps)
+    p.add_argument("--grow-layers", type=int, default=Anneal.grow_layers)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.anneal:
+        if a.out is None:
+            p.error("--anneal needs --out (the zoo's model is its source)")
+        anneal_long_target(out_dir=a.out, seed=a.seed + 7, plan=Anneal(steps=a.anneal_steps, grow_layers=a.grow_layers))
+        return
     phases = tuple(replace(p, spec=replace(p.spec, steps=max(1, int(p.spec.steps * a.scale)))) for p in PHASES)
     if a.only_phases is not None:
         phases = phases[: a.only_phases]

@@ -91,18 +91,21 @@ def _skip_cfg(exit_layer: int | None, skip: int | None, keep: str | None = None)
         raise NotApplicable(str(exc)) from None
 
 
+def _head(s: LLMSetup, exit_layer: int | None) -> Any:
+    """The target's trained exit head for ``exit_layer``."""
+    from accelerando.llm.compute.exit_head import exit_head_for
+    if exit_layer is None:
+        raise NotApplicable("exit_head needs exit_layer (a head is trained for one early exit)")
+    try:
+        return exit_head_for(s.target, int(exit_layer))
+    except FileNotFoundError as exc:
+        raise NotApplicable(str(exc)) from None
+
+
 def _view(s: LLMSetup, exit_layer: int | None, skip: int | None, keep: str | None = None,
           exit_head: bool = False) -> Any:
     from accelerando.llm.compute.layerskip import skip_view
-    head = None
-    if exit_head:
-        from accelerando.llm.compute.exit_head import exit_head_for
-        if exit_layer is None:
-            raise NotApplicable("exit_head needs exit_layer (a head is trained for one early exit)")
-        try:
-            head = exit_head_for(s.target, int(exit_layer))
-        except FileNotFoundError as exc:
-            raise NotApplicable(str(exc)) from None
+    head = _head(s, exit_layer) if exit_head else None
     try:
         return skip_view(s.target, _skip_cfg(exit_layer, skip, keep), exit_head=head)
     except ValueError as exc:
@@ -119,16 +122,41 @@ def build_layer_skip(s: LLMSetup, exit_layer: int | None = None, skip: int | Non
 
 def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None = 1, keep: str | None = None,
                     k: int | str = 4, exit_head: bool = False, shared: bool = True,
-                    engine: str = "hf", fused: bool = False) -> Callable[[], LLMOutput]:
+                    engine: str = "hf", fused: bool = False, reuse: bool = False) -> Callable[[], LLMOutput]:
     """Lossless self-speculation: the skip view drafts (on the target's own KV cache when the
-    target runs on the lean engine and ``shared``), the full target verifies."""
+    target runs on the lean engine and ``shared``), the full target verifies. ``reuse`` (early exit,
+    fixed k, lean engine): LayerSkip's reuse, one compiled call per round (``reuse_generate``)."""
     from accelerando.llm.bench_methods import _ours
+    if reuse:
+        return _reuse_run(s, exit_layer, k, bool(exit_head), engine)
     from accelerando.llm.compute.selfspec import SelfDraft
     from accelerando.llm.drafters.draft_model import DraftModel
     view = _view(s, exit_layer, skip, keep, bool(exit_head))
     if shared and engine != "hf":
         return _ours(s, lambda: SelfDraft(view, k=k, fused=bool(fused)), engine)
     return _ours(s, lambda: DraftModel(view, k=k), engine)
+
+
+def _reuse_run(s: LLMSetup, exit_layer: int | None, k: int | str, exit_head: bool, engine: str) -> Callable[[], LLMOutput]:
+    from accelerando.llm.compute.selfspec import reuse_generate
+    if exit_layer is None or not str(k).isdigit():
+        raise NotApplicable("reuse=True needs an early exit (exit_layer) and a fixed k")
+    if engine == "hf":
+        raise NotApplicable("reuse=True runs on the lean engine (engine='static' / 'engine' / 'engine-eager')")
+    head = _head(s, exit_layer) if exit_head else None
+    pad = s.tokenizer.pad_token_id if s.tokenizer is not None else None
+
+    def run() -> LLMOutput:
+        st: dict[str, Any] = {}
+        try:
+            out = reuse_generate(s.target, s.input_ids, s.attention_mask, exit_layer=int(exit_layer), exit_head=head,
+                                 k=int(k), max_new_tokens=s.max_new_tokens, eos_token_id=s.eos_token_id,
+                                 pad_token_id=pad, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                 seed=s.seed, compile="eager" not in engine, stats=st)
+        except ValueError as exc:
+            raise NotApplicable(str(exc)) from None
+        return LLMOutput(out, st)
+    return run
 
 
 def build_hf_early_exit(s: LLMSetup, exit_layer: int = 2, k: int | None = None) -> Callable[[], LLMOutput]:

@@ -60,7 +60,7 @@ class TriForce(DraftModel):
             raise ValueError("TriForce needs unpadded prompts (rows of equal length, attention_mask all ones)")
         self.v_target = vocab_size(ctx.target)
         self.sampling, self.generator = ctx.sampling, ctx.generator
-        t0 = time.perf_counter()
+        t0 = self.decode_t0 = time.perf_counter()      # the decode starts here: after the target's prefill
         B, n = input_ids.shape
         prompt_kv = _prompt_kv(ctx.target_cache, n)
         if prompt_kv is not None:
