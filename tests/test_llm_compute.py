@@ -552,8 +552,9 @@ def test_reuse_generate_with_an_exit_head_stops_at_eos_and_rejects_bad_knobs(lm,
     s = LLMSetup(target=lm, tokenizer=None, input_ids=ids, attention_mask=mask, max_new_tokens=12)
     arm = build_self_spec(s, exit_layer=2, k=2, reuse=True, engine="engine-eager")()    # the sweep arm
     assert torch.equal(arm.sequences, ref) and arm.stats["steps"] > 0
-    with pytest.raises(NotApplicable, match="greedily only"):
-        build_self_spec(replace(s, temperature=1.0), exit_layer=2, k=2, reuse=True, engine="engine-eager")
+    with pytest.raises(NotApplicable, match="needs an early exit"):
+        build_self_spec(s, skip=1, k=2, reuse=True, engine="engine-eager")
+    assert build_self_spec(replace(s, temperature=1.0), exit_layer=2, k=2, reuse=True, engine="engine-eager")().stats["steps"]
     monkeypatch.setattr(E, "unsupported_reason", lambda m: "pretend")       # the stated fallback
     with pytest.warns(UserWarning, match="falling back to speculative_generate"):
         out = reuse_generate(lm, ids, mask, exit_layer=2, k=2, max_new_tokens=12)
@@ -567,3 +568,37 @@ def test_reuse_generate_compiled_is_lossless(lm):
     ids, mask = _prompts(2)
     out = reuse_generate(lm, ids, mask, exit_layer=2, k=2, max_new_tokens=16, compile=True)
     assert torch.equal(out, _greedy(lm, ids, mask, 16))
+
+
+@pytest.mark.parametrize("warp", [dict(temperature=1.0), dict(temperature=0.8, top_k=5)])
+def test_reuse_generate_samples_the_target_distribution(warp):
+    """Sampling with reuse (the chain rule on device, the round's uniforms drawn outside the call):
+    the joint distribution of two sampled tokens is the target's, by chi-square."""
+    from accelerando.llm.compute.selfspec import reuse_generate
+    from accelerando.llm.sampling import SamplingConfig
+    V, N = 8, 2000
+    target = tiny_lm("llama", vocab=V, layers=3, seed=3, init_std=0.5)
+    prompt = torch.arange(V)[None]
+    sampling = SamplingConfig(**warp)
+    with torch.no_grad():
+        p1 = sampling.probs(target(prompt).logits[0, -1])
+        e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = sampling.probs(target(e2).logits[:, -1])
+        e3 = torch.cat([e2.repeat_interleave(V, 0), torch.arange(V).repeat(V)[:, None]], 1)
+        p3 = sampling.probs(target(e3).logits[:, -1])                        # (V * V, V): given (t1, t2)
+    joint12 = (p1[:, None] * p2).flatten()
+    st: dict = {}
+    out = reuse_generate(target, prompt.repeat(N, 1), exit_layer=2, k=2, max_new_tokens=3, seed=0, compile=False,
+                         stats=st, **warp)
+    assert st["accepted_tokens"] > 0
+    g = out[:, -3:]
+    # tokens 1-2 jointly (a draft position and the bonus / residual), token 3 marginally (deeper drafts)
+    for obs, exact in ((torch.bincount(g[:, 0] * V + g[:, 1], minlength=V * V), joint12),
+                       (torch.bincount(g[:, 2], minlength=V), (joint12[:, None] * p3).sum(0))):
+        obs, exact = obs.double(), exact.double()
+        keep = exact * N >= 5
+        o, e = obs[keep], exact[keep] * N
+        if exact[~keep].sum() > 0:           # the rare cells pooled; cells top-k removed must stay empty
+            o, e = torch.cat([o, obs[~keep].sum()[None]]), torch.cat([e, exact[~keep].sum()[None] * N])
+        assert obs[exact == 0].sum() == 0
+        assert chisquare(o.numpy(), e.numpy() * float(o.sum() / e.sum())).pvalue > 1e-3

@@ -124,8 +124,8 @@ def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None
                     k: int | str = 4, exit_head: bool = False, shared: bool = True,
                     engine: str = "hf", fused: bool = False, reuse: bool = False) -> Callable[[], LLMOutput]:
     """Lossless self-speculation: the skip view drafts (on the target's own KV cache when the
-    target runs on the lean engine and ``shared``), the full target verifies. ``reuse`` (greedy,
-    early exit, lean engine): LayerSkip's reuse, one compiled call per round (``reuse_generate``)."""
+    target runs on the lean engine and ``shared``), the full target verifies. ``reuse`` (early exit,
+    fixed k, lean engine): LayerSkip's reuse, one compiled call per round (``reuse_generate``)."""
     from accelerando.llm.bench_methods import _ours
     if reuse:
         return _reuse_run(s, exit_layer, k, bool(exit_head), engine)
@@ -139,8 +139,6 @@ def build_self_spec(s: LLMSetup, exit_layer: int | None = None, skip: int | None
 
 def _reuse_run(s: LLMSetup, exit_layer: int | None, k: int | str, exit_head: bool, engine: str) -> Callable[[], LLMOutput]:
     from accelerando.llm.compute.selfspec import reuse_generate
-    if s.temperature > 0:
-        raise NotApplicable("reuse=True decodes greedily only (sampling: reuse=False)")
     if exit_layer is None or not str(k).isdigit():
         raise NotApplicable("reuse=True needs an early exit (exit_layer) and a fixed k")
     if engine == "hf":
@@ -153,7 +151,8 @@ def _reuse_run(s: LLMSetup, exit_layer: int | None, k: int | str, exit_head: boo
         try:
             out = reuse_generate(s.target, s.input_ids, s.attention_mask, exit_layer=int(exit_layer), exit_head=head,
                                  k=int(k), max_new_tokens=s.max_new_tokens, eos_token_id=s.eos_token_id,
-                                 pad_token_id=pad, compile="eager" not in engine, stats=st)
+                                 pad_token_id=pad, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                                 seed=s.seed, compile="eager" not in engine, stats=st)
         except ValueError as exc:
             raise NotApplicable(str(exc)) from None
         return LLMOutput(out, st)

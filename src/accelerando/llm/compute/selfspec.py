@@ -35,7 +35,7 @@ from torch import nn
 from accelerando.llm.cache import check_attention_mask
 from accelerando.llm.drafters.base import DraftContext, DraftInput, Proposal, Verified
 from accelerando.llm.drafters.draft_model import DraftModel, vocab_size
-from accelerando.llm.sampling import checked_argmax, checked_probs
+from accelerando.llm.sampling import bad_rows, checked_argmax, checked_probs, process_logits
 from accelerando.llm.static_cache import StaticKVCache
 
 
@@ -201,14 +201,24 @@ class SelfDraft(DraftModel):
 # ------------------------------------------------------------------------------------------------
 # LayerSkip reuse: one compiled call per round (greedy, early exit, lean engine)
 # ------------------------------------------------------------------------------------------------
-def _draft_early(decoder: Any, head: Any, root: torch.Tensor, one: torch.Tensor, cache: StaticKVCache, k: int, E: int):
+def _inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A sample of each row of ``q`` (..., V) (unnormalised, >= 0) from uniforms ``u`` (...,) in
+    [0, 1): the first index whose running sum reaches (1 - u) x total (a token of mass > 0)."""
+    c = q.cumsum(-1)
+    return (c < (1 - u)[..., None] * c[..., -1:]).sum(-1).clamp(max=q.shape[-1] - 1)
+
+
+def _draft_early(decoder: Any, head: Any, root: torch.Tensor, one: torch.Tensor, cache: StaticKVCache, k: int, E: int,
+                 u: torch.Tensor | None = None, warp: tuple = ()):
     """LayerSkip's draft (Elhoushi et al. 2024, section 4.2) on the target's ``LeanDecoder``: layers
-    0..E-1 on the root x_0 and on each greedy draft d_1..d_k, the exit (``head`` -- an ``ExitHead``
-    or None --, the final norm, the LM head) drafting the next token; the target's own K/V of those
-    layers are written at slots ``lengths + j`` (``lengths`` is restored). d_k's early layers run
-    too: the verification needs its layer-E state. Returns (block [x_0, d_1..d_k] (B, k+1),
-    layer-E states (B, k+1, hidden))."""
-    toks, hs = [root], []
+    0..E-1 on the root x_0 and on each draft d_1..d_k, the exit (``head`` -- an ``ExitHead`` or
+    None --, the final norm, the LM head) drafting the next token: greedy, or with ``u`` (B, k)
+    uniforms sampled from q = the exit's distribution processed by ``warp`` (temperature, top_k,
+    top_p: ``sampling.process_logits``, as the target's); the target's own K/V of those layers are
+    written at slots ``lengths + j`` (``lengths`` is restored). d_k's early layers run too: the
+    verification needs its layer-E state. Returns (block [x_0, d_1..d_k] (B, k+1), layer-E states
+    (B, k+1, hidden), q (B, k, V) or None when greedy)."""
+    toks, hs, qs = [root], [], []
     tok = root
     for j in range(k + 1):
         x = tok[:, None]
@@ -216,49 +226,78 @@ def _draft_early(decoder: Any, head: Any, root: torch.Tensor, one: torch.Tensor,
         hs.append(h)
         cache.lengths.add_(1)
         if j < k:   # a non-finite exit only spoils a draft; the target's check decides (``_verify_late``)
-            tok = (decoder.norm(h if head is None else head(h))[:, -1] @ decoder.lm_head_t).argmax(-1)
+            logits = decoder.norm(h if head is None else head(h))[:, -1] @ decoder.lm_head_t
+            if u is None:
+                tok = logits.argmax(-1)
+            else:
+                q = process_logits(logits, temperature=warp[0], top_k=warp[1], top_p=warp[2]).softmax(-1)
+                q = torch.nan_to_num(q)
+                tok = _inverse_cdf(q, u[:, j])
+                qs.append(q)
             toks.append(tok)
     cache.lengths.sub_(k + 1)
-    return torch.stack(toks, 1), torch.cat(hs, 1)
+    return torch.stack(toks, 1), torch.cat(hs, 1), (torch.stack(qs, 1) if qs else None)
 
 
 def _verify_late(decoder: Any, block: torch.Tensor, hs: torch.Tensor, block_mask: torch.Tensor,
-                 cache: StaticKVCache, E: int):
+                 cache: StaticKVCache, E: int, q: torch.Tensor | None = None, u: torch.Tensor | None = None,
+                 warp: tuple = ()):
     """LayerSkip's verification: layers E..L-1 on the block's saved layer-E states (one pass,
-    T = k + 1; no early layer recomputed), then the greedy verdict on device: n = leading drafts
-    equal to the target's argmax, next = the target's argmax after them; ``cache.lengths``
-    advances by n + 1 (the rejected slots lie beyond it, never read). Returns (n (B,), next (B,),
-    non-finite flag (B,): the target's logits at a position up to the verdict)."""
+    T = k + 1; no early layer recomputed), then the verdict on device. Greedy: n = leading drafts
+    equal to the target's argmax, next = the target's argmax after them. Sampling (``q`` the
+    draft's distributions, ``u`` (B, k + 1) uniforms): the chain rule of speculative sampling
+    (Leviathan et al. 2023) -- accept d_j+1 while u_j q_j(d) < p_j(d); next ~ norm(max(0, p_n - q_n))
+    (q_k = 0: after k accepted drafts, p_k itself). ``cache.lengths`` advances by n + 1 (the
+    rejected slots lie beyond it, never read). Returns (n (B,), next (B,), non-finite flag (B,):
+    the target's logits at a position up to the verdict)."""
     h = decoder.run_layers(hs, E, len(decoder.layers), decoder.prepare(block, block_mask, cache), cache)
-    top, arg = (decoder.norm(h) @ decoder.lm_head_t).max(-1)                              # (B, k+1)
-    n = (block[:, 1:] == arg[:, :-1]).long().cumprod(1).sum(1)                            # accepted drafts
-    nxt = arg.gather(1, n[:, None]).squeeze(1)
+    logits = decoder.norm(h) @ decoder.lm_head_t                                          # (B, k+1, V)
+    if q is None:
+        top, arg = logits.max(-1)
+        n = (block[:, 1:] == arg[:, :-1]).long().cumprod(1).sum(1)                        # accepted drafts
+        nxt = arg.gather(1, n[:, None]).squeeze(1)
+        bad = ~top.isfinite()
+    else:
+        B, T, V = logits.shape
+        p = process_logits(logits, temperature=warp[0], top_k=warp[1], top_p=warp[2]).softmax(-1)
+        d = block[:, 1:, None]
+        ok = u[:, :-1] * q.gather(2, d)[..., 0] < p[:, :-1].gather(2, d)[..., 0]          # (B, k)
+        n = ok.long().cumprod(1).sum(1)
+        qz = torch.cat([q, q.new_zeros(B, 1, V)], 1)                                       # q_k = 0
+        at = n[:, None, None].expand(B, 1, V)
+        pn = p.gather(1, at)[:, 0]
+        res = (pn - qz.gather(1, at)[:, 0]).clamp(min=0)
+        # a residual that is all zeros numerically (p_n == q_n) falls back to p_n (vLLM's NaN bug)
+        res = torch.where(res.sum(-1, keepdim=True) > 0, res, pn)
+        nxt = _inverse_cdf(res, u[:, -1])
+        bad = bad_rows(logits)
     upto = torch.arange(block.shape[1], device=block.device)[None, :] <= n[:, None]
     cache.lengths.add_(n + 1)
-    return n, nxt, ((~top.isfinite()) & upto).any(1)
+    return n, nxt, (bad & upto).any(1)
 
 
 def _reuse_round(decoder: Any, head: Any, root: torch.Tensor, one: torch.Tensor, block_mask: torch.Tensor,
-                 cache: StaticKVCache, k: int, E: int):
-    """One round of self-speculation with reuse, as one call: ``_draft_early`` then ``_verify_late``.
+                 cache: StaticKVCache, k: int, E: int, u: torch.Tensor | None = None, warp: tuple = ()):
+    """One round of self-speculation with reuse, as one call: ``_draft_early`` then ``_verify_late``
+    (``u`` (B, 2k + 1) uniforms when sampling: k for the drafts, k + 1 for the verdict).
     Returns (block (B, k+1), n (B,), next (B,), non-finite flag (B,))."""
-    block, hs = _draft_early(decoder, head, root, one, cache, k, E)
-    return (block, *_verify_late(decoder, block, hs, block_mask, cache, E))
+    block, hs, q = _draft_early(decoder, head, root, one, cache, k, E, None if u is None else u[:, :k], warp)
+    return (block, *_verify_late(decoder, block, hs, block_mask, cache, E, q, None if u is None else u[:, k:], warp))
 
 
 _ROUNDS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _round_fn(decoder: Any, head: Any, k: int, E: int, compiled: bool, step: Any = None):
+def _round_fn(decoder: Any, head: Any, k: int, E: int, compiled: bool, step: Any = None, sampled: bool = False):
     """``step`` (default ``_reuse_round``; the benchmark times its parts alone) with a code object
     of its own per (decoder, head, k, E) (compiled graphs are kept per code object and the module
     guards are skipped, as in the engine), compiled like the engine's CPU step (on CUDA without
     graphs: the round mutates the cache pointer itself)."""
     step = _reuse_round if step is None else step
     per = _ROUNDS.setdefault(decoder, {})
-    key = (step.__name__, id(head), k, E, compiled)
+    key = (step.__name__, id(head), k, E, compiled, sampled)
     if key not in per:
-        fn = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__)
+        fn = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
         if compiled:
             opts = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             if next(decoder.parameters()).device.type == "cpu":
@@ -272,13 +311,18 @@ def _round_fn(decoder: Any, head: Any, k: int, E: int, compiled: bool, step: Any
 def reuse_generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                    exit_layer: int, exit_head: nn.Module | None = None, k: int = 1, max_new_tokens: int,
                    eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None, seed: int | None = None,
                    compile: bool = True, stats: dict | None = None) -> torch.Tensor:
     """Greedy self-speculative decoding with LayerSkip's reuse: the target's first ``exit_layer``
     layers (+ ``exit_head``) draft ``k`` tokens, layers ``exit_layer``.. verify them from the
-    draft's states, one compiled call and one host read per round (``_reuse_round``). The same
-    tokens as ``generate(do_sample=False)`` (lossless), any batch size (left-padded
-    ``attention_mask``); returns (B, P + n) like ``engine.generate``. A model the lean engine
-    cannot run falls back to ``speculative_generate`` with the same early-exit draft (stated)."""
+    draft's states, one compiled call and one host read per round (``_reuse_round``). Greedy
+    (``temperature=0``): the same tokens as ``generate(do_sample=False)``; sampling (temperature,
+    top-k, top-p as ``sampling.py``; ``generator`` / ``seed``): the target's distribution, by the
+    chain rule of speculative sampling. Any batch size (left-padded ``attention_mask``); returns
+    (B, P + n) like ``engine.generate``. A model the lean engine cannot run falls back to
+    ``speculative_generate`` with the same early-exit draft (stated)."""
+    from accelerando.llm.sampling import SamplingConfig
     from accelerando.llm import engine as E_
     from accelerando.llm.sampling import NonFiniteLogitsError, non_finite_message
     n_layers = target.config.num_hidden_layers
@@ -291,6 +335,10 @@ def reuse_generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     if exit_head is not None and getattr(exit_head, "exit_layer", exit_layer) != exit_layer:
         raise ValueError(f"this exit head was trained for exit_layer {exit_head.exit_layer}, not {exit_layer}")
     attention_mask = check_attention_mask(input_ids, attention_mask)
+    sampling = SamplingConfig(temperature, top_k, top_p)
+    if generator is None and not sampling.greedy:
+        generator = torch.Generator(device=input_ids.device)
+        generator.manual_seed(seed if seed is not None else int(torch.empty((), dtype=torch.int64).random_()))
     gen_cfg = getattr(target, "generation_config", None)
     eos = E_._as_id_list(eos_token_id if eos_token_id is not None else getattr(gen_cfg, "eos_token_id", None)) or []
     if pad_token_id is None:
@@ -305,19 +353,21 @@ def reuse_generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
         draft = self_speculative_draft(target, SkipConfig(exit_layer=exit_layer), k=k, exit_head=exit_head,
                                        shared_cache=False)
         out = speculative_generate(target, input_ids, draft=draft, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id)
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_token_id,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if stats is not None:
             stats.update(out.stats)
         return out.sequences
     B, P = input_ids.shape
     eng = E_.Engine.open(target, batch_size=B, max_len=P + max_new_tokens + k + 1, compile=compile, role="target")
-    first, bad = checked_argmax(eng.prefill(input_ids, attention_mask).logits[:, -1])
+    first, q, bad = _pick(eng.prefill(input_ids, attention_mask).logits[:, -1], sampling, generator)
     host = torch.cat([first[:, None], bad[:, None].long()], 1).tolist()          # sync: the first tokens, once
     if any(r[1] for r in host):
         raise NonFiniteLogitsError(non_finite_message("target", sum(r[1] for r in host)))
     rows = [[r[0]] for r in host]
     done = [r[0] in eos or max_new_tokens <= 1 for r in rows]
-    fn = _round_fn(eng.decoder, exit_head, k, exit_layer, compile)
+    warp = (sampling.temperature, sampling.top_k, sampling.top_p)
+    fn = _round_fn(eng.decoder, exit_head, k, exit_layer, compile, sampled=not sampling.greedy)
     one, block_mask = eng._all_valid((B, 1)), eng._all_valid((B, k + 1))
     cache, top = eng.cache, eng.max_len - (k + 1)
     lengths = [P] * B                 # host copy of every row's pointer (from the verdicts: no extra sync)
@@ -327,7 +377,11 @@ def reuse_generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
         if max(lengths) > top:        # only finished rows get here: pull them back to stay in bounds
             cache.lengths.clamp_(max=top)
             lengths = [min(n, top) for n in lengths]
-        block, n, root, bad = fn(eng.decoder, exit_head, root, one, block_mask, cache, k, exit_layer)
+        if sampling.greedy:
+            block, n, root, bad = fn(eng.decoder, exit_head, root, one, block_mask, cache, k, exit_layer)
+        else:     # the round's randomness, drawn here: the compiled call stays a pure function of it
+            u = torch.rand(B, 2 * k + 1, generator=generator, device=root.device)
+            block, n, root, bad = fn(eng.decoder, exit_head, root, one, block_mask, cache, k, exit_layer, u, warp)
         res = torch.cat([block, n[:, None], root[:, None], bad[:, None].long()], 1).tolist()   # the round's one sync
         rounds += 1
         for b, r in enumerate(res):
