@@ -439,8 +439,9 @@ def _write_random(args, table: str, wall: float) -> None:
           f"method once per round, round-robin); a ratio is the median of the per-round ratios, so a load change "
           f"during the run hits every method alike. Per-step split of the engine's plain decoding: time inside "
           f"the compiled forward per call vs the rest of the decode loop per call, next to the step's matmuls "
-          f"alone (x @ W over the engine's own weights, batch 1, measured in each round: the floor a step cannot "
-          f"go below on this CPU, and the weight bytes a step reads). The draft is the target's first 2 layers "
+          f"alone through torch's matmul (MKL x @ W over the engine's weights, batch 1, measured in each round) and "
+          f"the weight bytes a step reads; the engine's one-token step multiplies by its own compiled dot-product "
+          f"loop (`DOT_MAX_ROWS`), which runs below that. The draft is the target's first 2 layers "
           f"(random weights: it never agrees); prompt lookup copies the repeated half. Speculative rows run on "
           f"the same engine as plain decoding (`engine=\"engine\"`).\n\n{table}\n")
     write_section("llm_engine_random", md)

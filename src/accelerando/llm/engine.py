@@ -78,12 +78,27 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
 
 
-def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the weight stored transposed (in, out); with row scales ``s``, ``w_t`` is
-    int8 (out, in) weight-only quantised (``compute.quant.Int8Linear``): torch's int8 kernel."""
+# Rows up to which a projection runs as dot products against the (out, in) weight (``_linear_t``)
+# instead of torch's matmul: measured on a 1-thread AVX2 CPU over a 58M-parameter model's weights,
+# MKL's x @ W reads them at ~12 GB/s for one row, the compiled dot-product loop at ~14 GB/s, and
+# fused with its neighbours it saves their round trips too (docs/engine.md). With two rows
+# inductor's fused loop ran 6-13x slower than with one (not diagnosed): one row only.
+DOT_MAX_ROWS = 1
+
+
+def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None,
+              w: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the weight stored transposed (in, out) ``w_t``, or for at most
+    ``DOT_MAX_ROWS`` rows by dot products against the (out, in) weight ``w`` where given; with row
+    scales ``s``, ``w_t`` is int8 (out, in) weight-only quantised (``compute.quant.Int8Linear``):
+    torch's int8 kernel."""
     if s is not None:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w_t, s)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    elif w is not None and x.numel() // x.shape[-1] <= DOT_MAX_ROWS and torch.compiler.is_compiling():
+        # output-major (out, M): the compiled loop reads weight row o once and dots it with every
+        # row of x (eagerly this would hold an (out, M, in) product: compiled steps only)
+        y = (w[:, None, :] * x.reshape(1, -1, x.shape[-1])).sum(-1).t().reshape(*x.shape[:-1], -1)
     else:
         y = x @ w_t
     return y if b is None else y + b
@@ -196,8 +211,12 @@ class LeanDecoder(torch.nn.Module):
             w = torch.cat([mod.qweight for mod in mods]) if int8 else torch.cat([_weight(mod) for mod in mods]).t()
             self.register_buffer(f"w{name}", w.contiguous(), persistent=False)
             self.register_buffer(f"s{name}", torch.cat([mod.scales for mod in mods]) if int8 else None, persistent=False)
+            # (out, in) for the few-row dot products: the module's own weight when not fused
+            oi = None if int8 else (_weight(mods[0]).detach() if len(mods) == 1 else w.t())
+            self.register_buffer(f"v{name}", None if oi is None else oi.contiguous(), persistent=False)
         with torch.no_grad():
             self.register_buffer("lm_head_t", transposed(self.lm_head.weight), persistent=False)
+            self.register_buffer("lm_head_w", self.lm_head.weight.detach(), persistent=False)
             for i, layer in enumerate(self.layers):
                 a, m = layer.self_attn, layer.mlp
                 qkv = (a.q_proj, a.k_proj, a.v_proj)
@@ -249,7 +268,8 @@ class LeanDecoder(torch.nn.Module):
         for i in range(lo, hi):
             layer = self.layers[i]
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = _linear_t(layer.input_layernorm(h), getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"), getattr(self, f"sqkv{i}"))
+            qkv = _linear_t(layer.input_layernorm(h), getattr(self, f"wqkv{i}"), getattr(self, f"bqkv{i}"), getattr(self, f"sqkv{i}"),
+                            getattr(self, f"vqkv{i}"))
             q, kn, vn = qkv.split([nq, nkv, nkv], dim=-1)                                   # (B, T, nq + 2 nkv)
             q = q.reshape(B, T, -1, D).transpose(1, 2)                                      # (B, H, T, D)
             kn, vn = kn.reshape(B, T, -1, D), vn.reshape(B, T, -1, D)                      # (B, T, Hkv, D)
@@ -260,10 +280,13 @@ class LeanDecoder(torch.nn.Module):
                 k_all, v_all = k_all[:, :, :kv_len], v_all[:, :, :kv_len]
             o = (_attention if kv_len is None else _attention_fused)(
                 q, k_all, v_all, masks[self.windows[i]], attn.scaling, rep)                  # (B, H, T, D)
-            h = h + _linear_t(o.transpose(1, 2).reshape(B, T, -1), getattr(self, f"wo{i}"), attn.o_proj.bias, getattr(self, f"so{i}"))
-            gu = _linear_t(layer.post_attention_layernorm(h), getattr(self, f"wgu{i}"), getattr(self, f"bgu{i}"), getattr(self, f"sgu{i}"))
+            h = h + _linear_t(o.transpose(1, 2).reshape(B, T, -1), getattr(self, f"wo{i}"), attn.o_proj.bias, getattr(self, f"so{i}"),
+                              getattr(self, f"vo{i}"))
+            gu = _linear_t(layer.post_attention_layernorm(h), getattr(self, f"wgu{i}"), getattr(self, f"bgu{i}"), getattr(self, f"sgu{i}"),
+                           getattr(self, f"vgu{i}"))
             g, u = gu.chunk(2, dim=-1)                                                        # (B, T, I) each
-            h = h + _linear_t(mlp.act_fn(g) * u, getattr(self, f"wd{i}"), mlp.down_proj.bias, getattr(self, f"sd{i}"))
+            h = h + _linear_t(mlp.act_fn(g) * u, getattr(self, f"wd{i}"), mlp.down_proj.bias, getattr(self, f"sd{i}"),
+                              getattr(self, f"vd{i}"))
         return h
 
     def forward(self, input_ids: torch.Tensor, token_mask: torch.Tensor, cache: StaticKVCache,
@@ -276,7 +299,7 @@ class LeanDecoder(torch.nn.Module):
         h = self.norm(h)
         if last_only:
             h = h[:, -1:]
-        logits = h @ self.lm_head_t
+        logits = _linear_t(h, self.lm_head_t, None, None, self.lm_head_w)
         hooked = None if head is None else head[0](h, logits, input_ids, *head[1])
         return logits, (h if return_hidden else None), hooked
 
@@ -344,6 +367,11 @@ class Engine:
     """
 
     prefill_chunk = PREFILL_CHUNK
+    # CPU: materialise any pointwise result of more than 4 ops that reads two or more buffers (inductor's
+    # default: 50) -- else a one-token step's dot products (``DOT_MAX_ROWS``) recompute their input
+    # per weight row: SiLU(gate) * up re-evaluated for every row of down_proj, the residual stream
+    # re-summed from the embedding for every row of the next projection (1.1-1.2x on a 58M model)
+    inductor_options: dict = {"realize_opcount_threshold": 4}
 
     def __init__(self, model: Any, *, batch_size: int, max_len: int, compile: bool = True, role: str = "model",
                  cpp_wrapper: bool | None = None):
@@ -439,7 +467,7 @@ class Engine:
             else:   # guarding every parameter costs ~0.2 ms per call on CPU; weights are read at run time
                 fn = torch.compile(_own_code(self.decoder), fullgraph=True, dynamic=False,
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                            "cpp_wrapper": self.cpp_wrapper})
+                                            "cpp_wrapper": self.cpp_wrapper, **self.inductor_options})
             self._fns[key] = fn
         return fn
 
