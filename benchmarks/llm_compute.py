@@ -258,6 +258,9 @@ def main() -> None:
                     help="only int8 inside the lean engine vs the fp32 engine (section llm_compute_int8_engine)")
     ap.add_argument("--lock", default=None, help="a lock file (e.g. /tmp/accel-bench.lock) each timed part holds, "
                     "so a shared machine times one thing at a time while the untimed quality work runs outside it")
+    ap.add_argument("--batches", default="1,4", help="--selfspec: the batch sizes timed (e.g. 1 for a shorter run)")
+    ap.add_argument("--selfspec-parts", action="store_true",
+                    help="only the reuse round's parts and cost model (printed; spliced into (g) by hand)")
     ap.add_argument("--selfspec", action="store_true",
                     help="only self-speculation, step-by-step vs fused drafts (section llm_compute_selfspec)")
     ap.add_argument("--quick", action="store_true")
@@ -300,6 +303,9 @@ def main() -> None:
         print(md)
         if not (args.quick or args.dry):
             write_section("llm_compute_int8_engine", md)
+        return
+    if args.selfspec_parts:
+        print(reuse_parts(load(2, 128, args.prompt_len), args, n=3 if args.quick else 40))
         return
     for wanted, table, section in ((args.selfspec, selfspec_table, "llm_compute_selfspec"),
                                    (args.heldout, heldout_table, "llm_compute_heldout")):
@@ -467,8 +473,9 @@ def selfspec_table(args) -> str:
     d = load(2, 128, args.prompt_len)
     e = dict(engine="static")
     rows: list[dict[str, Any]] = []
+    parts = reuse_parts(d, args, n=3 if args.quick else 40)       # first: the parts' compiles fail early, if at all
     reuse = [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (1, 2)]
-    for batch in (1, 4):
+    for batch in (int(b) for b in args.batches.split(",")):
         s = setup(d, batch, args.new_tokens)
         fns: dict[str, tuple[Callable, bool]] = {
             "transformers generate (baseline)": (get_method("generate").build(s), True),
@@ -484,7 +491,6 @@ def selfspec_table(args) -> str:
                 get_method("hf-early-exit").build(s, exit_layer=2, k=3), True)
         rows += timed_rows(fns, batch, d.prompts.shape[1], args.rounds)
     load_avg = os.getloadavg()
-    parts = reuse_parts(d, args, n=10 if args.quick else 300)
     best = max((r for r in rows if r["batch"] == 1 and r["method"].startswith("self-spec") and r["exact"]),
                key=lambda r: r["vs_engine"])
     ae = next((r for r in rows if r["method"].startswith("assistant_early_exit")), None)
@@ -523,9 +529,11 @@ def _tokens_per_round(r: dict) -> str:
     return f"{(st.get('accepted_tokens', 0) + st['steps'] * rows_) / (st['steps'] * rows_):.2f}"
 
 
-def reuse_parts(d: Data, args, n: int = 150) -> str:
-    """The reuse round's parts at batch 1, timed alone under the lock (CPU and wall ms, medians of
-    ``n`` calls, every part once per round): the engine's plain compiled step (T=1), the draft part
+def reuse_parts(d: Data, args, n: int = 40, burst: int = 20) -> str:
+    """The reuse round's parts at batch 1, timed alone under the lock (CPU and wall ms per call,
+    medians over ``n`` rounds; a round times every part as a burst of ``burst`` back-to-back calls,
+    so its weights are as warm as inside a decode -- parts timed one call at a time between the
+    others ran with cold caches, ~1.5x slower): the engine's plain compiled step (T=1), the draft part
     (``_draft_early``: layers 0-1 + exit head + LM head, k+1 times), the verification part
     (``_verify_late``: layers 2-3 at T=k+1 + LM head + verdict), the whole compiled round, and
     ``reuse_generate`` end to end per round (the loop's share = end to end - round call). Then the
@@ -560,7 +568,7 @@ def reuse_parts(d: Data, args, n: int = 150) -> str:
         verify = SS._round_fn(eng.decoder, head, k, E, True, step=SS._verify_late)
         whole = SS._round_fn(eng.decoder, head, k, E, True)
         with torch.no_grad():
-            block, hs = draft(eng.decoder, head, x1[0], one, eng.cache, k, E)
+            block, hs, _ = draft(eng.decoder, head, x1[0], one, eng.cache, k, E)
 
         def part(fn, *a, eng=eng):
             def f():
@@ -579,17 +587,21 @@ def reuse_parts(d: Data, args, n: int = 150) -> str:
     cpu: dict[str, list[float]] = {c: [] for c in cases}
     wall: dict[str, list[float]] = {c: [] for c in cases}
     big = {"engine generate, per token"} | {f"k={k}: reuse_generate, per round" for k in (1, 2, 3)}
+    for f in cases.values():      # compile every graph outside the lock
+        f()
     with bench_lock():
         load0 = os.getloadavg()[0]
-        for i in range(n + 5):
+        for i in range(n + 2):
             for c, f in cases.items():
-                if c in big and i % 10:        # whole decodes: every 10th round (each is ~50 such calls)
+                if c in big and i % 5:         # whole decodes: every 5th round (each is ~30-65 such calls)
                     continue
+                reps = 1 if c in big else burst
                 c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
-                f()
-                if i >= 5:
-                    cpu[c].append((time.thread_time_ns() - c0) / 1e6)
-                    wall[c].append((time.perf_counter_ns() - w0) / 1e6)
+                for _ in range(reps):          # a burst: warm caches, as inside a decode
+                    f()
+                if i >= 2:
+                    cpu[c].append((time.thread_time_ns() - c0) / 1e6 / reps)
+                    wall[c].append((time.perf_counter_ns() - w0) / 1e6 / reps)
         load1 = os.getloadavg()[0]
     med = {c: (statistics.median(cpu[c]), statistics.median(wall[c])) for c in cases}
     pre = med["prefill (eager, once per decode)"]
@@ -608,7 +620,9 @@ def reuse_parts(d: Data, args, n: int = 150) -> str:
                       f"{(tok - step) / step:.2f}", f"{toks[k] * tok / e2e:.2f}x", f"{toks[k] * step / rnd:.2f}x",
                       f"{(1 + k) * step / rnd:.2f}x"])
     return ("#### The reuse round's parts and the cost model (exit 2 + head, batch 1, CPU time)\n\n"
-            f"Each part timed alone, {n} calls each interleaved (whole decodes every 10th round), under the lock; "
+            f"`python benchmarks/llm_compute.py --selfspec-parts --lock /tmp/accel-bench.lock`: each part timed "
+            f"alone, {n} interleaved rounds, each part a burst of {burst} back-to-back calls per round (warm caches, "
+            "as inside a decode; whole decodes one call every 5th round), medians per call, under the lock; "
             f"load average {load0:.2f} before, {load1:.2f} after. \"per round\" / \"per token\" rows are whole "
             "decodes divided by their rounds / tokens.\n\n" + t + "\n\n"
             + "Costs in engine steps (the bare compiled T=1 step = 1; CPU time):\n\n"
