@@ -322,3 +322,16 @@ def test_compiled_stream_compiles_a_few_graphs():
         assert torch.equal(out, model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
                                                eos_token_id=None))
     assert st["graphs"] == 1
+
+
+def test_dot_product_projection_equals_matmul_when_compiled():
+    # steps of <= DOT_MAX_ROWS rows multiply by per-row dot products over the (out, in) weight
+    # (compiled only); they must give x @ W up to float rounding, for one row and several, with a bias
+    from accelerando.llm.engine import DOT_MAX_ROWS, _linear_t
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g)                 # (out, in)
+    b = torch.randn(24, generator=g)
+    f = torch.compile(lambda x: _linear_t(x, w.t().contiguous(), b, None, w), fullgraph=True, dynamic=False)
+    for shape in [(1, 1, 40), (2, 3, 40), (1, DOT_MAX_ROWS, 40)]:
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(f(x), x @ w.t() + b, rtol=1e-5, atol=1e-5)

@@ -78,12 +78,12 @@ def _attention_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
 
 
-# Rows up to which a projection runs as dot products against the (out, in) weight (``_linear_t``)
-# instead of torch's matmul: measured on a 1-thread AVX2 CPU over a 58M-parameter model's weights,
-# MKL's x @ W reads them at ~12 GB/s for one row, the compiled dot-product loop at ~14 GB/s, and
-# fused with its neighbours it saves their round trips too (docs/engine.md). With two rows
-# inductor's fused loop ran 6-13x slower than with one (not diagnosed): one row only.
-DOT_MAX_ROWS = 1
+# Rows (batch x step width) up to which a projection runs as dot products against the (out, in)
+# weight (``_linear_t``) instead of torch's matmul. On a 1-thread AVX2 CPU (58M-parameter model,
+# 167 MB of weights) MKL's x @ W costs about rows x one row for 2-8 rows (22.6 / 35.9 / 43.6 ms
+# a step for 2 / 4 / 8 tokens against 12.3 for one); the compiled dot loops read each weight row
+# once for all rows: 10.1 / 11.2 / 21.8 / 39.8 ms for 1 / 2 / 4 / 8 (docs/engine.md)
+DOT_MAX_ROWS = 8
 
 
 def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor | None = None,
@@ -96,9 +96,11 @@ def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: tor
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w_t, s)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     elif w is not None and x.numel() // x.shape[-1] <= DOT_MAX_ROWS and torch.compiler.is_compiling():
-        # output-major (out, M): the compiled loop reads weight row o once and dots it with every
-        # row of x (eagerly this would hold an (out, M, in) product: compiled steps only)
-        y = (w[:, None, :] * x.reshape(1, -1, x.shape[-1])).sum(-1).t().reshape(*x.shape[:-1], -1)
+        # one dot-product reduction per row of x, contiguous along in (the loop's vector axis);
+        # inductor fuses them into one pass over the weight (eagerly each would hold an (out, in)
+        # product: compiled steps only)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.stack([(w * x2[r]).sum(-1) for r in range(x2.shape[0])]).reshape(*x.shape[:-1], -1)
     else:
         y = x @ w_t
     return y if b is None else y + b
