@@ -107,10 +107,30 @@ def mixed_batches(spec: zt.LMSpec, stream: torch.Tensor, builder: Any, *, task_f
     return batches
 
 
+def _train_step(model: Any, opt: Any, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, *,
+                answer_weight: float, answer_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on loss = mean CE + answer_weight * mean CE over the answer tokens ``m``
+    (``answer_only``: the answer tokens' CE alone, the LM head run only there); returns (per-token
+    CE, answer CE) for the log."""
+    import torch.nn.functional as F
+    if answer_only:    # the LM head only where there is a loss: most of a step's work saved
+        h = model.model(input_ids=x).last_hidden_state[m]
+        ans = F.cross_entropy(model.lm_head(h), y[m])
+        ce, loss = ans, ans
+    else:
+        ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
+        ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
+        loss = ce.mean() + answer_weight * ans
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return ce, ans
+
+
 def _run_phase(model: Any, phase: Phase, batches: Any, held: Any, *, seed: int, log: list[str],
                progress: Any, label: str) -> None:
     """AdamW, warmup + cosine; loss = mean CE + answer_weight * mean CE over answer tokens."""
-    import torch.nn.functional as F
     spec = phase.spec
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=spec.weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -122,18 +142,7 @@ def _run_phase(model: Any, phase: Phase, batches: Any, held: Any, *, seed: int, 
         x, y, m = batch[:, :-1], batch[:, 1:], mask[:, 1:]
         for g in opt.param_groups:
             g["lr"] = zt._cosine_lr(step, spec.steps, spec.lr, warmup)
-        if phase.answer_only:    # the LM head only where there is a loss: most of a step's work saved
-            h = model.model(input_ids=x).last_hidden_state[m]
-            ans = F.cross_entropy(model.lm_head(h), y[m])
-            ce, loss = ans, ans
-        else:
-            ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
-            ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
-            loss = ce.mean() + phase.answer_weight * ans
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        ce, ans = _train_step(model, opt, x, y, m, answer_weight=phase.answer_weight, answer_only=phase.answer_only)
         last = step == spec.steps - 1
         if step % 20 == 0 or last:
             msg = (f"{label}step {step + 1}/{spec.steps} ce {ce.mean().item():.3f} answer ce {ans.item():.3f} "
@@ -315,7 +324,6 @@ def anneal_long_target(*, src_dir: str | Path | None = None, out_dir: str | Path
     import json
     import math
 
-    import torch.nn.functional as F
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from accelerando.llm.kv.tasks import HaystackBuilder, corpus_filler
@@ -357,13 +365,7 @@ def anneal_long_target(*, src_dir: str | Path | None = None, out_dir: str | Path
         lr = plan.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * frac))
         for g in opt.param_groups:
             g["lr"] = lr
-        ce = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten(), reduction="none")
-        ans = ce[m.flatten()].mean() if m.any() else ce.new_zeros(())
-        loss = ce.mean() + plan.answer_weight * ans
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        ce, ans = _train_step(model, opt, x, y, m, answer_weight=plan.answer_weight)
         cpu_min = (time.process_time() - c0) / 60
         if step % 20 == 0:
             log.append(f"anneal step {step + 1}/{plan.steps} lr {lr:.2e} ce {ce.mean().item():.3f} "
