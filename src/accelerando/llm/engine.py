@@ -95,7 +95,8 @@ def _linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, s: tor
     if s is not None:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), w_t, s)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
-    elif w is not None and x.numel() // x.shape[-1] <= DOT_MAX_ROWS and torch.compiler.is_compiling():
+    elif (w is not None and x.device.type == "cpu" and x.numel() // x.shape[-1] <= DOT_MAX_ROWS
+          and torch.compiler.is_compiling()):   # measured on CPU only (a GPU keeps its BLAS)
         # one dot-product reduction per row of x, contiguous along in (the loop's vector axis);
         # inductor fuses them into one pass over the weight (eagerly each would hold an (out, in)
         # product: compiled steps only)
