@@ -17,6 +17,7 @@ from accelerando.llm.compute import coreinfer as C
 from accelerando.llm.compute import layerskip as L
 from accelerando.llm.compute import quant as Q
 from accelerando.llm.compute import sage as S
+from accelerando.llm.compute import selfspec as SS
 from llm_models import tiny_lm
 
 # the eager lean engine, in either engine vocabulary (core renames static-eager -> engine-eager)
@@ -238,7 +239,7 @@ def test_skip_view_shares_weights_and_leaves_the_target_alone(lm):
 @pytest.mark.parametrize("cfg", [L.SkipConfig(exit_layer=2), L.SkipConfig(skip=1)])
 def test_self_speculation_greedy_equals_generate(lm, cfg, engine):
     ids, mask = _prompts(3)
-    out = speculative_generate(lm, ids, draft=L.self_speculative_draft(lm, cfg, k=3), attention_mask=mask,
+    out = speculative_generate(lm, ids, draft=SS.self_speculative_draft(lm, cfg, k=3), attention_mask=mask,
                                max_new_tokens=12, engine=engine)
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
     assert out.stats["accepted_tokens"] > 0
@@ -247,15 +248,15 @@ def test_self_speculation_greedy_equals_generate(lm, cfg, engine):
 def test_self_draft_shares_the_target_cache_on_the_engine_and_falls_back_on_hf(lm):
     from accelerando.llm.compute.selfspec import SelfDraft
     ids, mask = _prompts(2)
-    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
+    d = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
     assert isinstance(d, SelfDraft)
     out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
     assert d.shared and d.state is None and out.stats["draft_calls"] > 0     # no cache of its own
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
-    ad = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=1), k="adaptive")      # may take plain runs
+    ad = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=1), k="adaptive")      # may take plain runs
     out_a = speculative_generate(lm, ids, draft=ad, attention_mask=mask, max_new_tokens=24, engine=EAGER)
     assert ad.shared and torch.equal(out_a.sequences, _greedy(lm, ids, mask, 24))
-    d2 = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
+    d2 = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3)
     with pytest.warns(UserWarning, match="keeps its own KV cache"):
         out2 = speculative_generate(lm, ids, draft=d2, attention_mask=mask, max_new_tokens=12, engine="hf")
     assert not d2.shared and torch.equal(out2.sequences, out.sequences)
@@ -276,7 +277,7 @@ def test_exit_head_starts_as_the_plain_exit_trains_and_stays_lossless(lm):
         stream = _greedy(lm, stream[:8][None], torch.ones(1, 8, dtype=torch.long), 248)[0].repeat(8)
     head = ExitHead.fit(lm, stream, exit_layer=2, steps=60, batch_tokens=256, seq_len=64)
     assert head.info["heldout_top1_agreement"] >= head.info["heldout_top1_agreement_untrained"]
-    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, exit_head=head)
+    d = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, exit_head=head)
     ids, mask = _prompts(3)
     out = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=12, engine=EAGER)
     assert torch.equal(out.sequences, _greedy(lm, ids, mask, 12))
@@ -311,7 +312,7 @@ def test_self_speculation_samples_the_target_distribution():
         e2 = torch.cat([prompt.repeat(V, 1), torch.arange(V)[:, None]], 1)
         p2 = sampling.probs(target(e2).logits[:, -1])
     exact = (p1[:, None] * p2).flatten().double()
-    out = speculative_generate(target, prompt.repeat(N, 1), draft=L.self_speculative_draft(target, L.SkipConfig(skip=1), k=2),
+    out = speculative_generate(target, prompt.repeat(N, 1), draft=SS.self_speculative_draft(target, L.SkipConfig(skip=1), k=2),
                                max_new_tokens=2, temperature=1.0, seed=0)
     g = out.sequences[:, -2:]
     obs = torch.bincount(g[:, 0] * V + g[:, 1], minlength=V * V).double()
@@ -479,12 +480,12 @@ def test_fused_self_draft_chain_drafts_the_same_tokens(lm):
     ids, mask = _prompts(2)
     outs = {}
     for fused in (False, True):
-        d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=fused)
+        d = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=fused)
         outs[fused] = speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=16, engine=EAGER)
         assert d.shared and (d._chain is not None) == fused
     assert torch.equal(outs[True].sequences, _greedy(lm, ids, mask, 16))
     assert outs[True].stats["acceptance_histogram"] == outs[False].stats["acceptance_histogram"]
-    d = L.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=True)
+    d = SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=2), k=3, fused=True)
     speculative_generate(lm, ids, draft=d, attention_mask=mask, max_new_tokens=4, engine=EAGER, temperature=1.0, seed=0)
     assert d._chain is None
 
@@ -521,7 +522,7 @@ def test_reuse_generate_greedy_equals_generate_and_drafts_like_self_draft(lm, k,
     st: dict = {}
     out = reuse_generate(lm, ids, mask, exit_layer=exit_layer, k=k, max_new_tokens=16, compile=False, stats=st)
     assert torch.equal(out, _greedy(lm, ids, mask, 16))
-    ref = speculative_generate(lm, ids, draft=L.self_speculative_draft(lm, L.SkipConfig(exit_layer=exit_layer), k=k),
+    ref = speculative_generate(lm, ids, draft=SS.self_speculative_draft(lm, L.SkipConfig(exit_layer=exit_layer), k=k),
                                attention_mask=mask, max_new_tokens=16, engine=EAGER)
     hist = ref.stats["acceptance_histogram"]
     assert st["accepted_tokens"] >= ref.stats["accepted_tokens"] > 0 and st["steps"] <= ref.stats["steps"]

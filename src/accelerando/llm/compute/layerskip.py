@@ -12,7 +12,7 @@ decoding and KV caching work unchanged. Early exit (LayerSkip, Elhoushi et al. 2
 ``skip_view`` builds the cheaper model as a *view*: a new ``*ForCausalLM`` object whose decoder
 holds the kept layers of the original (same parameter tensors, no copy), renumbered so its own
 KV cache is compact. It runs anywhere a causal LM runs: ``generate``, the lean engine, or as the
-draft of ``speculative_generate`` (``self_speculative_draft``).
+draft of ``speculative_generate`` (``selfspec.self_speculative_draft``).
 """
 
 from __future__ import annotations
@@ -124,19 +124,6 @@ def skip_view(model: Any, cfg: SkipConfig, *, exit_head: nn.Module | None = None
     view._accelerando_kept_layers = keep
     view._accelerando_skip_of = model
     return view
-
-
-def self_speculative_draft(target: Any, cfg: SkipConfig, *, k: int | str = 4, k_max: int = 12,
-                           exit_head: nn.Module | None = None, shared_cache: bool = True, fused: bool = False) -> Any:
-    """A drafter for ``speculative_generate(target, ..., draft=...)`` whose draft model is the
-    target's own skip view (lossless: the target verifies every token). ``shared_cache``: on the
-    lean engine the draft reads and writes the target's KV cache (``selfspec.SelfDraft``); else
-    (or on transformers' cache) it keeps its own. ``fused``: greedy, fixed k, on a CPU engine, the
-    k draft steps run as one (compiled) call."""
-    from accelerando.llm.compute.selfspec import SelfDraft
-    from accelerando.llm.drafters.draft_model import DraftModel
-    view = skip_view(target, cfg, exit_head=exit_head)
-    return SelfDraft(view, k=k, k_max=k_max, fused=fused) if shared_cache else DraftModel(view, k=k, k_max=k_max)
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ def _chain_fn(compiled: bool):
 
 def kept_layers(model: Any) -> tuple[int, ...] | None:
     """The layers a skip view (``layerskip.skip_view``, which marks its views) keeps; None for a
-    model that is not one. Read here, not imported from layerskip, which imports this module."""
+    model that is not one (the mark is read here: selfspec depends on layerskip only for building views)."""
     return getattr(model, "_accelerando_kept_layers", None)
 
 
@@ -201,6 +201,18 @@ class SelfDraft(DraftModel):
 # ------------------------------------------------------------------------------------------------
 # LayerSkip reuse: one compiled call per round (greedy, early exit, lean engine)
 # ------------------------------------------------------------------------------------------------
+def self_speculative_draft(target: Any, cfg: Any, *, k: int | str = 4, k_max: int = 12,
+                           exit_head: nn.Module | None = None, shared_cache: bool = True, fused: bool = False) -> Any:
+    """A drafter for ``speculative_generate(target, ..., draft=...)`` whose draft model is the
+    target's own skip view (lossless: the target verifies every token). ``shared_cache``: on the
+    lean engine the draft reads and writes the target's KV cache (``selfspec.SelfDraft``); else
+    (or on transformers' cache) it keeps its own. ``fused``: greedy, fixed k, on a CPU engine, the
+    k draft steps run as one (compiled) call. ``cfg``: a ``layerskip.SkipConfig``."""
+    from accelerando.llm.compute.layerskip import skip_view
+    view = skip_view(target, cfg, exit_head=exit_head)
+    return SelfDraft(view, k=k, k_max=k_max, fused=fused) if shared_cache else DraftModel(view, k=k, k_max=k_max)
+
+
 def _inverse_cdf(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A sample of each row of ``q`` (..., V) (unnormalised, >= 0) from uniforms ``u`` (...,) in
     [0, 1): the first index whose running sum reaches (1 - u) x total (a token of mass > 0)."""
@@ -346,7 +358,7 @@ def reuse_generate(target: Any, input_ids: torch.Tensor, attention_mask: torch.T
     pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     reason = E_.unsupported_reason(target)
     if reason is not None:
-        from accelerando.llm.compute.layerskip import SkipConfig, self_speculative_draft
+        from accelerando.llm.compute.layerskip import SkipConfig
         from accelerando.llm.speculative import speculative_generate
         warnings.warn(f"reuse_generate: the lean engine cannot run this model ({reason}); falling back to "
                       "speculative_generate with the same early-exit draft (no reuse)", stacklevel=2)
