@@ -184,6 +184,17 @@ def retrieval_table(model: Any, builder: Any, *, lengths=EVAL_LENGTHS, depths=EV
     return out
 
 
+def heldout_lm_metrics(model: Any, tok: Any) -> dict[str, Any]:
+    """Held-out code and prose bits per byte and nats per token (the card's language-model numbers)."""
+    metrics: dict[str, Any] = {}
+    for kind in zoo_data.KINDS:
+        x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
+        m = zt.lm_eval(model, x, y, nb)
+        metrics[f"heldout_{kind}_bits_per_byte"] = round(m["bits_per_byte"], 5)
+        metrics[f"heldout_{kind}_nats_per_token"] = round(m["loss_nats_per_token"], 5)
+    return metrics
+
+
 def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phases=PHASES,
                       progress: Any = None, eval_per_cell: int = 4, skip_phases: int = 0,
                       prior_log: list[str] | None = None) -> dict[str, Any]:
@@ -227,12 +238,7 @@ def train_long_target(*, out_dir: str | Path | None = None, seed: int = 0, phase
         if m:
             prior_s[m.group(1)] = max(prior_s.get(m.group(1), 0.0), float(m.group(2)))
     train_seconds = time.time() - t0 + sum(prior_s.values())
-    metrics: dict[str, Any] = {}
-    for kind in zoo_data.KINDS:
-        x, y, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
-        m = zt.lm_eval(model, x, y, nb)
-        metrics[f"heldout_{kind}_bits_per_byte"] = round(m["bits_per_byte"], 5)
-        metrics[f"heldout_{kind}_nats_per_token"] = round(m["loss_nats_per_token"], 5)
+    metrics: dict[str, Any] = heldout_lm_metrics(model, tok)
     metrics["retrieval_exact_match_by_length"] = retrieval_table(model, held, per_cell=eval_per_cell)
     metrics["retrieval_exact_match_by_depth_at_trained_length"] = retrieval_table(
         model, held, lengths=(TRAINED_LEN,), per_cell=eval_per_cell, by_depth=True)
@@ -389,12 +395,7 @@ def anneal_long_target(*, src_dir: str | Path | None = None, out_dir: str | Path
     log.append(f"anneal: kept step {best_step} (selection set {best:.3f}); {anneal_cpu_s / 60:.1f} CPU min")
     zt._log(progress, f"[{NAME}] {log[-1]}")
     # the card's numbers come from fresh samples (seed 1234), not the set the checkpoint was chosen on
-    metrics: dict[str, Any] = {}
-    for kind in zoo_data.KINDS:
-        xw, yw, nb = zt.heldout_windows(tok, kind, max_windows=zt.EVAL_MAX_WINDOWS)
-        r = zt.lm_eval(model, xw, yw, nb)
-        metrics[f"heldout_{kind}_bits_per_byte"] = round(r["bits_per_byte"], 5)
-        metrics[f"heldout_{kind}_nats_per_token"] = round(r["loss_nats_per_token"], 5)
+    metrics: dict[str, Any] = heldout_lm_metrics(model, tok)
     em_len = retrieval_table(model, held, lengths=(1024, TRAINED_LEN, 4096), per_cell=per_cell)
     em_len.update(retrieval_table(model, held, lengths=(8192,), per_cell=2))
     metrics["retrieval_exact_match_by_length"] = em_len
